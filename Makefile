@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.featx-installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision pins match the wheels that lie on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/embed_bench.py --cpu-quick
+	$(PY) benchmarks/heads_bench.py --cpu-quick
+
+clean:
+	rm -rf demo_data demo_out cache/*.h5 cache/*.parts
