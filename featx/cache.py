@@ -1,0 +1,517 @@
+"""The self-describing, crash-safe HDF5 feature cache.
+
+On disk, for a cache ``cache/NAME.h5``:
+
+- ``NAME.h5`` — the finished cache, only ever created by writing ``NAME.h5.tmp``, fsync and
+  rename, so it is either absent, the previous complete version, or the new complete version.
+- ``NAME.h5.parts/`` — work in progress: ``meta.json`` (the fingerprint) and one small HDF5
+  *chunk file* per committed chunk of embedded images, each written under a temporary name,
+  fsynced and renamed.  A kill at any instant loses at most the chunk being written.  Chunk
+  files are independent, so several workers (processes, machines, a Ray Data job) can each
+  embed a slice of the file list into the same ``.parts`` folder; :func:`finalize` merges them.
+- ``NAME.h5.lock`` — an advisory lock held by the process that writes.
+
+Datasets of the finished file: ``features`` [N, D] (chunked), ``labels`` [N], ``paths`` [N]
+(relative to the dataset root, file-system bytes), ``split`` [N] (codes into the ``splits``
+attribute), ``mtime_ns``/``size`` [N] (to notice changed files), ``classes``, and
+``failed/paths`` + ``failed/reasons``.  Attributes record everything that changes the
+features (backbone, weights sha256, preprocessing, dtype, featx version) plus provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .errors import CacheLockedError, CacheMismatchError, FeatxError
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+SPLITS = ("train", "val", "test")
+_STR = h5py.string_dtype("utf-8")
+_BYTES = h5py.vlen_dtype(np.dtype("uint8"))
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_commit(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """fsync ``tmp`` and rename it onto ``final`` (atomic on POSIX file systems)."""
+    fd = os.open(str(tmp), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def fingerprint_digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def encode_key(key: str) -> np.ndarray:
+    return np.frombuffer(os.fsencode(key), dtype=np.uint8)
+
+
+def decode_key(raw) -> str:
+    return os.fsdecode(bytes(raw))
+
+
+def _key_array(keys: Sequence[str]) -> np.ndarray:
+    arr = np.empty(len(keys), dtype=object)
+    for i, k in enumerate(keys):
+        arr[i] = encode_key(k)
+    return arr
+
+
+def default_cache_path(cache_dir: str | os.PathLike, root: str, backbone: str, fingerprint: dict) -> Path:
+    """``cache_dir/<dataset>__<backbone>__<fp10>.h5``: readable, and unique per settings."""
+    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "data"  # noqa: E731
+    name = Path(root).name or "data"
+    root_tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:6]
+    digest = fingerprint_digest(fingerprint)[:10]
+    return Path(cache_dir) / f"{slug(name)}-{root_tag}__{slug(backbone)}__{digest}.h5"
+
+
+# --------------------------------------------------------------------------- chunk files
+
+
+@dataclass
+class Chunk:
+    """Embedded results for a set of images (a committed unit of work)."""
+
+    keys: list[str]
+    features: np.ndarray
+    mtime_ns: np.ndarray
+    size: np.ndarray
+    failed: list[tuple[str, str, int, int]] = field(default_factory=list)  # key, reason, mtime, size
+
+
+class PartsDir:
+    """The ``.parts`` folder of committed chunk files for one cache."""
+
+    def __init__(self, final_path: str | os.PathLike, fingerprint: dict) -> None:
+        self.final = Path(final_path)
+        self.dir = Path(str(final_path) + ".parts")
+        self.fingerprint = fingerprint
+
+    def exists(self) -> bool:
+        return self.dir.is_dir()
+
+    def ensure(self) -> None:
+        """Create the folder with its meta.json, or check that an existing one matches."""
+        meta = self.dir / "meta.json"
+        if meta.exists():
+            try:
+                found = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                found = None
+            if found != self.fingerprint:
+                raise CacheMismatchError(
+                    f"unfinished work in {self.dir} was produced with other settings "
+                    f"({_diff(found or {}, self.fingerprint)}); rerun with --overwrite to discard it, "
+                    "or pass another --cache path"
+                )
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".meta.json.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(self.fingerprint, sort_keys=True, indent=1))
+        atomic_commit(tmp, meta)
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(self.dir.glob("chunk-*.h5")) if self.exists() else []
+
+    def write_chunk(self, chunk: Chunk, *, worker: str = "0") -> Path:
+        """Commit one chunk atomically; returns its final path."""
+        name = f"chunk-{worker}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
+        final = self.dir / name
+        tmp = self.dir / f".{name}.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("paths", data=_key_array(chunk.keys), dtype=_BYTES)
+                f.create_dataset("features", data=chunk.features)
+                f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
+                f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
+                fk = [k for k, _, _, _ in chunk.failed]
+                f.create_dataset("failed_paths", data=_key_array(fk), dtype=_BYTES)
+                f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=_STR)
+                f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
+                f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
+            atomic_commit(tmp, final)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise FeatxError(
+                f"could not write {final} ({exc.strerror or exc}); everything committed before is kept in "
+                f"{self.dir}. Free disk space (or fix permissions) and rerun the same command to resume."
+            ) from exc
+        return final
+
+    def read_index(self) -> dict[str, tuple]:
+        """key -> ("chunk", file, row, mtime, size) or ("failed", reason, mtime, size) over all chunks.
+
+        A chunk file that cannot be read (it can only be damaged from outside, since commits
+        are atomic) is moved aside and its images are embedded again.
+        """
+        index: dict[str, tuple] = {}
+        for cf in self.chunk_files():
+            try:
+                with h5py.File(cf, "r") as f:
+                    keys = [decode_key(k) for k in f["paths"][()]]
+                    mt = f["mtime_ns"][()]
+                    sz = f["size"][()]
+                    fkeys = [decode_key(k) for k in f["failed_paths"][()]]
+                    freasons = [r.decode() if isinstance(r, bytes) else r for r in f["failed_reasons"][()]]
+                    fmt = f["failed_mtime_ns"][()]
+                    fsz = f["failed_size"][()]
+            except Exception as exc:  # noqa: BLE001 - any damage means: redo that chunk
+                log.warning("chunk file %s is unreadable (%s); its images will be embedded again", cf, exc)
+                os.replace(cf, cf.with_suffix(".damaged"))
+                continue
+            for i, k in enumerate(keys):
+                index[k] = ("chunk", cf, i, int(mt[i]), int(sz[i]))
+            for k, r, m, s in zip(fkeys, freasons, fmt, fsz):
+                index[k] = ("failed", r, int(m), int(s))
+        return index
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _unlink_quiet(p: str | os.PathLike) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def _diff(found: dict, wanted: dict) -> str:
+    keys = sorted(set(found) | set(wanted))
+    parts = [f"{k}: cache has {found.get(k)!r}, requested {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
+    return "; ".join(parts) or "unknown difference"
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise FeatxError(f"cache {str(path)!r} does not exist; create it with `featx embed DATA_DIR`") from None
+    except (OSError, ValueError) as exc:
+        raise FeatxError(
+            f"cache {str(path)!r} is damaged or not a featx HDF5 cache ({exc}); delete it or rerun "
+            "`featx embed ... --overwrite` to rebuild it"
+        ) from None
+
+
+class FeatureCache:
+    """Read access to a finished cache; arrays are read lazily, split by split.
+
+    >>> fc = FeatureCache("cache/hymenoptera_data-1a2b3c__efficientnet_lite0__0123456789.h5")
+    >>> X, y = fc.features("train"), fc.labels("train")
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with _open_h5(self.path) as f:
+            try:
+                attrs = dict(f.attrs)
+                layout = int(attrs.get("featx_cache_layout", 0))
+                if layout != LAYOUT_VERSION:
+                    raise FeatxError(
+                        f"cache {str(self.path)!r} uses cache layout {layout}, this featx reads layout "
+                        f"{LAYOUT_VERSION}; rebuild it with `featx embed ... --overwrite`"
+                    )
+                self.classes: list[str] = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]]
+                codes = f["split"][()]
+                self._n = int(f["features"].shape[0])
+                self.dim = int(f["features"].shape[1])
+            except FeatxError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
+                raise FeatxError(
+                    f"cache {str(self.path)!r} is incomplete or damaged ({exc}); rebuild it with "
+                    "`featx embed ... --overwrite`"
+                ) from None
+        self.meta: dict = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+        split_names = json.loads(self.meta["split_names"])
+        self._ranges: dict[str, tuple[int, int]] = {}
+        for code, name in enumerate(split_names):
+            idx = np.flatnonzero(codes == code)
+            if len(idx):
+                # Rows are written split by split, so each split is one contiguous slice.
+                assert idx[-1] - idx[0] + 1 == len(idx), "split rows must be contiguous"
+                self._ranges[name] = (int(idx[0]), int(idx[-1]) + 1)
+        self._codes = codes
+
+    # -- descriptive
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={b - a}" for s, (a, b) in self._ranges.items())
+        return f"FeatureCache({str(self.path)!r}, {counts}, dim={self.dim}, backbone={self.meta.get('backbone')!r})"
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self._ranges]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def fingerprint_dict(self) -> dict:
+        return json.loads(self.meta["fingerprint_json"])
+
+    @property
+    def root(self) -> str:
+        return str(self.meta.get("root", ""))
+
+    def _slice(self, split: str | None) -> slice:
+        if split is None:
+            return slice(0, self._n)
+        if split not in self._ranges:
+            raise FeatxError(
+                f"cache {self.path.name} has no {split!r} split (it has: {', '.join(self.splits) or 'none'})"
+            )
+        a, b = self._ranges[split]
+        return slice(a, b)
+
+    # -- arrays
+    def features(self, split: str | None = None, *, dtype=np.float32) -> np.ndarray:
+        """Features of ``split`` (all rows if None) as a [n, dim] array."""
+        with _open_h5(self.path) as f:
+            return np.asarray(f["features"][self._slice(split)], dtype=dtype)
+
+    def iter_features(self, split: str | None = None, *, rows: int = 65536) -> Iterator[np.ndarray]:
+        """Yield features in blocks of ``rows`` so that huge caches never sit in memory whole."""
+        s = self._slice(split)
+        with _open_h5(self.path) as f:
+            d = f["features"]
+            for a in range(s.start, s.stop, rows):
+                yield np.asarray(d[a : min(a + rows, s.stop)], dtype=np.float32)
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        with _open_h5(self.path) as f:
+            return f["labels"][self._slice(split)].astype(np.int64)
+
+    def keys(self, split: str | None = None) -> list[str]:
+        """Paths relative to the dataset root."""
+        with _open_h5(self.path) as f:
+            return [decode_key(k) for k in f["paths"][self._slice(split)]]
+
+    def paths(self, split: str | None = None) -> list[str]:
+        """Absolute paths of the images (root joined with the stored relative paths)."""
+        root = self.root
+        return [k if os.path.isabs(k) else os.path.join(root, k) for k in self.keys(split)]
+
+    def split_array(self) -> np.ndarray:
+        names = json.loads(self.meta["split_names"])
+        return np.asarray([names[c] for c in self._codes])
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        with _open_h5(self.path) as f:
+            g = f["failed"]
+            return [
+                (decode_key(k), r.decode() if isinstance(r, bytes) else r)
+                for k, r in zip(g["paths"][()], g["reasons"][()])
+            ]
+
+    def summary(self) -> dict:
+        """Plain-dict description used by ``featx info`` and the reports."""
+        return {
+            "path": str(self.path),
+            "rows": self._n,
+            "splits": {s: b - a for s, (a, b) in self._ranges.items()},
+            "classes": self.classes,
+            "dim": self.dim,
+            "dtype": self.meta.get("dtype"),
+            "backbone": self.meta.get("backbone"),
+            "weights_sha256": self.meta.get("weights_sha256"),
+            "weights_source": self.meta.get("weights_source"),
+            "preprocess": self.meta.get("preprocess"),
+            "fingerprint": self.fingerprint,
+            "root": self.root,
+            "failed": len(self.failed),
+            "created": self.meta.get("created"),
+            "featx_version": self.meta.get("featx_version"),
+            "torch_version": self.meta.get("torch_version"),
+            "device": self.meta.get("device"),
+            "size_bytes": self.path.stat().st_size,
+        }
+
+    def check_compatible(self, fingerprint: dict, *, what: str = "requested settings") -> None:
+        """Raise :class:`CacheMismatchError` unless this cache was written with ``fingerprint``."""
+        found = self.fingerprint_dict
+        if found != fingerprint:
+            raise CacheMismatchError(
+                f"cache {str(self.path)!r} was written with other settings than the {what} "
+                f"({_diff(found, fingerprint)}). Rerun with --overwrite to rebuild it, or pass another --cache path."
+            )
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def read_final_index(path: Path) -> dict[str, tuple]:
+    """key -> ("final", row, mtime, size) or ("failed", reason, mtime, size) for a finished cache."""
+    index: dict[str, tuple] = {}
+    with _open_h5(path) as f:
+        keys = [decode_key(k) for k in f["paths"][()]]
+        mt, sz = f["mtime_ns"][()], f["size"][()]
+        for i, k in enumerate(keys):
+            index[k] = ("final", i, int(mt[i]), int(sz[i]))
+        g = f["failed"]
+        for k, r, m, s in zip(g["paths"][()], g["reasons"][()], g["mtime_ns"][()], g["size"][()]):
+            index[decode_key(k)] = ("failed", r.decode() if isinstance(r, bytes) else r, int(m), int(s))
+    return index
+
+
+def write_final(
+    path: Path,
+    *,
+    samples: Sequence,  # data.Sample in output order (split-contiguous)
+    classes: Sequence[str],
+    index: dict[str, tuple],
+    dim: int,
+    dtype: str,
+    attrs: dict,
+    block_rows: int = 65536,
+) -> None:
+    """Assemble the finished cache from chunk files and/or the previous finished cache.
+
+    Written to ``path.tmp`` and renamed, so a kill leaves the previous version (or nothing)
+    and the chunk files intact; features are copied in contiguous runs, never all at once.
+    """
+    ok = [s for s in samples if index.get(s.key, ("missing",))[0] in ("chunk", "final")]
+    failed = [(s, index[s.key]) for s in samples if index.get(s.key, ("missing",))[0] == "failed"]
+    n = len(ok)
+    tmp = Path(str(path) + ".tmp")
+    code = {name: i for i, name in enumerate(SPLITS)}
+    try:
+        with h5py.File(tmp, "w") as f:
+            chunk_rows = max(1, min(n, max(1, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize))))
+            feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n else None)
+            f.create_dataset("labels", data=np.asarray([s.label for s in ok], dtype=np.int64))
+            f.create_dataset("split", data=np.asarray([code[s.split] for s in ok], dtype=np.uint8))
+            f.create_dataset("paths", data=_key_array([s.key for s in ok]), dtype=_BYTES)
+            f.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in ok], dtype=np.int64))
+            f.create_dataset("size", data=np.asarray([index[s.key][-1] for s in ok], dtype=np.int64))
+            f.create_dataset("classes", data=list(classes), dtype=_STR)
+            g = f.create_group("failed")
+            g.create_dataset("paths", data=_key_array([s.key for s, _ in failed]), dtype=_BYTES)
+            g.create_dataset("reasons", data=[e[1] for _, e in failed], dtype=_STR)
+            g.create_dataset("mtime_ns", data=np.asarray([e[2] for _, e in failed], dtype=np.int64))
+            g.create_dataset("size", data=np.asarray([e[3] for _, e in failed], dtype=np.int64))
+            # Group output rows by source, then copy contiguous runs.
+            by_src: dict[object, list[tuple[int, int]]] = {}
+            for out_row, s in enumerate(ok):
+                e = index[s.key]
+                src = e[1] if e[0] == "chunk" else "__final__"
+                src_row = e[2] if e[0] == "chunk" else e[1]
+                by_src.setdefault(src, []).append((out_row, src_row))
+            for src, pairs in by_src.items():
+                src_path = Path(str(path)) if src == "__final__" else src
+                with h5py.File(src_path, "r") as sf:
+                    sd = sf["features"]
+                    for out_a, src_a, length in _runs(pairs):
+                        for off in range(0, length, block_rows):
+                            m = min(block_rows, length - off)
+                            feats[out_a + off : out_a + off + m] = np.asarray(sd[src_a + off : src_a + off + m]).astype(dtype)
+            for k, v in attrs.items():
+                f.attrs[k] = str(v) if isinstance(v, str) else v
+            f.attrs["featx_cache_layout"] = LAYOUT_VERSION
+            f.attrs["split_names"] = json.dumps(list(SPLITS))
+            f.attrs["rows"] = n
+            f.attrs["feature_dim"] = dim
+            f.attrs["dtype"] = dtype
+        atomic_commit(tmp, path)
+    except OSError as exc:
+        _unlink_quiet(tmp)
+        raise FeatxError(
+            f"could not write the finished cache {path} ({exc.strerror or exc}); the embedded chunks are kept "
+            f"in {str(path)}.parts. Free disk space and rerun the same command: it only rebuilds the file."
+        ) from exc
+
+
+def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+    """Split (out_row, src_row) pairs (sorted by out_row) into runs contiguous in both."""
+    if not pairs:
+        return
+    start_o, start_s = pairs[0]
+    length = 1
+    for o, s in pairs[1:]:
+        if o == start_o + length and s == start_s + length:
+            length += 1
+        else:
+            yield start_o, start_s, length
+            start_o, start_s, length = o, s, 1
+    yield start_o, start_s, length
+
+
+def acquire_lock(path: Path, *, wait: bool = True):
+    """Hold ``path.lock`` while writing; a second writer waits, or fails fast with ``wait=False``."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+        return lock
+    except Timeout:
+        if not wait:
+            raise CacheLockedError(
+                f"another featx process is writing {path}; wait for it to finish, or drop --no-wait to wait "
+                "for it automatically"
+            ) from None
+    log.warning("another featx process is writing %s; waiting for it to finish", path)
+    lock.acquire()
+    return lock
+
+
+def find_cache(cache: str | os.PathLike | None, *, cache_dir: str | os.PathLike = "cache") -> Path:
+    """``cache`` itself, or the most recently written finished cache in ``cache_dir``."""
+    if cache is not None:
+        p = Path(cache)
+        if not p.exists():
+            raise FeatxError(f"cache {str(p)!r} does not exist; create one with `featx embed DATA_DIR`")
+        return p
+    d = Path(cache_dir)
+    found = sorted(d.glob("*.h5"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
+    if not found:
+        raise FeatxError(
+            f"no cache in {str(d)!r}; run `featx embed DATA_DIR` first, or pass a cache file (or --cache-dir)"
+        )
+    if len(found) > 1:
+        log.info("using the newest cache in %s: %s (pass a path to choose another)", d, found[-1].name)
+    return found[-1]

@@ -1,0 +1,223 @@
+"""The ``featx`` command line: parse options, make one library call, print the result.
+
+Only this module prints. Defaults come from ``configs/default.yaml`` (``--config FILE`` to
+override); every library error (:class:`featx.FeatxError`) is shown as one line with its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import EXTRA_SECTIONS, load_config
+from .errors import FeatxError
+
+log = logging.getLogger("featx")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _validate_config(cfg: dict, group: click.Group, ctx: click.Context) -> dict:
+    """Turn the config into click's default_map; unknown keys and wrong types are errors."""
+    source = cfg.get("_source", {}).get("path", "configs/default.yaml")
+    default_map: dict[str, dict] = {}
+    for sec, values in cfg.items():
+        if sec == "_source":
+            continue
+        if sec in EXTRA_SECTIONS:
+            EXTRA_SECTIONS[sec](values, source)
+            continue
+        cmd = group.commands.get(sec)
+        if cmd is None:
+            known = sorted(set(group.commands) | set(EXTRA_SECTIONS))
+            raise FeatxError(f"config {source}: unknown section {sec!r}; known sections: {', '.join(known)}")
+        params = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+        converted = {}
+        for key, val in values.items():
+            if key not in params:
+                raise FeatxError(
+                    f"config {source}: unknown key {sec}.{key}; valid keys for {sec}: {', '.join(sorted(params))}"
+                )
+            p = params[key]
+            if val is not None:
+                try:
+                    val = p.type_cast_value(ctx, val)
+                except click.BadParameter as exc:
+                    raise FeatxError(f"config {source}: {sec}.{key}: {exc.message}") from None
+            converted[key] = val
+        default_map[sec] = converted
+    return default_map
+
+
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("featx").setLevel(level)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    cls = summary["classes"]
+    shown = ", ".join(cls[:10]) + (f", ... ({len(cls)} in all)" if len(cls) > 10 else "")
+    click.echo(f"cache      {summary['path']}")
+    click.echo(f"rows       {summary['rows']} ({splits})")
+    click.echo(f"classes    {len(cls)}: {shown}")
+    click.echo(f"features   {summary['dim']} x {summary['dtype']}")
+    click.echo(f"backbone   {summary['backbone']}  (weights sha256 {str(summary['weights_sha256'])[:12]}, {summary['weights_source']})")
+    click.echo(f"preprocess {summary['preprocess']}")
+    click.echo(f"failed     {summary['failed']}")
+    click.echo(f"size       {_human_bytes(summary['size_bytes'])}")
+    click.echo(f"root       {summary['root']}")
+    if stats:
+        if stats.get("embedded") or stats.get("failed_new"):
+            click.echo(
+                f"this run   embedded {stats['embedded']}, reused {stats['reused']}, failed {stats['failed_new']} "
+                f"in {stats['seconds']:.1f}s ({stats['images_per_s']:.1f} images/s on {stats['device']})"
+            )
+        else:
+            click.echo(f"this run   nothing to embed: all {stats['reused']} images reused ({stats['seconds']:.1f}s)")
+
+
+# --------------------------------------------------------------------------- group
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatxError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.secho(
+                "interrupted: finished work is saved; rerun the same command to resume where it stopped.",
+                fg="yellow", err=True,
+            )
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="featx")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML file overriding configs/default.yaml (same sections and keys).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """featx: embed an image folder with a frozen CNN, train scikit-learn heads on the cache,
+    and compare with end-to-end fine-tuning."""
+    quiet = "--quiet" in sys.argv[1:] or "-q" in sys.argv[1:]
+    _setup_logging(verbose, quiet)
+    try:
+        cfg = load_config(config_path)
+        ctx.default_map = _validate_config(cfg, cli, ctx)
+    except FeatxError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        ctx.exit(2)
+    ctx.obj = {"config": cfg}
+
+
+# --------------------------------------------------------------------------- embed
+
+
+@cli.command()
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns path,label[,split] instead of a folder.")
+@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True,
+              help="Registered backbone, torchvision model name, or timm:<name>.")
+@click.option("--weights", default=None, help="Local state-dict file, or 'random'. Default: pretrained weights.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False), help="Exact cache file path.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="DataLoader workers (default: one per core, at most 16).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--chunk-size", default=1024, show_default=True, type=int, help="Images per committed chunk.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+              help="gpu: decode JPEGs on the GPU (CUDA only).")
+@click.option("--limit", default=None, type=int, help="At most this many images per split (quick runs).")
+@click.option("--overwrite", is_flag=True, help="Discard an existing cache (or unfinished work) for these settings.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any image fails to load.")
+@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing this cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
+def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, workers, device, dtype,
+          chunk_size, engine, limit, overwrite, strict, no_wait, quiet, as_json) -> None:
+    """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
+    from .embed import embed as run_embed
+
+    if data is None and manifest is None:
+        raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
+    fc = run_embed(
+        data, manifest=manifest, backbone=backbone, weights=weights, cache_dir=cache_dir, cache=cache_path,
+        batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, chunk_size=chunk_size,
+        engine=engine, limit=limit, overwrite=overwrite, strict=False, progress=not quiet, wait=not no_wait,
+    )
+    summary = fc.summary()
+    stats = fc.stats.to_dict()
+    if as_json:
+        click.echo(json.dumps({"cache": summary, "run": stats}, indent=2))
+    else:
+        _print_cache_summary(summary, stats)
+        for key, reason in fc.failed[:20]:
+            click.echo(f"  failed: {key}: {reason}")
+        if len(fc.failed) > 20:
+            click.echo(f"  ... and {len(fc.failed) - 20} more (featx info --failed {fc.path})")
+    if strict and fc.failed:
+        raise FeatxError(f"--strict: {len(fc.failed)} image(s) failed to load (listed above); the cache was still written")
+
+
+# --------------------------------------------------------------------------- info
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--failed", "show_failed", is_flag=True, help="List every image that failed to load.")
+@click.option("--json", "as_json", is_flag=True)
+def info(cache, cache_dir, show_failed, as_json) -> None:
+    """Summarise CACHE (default: the newest cache in --cache-dir)."""
+    from .cache import FeatureCache, find_cache
+
+    fc = FeatureCache(find_cache(cache, cache_dir=cache_dir))
+    summary = fc.summary()
+    if as_json:
+        summary["failed_images"] = [{"path": k, "reason": r} for k, r in fc.failed]
+        click.echo(json.dumps(summary, indent=2))
+        return
+    _print_cache_summary(summary)
+    failed = fc.failed
+    for key, reason in failed if show_failed else failed[:20]:
+        click.echo(f"  failed: {key}: {reason}")
+    if not show_failed and len(failed) > 20:
+        click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="featx")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

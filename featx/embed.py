@@ -1,0 +1,441 @@
+"""Embed an image folder with a frozen backbone into a resumable HDF5 cache.
+
+The run is a sequence of committed chunks (see :mod:`featx.cache`): images already in the
+finished cache or in a committed chunk are never embedded again, so a killed run resumes where
+it stopped, a finished one returns in seconds, and images added later are embedded
+incrementally (removed ones are dropped when the cache is rebuilt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import FeatxError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class EmbedStats:
+    """What one call of :func:`embed` did (kept on the returned cache as ``.stats``)."""
+
+    total: int = 0
+    reused: int = 0
+    embedded: int = 0
+    failed_new: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    device: str = "cpu"
+    rebuilt: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error with a fix."""
+    import torch
+
+    d = (device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+        return d
+    if d == "cpu":
+        return d
+    if d == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise FeatxError("--device mps: MPS is not available here; use --device cpu (or auto)")
+        return d
+    raise FeatxError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def default_workers() -> int:
+    n = os.cpu_count() or 1
+    return max(0, min(n, 16))
+
+
+def cache_fingerprint(backbone, dtype: str) -> dict:
+    """Everything that changes the stored features; a cache written with others is refused."""
+    fp = dict(backbone.fingerprint())
+    fp["dtype"] = dtype
+    fp["featx_version"] = __version__
+    return fp
+
+
+class _ImageDataset:
+    """Map-style dataset: index -> (index, tensor, error, mtime_ns, size). Never raises."""
+
+    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.crop = crop
+        self.draft = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from .data import ImageLoadError, load_image
+
+        s = self.samples[i]
+        try:
+            st = os.stat(s.path)
+            mtime, size = st.st_mtime_ns, st.st_size
+        except OSError:
+            mtime, size = 0, -1
+        try:
+            img = load_image(s.path, draft_size=self.draft)
+            x = self.transform(img)
+            return i, x, "", mtime, size
+        except ImageLoadError as exc:
+            err = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
+            err = f"{type(exc).__name__}: {exc}"
+        return i, torch.zeros(3, self.crop, self.crop), err, mtime, size
+
+
+def _collate(batch):
+    import torch
+
+    idx = [b[0] for b in batch]
+    x = torch.stack([b[1] for b in batch])
+    return idx, x, [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch]
+
+
+def iter_cpu_batches(samples, backbone, *, batch_size: int, num_workers: int, pin: bool, draft: bool = True):
+    """Yield (indices, images tensor, errors, mtimes, sizes) using a torch DataLoader."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    pre = backbone.preprocess
+    ds = _ImageDataset(samples, pre.pil_transform(), pre.crop, pre.resize if draft else None)
+    kwargs = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+        # Each worker decodes on one thread; the main process keeps the rest for the network.
+        kwargs["worker_init_fn"] = _worker_init
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=pin, **kwargs,
+    )
+    del torch
+    yield from loader
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _forward_fn(backbone, device: str):
+    """Return f(x) -> float32 numpy features, with bf16 autocast + channels_last on CUDA."""
+    import torch
+
+    model = backbone.model.to(device).eval()
+    cuda = device.startswith("cuda")
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+
+    def f(x):
+        with torch.inference_mode():
+            x = x.to(device, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = model(x)
+            else:
+                y = model(x)
+            return y.float().cpu().numpy()
+
+    return f
+
+
+def _embed_chunks(
+    todo: Sequence,
+    backbone,
+    *,
+    device: str,
+    batch_size: int,
+    num_workers: int,
+    chunk_size: int,
+    dtype: str,
+    progress: bool,
+    engine: str,
+) -> Iterator:
+    """Run the network over ``todo`` and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
+    from tqdm.auto import tqdm
+
+    from .cache import Chunk
+
+    if engine == "gpu":
+        from .gpu import iter_gpu_features
+
+        stream = iter_gpu_features(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
+    else:
+        fwd = _forward_fn(backbone, device)
+
+        def cpu_stream():
+            for idx, x, errs, mts, szs in iter_cpu_batches(
+                todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
+            ):
+                ok = [j for j, e in enumerate(errs) if not e]
+                feats = fwd(x[ok]) if ok else np.zeros((0, backbone.dim), np.float32)
+                yield idx, errs, mts, szs, ok, feats
+
+        stream = cpu_stream()
+
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="embed")
+    keys: list[str] = []
+    feats_acc: list[np.ndarray] = []
+    mts_acc: list[int] = []
+    szs_acc: list[int] = []
+    failed: list[tuple[str, str, int, int]] = []
+    pending = 0
+    try:
+        for idx, errs, mts, szs, ok, feats in stream:
+            for j in ok:
+                keys.append(todo[idx[j]].key)
+                mts_acc.append(mts[j])
+                szs_acc.append(szs[j])
+            feats_acc.append(feats.astype(dtype, copy=False))
+            for j, e in enumerate(errs):
+                if e:
+                    failed.append((todo[idx[j]].key, e, mts[j], szs[j]))
+                    log.warning("failed to load %s: %s", todo[idx[j]].path, e)
+            pending += len(idx)
+            bar.update(len(idx))
+            if pending >= chunk_size:
+                yield Chunk(keys, np.concatenate(feats_acc), np.asarray(mts_acc), np.asarray(szs_acc), failed)
+                keys, feats_acc, mts_acc, szs_acc, failed, pending = [], [], [], [], [], 0
+        if pending:
+            yield Chunk(keys, np.concatenate(feats_acc), np.asarray(mts_acc), np.asarray(szs_acc), failed)
+    finally:
+        bar.close()
+
+
+def embed(
+    root: str | os.PathLike | None = None,
+    *,
+    backbone: str = "efficientnet_lite0",
+    weights: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike = "cache",
+    cache: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    chunk_size: int = 1024,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    wait: bool = True,
+    engine: str = "auto",
+    limit: int | None = None,
+) -> "FeatureCache":  # noqa: F821
+    """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
+
+    Safe to rerun: finished images are reused, new ones embedded, removed ones dropped; a cache
+    written with other settings is refused unless ``overwrite``.  ``strict`` turns any image
+    that fails to load into an error after the run (the cache is still written).
+    """
+    import torch
+
+    from .backbones import create_backbone
+    from .cache import (
+        FeatureCache,
+        PartsDir,
+        acquire_lock,
+        default_cache_path,
+        fingerprint_digest,
+        read_final_index,
+        write_final,
+    )
+    from .data import discover
+
+    if batch_size is None or batch_size < 1:
+        raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")
+    if chunk_size is None or chunk_size < 1:
+        raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
+    if dtype not in DTYPES:
+        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if root is None and manifest is None:
+        raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if engine not in ("auto", "cpu", "gpu"):
+        raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
+    if engine == "gpu" and not dev.startswith("cuda"):
+        raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
+    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
+    workers = default_workers() if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise FeatxError(f"--workers must be >= 0, got {num_workers}")
+
+    ds = discover(root if root is not None else manifest, manifest=manifest)
+    samples = ds.samples
+    if limit is not None:
+        samples = _limit_per_split(samples, limit)
+    bb = create_backbone(backbone, weights=weights)
+    fp = cache_fingerprint(bb, dtype)
+    if cache is not None:
+        path = Path(cache)
+    else:
+        path = default_cache_path(cache_dir, ds.root, bb.name, fp)
+        if limit is not None:  # a quick subset must not replace the full cache
+            path = path.with_name(f"{path.stem}-limit{limit}.h5")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats = EmbedStats(total=len(samples), device=dev)
+
+    lock = acquire_lock(path, wait=wait)
+    try:
+        parts = PartsDir(path, fp)
+        if overwrite:
+            if path.exists():
+                log.info("--overwrite: removing %s", path)
+                path.unlink()
+            parts.remove()
+        index: dict[str, tuple] = {}
+        if path.exists():
+            old = FeatureCache(path)  # raises a clear error if damaged
+            old.check_compatible(fp)
+            if old.root and os.path.realpath(old.root) != os.path.realpath(ds.root):
+                log.warning("cache %s was built from %s; reusing images by relative path", path, old.root)
+            index.update(read_final_index(path))
+        if parts.exists():
+            parts.ensure()  # refuses parts written with other settings
+            index.update(parts.read_index())
+
+        def fresh(s) -> bool:
+            e = index.get(s.key)
+            if e is None:
+                return False
+            try:
+                st = os.stat(s.path)
+            except OSError:
+                return e[0] == "failed"
+            return e[-2] == st.st_mtime_ns and e[-1] == st.st_size
+
+        todo = [s for s in samples if not fresh(s)]
+        stats.reused = len(samples) - len(todo)
+        want_keys = {s.key for s in samples}
+        final_ok = path.exists() and not parts.exists() and not todo
+        if final_ok:
+            final_keys = {k for k, e in index.items()}
+            old = FeatureCache(path)
+            if final_keys == want_keys and old.classes == list(ds.classes):
+                stats.seconds = time.perf_counter() - t0
+                log.info("cache %s is complete and up to date (%d images); nothing to embed", path, len(samples))
+                old.stats = stats
+                _check_strict(old, strict)
+                return old
+
+        if todo:
+            parts.ensure()
+            log.info(
+                "embedding %d images (%d reused) with %s on %s [%s engine], writing %s",
+                len(todo), stats.reused, bb.name, dev, eng, parts.dir,
+            )
+            if dev == "cpu":
+                torch.set_num_threads(max(1, os.cpu_count() or 1))
+            delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
+            t_embed = time.perf_counter()
+            done = 0
+            for chunk in _embed_chunks(
+                todo, bb, device=dev, batch_size=batch_size, num_workers=workers, chunk_size=chunk_size,
+                dtype=dtype, progress=progress, engine=eng,
+            ):
+                cf = parts.write_chunk(chunk)
+                done += len(chunk.keys) + len(chunk.failed)
+                stats.failed_new += len(chunk.failed)
+                for i, k in enumerate(chunk.keys):
+                    index[k] = ("chunk", cf, i, int(chunk.mtime_ns[i]), int(chunk.size[i]))
+                for k, r, m, sz in chunk.failed:
+                    index[k] = ("failed", r, int(m), int(sz))
+                if delay:
+                    time.sleep(delay)
+            stats.embedded = done - stats.failed_new
+            el = time.perf_counter() - t_embed
+            stats.images_per_s = done / el if el > 0 else 0.0
+
+        attrs = {
+            "backbone": bb.name,
+            "weights_sha256": bb.weights_sha256,
+            "weights_source": bb.weights_source,
+            "preprocess": bb.preprocess.describe(),
+            "preprocess_json": json.dumps(bb.preprocess.to_dict()),
+            "fingerprint": fingerprint_digest(fp),
+            "fingerprint_json": json.dumps(fp, sort_keys=True),
+            "featx_version": __version__,
+            "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "root": ds.root,
+            "layout": ds.layout,
+            "device": dev,
+            "engine": eng,
+        }
+        write_final(path, samples=samples, classes=ds.classes, index=index, dim=bb.dim, dtype=dtype, attrs=attrs)
+        parts.remove()
+        stats.rebuilt = True
+        stats.seconds = time.perf_counter() - t0
+        fc = FeatureCache(path)
+        fc.stats = stats
+        log.info(
+            "wrote %s: %d rows, %d failed, %.1fs (%.1f images/s embedding)",
+            path, len(fc), len(fc.failed), stats.seconds, stats.images_per_s,
+        )
+        _check_strict(fc, strict)
+        return fc
+    finally:
+        lock.release()
+
+
+def _check_strict(fc, strict: bool) -> None:
+    if strict and fc.failed:
+        shown = "; ".join(f"{k}: {r}" for k, r in fc.failed[:5])
+        raise FeatxError(
+            f"--strict: {len(fc.failed)} image(s) could not be loaded ({shown}{' ...' if len(fc.failed) > 5 else ''}); "
+            f"fix or remove them, or drop --strict. The cache {fc.path} was still written."
+        )
+
+
+def _limit_per_split(samples: Sequence, limit: int) -> list:
+    """Keep at most ``limit`` images per split, spread evenly over classes (for quick runs)."""
+    if limit < 1:
+        raise FeatxError(f"--limit must be a positive integer, got {limit}")
+    out = []
+    for split in ("train", "val", "test"):
+        rows = [s for s in samples if s.split == split]
+        if len(rows) <= limit:
+            out.extend(rows)
+            continue
+        by_class: dict[int, list] = {}
+        for s in rows:
+            by_class.setdefault(s.label, []).append(s)
+        picked: list = []
+        queues = [list(v) for _, v in sorted(by_class.items())]
+        while len(picked) < limit:
+            for q in queues:
+                if q and len(picked) < limit:
+                    picked.append(q.pop(0))
+        key = {id(s): i for i, s in enumerate(rows)}
+        out.extend(sorted(picked, key=lambda s: key[id(s)]))
+    return out
