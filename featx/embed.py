@@ -37,6 +37,7 @@ class EmbedStats:
     failed_new: int = 0
     seconds: float = 0.0
     images_per_s: float = 0.0
+    embed_seconds: float = 0.0
     device: str = "cpu"
     rebuilt: bool = False
 
@@ -314,12 +315,14 @@ def embed(
                 path.unlink()
             parts.remove()
         index: dict[str, tuple] = {}
+        prior_seconds = 0.0  # embedding time of earlier runs, so reports can count all of it
         if path.exists():
             old = FeatureCache(path)  # raises a clear error if damaged
             old.check_compatible(fp)
             if old.root and os.path.realpath(old.root) != os.path.realpath(ds.root):
                 log.warning("cache %s was built from %s; reusing images by relative path", path, old.root)
             index.update(read_final_index(path))
+            prior_seconds = float(old.meta.get("embed_seconds", 0.0))
         if parts.exists():
             parts.ensure()  # refuses parts written with other settings
             index.update(parts.read_index())
@@ -375,6 +378,7 @@ def embed(
             stats.embedded = done - stats.failed_new
             el = time.perf_counter() - t_embed
             stats.images_per_s = done / el if el > 0 else 0.0
+            stats.embed_seconds = el
 
         attrs = {
             "backbone": bb.name,
@@ -391,6 +395,8 @@ def embed(
             "layout": ds.layout,
             "device": dev,
             "engine": eng,
+            # Total time spent embedding this cache over all runs (resumed ones included).
+            "embed_seconds": prior_seconds + stats.embed_seconds,
         }
         write_final(path, samples=samples, classes=ds.classes, index=index, dim=bb.dim, dtype=dtype, attrs=attrs)
         parts.remove()
