@@ -42,7 +42,7 @@ _LAZY = {
     "probe": ("featx.heads", "probe"),
     "create_head": ("featx.heads", "create_head"),
     "FeatureExtractor": ("featx.extractor", "FeatureExtractor"),
-    "compare": ("featx.finetune", "compare"),
+    "compare": ("featx.comparison", "compare"),
 }
 
 
