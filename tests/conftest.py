@@ -1,0 +1,46 @@
+"""Shared fixtures: small generated image folders and the optional real dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"
+
+
+def write_image_folder(root: Path, *, splits=("train", "val"), classes=("cats", "dogs"), per_class=6,
+                       size=(40, 30), seed=0, fmt="png") -> Path:
+    """Class-dependent colour images in ``root/<split>/<class>/`` (or ``root/<class>/`` if splits=())."""
+    rng = np.random.default_rng(seed)
+    for split in splits or (None,):
+        for ci, cls in enumerate(classes):
+            d = root / split / cls if split else root / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size[1], size[0], 3), np.float64)
+                base[..., ci % 3] = 180
+                arr = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"img_{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip("../shared/data/hymenoptera_data is not present")
+    return HYMENOPTERA
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # Keep the 2-core CI machine responsive when tests start subprocesses.
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
