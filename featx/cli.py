@@ -212,6 +212,82 @@ def info(cache, cache_dir, show_failed, as_json) -> None:
         click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
 
 
+# --------------------------------------------------------------------------- compare
+
+
+@cli.command()
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
+              help="Exact cache file (embedded from DATA if missing; used as is when DATA is omitted).")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns path,label[,split] instead of a folder.")
+@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, help="Backbone of the cache.")
+@click.option("--weights", default=None, help="Local state-dict file, or 'random'. Default: pretrained weights.")
+@click.option("--limit", default=None, type=int, help="At most this many images per split (quick runs).")
+@click.option("--head", default="all", show_default=True, help="Probe heads: all, or a comma list (logreg,svm,knn).")
+@click.option("--kernel", default="linear", show_default=True, help="SVM kernel for the probe.")
+@click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds of the probe's search.")
+@click.option("--test-size", default=0.2, show_default=True, type=float,
+              help="Hold-out fraction when the data has no val/test split (shared by probe and fine-tune).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--finetune/--no-finetune", default=False, show_default=True,
+              help="Also fine-tune the backbone end to end and compare.")
+@click.option("--strategy", default="all", show_default=True,
+              help="Fine-tune strategies: all, or a comma list of full, partial, head.")
+@click.option("--epochs", default=10, show_default=True, type=int, help="Fine-tune epochs (early stopping may end sooner).")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Fine-tune batch size.")
+@click.option("--lr", default=3e-3, show_default=True, type=float, help="Peak learning rate of the new linear layer.")
+@click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
+              help="Backbone learning rate = --lr times this.")
+@click.option("--weight-decay", default=0.05, show_default=True, type=float, help="AdamW weight decay.")
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=float,
+              help="Linear warm-up (at most a fifth of all steps), then cosine decay.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=float)
+@click.option("--partial-blocks", default=2, show_default=True, type=int,
+              help="Blocks trained by --strategy partial (counted from the end).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Slice of the training rows used for early stopping (0: none).")
+@click.option("--patience", default=3, show_default=True, type=int, help="Early-stopping patience in epochs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=None, type=int, help="Fine-tune DataLoader workers (default: per device).")
+@click.option("--n-jobs", default=-1, show_default=True, type=int, help="CPU jobs for the probe's search.")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the report and checkpoints go (default runs/compare-<cache name>).")
+@click.option("--checkpoint-seconds", default=600.0, show_default=True, type=float,
+              help="Also checkpoint within an epoch this often (0: only at epoch ends).")
+@click.option("--overwrite", is_flag=True, help="Retrain fine-tunes instead of resuming or reusing finished ones.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; only the table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, head, kernel, folds, test_size, seed,
+            finetune, strategy, epochs, batch_size, lr, backbone_lr_scale, weight_decay, warmup_epochs,
+            label_smoothing, partial_blocks, val_fraction, patience, device, workers, n_jobs, out_dir,
+            checkpoint_seconds, overwrite, quiet, as_json) -> None:
+    """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
+    from .comparison import compare as run_compare
+
+    result = run_compare(
+        data, cache=cache_path, cache_dir=cache_dir, manifest=manifest, backbone=backbone, weights=weights,
+        limit=limit, head=head, kernel=kernel, folds=folds, test_size=test_size, seed=seed, finetune=finetune,
+        strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        partial_blocks=partial_blocks, val_fraction=val_fraction, patience=patience, device=device,
+        num_workers=workers, n_jobs=n_jobs, out_dir=out_dir, checkpoint_seconds=checkpoint_seconds,
+        overwrite=overwrite, progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    split = result["split"]
+    click.echo(
+        f"\n{result['cache']['backbone']} on {result['cache']['root']}: {split['n_train']} train / "
+        f"{split['n_eval']} eval images ({split.get('eval_split')})\n"
+    )
+    click.echo(result["table"])
+    click.echo(f"\nbest: {result['best']}")
+    for name in ("markdown", "json", "chart"):
+        click.echo(f"{name:<9}{result['paths'][name]}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
