@@ -1,0 +1,63 @@
+"""The command line: one-line errors with fixes, config handling, embed/info output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import cli
+
+TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_embed_then_info(runner, image_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    r = runner.invoke(cli, ["embed", str(image_folder), "--cache-dir", str(cache_dir), *TINY])
+    assert r.exit_code == 0, r.output
+    assert "rows       24 (train 12, val 12)" in r.output
+    assert "embedded 24" in r.output
+    r2 = runner.invoke(cli, ["embed", str(image_folder), "--cache-dir", str(cache_dir), *TINY])
+    assert "nothing to embed" in r2.output
+    r3 = runner.invoke(cli, ["info", "--cache-dir", str(cache_dir), "--json"])
+    assert r3.exit_code == 0, r3.output
+    summary = json.loads(r3.output)
+    assert summary["rows"] == 24 and summary["classes"] == ["cats", "dogs"] and summary["backbone"] == "tiny_cnn"
+
+
+def test_errors_are_one_line_with_a_fix(runner, tmp_path, image_folder):
+    r = runner.invoke(cli, ["embed", str(tmp_path / "nope"), *TINY])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "does not exist" in r.output
+    assert "Traceback" not in r.output
+    r = runner.invoke(cli, ["embed", str(image_folder), "--backbone", "resnet_50", "--quiet"])
+    assert r.exit_code == 2 and "resnet50" in r.output
+    r = runner.invoke(cli, ["embed", str(image_folder), "--cache-dir", str(tmp_path), *TINY, "--batch-size", "0"])
+    assert r.exit_code == 2 and "--batch-size" in r.output
+    r = runner.invoke(cli, ["embed", str(image_folder), *TINY, "--device", "cuda:7"])
+    assert r.exit_code == 2 and "--device" in r.output
+    r = runner.invoke(cli, ["info", "--cache-dir", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "featx embed" in r.output
+
+
+def test_config_overrides_defaults_and_rejects_unknown_keys(runner, tmp_path, image_folder):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embed:\n  backbone: tiny_cnn\n  weights: random\n  workers: 0\n  dtype: float16\n")
+    r = runner.invoke(cli, ["--config", str(cfg), "embed", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "32 x float16" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embed:\n  batchsize: 3\n")
+    r = runner.invoke(cli, ["--config", str(bad), "embed", str(image_folder)])
+    assert r.exit_code == 2 and "unknown key embed.batchsize" in r.output and "batch_size" in r.output
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("embed:\n  batch_size: lots\n")
+    r = runner.invoke(cli, ["--config", str(wrong), "embed", str(image_folder)])
+    assert r.exit_code == 2 and "embed.batch_size" in r.output
+    r = runner.invoke(cli, ["--config", str(tmp_path / "missing.yaml"), "info"])
+    assert r.exit_code == 2 and "--config" in r.output
