@@ -127,6 +127,8 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     and compare with end-to-end fine-tuning."""
     quiet = "--quiet" in sys.argv[1:] or "-q" in sys.argv[1:]
     _setup_logging(verbose, quiet)
+    from . import heads as _heads  # noqa: F401 - registers the free-form "heads:" section (no sklearn import)
+
     try:
         cfg = load_config(config_path)
         ctx.default_map = _validate_config(cfg, cli, ctx)
@@ -286,6 +288,89 @@ def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, hea
     click.echo(f"\nbest: {result['best']}")
     for name in ("markdown", "json", "chart"):
         click.echo(f"{name:<9}{result['paths'][name]}")
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where to look for the newest cache when CACHE is not given.")
+@click.option("--head", default="svm", show_default=True, help="logreg, svm, knn, all, or a comma list.")
+@click.option("--kernel", default="linear", show_default=True, type=click.Choice(["linear", "rbf"]),
+              help="SVM kernel (rbf searches C and gamma).")
+@click.option("--test-size", default=0.2, show_default=True, type=float,
+              help="Hold-out fraction when the cache has no val/test split.")
+@click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds for the hyperparameter search.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (GPU heads when available).")
+@click.option("--n-jobs", default=-1, show_default=True, type=int, help="CPU jobs for the search (-1: all cores).")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
+              help="Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).")
+@click.option("--no-save", is_flag=True, help="Do not write the fitted heads.")
+@click.option("--quiet", "-q", is_flag=True, help="No log lines; only the table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+def probe(cache, cache_dir, head, kernel, test_size, folds, seed, device, n_jobs, out_dir, no_save, quiet,
+          as_json) -> None:
+    """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
+    from .heads import probe as run_probe
+
+    cfg = (click.get_current_context().obj or {}).get("config") or {}
+    result = run_probe(
+        cache, head=head, kernel=kernel, test_size=test_size, folds=folds, seed=seed, device=device,
+        n_jobs=n_jobs, out_dir=out_dir, grids=cfg.get("heads"), save=not no_save, cache_dir=cache_dir,
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    if result["cv"].get("note"):
+        click.echo(f"note: {result['cv']['note']}")
+    click.echo(result["table"])
+    click.echo(f"\nmetrics  {result['metrics_path']}")
+    for name, h in result["heads"].items():
+        click.echo(f"{name:<8} {h['confusion_png'] or ''}  {h['model_path'] or ''}".rstrip())
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--head", "head_path", required=True, type=click.Path(dir_okay=False),
+              help="A .joblib head written by `featx probe` (its .json sidecar must be beside it).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="CSV to write (default: runs/predict-<head>.csv).")
+@click.option("--weights", default=None, help="Backbone weights file if the head's cannot be found here.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="Image features are cached under <cache-dir>/predict/.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="DataLoader workers (default: one per core, at most 16).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def predict(inputs, head_path, out, weights, cache_dir, device, batch_size, workers, quiet, as_json) -> None:
+    """Classify INPUTS (image files, folders, or a featx .h5 cache) with a saved head; write a CSV."""
+    from .heads import predict as run_predict
+
+    result = run_predict(
+        head_path, list(inputs), out=out, weights=weights, cache_dir=cache_dir, device=device,
+        batch_size=batch_size, num_workers=workers, progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(f"predicted {result['n_images']} images with {result['head_name']} ({result['backbone']}) -> {result['csv']}")
+    click.echo("counts   " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    if result["folder_accuracy"] is not None:
+        click.echo(
+            f"accuracy {result['folder_accuracy']:.4f} on the {result['n_with_folder_class']} images whose folder "
+            "is named after a class"
+        )
+    for f in result["failed"][:20]:
+        click.echo(f"  failed: {f['path']}: {f['reason']}")
+    if result["n_failed"] > 20:
+        click.echo(f"  ... and {result['n_failed'] - 20} more (see {result['csv'][:-4]}.json)")
 
 
 # --------------------------------------------------------------------------- entry point

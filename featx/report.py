@@ -1,0 +1,216 @@
+"""Metrics, tables and plots for probe results (no printing: the CLI prints what these return).
+
+``compute_metrics`` gives the numbers a reader needs to trust a head (accuracy, balanced
+accuracy, macro-F1, top-5 when there are more than 5 classes, per-class precision/recall and
+the confusion matrix); ``markdown_table`` turns a probe result into one comparison table;
+``plot_confusion`` draws the row-normalised confusion matrix; ``write_json`` writes results
+atomically with numpy values converted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Above this many classes the JSON keeps per-class numbers but not the full matrix.
+MAX_JSON_MATRIX = 50
+# Above this many classes the PNG shows the most-confused classes only.
+MAX_PLOT_CLASSES = 30
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf become null so that the file is strict JSON."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented strict JSON via a temporary file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, score_labels: Sequence[int], k: int = 5) -> float:
+    """Share of rows whose true label is among the ``k`` highest-scoring labels."""
+    labels = np.asarray(score_labels)
+    k = min(k, scores.shape[1])
+    top = labels[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+    return float(np.mean((top == np.asarray(y_true)[:, None]).any(axis=1)))
+
+
+def compute_metrics(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    *,
+    classes: Sequence[str],
+    scores: np.ndarray | None = None,
+    score_labels: Sequence[int] | None = None,
+) -> dict:
+    """Evaluation numbers for label indices ``y_true``/``y_pred`` into ``classes``.
+
+    ``balanced_accuracy`` is the mean recall over classes present in ``y_true``; ``macro_f1``
+    averages F1 over classes present in ``y_true`` or ``y_pred``; ``top5_accuracy`` is added
+    when there are more than 5 classes and ``scores`` (columns = ``score_labels``) are given.
+    ``confusion_full`` is a numpy array (rows: true class, columns: predicted class).
+    """
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    n_cls = len(classes)
+    labels = np.arange(n_cls)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    support = cm.sum(axis=1)
+    present = support > 0
+    recall_all = np.divide(np.diag(cm), support, out=np.zeros(n_cls), where=present)
+    prec, rec, f1, sup = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    used = np.union1d(np.unique(y_true), np.unique(y_pred))
+    out: dict[str, Any] = {
+        "n_eval": int(len(y_true)),
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
+        "balanced_accuracy": float(recall_all[present].mean()) if present.any() else float("nan"),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=used, average="macro", zero_division=0)),
+    }
+    if n_cls > 5 and scores is not None:
+        out["top5_accuracy"] = top_k_accuracy(y_true, np.asarray(scores), score_labels if score_labels is not None else labels)
+    out["per_class"] = {
+        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
+        for i, c in enumerate(classes)
+    }
+    if n_cls <= MAX_JSON_MATRIX:
+        out["confusion_matrix"] = cm.tolist()
+    out["confusion_full"] = cm
+    return out
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _fmt_params(p: dict) -> str:
+    parts = []
+    for k, v in p.items():
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+def markdown_table(result: dict) -> str:
+    """One Markdown table comparing the heads of a probe result, with a line of context."""
+    heads = result.get("heads", {})
+    top5 = any("top5_accuracy" in h for h in heads.values())
+    cols = ["head", "accuracy", "balanced acc", "macro-F1"] + (["top-5"] if top5 else []) + [
+        "CV score", "chosen hyperparameters", "fit s", "predict s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 or c == "chosen hyperparameters" else "---:"
+                                                          for i, c in enumerate(cols)) + "|"]
+    for name, h in heads.items():
+        row = [name, _fmt(h.get("accuracy")), _fmt(h.get("balanced_accuracy")), _fmt(h.get("macro_f1"))]
+        if top5:
+            row.append(_fmt(h.get("top5_accuracy")))
+        row += [_fmt(h.get("cv_score")), _fmt_params(h.get("params", {})), _fmt(h.get("fit_seconds"), 2),
+                _fmt(h.get("predict_seconds"), 3)]
+        lines.append("| " + " | ".join(row) + " |")
+    split = result.get("split", {})
+    cache = result.get("cache", {})
+    cv = result.get("cv", {})
+    ctx = (
+        f"{cache.get('backbone')} features ({cache.get('dim')}-dim, fingerprint {str(cache.get('fingerprint'))[:10]}), "
+        f"{len(cache.get('classes', []))} classes; trained on {split.get('n_train')} rows "
+        f"({cv.get('used')}-fold CV), evaluated on {split.get('n_eval')} rows of {split.get('eval_split')}"
+    )
+    if split.get("kind") == "holdout":
+        ctx += f" (stratified hold-out, test_size={split.get('test_size')}, seed={split.get('seed')})"
+    return "\n".join(lines) + "\n\n" + ctx + "."
+
+
+def _most_confused(cm: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` classes involved in the most errors (for big confusion matrices)."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    errors = off.sum(axis=0) + off.sum(axis=1)
+    return np.sort(np.argsort(-errors, kind="stable")[:k])
+
+
+def plot_confusion(
+    cm: np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    max_classes: int = MAX_PLOT_CLASSES,
+) -> Path:
+    """Save the confusion matrix, normalised per row (true class), as a PNG.
+
+    Cells show the share of each true class predicted as each class (and the count when the
+    matrix is small); with more than ``max_classes`` classes only the most-confused are drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    idx = np.arange(len(classes))
+    note = ""
+    if len(classes) > max_classes:
+        idx = _most_confused(cm, max_classes)
+        note = f" ({max_classes} most-confused of {len(classes)} classes)"
+    sub = cm[np.ix_(idx, idx)]
+    rows = cm[idx].sum(axis=1, keepdims=True)
+    norm = np.divide(sub, rows, out=np.zeros(sub.shape, dtype=float), where=rows > 0)
+    names = [str(classes[i]) for i in idx]
+    n = len(names)
+    size = max(4.0, min(16.0, 1.0 + 0.45 * n))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    fs = 10 if n <= 12 else max(5, int(10 - (n - 12) / 4))
+    ax.set_xticklabels(names, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=fs)
+    ax.set_yticklabels([f"{c} (n={int(r)})" for c, r in zip(names, rows[:, 0])], fontsize=fs)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                v = norm[i, j]
+                txt = f"{v:.2f}\n({int(sub[i, j])})" if n <= 8 else f"{v:.2f}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
+                        color="white" if v > 0.5 else "black")
+    ax.set_title((title + note) if title else "confusion matrix" + note, fontsize=10, wrap=True)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
