@@ -267,13 +267,15 @@ def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, hea
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
     from .comparison import compare as run_compare
 
+    cfg = (click.get_current_context().obj or {}).get("config") or {}
     result = run_compare(
         data, cache=cache_path, cache_dir=cache_dir, manifest=manifest, backbone=backbone, weights=weights,
         limit=limit, head=head, kernel=kernel, folds=folds, test_size=test_size, seed=seed, finetune=finetune,
         strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         partial_blocks=partial_blocks, val_fraction=val_fraction, patience=patience, device=device,
-        num_workers=workers, n_jobs=n_jobs, out_dir=out_dir, checkpoint_seconds=checkpoint_seconds,
+        num_workers=workers, n_jobs=n_jobs, grids=cfg.get("heads"), out_dir=out_dir,
+        checkpoint_seconds=checkpoint_seconds,
         overwrite=overwrite, progress=not quiet,
     )
     if as_json:

@@ -10,7 +10,8 @@ table (``compare.md`` and ``compare.json``) plus a chart of accuracy against wal
 How the columns are counted, so that the comparison is fair:
 
 - **wall time**: probe = the cache's total embedding time (``embed_seconds`` recorded in the
-  cache, resumed runs included) + the head's fit (hyper-parameter search included) + predict;
+  cache, resumed runs included) + reading the features + the head's fit (hyper-parameter
+  search included) + predict;
   fine-tune = everything the fine-tune took (model build, training, validation, evaluation),
   summed over resumed runs.
 - **images/s**: the throughput of each method's network stage: probe = cache rows embedded per
@@ -72,6 +73,7 @@ def _probe_rows(probe_result: dict, fc) -> list[dict]:
         log.warning("cache %s does not record its embedding time; the probe's wall time leaves it out", fc.path)
         embed_s = 0.0
     embed_s = float(embed_s)
+    load_s = float(probe_result.get("load_seconds") or 0.0)  # reading the features from the cache
     rows = []
     for name, h in (probe_result.get("heads") or {}).items():
         fit = float(h.get("fit_seconds") or 0.0)
@@ -84,8 +86,9 @@ def _probe_rows(probe_result: dict, fc) -> list[dict]:
                 "accuracy": float(h["accuracy"]),
                 "balanced_accuracy": float(h["balanced_accuracy"]),
                 "macro_f1": float(h["macro_f1"]),
-                "wall_seconds": embed_s + fit + pred,
+                "wall_seconds": embed_s + load_s + fit + pred,
                 "embed_seconds": embed_s,
+                "load_seconds": load_s,
                 "fit_seconds": fit,
                 "predict_seconds": pred,
                 "images_per_s": (len(fc) / embed_s) if embed_s > 0 else None,
@@ -160,7 +163,7 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
 
     pts = [r for r in rows if r["wall_seconds"] and not math.isnan(r["accuracy"])]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {"probe": ("o", "#1f77b4", "linear probe (embedding + head)"), "finetune": ("s", "#d62728", "fine-tune")}
+    styles = {"probe": ("o", "#1f77b4", "probe on cached embeddings (time: embed + fit)"), "finetune": ("s", "#d62728", "fine-tune end to end (time: all epochs + eval)")}
     for kind, (marker, color, label) in styles.items():
         sel = [r for r in pts if r["kind"] == kind]
         if sel:
@@ -168,7 +171,7 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
                        color=color, label=label, zorder=3, edgecolors="black", linewidths=0.6)
     for i, r in enumerate(pts):
         ax.annotate(
-            r["method"], (r["wall_seconds"], 100 * r["accuracy"]), textcoords="offset points",
+            f"{r['method']} {100 * r['accuracy']:.1f}%", (r["wall_seconds"], 100 * r["accuracy"]), textcoords="offset points",
             xytext=(8, 6 if i % 2 == 0 else -12), fontsize=9,
         )
     if pts:
@@ -223,6 +226,7 @@ def compare(
     device: str = "auto",
     num_workers: int | None = None,
     n_jobs: int = -1,
+    grids: dict | None = None,
     out_dir: str | os.PathLike | None = None,
     checkpoint_seconds: float = 600.0,
     overwrite: bool = False,
@@ -271,7 +275,7 @@ def compare(
     log.info("compare: probe heads %s on %s (%d train / %d eval rows)", heads_arg, fc.path.name, len(train_idx), len(eval_idx))
     probe_result = _run_probe(
         fc, head=heads_arg, kernel=kernel, test_size=test_size, folds=folds, seed=seed, device=device,
-        n_jobs=n_jobs, out_dir=base / "probe", save=True,
+        n_jobs=n_jobs, grids=grids, out_dir=base / "probe", save=True,
     )
     rows = _probe_rows(probe_result, fc)
     n_eval_probe = probe_result.get("n_eval") or (probe_result.get("split") or {}).get("n_eval")
@@ -313,7 +317,7 @@ def compare(
         "best": best["method"],
         "table": table,
         "notes": {
-            "wall_seconds": "probe: embedding time of the cache + head fit (search included) + predict; "
+            "wall_seconds": "probe: embedding time of the cache + feature loading + head fit (search included) + predict; "
                             "fine-tune: model build + training + validation + evaluation, over resumed runs",
             "images_per_s": "probe: cache rows per second of embedding; fine-tune: training images per second of training",
             "peak_gpu_mem_bytes": "torch.cuda.max_memory_allocated during the fine-tune; n/a off CUDA",

@@ -257,7 +257,7 @@ def _worker_init(_) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(ds, *, batch_size: int, num_workers: int, cuda: bool, drop_last: bool = False):
+def _loader(ds, *, batch_size: int, num_workers: int, cuda: bool):
     from torch.utils.data import DataLoader
 
     kw: dict = {}
@@ -265,7 +265,7 @@ def _loader(ds, *, batch_size: int, num_workers: int, cuda: bool, drop_last: boo
         kw.update(prefetch_factor=4, worker_init_fn=_worker_init, persistent_workers=False)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda,
-        drop_last=drop_last, **kw,
+        **kw,
     )
 
 
@@ -620,8 +620,9 @@ def finetune(
         for p in bb_params:
             p.requires_grad_(False)
     opt = torch.optim.AdamW(param_groups, lr=settings.lr, fused=cuda or None)
-    drop_last = len(fit_idx) > settings.batch_size
-    steps_per_epoch = len(fit_idx) // settings.batch_size if drop_last else 1
+    # Every image every epoch, except a last batch of one (BatchNorm cannot train on a single image).
+    n_epoch = len(fit_idx) - (1 if len(fit_idx) % settings.batch_size == 1 and len(fit_idx) > 1 else 0)
+    steps_per_epoch = max(1, math.ceil(n_epoch / settings.batch_size))
     total_steps = steps_per_epoch * settings.epochs
     warmup = min(int(round(settings.warmup_epochs * steps_per_epoch)), total_steps // 5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total_steps))
@@ -698,13 +699,12 @@ def finetune(
             epoch = int(state["epoch"])
             g = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
             order = fit_idx[torch.randperm(len(fit_idx), generator=g).numpy()]
-            if drop_last:
-                order = order[: steps_per_epoch * settings.batch_size]
+            order = order[:n_epoch]
             start_step = int(state["step"])
             todo = order[start_step * settings.batch_size :]
             loader = _loader(
                 _Images(paths, labels, todo, train_tf, pre.crop, pre.resize),
-                batch_size=settings.batch_size, num_workers=workers, cuda=cuda, drop_last=drop_last,
+                batch_size=settings.batch_size, num_workers=workers, cuda=cuda,
             )
             set_train_mode()
             t_ep = time.perf_counter()

@@ -1,0 +1,145 @@
+"""featx compare: probe heads vs fine-tuning in one table, JSON and chart, from library and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import featx
+import featx.comparison as comparison
+from featx.cli import cli
+from featx.comparison import markdown_table
+from featx.data import train_eval_split
+from featx.errors import FeatxError
+
+from conftest import write_image_folder
+
+TINY = dict(backbone="tiny_cnn", weights="random", device="cpu", progress=False)
+FT = dict(epochs=1, batch_size=8, num_workers=0)
+
+
+def _stub_probe(calls: list):
+    def probe(fc, **kw):
+        calls.append(kw)
+        return {
+            "load_seconds": 0.25,
+            "split": {"n_eval": 24},
+            "heads": {
+                "logreg": {"accuracy": 0.9, "balanced_accuracy": 0.875, "macro_f1": 0.88, "fit_seconds": 2.0,
+                           "predict_seconds": 0.5, "params": {"C": 1.0}},
+                "knn": {"accuracy": 0.7, "balanced_accuracy": 0.7, "macro_f1": 0.69, "fit_seconds": 0.1,
+                        "predict_seconds": 0.1, "params": {"n_neighbors": 5}},
+            },
+        }
+
+    return probe
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_image_folder(tmp_path / "data", per_class=12)  # train 24, val 24
+
+
+def test_compare_with_finetune_writes_table_json_and_chart(data, tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(comparison, "_run_probe", _stub_probe(calls))
+    out = tmp_path / "cmp"
+    r = featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="head,partial", out_dir=out,
+                      seed=3, test_size=0.3, **TINY, **FT)
+
+    # The probe was asked for the same split settings as the fine-tune used.
+    assert calls[0]["seed"] == 3 and calls[0]["test_size"] == 0.3
+    methods = [row["method"] for row in r["rows"]]
+    assert methods == ["probe-logreg", "probe-knn", "finetune-head", "finetune-partial"]
+    fc = featx.FeatureCache(r["cache"]["path"])
+    embed_s = float(fc.meta["embed_seconds"])
+    logreg = r["rows"][0]
+    assert logreg["wall_seconds"] == pytest.approx(embed_s + 0.25 + 2.0 + 0.5)  # embedding counted for the probe
+    assert logreg["images_per_s"] == pytest.approx(len(fc) / embed_s)
+    _, eval_idx, _ = train_eval_split(fc.labels(), fc.split_array(), test_size=0.3, seed=3)
+    assert r["split"]["n_eval"] == len(eval_idx)
+    for row in r["rows"][2:]:
+        assert 0 <= row["accuracy"] <= 1 and row["wall_seconds"] > 0 and row["images_per_s"] > 0
+        assert row["peak_gpu_mem_bytes"] is None
+        assert r["finetune"][row["strategy"]]["n_eval"] == len(eval_idx)
+    best = next(row for row in r["rows"] if row["method"] == r["best"])
+    assert best["accuracy"] == max(row["accuracy"] for row in r["rows"])
+
+    # Files: the same dict as JSON, the Markdown table, a real PNG.
+    saved = json.loads(Path(r["paths"]["json"]).read_text())
+    assert [row["method"] for row in saved["rows"]] == methods and saved["settings"]["strategy"] == ["head", "partial"]
+    md = Path(r["paths"]["markdown"]).read_text()
+    assert "| probe-logreg | 90.0% | +0.0 pts | 87.5% | 88.0% |" in md and "finetune-partial" in md
+    with Image.open(r["paths"]["chart"]) as im:
+        assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 400
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
+
+    # A rerun reuses the finished fine-tunes (and the cache) instead of training again.
+    again = featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="head,partial", out_dir=out,
+                          seed=3, test_size=0.3, **TINY, **FT)
+    assert all(row["reused"] for row in again["rows"][2:])
+    assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in r["rows"]]
+
+
+def test_compare_without_finetune_lists_probe_heads_only(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+    r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", **TINY)
+    assert [row["kind"] for row in r["rows"]] == ["probe", "probe"] and r["finetune"] == {}
+    assert Path(r["paths"]["chart"]).is_file()
+    # An existing cache can be compared without the dataset argument.
+    r2 = featx.compare(cache=r["cache"]["path"], out_dir=tmp_path / "cmp2", progress=False)
+    assert [row["method"] for row in r2["rows"]] == ["probe-logreg", "probe-knn"]
+
+
+def test_bad_strategy_is_a_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+    with pytest.raises(FeatxError, match="--strategy 'fastest'"):
+        featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="fastest", **TINY)
+    with pytest.raises(FeatxError, match="DATA"):
+        featx.compare()
+
+
+def test_markdown_table_formats_every_column():
+    rows = [
+        {"method": "probe-svm", "kind": "probe", "accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7,
+         "wall_seconds": 30.0, "images_per_s": 100.0, "peak_gpu_mem_bytes": None},
+        {"method": "finetune-full", "kind": "finetune", "accuracy": 0.9, "balanced_accuracy": 0.9, "macro_f1": 0.9,
+         "wall_seconds": 3725.0, "images_per_s": 512.3, "peak_gpu_mem_bytes": 3 * 2**30, "reused": True},
+    ]
+    t = markdown_table(rows).splitlines()
+    assert t[0].startswith("| method | accuracy | vs best probe |") and len(t) == 4
+    assert t[2] == "| probe-svm | 80.0% | +0.0 pts | 75.0% | 70.0% | 30.0 s | 100.0 | n/a |"
+    assert t[3] == "| finetune-full (reused) | 90.0% | +10.0 pts | 90.0% | 90.0% | 1 h 02 min | 512.3 | 3.00 GiB |"
+
+
+def test_cli_compare_finetune_prints_the_table(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(cli, [
+        "compare", str(data), "--backbone", "tiny_cnn", "--weights", "random", "--cache-dir", str(tmp_path / "cache"),
+        "--finetune", "--strategy", "head", "--epochs", "1", "--limit", "8", "--batch-size", "4", "--workers", "0",
+        "--device", "cpu", "--out-dir", str(out), "--quiet",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "| finetune-head |" in res.output and "| probe-logreg |" in res.output
+    assert (out / "compare.json").is_file() and (out / "compare.png").is_file()
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["split"]["n_eval"] == 8 and saved["settings"]["limit"] == 8  # --limit 8 per split
+
+    bad = CliRunner().invoke(cli, ["compare", str(data), "--finetune", "--strategy", "nope", "--backbone", "tiny_cnn",
+                                   "--weights", "random", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert bad.exit_code == 2 and "--strategy 'nope'" in bad.output
+
+
+def test_compare_with_the_real_probe(data, tmp_path):
+    pytest.importorskip("featx.heads")
+    r = featx.compare(data, cache_dir=tmp_path / "cache", head="logreg", folds=2, finetune=True, strategy="head",
+                      out_dir=tmp_path / "cmp", n_jobs=1, **TINY, **FT)
+    assert [row["method"] for row in r["rows"]] == ["probe-logreg", "finetune-head"]
+    assert r["probe"]["split"]["n_eval"] == r["finetune"]["head"]["n_eval"] == r["split"]["n_eval"]
+    assert r["rows"][0]["wall_seconds"] >= r["rows"][0]["embed_seconds"] > 0
