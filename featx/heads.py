@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 HEAD_NAMES = ("logreg", "svm", "knn")
 KERNELS = ("linear", "rbf")
 SIDECAR_FORMAT = "featx-head/1"
+SMALL_PROBLEM = 4_000_000  # feature-matrix cells below which fits use a single BLAS thread
 
 # Grid keys: the head name, or "svm_rbf" for ``svm`` with ``kernel="rbf"``.  A value is a
 # list, or ``{"logspace": [start, stop, num]}`` (powers of ten).  Mirrored in the ``heads:``
@@ -186,11 +187,21 @@ def plan_folds(y: np.ndarray, folds: int) -> dict:
             f"using {smallest}-fold stratified cross-validation"
         )
         return {"requested": folds, "used": smallest, "stratified": True, "note": note}
+    singles = [str(c) for c, k in zip(classes, counts) if k == 1]
+    rest = counts[counts >= 2]
+    if len(rest):
+        used = int(min(folds, rest.min()))
+        note = (
+            f"{len(singles)} class(es) have a single training image ({', '.join(singles[:5])}"
+            f"{', ...' if len(singles) > 5 else ''}): they stay in every CV training fold and are not scored; "
+            f"using {used}-fold stratified cross-validation on the other classes. Add images for trustworthy "
+            "hyperparameters"
+        )
+        return {"requested": folds, "used": used, "stratified": True, "note": note, "singletons_in_train": len(singles)}
     used = max(2, min(folds, n // 2))
     note = (
-        f"class {small_name!r} has a single training image, so stratified cross-validation is impossible: "
-        f"using plain shuffled {used}-fold cross-validation (some folds will miss that class; add images "
-        "to it for trustworthy hyperparameters)"
+        "every class has a single training image, so cross-validation cannot score anything meaningful: "
+        f"using plain shuffled {used}-fold cross-validation. Add images"
     )
     return {"requested": folds, "used": used, "stratified": False, "note": note}
 
@@ -231,7 +242,19 @@ def _define_search_classes() -> None:
         def split(self, X, y=None, groups=None):
             if y is None:
                 raise ValueError("AdaptiveStratifiedKFold needs y")
-            return self._splitter(y).split(X, y, groups)
+            y = np.asarray(y)
+            plan = plan_folds(y, self.n_splits)
+            if plan.get("singletons_in_train"):
+                # Classes with one image are in every training fold (so every fit sees all classes)
+                # and in no test fold; the other classes are split stratified.
+                cls, cnt = np.unique(y, return_counts=True)
+                single = np.isin(y, cls[cnt == 1])
+                rest, always = np.flatnonzero(~single), np.flatnonzero(single)
+                skf = StratifiedKFold(plan["used"], shuffle=True, random_state=self.random_state)
+                for tr, te in skf.split(rest, y[rest]):
+                    yield np.sort(np.concatenate([rest[tr], always])), rest[te]
+                return
+            yield from self._splitter(y).split(X, y, groups)
 
         def _iter_test_indices(self, X=None, y=None, groups=None):  # pragma: no cover - split is overridden
             raise NotImplementedError
@@ -289,7 +312,12 @@ def _define_search_classes() -> None:
             # kNN: k may not exceed the number of training rows in a CV fold.
             n = len(y_arr)
             self._max_train_rows = n - int(math.ceil(n / plan["used"]))
-            with warnings.catch_warnings():
+            # Small problems: one BLAS thread per fit. Multi-threaded BLAS on a few hundred rows
+            # is slower, and 10-20x slower when other processes compete for the cores.
+            from threadpoolctl import threadpool_limits
+
+            small = np.asarray(X).size < SMALL_PROBLEM
+            with warnings.catch_warnings(), threadpool_limits(1 if small else None):
                 warnings.filterwarnings("ignore", message=".*[Cc]onverge.*")
                 super().fit(X, y, **params)
                 self.calibrator_ = None
@@ -599,6 +627,20 @@ def _scores(est, X) -> np.ndarray | None:
     return None
 
 
+def _grid_edges(params: dict, grid: dict) -> list[str]:
+    """Numeric hyperparameters chosen at the smallest or largest value of a grid of 3 or more."""
+    out = []
+    for k, v in params.items():
+        vals = grid.get(k)
+        if not vals or len(vals) < 3 or not all(isinstance(x, (int, float)) for x in vals):
+            continue
+        if not isinstance(v, (int, float)):
+            continue
+        if v == max(vals) or (v == min(vals) and k != "n_neighbors"):  # k=1 is a natural lower bound
+            out.append(f"{k}={v:.3g}")
+    return out
+
+
 def probe(
     cache=None,
     *,
@@ -710,6 +752,13 @@ def probe(
             "model_path": None,
             "confusion_png": None,
         }
+        edges = _grid_edges(params, resolved[grid_key(name, kernel)])
+        if edges:
+            entry["grid_edge"] = edges
+            log.warning(
+                "%s: chosen %s at the edge of the searched grid; widen heads.%s in the config to be sure the "
+                "optimum is inside it", name, ", ".join(edges), grid_key(name, kernel),
+            )
         if "confusion_matrix" in m:
             entry["confusion_matrix"] = m["confusion_matrix"]
         if plots:
