@@ -154,6 +154,41 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _place_labels(fig, ax, pts: Sequence[dict]) -> None:
+    """Label each point with its method and accuracy, trying offsets until labels do not overlap."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    leg = ax.get_legend()
+    if leg is not None:
+        e = leg.get_window_extent(renderer)
+        placed.append((e.x0, e.y0, e.x1, e.y1))
+    marker_boxes = []
+    for r in pts:
+        x, y = ax.transData.transform((r["wall_seconds"], 100 * r["accuracy"]))
+        marker_boxes.append((x - 6, y - 6, x + 6, y + 6))
+    offsets = [(8, 5, "left"), (8, -13, "left"), (-8, 5, "right"), (-8, -13, "right"),
+               (8, 17, "left"), (8, -25, "left"), (-8, 17, "right"), (-8, -25, "right"), (8, 29, "left")]
+    axbox = ax.get_window_extent(renderer)
+
+    def overlaps(b, others) -> bool:
+        return any(b[0] < o[2] and o[0] < b[2] and b[1] < o[3] and o[1] < b[3] for o in others)
+
+    for r in sorted(pts, key=lambda r: (-r["accuracy"], r["wall_seconds"])):
+        text = f"{r['method']} {100 * r['accuracy']:.1f}%"
+        xy = (r["wall_seconds"], 100 * r["accuracy"])
+        ann = None
+        for dx, dy, ha in offsets:
+            if ann is not None:
+                ann.remove()
+            ann = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=9, ha=ha)
+            e = ann.get_window_extent(renderer)
+            b = (e.x0, e.y0, e.x1, e.y1)
+            inside = e.x0 >= axbox.x0 and e.x1 <= axbox.x1 and e.y0 >= axbox.y0 and e.y1 <= axbox.y1
+            if inside and not overlaps(b, placed) and not overlaps(b, marker_boxes):
+                break
+        placed.append(b)
+
+
 def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> Path:
     """Accuracy against wall time, one labelled point per method; written to ``path`` (PNG)."""
     import matplotlib
@@ -169,11 +204,6 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
         if sel:
             ax.scatter([r["wall_seconds"] for r in sel], [100 * r["accuracy"] for r in sel], s=70, marker=marker,
                        color=color, label=label, zorder=3, edgecolors="black", linewidths=0.6)
-    for i, r in enumerate(pts):
-        ax.annotate(
-            f"{r['method']} {100 * r['accuracy']:.1f}%", (r["wall_seconds"], 100 * r["accuracy"]), textcoords="offset points",
-            xytext=(8, 6 if i % 2 == 0 else -12), fontsize=9,
-        )
     if pts:
         times = [r["wall_seconds"] for r in pts]
         accs = [100 * r["accuracy"] for r in pts]
@@ -189,6 +219,7 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
     fig.tight_layout()
+    _place_labels(fig, ax, pts)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("full", "partial", "head")
 CHECKPOINT_VERSION = 1
+VAL_MAX = 10_000  # the early-stopping slice never needs more images than this (accuracy +-1%)
 _BLOCK_CONTAINERS = ("blocks", "stages", "layers", "features", "encoder.layers", "encoder.layer", "trunk.blocks")
 
 
@@ -290,7 +291,7 @@ def carve_validation(train_idx: np.ndarray, labels: np.ndarray, *, fraction: flo
     y = labels[train_idx]
     counts = np.bincount(y)
     present = int((counts > 0).sum())
-    n_val = max(1, int(math.ceil(fraction * len(train_idx))))
+    n_val = min(max(1, int(math.ceil(fraction * len(train_idx)))), VAL_MAX)
     stratify = y if counts[counts > 0].min() >= 2 and n_val >= present and len(train_idx) - n_val >= present else None
     fit, val = train_test_split(train_idx, test_size=n_val, random_state=seed, stratify=stratify)
     return np.sort(fit), np.sort(val)
@@ -570,291 +571,308 @@ def finetune(
     key = _digest(key_obj)
     base = Path(out_dir) if out_dir is not None else Path("runs") / f"compare-{fc.path.stem}"
     run_dir = base / f"finetune-{settings.strategy}-{key[:10]}"
-    if overwrite and run_dir.exists():
-        log.info("--overwrite: discarding %s", run_dir)
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_p, best_p, result_p = run_dir / "last.pt", run_dir / "best.pt", run_dir / "result.json"
-    _atomic_json(key_obj, run_dir / "settings.json")
+    from filelock import FileLock, Timeout
 
-    if result_p.exists():
-        try:
-            done = json.loads(result_p.read_text())
-        except (OSError, ValueError):
-            done = None
-        if done and done.get("key") == key:
-            log.info("finetune[%s]: finished result found in %s; reusing it (--overwrite to retrain)", settings.strategy, run_dir)
-            done["reused"] = True
-            return done
+    lock = FileLock(str(run_dir / "run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FeatxError(
+            f"another process is fine-tuning with the same settings in {run_dir}; wait for it to finish "
+            "(rerunning this command afterwards reuses or resumes its result), or pass another --out-dir"
+        ) from None
+    try:
+        for stale in run_dir.glob(".*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink(missing_ok=True)
+        if overwrite:
+            log.info("--overwrite: discarding the checkpoints and result in %s", run_dir)
+            for f in run_dir.iterdir():
+                if f.name != "run.lock":
+                    shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+        last_p, best_p, result_p = run_dir / "last.pt", run_dir / "best.pt", run_dir / "result.json"
+        _atomic_json(key_obj, run_dir / "settings.json")
 
-    # -- model
-    _seed_everything(settings.seed)
-    bb = _training_backbone(fc, weights)
-    trained_modules = apply_strategy(bb.model, settings.strategy, partial_blocks=settings.partial_blocks)
-    net = _build_net(bb, n_classes)
-    frozen = frozen_roots(net)
-    net.to(dev)
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
-    head_params = list(net.head.parameters())
-    bb_params = [p for p in net.backbone.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in head_params + bb_params)
-    n_total = sum(p.numel() for p in net.parameters())
+        if result_p.exists():
+            try:
+                done = json.loads(result_p.read_text())
+            except (OSError, ValueError):
+                done = None
+            if done and done.get("key") == key:
+                log.info("finetune[%s]: finished result found in %s; reusing it (--overwrite to retrain)", settings.strategy, run_dir)
+                done["reused"] = True
+                return done
 
-    def groups(params, lr_):
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        out = []
-        if decay:
-            out.append({"params": decay, "lr": lr_, "weight_decay": settings.weight_decay})
-        if no_decay:
-            out.append({"params": no_decay, "lr": lr_, "weight_decay": 0.0})
-        return out
+        # -- model
+        _seed_everything(settings.seed)
+        bb = _training_backbone(fc, weights)
+        trained_modules = apply_strategy(bb.model, settings.strategy, partial_blocks=settings.partial_blocks)
+        net = _build_net(bb, n_classes)
+        frozen = frozen_roots(net)
+        net.to(dev)
+        if cuda:
+            net = net.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.reset_peak_memory_stats(dev)
+        head_params = list(net.head.parameters())
+        bb_params = [p for p in net.backbone.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in head_params + bb_params)
+        n_total = sum(p.numel() for p in net.parameters())
 
-    param_groups = groups(head_params, settings.lr)
-    if bb_params and settings.backbone_lr_scale > 0:
-        param_groups += groups(bb_params, settings.lr * settings.backbone_lr_scale)
-    elif bb_params:
-        for p in bb_params:
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups, lr=settings.lr, fused=cuda or None)
-    # Every image every epoch, except a last batch of one (BatchNorm cannot train on a single image).
-    n_epoch = len(fit_idx) - (1 if len(fit_idx) % settings.batch_size == 1 and len(fit_idx) > 1 else 0)
-    steps_per_epoch = max(1, math.ceil(n_epoch / settings.batch_size))
-    total_steps = steps_per_epoch * settings.epochs
-    warmup = min(int(round(settings.warmup_epochs * steps_per_epoch)), total_steps // 5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total_steps))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        def groups(params, lr_):
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            out = []
+            if decay:
+                out.append({"params": decay, "lr": lr_, "weight_decay": settings.weight_decay})
+            if no_decay:
+                out.append({"params": no_decay, "lr": lr_, "weight_decay": 0.0})
+            return out
 
-    pre = bb.preprocess
-    eval_tf = pre.pil_transform()
-    train_tf = train_transform(pre, min_scale=settings.min_scale)
+        param_groups = groups(head_params, settings.lr)
+        if bb_params and settings.backbone_lr_scale > 0:
+            param_groups += groups(bb_params, settings.lr * settings.backbone_lr_scale)
+        elif bb_params:
+            for p in bb_params:
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW(param_groups, lr=settings.lr, fused=cuda or None)
+        # Every image every epoch, except a last batch of one (BatchNorm cannot train on a single image).
+        n_epoch = len(fit_idx) - (1 if len(fit_idx) % settings.batch_size == 1 and len(fit_idx) > 1 else 0)
+        steps_per_epoch = max(1, math.ceil(n_epoch / settings.batch_size))
+        total_steps = steps_per_epoch * settings.epochs
+        warmup = min(int(round(settings.warmup_epochs * steps_per_epoch)), total_steps // 5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total_steps))
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
-    # -- state (fresh or resumed)
-    state = {
-        "epoch": 0, "step": 0, "history": [], "best_epoch": None, "best_val_acc": -1.0, "best_val_loss": float("inf"),
-        "bad_epochs": 0, "stopped_early": False, "elapsed": 0.0, "train_seconds": 0.0, "images_seen": 0,
-        "loss_sum": 0.0, "loss_n": 0, "epoch_train_seconds": 0.0, "resumes": [],
-    }
-    resumed_from = None
-    if last_p.exists():
-        try:
-            ck = torch.load(last_p, map_location=dev, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint (only possible from outside)
-            log.warning("checkpoint %s is unreadable (%s); starting over", last_p, exc)
-            os.replace(last_p, last_p.with_suffix(".damaged"))
-            ck = None
-        if ck is not None and ck.get("key") == key:
-            net.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            state.update(ck["state"])
-            _set_rng_state(ck["rng"], cuda)
-            resumed_from = {"epoch": int(state["epoch"]), "step": int(state["step"])}
-            state["resumes"] = list(state.get("resumes", [])) + [resumed_from]
-            log.info(
-                "finetune[%s]: resuming from %s (epoch %d, step %d of %d)",
-                settings.strategy, last_p, state["epoch"] + 1, state["step"], steps_per_epoch,
+        pre = bb.preprocess
+        eval_tf = pre.pil_transform()
+        train_tf = train_transform(pre, min_scale=settings.min_scale)
+
+        # -- state (fresh or resumed)
+        state = {
+            "epoch": 0, "step": 0, "history": [], "best_epoch": None, "best_val_acc": -1.0, "best_val_loss": float("inf"),
+            "bad_epochs": 0, "stopped_early": False, "elapsed": 0.0, "train_seconds": 0.0, "images_seen": 0,
+            "loss_sum": 0.0, "loss_n": 0, "epoch_train_seconds": 0.0, "resumes": [],
+        }
+        resumed_from = None
+        if last_p.exists():
+            try:
+                ck = torch.load(last_p, map_location=dev, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint (only possible from outside)
+                log.warning("checkpoint %s is unreadable (%s); starting over", last_p, exc)
+                os.replace(last_p, last_p.with_suffix(".damaged"))
+                ck = None
+            if ck is not None and ck.get("key") == key:
+                net.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+                state.update(ck["state"])
+                _set_rng_state(ck["rng"], cuda)
+                resumed_from = {"epoch": int(state["epoch"]), "step": int(state["step"])}
+                state["resumes"] = list(state.get("resumes", [])) + [resumed_from]
+                log.info(
+                    "finetune[%s]: resuming from %s (epoch %d, step %d of %d)",
+                    settings.strategy, last_p, state["epoch"] + 1, state["step"], steps_per_epoch,
+                )
+            elif ck is not None:
+                log.warning("checkpoint %s belongs to other settings; starting over", last_p)
+
+        run_t0 = t_start  # setup (model build, split) counts towards the wall time too
+        base_elapsed = float(state["elapsed"])
+
+        def save_last() -> None:
+            state["elapsed"] = base_elapsed + (time.perf_counter() - run_t0)
+            _atomic_torch_save(
+                {
+                    "version": CHECKPOINT_VERSION, "key": key, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "state": dict(state), "rng": _rng_state(cuda),
+                },
+                last_p,
             )
-        elif ck is not None:
-            log.warning("checkpoint %s belongs to other settings; starting over", last_p)
 
-    run_t0 = t_start  # setup (model build, split) counts towards the wall time too
-    base_elapsed = float(state["elapsed"])
+        def set_train_mode() -> None:
+            net.train()
+            for m in frozen:
+                m.eval()
 
-    def save_last() -> None:
-        state["elapsed"] = base_elapsed + (time.perf_counter() - run_t0)
-        _atomic_torch_save(
-            {
-                "version": CHECKPOINT_VERSION, "key": key, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "state": dict(state), "rng": _rng_state(cuda),
-            },
-            last_p,
+        val_loader = None
+        if len(val_idx):
+            val_loader = _loader(
+                _Images(paths, labels, val_idx, eval_tf, pre.crop, pre.resize),
+                batch_size=settings.batch_size * 2, num_workers=workers, cuda=cuda,
+            )
+        delay = float(os.environ.get("FEATX_TEST_STEP_DELAY", "0") or 0)  # fault-injection tests only
+        log.info(
+            "finetune[%s]: %s on %s, %d train / %d val / %d eval images, %d classes, %d of %d parameters trained%s",
+            settings.strategy, bb.name, dev, len(fit_idx), len(val_idx), len(eval_idx), n_classes, n_trainable, n_total,
+            f" (modules {', '.join(trained_modules)})" if settings.strategy == "partial" else "",
         )
 
-    def set_train_mode() -> None:
-        net.train()
-        for m in frozen:
-            m.eval()
+        from tqdm.auto import tqdm
 
-    val_loader = None
-    if len(val_idx):
-        val_loader = _loader(
-            _Images(paths, labels, val_idx, eval_tf, pre.crop, pre.resize),
+        try:
+            while state["epoch"] < settings.epochs and not state["stopped_early"]:
+                epoch = int(state["epoch"])
+                g = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+                order = fit_idx[torch.randperm(len(fit_idx), generator=g).numpy()]
+                order = order[:n_epoch]
+                start_step = int(state["step"])
+                todo = order[start_step * settings.batch_size :]
+                loader = _loader(
+                    _Images(paths, labels, todo, train_tf, pre.crop, pre.resize),
+                    batch_size=settings.batch_size, num_workers=workers, cuda=cuda,
+                )
+                set_train_mode()
+                t_ep = time.perf_counter()
+                t_ck = t_ep
+                bar = tqdm(
+                    total=steps_per_epoch, initial=start_step, unit="step", disable=not progress, leave=False,
+                    dynamic_ncols=True, desc=f"finetune[{settings.strategy}] epoch {epoch + 1}/{settings.epochs}",
+                )
+                try:
+                    for x, y, ok in loader:
+                        okm = ok.bool()
+                        if not okm.all():
+                            x, y = x[okm], y[okm]
+                        if len(y) == 0:
+                            continue
+                        x = x.to(dev, non_blocking=True)
+                        y = y.to(dev, non_blocking=True)
+                        if cuda:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                            logits = net(x)
+                        loss = criterion(logits.float(), y)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        state["step"] += 1
+                        state["images_seen"] += int(len(y))
+                        state["loss_sum"] += float(loss.detach()) * len(y)
+                        state["loss_n"] += int(len(y))
+                        bar.update(1)
+                        if delay:
+                            time.sleep(delay)
+                        now = time.perf_counter()
+                        if checkpoint_seconds and now - t_ck >= checkpoint_seconds and state["step"] < steps_per_epoch:
+                            state["epoch_train_seconds"] += now - t_ep
+                            state["train_seconds"] += now - t_ep
+                            t_ep = now
+                            save_last()
+                            t_ck = time.perf_counter()
+                            t_ep = t_ck
+                finally:
+                    bar.close()
+                now = time.perf_counter()
+                state["epoch_train_seconds"] += now - t_ep
+                state["train_seconds"] += now - t_ep
+                # -- end of epoch: validate, keep the best, maybe stop
+                train_loss = state["loss_sum"] / state["loss_n"] if state["loss_n"] else float("nan")
+                val_acc, val_loss = float("nan"), float("nan")
+                if val_loader is not None:
+                    yv, pv, okv, val_loss = _predict(net, val_loader, dev, cuda, n_classes)
+                    val_acc = float((yv[okv] == pv[okv]).mean()) if okv.any() else float("nan")
+                improved = val_loader is None or (
+                    val_acc > state["best_val_acc"]
+                    or (val_acc == state["best_val_acc"] and val_loss < state["best_val_loss"])
+                )
+                if improved:
+                    state["best_epoch"] = epoch + 1
+                    state["best_val_acc"] = val_acc if val_loader is not None else -1.0
+                    state["best_val_loss"] = val_loss if val_loader is not None else float("inf")
+                    state["bad_epochs"] = 0
+                    _atomic_torch_save({"key": key, "epoch": epoch + 1, "model": net.state_dict()}, best_p)
+                else:
+                    state["bad_epochs"] += 1
+                ep_seconds = state["epoch_train_seconds"]
+                ips = (state["loss_n"] / ep_seconds) if ep_seconds > 0 else 0.0
+                state["history"].append(
+                    {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc, "val_loss": val_loss,
+                     "images_per_s": ips, "seconds": ep_seconds, "lr": float(opt.param_groups[0]["lr"])}
+                )
+                done_epochs = len(state["history"])
+                mean_ep = sum(h["seconds"] for h in state["history"]) / done_epochs
+                eta = mean_ep * (settings.epochs - epoch - 1)
+                log.info(
+                    "finetune[%s] epoch %d/%d  train loss %.4f  val acc %s  %.1f images/s  ETA %s%s",
+                    settings.strategy, epoch + 1, settings.epochs, train_loss,
+                    f"{val_acc:.4f}" if not math.isnan(val_acc) else "n/a", ips, _fmt_seconds(eta),
+                    "  *best*" if improved and val_loader is not None else "",
+                )
+                state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0, epoch_train_seconds=0.0)
+                if val_loader is not None and state["bad_epochs"] >= settings.patience and state["epoch"] < settings.epochs:
+                    state["stopped_early"] = True
+                    log.info(
+                        "finetune[%s]: early stop, no val improvement for %d epochs (best epoch %d)",
+                        settings.strategy, settings.patience, state["best_epoch"],
+                    )
+                save_last()
+        except KeyboardInterrupt:
+            # Keep everything up to the last finished step; the same command resumes from here.
+            try:
+                save_last()
+                log.warning("finetune[%s]: interrupted; checkpoint saved to %s", settings.strategy, last_p)
+            except Exception:  # noqa: BLE001 - never mask the interrupt
+                pass
+            raise
+
+        # -- evaluate the best weights on the probe's evaluation rows
+        if best_p.exists():
+            best = torch.load(best_p, map_location=dev, weights_only=True)
+            net.load_state_dict(best["model"])
+        t_eval = time.perf_counter()
+        eval_loader = _loader(
+            _Images(paths, labels, eval_idx, eval_tf, pre.crop, pre.resize),
             batch_size=settings.batch_size * 2, num_workers=workers, cuda=cuda,
         )
-    delay = float(os.environ.get("FEATX_TEST_STEP_DELAY", "0") or 0)  # fault-injection tests only
-    log.info(
-        "finetune[%s]: %s on %s, %d train / %d val / %d eval images, %d classes, %d of %d parameters trained%s",
-        settings.strategy, bb.name, dev, len(fit_idx), len(val_idx), len(eval_idx), n_classes, n_trainable, n_total,
-        f" (modules {', '.join(trained_modules)})" if settings.strategy == "partial" else "",
-    )
-
-    from tqdm.auto import tqdm
-
-    try:
-        while state["epoch"] < settings.epochs and not state["stopped_early"]:
-            epoch = int(state["epoch"])
-            g = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
-            order = fit_idx[torch.randperm(len(fit_idx), generator=g).numpy()]
-            order = order[:n_epoch]
-            start_step = int(state["step"])
-            todo = order[start_step * settings.batch_size :]
-            loader = _loader(
-                _Images(paths, labels, todo, train_tf, pre.crop, pre.resize),
-                batch_size=settings.batch_size, num_workers=workers, cuda=cuda,
-            )
-            set_train_mode()
-            t_ep = time.perf_counter()
-            t_ck = t_ep
-            bar = tqdm(
-                total=steps_per_epoch, initial=start_step, unit="step", disable=not progress, leave=False,
-                dynamic_ncols=True, desc=f"finetune[{settings.strategy}] epoch {epoch + 1}/{settings.epochs}",
-            )
-            try:
-                for x, y, ok in loader:
-                    okm = ok.bool()
-                    if not okm.all():
-                        x, y = x[okm], y[okm]
-                    if len(y) == 0:
-                        continue
-                    x = x.to(dev, non_blocking=True)
-                    y = y.to(dev, non_blocking=True)
-                    if cuda:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                        logits = net(x)
-                    loss = criterion(logits.float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    state["step"] += 1
-                    state["images_seen"] += int(len(y))
-                    state["loss_sum"] += float(loss.detach()) * len(y)
-                    state["loss_n"] += int(len(y))
-                    bar.update(1)
-                    if delay:
-                        time.sleep(delay)
-                    now = time.perf_counter()
-                    if checkpoint_seconds and now - t_ck >= checkpoint_seconds and state["step"] < steps_per_epoch:
-                        state["epoch_train_seconds"] += now - t_ep
-                        state["train_seconds"] += now - t_ep
-                        t_ep = now
-                        save_last()
-                        t_ck = time.perf_counter()
-                        t_ep = t_ck
-            finally:
-                bar.close()
-            now = time.perf_counter()
-            state["epoch_train_seconds"] += now - t_ep
-            state["train_seconds"] += now - t_ep
-            # -- end of epoch: validate, keep the best, maybe stop
-            train_loss = state["loss_sum"] / state["loss_n"] if state["loss_n"] else float("nan")
-            val_acc, val_loss = float("nan"), float("nan")
-            if val_loader is not None:
-                yv, pv, okv, val_loss = _predict(net, val_loader, dev, cuda, n_classes)
-                val_acc = float((yv[okv] == pv[okv]).mean()) if okv.any() else float("nan")
-            improved = val_loader is None or (
-                val_acc > state["best_val_acc"]
-                or (val_acc == state["best_val_acc"] and val_loss < state["best_val_loss"])
-            )
-            if improved:
-                state["best_epoch"] = epoch + 1
-                state["best_val_acc"] = val_acc if val_loader is not None else -1.0
-                state["best_val_loss"] = val_loss if val_loader is not None else float("inf")
-                state["bad_epochs"] = 0
-                _atomic_torch_save({"key": key, "epoch": epoch + 1, "model": net.state_dict()}, best_p)
-            else:
-                state["bad_epochs"] += 1
-            ep_seconds = state["epoch_train_seconds"]
-            ips = (state["loss_n"] / ep_seconds) if ep_seconds > 0 else 0.0
-            state["history"].append(
-                {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc, "val_loss": val_loss,
-                 "images_per_s": ips, "seconds": ep_seconds, "lr": float(opt.param_groups[0]["lr"])}
-            )
-            done_epochs = len(state["history"])
-            mean_ep = sum(h["seconds"] for h in state["history"]) / done_epochs
-            eta = mean_ep * (settings.epochs - epoch - 1)
-            log.info(
-                "finetune[%s] epoch %d/%d  train loss %.4f  val acc %s  %.1f images/s  ETA %s%s",
-                settings.strategy, epoch + 1, settings.epochs, train_loss,
-                f"{val_acc:.4f}" if not math.isnan(val_acc) else "n/a", ips, _fmt_seconds(eta),
-                "  *best*" if improved and val_loader is not None else "",
-            )
-            state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0, epoch_train_seconds=0.0)
-            if val_loader is not None and state["bad_epochs"] >= settings.patience and state["epoch"] < settings.epochs:
-                state["stopped_early"] = True
-                log.info(
-                    "finetune[%s]: early stop, no val improvement for %d epochs (best epoch %d)",
-                    settings.strategy, settings.patience, state["best_epoch"],
-                )
-            save_last()
-    except KeyboardInterrupt:
-        # Keep everything up to the last finished step; the same command resumes from here.
-        try:
-            save_last()
-            log.warning("finetune[%s]: interrupted; checkpoint saved to %s", settings.strategy, last_p)
-        except Exception:  # noqa: BLE001 - never mask the interrupt
-            pass
-        raise
-
-    # -- evaluate the best weights on the probe's evaluation rows
-    if best_p.exists():
-        best = torch.load(best_p, map_location=dev, weights_only=True)
-        net.load_state_dict(best["model"])
-    t_eval = time.perf_counter()
-    eval_loader = _loader(
-        _Images(paths, labels, eval_idx, eval_tf, pre.crop, pre.resize),
-        batch_size=settings.batch_size * 2, num_workers=workers, cuda=cuda,
-    )
-    ye, pe, oke, eval_loss = _predict(net, eval_loader, dev, cuda, n_classes)
-    eval_seconds = time.perf_counter() - t_eval
-    if (~oke).any():
-        log.warning("finetune[%s]: %d evaluation images failed to load and are left out", settings.strategy, int((~oke).sum()))
-    m = metrics(ye[oke], pe[oke])
-    peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
-    wall = base_elapsed + (time.perf_counter() - run_t0)  # this run from its start, plus earlier runs
-    result = {
-        "method": f"finetune-{settings.strategy}",
-        "kind": "finetune",
-        "strategy": settings.strategy,
-        **m,
-        "eval_loss": eval_loss,
-        "wall_seconds": wall,
-        "train_seconds": state["train_seconds"],
-        "eval_seconds": eval_seconds,
-        "images_per_s": (state["images_seen"] / state["train_seconds"]) if state["train_seconds"] > 0 else 0.0,
-        "peak_gpu_mem_bytes": peak,
-        "device": dev,
-        "backbone": bb.name,
-        "epochs_run": len(state["history"]),
-        "best_epoch": state["best_epoch"],
-        "best_val_accuracy": state["best_val_acc"] if val_loader is not None else None,
-        "stopped_early": bool(state["stopped_early"]),
-        "resumed_from": state["resumes"][0] if state["resumes"] else None,
-        "resumes": state["resumes"],
-        "history": state["history"],
-        "n_train": int(len(fit_idx)),
-        "n_val": int(len(val_idx)),
-        "n_eval": int(oke.sum()),
-        "n_eval_failed": int((~oke).sum()),
-        "trained_modules": trained_modules,
-        "trainable_params": int(n_trainable),
-        "total_params": int(n_total),
-        "settings": asdict(settings),
-        "split": split_desc,
-        "cache": str(fc.path),
-        "run_dir": str(run_dir),
-        "checkpoint": str(best_p),
-        "key": key,
-        "reused": False,
-    }
-    _atomic_json(result, result_p)
-    log.info(
-        "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
-        settings.strategy, m["accuracy"], m["balanced_accuracy"], m["macro_f1"], int(oke.sum()), _fmt_seconds(wall),
-    )
-    return result
+        ye, pe, oke, eval_loss = _predict(net, eval_loader, dev, cuda, n_classes)
+        eval_seconds = time.perf_counter() - t_eval
+        if (~oke).any():
+            log.warning("finetune[%s]: %d evaluation images failed to load and are left out", settings.strategy, int((~oke).sum()))
+        m = metrics(ye[oke], pe[oke])
+        peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
+        wall = base_elapsed + (time.perf_counter() - run_t0)  # this run from its start, plus earlier runs
+        result = {
+            "method": f"finetune-{settings.strategy}",
+            "kind": "finetune",
+            "strategy": settings.strategy,
+            **m,
+            "eval_loss": eval_loss,
+            "wall_seconds": wall,
+            "train_seconds": state["train_seconds"],
+            "eval_seconds": eval_seconds,
+            "images_per_s": (state["images_seen"] / state["train_seconds"]) if state["train_seconds"] > 0 else 0.0,
+            "peak_gpu_mem_bytes": peak,
+            "device": dev,
+            "backbone": bb.name,
+            "epochs_run": len(state["history"]),
+            "best_epoch": state["best_epoch"],
+            "best_val_accuracy": state["best_val_acc"] if val_loader is not None else None,
+            "stopped_early": bool(state["stopped_early"]),
+            "resumed_from": state["resumes"][0] if state["resumes"] else None,
+            "resumes": state["resumes"],
+            "history": state["history"],
+            "n_train": int(len(fit_idx)),
+            "n_val": int(len(val_idx)),
+            "n_eval": int(oke.sum()),
+            "n_eval_failed": int((~oke).sum()),
+            "trained_modules": trained_modules,
+            "trainable_params": int(n_trainable),
+            "total_params": int(n_total),
+            "settings": asdict(settings),
+            "split": split_desc,
+            "cache": str(fc.path),
+            "run_dir": str(run_dir),
+            "checkpoint": str(best_p),
+            "key": key,
+            "reused": False,
+        }
+        _atomic_json(result, result_p)
+        log.info(
+            "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
+            settings.strategy, m["accuracy"], m["balanced_accuracy"], m["macro_f1"], int(oke.sum()), _fmt_seconds(wall),
+        )
+        return result
+    finally:
+        lock.release()

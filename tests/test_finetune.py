@@ -213,3 +213,18 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tiny_cache, tmp_path):
     st = torch.load(run_dir / "last.pt", weights_only=True)["state"]
     assert st["epoch"] * 100 + st["step"] > 0
     assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "result.json").exists()
+
+
+def test_a_second_process_with_the_same_settings_is_refused(tiny_cache, tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "runs"
+    r = finetune(tiny_cache, strategy="head", out_dir=out, **TINY_FT)
+    held = FileLock(str(Path(r["run_dir"]) / "run.lock"))
+    held.acquire()
+    try:
+        with pytest.raises(FeatxError, match="another process is fine-tuning"):
+            finetune(tiny_cache, strategy="head", out_dir=out, **TINY_FT)
+    finally:
+        held.release()
+    assert finetune(tiny_cache, strategy="head", out_dir=out, **TINY_FT)["reused"] is True
