@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Fault injection for ``featx embed``: SIGKILL at random moments, rerun, compare with a clean run.
+
+Why: users kill featx whenever they need the GPU back.  A killed run must never leave a corrupt
+cache, and the rerun must produce exactly the cache an uninterrupted run produces.
+
+Each trial starts ``featx embed`` (tiny_cnn, random weights, CPU) in its own process group and
+SIGKILLs the group at a chosen moment, then reruns it to completion and checks:
+
+- the killed state is never corrupt: if a finished cache file exists it opens and equals the
+  reference (finished files are only ever renamed into place complete);
+- the rerun exits 0 and its cache equals the clean reference: same rows in the same order, same
+  labels, splits, classes and failed images, features allclose (atol 1e-5);
+- nothing is left behind: no ``.parts`` folder, no ``*.tmp`` file.
+
+Kill moments rotate over four strategies (``random``: uniform over the whole run, so model
+loading, chunks and the final write are all hit; ``chunk``: just after the k-th committed
+chunk; ``final``: as soon as the final ``.h5.tmp`` appears; ``twice``: two random kills before
+the rerun).  The table at the end counts the phase each kill actually landed in, as seen on
+disk and in its log.  It also times discovery of 100,000 files in one folder.
+
+    python scripts/fault_inject.py                 # 20 trials + 100k-file discovery timing
+    python scripts/fault_inject.py --trials 40 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from featx.cache import FeatureCache  # noqa: E402
+from featx.data import discover  # noqa: E402
+
+CHUNK, BATCH, DELAY = 8, 4, 0.1
+
+
+def make_dataset(root: Path, n_per_class: int, seed: int) -> None:
+    """Three classes, train + val, plus a few files that fail to load (they must survive kills too)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_per_class), ("val", max(2, n_per_class // 4))):
+        for c in ("ants", "bees", "wasps"):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (rng.integers(20, 60), rng.integers(20, 60), 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:04d}.{'png' if i % 3 else 'jpg'}")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "train" / "ants" / "truncated.jpg").write_bytes(buf.getvalue()[:2000])
+    (root / "train" / "bees" / "empty.jpg").write_bytes(b"")
+    (root / "val" / "wasps" / "page.jpg").write_text("<html>not an image</html>")
+
+
+def embed_cmd(data: Path, cache: Path, workers: int, quiet: bool = True) -> list[str]:
+    return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
+            "--weights", "random", "--workers", str(workers), "--batch-size", str(BATCH), "--chunk-size", str(CHUNK),
+            *(["--quiet"] if quiet else [])]
+
+
+def parts_of(cache: Path) -> Path:
+    return Path(str(cache) + ".parts")
+
+
+def disk_state(cache: Path) -> dict:
+    parts = parts_of(cache)
+    return {
+        "final": cache.exists(),
+        "final_tmp": Path(str(cache) + ".tmp").exists(),
+        "parts": parts.exists(),
+        "chunks": len(list(parts.glob("chunk-*.h5"))),
+        "chunk_tmp": bool(list(parts.glob(".chunk-*.tmp"))),
+    }
+
+
+def phase_of_kill(before: dict, after: dict, log_text: str) -> str:
+    """Where the run was when it died, judged from its log and the files it left.
+
+    The log line "embedding N images" is written once the model is built and the lock held;
+    before it the run was starting up (imports, discovery, model building, waiting for the lock).
+    """
+    if after["final"] and not before["final"]:
+        return "after final rename, before cleanup" if after["parts"] else "after completion (exiting)"
+    if after["final_tmp"]:
+        return "during final write"
+    if "embedding " not in log_text:
+        return "startup / model loading"
+    if after["chunk_tmp"]:
+        return "while committing a chunk"
+    if after["chunks"] > before["chunks"]:
+        return "embedding, after >=1 new chunk"
+    return "embedding, before its first chunk"
+
+
+def compare(cache: Path, ref: Path) -> str | None:
+    """None if ``cache`` equals ``ref``, else what differs."""
+    try:
+        a, b = FeatureCache(cache), FeatureCache(ref)
+    except Exception as exc:  # noqa: BLE001
+        return f"cannot open: {exc}"
+    if a.keys() != b.keys():
+        return f"rows differ ({len(a)} vs {len(b)})"
+    if a.classes != b.classes:
+        return "classes differ"
+    if not (a.labels() == b.labels()).all() or not (a.split_array() == b.split_array()).all():
+        return "labels/splits differ"
+    if a.failed != b.failed:
+        return f"failed lists differ ({len(a.failed)} vs {len(b.failed)})"
+    if not np.allclose(a.features(), b.features(), atol=1e-5):
+        return f"features differ (max {np.abs(a.features() - b.features()).max():.2e})"
+    return None
+
+
+def leftovers(cache: Path) -> list[str]:
+    out = [p.name for p in cache.parent.glob("*.tmp")]
+    if parts_of(cache).exists():
+        out.append(parts_of(cache).name)
+    return out
+
+
+def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: random.Random, workers: int) -> dict:
+    """Start a run, SIGKILL its process group at the moment ``strategy`` picks, report what is on disk."""
+    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
+    before = disk_state(cache)
+    log_path = cache.parent / f"kill-{time.time_ns()}.log"
+    with open(log_path, "w") as log_fh:  # not --quiet: the log tells startup from embedding
+        proc = subprocess.Popen(embed_cmd(data, cache, workers, quiet=False), env=env, stdout=subprocess.DEVNULL,
+                                stderr=log_fh, start_new_session=True)
+    t0 = time.perf_counter()
+    target = ""
+    final_tmp = Path(str(cache) + ".tmp")
+    if strategy == "chunk":
+        k = rng.randint(1, 6)
+        target = f"after chunk {k}"
+        while proc.poll() is None and len(list(parts_of(cache).glob("chunk-*.h5"))) < k:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, DELAY * 1.5))
+    elif strategy == "final":
+        target = "final .tmp appears"
+        while proc.poll() is None and not final_tmp.exists() and not cache.exists():
+            time.sleep(0.0005)
+    else:
+        delay = rng.uniform(0.0, run_seconds)
+        target = f"t={delay:.2f}s"
+        while proc.poll() is None and time.perf_counter() - t0 < delay:
+            time.sleep(0.002)
+    finished_first = proc.poll() is not None
+    finished_at = time.perf_counter() - t0 if finished_first else None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    t_kill = time.perf_counter() - t0
+    phase = "run had already finished" if finished_first else phase_of_kill(before, disk_state(cache),
+                                                                            log_path.read_text(errors="replace"))
+    log_path.unlink()
+    # Whatever is on disk now must be sound: a finished cache file is only ever complete.
+    problem = None
+    if cache.exists():
+        problem = compare(cache, REF_CACHE)
+        if problem is not None:
+            problem = f"finished file after kill is not complete: {problem}"
+    return {"target": target, "killed_at_s": round(t_kill, 3), "phase": phase, "problem": problem,
+            "finished_at_s": finished_at}
+
+
+REF_CACHE: Path = Path()
+
+
+def run_trials(work: Path, data: Path, trials: int, seed: int) -> list[dict]:
+    global REF_CACHE
+    REF_CACHE = work / "reference.h5"
+    t = time.perf_counter()
+    subprocess.run(embed_cmd(data, REF_CACHE, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"clean reference run: {time.perf_counter() - t:.1f}s -> {REF_CACHE.name} ({len(FeatureCache(REF_CACHE))} rows, "
+          f"{len(FeatureCache(REF_CACHE).failed)} failed images)")
+    timing = work / "timing.h5"
+    t = time.perf_counter()
+    subprocess.run(embed_cmd(data, timing, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)})
+    run_seconds = time.perf_counter() - t
+    print(f"run with FEATX_TEST_CHUNK_DELAY={DELAY}: {run_seconds:.1f}s (random kills are drawn from [0, that])")
+    rng = random.Random(seed)
+    est = run_seconds  # duration of a full delayed run; adapts when runs finish before their kill
+    strategies = ["random", "chunk", "final", "twice"]
+    results = []
+    for i in range(trials):
+        strategy = strategies[i % len(strategies)]
+        workers = rng.choice([0, 2])
+        cache = work / f"trial{i:03d}" / "c.h5"
+        cache.parent.mkdir(parents=True)
+        first = "random" if strategy == "twice" else strategy
+        for _attempt in range(4):
+            # twice: kills early enough that the second run still has work left
+            k = kill_once(data, cache, first, est * (0.7 if strategy == "twice" else 1.0), rng, workers)
+            if k["finished_at_s"] is None or strategy not in ("random", "twice"):
+                break
+            # The machine got faster than the estimate: learn it, start from scratch, draw again.
+            est = 0.95 * k["finished_at_s"]
+            shutil.rmtree(cache.parent)
+            cache.parent.mkdir(parents=True)
+        kills = [k]
+        if strategy == "twice":
+            kills.append(kill_once(data, cache, "random", est * 0.7, rng, workers))
+        t = time.perf_counter()
+        done = subprocess.run(embed_cmd(data, cache, workers), capture_output=True, text=True)
+        rerun_s = time.perf_counter() - t
+        problems = [k["problem"] for k in kills if k["problem"]]
+        if done.returncode != 0:
+            problems.append(f"rerun exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+        else:
+            diff = compare(cache, REF_CACHE)
+            if diff:
+                problems.append(diff)
+            left = leftovers(cache)
+            if left:
+                problems.append(f"left behind: {left}")
+        r = {"trial": i, "strategy": strategy, "workers": workers, "kills": kills, "rerun_s": round(rerun_s, 2),
+             "ok": not problems, "problems": problems}
+        results.append(r)
+        print(f"trial {i:2d} {strategy:6s} workers={workers} "
+              + " | ".join(f"{k['target']} -> {k['phase']}" for k in kills)
+              + f" | rerun {rerun_s:.1f}s: {'identical' if not problems else 'FAIL ' + '; '.join(problems)}",
+              flush=True)
+        shutil.rmtree(cache.parent, ignore_errors=True)
+    return results
+
+
+def time_discovery(work: Path, n: int) -> dict:
+    folder = work / "many" / "one_class"
+    folder.mkdir(parents=True)
+    t = time.perf_counter()
+    for i in range(n):
+        open(folder / f"img_{i:06d}.jpg", "wb").close()  # discovery never opens files
+    make_s = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        ds = discover(work / "many")
+        times.append(time.perf_counter() - t)
+    assert len(ds) == n and ds.samples[0].key == "one_class/img_000000.jpg"
+    out = {"files": n, "best_s": round(min(times), 3), "all_s": [round(x, 3) for x in times],
+           "create_s": round(make_s, 1)}
+    shutil.rmtree(work / "many", ignore_errors=True)
+    return out
+
+
+def summarize(results: list[dict]) -> str:
+    by_phase: dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        for k in r["kills"]:
+            by_phase[k["phase"]]["kills"] += 1
+            by_phase[k["phase"]]["identical after rerun" if r["ok"] else "FAILED"] += 1
+    by_strategy: dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        by_strategy[r["strategy"]]["trials"] += 1
+        by_strategy[r["strategy"]]["ok" if r["ok"] else "failed"] += 1
+    lines = ["", "kill landed in (from its log and disk)   kills  identical  failed",
+             "-" * 66]
+    for phase, c in sorted(by_phase.items(), key=lambda kv: -kv[1]["kills"]):
+        lines.append(f"{phase:40s} {c['kills']:5d}  {c['identical after rerun']:9d}  {c['FAILED']:6d}")
+    lines += ["", "strategy   trials  ok  failed", "-" * 30]
+    for s, c in by_strategy.items():
+        lines.append(f"{s:9s} {c['trials']:7d} {c['ok']:3d} {c['failed']:7d}")
+    ok = sum(r["ok"] for r in results)
+    kills = sum(len(r["kills"]) for r in results)
+    lines.append(f"\n{ok}/{len(results)} trials ({kills} SIGKILLs) ended with a complete cache identical to the clean run")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--per-class", type=int, default=40, help="train images per class (3 classes, + val)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--discovery-files", type=int, default=100_000, help="0 to skip the discovery timing")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed afterwards")
+    ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="featx-fault-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"settings": {"trials": args.trials, "per_class": args.per_class, "seed": args.seed,
+                                 "chunk_size": CHUNK, "batch_size": BATCH, "chunk_delay_s": DELAY}}
+    try:
+        if args.discovery_files:
+            d = time_discovery(work, args.discovery_files)
+            print(f"discovery of {d['files']:,} files in one folder: best {d['best_s']:.2f}s of 3 ({d['all_s']})")
+            report["discovery"] = d
+        data = work / "data"
+        make_dataset(data, args.per_class, args.seed)
+        results = run_trials(work, data, args.trials, args.seed) if args.trials else []
+        report["trials"] = results
+        text = summarize(results)
+        print(text)
+        report["summary"] = text
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0 if all(r["ok"] for r in results) else 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
