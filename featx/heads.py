@@ -15,6 +15,7 @@ Hyperparameters are only ever chosen by cross-validation on the training rows.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import difflib
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 HEAD_NAMES = ("logreg", "svm", "knn")
 KERNELS = ("linear", "rbf")
 SIDECAR_FORMAT = "featx-head/1"
-SMALL_PROBLEM = 4_000_000  # feature-matrix cells below which fits use a single BLAS thread
+# Feature-matrix cells below which the search runs in-process with one BLAS thread per fit
+# (e.g. 3,000 images x 1,280 features); larger problems use n_jobs worker processes.
+SMALL_PROBLEM = 4_000_000
 
 # Grid keys: the head name, or "svm_rbf" for ``svm`` with ``kernel="rbf"``.  A value is a
 # list, or ``{"logspace": [start, stop, num]}`` (powers of ten).  Mirrored in the ``heads:``
@@ -206,6 +209,17 @@ def plan_folds(y: np.ndarray, folds: int) -> dict:
     return {"requested": folds, "used": used, "stratified": False, "note": note}
 
 
+def cv_splits(y: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) row indices of the CV search, exactly as the scikit-learn heads use them.
+
+    For other implementations of the same search (e.g. :mod:`featx.torch_heads`), so that both
+    score hyperparameters on identical folds.
+    """
+    _define_search_classes()
+    y = np.asarray(y)
+    return list(AdaptiveStratifiedKFold(folds, random_state=seed).split(np.zeros(len(y)), y))
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
@@ -316,8 +330,13 @@ def _define_search_classes() -> None:
             # is slower, and 10-20x slower when other processes compete for the cores.
             from threadpoolctl import threadpool_limits
 
+            from joblib import parallel_config
+
             small = np.asarray(X).size < SMALL_PROBLEM
-            with warnings.catch_warnings(), threadpool_limits(1 if small else None):
+            # ...and no worker processes: starting them costs seconds, the whole search less.
+            backend = parallel_config(backend="sequential") if small else contextlib.nullcontext()
+            self.parallel_ = "sequential (small problem)" if small else f"n_jobs={self.n_jobs}"
+            with warnings.catch_warnings(), threadpool_limits(1 if small else None), backend:
                 warnings.filterwarnings("ignore", message=".*[Cc]onverge.*")
                 super().fit(X, y, **params)
                 self.calibrator_ = None
@@ -566,13 +585,16 @@ FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess")
 def check_head_compatible(sidecar: dict, fingerprint: dict, *, dim: int | None = None, what: str = "these features") -> None:
     """Refuse to apply a head to features from another backbone, weights or preprocessing."""
     trained = sidecar.get("fingerprint_dict") or {}
+    def show(k: str, v: Any) -> str:
+        return repr(v[:12] + "...") if k == "weights_sha256" and isinstance(v, str) else repr(v)
+
     diffs = [
-        f"{k}: head trained on {trained.get(k)!r}, {what} have {fingerprint.get(k)!r}"
+        f"{k}: head trained on {show(k, trained.get(k))}, {what} has {show(k, fingerprint.get(k))}"
         for k in FINGERPRINT_KEYS
         if trained.get(k) != fingerprint.get(k)
     ]
     if dim is not None and sidecar.get("dim") not in (None, dim):
-        diffs.append(f"feature dimension: head expects {sidecar.get('dim')}, {what} have {dim}")
+        diffs.append(f"feature dimension: head expects {sidecar.get('dim')}, {what} has {dim}")
     if diffs:
         raise FeatxError(
             f"head {sidecar.get('model_file', '?')} does not fit {what}: " + "; ".join(diffs)
@@ -746,6 +768,7 @@ def probe(
             "cv_scoring": resolved["scoring"],
             "cv_folds": int(getattr(est, "n_splits_", plan["used"])),
             "n_candidates": int(getattr(est, "n_candidates_", 0) or 0),
+            "search": getattr(est, "parallel_", type(est).__name__),
             "probabilities": "calibrated (sigmoid, out-of-fold)" if getattr(est, "calibrator_", None) is not None
             else ("native" if hasattr(est, "predict_proba") else "none"),
             "per_class": m["per_class"],
@@ -791,6 +814,7 @@ def probe(
             entry["model_path"] = str(save_head(est, out / f"{name}.joblib", sidecar=sidecar))
         log.info("%s: accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["accuracy"], entry["cv_score"], params, fit_s)
         result["heads"][name] = entry
+    result["seconds"] = time.perf_counter() - t_load
     result["out_dir"] = str(out)
     result["table"] = markdown_table(result)
     (out / "report.md").write_text(result["table"] + "\n", encoding="utf-8")
