@@ -146,6 +146,15 @@ def _walk_images(folder: str, rel: str, skipped: list[tuple[str, str]]) -> list[
     return found
 
 
+def class_name(folder_name: str) -> str:
+    """The class name for a folder: the folder name, with undecodable bytes shown as ``\\xNN``.
+
+    A Latin-1 folder name (``caf\\xe9``) is a valid path but not valid UTF-8; class names are
+    stored as UTF-8 text in the cache and reports, paths are kept as raw bytes.
+    """
+    return folder_name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _visible_subdirs(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     try:
         entries = list(os.scandir(folder))
@@ -207,9 +216,10 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
             split = sd.name.lower()
             for cd in _visible_subdirs(sd, skipped):
                 files = _walk_images(str(cd), f"{sd.name}/{cd.name}", skipped)
+                cname = class_name(cd.name)
                 if files:
-                    class_splits.setdefault(cd.name, set()).add(split)
-                per_split.setdefault(split, []).extend((cd.name, p, k) for p, k in files)
+                    class_splits.setdefault(cname, set()).add(split)
+                per_split.setdefault(split, []).extend((cname, p, k) for p, k in files)
             for p in _loose_images(sd):
                 skipped.append((str(p), f"image directly in split folder {sd.name!r}, not in a class folder"))
         classes = sorted(class_splits)
@@ -234,7 +244,7 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
         for cd in subdirs:
             files = _walk_images(str(cd), cd.name, skipped)
             if files:
-                pending.append((cd.name, files))
+                pending.append((class_name(cd.name), files))
         classes = [c for c, _ in pending]
         for i, (_, files) in enumerate(pending):
             samples.extend(Sample(p, k, i, "train") for p, k in files)
@@ -481,10 +491,37 @@ def train_eval_split(
     )
     if stratify is None:
         log.warning("some classes have fewer than 2 images: the hold-out split is not stratified")
-    tr, ev = train_test_split(train, test_size=test_size, random_state=seed, stratify=stratify)
+        tr, ev = _holdout_keeping_every_class(train, labels[train], n_eval, seed)
+    else:
+        tr, ev = train_test_split(train, test_size=test_size, random_state=seed, stratify=stratify)
     return (
         np.sort(tr),
         np.sort(ev),
         {"kind": "holdout", "eval_split": "train (held out)", "test_size": test_size, "seed": seed,
          "stratified": stratify is not None},
     )
+
+
+def _holdout_keeping_every_class(rows: np.ndarray, y: np.ndarray, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded hold-out of about ``n_eval`` rows that leaves every class at least one training row.
+
+    Used when stratifying is impossible: a class with a single image stays in training (it
+    could not be both learned and scored), so the head still sees every class.
+    """
+    rng = np.random.default_rng(seed)
+    left = dict(zip(*np.unique(y, return_counts=True)))
+    eval_pos: list[int] = []
+    for i in rng.permutation(len(rows)):
+        if len(eval_pos) >= n_eval:
+            break
+        if left[y[i]] >= 2:
+            left[y[i]] -= 1
+            eval_pos.append(int(i))
+    if not eval_pos:
+        raise FeatxError(
+            f"every class has a single training image ({len(rows)} images): nothing can be held out for "
+            "evaluation; add images, or a val/<class>/ split"
+        )
+    mask = np.zeros(len(rows), bool)
+    mask[eval_pos] = True
+    return rows[~mask], rows[mask]

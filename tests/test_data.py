@@ -148,6 +148,21 @@ def test_space_and_non_utf8_names(tmp_path: Path) -> None:
     str(ei.value).encode("utf-8")
 
 
+def test_non_utf8_class_folder_gets_a_printable_class_name(tmp_path: Path) -> None:
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse non-UTF-8 names")
+    for layout in ("flat", "split"):
+        base = os.fsencode(tmp_path / layout) + (b"/train" if layout == "split" else b"")
+        os.makedirs(base + b"/caf\xe9")
+        os.makedirs(base + b"/plain")
+        rgb_image(0).save(base + b"/caf\xe9/1.png", format="PNG")
+        rgb_image(1).save(base + b"/plain/2.png", format="PNG")
+        ds = discover(tmp_path / layout)
+        assert ds.classes == ["caf\\xe9", "plain"]
+        "".join(ds.classes).encode("utf-8")  # storable as UTF-8 text
+        assert os.path.isfile(ds.samples[0].path)  # the path itself keeps the raw bytes
+
+
 def test_images_outside_class_folders_are_reported(tmp_path: Path, caplog) -> None:
     save(tmp_path / "train" / "a" / "1.jpg")
     save(tmp_path / "train" / "loose.jpg")
@@ -513,10 +528,20 @@ def test_holdout_is_stratified_and_seeded() -> None:
     assert (tr == tr2).all() and (ev == ev2).all()
 
 
-def test_holdout_with_a_one_image_class() -> None:
-    labels = np.array([0] * 9 + [1])
-    tr, ev, info = train_eval_split(labels, np.array(["train"] * 10), test_size=0.2)
-    assert not info["stratified"] and len(tr) + len(ev) == 10
+def test_holdout_with_a_one_image_class_keeps_it_in_training() -> None:
+    labels = np.array([0] * 9 + [1] + [2] * 3)
+    for seed in range(10):
+        tr, ev, info = train_eval_split(labels, np.array(["train"] * 13), test_size=0.2, seed=seed)
+        assert not info["stratified"] and sorted(tr.tolist() + ev.tolist()) == list(range(13))
+        assert 9 in tr and set(labels[tr]) == {0, 1, 2} and len(ev) == 3
+    tr2, ev2, _ = train_eval_split(labels, np.array(["train"] * 13), test_size=0.2, seed=9)
+    assert (tr == tr2).all() and (ev == ev2).all()
+
+
+def test_holdout_with_too_few_images_per_class_for_stratifying() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])  # 2 per class, but 2 eval rows < 4 classes
+    tr, ev, info = train_eval_split(labels, np.array(["train"] * 8), test_size=0.2)
+    assert not info["stratified"] and len(ev) == 2 and set(labels[tr]) == {0, 1, 2, 3}
 
 
 def test_split_errors() -> None:
@@ -524,5 +549,7 @@ def test_split_errors() -> None:
         train_eval_split(np.array([0, 1]), np.array(["val", "val"]))
     with pytest.raises(FeatxError, match="at least 2"):
         train_eval_split(np.array([0]), np.array(["train"]))
+    with pytest.raises(FeatxError, match="every class has a single training image"):
+        train_eval_split(np.array([0, 1, 2]), np.array(["train"] * 3))
     with pytest.raises(FeatxError, match="test-size"):
         train_eval_split(np.array([0, 1]), np.array(["train", "train"]), test_size=1.5)

@@ -180,6 +180,10 @@ def make_bad_input_folder(root: Path) -> tuple[list[str], Path]:
     latin1 = os.fsencode(good) + b"/caf\xe9.jpg"  # not valid UTF-8
     rgb(6).save(latin1, format="JPEG")
     ok.append(os.fsdecode(os.fsencode("train/good/") + b"caf\xe9.jpg"))
+    latin1_class = os.fsencode(root / "train") + b"/na\xefve"  # a class folder named in Latin-1
+    os.mkdir(latin1_class)
+    rgb(13).save(latin1_class + b"/x.png", format="PNG")
+    ok.append(os.fsdecode(b"train/na\xefve/x.png"))
     for ext, fmt in (("JPG", "JPEG"), ("Jpeg", "JPEG"), ("PNG", "PNG"), ("bmp", "BMP"), ("WEBP", "WEBP"),
                      ("tif", "TIFF"), ("TIFF", "TIFF"), ("gif", "GIF")):
         rgb(7).save(good / f"ext_{ext}.{ext}", format=fmt)
@@ -226,6 +230,7 @@ def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monk
     assert_ok(res)
     fc = FeatureCache(cache)
     assert sorted(fc.keys()) == sorted(ok)  # every good file, nothing hidden or non-image
+    assert fc.classes == ["bad", "good", "na\\xefve"]  # undecodable bytes shown, not fatal
     failed = dict(fc.failed)
     assert set(failed) == set(EXPECTED_BAD)
     for key, why in EXPECTED_BAD.items():
@@ -254,6 +259,33 @@ def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monk
     assert run["embedded"] == 1 and run["failed_new"] == 0
     fc = FeatureCache(cache)
     assert "train/bad/zero.jpg" in fc.keys() and "train/bad/zero.jpg" not in dict(fc.failed)
+
+
+@pytest.mark.xfail(
+    reason="needs fix in featx/embed.py embed().fresh() (and the mtime/size recorded for failures): a failed "
+    "image is retried only when its mtime or size changes, but fixing permissions (chmod) changes only ctime, "
+    "so the fixed file stays 'failed' until --overwrite; record st_ctime_ns too, or retry "
+    "'permission denied'/'not found' failures on every run",
+    strict=False,
+)
+def test_fixing_permissions_of_a_failed_file_is_noticed(tmp_path: Path, monkeypatch) -> None:
+    data = small_dataset(tmp_path / "d", per_class=3)
+    locked = data / "train" / "a" / "001.png"
+    real_open = Image.open
+
+    def guarded(fp, *a, **k):
+        if os.fspath(fp) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", guarded)
+    cache = tmp_path / "c.h5"
+    assert_ok(run_cli("embed", data, "--cache", cache, *TINY, "-q"))
+    assert dict(FeatureCache(cache).failed) == {"train/a/001.png": "permission denied (cannot read the file)"}
+    monkeypatch.undo()
+    os.chmod(locked, 0o600)  # what the user does to fix it: ctime changes, mtime and size do not
+    assert_ok(run_cli("embed", data, "--cache", cache, *TINY, "-q"))
+    assert "train/a/001.png" in FeatureCache(cache).keys()
 
 
 # --------------------------------------------------------------------------- bad datasets
@@ -295,6 +327,54 @@ def test_class_with_one_image_and_class_missing_from_train(tmp_path: Path) -> No
 
     tr, ev, info = train_eval_split(fc.labels(), fc.split_array())
     assert len(tr) == 9 and len(ev) == 5 and info["eval_split"] == "val"
+
+
+def _only_val(root: Path) -> Path:
+    small_dataset(root, per_class=3)
+    (root / "train").rename(root / "val")
+    return root
+
+
+def _singles(root: Path) -> Path:
+    return small_dataset(root, classes=("a", "b", "c"), per_class=1)
+
+
+def _one_single(root: Path) -> Path:
+    small_dataset(root, classes=("a", "b"), per_class=6)
+    (root / "train" / "lonely").mkdir()
+    rgb(5).save(root / "train" / "lonely" / "x.png")
+    return root
+
+
+def _ghost_val(root: Path) -> Path:
+    small_dataset(root, classes=("a", "b"), per_class=6, val=2)
+    (root / "val" / "ghost").mkdir()
+    rgb(6).save(root / "val" / "ghost" / "x.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda r: small_dataset(r, classes=("only",), per_class=6), "needs at least 2"),
+        (_singles, "every class has a single training image"),
+        (_only_val, "no 'train' split"),
+        (_one_single, None),
+        (_ghost_val, None),
+    ],
+    ids=["one-class", "one-image-per-class", "no-train-split", "class-with-one-image", "val-class-not-in-train"],
+)
+def test_bad_datasets_end_to_end_through_the_probe(tmp_path: Path, make, error: str | None) -> None:
+    """Embedding always works; the probe either trains or says what to add."""
+    data = make(tmp_path / "d")
+    cache = tmp_path / "c.h5"
+    assert_ok(run_cli("embed", data, "--cache", cache, *TINY, "-q"))
+    res = run_cli("probe", cache, "--head", "logreg", "--n-jobs", "1", "--out-dir", tmp_path / "out")
+    if error:
+        assert_clean_error(res, error)
+    else:
+        assert_ok(res)
+        assert (tmp_path / "out" / "metrics.json").is_file()
 
 
 def test_thousands_of_classes(tmp_path: Path) -> None:
@@ -536,7 +616,7 @@ def test_kill_between_final_rename_and_parts_removal(kill_data, tmp_path: Path, 
 def test_concurrent_writers_wait_or_fail_fast_and_readers_keep_reading(tmp_path: Path) -> None:
     data = small_dataset(tmp_path / "d", per_class=4)
     other = tmp_path / "other.h5"  # a complete cache of another dataset, read during the run
-    featx.embed(small_dataset(tmp_path / "o", per_class=2, seed=7), cache=other, **TINY_KW)
+    featx.embed(small_dataset(tmp_path / "o", per_class=6, val=2, seed=7), cache=other, **TINY_KW)
     cache = tmp_path / "shared.h5"
     featx.embed(data, cache=cache, **TINY_KW)  # version 1: 8 images
     for c in ("a", "b"):
@@ -561,8 +641,11 @@ def test_concurrent_writers_wait_or_fail_fast_and_readers_keep_reading(tmp_path:
         # Readers: another complete cache, and the previous complete version of the one being rebuilt.
         res = run_cli("info", other)
         assert_ok(res)
-        assert "rows       4 " in res.output
-        assert FeatureCache(other).features().shape == (4, 32)
+        assert "rows       16 " in res.output
+        assert FeatureCache(other).features().shape == (16, 32)
+        res = run_cli("probe", other, "--head", "knn", "--n-jobs", "1", "--out-dir", tmp_path / "probe-out")
+        assert_ok(res)
+        assert (tmp_path / "probe-out" / "metrics.json").is_file()
         res = run_cli("info", cache)
         assert_ok(res)
         assert "rows       8 " in res.output
