@@ -111,7 +111,7 @@ def _walk_images(folder: str, rel: str, skipped: list[tuple[str, str]]) -> list[
             return None
         ident = (st.st_dev, st.st_ino)
         if ident in seen_dirs:
-            skipped.append((d, "symlink loop (folder already visited)"))
+            skipped.append((d, "symlink loop or duplicate link (folder already visited)"))
             return None
         seen_dirs.add(ident)
         try:
@@ -380,8 +380,8 @@ def _reason(text: str, path: str | os.PathLike) -> str:
     the reason unstorable in the cache's UTF-8 ``failed/reasons``.
     """
     p = os.fsdecode(path)
-    for form in (repr(p), p):
-        text = text.replace(form, "").replace(f": {form}", "")
+    for form in (repr(p), p) if len(p) >= 4 else ():
+        text = text.replace(f": {form}", "").replace(form, "")
     text = " ".join(text.replace(" :", ":").split()).rstrip(": ")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 

@@ -13,10 +13,11 @@ SIGKILLs the group at a chosen moment, then reruns it to completion and checks:
   labels, splits, classes and failed images, features allclose (atol 1e-5);
 - nothing is left behind: no ``.parts`` folder, no ``*.tmp`` file.
 
-Kill moments rotate over four strategies (``random``: uniform over the whole run, so model
+Kill moments rotate over five strategies (``random``: uniform over the whole run, so model
 loading, chunks and the final write are all hit; ``chunk``: just after the k-th committed
 chunk; ``final``: as soon as the final ``.h5.tmp`` appears; ``twice``: two random kills before
-the rerun).  The table at the end counts the phase each kill actually landed in, as seen on
+the rerun; ``rename``: as soon as the finished file is renamed into place, before the chunk
+folder is removed).  The table at the end counts the phase each kill actually landed in, as seen on
 disk and in its log.  It also times discovery of 100,000 files in one folder.
 
     python scripts/fault_inject.py                 # 20 trials + 100k-file discovery timing
@@ -155,6 +156,10 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
         target = "final .tmp appears"
         while proc.poll() is None and not final_tmp.exists() and not cache.exists():
             time.sleep(0.0005)
+    elif strategy == "rename":
+        target = "final file appears"
+        while proc.poll() is None and not cache.exists():
+            time.sleep(0.0002)
     else:
         delay = rng.uniform(0.0, run_seconds)
         target = f"t={delay:.2f}s"
@@ -199,7 +204,7 @@ def run_trials(work: Path, data: Path, trials: int, seed: int) -> list[dict]:
     print(f"run with FEATX_TEST_CHUNK_DELAY={DELAY}: {run_seconds:.1f}s (random kills are drawn from [0, that])")
     rng = random.Random(seed)
     est = run_seconds  # duration of a full delayed run; adapts when runs finish before their kill
-    strategies = ["random", "chunk", "final", "twice"]
+    strategies = ["random", "chunk", "final", "twice", "rename"]
     results = []
     for i in range(trials):
         strategy = strategies[i % len(strategies)]
