@@ -278,3 +278,20 @@ def test_cli_probe_newest_cache_and_config_grid(tiny_cache, tmp_path, monkeypatc
     assert len(runs) == 1
     m = json.loads(runs[0].read_text())
     assert m["heads"]["svm"]["params"]["C"] == 0.5 and m["settings"]["folds"] == 3
+
+
+def test_probe_many_classes_reports_top5_and_cli_predict(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=tuple(f"k{i}" for i in range(7)), per_class=4, size=(36, 36))
+    fc = _cache(root, tmp_path / "cache")
+    res = featx.probe(fc, head="logreg", out_dir=tmp_path / "run", n_jobs=1, device="cpu", folds=3)
+    h = res["heads"]["logreg"]
+    assert 0 <= h["accuracy"] <= h["top5_accuracy"] <= 1 and "top-5" in res["table"]
+    assert res["cv"]["used"] == 3
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli, ["predict", "--head", h["model_path"], str(root / "val"), "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "pc"), "--workers", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "predicted 28 images" in r.output
+    rows = list(csv.DictReader(out.open()))
+    acc = np.mean([row["predicted"] == row["folder"] for row in rows])
+    assert acc == pytest.approx(h["accuracy"])
