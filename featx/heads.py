@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -420,6 +421,10 @@ def _wants_cuda(device: str) -> bool:
     d = (device or "cpu").lower()
     if d == "cpu":
         return False
+    if d == "auto" and "torch" not in sys.modules and sys.platform.startswith("linux"):
+        # Importing torch only to learn there is no GPU costs seconds; no NVIDIA driver, no CUDA.
+        if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")):
+            return False
     from .embed import resolve_device
 
     return resolve_device(d).startswith("cuda")
