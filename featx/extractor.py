@@ -184,8 +184,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     >>> clf = make_pipeline(FeatureExtractor("efficientnet_lite0"), LogisticRegression())
     >>> clf.fit(train_paths, train_labels).score(val_paths, val_labels)  # doctest: +SKIP
 
-    ``cache_dir``: embed through a featx cache there, so refitting (e.g. in a grid search)
-    does not embed the same images again.  ``on_error``: ``"raise"`` (a bad image is an error
+    ``cache_dir``: embed through a featx cache there, so transforming the same list of images
+    again (another run, another head) reads the cache instead of running the network.  In a
+    grid search over a pipeline, use ``Pipeline(memory=...)`` so that each CV fold's features
+    are computed once for all candidates.  ``on_error``: ``"raise"`` (a bad image is an error
     naming it) or ``"nan"`` (its row is NaN).  ``fit`` only builds the backbone; the network is
     not pickled with the transformer but rebuilt (and its fingerprint checked) on first use.
     """

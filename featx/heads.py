@@ -713,6 +713,17 @@ def probe(
     X_tr, y_tr = _gather_rows(fc, tr, splits), labels[tr]
     X_ev, y_ev = _gather_rows(fc, ev, splits), labels[ev]
     load_seconds = time.perf_counter() - t_load
+    for what, X_, y_, idx in (("training", X_tr, y_tr, tr), ("evaluation", X_ev, y_ev, ev)):
+        bad = ~np.isfinite(X_).all(axis=1)
+        if bad.any():
+            log.warning(
+                "%d %s rows of %s have NaN/inf features and are left out; rebuild the cache with "
+                "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, fc.path.name,
+            )
+            if what == "training":
+                X_tr, y_tr, tr = X_[~bad], y_[~bad], idx[~bad]
+            else:
+                X_ev, y_ev, ev = X_[~bad], y_[~bad], idx[~bad]
     plan = plan_folds(y_tr, folds)
     if plan["note"]:
         log.warning("%s", plan["note"])

@@ -295,3 +295,17 @@ def test_probe_many_classes_reports_top5_and_cli_predict(tmp_path):
     rows = list(csv.DictReader(out.open()))
     acc = np.mean([row["predicted"] == row["folder"] for row in rows])
     assert acc == pytest.approx(h["accuracy"])
+
+
+def test_probe_leaves_out_rows_with_nan_features(tiny_cache, tmp_path, caplog):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / tiny_cache.path.name
+    shutil.copy(tiny_cache.path, path)
+    with h5py.File(path, "r+") as f:
+        f["features"][0] = np.nan  # a train row
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        res = featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
+    assert res["split"]["n_train"] == 29 and "NaN/inf" in caplog.text
