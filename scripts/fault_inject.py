@@ -72,7 +72,7 @@ def make_dataset(root: Path, n_per_class: int, seed: int) -> None:
 def embed_cmd(data: Path, cache: Path, workers: int, quiet: bool = True) -> list[str]:
     return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
             "--weights", "random", "--workers", str(workers), "--batch-size", str(BATCH), "--chunk-size", str(CHUNK),
-            *(["--quiet"] if quiet else [])]
+            "--device", "cpu", *(["--quiet"] if quiet else [])]
 
 
 def parts_of(cache: Path) -> Path:

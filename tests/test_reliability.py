@@ -31,8 +31,9 @@ import featx
 from featx.cache import FeatureCache
 from featx.data import discover
 
-TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0"]
-TINY_KW = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4)
+# Pinned to the CPU: runs are compared with atol 1e-5, which bf16 autocast on CUDA would not meet.
+TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0", "--device", "cpu"]
+TINY_KW = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4, device="cpu")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -820,6 +821,26 @@ def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monke
         no_leftovers(cache)
     finally:
         extra.unlink()
+
+
+@pytest.mark.xfail(
+    reason="needs fix in featx/cache.py PartsDir.ensure(): writing meta.json (write_text + atomic_commit) is not "
+    "wrapped, so a full disk before the first chunk ends in a traceback instead of a FeatxError",
+    strict=False,
+)
+def test_disk_full_before_the_first_chunk(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import featx.cache as fcache
+
+    real = fcache.atomic_commit
+
+    def commit(tmp, dest):
+        if Path(dest).name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, dest)
+
+    monkeypatch.setattr(fcache, "atomic_commit", commit)
+    res = run_cli("embed", tiny_data, "--cache", tmp_path / "c.h5", *TINY, "-q")
+    assert_clean_error(res, "No space left on device")
 
 
 def _run_with_file_size_limit(cmd: list[str], limit: int) -> subprocess.CompletedProcess:
