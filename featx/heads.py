@@ -287,7 +287,6 @@ def _define_search_classes() -> None:
 
         return check
 
-
     class HeadSearch(GridSearchCV):
         """``GridSearchCV`` with adaptive folds, kNN grids capped to the fold size, and probabilities.
 
@@ -775,7 +774,7 @@ def probe(
         if name == "svm":
             params = {"kernel": kernel, **params}
         entry: dict[str, Any] = {
-            **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in m},
+            **{k: m[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1") if k in m},
             **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
             "fit_seconds": fit_s,
             "predict_seconds": pred_s,

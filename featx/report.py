@@ -64,6 +64,17 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, score_labels: Sequenc
     return float(np.mean((top == np.asarray(y_true)[:, None]).any(axis=1)))
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n: how far an accuracy on n images can be trusted."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
 def compute_metrics(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -94,6 +105,7 @@ def compute_metrics(
     out: dict[str, Any] = {
         "n_eval": int(len(y_true)),
         "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
+        "accuracy_ci95": list(wilson_interval(int(np.sum(y_true == y_pred)), len(y_true))),
         "balanced_accuracy": float(recall_all[present].mean()) if present.any() else float("nan"),
         "macro_f1": float(f1_score(y_true, y_pred, labels=used, average="macro", zero_division=0)),
     }
@@ -128,12 +140,14 @@ def markdown_table(result: dict) -> str:
     """One Markdown table comparing the heads of a probe result, with a line of context."""
     heads = result.get("heads", {})
     top5 = any("top5_accuracy" in h for h in heads.values())
-    cols = ["head", "accuracy", "balanced acc", "macro-F1"] + (["top-5"] if top5 else []) + [
+    cols = ["head", "accuracy", "95% CI", "balanced acc", "macro-F1"] + (["top-5"] if top5 else []) + [
         "CV score", "chosen hyperparameters", "fit s", "predict s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 or c == "chosen hyperparameters" else "---:"
                                                           for i, c in enumerate(cols)) + "|"]
     for name, h in heads.items():
-        row = [name, _fmt(h.get("accuracy")), _fmt(h.get("balanced_accuracy")), _fmt(h.get("macro_f1"))]
+        ci = h.get("accuracy_ci95") or [None, None]
+        ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if None not in ci and all(math.isfinite(v) for v in ci) else "-"
+        row = [name, _fmt(h.get("accuracy")), ci_s, _fmt(h.get("balanced_accuracy")), _fmt(h.get("macro_f1"))]
         if top5:
             row.append(_fmt(h.get("top5_accuracy")))
         row += [_fmt(h.get("cv_score")), _fmt_params(h.get("params", {})), _fmt(h.get("fit_seconds"), 2),

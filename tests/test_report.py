@@ -24,6 +24,10 @@ def test_metrics_match_hand_computed_values():
     assert m["per_class"]["b"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert m["confusion_matrix"] == [[3, 1, 0], [0, 1, 1], [0, 0, 2]]
     assert "top5_accuracy" not in m  # only with more than 5 classes
+    lo, hi = m["accuracy_ci95"]
+    assert lo < 0.75 < hi and hi - lo > 0.4  # 8 images say little
+    lo, hi = report.wilson_interval(950, 1000)
+    assert 0.934 < lo < 0.94 and 0.96 < hi < 0.965
 
 
 def test_balanced_accuracy_ignores_classes_absent_from_eval():
@@ -65,7 +69,7 @@ def test_markdown_table_compares_heads():
     t = report.markdown_table(result)
     lines = t.splitlines()
     assert lines[0].startswith("| head | accuracy |") and len(lines[0].split("|")) == len(lines[1].split("|"))
-    assert "| logreg | 0.9500 | 0.9400 | 0.9450 | 0.9600 | C=0.00316 | 1.23 | 0.010 |" in t
+    assert "| logreg | 0.9500 | - | 0.9400 | 0.9450 | 0.9600 | C=0.00316 | 1.23 | 0.010 |" in t
     assert "| knn | 0.9000 |" in t and "n_neighbors=5, weights=distance" in t and "| - |" in t
     assert "hold-out" in t and "tiny_cnn" in t
 
