@@ -135,17 +135,24 @@ def find_blocks(model) -> tuple[list[tuple[str, object]], list[tuple[str, object
 
     top = [(n, m) for n, m in model.named_children()]
 
-    def after(top_name: str) -> list[tuple[str, object]]:
-        names = [n for n, _ in top]
-        i = names.index(top_name)
-        return [(n, m) for n, m in top[i + 1 :] if _has_params(m)]
+    def after(path: str) -> list[tuple[str, object]]:
+        """Parameterised modules that come after ``path``: its later siblings at every level up."""
+        parts = path.split(".")
+        out: list[tuple[str, object]] = []
+        for depth in range(len(parts), 0, -1):
+            parent = _get_path(model, ".".join(parts[: depth - 1])) if depth > 1 else model
+            prefix = ".".join(parts[: depth - 1])
+            names = [n for n, _ in parent.named_children()]
+            i = names.index(parts[depth - 1])
+            out += [(f"{prefix}.{n}" if prefix else n, m) for n, m in list(parent.named_children())[i + 1 :] if _has_params(m)]
+        return out
 
     for path in _BLOCK_CONTAINERS:
         seq = _get_path(model, path)
         if isinstance(seq, (nn.Sequential, nn.ModuleList)):
             blocks = [(f"{path}.{n}", m) for n, m in seq.named_children() if _has_params(m)]
             if len(blocks) >= 2:
-                return blocks, after(path.split(".")[0])
+                return blocks, after(path)
     layers = [(n, m) for n, m in top if n.startswith("layer") and n[5:].isdigit() and _has_params(m)]
     if len(layers) >= 2:  # torchvision ResNet / RegNet-like
         return layers, after(layers[-1][0])
@@ -607,8 +614,11 @@ def finetune(
         _seed_everything(settings.seed)
         bb = _training_backbone(fc, weights)
         trained_modules = apply_strategy(bb.model, settings.strategy, partial_blocks=settings.partial_blocks)
+        if settings.backbone_lr_scale == 0:  # a zero backbone LR means: do not train (nor drift) the backbone
+            for p in bb.model.parameters():
+                p.requires_grad_(False)
         net = _build_net(bb, n_classes)
-        frozen = frozen_roots(net)
+        frozen = frozen_roots(net)  # kept in eval mode while training
         net.to(dev)
         if cuda:
             net = net.to(memory_format=torch.channels_last)
@@ -630,11 +640,8 @@ def finetune(
             return out
 
         param_groups = groups(head_params, settings.lr)
-        if bb_params and settings.backbone_lr_scale > 0:
+        if bb_params:
             param_groups += groups(bb_params, settings.lr * settings.backbone_lr_scale)
-        elif bb_params:
-            for p in bb_params:
-                p.requires_grad_(False)
         opt = torch.optim.AdamW(param_groups, lr=settings.lr, fused=cuda or None)
         # Every image every epoch, except a last batch of one (BatchNorm cannot train on a single image).
         n_epoch = len(fit_idx) - (1 if len(fit_idx) % settings.batch_size == 1 and len(fit_idx) > 1 else 0)
@@ -657,7 +664,8 @@ def finetune(
         resumed_from = None
         if last_p.exists():
             try:
-                ck = torch.load(last_p, map_location=dev, weights_only=True)
+                # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
+                ck = torch.load(last_p, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - a damaged checkpoint (only possible from outside)
                 log.warning("checkpoint %s is unreadable (%s); starting over", last_p, exc)
                 os.replace(last_p, last_p.with_suffix(".damaged"))
@@ -819,7 +827,7 @@ def finetune(
 
         # -- evaluate the best weights on the probe's evaluation rows
         if best_p.exists():
-            best = torch.load(best_p, map_location=dev, weights_only=True)
+            best = torch.load(best_p, map_location="cpu", weights_only=True)
             net.load_state_dict(best["model"])
         t_eval = time.perf_counter()
         eval_loader = _loader(

@@ -228,3 +228,14 @@ def test_a_second_process_with_the_same_settings_is_refused(tiny_cache, tmp_path
     finally:
         held.release()
     assert finetune(tiny_cache, strategy="head", out_dir=out, **TINY_FT)["reused"] is True
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from featx.finetune import _lr_lambda
+
+    f = _lr_lambda(warmup=4, total=20)
+    ramp = [f(s) for s in range(4)]
+    assert ramp == [0.25, 0.5, 0.75, 1.0]
+    decay = [f(s) for s in range(4, 20)]
+    assert decay[0] == 1.0 and all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] < 0.02
+    assert _lr_lambda(warmup=0, total=1)(0) == 1.0
