@@ -688,7 +688,15 @@ def finetune(
         run_t0 = t_start  # setup (model build, split) counts towards the wall time too
         base_elapsed = float(state["elapsed"])
 
+        # The running loss stays on the device: reading it every step would sync CUDA each step.
+        loss_acc = torch.zeros((), device=dev)
+
+        def flush_loss() -> None:
+            state["loss_sum"] += float(loss_acc)
+            loss_acc.zero_()
+
         def save_last() -> None:
+            flush_loss()
             state["elapsed"] = base_elapsed + (time.perf_counter() - run_t0)
             _atomic_torch_save(
                 {
@@ -742,7 +750,9 @@ def finetune(
                         okm = ok.bool()
                         if not okm.all():
                             x, y = x[okm], y[okm]
-                        if len(y) == 0:
+                        if len(y) == 0:  # the whole batch failed to load: count the step, train nothing
+                            state["step"] += 1
+                            bar.update(1)
                             continue
                         x = x.to(dev, non_blocking=True)
                         y = y.to(dev, non_blocking=True)
@@ -757,7 +767,7 @@ def finetune(
                         sched.step()
                         state["step"] += 1
                         state["images_seen"] += int(len(y))
-                        state["loss_sum"] += float(loss.detach()) * len(y)
+                        loss_acc += loss.detach() * len(y)
                         state["loss_n"] += int(len(y))
                         bar.update(1)
                         if delay:
@@ -772,10 +782,13 @@ def finetune(
                             t_ep = t_ck
                 finally:
                     bar.close()
+                if cuda:
+                    torch.cuda.synchronize(dev)  # honest epoch times and images/s
                 now = time.perf_counter()
                 state["epoch_train_seconds"] += now - t_ep
                 state["train_seconds"] += now - t_ep
                 # -- end of epoch: validate, keep the best, maybe stop
+                flush_loss()
                 train_loss = state["loss_sum"] / state["loss_n"] if state["loss_n"] else float("nan")
                 val_acc, val_loss = float("nan"), float("nan")
                 if val_loader is not None:

@@ -239,3 +239,16 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     decay = [f(s) for s in range(4, 20)]
     assert decay[0] == 1.0 and all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] < 0.02
     assert _lr_lambda(warmup=0, total=1)(0) == 1.0
+
+
+def test_images_broken_after_embedding_are_skipped_not_fatal(tiny_cache, tmp_path, caplog):
+    paths = tiny_cache.paths()
+    split = tiny_cache.split_array()
+    bad_train = paths[int(np.flatnonzero(split == "train")[0])]
+    bad_eval = paths[int(np.flatnonzero(split == "val")[0])]
+    for p in (bad_train, bad_eval):
+        Path(p).write_bytes(b"not an image any more")
+    with caplog.at_level("WARNING", logger="featx"):
+        r = finetune(tiny_cache, strategy="head", out_dir=tmp_path / "runs", **TINY_FT)
+    assert r["n_eval_failed"] == 1 and r["n_eval"] == 23
+    assert any(bad_eval in m for m in caplog.messages)
