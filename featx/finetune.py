@@ -37,7 +37,9 @@ every setting that changes the result (cache fingerprint, rows, strategy, hyper-
 so the same command finds its own checkpoint and a different command never picks up a stale
 one.  ``last.pt`` (model, optimiser, scheduler, epoch, step within the epoch, RNG states,
 history) is written atomically at the end of every epoch, every ``checkpoint_seconds`` within
-an epoch, and on Ctrl-C; rerunning the same command resumes from it with the same data order.
+an epoch, and on Ctrl-C; rerunning the same command resumes from it with the same data order
+(and, with ``num_workers=0``, the same augmentation draws, so it ends where an uninterrupted
+run would; with workers, the workers' augmentation seeds differ after a resume).
 ``best.pt`` holds the best weights; ``result.json`` the finished result (a rerun reuses it
 unless ``overwrite``).
 """
@@ -662,6 +664,7 @@ def finetune(
             "loss_sum": 0.0, "loss_n": 0, "epoch_train_seconds": 0.0, "resumes": [],
         }
         resumed_from = None
+        pending_rng = None
         if last_p.exists():
             try:
                 # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
@@ -675,7 +678,12 @@ def finetune(
                 opt.load_state_dict(ck["optimizer"])
                 sched.load_state_dict(ck["scheduler"])
                 state.update(ck["state"])
-                _set_rng_state(ck["rng"], cuda)
+                # Restored where the original run saved it: at an epoch end before the next
+                # epoch's loader starts, mid-epoch after it started (it draws one seed when it does).
+                pending_rng = ck["rng"]
+                if int(state["step"]) == 0:
+                    _set_rng_state(pending_rng, cuda)
+                    pending_rng = None
                 resumed_from = {"epoch": int(state["epoch"]), "step": int(state["step"])}
                 state["resumes"] = list(state.get("resumes", [])) + [resumed_from]
                 log.info(
@@ -746,7 +754,11 @@ def finetune(
                     dynamic_ncols=True, desc=f"finetune[{settings.strategy}] epoch {epoch + 1}/{settings.epochs}",
                 )
                 try:
-                    for x, y, ok in loader:
+                    batches = iter(loader)
+                    if pending_rng is not None:
+                        _set_rng_state(pending_rng, cuda)
+                        pending_rng = None
+                    for x, y, ok in batches:
                         okm = ok.bool()
                         if not okm.all():
                             x, y = x[okm], y[okm]

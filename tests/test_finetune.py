@@ -150,7 +150,7 @@ _SCRIPT = textwrap.dedent(
     from featx.finetune import finetune
     r = finetune(FeatureCache(sys.argv[1]), strategy="full", epochs=2, batch_size=4, num_workers=0,
                  device="cpu", out_dir=sys.argv[2], checkpoint_seconds=0.3, progress=False)
-    print(json.dumps({k: r[k] for k in ("resumed_from", "epochs_run", "accuracy", "history")}))
+    print(json.dumps({k: r[k] for k in ("resumed_from", "epochs_run", "accuracy", "macro_f1", "history")}))
     """
 )
 
@@ -198,6 +198,18 @@ def test_killed_finetune_resumes_from_its_checkpoint(tiny_cache, tmp_path):
     assert r["resumed_from"] == at
     assert r["epochs_run"] == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
     assert 0.0 <= r["accuracy"] <= 1.0
+
+    # Same data order, optimiser state and (workers=0) augmentation draws: it ends where a run
+    # that was never interrupted ends.
+    clean = subprocess.run(
+        [sys.executable, str(tmp_path / "ft.py"), str(tiny_cache.path), str(tmp_path / "clean")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert clean.returncode == 0, clean.stderr
+    c = json.loads(clean.stdout.strip().splitlines()[-1])
+    assert c["resumed_from"] is None
+    assert [h["train_loss"] for h in r["history"]] == pytest.approx([h["train_loss"] for h in c["history"]], rel=1e-5)
+    assert (r["accuracy"], r["macro_f1"]) == (c["accuracy"], c["macro_f1"])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
