@@ -17,7 +17,8 @@ Kill moments rotate over five strategies (``random``: uniform over the whole run
 loading, chunks and the final write are all hit; ``chunk``: just after the k-th committed
 chunk; ``final``: as soon as the final ``.h5.tmp`` appears; ``twice``: two random kills before
 the rerun; ``rename``: as soon as the finished file is renamed into place, before the chunk
-folder is removed).  The table at the end counts the phase each kill actually landed in, as seen on
+folder is removed).  Extra ``sigint`` trials send Ctrl-C's SIGINT at a random moment instead and
+also require exit 130 with a message saying how to resume, and no traceback.  The table at the end counts the phase each kill actually landed in, as seen on
 disk and in its log.  It also times discovery of 100,000 files in one folder.
 
     python scripts/fault_inject.py                 # 20 trials + 100k-file discovery timing
@@ -135,8 +136,13 @@ def leftovers(cache: Path) -> list[str]:
     return out
 
 
-def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: random.Random, workers: int) -> dict:
-    """Start a run, SIGKILL its process group at the moment ``strategy`` picks, report what is on disk."""
+def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: random.Random, workers: int,
+              sig: int = signal.SIGKILL) -> dict:
+    """Start a run, signal its process group at the moment ``strategy`` picks, report what is on disk.
+
+    SIGKILL gives the run no chance to react; SIGINT (what Ctrl-C sends to the whole foreground
+    process group) must end it cleanly: exit 130, a message saying how to resume, no traceback.
+    """
     env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
     before = disk_state(cache)
     log_path = cache.parent / f"kill-{time.time_ns()}.log"
@@ -168,28 +174,43 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
     finished_first = proc.poll() is not None
     finished_at = time.perf_counter() - t0 if finished_first else None
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
-    proc.wait()
-    t_kill = time.perf_counter() - t0
-    phase = "run had already finished" if finished_first else phase_of_kill(before, disk_state(cache),
-                                                                            log_path.read_text(errors="replace"))
-    log_path.unlink()
-    # Whatever is on disk now must be sound: a finished cache file is only ever complete.
     problem = None
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        problem = "did not stop within 120 s of SIGINT"
+    t_kill = time.perf_counter() - t0
+    log_text = log_path.read_text(errors="replace")
+    phase = "run had already finished" if finished_first else phase_of_kill(before, disk_state(cache), log_text)
+    log_path.unlink()
+    if sig == signal.SIGINT and not finished_first and problem is None:
+        if "Traceback" in log_text:
+            problem = "traceback on Ctrl-C: " + log_text.strip().splitlines()[-1]
+        elif proc.returncode == 130 and "rerun the same command to resume" in log_text:
+            pass
+        elif phase.startswith("after completion"):
+            pass  # the work was finished and saved; Ctrl-C only cut the interpreter's exit short
+        elif proc.returncode != 0:
+            problem = f"Ctrl-C gave exit {proc.returncode} without the resume message"
+    # Whatever is on disk now must be sound: a finished cache file is only ever complete.
     if cache.exists():
-        problem = compare(cache, REF_CACHE)
-        if problem is not None:
-            problem = f"finished file after kill is not complete: {problem}"
+        diff = compare(cache, REF_CACHE)
+        if diff is not None:
+            problem = f"finished file after kill is not complete: {diff}"
     return {"target": target, "killed_at_s": round(t_kill, 3), "phase": phase, "problem": problem,
-            "finished_at_s": finished_at}
+            "finished_at_s": finished_at, "signal": "SIGINT" if sig == signal.SIGINT else "SIGKILL",
+            "exit": proc.returncode}
 
 
 REF_CACHE: Path = Path()
 
 
-def run_trials(work: Path, data: Path, trials: int, seed: int) -> list[dict]:
+def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: int = 0) -> list[dict]:
     global REF_CACHE
     REF_CACHE = work / "reference.h5"
     t = time.perf_counter()
@@ -206,16 +227,17 @@ def run_trials(work: Path, data: Path, trials: int, seed: int) -> list[dict]:
     est = run_seconds  # duration of a full delayed run; adapts when runs finish before their kill
     strategies = ["random", "chunk", "final", "twice", "rename"]
     results = []
-    for i in range(trials):
-        strategy = strategies[i % len(strategies)]
+    for i in range(trials + sigint_trials):
+        strategy = strategies[i % len(strategies)] if i < trials else "sigint"
         workers = rng.choice([0, 2])
         cache = work / f"trial{i:03d}" / "c.h5"
         cache.parent.mkdir(parents=True)
-        first = "random" if strategy == "twice" else strategy
+        first = "random" if strategy in ("twice", "sigint") else strategy
+        sig = signal.SIGINT if strategy == "sigint" else signal.SIGKILL
         for _attempt in range(4):
             # twice: kills early enough that the second run still has work left
-            k = kill_once(data, cache, first, est * (0.7 if strategy == "twice" else 1.0), rng, workers)
-            if k["finished_at_s"] is None or strategy not in ("random", "twice"):
+            k = kill_once(data, cache, first, est * (0.7 if strategy == "twice" else 1.0), rng, workers, sig)
+            if k["finished_at_s"] is None or strategy not in ("random", "twice", "sigint"):
                 break
             # The machine got faster than the estimate: learn it, start from scratch, draw again.
             est = 0.95 * k["finished_at_s"]
@@ -241,7 +263,8 @@ def run_trials(work: Path, data: Path, trials: int, seed: int) -> list[dict]:
              "ok": not problems, "problems": problems}
         results.append(r)
         print(f"trial {i:2d} {strategy:6s} workers={workers} "
-              + " | ".join(f"{k['target']} -> {k['phase']}" for k in kills)
+              + " | ".join(f"{k['signal']} {k['target']} -> {k['phase']}"
+                           + (f" (exit {k['exit']})" if k["signal"] == "SIGINT" else "") for k in kills)
               + f" | rerun {rerun_s:.1f}s: {'identical' if not problems else 'FAIL ' + '; '.join(problems)}",
               flush=True)
         shutil.rmtree(cache.parent, ignore_errors=True)
@@ -284,15 +307,21 @@ def summarize(results: list[dict]) -> str:
     lines += ["", "strategy   trials  ok  failed", "-" * 30]
     for s, c in by_strategy.items():
         lines.append(f"{s:9s} {c['trials']:7d} {c['ok']:3d} {c['failed']:7d}")
-    ok = sum(r["ok"] for r in results)
-    kills = sum(len(r["kills"]) for r in results)
-    lines.append(f"\n{ok}/{len(results)} trials ({kills} SIGKILLs) ended with a complete cache identical to the clean run")
+    sigkill = [r for r in results if r["strategy"] != "sigint"]
+    sigint = [r for r in results if r["strategy"] == "sigint"]
+    kills = sum(len(r["kills"]) for r in sigkill)
+    lines.append(f"\n{sum(r['ok'] for r in sigkill)}/{len(sigkill)} SIGKILL trials ({kills} SIGKILLs) ended with a "
+                 "complete cache identical to the clean run")
+    if sigint:
+        lines.append(f"{sum(r['ok'] for r in sigint)}/{len(sigint)} Ctrl-C (SIGINT) trials stopped cleanly (exit 130, "
+                     "resume message, no traceback) and resumed to the identical cache")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=20, help="SIGKILL trials")
+    ap.add_argument("--sigint-trials", type=int, default=5, help="Ctrl-C (SIGINT to the process group) trials")
     ap.add_argument("--per-class", type=int, default=40, help="train images per class (3 classes, + val)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--discovery-files", type=int, default=100_000, help="0 to skip the discovery timing")
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="featx-fault-"))
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"settings": {"trials": args.trials, "per_class": args.per_class, "seed": args.seed,
+    report: dict = {"settings": {"trials": args.trials, "sigint_trials": args.sigint_trials, "per_class": args.per_class, "seed": args.seed,
                                  "chunk_size": CHUNK, "batch_size": BATCH, "chunk_delay_s": DELAY}}
     try:
         if args.discovery_files:
@@ -311,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             report["discovery"] = d
         data = work / "data"
         make_dataset(data, args.per_class, args.seed)
-        results = run_trials(work, data, args.trials, args.seed) if args.trials else []
+        results = run_trials(work, data, args.trials, args.seed, args.sigint_trials) \
+            if args.trials + args.sigint_trials else []
         report["trials"] = results
         text = summarize(results)
         print(text)
