@@ -266,7 +266,7 @@ def compare(
     """Compare the probe heads (and, with ``finetune=True``, each fine-tune ``strategy``).
 
     Give the dataset ``root`` (embedded into ``cache_dir``, or reused in seconds when the cache
-    is complete) or an existing ``cache`` file.  Returns a plain dict (also ``compare.json``):
+    is complete), an existing ``cache`` file, or neither (the newest cache in ``cache_dir``).  Returns a plain dict (also ``compare.json``):
     ``rows`` (one per method), ``table`` (Markdown), ``paths`` (json, markdown, chart),
     ``split``, ``settings`` and the full ``probe`` / ``finetune`` results.
     """
@@ -276,9 +276,10 @@ def compare(
     t0 = time.perf_counter()
     strategies = _strategies(strategy) if finetune else []
     if root is None and manifest is None:
-        if cache is None:
-            raise FeatxError("pass a dataset folder DATA (or --cache FILE.h5 of an existing cache)")
-        fc = FeatureCache(cache)
+        from .cache import find_cache
+
+        # No DATA: the given cache, else the newest one in cache_dir (as `featx probe` does).
+        fc = FeatureCache(find_cache(cache, cache_dir=cache_dir))
     else:
         from .embed import embed
 

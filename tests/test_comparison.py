@@ -100,8 +100,8 @@ def test_bad_strategy_is_a_clear_error(data, tmp_path, monkeypatch):
     monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
     with pytest.raises(FeatxError, match="--strategy 'fastest'"):
         featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="fastest", **TINY)
-    with pytest.raises(FeatxError, match="DATA"):
-        featx.compare()
+    with pytest.raises(FeatxError, match="featx embed DATA"):
+        featx.compare(cache_dir=tmp_path / "no-caches-here")
 
 
 def test_markdown_table_formats_every_column():
