@@ -70,6 +70,11 @@ def make_dataset(root: Path, n_per_class: int, seed: int) -> None:
     (root / "val" / "wasps" / "page.jpg").write_text("<html>not an image</html>")
 
 
+def default_sigint() -> None:
+    """Children of a background job (``nohup ... &``) inherit SIGINT *ignored*; Ctrl-C trials need it live."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def embed_cmd(data: Path, cache: Path, workers: int, quiet: bool = True) -> list[str]:
     return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
             "--weights", "random", "--workers", str(workers), "--batch-size", str(BATCH), "--chunk-size", str(CHUNK),
@@ -148,7 +153,7 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
     log_path = cache.parent / f"kill-{time.time_ns()}.log"
     with open(log_path, "w") as log_fh:  # not --quiet: the log tells startup from embedding
         proc = subprocess.Popen(embed_cmd(data, cache, workers, quiet=False), env=env, stdout=subprocess.DEVNULL,
-                                stderr=log_fh, start_new_session=True)
+                                stderr=log_fh, start_new_session=True, preexec_fn=default_sigint)
     t0 = time.perf_counter()
     target = ""
     final_tmp = Path(str(cache) + ".tmp")
@@ -173,6 +178,8 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
             time.sleep(0.002)
     finished_first = proc.poll() is not None
     finished_at = time.perf_counter() - t0 if finished_first else None
+    at_signal = disk_state(cache)  # SIGINT lets the run go on for a moment: judge where it was now
+    log_at_signal = log_path.read_text(errors="replace")
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
@@ -186,14 +193,16 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
         problem = "did not stop within 120 s of SIGINT"
     t_kill = time.perf_counter() - t0
     log_text = log_path.read_text(errors="replace")
-    phase = "run had already finished" if finished_first else phase_of_kill(before, disk_state(cache), log_text)
+    if sig == signal.SIGKILL:  # nothing happens after SIGKILL: the files now are the files at the kill
+        at_signal, log_at_signal = disk_state(cache), log_text
+    phase = "run had already finished" if finished_first else phase_of_kill(before, at_signal, log_at_signal)
     log_path.unlink()
     if sig == signal.SIGINT and not finished_first and problem is None:
         if "Traceback" in log_text:
             problem = "traceback on Ctrl-C: " + log_text.strip().splitlines()[-1]
         elif proc.returncode == 130 and "rerun the same command to resume" in log_text:
             pass
-        elif phase.startswith("after completion"):
+        elif phase.startswith("after completion") and proc.returncode in (0, 130, -signal.SIGINT):
             pass  # the work was finished and saved; Ctrl-C only cut the interpreter's exit short
         elif proc.returncode != 0:
             problem = f"Ctrl-C gave exit {proc.returncode} without the resume message"

@@ -550,7 +550,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) 
     env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
     # Two DataLoader workers, and SIGINT to the whole process group, as a terminal's Ctrl-C does.
     proc = subprocess.Popen(embed_cmd(data, cache, "--workers", "2"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # live even under nohup
     wait_for(lambda: len(parts_chunks(cache)) >= 1 or proc.poll() is not None, what="a committed chunk")
     assert proc.poll() is None, "run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
