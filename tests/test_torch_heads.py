@@ -1,0 +1,160 @@
+"""The torch heads fit the same models as the scikit-learn heads, on the CPU here."""
+
+from __future__ import annotations
+
+import inspect
+
+import joblib
+import numpy as np
+import pytest
+
+from featx.torch_heads import (
+    TorchKNN,
+    TorchLinearSVC,
+    TorchLogisticRegression,
+    batched_lbfgs,
+    create_torch_head,
+)
+
+
+def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (k, d)) * 2
+    y = rng.integers(0, k, n)
+    X = (centres[y] + rng.normal(0, spread, (n, d))).astype(np.float32)
+    return X, y
+
+
+def test_signature_is_the_contract():
+    sig = inspect.signature(create_torch_head)
+    assert list(sig.parameters) == ["name", "grid", "folds", "seed", "device", "kernel"]
+    assert all(p.kind == p.KEYWORD_ONLY for n, p in sig.parameters.items() if n != "name")
+    assert sig.parameters["kernel"].default == "linear"
+    with pytest.raises(NotImplementedError):
+        create_torch_head("svm", grid=None, folds=3, seed=0, device="cpu", kernel="rbf")
+
+
+def test_batched_lbfgs_solves_differently_conditioned_problems():
+    import torch
+
+    torch.manual_seed(0)
+    G, D = 4, 6
+    scales = torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(G, 1)
+    diag = torch.rand(G, D) * scales + 0.1
+    target = torch.randn(G, D)
+
+    def fun(w, sel):
+        dd, tt = diag[sel], target[sel]
+        r = w - tt
+        return 0.5 * (dd * r * r).sum(1), dd * r
+
+    w, f, iters = batched_lbfgs(fun, torch.zeros(G, D), max_iter=300, gtol=1e-7)
+    assert torch.allclose(w, target, atol=1e-4)
+    assert (iters < 300).all()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_logreg_matches_sklearn_at_fixed_C(binary):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _blobs(k=2 if binary else 3)
+    C = 0.05
+    head = TorchLogisticRegression(grid={"C": [C]}, folds=3, seed=0, device="cpu", tol=1e-7).fit(X, y)
+    sc = StandardScaler().fit(X)
+    sk = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(sc.transform(X), y)
+    # Same model: the probabilities agree closely.
+    p_t = head.predict_proba(X)
+    p_s = sk.predict_proba(sc.transform(X))
+    assert np.abs(p_t - p_s).max() < 5e-3
+    assert (head.predict(X) == sk.predict(sc.transform(X))).mean() > 0.99
+
+
+def test_linear_svm_matches_liblinear_at_fixed_C():
+    from sklearn.svm import LinearSVC
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _blobs()
+    C = 0.01
+    head = TorchLinearSVC(grid={"C": [C]}, folds=3, seed=0, device="cpu", tol=1e-7).fit(X, y)
+    sc = StandardScaler().fit(X)
+    sk = LinearSVC(C=C, max_iter=100000, tol=1e-8).fit(sc.transform(X), y)
+    d_t = head.decision_function(X)
+    d_s = sk.decision_function(sc.transform(X))
+    assert d_t.shape == d_s.shape == (len(X), 3)
+    assert np.abs(d_t - d_s).max() < 2e-2
+    assert (head.predict(X) == sk.predict(sc.transform(X))).all()
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_knn_matches_sklearn(weights):
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import normalize
+
+    X, y = _blobs(n=200)
+    Xq, _ = _blobs(n=60, seed=1)
+    head = TorchKNN(grid={"n_neighbors": [5], "weights": [weights], "metric": ["cosine"]}, folds=3, device="cpu").fit(X, y)
+    sk = KNeighborsClassifier(n_neighbors=5, weights=weights, metric="cosine", algorithm="brute").fit(normalize(X), y)
+    assert (head.predict(Xq) == sk.predict(normalize(Xq))).all()
+    assert np.allclose(head.predict_proba(Xq), sk.predict_proba(normalize(Xq)), atol=1e-4)
+
+
+def test_search_mirrors_sklearn_heads_on_the_same_folds():
+    """Same grid, same folds: the chosen C and the held-out accuracy agree with featx.heads."""
+    from featx.heads import create_head
+
+    X, y = _blobs(n=400, d=30, k=4, spread=2.5)
+    Xtr, ytr, Xte, yte = X[:300], y[:300], X[300:], y[300:]
+    grid = {"C": [float(c) for c in np.logspace(-4, 1, 6)]}
+    for name in ("logreg", "svm"):
+        th = create_torch_head(name, grid=grid, folds=3, seed=0, device="cpu").fit(Xtr, ytr)
+        sk = create_head(name, grid=grid, folds=3, seed=0, n_jobs=1, device="cpu").fit(Xtr, ytr)
+        acc_t = (th.predict(Xte) == yte).mean()
+        acc_s = (sk.predict(Xte) == yte).mean()
+        assert abs(acc_t - acc_s) <= 0.02, (name, acc_t, acc_s)
+        assert abs(th.best_score_ - sk.best_score_) <= 0.02
+        assert th.best_params_["C"] in grid["C"]
+
+
+def test_estimator_contract_labels_pickle(tmp_path):
+    X, y = _blobs(n=150, k=3)
+    labels = np.array(["ant", "bee", "wasp"])[y]
+    for name in ("logreg", "svm", "knn"):
+        est = create_torch_head(name, grid=None, folds=3, seed=0, device="cpu")
+        assert not hasattr(est, "classes_")
+        assert est.fit(X, labels) is est
+        assert list(est.classes_) == ["ant", "bee", "wasp"]
+        assert est.best_params_ and est.params_ == est.best_params_
+        cv = est.cv_results_
+        assert len(cv["params"]) == len(cv["mean_test_score"]) == est.n_candidates_
+        assert cv["rank_test_score"][est.best_index_] == 1
+        assert est.n_splits_ == 3 and est.cv_plan_["used"] == 3
+        pred = est.predict(X)
+        assert pred.dtype == labels.dtype and (pred == labels).mean() > 0.8
+        if name == "svm":
+            assert est.decision_function(X).shape == (len(X), 3)
+            assert not hasattr(est, "predict_proba")
+        else:
+            p = est.predict_proba(X)
+            assert p.shape == (len(X), 3) and np.allclose(p.sum(1), 1)
+        path = tmp_path / f"{name}.joblib"
+        joblib.dump(est, path)
+        again = joblib.load(path)
+        assert (again.predict(X) == pred).all()
+
+
+def test_binary_svm_decision_is_one_dimensional():
+    X, y = _blobs(k=2)
+    est = create_torch_head("svm", grid={"C": [0.1, 1.0]}, folds=3, seed=0, device="cpu").fit(X, y)
+    d = est.decision_function(X)
+    assert d.shape == (len(X),)
+    assert ((d > 0).astype(int) == est.predict(X)).all()
+
+
+def test_knn_grid_capped_to_fold_size():
+    X, y = _blobs(n=12, k=2)
+    est = create_torch_head("knn", grid={"n_neighbors": [1, 3, 50], "weights": ["uniform"], "metric": ["cosine"]},
+                            folds=3, seed=0, device="cpu").fit(X, y)
+    assert max(p["n_neighbors"] for p in est.cv_results_["params"]) <= 8
+    with pytest.raises(NotImplementedError):
+        create_torch_head("knn", grid={"n_neighbors": [1], "metric": ["manhattan"]}, folds=3, seed=0, device="cpu").fit(X, y)
