@@ -46,11 +46,15 @@ DECODE_PIXEL_BUDGET = 1 << 27
 _END = object()
 
 
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every
+# call; decode_jpeg is still the maintained nvJPEG binding shipped with torch, so keep quiet.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
 def _quiet_torchvision_io():
-    """Import torchvision.io without its deprecation notice (we use it deliberately)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import torchvision.io as tvio
+    import torchvision.io as tvio
+
     return tvio
 
 
@@ -206,7 +210,9 @@ def decode_jpegs(datas: list, *, device, orientations: Sequence[int] | None = No
 
     def one(j):
         try:
-            return tvio.decode_jpeg(datas[j], mode=tvio.ImageReadMode.RGB, device=dev)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return tvio.decode_jpeg(datas[j], mode=tvio.ImageReadMode.RGB, device=dev)
         except Exception as exc:  # noqa: BLE001
             return exc
 
@@ -224,7 +230,9 @@ def decode_jpegs(datas: list, *, device, orientations: Sequence[int] | None = No
         if not js:
             continue
         try:
-            imgs = tvio.decode_jpeg([datas[j] for j in js], mode=tvio.ImageReadMode.RGB, device=dev)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                imgs = tvio.decode_jpeg([datas[j] for j in js], mode=tvio.ImageReadMode.RGB, device=dev)
             for j, im in zip(js, imgs):
                 out[j] = im
         except Exception:  # noqa: BLE001 - find the culprit(s) one by one
