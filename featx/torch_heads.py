@@ -184,6 +184,18 @@ def batched_lbfgs(
     return w, f, iters
 
 
+def _wide_scores(Xa, W):
+    """Xa [n, P] times each of W [g, P, K] in ONE matrix product -> [n, g, K] (no broadcast copies)."""
+    g, P, K = W.shape
+    return (Xa @ W.permute(1, 0, 2).reshape(P, g * K)).view(Xa.shape[0], g, K)
+
+
+def _wide_grad(Xa, M):
+    """Xa.T times each of M [n, g, K] in one matrix product -> [g, P, K]."""
+    n, g, K = M.shape
+    return (Xa.T @ M.reshape(n, g * K)).view(Xa.shape[1], g, K).permute(1, 0, 2)
+
+
 def _standardise_stats(X):
     """StandardScaler's mean and scale (population std, 1 where a feature is constant)."""
     mean = X.mean(0)
@@ -365,7 +377,7 @@ class _LinearHead(_TorchHead):
 
     @staticmethod
     def _scores(Xa, W):
-        return Xa.unsqueeze(0) @ W if W.dim() == 3 else Xa @ W  # [G, n, K]
+        return _wide_scores(Xa, W).permute(1, 0, 2)  # [G, n, K]
 
     def fit(self, X, y) -> "_LinearHead":
         """Choose C by CV on (X, y), then refit on all of it."""
@@ -447,26 +459,26 @@ class TorchLogisticRegression(_LinearHead):
         mask = self._penalty_mask(Xa, n_out)
         reg = (1.0 / (C * n)).view(-1, 1, 1)
         if n_out == 1:
-            yb = yi.to(Xa.dtype).view(1, n, 1)
+            yb = yi.to(Xa.dtype).view(n, 1, 1)
 
             def fun(W, sel):
                 r = reg[sel]
-                z = Xa @ W  # [G, n, 1]
+                z = _wide_scores(Xa, W)  # [n, g, 1]
                 loss = torch.nn.functional.softplus(z) - yb * z
                 p = torch.sigmoid(z) - yb
-                grad = Xa.T @ p / n + r * W * mask
-                f = loss.sum((1, 2)) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
+                grad = _wide_grad(Xa, p) / n + r * W * mask
+                f = loss.sum((0, 2)) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
                 return f, grad
         else:
-            onehot = torch.nn.functional.one_hot(yi, n_out).to(Xa.dtype).unsqueeze(0)
+            onehot = torch.nn.functional.one_hot(yi, n_out).to(Xa.dtype).unsqueeze(1)
 
             def fun(W, sel):
                 r = reg[sel]
-                z = Xa @ W  # [G, n, K]
+                z = _wide_scores(Xa, W)  # [n, g, K]
                 lse = torch.logsumexp(z, -1)
-                f = (lse - (z * onehot).sum(-1)).sum(1) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
+                f = (lse - (z * onehot).sum(-1)).sum(0) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
                 p = torch.softmax(z, -1) - onehot
-                grad = Xa.T @ p / n + r * W * mask
+                grad = _wide_grad(Xa, p) / n + r * W * mask
                 return f, grad
 
         return fun
@@ -501,17 +513,17 @@ class TorchLinearSVC(_LinearHead):
         n = Xa.shape[0]
         n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
         if n_out == 1:
-            yb = (yi.to(Xa.dtype) * 2 - 1).view(1, n, 1)
+            yb = (yi.to(Xa.dtype) * 2 - 1).view(n, 1, 1)
         else:
-            yb = (torch.nn.functional.one_hot(yi, n_out).to(Xa.dtype) * 2 - 1).unsqueeze(0)
+            yb = (torch.nn.functional.one_hot(yi, n_out).to(Xa.dtype) * 2 - 1).unsqueeze(1)
         reg = (1.0 / (C * n)).view(-1, 1, 1)
 
         def fun(W, sel):
             r = reg[sel]
-            z = Xa @ W
+            z = _wide_scores(Xa, W)  # [n, g, K]
             h = (1 - yb * z).clamp_min(0)
-            f = (h * h).sum((1, 2)) / n + 0.5 * r.view(-1) * (W * W).sum((1, 2))
-            grad = Xa.T @ (-2 * h * yb) / n + r * W
+            f = (h * h).sum((0, 2)) / n + 0.5 * r.view(-1) * (W * W).sum((1, 2))
+            grad = _wide_grad(Xa, -2 * h * yb) / n + r * W
             return f, grad
 
         return fun

@@ -1,0 +1,350 @@
+"""Embedding throughput: the plain PyTorch loop vs ``featx.embed``, same data, same run.
+
+Generates a set of photographic-looking JPEGs (smooth gradients, shapes, sensor noise;
+500x375, quality 90 by default), then times, each in a fresh subprocess:
+
+- ``plain``: torchvision ``ImageFolder`` + PIL transforms + ``DataLoader(batch_size=32)`` +
+  fp32 forward (the loop everyone writes), features saved with ``np.save``;
+- ``plain-tuned`` (CUDA only): the same loop with one worker per core, batch 256, bf16,
+  channels_last, pinned memory;
+- ``featx``: ``featx.embed`` end to end to a finished HDF5 cache (default engine: GPU decode
+  on CUDA, the tuned CPU path otherwise), same backbone and batch size as ``plain``;
+- ``network only`` and ``decode+resize only``: the two halves alone, to show which one limits;
+- peak RSS of ``featx.embed`` on N and 10N images (``ru_maxrss`` of a subprocess each).
+
+Prints a table (method, backbone, images, seconds, images/s, ratio to ``plain``, machine).
+
+    python benchmarks/embed_bench.py --cpu-quick          # minutes on a 2-core laptop
+    python benchmarks/embed_bench.py                      # full size, for a GPU machine
+
+Backbones other than efficientnet_lite0 use random weights (``--weights random``): the
+timing is the same as with trained weights, and they need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, peak_rss_mb, print_table, save_json  # noqa: E402
+
+N_CLASSES = 10
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _photo(seed: int, w: int, h: int, quality: int, path: str) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    # Smooth background: a colour gradient plus low-frequency variation.
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    ang = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = ((xx / w) * np.cos(ang) + (yy / h) * np.sin(ang) + 1) / 2
+    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    low = rng.normal(0, 30, (6, 8, 3)).astype(np.float32)
+    low_img = Image.fromarray(np.clip(low + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    img = img + (np.asarray(low_img, np.float32) - 128)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = rng.uniform(-0.2, 1.0, 2) * (w, h)
+        sw, sh = rng.uniform(0.05, 0.5, 2) * (w, h)
+        col = tuple(int(v) for v in rng.uniform(0, 255, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x0, y0, x0 + sw, y0 + sh], fill=col)
+        else:
+            pts = [(x0 + rng.uniform(0, sw), y0 + rng.uniform(0, sh)) for _ in range(int(rng.integers(3, 7)))]
+            draw.polygon(pts, fill=col)
+    pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 2.0))))
+    arr = np.asarray(pil, np.float32) + rng.normal(0, 4, (h, w, 3))
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=quality)
+
+
+def _photo_args(a):
+    _photo(*a)
+
+
+def generate(root: Path, n: int, *, size=(500, 375), quality: int = 90) -> Path:
+    """``root/train/class_XX/img_XXXXXX.jpg`` (n images over 10 classes); kept between runs."""
+    from multiprocessing import Pool
+
+    jobs = []
+    for i in range(n):
+        d = root / "train" / f"class_{i % N_CLASSES:02d}"
+        p = d / f"img_{i:06d}.jpg"
+        if not p.exists():
+            d.mkdir(parents=True, exist_ok=True)
+            jobs.append((i, size[0], size[1], quality, str(p)))
+    if jobs:
+        t = time.perf_counter()
+        with Pool(os.cpu_count() or 1) as pool:
+            pool.map(_photo_args, jobs, chunksize=32)
+        print(f"generated {len(jobs)} JPEGs in {root} ({time.perf_counter() - t:.0f}s)", flush=True)
+    return root
+
+
+def _selection(root: Path, n: int) -> list[str]:
+    """The files featx.embed(limit=n) embeds, so every method sees the same images."""
+    from featx.data import discover
+    from featx.embed import _limit_per_split
+
+    return [s.path for s in _limit_per_split(discover(root).samples, n)]
+
+
+def _warm_page_cache(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+# --------------------------------------------------------------------------- one measurement (subprocess)
+
+
+def run_plain(args) -> dict:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from featx.backbones import create_backbone
+
+    tuned = args.method == "plain-tuned"
+    dev = args.device
+    t0 = time.perf_counter()
+    bb = create_backbone(args.backbone, weights=args.weights)
+    pre = bb.preprocess
+    interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    tf = T.Compose([T.Resize(pre.resize, interpolation=interp), T.CenterCrop(pre.crop), T.ToTensor(),
+                    T.Normalize(pre.mean, pre.std)])
+    ds = datasets.ImageFolder(str(Path(args.data) / "train"), transform=tf)
+    want = {os.path.realpath(p) for p in _selection(Path(args.data), args.n)}
+    ds = Subset(ds, [i for i, (p, _) in enumerate(ds.samples) if os.path.realpath(p) in want])
+    cuda = dev.startswith("cuda")
+    if tuned:
+        dl = DataLoader(ds, batch_size=256, num_workers=os.cpu_count() or 1, pin_memory=cuda)
+    else:
+        dl = DataLoader(ds, batch_size=args.batch_size)
+    model = bb.model.to(dev).eval()
+    if tuned:
+        model = model.to(memory_format=torch.channels_last)
+    feats = []
+    with torch.inference_mode():
+        for x, _ in dl:
+            x = x.to(dev, non_blocking=True)
+            if tuned:
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+                    y = model(x)
+            else:
+                y = model(x)
+            feats.append(y.float().cpu().numpy())
+    out = Path(args.work) / f"{args.method}.npy"
+    np.save(out, np.concatenate(feats))
+    el = time.perf_counter() - t0
+    return {"images": len(ds), "seconds": el, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_featx(args) -> dict:
+    import featx.embed as _  # noqa: F401
+    from featx.embed import embed
+
+    t0 = time.perf_counter()
+    fc = embed(
+        args.data, backbone=args.backbone, weights=args.weights, cache_dir=str(Path(args.work) / "cache"),
+        batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n,
+        engine=args.engine,
+    )
+    el = time.perf_counter() - t0
+    return {"images": len(fc) + len(fc.failed), "seconds": el, "peak_rss_mb": peak_rss_mb(),
+            "embed_images_per_s": fc.stats.images_per_s, "engine": fc.meta.get("engine", "")}
+
+
+def run_network(args) -> dict:
+    """The network alone on synthetic input, with featx's settings (CPU: its thread layout and
+    forward function; CUDA: bf16 + channels_last at batch 256)."""
+    import torch
+
+    from featx.backbones import create_backbone
+    from featx.embed import _forward_fn
+
+    bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    if dev == "cpu":
+        ncpu = os.cpu_count() or 1
+        torch.set_num_threads(int(os.environ.get("FEATX_CPU_THREADS") or 0) or max(1, ncpu - 1))
+    bs = 256 if cuda else args.batch_size
+    f = _forward_fn(bb, dev)
+    x = torch.randn(bs, 3, bb.preprocess.crop, bb.preprocess.crop)
+    if cuda:
+        x = x.pin_memory()
+    for _ in range(2):
+        f(x)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds:
+        f(x)  # returns numpy: includes the copy back, as in embed
+        n += bs
+    return {"images": n, "seconds": time.perf_counter() - t0}
+
+
+def run_decode(args) -> dict:
+    """JPEG decode + resize/crop/normalise alone, as the featx GPU engine does it (on --device)."""
+    import torch
+
+    from featx.backbones import create_backbone
+    from featx.gpu import _Preparer, _BytesDataset
+
+    bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
+    paths = _selection(Path(args.data), min(args.n, 4096))
+
+    class S:
+        def __init__(self, p):
+            self.path = p
+
+    ds = _BytesDataset([S(p) for p in paths], bb.preprocess)
+    items = [ds[i] for i in range(len(ds))]  # file reading is not part of this figure
+    prep = _Preparer(bb, args.device)
+    bs = 256 if args.device.startswith("cuda") else args.batch_size
+    prep(items[:bs])
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        while time.perf_counter() - t0 < args.seconds:
+            for s in range(0, len(items), bs):
+                prep(items[s : s + bs])
+                n += len(items[s : s + bs])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+    return {"images": n, "seconds": time.perf_counter() - t0}
+
+
+def run_rss(args) -> dict:
+    from featx.embed import embed
+
+    fc = embed(args.data, backbone=args.backbone, weights=args.weights, cache_dir=str(Path(args.work) / f"rss{args.n}"),
+               batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n)
+    return {"images": len(fc), "peak_rss_mb": peak_rss_mb()}
+
+
+RUNNERS = {"plain": run_plain, "plain-tuned": run_plain, "featx": run_featx, "network": run_network,
+           "decode": run_decode, "rss": run_rss}
+
+
+def _sub(method: str, args, **over) -> dict:
+    cmd = [sys.executable, __file__, "--_run", method, "--data", str(args.data), "--work", str(args.work),
+           "--device", args.device, "--batch-size", str(over.get("batch_size", args.batch_size)),
+           "--n", str(over.get("n", args.n)), "--backbone", over["backbone"], "--seconds", str(args.seconds),
+           "--engine", args.engine]
+    if over.get("weights"):
+        cmd += ["--weights", over["weights"]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-quick", action="store_true", help="small sizes for a 2-core CPU machine (minutes)")
+    ap.add_argument("--data", default=None, help="folder for the generated JPEGs (kept; default: a temp folder)")
+    ap.add_argument("--images", type=int, default=None, help="images timed per method (default 16000; quick: 400)")
+    ap.add_argument("--size", default="500x375", help="JPEG size WxH")
+    ap.add_argument("--backbones", default=None, help="comma list (default efficientnet_lite0,resnet50; quick: efficientnet_lite0)")
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size of plain and featx (the plain loop's 32)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--engine", default="auto", help="featx engine: auto, cpu or gpu")
+    ap.add_argument("--rss", default=None, help="N,10N image counts for the peak-RSS check (default 2000,20000; quick 150,1500; 0 to skip)")
+    ap.add_argument("--seconds", type=float, default=None, help="duration of the network-only/decode-only loops")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--backbone", default="efficientnet_lite0", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._run:
+        if args.seconds is None:
+            args.seconds = 10.0
+        args.method = args._run
+        print(json.dumps(RUNNERS[args._run](args)))
+        return
+
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = args.cpu_quick
+    n = args.images or (400 if quick else 16000)
+    backbones = (args.backbones or ("efficientnet_lite0" if quick else "efficientnet_lite0,resnet50")).split(",")
+    rss = [int(v) for v in (args.rss or ("150,1500" if quick else "2000,20000")).split(",")] if args.rss != "0" else []
+    args.seconds = args.seconds or (5.0 if quick else 10.0)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    tmp = None
+    if args.data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="featx-bench-")
+        args.data = Path(tmp.name) / "jpegs"
+    args.data = Path(args.data)
+    generate(args.data, max([n] + rss), size=(w, h))
+    args.work = Path(tempfile.mkdtemp(prefix="featx-bench-work-"))
+    _warm_page_cache(_selection(args.data, max([n] + rss)))
+    mach = machine()
+    print(f"machine: {mach}\n{n} JPEGs of {w}x{h} in {args.data}, batch size {args.batch_size}, device {args.device}", flush=True)
+
+    rows = []
+    for bbn in backbones:
+        weights = None if bbn == "efficientnet_lite0" else "random"
+        methods = ["plain"] + (["plain-tuned"] if args.device.startswith("cuda") else []) + ["featx"]
+        base = None
+        for m in methods:
+            print(f"... {m} {bbn}", flush=True)
+            r = _sub(m, args, backbone=bbn, weights=weights, n=n)
+            ips = r["images"] / r["seconds"]
+            base = base or ips
+            rows.append({"method": m, "backbone": bbn, "images": r["images"], "seconds": r["seconds"],
+                         "images/s": ips, "ratio": ips / base, "peak RSS MB": r.get("peak_rss_mb", ""), "machine": mach})
+        for m, label in (("network", "network only"), ("decode", "decode+resize only")):
+            print(f"... {label} {bbn}", flush=True)
+            r = _sub(m, args, backbone=bbn, weights=weights, n=n)
+            ips = r["images"] / r["seconds"]
+            rows.append({"method": label, "backbone": bbn, "images": r["images"], "seconds": r["seconds"],
+                         "images/s": ips, "ratio": ips / base, "peak RSS MB": "", "machine": mach})
+    print()
+    table = print_table(rows, ["method", "backbone", "images", "seconds", "images/s", "ratio", "peak RSS MB"])
+    print(f"\nmachine: {mach}")
+    rss_rows = []
+    if rss:
+        for k in rss:
+            print(f"... peak RSS of featx embed on {k} images", flush=True)
+            r = _sub("rss", args, backbone=backbones[0], weights=None if backbones[0] == "efficientnet_lite0" else "random", n=k)
+            rss_rows.append({"images": r["images"], "peak RSS MB": r["peak_rss_mb"]})
+        print()
+        print_table(rss_rows, ["images", "peak RSS MB"])
+        if len(rss_rows) == 2:
+            print(f"growth: {rss_rows[1]['peak RSS MB'] - rss_rows[0]['peak RSS MB']:+.0f} MB for {rss[1] // max(rss[0], 1)}x the images")
+    save_json(args.json, {"machine": mach, "device": args.device, "images": n, "size": [w, h],
+                          "batch_size": args.batch_size, "rows": rows, "rss": rss_rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()

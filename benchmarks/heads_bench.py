@@ -1,0 +1,138 @@
+"""Heads: scikit-learn vs the torch heads, same features, same grids, full CV search.
+
+For each head (logreg, linear SVM, kNN) both implementations run featx's full
+hyperparameter search (the grids of :func:`featx.heads.resolve_grids`, 5-fold stratified CV)
+on the same training rows; the table shows search+refit seconds, held-out accuracy, the
+chosen hyperparameters and the speed ratio, plus kNN query time for ``--queries`` rows.
+
+Features are synthetic (``--n`` x ``--dim``, ``--classes`` Gaussian clusters of
+non-negative, CNN-like features; a held-out 20 % to score) or a real featx cache (``--cache``,
+its train rows to fit and val/test rows to score).
+
+    python benchmarks/heads_bench.py --cpu-quick                # minutes on 2 CPU cores
+    python benchmarks/heads_bench.py                            # 50,000 x 2,048, 100 classes (GPU)
+    python benchmarks/heads_bench.py --cache cache/xyz.h5       # real features
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, save_json  # noqa: E402
+
+
+def synthetic(n: int, dim: int, classes: int, *, seed: int = 0, test_frac: float = 0.2):
+    """Clustered, overlapping, non-negative features (like pooled ReLU activations)."""
+    rng = np.random.default_rng(seed)
+    # Scaled so that neighbouring classes overlap (accuracy well below 100 %) at any dim.
+    centres = (rng.gamma(1.0, 1.0, (classes, dim)) * (3.0 / np.sqrt(2 * dim))).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    # Each class lives on a few directions; noise makes it a non-trivial problem.
+    X = centres[y] * rng.uniform(0.5, 1.5, (n, 1)).astype(np.float32)
+    X += rng.gamma(1.0, 1.2, (n, dim)).astype(np.float32)
+    cut = int(n * (1 - test_frac))
+    return X[:cut], y[:cut], X[cut:], y[cut:]
+
+
+def from_cache(path: str):
+    from featx.cache import FeatureCache
+
+    fc = FeatureCache(path)
+    ev = "val" if "val" in fc.splits else "test"
+    return fc.features("train"), fc.labels("train"), fc.features(ev), fc.labels(ev)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-quick", action="store_true", help="small sizes for a 2-core CPU machine")
+    ap.add_argument("--n", type=int, default=None, help="rows (train + 20%% held out); default 62,500 (quick 2,500)")
+    ap.add_argument("--dim", type=int, default=None, help="feature dimension; default 2048 (quick 256)")
+    ap.add_argument("--classes", type=int, default=None, help="default 100 (quick 10)")
+    ap.add_argument("--cache", default=None, help="use a real featx cache instead of synthetic features")
+    ap.add_argument("--heads", default="logreg,svm,knn")
+    ap.add_argument("--device", default="auto", help="device of the torch heads (auto: cuda if present)")
+    ap.add_argument("--skip-sklearn", action="store_true", help="time only the torch heads")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=None, help="kNN query rows timed (default 10,000; quick 1,000)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from featx.heads import create_head, grid_key, resolve_grids
+    from featx.torch_heads import create_torch_head
+
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    q = args.cpu_quick
+    if args.cache:
+        Xtr, ytr, Xte, yte = from_cache(args.cache)
+        source = f"cache {args.cache}"
+    else:
+        n = args.n or (2500 if q else 62500)
+        dim = args.dim or (256 if q else 2048)
+        k = args.classes or (10 if q else 100)
+        Xtr, ytr, Xte, yte = synthetic(n, dim, k)
+        source = f"synthetic {n} x {dim}, {k} classes"
+    mach = machine()
+    print(f"machine: {mach}\nfeatures: {source}; train {Xtr.shape}, held out {Xte.shape}; torch heads on {dev}", flush=True)
+    grids = resolve_grids()
+    rows = []
+    fitted = {}
+    for name in args.heads.split(","):
+        g = grids[grid_key(name)]
+        impls = ([] if args.skip_sklearn else ["sklearn"]) + ["torch"]
+        base = None
+        for impl in impls:
+            print(f"... {name} {impl}", flush=True)
+            if impl == "sklearn":
+                est = create_head(name, grid=None, folds=args.folds, seed=0, n_jobs=-1, device="cpu")
+            else:
+                est = create_torch_head(name, grid=g, folds=args.folds, seed=0, device=dev)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            est.fit(Xtr, ytr)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+            acc = float(np.mean(np.asarray(est.predict(Xte)) == yte))
+            params = getattr(est, "params_", None) or est.best_params_
+            base = base or secs
+            fitted[(name, impl)] = est
+            rows.append({"head": name, "impl": impl if impl == "sklearn" else f"torch ({dev})",
+                         "search+fit s": secs, "speed-up": base / secs, "accuracy": acc,
+                         "candidates": int(getattr(est, "n_candidates_", 0)),
+                         "best": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())})
+    # kNN query time on the fitted heads.
+    nq = args.queries or (1000 if q else 10000)
+    if any(r["head"] == "knn" for r in rows):
+        Q = np.concatenate([Xte] * int(np.ceil(nq / max(len(Xte), 1))))[:nq]
+        base_q = None
+        for (name, impl), est in fitted.items():
+            if name != "knn":
+                continue
+            est.predict(Q[:10])
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            est.predict(Q)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+            base_q = base_q or secs
+            rows.append({"head": f"knn query x{nq}", "impl": impl if impl == "sklearn" else f"torch ({dev})",
+                         "search+fit s": secs, "speed-up": base_q / secs, "accuracy": "", "candidates": "", "best": ""})
+    print()
+    table = print_table(rows, ["head", "impl", "search+fit s", "speed-up", "accuracy", "candidates", "best"])
+    print(f"\nmachine: {mach}\nfeatures: {source}")
+    save_json(args.json, {"machine": mach, "features": source, "device": dev, "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()
