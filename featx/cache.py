@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from .errors import CacheLockedError, CacheMismatchError, FeatxError
+from .errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,17 @@ class PartsDir:
                     "or pass another --cache path"
                 )
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".meta.json.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(self.fingerprint, sort_keys=True, indent=1))
-        atomic_commit(tmp, meta)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.fingerprint, sort_keys=True, indent=1))
+            atomic_commit(tmp, meta)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise FeatxError(
+                f"could not start the cache's work folder {self.dir} ({_why(exc)}); free disk space or fix "
+                "permissions, or pass another --cache-dir / --cache"
+            ) from exc
 
     def chunk_files(self) -> list[Path]:
         return sorted(self.dir.glob("chunk-*.h5")) if self.exists() else []
@@ -166,10 +173,10 @@ class PartsDir:
                 f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
                 f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
             atomic_commit(tmp, final)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py reports a failed write as RuntimeError on close
             _unlink_quiet(tmp)
-            raise FeatxError(
-                f"could not write {final} ({exc.strerror or exc}); everything committed before is kept in "
+            raise CacheWriteError(
+                f"could not write {final} ({_why(exc)}); everything committed before is kept in "
                 f"{self.dir}. Free disk space (or fix permissions) and rerun the same command to resume."
             ) from exc
         return final
@@ -205,6 +212,15 @@ class PartsDir:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _why(exc: BaseException) -> str:
+    """A one-line reason; HDF5's multi-line write errors are reduced to their system message."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    m = re.search(r"error message = '([^']+)'", text)
+    if m:
+        text = m.group(1)
+    return " ".join(text.split())[:300]
+
+
 def _unlink_quiet(p: str | os.PathLike) -> None:
     try:
         os.unlink(p)
@@ -233,6 +249,10 @@ def _open_h5(path: Path) -> h5py.File:
         ) from None
 
 
+_ROW_DATASETS = ("labels", "split", "paths", "mtime_ns", "size")
+_FAILED_DATASETS = ("failed/paths", "failed/reasons", "failed/mtime_ns", "failed/size")
+
+
 class FeatureCache:
     """Read access to a finished cache; arrays are read lazily, split by split.
 
@@ -255,6 +275,15 @@ class FeatureCache:
                 codes = f["split"][()]
                 self._n = int(f["features"].shape[0])
                 self.dim = int(f["features"].shape[1])
+                for name in _ROW_DATASETS:
+                    if f[name].shape[0] != self._n:
+                        raise ValueError(f"dataset {name!r} has {f[name].shape[0]} rows, features has {self._n}")
+                nf = {f[name].shape[0] for name in _FAILED_DATASETS}
+                if len(nf) != 1:
+                    raise ValueError("the failed/ datasets have different lengths")
+                for key in ("fingerprint", "fingerprint_json", "split_names", "backbone"):
+                    if key not in attrs:
+                        raise ValueError(f"attribute {key!r} is missing")
             except FeatxError:
                 raise
             except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
@@ -386,6 +415,7 @@ class FeatureCache:
 
 def read_final_index(path: Path) -> dict[str, tuple]:
     """key -> ("final", row, mtime, size) or ("failed", reason, mtime, size) for a finished cache."""
+    FeatureCache(path)  # validates the layout; raises a clear error when damaged
     index: dict[str, tuple] = {}
     with _open_h5(path) as f:
         keys = [decode_key(k) for k in f["paths"][()]]
@@ -457,10 +487,10 @@ def write_final(
             f.attrs["feature_dim"] = dim
             f.attrs["dtype"] = dtype
         atomic_commit(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed write as RuntimeError on close
         _unlink_quiet(tmp)
-        raise FeatxError(
-            f"could not write the finished cache {path} ({exc.strerror or exc}); the embedded chunks are kept "
+        raise CacheWriteError(
+            f"could not write the finished cache {path} ({_why(exc)}); the embedded chunks are kept "
             f"in {str(path)}.parts. Free disk space and rerun the same command: it only rebuilds the file."
         ) from exc
 
@@ -494,6 +524,10 @@ def acquire_lock(path: Path, *, wait: bool = True):
                 f"another featx process is writing {path}; wait for it to finish, or drop --no-wait to wait "
                 "for it automatically"
             ) from None
+    except OSError as exc:  # after Timeout, which is an OSError too
+        raise FeatxError(
+            f"cannot create the lock file {path}.lock ({_why(exc)}); pass a writable --cache-dir or --cache"
+        ) from None
     log.warning("another featx process is writing %s; waiting for it to finish", path)
     lock.acquire()
     return lock

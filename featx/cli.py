@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import click
 
 from . import __version__
 from .config import EXTRA_SECTIONS, load_config
-from .errors import FeatxError
+from .errors import CacheWriteError, FeatxError
 
 log = logging.getLogger("featx")
+_ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -107,6 +109,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except FeatxError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
+                # After a failed write HDF5 keeps the broken file open and can crash while shutting
+                # down; everything worth keeping is already committed, so leave at once.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.secho(
@@ -379,6 +387,8 @@ def predict(inputs, head_path, out, weights, cache_dir, device, batch_size, work
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _ENTRY_POINT
+    _ENTRY_POINT = True
     cli.main(args=argv, prog_name="featx")
 
 

@@ -25,6 +25,8 @@ from .errors import FeatxError
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
+# Failures that can be fixed without changing the file's mtime or size: retried on every run.
+_RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
 
 
 @dataclass
@@ -334,7 +336,13 @@ def embed(
         path = default_cache_path(cache_dir, ds.root, bb.name, fp)
         if limit is not None:  # a quick subset must not replace the full cache
             path = path.with_name(f"{path.stem}-limit{limit}.h5")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FeatxError(
+            f"cannot create the cache folder {str(path.parent)!r} ({exc.strerror or exc}); pass a writable "
+            "--cache-dir or --cache"
+        ) from None
     stats = EmbedStats(total=len(samples), device=dev)
 
     lock = acquire_lock(path, wait=wait)
@@ -362,6 +370,10 @@ def embed(
             e = index.get(s.key)
             if e is None:
                 return False
+            if e[0] == "failed" and e[1].startswith(_RETRY_REASONS):
+                # Access problems get fixed without touching mtime/size (chmod, a new link target):
+                # retry once the file is readable, without rebuilding the cache while it is not.
+                return not _readable(s.path)
             try:
                 st = os.stat(s.path)
             except OSError:
@@ -443,6 +455,19 @@ def embed(
         return fc
     finally:
         lock.release()
+
+
+def _readable(path: str) -> bool:
+    """Can the file be opened now? (Pillow parses the header only: cheap.)"""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except OSError as exc:  # includes Pillow's UnidentifiedImageError: readable, just not an image
+        return not isinstance(exc, (PermissionError, FileNotFoundError)) and exc.errno is None
+    except Exception:  # noqa: BLE001 - readable now (if broken, the retry records the new reason)
+        return True
 
 
 def _check_strict(fc, strict: bool) -> None:

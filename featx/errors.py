@@ -11,3 +11,7 @@ class CacheMismatchError(FeatxError):
 
 class CacheLockedError(FeatxError):
     """Another process holds the cache's lock."""
+
+
+class CacheWriteError(FeatxError):
+    """Writing the cache failed (disk full, quota, file-size limit); committed work is kept."""

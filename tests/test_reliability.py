@@ -262,13 +262,6 @@ def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monk
     assert "train/bad/zero.jpg" in fc.keys() and "train/bad/zero.jpg" not in dict(fc.failed)
 
 
-@pytest.mark.xfail(
-    reason="needs fix in featx/embed.py embed().fresh() (and the mtime/size recorded for failures): a failed "
-    "image is retried only when its mtime or size changes, but fixing permissions (chmod) changes only ctime, "
-    "so the fixed file stays 'failed' until --overwrite; record st_ctime_ns too, or retry "
-    "'permission denied'/'not found' failures on every run",
-    strict=False,
-)
 def test_fixing_permissions_of_a_failed_file_is_noticed(tmp_path: Path, monkeypatch) -> None:
     data = small_dataset(tmp_path / "d", per_class=3)
     locked = data / "train" / "a" / "001.png"
@@ -465,12 +458,6 @@ def test_cuda_requested_where_there_is_none(tiny_data: Path, tmp_path: Path, mon
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.isdir("/sys/kernel")), reason="needs Linux /proc, /sys")
-@pytest.mark.xfail(
-    reason="needs fix in featx/embed.py embed() (path.parent.mkdir) and featx/cache.py acquire_lock() (FileLock "
-    "raising PermissionError/OSError): an unwritable cache location ends in a traceback instead of a FeatxError "
-    "naming --cache-dir/--cache",
-    strict=False,
-)
 @pytest.mark.parametrize("where", [["--cache-dir", "/proc/featx-cache"], ["--cache", "/sys/featx-test.h5"]],
                          ids=["cache-dir-cannot-be-created", "cache-not-writable"])
 def test_unwritable_cache_location_is_a_clear_error(tiny_data: Path, where: list[str]) -> None:
@@ -728,11 +715,6 @@ def _drop_failed_group(cache: Path) -> None:
         del f["failed"]
 
 
-@pytest.mark.xfail(
-    reason="needs fix in featx/cache.py: read_final_index() and FeatureCache.failed/summary() read datasets "
-    "without wrapping KeyError/OSError in FeatxError, so a cache missing 'paths' or 'failed' ends in a traceback",
-    strict=False,
-)
 @pytest.mark.parametrize("damage", [_drop_dataset, _drop_failed_group], ids=["missing-paths", "missing-failed"])
 def test_partly_damaged_cache_is_detected(built, damage) -> None:
     data, cache, pristine = built
@@ -824,11 +806,6 @@ def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monke
         extra.unlink()
 
 
-@pytest.mark.xfail(
-    reason="needs fix in featx/cache.py PartsDir.ensure(): writing meta.json (write_text + atomic_commit) is not "
-    "wrapped, so a full disk before the first chunk ends in a traceback instead of a FeatxError",
-    strict=False,
-)
 def test_disk_full_before_the_first_chunk(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     import featx.cache as fcache
 
@@ -875,12 +852,6 @@ def test_real_write_failure_keeps_every_chunk(real_full_disk) -> None:
     no_leftovers(cache)
 
 
-@pytest.mark.xfail(
-    reason="needs fix in featx/cache.py write_final() (and PartsDir.write_chunk()): h5py reports a failed write "
-    "as RuntimeError on close, which is not caught (only OSError is), so the user sees a traceback and the "
-    "partial .h5.tmp is left behind",
-    strict=False,
-)
 def test_real_write_failure_is_a_clear_error(real_full_disk) -> None:
     data, clean, cache, res = real_full_disk
     assert "Traceback" not in res.stderr
