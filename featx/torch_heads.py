@@ -57,8 +57,13 @@ def _device(device: str):
     return torch.device(d)
 
 
-def _fast_matmul(dev):
-    """TF32 matrix products on CUDA for the duration of a fit (plenty for these convex fits)."""
+def _fast_matmul(dev, work: float = 0.0):
+    """TF32 matrix products on CUDA for the duration of a fit (plenty for these convex fits).
+
+    On the CPU, a small problem (``work`` = rows x features below 2e7) runs on one intra-op
+    thread: its many tiny ops otherwise spend their time in OpenMP barriers (3-10x slower on
+    a loaded 2-core machine).
+    """
     import contextlib
 
     import torch
@@ -66,7 +71,14 @@ def _fast_matmul(dev):
     @contextlib.contextmanager
     def ctx():
         if dev.type != "cuda":
-            yield
+            old = torch.get_num_threads()
+            if work < 2e7 and old > 1:
+                torch.set_num_threads(1)
+            try:
+                yield
+            finally:
+                if torch.get_num_threads() != old:
+                    torch.set_num_threads(old)
             return
         old = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")
@@ -177,7 +189,7 @@ def batched_lbfgs(
         R[slot, act] = torch.where(sy > 1e-20, 1.0 / sy.clamp_min(1e-20), torch.zeros_like(sy))
         n_hist += 1
         iters[act] += 1
-        small = (fa - fn).abs() <= ftol * torch.maximum(fa.abs(), torch.ones_like(fa))
+        small = (fa - fn).abs() <= ftol * fa.abs()
         w[act], f[act], g[act] = wn, fn, gn
         still = accepted & ~small & (gn.abs().flatten(1).amax(1) > gtol)
         active[act] = still
@@ -397,7 +409,7 @@ class _LinearHead(_TorchHead):
             raise NotImplementedError(f"torch {self.head_name} searches only C, not {sorted(extra)}")
         splits, plan = _folds(yi, self.folds, self.seed)
         scores = np.zeros((len(Cs), len(splits)))
-        with torch.inference_mode(False), torch.no_grad(), _fast_matmul(dev):
+        with torch.inference_mode(False), torch.no_grad(), _fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
             Xall = _to_tensor(X, dev)
             for k, (tr, va) in enumerate(splits):
                 tr_t = torch.as_tensor(tr, device=dev)
@@ -620,7 +632,7 @@ class TorchKNN(_TorchHead):
         kmax = max(c["n_neighbors"] for c in cands)
         nc = len(self.classes_)
         scores = np.zeros((len(cands), len(splits)))
-        with torch.no_grad(), _fast_matmul(dev):
+        with torch.no_grad(), _fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
             Xall = self._normalise(_to_tensor(X, dev))
             yall = torch.as_tensor(yi, device=dev)
             for f, (tr, va) in enumerate(splits):
