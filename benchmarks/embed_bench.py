@@ -185,7 +185,7 @@ def run_network(args) -> dict:
     cuda = dev.startswith("cuda")
     if dev == "cpu":
         ncpu = os.cpu_count() or 1
-        torch.set_num_threads(int(os.environ.get("FEATX_CPU_THREADS") or 0) or max(1, ncpu - 1))
+        torch.set_num_threads(int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu)
     bs = 256 if cuda else args.batch_size
     f = _forward_fn(bb, dev)
     x = torch.randn(bs, 3, bb.preprocess.crop, bb.preprocess.crop)

@@ -216,12 +216,13 @@ def _embed_chunks(
         if device == "cpu":
             import torch
 
-            # Leave a core to the decoding workers: OpenMP threads that share cores with them
-            # spin-wait at every layer's barrier (measured on 2 cores: 1 intra-op thread + 2
-            # workers ~60 images/s; 2 + 2 between 95 when idle and 24-32 with any other
-            # load). FEATX_CPU_THREADS overrides.
+            # All cores for the network, beside the decode workers: measured on 2 cores with
+            # nothing else running, 2 intra-op threads + 2 workers embed 97 images/s
+            # (efficientnet_lite0) and 78 (resnet18) vs 49 and 41 with 1 thread. When other
+            # processes load the machine, OpenMP's spin-waiting makes 1 thread the better
+            # choice (60 vs 24-32 images/s at load 2-3): set FEATX_CPU_THREADS=1 there.
             ncpu = os.cpu_count() or 1
-            threads = int(os.environ.get("FEATX_CPU_THREADS") or 0) or (max(1, ncpu - 1) if num_workers > 0 else ncpu)
+            threads = int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu
             torch.set_num_threads(threads)
             log.info("CPU layout: %d decode worker(s), %d intra-op thread(s) for the network", num_workers, threads)
         fwd = _forward_fn(backbone, device)
