@@ -25,6 +25,8 @@ from .errors import FeatxError
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
+# How images are decoded before the backbone's preprocessing (JPEG draft at >= 2x the resize).
+DECODE_VERSION = "pil-draft2x"
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
 
@@ -77,6 +79,7 @@ def cache_fingerprint(backbone, dtype: str) -> dict:
     fp = dict(backbone.fingerprint())
     fp["dtype"] = dtype
     fp["featx_version"] = __version__
+    fp["decode"] = DECODE_VERSION
     return fp
 
 
