@@ -51,7 +51,7 @@ def main() -> None:
     run("info")
     run("probe", "--head", "all", "--out-dir", str((OUT / "probe").relative_to(ROOT)))
     # A short fine-tune on a subset keeps the demo to minutes on a 2-core CPU.
-    run("compare", rel, "--finetune", "--strategy", "head,partial", "--epochs", "2",
+    run("compare", rel, "--finetune", "--strategy", "head,partial", "--epochs", "8",
         "--limit", "300", "--out-dir", str((OUT / "compare").relative_to(ROOT)))
     print(f"\ndemo finished: reports under {OUT.relative_to(ROOT)}/, cache under cache/")
 
