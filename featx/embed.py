@@ -151,6 +151,22 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def keep_heap_buffers() -> None:
+    """glibc only: keep freed activation buffers in the heap for the next batch.
+
+    With glibc's default 32 MB mmap threshold every large activation is mmapped, page-faulted
+    in and unmapped again per layer; on a small CPU machine that costs as much as the network.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _forward_fn(backbone, device: str):
     """Return f(x) -> float32 numpy features: channels_last everywhere, bf16 autocast on CUDA.
 
@@ -169,14 +185,7 @@ def _forward_fn(backbone, device: str):
     # libgomp's state broken in the children and their first tensor op hangs.
     converted = []
     if device == "cpu":
-        try:  # glibc only: keep freed activation buffers in the heap for the next batch
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        except (OSError, AttributeError):
-            pass
+        keep_heap_buffers()
 
     def f(x):
         if not converted:

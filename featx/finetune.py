@@ -261,17 +261,13 @@ def train_transform(pre, *, min_scale: float = 0.25):
     )
 
 
-def _worker_init(_) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _loader(ds, *, batch_size: int, num_workers: int, cuda: bool):
     from torch.utils.data import DataLoader
 
     kw: dict = {}
     if num_workers > 0:
+        from .embed import _worker_init
+
         kw.update(prefetch_factor=4, worker_init_fn=_worker_init, persistent_workers=False)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda,
@@ -548,6 +544,10 @@ def finetune(
         raise FeatxError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds}")
     dev = resolve_device(device)
     cuda = dev.startswith("cuda")
+    if dev == "cpu":
+        from .embed import keep_heap_buffers
+
+        keep_heap_buffers()  # large activations would otherwise be page-faulted in every layer
     workers = default_num_workers(dev) if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
