@@ -103,6 +103,14 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
 # --------------------------------------------------------------------------- group
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so the user is told how to resume."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -116,12 +124,13 @@ class _Group(click.Group):
                 sys.stderr.flush()
                 os._exit(2)
             ctx.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
             click.secho(
-                "interrupted: finished work is saved; rerun the same command to resume where it stopped.",
+                f"{what}: finished work is saved; rerun the same command to resume where it stopped.",
                 fg="yellow", err=True,
             )
-            ctx.exit(130)
+            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -389,6 +398,9 @@ def predict(inputs, head_path, out, weights, cache_dir, device, batch_size, work
 def main(argv: list[str] | None = None) -> None:
     global _ENTRY_POINT
     _ENTRY_POINT = True
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli.main(args=argv, prog_name="featx")
 
 

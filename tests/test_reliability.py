@@ -556,6 +556,24 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) 
     no_leftovers(cache)
 
 
+def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) -> None:
+    data, clean = kill_data
+    cache = tmp_path / "t.h5"
+    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
+    proc = subprocess.Popen(embed_cmd(data, cache), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(parts_chunks(cache)) >= 1 or proc.poll() is not None, what="a committed chunk")
+    assert proc.poll() is None, "run ended before it could be terminated"
+    proc.terminate()  # SIGTERM, as `kill` and job schedulers send
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err and "rerun the same command to resume" in err
+    assert not cache.exists() and parts_chunks(cache), "committed chunks are kept"
+    done = subprocess.run(embed_cmd(data, cache), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_cache(cache, clean)
+    no_leftovers(cache)
+
+
 def _parts_only(data: Path, cache: Path, monkeypatch) -> None:
     """Leave ``cache`` as a run killed right before its final write: all chunks, no final file."""
     import featx.cache as fcache
