@@ -351,6 +351,14 @@ class _TorchHead:
 class _LinearHead(_TorchHead):
     """Standardise + linear model with an L2 penalty, tuned over C by batched L-BFGS."""
 
+    @staticmethod
+    def _predict_idx(z):
+        import torch
+
+        if z.shape[-1] == 1:
+            return (z[..., 0] > 0).long()
+        return torch.argmax(z, -1)
+
     def __init__(
         self, *, grid: dict | None = None, folds: int = 5, seed: int = 0, device: str = "cpu",
         max_iter: int = 500, tol: float = 1e-5,
@@ -495,14 +503,6 @@ class TorchLogisticRegression(_LinearHead):
 
         return fun
 
-    @staticmethod
-    def _predict_idx(z):
-        import torch
-
-        if z.shape[-1] == 1:
-            return (z[..., 0] > 0).long()
-        return torch.argmax(z, -1)
-
     def predict_proba(self, X) -> np.ndarray:
         d = self._raw(X)
         if d.shape[1] == 1:
@@ -539,14 +539,6 @@ class TorchLinearSVC(_LinearHead):
             return f, grad
 
         return fun
-
-    @staticmethod
-    def _predict_idx(z):
-        import torch
-
-        if z.shape[-1] == 1:
-            return (z[..., 0] > 0).long()
-        return torch.argmax(z, -1)
 
 
 # --------------------------------------------------------------------------- kNN
