@@ -20,6 +20,7 @@ features (backbone, weights sha256, preprocessing, dtype, featx version) plus pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -161,24 +162,20 @@ class PartsDir:
         name = f"chunk-{worker}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         final = self.dir / name
         tmp = self.dir / f".{name}.tmp"
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("paths", data=_key_array(chunk.keys), dtype=_BYTES)
-                f.create_dataset("features", data=chunk.features)
-                f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
-                f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
-                fk = [k for k, _, _, _ in chunk.failed]
-                f.create_dataset("failed_paths", data=_key_array(fk), dtype=_BYTES)
-                f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=_STR)
-                f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
-                f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
-            atomic_commit(tmp, final)
-        except (OSError, RuntimeError) as exc:  # h5py reports a failed write as RuntimeError on close
-            _unlink_quiet(tmp)
-            raise CacheWriteError(
-                f"could not write {final} ({_why(exc)}); everything committed before is kept in "
-                f"{self.dir}. Free disk space (or fix permissions) and rerun the same command to resume."
-            ) from exc
+        kept = (
+            f"everything committed before is kept in {self.dir}. Free disk space (or fix permissions) and rerun "
+            "the same command to resume."
+        )
+        with _atomic_h5(tmp, final, what=str(final), kept=kept) as f:
+            f.create_dataset("paths", data=_key_array(chunk.keys), dtype=_BYTES)
+            f.create_dataset("features", data=chunk.features)
+            f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
+            f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
+            fk = [k for k, _, _, _ in chunk.failed]
+            f.create_dataset("failed_paths", data=_key_array(fk), dtype=_BYTES)
+            f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=_STR)
+            f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
+            f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
         return final
 
     def read_index(self) -> dict[str, tuple]:
@@ -210,6 +207,22 @@ class PartsDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _atomic_h5(tmp: Path, final: Path, *, what: str, kept: str) -> Iterator[h5py.File]:
+    """Yield ``tmp`` open for writing, then fsync and rename it onto ``final``.
+
+    On failure ``tmp`` is removed and a :class:`CacheWriteError` says what is ``kept``. h5py
+    reports a failed write (disk full, file-size limit) as a RuntimeError on close, not OSError.
+    """
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        atomic_commit(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        _unlink_quiet(tmp)
+        raise CacheWriteError(f"could not write {what} ({_why(exc)}); {kept}") from exc
 
 
 def _why(exc: BaseException) -> str:
@@ -449,50 +462,46 @@ def write_final(
     n = len(ok)
     tmp = Path(str(path) + ".tmp")
     code = {name: i for i, name in enumerate(SPLITS)}
-    try:
-        with h5py.File(tmp, "w") as f:
-            chunk_rows = max(1, min(n, max(1, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize))))
-            feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n else None)
-            f.create_dataset("labels", data=np.asarray([s.label for s in ok], dtype=np.int64))
-            f.create_dataset("split", data=np.asarray([code[s.split] for s in ok], dtype=np.uint8))
-            f.create_dataset("paths", data=_key_array([s.key for s in ok]), dtype=_BYTES)
-            f.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in ok], dtype=np.int64))
-            f.create_dataset("size", data=np.asarray([index[s.key][-1] for s in ok], dtype=np.int64))
-            f.create_dataset("classes", data=list(classes), dtype=_STR)
-            g = f.create_group("failed")
-            g.create_dataset("paths", data=_key_array([s.key for s, _ in failed]), dtype=_BYTES)
-            g.create_dataset("reasons", data=[e[1] for _, e in failed], dtype=_STR)
-            g.create_dataset("mtime_ns", data=np.asarray([e[2] for _, e in failed], dtype=np.int64))
-            g.create_dataset("size", data=np.asarray([e[3] for _, e in failed], dtype=np.int64))
-            # Group output rows by source, then copy contiguous runs.
-            by_src: dict[object, list[tuple[int, int]]] = {}
-            for out_row, s in enumerate(ok):
-                e = index[s.key]
-                src = e[1] if e[0] == "chunk" else "__final__"
-                src_row = e[2] if e[0] == "chunk" else e[1]
-                by_src.setdefault(src, []).append((out_row, src_row))
-            for src, pairs in by_src.items():
-                src_path = Path(str(path)) if src == "__final__" else src
-                with h5py.File(src_path, "r") as sf:
-                    sd = sf["features"]
-                    for out_a, src_a, length in _runs(pairs):
-                        for off in range(0, length, block_rows):
-                            m = min(block_rows, length - off)
-                            feats[out_a + off : out_a + off + m] = np.asarray(sd[src_a + off : src_a + off + m]).astype(dtype)
-            for k, v in attrs.items():
-                f.attrs[k] = str(v) if isinstance(v, str) else v
-            f.attrs["featx_cache_layout"] = LAYOUT_VERSION
-            f.attrs["split_names"] = json.dumps(list(SPLITS))
-            f.attrs["rows"] = n
-            f.attrs["feature_dim"] = dim
-            f.attrs["dtype"] = dtype
-        atomic_commit(tmp, path)
-    except (OSError, RuntimeError) as exc:  # h5py reports a failed write as RuntimeError on close
-        _unlink_quiet(tmp)
-        raise CacheWriteError(
-            f"could not write the finished cache {path} ({_why(exc)}); the embedded chunks are kept "
-            f"in {str(path)}.parts. Free disk space and rerun the same command: it only rebuilds the file."
-        ) from exc
+    kept = (
+        f"the embedded chunks are kept in {str(path)}.parts. Free disk space and rerun the same command: "
+        "it only rebuilds the file."
+    )
+    with _atomic_h5(tmp, path, what=f"the finished cache {path}", kept=kept) as f:
+        chunk_rows = max(1, min(n, max(1, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize))))
+        feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n else None)
+        f.create_dataset("labels", data=np.asarray([s.label for s in ok], dtype=np.int64))
+        f.create_dataset("split", data=np.asarray([code[s.split] for s in ok], dtype=np.uint8))
+        f.create_dataset("paths", data=_key_array([s.key for s in ok]), dtype=_BYTES)
+        f.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in ok], dtype=np.int64))
+        f.create_dataset("size", data=np.asarray([index[s.key][-1] for s in ok], dtype=np.int64))
+        f.create_dataset("classes", data=list(classes), dtype=_STR)
+        g = f.create_group("failed")
+        g.create_dataset("paths", data=_key_array([s.key for s, _ in failed]), dtype=_BYTES)
+        g.create_dataset("reasons", data=[e[1] for _, e in failed], dtype=_STR)
+        g.create_dataset("mtime_ns", data=np.asarray([e[2] for _, e in failed], dtype=np.int64))
+        g.create_dataset("size", data=np.asarray([e[3] for _, e in failed], dtype=np.int64))
+        # Group output rows by source, then copy contiguous runs.
+        by_src: dict[object, list[tuple[int, int]]] = {}
+        for out_row, s in enumerate(ok):
+            e = index[s.key]
+            src = e[1] if e[0] == "chunk" else "__final__"
+            src_row = e[2] if e[0] == "chunk" else e[1]
+            by_src.setdefault(src, []).append((out_row, src_row))
+        for src, pairs in by_src.items():
+            src_path = Path(str(path)) if src == "__final__" else src
+            with h5py.File(src_path, "r") as sf:
+                sd = sf["features"]
+                for out_a, src_a, length in _runs(pairs):
+                    for off in range(0, length, block_rows):
+                        m = min(block_rows, length - off)
+                        feats[out_a + off : out_a + off + m] = np.asarray(sd[src_a + off : src_a + off + m]).astype(dtype)
+        for k, v in attrs.items():
+            f.attrs[k] = str(v) if isinstance(v, str) else v
+        f.attrs["featx_cache_layout"] = LAYOUT_VERSION
+        f.attrs["split_names"] = json.dumps(list(SPLITS))
+        f.attrs["rows"] = n
+        f.attrs["feature_dim"] = dim
+        f.attrs["dtype"] = dtype
 
 
 def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
