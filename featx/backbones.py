@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cache import sha256_file
 from .errors import FeatxError
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,6 @@ REGISTRY = _Registry()
 def list_backbones() -> list[str]:
     """Registered names; ``timm:<name>`` works for any timm model besides these."""
     return REGISTRY.names()
-
-
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_state(model: nn.Module) -> str:
@@ -237,7 +230,7 @@ def efficientnet_lite0_imagenet(weights: str | None = None) -> tuple[nn.Module, 
         if all(tuple(sd[a].shape) == tuple(target[b].shape) for a, b in zip(src_keys, dst_keys)):
             sd = {b: sd[a] for a, b in zip(src_keys, dst_keys)}
     _load_into(model, sd, source=path, name="efficientnet_lite0")
-    return model, path, _sha256_file(path)
+    return model, path, sha256_file(path)
 
 
 @REGISTRY.register("efficientnet_lite0")
@@ -304,7 +297,7 @@ def _torchvision_builder(name: str):
             model = get_model(name, weights=None)
             sd = _load_state_file(weights)
             _load_into(model, sd, source=weights, name=name)
-            source, sha = weights, _sha256_file(weights)
+            source, sha = weights, sha256_file(weights)
         dim = _strip_torchvision_head(model)
         del torchvision
         return _finish(name, model, dim, pre, source, sha)
@@ -344,7 +337,7 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
             model = timm.create_model(arch, pretrained=False, num_classes=0)
             sd = _load_state_file(weights)
             _load_into(model, sd, source=weights, name=name, drop_prefixes=("fc.", "classifier.", "head.", "head_"))
-            source, sha = weights, _sha256_file(weights)
+            source, sha = weights, sha256_file(weights)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             close = difflib.get_close_matches(arch, timm.list_models(), n=5)
@@ -391,7 +384,7 @@ def _tiny(weights: str | None) -> Backbone:
     pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     if weights not in (None, "random"):
         _load_into(model, _load_state_file(weights), source=weights, name="tiny_cnn")
-        return _finish("tiny_cnn", model, 32, pre, weights, _sha256_file(weights))
+        return _finish("tiny_cnn", model, 32, pre, weights, sha256_file(weights))
     return _finish("tiny_cnn", model, 32, pre, "random", None)
 
 

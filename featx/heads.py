@@ -19,7 +19,6 @@ import contextlib
 import copy
 import csv
 import difflib
-import hashlib
 import json
 import logging
 import math
@@ -504,11 +503,9 @@ def create_head(
 
 
 def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .cache import sha256_file  # lazy: h5py is not needed to import featx.heads
+
+    return sha256_file(path)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
