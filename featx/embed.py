@@ -96,25 +96,29 @@ class _ImageDataset:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        import torch
-
-        from .data import ImageLoadError, load_image
-
         s = self.samples[i]
         try:
             st = os.stat(s.path)
             mtime, size = st.st_mtime_ns, st.st_size
         except OSError:
             mtime, size = 0, -1
-        try:
-            img = load_image(s.path, draft_size=self.draft)
-            x = self.transform(img)
-            return i, x, "", mtime, size
-        except ImageLoadError as exc:
-            err = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-            err = f"{type(exc).__name__}: {exc}"
-        return i, torch.zeros(3, self.crop, self.crop), err, mtime, size
+        x, err = load_or_blank(s.path, self.transform, crop=self.crop, draft_size=self.draft)
+        return i, x, err, mtime, size
+
+
+def load_or_blank(path: str, transform, *, crop: int, draft_size: int | None):
+    """(transformed image, "") or (zero image, reason): a bad file must never stop a long run."""
+    import torch
+
+    from .data import ImageLoadError, load_image
+
+    try:
+        return transform(load_image(path, draft_size=draft_size)), ""
+    except ImageLoadError as exc:
+        err = str(exc)
+    except Exception as exc:  # noqa: BLE001 - anything a decoder or transform raises
+        err = f"{type(exc).__name__}: {exc}"
+    return torch.zeros(3, crop, crop), err
 
 
 def _collate(batch):

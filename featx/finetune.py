@@ -228,20 +228,13 @@ class _Images:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        import torch
-
-        from .data import ImageLoadError, load_image
+        from .embed import load_or_blank
 
         r = int(self.rows[i])
-        y = int(self.labels[r])
-        try:
-            img = load_image(self.paths[r], draft_size=self.draft)
-            return self.transform(img), y, True
-        except ImageLoadError as exc:
-            log.warning("skipping %s: %s", self.paths[r], exc)
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop a long run
-            log.warning("skipping %s: %s: %s", self.paths[r], type(exc).__name__, exc)
-        return torch.zeros(3, self.crop, self.crop), y, False
+        x, err = load_or_blank(self.paths[r], self.transform, crop=self.crop, draft_size=self.draft)
+        if err:
+            log.warning("skipping %s: %s", self.paths[r], err)
+        return x, int(self.labels[r]), not err
 
 
 def train_transform(pre, *, min_scale: float = 0.25):
