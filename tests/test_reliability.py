@@ -214,18 +214,23 @@ def make_bad_input_folder(root: Path) -> tuple[list[str], Path]:
     return ok, bad / "locked.jpg"
 
 
+def refuse_reading(monkeypatch, path: Path) -> None:
+    """Make Pillow refuse ``path`` as a permission error (root would read a chmod-000 file)."""
+    real_open = Image.open
+
+    def guarded(fp, *a, **k):
+        if os.fspath(fp) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", guarded)
+
+
 def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monkeypatch) -> None:
     data = tmp_path / "scraped"
     ok, locked = make_bad_input_folder(data)
     if os.geteuid() == 0:  # root reads chmod-000 files; simulate the refusal for that one file
-        real_open = Image.open
-
-        def guarded(fp, *a, **k):
-            if os.fspath(fp) == str(locked):
-                raise PermissionError(13, "Permission denied", str(locked))
-            return real_open(fp, *a, **k)
-
-        monkeypatch.setattr(Image, "open", guarded)
+        refuse_reading(monkeypatch, locked)
     cache = tmp_path / "c.h5"
     res = run_cli("embed", data, "--cache", cache, *TINY, "--batch-size", "4", "--chunk-size", "8", "-q")
     assert_ok(res)
@@ -265,14 +270,7 @@ def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monk
 def test_fixing_permissions_of_a_failed_file_is_noticed(tmp_path: Path, monkeypatch) -> None:
     data = small_dataset(tmp_path / "d", per_class=3)
     locked = data / "train" / "a" / "001.png"
-    real_open = Image.open
-
-    def guarded(fp, *a, **k):
-        if os.fspath(fp) == str(locked):
-            raise PermissionError(13, "Permission denied", str(locked))
-        return real_open(fp, *a, **k)
-
-    monkeypatch.setattr(Image, "open", guarded)
+    refuse_reading(monkeypatch, locked)
     cache = tmp_path / "c.h5"
     assert_ok(run_cli("embed", data, "--cache", cache, *TINY, "-q"))
     assert dict(FeatureCache(cache).failed) == {"train/a/001.png": "permission denied (cannot read the file)"}
