@@ -435,11 +435,13 @@ class FeatureCache:
 # --------------------------------------------------------------------------- finalize
 
 
-def read_final_index(path: Path) -> dict[str, tuple]:
-    """key -> ("final", row, mtime, size) or ("failed", reason, mtime, size) for a finished cache."""
-    FeatureCache(path)  # validates the layout; raises a clear error when damaged
+def read_final_index(fc: FeatureCache) -> dict[str, tuple]:
+    """key -> ("final", row, mtime, size) or ("failed", reason, mtime, size) for a finished cache.
+
+    Takes a :class:`FeatureCache`, whose constructor has already validated the layout.
+    """
     index: dict[str, tuple] = {}
-    with _open_h5(path) as f:
+    with _open_h5(fc.path) as f:
         keys = [decode_key(k) for k in f["paths"][()]]
         mt, sz = f["mtime_ns"][()], f["size"][()]
         for i, k in enumerate(keys):

@@ -371,13 +371,14 @@ def embed(
                 path.unlink()
             parts.remove()
         index: dict[str, tuple] = {}
+        old = None  # the finished cache from an earlier run, if any
         prior_seconds = 0.0  # embedding time of earlier runs, so reports can count all of it
         if path.exists():
             old = FeatureCache(path)  # raises a clear error if damaged
             old.check_compatible(fp)
             if old.root and os.path.realpath(old.root) != os.path.realpath(ds.root):
                 log.warning("cache %s was built from %s; reusing images by relative path", path, old.root)
-            index.update(read_final_index(path))
+            index.update(read_final_index(old))
             prior_seconds = float(old.meta.get("embed_seconds", 0.0))
         if parts.exists():
             parts.ensure()  # refuses parts written with other settings
@@ -400,11 +401,8 @@ def embed(
         todo = [s for s in samples if not fresh(s)]
         stats.reused = len(samples) - len(todo)
         want_keys = {s.key for s in samples}
-        final_ok = path.exists() and not parts.exists() and not todo
-        if final_ok:
-            final_keys = {k for k, e in index.items()}
-            old = FeatureCache(path)
-            if final_keys == want_keys and old.classes == list(ds.classes):
+        if old is not None and not parts.exists() and not todo:
+            if set(index) == want_keys and old.classes == list(ds.classes):
                 stats.seconds = time.perf_counter() - t0
                 log.info("cache %s is complete and up to date (%d images); nothing to embed", path, len(samples))
                 old.stats = stats
