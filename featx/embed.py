@@ -415,8 +415,6 @@ def embed(
                 "embedding %d images (%d reused) with %s on %s [%s engine], writing %s",
                 len(todo), stats.reused, bb.name, dev, eng, parts.dir,
             )
-            if dev == "cpu":
-                torch.set_num_threads(max(1, os.cpu_count() or 1))
             delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
             t_embed = time.perf_counter()
             done = 0
