@@ -97,7 +97,7 @@ def generate(root: Path, n: int, *, size=(500, 375), quality: int = 90) -> Path:
 def _selection(root: Path, n: int) -> list[str]:
     """The files featx.embed(limit=n) embeds, so every method sees the same images."""
     from featx.data import discover
-    from featx.embed import _limit_per_split
+    from featx.embedding.runner import _limit_per_split
 
     return [s.path for s in _limit_per_split(discover(root).samples, n)]
 
@@ -119,7 +119,7 @@ def run_plain(args) -> dict:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from featx.backbones import create_backbone
+    from featx.embedding.backbones import create_backbone
 
     tuned = args.method == "plain-tuned"
     dev = args.device
@@ -158,8 +158,7 @@ def run_plain(args) -> dict:
 
 
 def run_featx(args) -> dict:
-    import featx.embed as _  # noqa: F401
-    from featx.embed import embed
+    from featx.embedding.runner import embed
 
     t0 = time.perf_counter()
     fc = embed(
@@ -177,8 +176,8 @@ def run_network(args) -> dict:
     forward function; CUDA: bf16 + channels_last at batch 256)."""
     import torch
 
-    from featx.backbones import create_backbone
-    from featx.embed import _forward_fn
+    from featx.embedding.backbones import create_backbone
+    from featx.embedding.cpu import forward_fn as _forward_fn
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     dev = args.device
@@ -205,8 +204,8 @@ def run_decode(args) -> dict:
     """JPEG decode + resize/crop/normalise alone, as the featx GPU engine does it (on --device)."""
     import torch
 
-    from featx.backbones import create_backbone
-    from featx.gpu import _Preparer, _BytesDataset
+    from featx.embedding.backbones import create_backbone
+    from featx.embedding.gpu import _Preparer, _BytesDataset
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     paths = _selection(Path(args.data), min(args.n, 4096))
@@ -235,7 +234,7 @@ def run_decode(args) -> dict:
 
 
 def run_rss(args) -> dict:
-    from featx.embed import embed
+    from featx.embedding.runner import embed
 
     fc = embed(args.data, backbone=args.backbone, weights=args.weights, cache_dir=str(Path(args.work) / f"rss{args.n}"),
                batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n)

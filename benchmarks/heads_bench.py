@@ -41,7 +41,7 @@ def synthetic(n: int, dim: int, classes: int, *, seed: int = 0, test_frac: float
 
 
 def from_cache(path: str):
-    from featx.cache import FeatureCache
+    from featx.cache.store import FeatureCache
 
     fc = FeatureCache(path)
     ev = "val" if "val" in fc.splits else "test"
@@ -65,8 +65,9 @@ def main(argv=None) -> None:
 
     import torch
 
-    from featx.heads import create_head, grid_key, resolve_grids
-    from featx.torch_heads import create_torch_head
+    from featx.heads.grids import resolve_grids
+    from featx.heads.probing import create_head, grid_key
+    from featx.heads.torch_heads import create_torch_head
 
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     q = args.cpu_quick

@@ -10,11 +10,8 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
-from .errors import CacheLockedError, CacheMismatchError, FeatxError
+from .base.errors import CacheLockedError, CacheMismatchError, FeatxError
 
-# Bound eagerly: the submodule ``featx.embed`` would otherwise shadow the function of the
-# same name as soon as anything imports the module.
-from .embed import embed  # noqa: E402
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -27,7 +24,7 @@ __all__ = [
     "FeatureCache",
     "create_backbone",
     "list_backbones",
-    "discover",
+    "folders",
     "probe",
     "compare",
     "create_head",
@@ -35,14 +32,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "FeatureCache": ("featx.cache", "FeatureCache"),
-    "create_backbone": ("featx.backbones", "create_backbone"),
-    "list_backbones": ("featx.backbones", "list_backbones"),
-    "discover": ("featx.data", "discover"),
-    "probe": ("featx.heads", "probe"),
-    "create_head": ("featx.heads", "create_head"),
-    "FeatureExtractor": ("featx.extractor", "FeatureExtractor"),
-    "compare": ("featx.comparison", "compare"),
+    "embed": ("featx.embedding.runner", "embed"),
+    "FeatureCache": ("featx.cache.store", "FeatureCache"),
+    "create_backbone": ("featx.embedding.backbones", "create_backbone"),
+    "list_backbones": ("featx.embedding.backbones", "list_backbones"),
+    "discover": ("featx.data.folders", "discover"),
+    "probe": ("featx.heads.probing", "probe"),
+    "create_head": ("featx.heads.probing", "create_head"),
+    "FeatureExtractor": ("featx.embedding.extractor", "FeatureExtractor"),
+    "compare": ("featx.finetune.comparison", "compare"),
 }
 
 

@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .config import EXTRA_SECTIONS, load_config
-from .errors import CacheWriteError, FeatxError
+from .base.errors import CacheWriteError, FeatxError
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -144,7 +144,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     and compare with end-to-end fine-tuning."""
     quiet = "--quiet" in sys.argv[1:] or "-q" in sys.argv[1:]
     _setup_logging(verbose, quiet)
-    from . import heads as _heads  # noqa: F401 - registers the free-form "heads:" section (no sklearn import)
+    from .heads import grids as _grids  # noqa: F401 - registers the free-form "heads:" section (no sklearn import)
 
     try:
         cfg = load_config(config_path)
@@ -182,7 +182,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, workers, device, dtype,
           chunk_size, engine, limit, overwrite, strict, no_wait, quiet, as_json) -> None:
     """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
-    from .embed import embed as run_embed
+    from .embedding.runner import embed as run_embed
 
     if data is None and manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
@@ -215,7 +215,7 @@ def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, 
 @click.option("--json", "as_json", is_flag=True)
 def info(cache, cache_dir, show_failed, as_json) -> None:
     """Summarise CACHE (default: the newest cache in --cache-dir)."""
-    from .cache import FeatureCache, find_cache
+    from .cache.store import FeatureCache, find_cache
 
     fc = FeatureCache(find_cache(cache, cache_dir=cache_dir))
     summary = fc.summary()
@@ -282,7 +282,7 @@ def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, hea
             label_smoothing, partial_blocks, val_fraction, patience, device, workers, n_jobs, out_dir,
             checkpoint_seconds, overwrite, quiet, as_json) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
-    from .comparison import compare as run_compare
+    from .finetune.comparison import compare as run_compare
 
     cfg = (click.get_current_context().obj or {}).get("config") or {}
     result = run_compare(
@@ -333,7 +333,7 @@ def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, hea
 def probe(cache, cache_dir, head, kernel, test_size, folds, seed, device, n_jobs, out_dir, no_save, quiet,
           as_json) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
-    from .heads import probe as run_probe
+    from .heads.probing import probe as run_probe
 
     cfg = (click.get_current_context().obj or {}).get("config") or {}
     result = run_probe(
@@ -370,7 +370,7 @@ def probe(cache, cache_dir, head, kernel, test_size, folds, seed, device, n_jobs
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def predict(inputs, head_path, out, weights, cache_dir, device, batch_size, workers, quiet, as_json) -> None:
     """Classify INPUTS (image files, folders, or a featx .h5 cache) with a saved head; write a CSV."""
-    from .heads import predict as run_predict
+    from .embedding.predict import predict as run_predict
 
     result = run_predict(
         head_path, list(inputs), out=out, weights=weights, cache_dir=cache_dir, device=device,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import FeatxError
+from .base.errors import FeatxError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 

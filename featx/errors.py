@@ -1,17 +1,5 @@
-"""Exceptions whose message tells the user what to do next."""
+"""Compatibility alias: the exceptions live in :mod:`featx.base.errors`."""
 
+from .base.errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
 
-class FeatxError(Exception):
-    """A user-facing error: the message names the file or option and the fix."""
-
-
-class CacheMismatchError(FeatxError):
-    """A cache exists but was written with other settings (backbone, weights, preprocessing)."""
-
-
-class CacheLockedError(FeatxError):
-    """Another process holds the cache's lock."""
-
-
-class CacheWriteError(FeatxError):
-    """Writing the cache failed (disk full, quota, file-size limit); committed work is kept."""
+__all__ = ["FeatxError", "CacheMismatchError", "CacheLockedError", "CacheWriteError"]

@@ -47,7 +47,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from featx.cache import FeatureCache  # noqa: E402
+from featx.cache.store import FeatureCache  # noqa: E402
 from featx.data import discover  # noqa: E402
 
 CHUNK, BATCH, DELAY = 8, 4, 0.1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featx.backbones import create_backbone, efficientnet_lite0_imagenet, list_backbones
+from featx.embedding.backbones import create_backbone, efficientnet_lite0_imagenet, list_backbones
 from featx.errors import FeatxError
 
 EXPECTED_DIMS = {

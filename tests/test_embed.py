@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import featx
-from featx.cache import FeatureCache
+from featx.cache.store import FeatureCache
 from featx.errors import CacheMismatchError, FeatxError
 
 from conftest import write_image_folder

@@ -14,7 +14,7 @@ from sklearn.utils import estimator_checks as ec
 
 import featx
 from featx.errors import FeatxError
-from featx.extractor import FeatureExtractor, embed_files
+from featx.embedding.extractor import FeatureExtractor, embed_files
 
 from conftest import write_image_folder
 
@@ -47,7 +47,7 @@ def test_pipeline_on_paths(paths_labels):
 
 
 def test_features_match_the_embed_cache(paths_labels, tmp_path):
-    from featx.cache import FeatureCache
+    from featx.cache.store import FeatureCache
 
     root = Path(paths_labels["train"][0][0]).parents[2]
     fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path, progress=False, num_workers=0)

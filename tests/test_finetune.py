@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import featx
-from featx.backbones import create_backbone
+from featx.embedding.backbones import create_backbone
 from featx.data import train_eval_split
 from featx.errors import FeatxError
-from featx.finetune import (
+from featx.finetune.train import (
     STRATEGIES,
     apply_strategy,
     carve_validation,
@@ -146,8 +146,8 @@ _SCRIPT = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO)
-    from featx.cache import FeatureCache
-    from featx.finetune import finetune
+    from featx.cache.store import FeatureCache
+    from featx.finetune.train import finetune
     r = finetune(FeatureCache(sys.argv[1]), strategy="full", epochs=2, batch_size=4, num_workers=0,
                  device="cpu", out_dir=sys.argv[2], checkpoint_seconds=0.3, progress=False)
     print(json.dumps({k: r[k] for k in ("resumed_from", "epochs_run", "accuracy", "macro_f1", "history")}))
@@ -243,7 +243,7 @@ def test_a_second_process_with_the_same_settings_is_refused(tiny_cache, tmp_path
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    from featx.finetune import _lr_lambda
+    from featx.finetune.train import _lr_lambda
 
     f = _lr_lambda(warmup=4, total=20)
     ramp = [f(s) for s in range(4)]

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.backbones import Preprocess, create_backbone
+from featx.embedding.backbones import Preprocess, create_backbone
 from featx.data import Sample, load_image
-from featx.embed import _embed_chunks, iter_cpu_batches
-from featx.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features
+from featx.embedding.cpu import iter_cpu_batches
+from featx.embedding.runner import _embed_chunks
+from featx.embedding.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features
 
 
 def _photo(rng, w, h):

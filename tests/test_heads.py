@@ -16,8 +16,12 @@ import torch
 from click.testing import CliRunner
 
 import featx
-from featx import heads
-from featx.cache import FeatureCache
+from featx.data.splits import plan_folds
+from featx.embedding.predict import predict
+from featx.heads import grids
+from featx.heads import probing as heads
+from featx.heads.persist import load_head
+from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data import train_eval_split
 from featx.errors import FeatxError
@@ -60,7 +64,7 @@ def test_each_head_learns_and_gives_probabilities(name, kernel):
     assert p.shape == (len(Xt), 3)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
     assert (p.argmax(axis=1) == yt).mean() > 0.9
-    assert est.params_ and set(est.params_) <= heads.GRID_PARAMS[heads.grid_key(name, kernel)]
+    assert est.params_ and set(est.params_) <= grids.GRID_PARAMS[heads.grid_key(name, kernel)]
     assert 0.9 < est.best_score_ <= 1.0
 
 
@@ -95,13 +99,16 @@ def test_grid_override_and_logspace():
         heads.create_head("svn")
 
 
-def test_cuda_without_torch_heads_falls_back_to_sklearn(monkeypatch, caplog):
+def test_cuda_without_torch_head_falls_back_to_sklearn(monkeypatch, caplog):
+    def unavailable(*a, **k):
+        raise NotImplementedError("rbf kernel")
+
     monkeypatch.setattr(heads, "_wants_cuda", lambda device: True)
-    monkeypatch.setitem(sys.modules, "featx.torch_heads", None)  # import fails
-    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+    monkeypatch.setattr(heads, "create_torch_head", unavailable)
+    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
         est = heads.create_head("svm", device="cuda")
     assert isinstance(est, heads.HeadSearch)
-    assert "GPU heads are not available" in caplog.text
+    assert "no GPU implementation of head 'svm'" in caplog.text
 
 
 def test_head_search_pickles():
@@ -115,14 +122,14 @@ def test_head_search_pickles():
 
 
 def test_plan_folds_fallbacks():
-    assert heads.plan_folds(np.repeat([0, 1], 10), 5) == {"requested": 5, "used": 5, "stratified": True, "note": ""}
-    small = heads.plan_folds(np.array([0] * 10 + [1] * 3), 5)
+    assert plan_folds(np.repeat([0, 1], 10), 5) == {"requested": 5, "used": 5, "stratified": True, "note": ""}
+    small = plan_folds(np.array([0] * 10 + [1] * 3), 5)
     assert small["used"] == 3 and small["stratified"] and "only 3 training images" in small["note"]
-    single = heads.plan_folds(np.array([0] * 10 + [1]), 5)
+    single = plan_folds(np.array([0] * 10 + [1]), 5)
     assert single["stratified"] and single["used"] == 5 and "single training image" in single["note"]
     assert list(heads.AdaptiveStratifiedKFold(5).split(np.zeros(11), np.array([0] * 10 + [1])))[0][0][-1] == 10
     with pytest.raises(FeatxError, match="at least 2"):
-        heads.plan_folds(np.zeros(10), 5)
+        plan_folds(np.zeros(10), 5)
 
 
 @pytest.mark.parametrize("counts", [(12, 3), (12, 1)])
@@ -132,7 +139,7 @@ def test_tiny_classes_never_crash(counts):
     X = rng.normal(size=(len(y), 4)) + 3 * y[:, None]
     from sklearn.exceptions import FitFailedWarning
 
-    for name in heads.HEAD_NAMES:
+    for name in grids.HEAD_NAMES:
         with warnings.catch_warnings():
             warnings.simplefilter("error", FitFailedWarning)  # every CV fit must see both classes
             est = heads.create_head(name, n_jobs=1).fit(X, y)
@@ -157,7 +164,7 @@ def test_probe_small_class_uses_fewer_folds(tmp_path, caplog):
     write_image_folder(root, classes=("big",), per_class=8)
     write_image_folder(root, classes=("small",), per_class=2, seed=1)
     fc = _cache(root, tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
         res = featx.probe(fc, head="all", out_dir=tmp_path / "out", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["cv"]["used"] == 2 and "2-fold" in res["cv"]["note"]
     assert all(h["cv_folds"] == 2 for h in res["heads"].values())
@@ -183,7 +190,7 @@ def test_probe_all_writes_report_and_heads(tiny_cache, tmp_path):
         assert sum(map(sum, h["confusion_matrix"])) == 30
         assert Path(h["confusion_png"]).stat().st_size > 1000
         # The saved head reproduces the reported accuracy on the same rows.
-        est, meta = heads.load_head(h["model_path"])
+        est, meta = load_head(h["model_path"])
         acc = (est.predict(tiny_cache.features("val")) == tiny_cache.labels("val")).mean()
         assert acc == pytest.approx(h["accuracy"])
         assert meta["classes"] == ["cats", "dogs", "owls"] and meta["backbone"] == "tiny_cnn"
@@ -199,29 +206,29 @@ def test_load_head_refuses_tampered_or_unverifiable_files(tiny_cache, tmp_path):
     data[-20] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(FeatxError, match="NOT unpickled"):
-        heads.load_head(path)
+        load_head(path)
     path.with_suffix(".json").unlink()
     with pytest.raises(FeatxError, match="no sidecar"):
-        heads.load_head(path)
+        load_head(path)
 
 
 def test_head_from_one_backbone_is_refused_on_another(tiny_cache, tmp_path):
     res = featx.probe(tiny_cache, head="svm", out_dir=tmp_path / "run", n_jobs=1, device="cpu", plots=False)
     head = res["heads"]["svm"]["model_path"]
     # Same architecture, other weights: a different backbone as far as the features go.
-    from featx.backbones import create_backbone
+    from featx.embedding.backbones import create_backbone
 
     sd = create_backbone("tiny_cnn").model.state_dict()
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}, tmp_path / "other.pt")
     root = write_image_folder(tmp_path / "data", classes=("cats", "dogs", "owls"), per_class=2)
     other = _cache(root, tmp_path / "cache2", weights=str(tmp_path / "other.pt"))
     with pytest.raises(FeatxError, match="weights_sha256.*Embed the images with --backbone tiny_cnn"):
-        heads.predict(head, [str(other.path)], out=tmp_path / "p.csv")
+        predict(head, [str(other.path)], out=tmp_path / "p.csv")
     r = CliRunner().invoke(cli, ["predict", "--head", head, str(other.path), "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 2 and "does not fit" in r.output
     # Images are refused before anything is embedded when the backbone cannot be rebuilt the same.
     with pytest.raises(FeatxError, match="weights_sha256"):
-        heads.predict(head, [root], weights=str(tmp_path / "other.pt"), cache_dir=tmp_path / "c3", progress=False)
+        predict(head, [root], weights=str(tmp_path / "other.pt"), cache_dir=tmp_path / "c3", progress=False)
     assert not (tmp_path / "c3").exists()
 
 
@@ -233,7 +240,7 @@ def test_predict_images_csv_matches_report_and_lists_bad_images(tiny_cache, tmp_
     bad.parent.mkdir()
     bad.write_bytes(b"not an image")
     out = tmp_path / "pred.csv"
-    pr = heads.predict(head, [val, bad], out=out, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    pr = predict(head, [val, bad], out=out, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 30 and pr["n_images"] == 30
     assert pr["n_failed"] == 1 and pr["failed"][0]["path"] == str(bad)
@@ -242,7 +249,7 @@ def test_predict_images_csv_matches_report_and_lists_bad_images(tiny_cache, tmp_
     for r in rows:
         assert abs(sum(float(r[f"p_{c}"]) for c in ("cats", "dogs", "owls")) - 1) < 1e-4
     # A second run reuses the cached features.
-    again = heads.predict(head, [val, bad], out=out, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    again = predict(head, [val, bad], out=out, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
     assert again["folder_accuracy"] == pr["folder_accuracy"]
 
 
@@ -250,7 +257,7 @@ def test_predict_images_csv_matches_report_and_lists_bad_images(tiny_cache, tmp_
 
 
 def test_heads_config_section_is_validated(tmp_path):
-    heads.validate_heads_section({"svm": {"C": [0.1, 1]}, "scoring": "balanced_accuracy"}, "x.yaml")
+    grids.validate_heads_section({"svm": {"C": [0.1, 1]}, "scoring": "balanced_accuracy"}, "x.yaml")
     for bad, msg in [
         ({"svn": {"C": [1]}}, "did you mean 'svm'"),
         ({"svm": {"C": [-1]}}, "positive"),
@@ -258,7 +265,7 @@ def test_heads_config_section_is_validated(tmp_path):
         ({"logreg": {"C": {"logspace": [1, 2]}}}, "start, stop, num"),
     ]:
         with pytest.raises(FeatxError, match=msg):
-            heads.validate_heads_section(bad, "x.yaml")
+            grids.validate_heads_section(bad, "x.yaml")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("heads:\n  svm:\n    C: [-1]\n")
     r = CliRunner().invoke(cli, ["--config", str(cfg), "probe", "--help"])
@@ -306,6 +313,6 @@ def test_probe_leaves_out_rows_with_nan_features(tiny_cache, tmp_path, caplog):
     shutil.copy(tiny_cache.path, path)
     with h5py.File(path, "r+") as f:
         f["features"][0] = np.nan  # a train row
-    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
         res = featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["split"]["n_train"] == 29 and "NaN/inf" in caplog.text

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featx
-from featx.cache import FeatureCache
+from featx.cache.store import FeatureCache
 from featx.data import discover
 
 # Pinned to the CPU: runs are compared with atol 1e-5, which bf16 autocast on CUDA would not meet.
@@ -574,7 +574,7 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path)
 
 def _parts_only(data: Path, cache: Path, monkeypatch) -> None:
     """Leave ``cache`` as a run killed right before its final write: all chunks, no final file."""
-    import featx.cache as fcache
+    import featx.cache.store as fcache
 
     real = fcache.atomic_commit
 
@@ -767,7 +767,7 @@ def test_damaged_parts_metadata_is_a_clear_error(kill_data, tmp_path: Path, monk
 
 
 def _enospc_on(monkeypatch, nth_chunk: int | None = None, final: Path | None = None) -> None:
-    import featx.cache as fcache
+    import featx.cache.store as fcache
 
     real = fcache.atomic_commit
     count = {"chunks": 0}
@@ -823,7 +823,7 @@ def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monke
 
 
 def test_disk_full_before_the_first_chunk(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
-    import featx.cache as fcache
+    import featx.cache.store as fcache
 
     real = fcache.atomic_commit
 

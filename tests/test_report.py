@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx import report
+from featx.base.io import write_json
+from featx.report import metrics as report
 
 
 def test_metrics_match_hand_computed_values():
@@ -86,5 +87,5 @@ def test_confusion_png_small_and_large(tmp_path):
 
 
 def test_write_json_is_strict(tmp_path):
-    p = report.write_json(tmp_path / "m.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3), "d": [np.int64(2)]})
+    p = write_json(tmp_path / "m.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3), "d": [np.int64(2)]})
     assert json.loads(p.read_text()) == {"a": None, "b": 0.5, "c": [0, 1, 2], "d": [2]}

@@ -8,7 +8,7 @@ import joblib
 import numpy as np
 import pytest
 
-from featx.torch_heads import (
+from featx.heads.torch_heads import (
     TorchKNN,
     TorchLinearSVC,
     TorchLogisticRegression,

@@ -36,7 +36,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from .errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
+from ..base.errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
+from ..base.io import atomic_commit, fsync_dir, sha256_file  # noqa: F401 - re-exported for old imports
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +50,10 @@ _BYTES = h5py.vlen_dtype(np.dtype("uint8"))
 # --------------------------------------------------------------------------- atomic files
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside ``path`` durable."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def atomic_commit(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """fsync ``tmp`` and rename it onto ``final`` (atomic on POSIX file systems)."""
-    fd = os.open(str(tmp), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(Path(final).parent)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (weights files, saved heads), read in 1 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint_digest(fp: dict) -> str:

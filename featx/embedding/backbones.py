@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cache import sha256_file
-from .errors import FeatxError
+from ..cache.store import sha256_file
+from ..base.errors import FeatxError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import FeatxError
+from ..base.errors import FeatxError
+from ..data.splits import plan_folds
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def _folds(y: np.ndarray, folds: int, seed: int) -> tuple[list[tuple[np.ndarray,
     """The CV splits the scikit-learn heads use (adaptive stratified, shuffled with ``seed``)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    from .heads import plan_folds
 
     plan = plan_folds(y, folds)
     cls = StratifiedKFold if plan["stratified"] else KFold

@@ -31,7 +31,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from .errors import FeatxError
+from ..base.errors import FeatxError
+from ..base.io import write_json
+from ..cache.store import FeatureCache, find_cache
+from ..data.splits import train_eval_split
+from ..embedding.runner import embed
+from ..heads.probing import probe
+from .train import STRATEGIES, finetune as run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,6 @@ STRATEGY_ORDER = ("head", "partial", "full")  # cheapest first
 
 
 def _strategies(strategies) -> list[str]:
-    from .finetune import STRATEGIES
 
     if strategies is None or strategies == "all":
         return list(STRATEGY_ORDER)
@@ -60,10 +65,6 @@ def _strategies(strategies) -> list[str]:
 
 def _run_probe(fc, **kwargs) -> dict:
     """The probe stage (a seam so tests can stand in a small result)."""
-    try:
-        from .heads import probe
-    except ImportError as exc:  # pragma: no cover - only while featx.heads is being written
-        raise FeatxError(f"featx compare needs featx.heads.probe, which cannot be imported ({exc})") from exc
     return probe(fc, **kwargs)
 
 
@@ -270,18 +271,14 @@ def compare(
     ``rows`` (one per method), ``table`` (Markdown), ``paths`` (json, markdown, chart),
     ``split``, ``settings`` and the full ``probe`` / ``finetune`` results.
     """
-    from .cache import FeatureCache
-    from .data import train_eval_split
 
     t0 = time.perf_counter()
     strategies = _strategies(strategy) if finetune else []
     if root is None and manifest is None:
-        from .cache import find_cache
 
         # No DATA: the given cache, else the newest one in cache_dir (as `featx probe` does).
         fc = FeatureCache(find_cache(cache, cache_dir=cache_dir))
     else:
-        from .embed import embed
 
         fc = embed(
             root, backbone=backbone, weights=weights, cache_dir=cache_dir, cache=cache, manifest=manifest,
@@ -318,7 +315,6 @@ def compare(
     # -- the fine-tunes
     ft_results: dict[str, dict] = {}
     if strategies:
-        from .finetune import finetune as run_finetune
 
         for s in strategies:
             r = run_finetune(
@@ -359,13 +355,12 @@ def compare(
         "seconds": time.perf_counter() - t0,
         "paths": {"json": str(base / "compare.json"), "markdown": str(base / "compare.md"), "chart": str(chart)},
     }
-    from .finetune import _atomic_json
 
     md = f"# featx compare: {dataset}\n\n{title}\n\n{table}\n"
     tmp = base / ".compare.md.tmp"
     tmp.write_text(md)
     os.replace(tmp, base / "compare.md")
-    _atomic_json(result, base / "compare.json")
+    write_json(base / "compare.json", result)
     log.info("compare: wrote %s, %s and %s", result["paths"]["markdown"], result["paths"]["json"], chart)
     return result
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from ..base.runtime import worker_init
+from ..data.images import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,6 @@ class _BytesDataset:
         return len(self.samples)
 
     def _cpu_item(self, i: int, path: str, mtime: int, size: int) -> _Item:
-        from .data import ImageLoadError, load_image
 
         if self._transform is None:
             self._transform = self.pre.pil_transform()
@@ -270,7 +271,6 @@ class _Preparer:
 
     def _pil_fallback(self, it: _Item):
         """A JPEG the device could not decode: decode it with PIL like the CPU path."""
-        from .data import ImageLoadError, load_image
 
         if self._pil_transform is None:
             self._pil_transform = self.pre.pil_transform()
@@ -395,7 +395,6 @@ def iter_gpu_features(
     import torch
     from torch.utils.data import DataLoader
 
-    from .embed import _worker_init
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -405,7 +404,7 @@ def iter_gpu_features(
     fwd = _make_forward(backbone, dev, compile=compile)
     kwargs = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=4, worker_init_fn=_worker_init)
+        kwargs.update(prefetch_factor=4, worker_init_fn=worker_init)
     loader = DataLoader(
         _BytesDataset(todo, backbone.preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_collate_items, pin_memory=False, **kwargs,

@@ -61,13 +61,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import FeatxError
+from ..base.errors import FeatxError
+from ..base.io import atomic_commit, write_json
+from ..base.runtime import default_num_workers, keep_heap_buffers, resolve_device, worker_init
+from ..cache.store import FeatureCache
+from ..data.images import load_or_blank
+from ..data.splits import carve_validation, train_eval_split
+from ..embedding.backbones import create_backbone
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("full", "partial", "head")
 CHECKPOINT_VERSION = 1
-VAL_MAX = 10_000  # the early-stopping slice never needs more images than this (accuracy +-1%)
 _BLOCK_CONTAINERS = ("blocks", "stages", "layers", "features", "encoder.layers", "encoder.layer", "trunk.blocks")
 
 
@@ -228,7 +233,6 @@ class _Images:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from .embed import load_or_blank
 
         r = int(self.rows[i])
         x, err = load_or_blank(self.paths[r], self.transform, crop=self.crop, draft_size=self.draft)
@@ -259,71 +263,23 @@ def _loader(ds, *, batch_size: int, num_workers: int, cuda: bool):
 
     kw: dict = {}
     if num_workers > 0:
-        from .embed import _worker_init
 
-        kw.update(prefetch_factor=4, worker_init_fn=_worker_init, persistent_workers=False)
+        kw.update(prefetch_factor=4, worker_init_fn=worker_init, persistent_workers=False)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda,
         **kw,
     )
 
 
-def default_num_workers(device: str) -> int:
-    """One loader worker per core on CUDA (at most 16); on the CPU the cores are needed for compute."""
-    n = os.cpu_count() or 1
-    if device.startswith("cuda"):
-        return max(1, min(n, 16))
-    return 0 if n <= 2 else min(4, n // 4)
 
 
-def carve_validation(train_idx: np.ndarray, labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split the training rows into (fit, val) for early stopping: stratified, seeded.
-
-    The evaluation rows are never touched, so the final number stays an honest estimate.
-    """
-    train_idx = np.asarray(train_idx)
-    if fraction <= 0 or len(train_idx) < 4:
-        return np.sort(train_idx), np.array([], dtype=np.int64)
-    from sklearn.model_selection import train_test_split
-
-    y = labels[train_idx]
-    counts = np.bincount(y)
-    present = int((counts > 0).sum())
-    n_val = min(max(1, int(math.ceil(fraction * len(train_idx)))), VAL_MAX)
-    stratify = y if counts[counts > 0].min() >= 2 and n_val >= present and len(train_idx) - n_val >= present else None
-    fit, val = train_test_split(train_idx, test_size=n_val, random_state=seed, stratify=stratify)
-    return np.sort(fit), np.sort(val)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    from .cache import atomic_commit
-
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        atomic_commit(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise FeatxError(
-            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or pass another "
-            "--out-dir, then rerun the same command to resume from the previous checkpoint"
-        ) from exc
 
 
-def _atomic_json(obj, path: Path) -> None:
-    from .cache import atomic_commit
-
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    atomic_commit(tmp, path)
 
 
 def _json_default(o):
@@ -378,7 +334,6 @@ def _seed_everything(seed: int) -> None:
 
 def _training_backbone(fc, weights):
     """Rebuild the cache's backbone and check it is the one that produced the cache."""
-    from .backbones import create_backbone
 
     name = fc.meta.get("backbone")
     if not name:
@@ -519,9 +474,6 @@ def finetune(
     """
     import torch
 
-    from .cache import FeatureCache
-    from .data import train_eval_split
-    from .embed import resolve_device
 
     t_start = time.perf_counter()
     fc = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
@@ -538,7 +490,6 @@ def finetune(
     dev = resolve_device(device)
     cuda = dev.startswith("cuda")
     if dev == "cpu":
-        from .embed import keep_heap_buffers
 
         keep_heap_buffers()  # large activations would otherwise be page-faulted in every layer
     workers = default_num_workers(dev) if num_workers is None else int(num_workers)
@@ -593,7 +544,7 @@ def finetune(
                 if f.name != "run.lock":
                     shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
         last_p, best_p, result_p = run_dir / "last.pt", run_dir / "best.pt", run_dir / "result.json"
-        _atomic_json(key_obj, run_dir / "settings.json")
+        write_json(run_dir / "settings.json", key_obj)
 
         if result_p.exists():
             try:
@@ -894,7 +845,7 @@ def finetune(
             "key": key,
             "reused": False,
         }
-        _atomic_json(result, result_p)
+        write_json(result_p, result)
         log.info(
             "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
             settings.strategy, m["accuracy"], m["balanced_accuracy"], m["macro_f1"], int(oke.sum()), _fmt_seconds(wall),
@@ -902,3 +853,21 @@ def finetune(
         return result
     finally:
         lock.release()
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, tmp)
+        atomic_commit(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise FeatxError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or pass another "
+            "--out-dir, then rerun the same command to resume from the previous checkpoint"
+        ) from exc

@@ -24,7 +24,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import FeatxError
+from ..base.errors import FeatxError
+from ..base.runtime import default_workers, resolve_device
+from ..cache.store import FeatureCache, fingerprint_digest
+from ..data.folders import Sample
+from .backbones import Backbone, create_backbone
+from .cpu import forward_fn, iter_cpu_batches
+from .runner import cache_fingerprint, embed
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,6 @@ def embed_files(
     head trained on other features).  Returns ``{"features": [n_ok, dim] float32, "ok":
     indices into paths, "failed": [(path, reason)], "fingerprint": dict, "cache": path|None}``.
     """
-    from .backbones import Backbone, create_backbone
-    from .embed import cache_fingerprint, default_workers, resolve_device
 
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(str(backbone), weights=weights)
@@ -84,13 +88,11 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
     import torch
     from tqdm.auto import tqdm
 
-    from .data import Sample
-    from .embed import _forward_fn, iter_cpu_batches
 
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     samples = [Sample(p, p, 0, "train") for p in paths]
-    fwd = _forward_fn(bb, device)
+    fwd = forward_fn(bb, device)
     feats = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
     failed: list[tuple[str, str]] = []
     bad: set[int] = set()
@@ -111,8 +113,6 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
 
 
 def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_size, num_workers, progress) -> dict:
-    from .cache import FeatureCache, fingerprint_digest
-    from .embed import embed
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     real = {p: Path(p).resolve().as_posix() for p in paths}
@@ -218,8 +218,6 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        from .backbones import create_backbone
-        from .embed import cache_fingerprint
 
         bb = create_backbone(self.backbone, weights=self.weights)
         self.backbone_ = bb
@@ -265,8 +263,6 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def _get_backbone(self):
         bb = getattr(self, "backbone_", None)
         if bb is None:
-            from .backbones import create_backbone
-            from .embed import cache_fingerprint
 
             bb = create_backbone(self.backbone, weights=self.weights)
             fp = cache_fingerprint(bb, "float32")

@@ -19,8 +19,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import FeatxError
+from .. import __version__
+from ..base.errors import FeatxError
+from ..base.runtime import default_workers, resolve_device
+from ..cache.store import Chunk, FeatureCache, PartsDir, acquire_lock, default_cache_path, fingerprint_digest, read_final_index, write_final
+from ..data.folders import discover
+from .backbones import create_backbone
+from .cpu import forward_fn, iter_cpu_batches
+from .gpu import iter_gpu_features
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +55,8 @@ class EmbedStats:
         return dict(self.__dict__)
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error with a fix."""
-    import torch
-
-    d = (device or "auto").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
-        return d
-    if d == "cpu":
-        return d
-    if d == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise FeatxError("--device mps: MPS is not available here; use --device cpu (or auto)")
-        return d
-    raise FeatxError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
 
 
-def default_workers() -> int:
-    n = os.cpu_count() or 1
-    return max(0, min(n, 16))
 
 
 def cache_fingerprint(backbone, dtype: str) -> dict:
@@ -83,128 +68,18 @@ def cache_fingerprint(backbone, dtype: str) -> dict:
     return fp
 
 
-class _ImageDataset:
-    """Map-style dataset: index -> (index, tensor, error, mtime_ns, size). Never raises."""
-
-    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None) -> None:
-        self.samples = samples
-        self.transform = transform
-        self.crop = crop
-        self.draft = draft_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        s = self.samples[i]
-        try:
-            st = os.stat(s.path)
-            mtime, size = st.st_mtime_ns, st.st_size
-        except OSError:
-            mtime, size = 0, -1
-        x, err = load_or_blank(s.path, self.transform, crop=self.crop, draft_size=self.draft)
-        return i, x, err, mtime, size
 
 
-def load_or_blank(path: str, transform, *, crop: int, draft_size: int | None):
-    """(transformed image, "") or (zero image, reason): a bad file must never stop a long run."""
-    import torch
-
-    from .data import ImageLoadError, load_image
-
-    try:
-        return transform(load_image(path, draft_size=draft_size)), ""
-    except ImageLoadError as exc:
-        err = str(exc)
-    except Exception as exc:  # noqa: BLE001 - anything a decoder or transform raises
-        err = f"{type(exc).__name__}: {exc}"
-    return torch.zeros(3, crop, crop), err
 
 
-def _collate(batch):
-    import torch
-
-    idx = [b[0] for b in batch]
-    x = torch.stack([b[1] for b in batch])
-    return idx, x, [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch]
 
 
-def iter_cpu_batches(samples, backbone, *, batch_size: int, num_workers: int, pin: bool, draft: bool = True):
-    """Yield (indices, images tensor, errors, mtimes, sizes) using a torch DataLoader."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    pre = backbone.preprocess
-    ds = _ImageDataset(samples, pre.pil_transform(), pre.crop, pre.resize if draft else None)
-    kwargs = {}
-    if num_workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-        # Each worker decodes on one thread; the main process keeps the rest for the network.
-        kwargs["worker_init_fn"] = _worker_init
-    loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=pin, **kwargs,
-    )
-    del torch
-    yield from loader
 
 
-def _worker_init(_):
-    import torch
-
-    torch.set_num_threads(1)
 
 
-def keep_heap_buffers() -> None:
-    """glibc only: keep freed activation buffers in the heap for the next batch.
-
-    With glibc's default 32 MB mmap threshold every large activation is mmapped, page-faulted
-    in and unmapped again per layer; on a small CPU machine that costs as much as the network.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
-def _forward_fn(backbone, device: str):
-    """Return f(x) -> float32 numpy features: channels_last everywhere, bf16 autocast on CUDA.
-
-    On the CPU two things matter more than anything else on small machines: channels_last
-    (oneDNN's fast convolution layout, ~1.4x for EfficientNet/ResNet) and keeping glibc from
-    returning every large activation buffer to the OS after each layer (with its default
-    32 MB mmap threshold, a batch of 64 at 224 px page-faults gigabytes per batch and the run
-    spends more time in the kernel than in the network).
-    """
-    import torch
-
-    model = backbone.model.to(device).eval()
-    cuda = device.startswith("cuda")
-    # The channels_last copy of the weights is made on the first batch, after the DataLoader
-    # has forked its workers: an OpenMP parallel region in the parent before fork() leaves
-    # libgomp's state broken in the children and their first tensor op hangs.
-    converted = []
-    if device == "cpu":
-        keep_heap_buffers()
-
-    def f(x):
-        if not converted:
-            model.to(memory_format=torch.channels_last)
-            converted.append(True)
-        with torch.inference_mode():
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            if cuda:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = model(x)
-            else:
-                y = model(x)
-            return y.float().cpu().numpy()
-
-    return f
 
 
 def _embed_chunks(
@@ -222,10 +97,8 @@ def _embed_chunks(
     """Run the network over ``todo`` and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
     from tqdm.auto import tqdm
 
-    from .cache import Chunk
 
     if engine == "gpu":
-        from .gpu import iter_gpu_features
 
         stream = iter_gpu_features(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
     else:
@@ -241,7 +114,7 @@ def _embed_chunks(
             threads = int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu
             torch.set_num_threads(threads)
             log.info("CPU layout: %d decode worker(s), %d intra-op thread(s) for the network", num_workers, threads)
-        fwd = _forward_fn(backbone, device)
+        fwd = forward_fn(backbone, device)
 
         def cpu_stream():
             for idx, x, errs, mts, szs in iter_cpu_batches(
@@ -310,17 +183,6 @@ def embed(
     """
     import torch
 
-    from .backbones import create_backbone
-    from .cache import (
-        FeatureCache,
-        PartsDir,
-        acquire_lock,
-        default_cache_path,
-        fingerprint_digest,
-        read_final_index,
-        write_final,
-    )
-    from .data import discover
 
     if batch_size is None or batch_size < 1:
         raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")

@@ -13,17 +13,14 @@ reported in :attr:`Dataset.skipped`), and every decode failure becomes an ``Imag
 from __future__ import annotations
 
 import csv
-import errno
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ImageFile
 
-from .errors import FeatxError
+from ..base.errors import FeatxError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +35,6 @@ IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageLoadError(Exception):
-    """An image could not be decoded; ``str(exc)`` is the reason recorded in the cache."""
 
 
 @dataclass(frozen=True)
@@ -354,175 +349,13 @@ def _discover_manifest(manifest: Path) -> Dataset:
     return Dataset(str(base), classes, samples, "manifest", skipped)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB, keeping 16-bit and float images' contrast."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
-        if img.mode == "I" and hi <= 65535 and lo >= 0:
-            lo, hi = 0.0, 65535.0 if hi > 255 else 255.0
-        scale = (hi - lo) or 1.0
-        arr8 = np.clip((arr - lo) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if img.mode in ("P", "PA") and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
-def _reason(text: str, path: str | os.PathLike) -> str:
-    """A failure reason without the file's own path (recorded beside it anyway) that is valid UTF-8.
-
-    Pillow and the OS put the path into their messages; a non-UTF-8 file name would then make
-    the reason unstorable in the cache's UTF-8 ``failed/reasons``.
-    """
-    p = os.fsdecode(path)
-    for form in (repr(p), p) if len(p) >= 4 else ():
-        text = text.replace(f": {form}", "").replace(form, "")
-    text = " ".join(text.replace(" :", ":").split()).rstrip(": ")
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _missing_reason(path: str | os.PathLike) -> str:
-    if os.path.islink(path):
-        return f"broken symlink (target {os.fsdecode(os.readlink(path))!r} does not exist)"
-    return "file not found (removed while running?)"
 
 
-def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image (first frame, EXIF-rotated).
-
-    ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding when the
-    image is at least twice that size, which makes CPU decoding of large photos several
-    times faster; the result is still at least ``draft_size`` on its short side.
-
-    Raises :class:`ImageLoadError` (never anything else) with a short reason for any file that
-    cannot be used: empty, truncated, not an image, too large, unreadable, broken link, ...
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if draft_size and im.format == "JPEG":
-                    # Keep the short side >= 2 * draft_size so the final antialiased resize still
-                    # does at least 2x: features stay within cosine 0.999 of a full decode.
-                    w, h = im.size
-                    scale = min(w, h) / (2.0 * draft_size)
-                    if scale >= 2:
-                        im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-                im.seek(0)
-                im.load()
-                try:
-                    im = ImageOps.exif_transpose(im)
-                except Exception as exc:  # noqa: BLE001 - a damaged EXIF block must not lose the image
-                    log.debug("ignoring unreadable EXIF orientation of %s: %s", path, exc)
-                return _to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(_reason(f"image too large (decompression-bomb limit): {exc}", path)) from None
-    except FileNotFoundError:
-        raise ImageLoadError(_missing_reason(path)) from None
-    except PermissionError:
-        raise ImageLoadError("permission denied (cannot read the file)") from None
-    except IsADirectoryError:
-        raise ImageLoadError("is a directory") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ImageLoadError("symlink loop (too many levels of symbolic links)") from None
-        if exc.errno is not None and exc.strerror:  # an OS-level read error (EIO, ...)
-            raise ImageLoadError(f"cannot read: {exc.strerror}") from None
-        try:
-            empty = os.path.getsize(path) == 0
-        except OSError:
-            empty = False
-        if empty:
-            raise ImageLoadError("empty file (0 bytes)") from None
-        msg = str(exc)
-        if "cannot identify image file" in msg:
-            raise ImageLoadError("not an image Pillow can decode") from None
-        if "truncated" in msg.lower():
-            raise ImageLoadError(_reason(f"truncated image: {msg}", path)) from None
-        raise ImageLoadError(_reason(f"cannot decode: {msg}", path)) from None
-    except MemoryError:
-        raise ImageLoadError("out of memory while decoding") from None
-    except Exception as exc:  # noqa: BLE001 - plugin bugs (struct.error, IndexError, ...) on odd files
-        raise ImageLoadError(_reason(f"cannot decode: {type(exc).__name__}: {exc}", path)) from None
 
 
-def train_eval_split(
-    labels: np.ndarray,
-    splits: np.ndarray,
-    *,
-    test_size: float = 0.2,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Row indices (train, eval) shared by the probe and the fine-tune, plus a description.
-
-    The evaluation split is the dataset's ``val`` split when it has one, else ``test``; only
-    when neither exists is a stratified hold-out of ``test_size`` drawn from ``train`` with
-    ``seed`` (classes too small to stratify fall back to a plain seeded shuffle).
-    """
-    labels = np.asarray(labels)
-    splits = np.asarray(splits)
-    train = np.flatnonzero(splits == "train")
-    for name in ("val", "test"):
-        ev = np.flatnonzero(splits == name)
-        if len(ev):
-            if not len(train):
-                raise FeatxError(f"the dataset has a {name!r} split but no 'train' split to train on; add train/<class>/ images")
-            return train, ev, {"kind": "split", "eval_split": name, "train_split": "train"}
-    if not 0 < test_size < 1:
-        raise FeatxError(f"--test-size must be between 0 and 1, got {test_size}")
-    if len(train) < 2:
-        raise FeatxError(
-            f"only {len(train)} training image(s): a hold-out split needs at least 2; add images or a val/ split"
-        )
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(labels[train]) if len(train) else np.array([])
-    n_eval = int(np.ceil(test_size * len(train)))
-    n_train = len(train) - n_eval
-    present = int((counts > 0).sum())
-    stratify = (
-        labels[train]
-        if len(counts) and counts[counts > 0].min() >= 2 and n_eval >= present and n_train >= present
-        else None
-    )
-    if stratify is None:
-        log.warning("some classes have fewer than 2 images: the hold-out split is not stratified")
-        tr, ev = _holdout_keeping_every_class(train, labels[train], n_eval, seed)
-    else:
-        tr, ev = train_test_split(train, test_size=test_size, random_state=seed, stratify=stratify)
-    return (
-        np.sort(tr),
-        np.sort(ev),
-        {"kind": "holdout", "eval_split": "train (held out)", "test_size": test_size, "seed": seed,
-         "stratified": stratify is not None},
-    )
 
 
-def _holdout_keeping_every_class(rows: np.ndarray, y: np.ndarray, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded hold-out of about ``n_eval`` rows that leaves every class at least one training row.
-
-    Used when stratifying is impossible: a class with a single image stays in training (it
-    could not be both learned and scored), so the head still sees every class.
-    """
-    rng = np.random.default_rng(seed)
-    left = dict(zip(*np.unique(y, return_counts=True)))
-    eval_pos: list[int] = []
-    for i in rng.permutation(len(rows)):
-        if len(eval_pos) >= n_eval:
-            break
-        if left[y[i]] >= 2:
-            left[y[i]] -= 1
-            eval_pos.append(int(i))
-    if not eval_pos:
-        raise FeatxError(
-            f"every class has a single training image ({len(rows)} images): nothing can be held out for "
-            "evaluation; add images, or a val/<class>/ split"
-        )
-    mask = np.zeros(len(rows), bool)
-    mask[eval_pos] = True
-    return rows[~mask], rows[mask]

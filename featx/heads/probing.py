@@ -16,197 +16,49 @@ Hyperparameters are only ever chosen by cross-validation on the training rows.
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
 import difflib
-import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .config import EXTRA_SECTIONS
-from .errors import FeatxError
+from .. import __version__
+from ..base.errors import FeatxError
+
+from ..base.io import write_json
+from ..base.runtime import resolve_device
+from ..cache.store import FeatureCache, find_cache
+from ..data.splits import plan_folds, train_eval_split
+from ..report.metrics import compute_metrics, markdown_table, plot_confusion
+from .grids import HEAD_NAMES, KERNELS, SMALL_PROBLEM, expand_values, resolve_grids, validate_heads_section
+from .persist import save_head
+from .torch_heads import create_torch_head
 
 log = logging.getLogger(__name__)
-
-HEAD_NAMES = ("logreg", "svm", "knn")
-KERNELS = ("linear", "rbf")
-SIDECAR_FORMAT = "featx-head/1"
-# Feature-matrix cells below which the search runs in-process with one BLAS thread per fit
-# (e.g. 3,000 images x 1,280 features); larger problems use n_jobs worker processes.
-SMALL_PROBLEM = 4_000_000
-
-# Grid keys: the head name, or "svm_rbf" for ``svm`` with ``kernel="rbf"``.  A value is a
-# list, or ``{"logspace": [start, stop, num]}`` (powers of ten).  Mirrored in the ``heads:``
-# section of configs/default.yaml, which overrides these.
-DEFAULT_GRIDS: dict[str, dict[str, Any]] = {
-    # The best C on real CNN features is often 1e-3 or below: the grid is wide on purpose.
-    "logreg": {"C": {"logspace": [-5, 3, 17]}},
-    "svm": {"C": {"logspace": [-6, 2, 17]}},
-    # Features are standardised then L2-normalised, so gamma ~ 1 is "one typical distance"
-    # whatever the feature dimension.
-    "svm_rbf": {"C": {"logspace": [-1, 3, 5]}, "gamma": {"logspace": [-2, 1, 7]}},
-    "knn": {"n_neighbors": [1, 3, 5, 7, 9, 15, 21, 31], "weights": ["uniform", "distance"], "metric": ["cosine"]},
-}
-GRID_PARAMS = {
-    "logreg": {"C"},
-    "svm": {"C"},
-    "svm_rbf": {"C", "gamma"},
-    "knn": {"n_neighbors", "weights", "metric"},
-}
-SCALAR_KEYS = {"scoring": str, "max_iter": int}
-DEFAULT_SCALARS = {"scoring": "accuracy", "max_iter": 2000}
-
 
 # --------------------------------------------------------------------------- grids / config
 
 
-def expand_values(spec: Any, *, where: str = "grid") -> list:
-    """A grid entry as a plain list: lists pass through, ``{"logspace": [a, b, n]}`` expands."""
-    if isinstance(spec, dict):
-        if set(spec) != {"logspace"}:
-            raise FeatxError(f"{where}: expected a list or {{logspace: [start, stop, num]}}, got {spec!r}")
-        ls = spec["logspace"]
-        if not (isinstance(ls, (list, tuple)) and len(ls) == 3 and all(isinstance(v, (int, float)) for v in ls)):
-            raise FeatxError(f"{where}: logspace needs [start, stop, num] (powers of ten), got {ls!r}")
-        if int(ls[2]) < 1:
-            raise FeatxError(f"{where}: logspace num must be >= 1, got {ls[2]}")
-        return [float(v) for v in np.logspace(float(ls[0]), float(ls[1]), int(ls[2]))]
-    if isinstance(spec, (list, tuple)):
-        if not spec:
-            raise FeatxError(f"{where}: the list of values is empty")
-        return list(spec)
-    return [spec]
 
 
-def _check_param_values(head: str, param: str, values: list, where: str) -> None:
-    for v in values:
-        if param in ("C",) and not (isinstance(v, (int, float)) and v > 0):
-            raise FeatxError(f"{where}: {param} values must be positive numbers, got {v!r}")
-        if param == "gamma" and not ((isinstance(v, (int, float)) and v > 0) or v in ("scale", "auto")):
-            raise FeatxError(f"{where}: gamma values must be positive numbers (or 'scale'/'auto'), got {v!r}")
-        if param == "n_neighbors" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise FeatxError(f"{where}: n_neighbors values must be integers >= 1, got {v!r}")
-        if param == "weights" and v not in ("uniform", "distance"):
-            raise FeatxError(f"{where}: weights values must be 'uniform' or 'distance', got {v!r}")
-        if param == "metric" and not isinstance(v, str):
-            raise FeatxError(f"{where}: metric values must be names such as 'cosine' or 'euclidean', got {v!r}")
 
 
-def validate_heads_section(section: dict, source: str = "configs/default.yaml") -> None:
-    """Validator for the free-form ``heads:`` config section (registered in EXTRA_SECTIONS)."""
-    if not isinstance(section, dict):
-        raise FeatxError(f"config {source}: section 'heads' must be a mapping")
-    for key, val in section.items():
-        where = f"config {source}: heads.{key}"
-        if key in SCALAR_KEYS:
-            if not isinstance(val, SCALAR_KEYS[key]) or isinstance(val, bool):
-                raise FeatxError(f"{where}: expected a {SCALAR_KEYS[key].__name__}, got {val!r}")
-            continue
-        if key not in GRID_PARAMS:
-            known = sorted(set(GRID_PARAMS) | set(SCALAR_KEYS))
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            raise FeatxError(
-                f"{where}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid keys: {', '.join(known)}"
-            )
-        if not isinstance(val, dict):
-            raise FeatxError(f"{where}: expected a mapping of parameter -> values, e.g. C: {{logspace: [-4, 4, 17]}}")
-        for param, spec in val.items():
-            if param not in GRID_PARAMS[key]:
-                raise FeatxError(
-                    f"{where}.{param}: unknown parameter; {key} searches {', '.join(sorted(GRID_PARAMS[key]))}"
-                )
-            values = expand_values(spec, where=f"{where}.{param}")
-            _check_param_values(key, param, values, f"{where}.{param}")
 
 
-EXTRA_SECTIONS["heads"] = validate_heads_section
 
 
-def resolve_grids(grids: dict | None = None) -> dict[str, Any]:
-    """Built-in grids, overridden by configs/default.yaml's ``heads:``, overridden by ``grids``.
-
-    Returns ``{"logreg": {"C": [..]}, ..., "scoring": "accuracy", "max_iter": 2000}`` with every
-    grid expanded to plain lists.
-    """
-    from .config import load_config, section
-
-    merged: dict[str, Any] = copy.deepcopy(DEFAULT_GRIDS)
-    merged.update(DEFAULT_SCALARS)
-    layers = [section(load_config(), "heads")]
-    if grids:
-        layers.append(grids)
-    for layer in layers:
-        validate_heads_section(layer, "grids" if layer is grids else "configs/default.yaml")
-        for k, v in layer.items():
-            if isinstance(v, dict):
-                merged[k] = {**merged.get(k, {}), **v}
-            else:
-                merged[k] = v
-    out: dict[str, Any] = {}
-    for k, v in merged.items():
-        out[k] = {p: expand_values(s, where=f"heads.{k}.{p}") for p, s in v.items()} if isinstance(v, dict) else v
-    return out
 
 
 # --------------------------------------------------------------------------- CV folds
 
 
-def plan_folds(y: np.ndarray, folds: int) -> dict:
-    """How many folds the training labels allow: fewer than asked when a class is small.
-
-    Stratified k-fold needs every class in every fold, so k is capped at the smallest class
-    count; with a class of a single image, stratification is impossible and plain shuffled
-    k-fold is used.  Never raises for small classes: the returned ``note`` says what happened.
-    """
-    y = np.asarray(y)
-    if folds < 2:
-        raise FeatxError(f"--folds must be at least 2, got {folds}")
-    classes, counts = np.unique(y, return_counts=True)
-    n = len(y)
-    if len(classes) < 2:
-        raise FeatxError(
-            f"the training split has only {len(classes)} class(es); a classifier needs at least 2. "
-            "Add images of other classes under train/<class>/"
-        )
-    smallest = int(counts.min())
-    small_name = classes[int(counts.argmin())]
-    if smallest >= folds:
-        return {"requested": folds, "used": folds, "stratified": True, "note": ""}
-    if smallest >= 2:
-        note = (
-            f"class {small_name!r} has only {smallest} training images, fewer than --folds {folds}: "
-            f"using {smallest}-fold stratified cross-validation"
-        )
-        return {"requested": folds, "used": smallest, "stratified": True, "note": note}
-    singles = [str(c) for c, k in zip(classes, counts) if k == 1]
-    rest = counts[counts >= 2]
-    if len(rest):
-        used = int(min(folds, rest.min()))
-        note = (
-            f"{len(singles)} class(es) have a single training image ({', '.join(singles[:5])}"
-            f"{', ...' if len(singles) > 5 else ''}): they stay in every CV training fold and are not scored; "
-            f"using {used}-fold stratified cross-validation on the other classes. Add images for trustworthy "
-            "hyperparameters"
-        )
-        return {"requested": folds, "used": used, "stratified": True, "note": note, "singletons_in_train": len(singles)}
-    used = max(2, min(folds, n // 2))
-    note = (
-        "every class has a single training image, so cross-validation cannot score anything meaningful: "
-        f"using plain shuffled {used}-fold cross-validation. Add images"
-    )
-    return {"requested": folds, "used": used, "stratified": False, "note": note}
 
 
 def cv_splits(y: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -423,7 +275,6 @@ def _wants_cuda(device: str) -> bool:
         # Importing torch only to learn there is no GPU costs seconds; no NVIDIA driver, no CUDA.
         if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")):
             return False
-    from .embed import resolve_device
 
     return resolve_device(d).startswith("cuda")
 
@@ -461,14 +312,9 @@ def create_head(
 
     if _wants_cuda(device):
         try:
-            from .torch_heads import create_torch_head
-        except ImportError as exc:
-            log.warning("GPU heads are not available (%s); training the %s head with scikit-learn on the CPU", exc, name)
-        else:
-            try:
-                return create_torch_head(name, grid=g, folds=folds, seed=seed, device=device, kernel=kernel)
-            except NotImplementedError as exc:
-                log.warning("no GPU implementation of head %r (%s); using scikit-learn on the CPU", name, exc)
+            return create_torch_head(name, grid=g, folds=folds, seed=seed, device=device, kernel=kernel)
+        except NotImplementedError as exc:
+            log.warning("no GPU implementation of head %r (%s); using scikit-learn on the CPU", name, exc)
 
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import Pipeline
@@ -502,113 +348,22 @@ def create_head(
 # --------------------------------------------------------------------------- save / load
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    from .cache import sha256_file  # lazy: h5py is not needed to import featx.heads
-
-    return sha256_file(path)
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix(".json")
 
 
-def save_head(estimator, path: str | os.PathLike, *, sidecar: dict) -> Path:
-    """Write ``path`` (joblib) and its JSON sidecar (with the file's sha256); returns ``path``."""
-    import joblib
-    import sklearn
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    joblib.dump(estimator, tmp)
-    os.replace(tmp, path)
-    meta = dict(sidecar)
-    meta.update(
-        format=SIDECAR_FORMAT,
-        sha256=_sha256(path),
-        model_file=path.name,
-        featx_version=__version__,
-        sklearn_version=sklearn.__version__,
-        joblib_version=joblib.__version__,
-        python_version=platform.python_version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    from .report import write_json
-
-    write_json(sidecar_path(path), meta)
-    return path
 
 
-def load_head(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Load a saved head after checking its sidecar and sha256; returns (estimator, sidecar).
-
-    Heads are pickles: a file whose checksum does not match its sidecar is never unpickled.
-    """
-    import joblib
-    import sklearn
-
-    path = Path(path)
-    if path.suffix == ".json":
-        path = path.with_suffix(".joblib")
-    if not path.is_file():
-        raise FeatxError(f"head file {str(path)!r} does not exist; pass a .joblib file written by `featx probe`")
-    sc = sidecar_path(path)
-    if not sc.is_file():
-        raise FeatxError(
-            f"head {str(path)!r} has no sidecar {sc.name}; featx refuses to unpickle a head it cannot verify. "
-            "Re-create it with `featx probe`"
-        )
-    try:
-        meta = json.loads(sc.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FeatxError(f"head sidecar {str(sc)!r} is unreadable ({exc}); re-create the head with `featx probe`") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "sha256" not in meta:
-        raise FeatxError(f"{str(sc)!r} is not a featx head sidecar ({SIDECAR_FORMAT}); re-create the head with `featx probe`")
-    digest = _sha256(path)
-    if digest != meta["sha256"]:
-        raise FeatxError(
-            f"head {str(path)!r} does not match the sha256 in {sc.name} (file {digest[:12]}..., sidecar "
-            f"{str(meta['sha256'])[:12]}...): it was modified or damaged, so it was NOT unpickled. "
-            "Re-create it with `featx probe`"
-        )
-    if meta.get("sklearn_version") != sklearn.__version__:
-        log.warning(
-            "head %s was saved with scikit-learn %s, this is %s; predictions may differ",
-            path, meta.get("sklearn_version"), sklearn.__version__,
-        )
-    est = joblib.load(path)
-    return est, meta
 
 
-FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess")
 
 
-def check_head_compatible(sidecar: dict, fingerprint: dict, *, dim: int | None = None, what: str = "these features") -> None:
-    """Refuse to apply a head to features from another backbone, weights or preprocessing."""
-    trained = sidecar.get("fingerprint_dict") or {}
-    def show(k: str, v: Any) -> str:
-        return repr(v[:12] + "...") if k == "weights_sha256" and isinstance(v, str) else repr(v)
-
-    diffs = [
-        f"{k}: head trained on {show(k, trained.get(k))}, {what} has {show(k, fingerprint.get(k))}"
-        for k in FINGERPRINT_KEYS
-        if trained.get(k) != fingerprint.get(k)
-    ]
-    if dim is not None and sidecar.get("dim") not in (None, dim):
-        diffs.append(f"feature dimension: head expects {sidecar.get('dim')}, {what} has {dim}")
-    if diffs:
-        raise FeatxError(
-            f"head {sidecar.get('model_file', '?')} does not fit {what}: " + "; ".join(diffs)
-            + f". Embed the images with --backbone {trained.get('backbone')} (same weights), or train a head on "
-            "this cache with `featx probe`"
-        )
 
 
 # --------------------------------------------------------------------------- probe
 
 
 def _open_cache(cache, cache_dir: str | os.PathLike):
-    from .cache import FeatureCache, find_cache
 
     if isinstance(cache, FeatureCache):
         return cache
@@ -641,7 +396,7 @@ def _heads_list(head: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _scores(est, X) -> np.ndarray | None:
+def scores_of(est, X) -> np.ndarray | None:
     if hasattr(est, "predict_proba"):
         return np.asarray(est.predict_proba(X))
     if hasattr(est, "decision_function"):
@@ -688,8 +443,6 @@ def probe(
     ``metrics.json``, ``report.md``, ``confusion_<head>.png`` and ``<head>.joblib`` (+ sidecar)
     to ``out_dir`` (default ``runs/probe-<cache stem>/``) and returns the same dict.
     """
-    from .data import train_eval_split
-    from .report import compute_metrics, markdown_table, plot_confusion, write_json
 
     names = _heads_list(head)
     if kernel not in KERNELS:
@@ -763,7 +516,7 @@ def probe(
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred = np.asarray(est.predict(X_ev))
-        scores = _scores(est, X_ev)
+        scores = scores_of(est, X_ev)
         pred_s = time.perf_counter() - t0
         est_classes = np.asarray(getattr(est, "classes_", np.unique(y_tr)))
         m = compute_metrics(y_ev, pred, classes=fc.classes, scores=scores, score_labels=est_classes)
@@ -838,110 +591,5 @@ def probe(
 # --------------------------------------------------------------------------- predict
 
 
-def _collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
-    """(absolute path, folder class) for every image file given or found below given folders."""
-    from .data import is_image_name
-
-    out: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in sorted(filenames):
-                    if is_image_name(fn):
-                        out.append((os.path.abspath(os.path.join(dirpath, fn)), os.path.basename(dirpath)))
-        elif p.exists() or p.is_symlink():
-            out.append((os.path.abspath(p), p.parent.name))
-        else:
-            raise FeatxError(f"{str(p)!r} does not exist; pass image files or folders of images")
-    return list(dict.fromkeys(out))
 
 
-def predict(
-    head: str | os.PathLike,
-    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
-    *,
-    out: str | os.PathLike | None = None,
-    weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike = "cache",
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
-
-    Images are embedded with the head's backbone via :func:`featx.embed.embed` into a cache
-    under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
-    ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
-    cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
-    another backbone, weights or preprocessing is refused.
-    """
-    from .cache import FeatureCache
-    from .report import write_json
-
-    est, meta = load_head(head)
-    classes: list[str] = list(meta.get("classes") or [])
-    est_classes = np.asarray(meta.get("estimator_classes") or getattr(est, "classes_", range(len(classes))))
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
-        raise FeatxError("pass image files or folders (or a .h5 cache) to predict on")
-    failed: list[tuple[str, str]] = []
-    if len(inputs) == 1 and str(inputs[0]).endswith(".h5") and Path(inputs[0]).is_file():
-        fc = FeatureCache(inputs[0])
-        check_head_compatible(meta, fc.fingerprint_dict, dim=fc.dim, what=f"cache {fc.path.name}")
-        X = fc.features()
-        paths = fc.paths()
-        folder = [fc.classes[i] for i in fc.labels()]
-        failed = list(fc.failed)
-    else:
-        from .extractor import embed_files, resolve_weights
-
-        items = _collect_inputs(inputs)
-        if not items:
-            raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
-        w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
-        emb = embed_files(
-            [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
-            device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
-        )
-        X = emb["features"]
-        ok = emb["ok"]
-        paths = [items[i][0] for i in ok]
-        folder = [items[i][1] for i in ok]
-        failed = emb["failed"]
-    t0 = time.perf_counter()
-    pred = np.asarray(est.predict(X)) if len(X) else np.zeros(0, dtype=int)
-    scores = _scores(est, X) if len(X) else np.zeros((0, len(est_classes)))
-    pred_s = time.perf_counter() - t0
-    score_kind = "p" if hasattr(est, "predict_proba") else "score"
-    names = [classes[int(c)] if classes else str(c) for c in est_classes]
-    pred_names = [classes[int(c)] if classes else str(c) for c in pred]
-    out_path = Path(out) if out is not None else Path("runs") / f"predict-{Path(head).stem}.csv"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="", encoding="utf-8") as fh:
-        w_ = csv.writer(fh)
-        w_.writerow(["path", "predicted", "folder"] + [f"{score_kind}_{n}" for n in names])
-        for i, p in enumerate(paths):
-            w_.writerow([p, pred_names[i], folder[i]] + [f"{v:.6g}" for v in scores[i]])
-    known = [i for i, f in enumerate(folder) if f in classes]
-    acc = float(np.mean([pred_names[i] == folder[i] for i in known])) if known else None
-    res = {
-        "head": str(head),
-        "head_name": meta.get("head"),
-        "backbone": meta.get("backbone"),
-        "csv": str(out_path),
-        "n_images": len(paths),
-        "n_failed": len(failed),
-        "failed": [{"path": p, "reason": r} for p, r in failed],
-        "counts": {n: int(sum(1 for q in pred_names if q == n)) for n in names},
-        "n_with_folder_class": len(known),
-        "folder_accuracy": acc,
-        "predict_seconds": pred_s,
-    }
-    write_json(out_path.with_suffix(".json"), res)
-    return res

@@ -9,7 +9,6 @@ atomically with numpy values converted.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -23,37 +22,10 @@ MAX_JSON_MATRIX = 50
 MAX_PLOT_CLASSES = 30
 
 
-def _json_default(o: Any):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _clean(o: Any) -> Any:
-    """NaN/inf become null so that the file is strict JSON."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented strict JSON via a temporary file and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, score_labels: Sequence[int], k: int = 5) -> float:

@@ -1,0 +1,63 @@
+"""Where and how work runs: the device, worker counts, per-process thread and heap settings."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import FeatxError
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error with a fix."""
+    import torch
+
+    d = (device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+        return d
+    if d == "cpu":
+        return d
+    if d == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise FeatxError("--device mps: MPS is not available here; use --device cpu (or auto)")
+        return d
+    raise FeatxError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def default_workers() -> int:
+    n = os.cpu_count() or 1
+    return max(0, min(n, 16))
+
+
+def worker_init(_: int) -> None:
+    """DataLoader worker: decode on one thread, leave the other cores to the network."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def keep_heap_buffers() -> None:
+    """glibc only: keep freed activation buffers in the heap for the next batch.
+
+    With glibc's default 32 MB mmap threshold every large activation is mmapped, page-faulted
+    in and unmapped again per layer; on a small CPU machine that costs as much as the network.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def default_num_workers(device: str) -> int:
+    """One loader worker per core on CUDA (at most 16); on the CPU the cores are needed for compute."""
+    n = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return max(1, min(n, 16))
+    return 0 if n <= 2 else min(4, n // 4)

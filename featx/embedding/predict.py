@@ -1,0 +1,127 @@
+"""Apply a saved head to image files: embed them with the head's backbone, write a CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ..base.errors import FeatxError
+import time
+from typing import Sequence
+import numpy as np
+from ..base.io import write_json
+from ..cache.store import FeatureCache
+from ..data.folders import is_image_name
+from ..heads.persist import check_head_compatible, load_head
+from ..heads.probing import scores_of
+from .extractor import embed_files, resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+def _collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """(absolute path, folder class) for every image file given or found below given folders."""
+
+    out: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fn in sorted(filenames):
+                    if is_image_name(fn):
+                        out.append((os.path.abspath(os.path.join(dirpath, fn)), os.path.basename(dirpath)))
+        elif p.exists() or p.is_symlink():
+            out.append((os.path.abspath(p), p.parent.name))
+        else:
+            raise FeatxError(f"{str(p)!r} does not exist; pass image files or folders of images")
+    return list(dict.fromkeys(out))
+
+
+def predict(
+    head: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike = "cache",
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
+
+    Images are embedded with the head's backbone via :func:`featx.embed.embed` into a cache
+    under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
+    ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
+    cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
+    another backbone, weights or preprocessing is refused.
+    """
+
+    est, meta = load_head(head)
+    classes: list[str] = list(meta.get("classes") or [])
+    est_classes = np.asarray(meta.get("estimator_classes") or getattr(est, "classes_", range(len(classes))))
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise FeatxError("pass image files or folders (or a .h5 cache) to predict on")
+    failed: list[tuple[str, str]] = []
+    if len(inputs) == 1 and str(inputs[0]).endswith(".h5") and Path(inputs[0]).is_file():
+        fc = FeatureCache(inputs[0])
+        check_head_compatible(meta, fc.fingerprint_dict, dim=fc.dim, what=f"cache {fc.path.name}")
+        X = fc.features()
+        paths = fc.paths()
+        folder = [fc.classes[i] for i in fc.labels()]
+        failed = list(fc.failed)
+    else:
+
+        items = _collect_inputs(inputs)
+        if not items:
+            raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
+        w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
+        emb = embed_files(
+            [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
+            device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+        )
+        X = emb["features"]
+        ok = emb["ok"]
+        paths = [items[i][0] for i in ok]
+        folder = [items[i][1] for i in ok]
+        failed = emb["failed"]
+    t0 = time.perf_counter()
+    pred = np.asarray(est.predict(X)) if len(X) else np.zeros(0, dtype=int)
+    scores = scores_of(est, X) if len(X) else np.zeros((0, len(est_classes)))
+    pred_s = time.perf_counter() - t0
+    score_kind = "p" if hasattr(est, "predict_proba") else "score"
+    names = [classes[int(c)] if classes else str(c) for c in est_classes]
+    pred_names = [classes[int(c)] if classes else str(c) for c in pred]
+    out_path = Path(out) if out is not None else Path("runs") / f"predict-{Path(head).stem}.csv"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", newline="", encoding="utf-8") as fh:
+        w_ = csv.writer(fh)
+        w_.writerow(["path", "predicted", "folder"] + [f"{score_kind}_{n}" for n in names])
+        for i, p in enumerate(paths):
+            w_.writerow([p, pred_names[i], folder[i]] + [f"{v:.6g}" for v in scores[i]])
+    known = [i for i, f in enumerate(folder) if f in classes]
+    acc = float(np.mean([pred_names[i] == folder[i] for i in known])) if known else None
+    res = {
+        "head": str(head),
+        "head_name": meta.get("head"),
+        "backbone": meta.get("backbone"),
+        "csv": str(out_path),
+        "n_images": len(paths),
+        "n_failed": len(failed),
+        "failed": [{"path": p, "reason": r} for p, r in failed],
+        "counts": {n: int(sum(1 for q in pred_names if q == n)) for n in names},
+        "n_with_folder_class": len(known),
+        "folder_accuracy": acc,
+        "predict_seconds": pred_s,
+    }
+    write_json(out_path.with_suffix(".json"), res)
+    return res
