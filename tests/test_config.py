@@ -258,3 +258,10 @@ def test_the_package_alone_has_the_defaults(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == yaml.safe_load((CONFIGS / "default.yaml").read_text())
+
+
+def test_new_style_optional_fields_work_like_optional():
+    hint = int | None
+    assert convert_value(None, hint) is None and convert_value(3, hint) == 3
+    with pytest.raises(ValueError, match="not a valid integer"):
+        convert_value("x", hint)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def _shown(value: Any) -> str:
 
 def convert_value(value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (no lossy casts), or ValueError with click's wording."""
-    if typing.get_origin(hint) is Union:
+    if typing.get_origin(hint) in (Union, types.UnionType):  # Optional[int] or int | None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(hint)):
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from typing import Any, Callable, Literal, Union
 
@@ -13,7 +14,7 @@ from .settings import Settings, field_types
 
 
 def _click_type(hint: Any, path: str | None) -> Any:
-    if typing.get_origin(hint) is Union:
+    if typing.get_origin(hint) in (Union, types.UnionType):  # Optional[int] or int | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return click.Choice(list(typing.get_args(hint)))
@@ -38,8 +39,7 @@ def click_option(f: dataclasses.Field, hint: Any) -> Callable:
     else:
         kwargs["type"] = _click_type(hint, meta.get("path"))
         kwargs["default"] = f.default
-        if f.default is not None:
-            kwargs["show_default"] = True
+        kwargs["show_default"] = True  # nothing shown for None, unless --config sets a value
         if meta.get("required"):
             kwargs["required"] = True
     return click.option(*decls, f.name, **kwargs)
