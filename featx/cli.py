@@ -1,7 +1,23 @@
 """The ``featx`` command line: parse options, make one library call, print the result.
 
-Only this module prints. Defaults come from ``configs/default.yaml`` (``--config FILE`` to
-override); every library error (:class:`featx.FeatxError`) is shown as one line with its fix.
+Only this module prints; every library error (:class:`featx.FeatxError`) is shown as one line
+with its fix (exit 2).  Options are not written here: each command's options are the fields of
+its dataclass in :mod:`featx.config.settings` (type, default, help), which also define the
+``--config FILE`` schema, ``configs/default.yaml`` and ``featx config``.
+
+Adding an option is adding one field, e.g. to ``ProbeSettings``::
+
+    max_train_rows: Optional[int] = option(None, "Train on at most this many rows (stratified).")
+
+``@settings_options(ProbeSettings)`` turns it into ``--max-train-rows INTEGER``, a config key
+``probe.max_train_rows`` is accepted (type-checked), and ``s.library_kwargs()`` passes it to the
+library call as ``max_train_rows=`` (``lib="other_name"`` renames it; ``lib=None`` keeps it for
+the CLI alone, e.g. ``--json``).  Then regenerate the defaults file, which a test compares:
+``featx config --yaml > configs/default.yaml``.  ``flags=("--x", "-x")`` sets the spellings,
+``path="file"``/``"dir"`` makes it a path, a ``Literal[...]`` type makes it a choice,
+``flag(...)`` makes a switch, and ``file=False`` leaves it out of the rendered defaults (per-run
+paths and terminal switches).  A new command: a new ``Settings`` dataclass with its ``section``,
+added to ``SETTINGS``, and ``@settings_options(NewSettings)`` on its function below.
 """
 
 from __future__ import annotations
@@ -10,51 +26,23 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import EXTRA_SECTIONS, load_config
 from .base.errors import CacheWriteError, FeatxError
+from .config import (
+    SETTINGS, CompareSettings, EmbedSettings, InfoSettings, PredictSettings, ProbeSettings, default_values,
+    explain, format_entries, merge, nest, read_config, render_yaml,
+)
+from .config.options import command_line_values, settings_options
+from .heads import grids as heads_grids  # noqa: F401 - registers the check of the "heads:" grid values (no sklearn)
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _validate_config(cfg: dict, group: click.Group, ctx: click.Context) -> dict:
-    """Turn the config into click's default_map; unknown keys and wrong types are errors."""
-    source = cfg.get("_source", {}).get("path", "configs/default.yaml")
-    default_map: dict[str, dict] = {}
-    for sec, values in cfg.items():
-        if sec == "_source":
-            continue
-        if sec in EXTRA_SECTIONS:
-            EXTRA_SECTIONS[sec](values, source)
-            continue
-        cmd = group.commands.get(sec)
-        if cmd is None:
-            known = sorted(set(group.commands) | set(EXTRA_SECTIONS))
-            raise FeatxError(f"config {source}: unknown section {sec!r}; known sections: {', '.join(known)}")
-        params = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
-        converted = {}
-        for key, val in values.items():
-            if key not in params:
-                raise FeatxError(
-                    f"config {source}: unknown key {sec}.{key}; valid keys for {sec}: {', '.join(sorted(params))}"
-                )
-            p = params[key]
-            if val is not None:
-                try:
-                    val = p.type_cast_value(ctx, val)
-                except click.BadParameter as exc:
-                    raise FeatxError(f"config {source}: {sec}.{key}: {exc.message}") from None
-            converted[key] = val
-        default_map[sec] = converted
-    return default_map
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:
@@ -136,7 +124,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML file overriding configs/default.yaml (same sections and keys).")
+              help="YAML file overriding the built-in defaults (same sections and keys as `featx config --yaml`).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
@@ -144,15 +132,65 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     and compare with end-to-end fine-tuning."""
     quiet = "--quiet" in sys.argv[1:] or "-q" in sys.argv[1:]
     _setup_logging(verbose, quiet)
-    from .heads import grids as _grids  # noqa: F401 - registers the free-form "heads:" section (no sklearn import)
-
     try:
-        cfg = load_config(config_path)
-        ctx.default_map = _validate_config(cfg, cli, ctx)
+        file_cfg = read_config(config_path) if config_path is not None else {}
     except FeatxError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         ctx.exit(2)
-    ctx.obj = {"config": cfg}
+    # Values from the file become click's defaults (the dataclass defaults are the options' own).
+    ctx.default_map = {sec: values for sec, values in file_cfg.items() if sec in SETTINGS}
+    cfg = merge(default_values(), file_cfg)
+    ctx.obj = {"config": cfg, "config_path": config_path}
+
+
+def _heads_config() -> dict:
+    """The merged ``heads:`` section (built-in grids, overridden by --config)."""
+    return (click.get_current_context().obj or {}).get("config", {}).get("heads")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the values as a commented config file to copy and edit.")
+@click.option("--json", "as_json", is_flag=True, help="Print values and sources as JSON.")
+@click.argument("command", required=False, type=click.Choice(list(SETTINGS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def config(ctx: click.Context, as_yaml: bool, as_json: bool, command: str | None, args: tuple[str, ...]) -> None:
+    """Show the effective settings of COMMAND (default: all) and where each value comes from:
+    the built-in default, the --config file, or the command line (ARGS, as you would give them
+    to COMMAND).  Options of `featx config` itself go before COMMAND.
+
+    \b
+    featx config                                   every section, built-in defaults
+    featx --config my.yaml config probe            probe (and heads): default or file
+    featx --config my.yaml config probe --head knn ... and what the command line changes
+    featx config --yaml > my.yaml                  a complete config file to edit
+    """
+    cli_values: dict = {}
+    sections = None
+    if command is not None:
+        sub = cli.commands.get(command)
+        if sub is None and args:
+            raise click.UsageError(f"{command!r} is a config section, not a command: it takes no options")
+        if sub is not None:
+            cli_values = command_line_values(sub, list(args), ctx.parent)
+        sections = [command, *SETTINGS[command].also]
+    path = ctx.obj.get("config_path")
+    entries = explain(path, sections, cli_values)
+    if as_json:
+        rows = [{"key": e.name, "value": e.value, "source": e.source} for e in entries]
+        click.echo(json.dumps({"config_file": path, "settings": rows}, indent=2))
+    elif as_yaml:
+        plain = path is None and not cli_values
+        header = None if plain else (
+            f"# featx settings: built-in defaults, overridden by {path or 'no file'} and the command line "
+            "(rendered by `featx config --yaml`)\n"
+        )
+        click.echo(render_yaml(nest(entries), **({} if plain else {"header": header})), nl=False)
+    else:
+        click.echo(format_entries(entries, path))
 
 
 # --------------------------------------------------------------------------- embed
@@ -160,40 +198,18 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 @cli.command()
 @click.argument("data", type=click.Path(), required=False)
-@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns path,label[,split] instead of a folder.")
-@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True,
-              help="Registered backbone, torchvision model name, or timm:<name>.")
-@click.option("--weights", default=None, help="Local state-dict file, or 'random'. Default: pretrained weights.")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False), help="Exact cache file path.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="DataLoader workers (default: one per core, at most 16).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
-@click.option("--chunk-size", default=1024, show_default=True, type=int, help="Images per committed chunk.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
-              help="gpu: decode JPEGs on the GPU (CUDA only).")
-@click.option("--limit", default=None, type=int, help="At most this many images per split (quick runs).")
-@click.option("--overwrite", is_flag=True, help="Discard an existing cache (or unfinished work) for these settings.")
-@click.option("--strict", is_flag=True, help="Exit non-zero if any image fails to load.")
-@click.option("--no-wait", is_flag=True, help="Fail at once if another process is writing this cache.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
-def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, workers, device, dtype,
-          chunk_size, engine, limit, overwrite, strict, no_wait, quiet, as_json) -> None:
+@settings_options(EmbedSettings)
+def embed(data: str | None, s: EmbedSettings) -> None:
     """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
-    from .embedding.runner import embed as run_embed
+    from .embedding.runner import embed as run_embed  # torch: not imported for --help
 
-    if data is None and manifest is None:
+    if data is None and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
-    fc = run_embed(
-        data, manifest=manifest, backbone=backbone, weights=weights, cache_dir=cache_dir, cache=cache_path,
-        batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, chunk_size=chunk_size,
-        engine=engine, limit=limit, overwrite=overwrite, strict=False, progress=not quiet, wait=not no_wait,
-    )
+    # strict is checked below, after the failures are listed.
+    fc = run_embed(data, **s.library_kwargs(), strict=False, progress=not s.quiet, wait=not s.no_wait)
     summary = fc.summary()
     stats = fc.stats.to_dict()
-    if as_json:
+    if s.as_json:
         click.echo(json.dumps({"cache": summary, "run": stats}, indent=2))
     else:
         _print_cache_summary(summary, stats)
@@ -201,7 +217,7 @@ def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, 
             click.echo(f"  failed: {key}: {reason}")
         if len(fc.failed) > 20:
             click.echo(f"  ... and {len(fc.failed) - 20} more (featx info --failed {fc.path})")
-    if strict and fc.failed:
+    if s.strict and fc.failed:
         raise FeatxError(f"--strict: {len(fc.failed)} image(s) failed to load (listed above); the cache was still written")
 
 
@@ -210,24 +226,22 @@ def embed(data, manifest, backbone, weights, cache_dir, cache_path, batch_size, 
 
 @cli.command()
 @click.argument("cache", type=click.Path(), required=False)
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--failed", "show_failed", is_flag=True, help="List every image that failed to load.")
-@click.option("--json", "as_json", is_flag=True)
-def info(cache, cache_dir, show_failed, as_json) -> None:
+@settings_options(InfoSettings)
+def info(cache: str | None, s: InfoSettings) -> None:
     """Summarise CACHE (default: the newest cache in --cache-dir)."""
-    from .cache.store import FeatureCache, find_cache
+    from .cache.store import FeatureCache, find_cache  # h5py: not imported for --help
 
-    fc = FeatureCache(find_cache(cache, cache_dir=cache_dir))
+    fc = FeatureCache(find_cache(cache, cache_dir=s.cache_dir))
     summary = fc.summary()
-    if as_json:
+    if s.as_json:
         summary["failed_images"] = [{"path": k, "reason": r} for k, r in fc.failed]
         click.echo(json.dumps(summary, indent=2))
         return
     _print_cache_summary(summary)
     failed = fc.failed
-    for key, reason in failed if show_failed else failed[:20]:
+    for key, reason in failed if s.show_failed else failed[:20]:
         click.echo(f"  failed: {key}: {reason}")
-    if not show_failed and len(failed) > 20:
+    if not s.show_failed and len(failed) > 20:
         click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
 
 
@@ -236,66 +250,13 @@ def info(cache, cache_dir, show_failed, as_json) -> None:
 
 @cli.command()
 @click.argument("data", type=click.Path(), required=False)
-@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
-              help="Exact cache file (embedded from DATA if missing; used as is when DATA is omitted).")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns path,label[,split] instead of a folder.")
-@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, help="Backbone of the cache.")
-@click.option("--weights", default=None, help="Local state-dict file, or 'random'. Default: pretrained weights.")
-@click.option("--limit", default=None, type=int, help="At most this many images per split (quick runs).")
-@click.option("--head", default="all", show_default=True, help="Probe heads: all, or a comma list (logreg,svm,knn).")
-@click.option("--kernel", default="linear", show_default=True, help="SVM kernel for the probe.")
-@click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds of the probe's search.")
-@click.option("--test-size", default=0.2, show_default=True, type=float,
-              help="Hold-out fraction when the data has no val/test split (shared by probe and fine-tune).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--finetune/--no-finetune", default=False, show_default=True,
-              help="Also fine-tune the backbone end to end and compare.")
-@click.option("--strategy", default="all", show_default=True,
-              help="Fine-tune strategies: all, or a comma list of full, partial, head.")
-@click.option("--epochs", default=10, show_default=True, type=int, help="Fine-tune epochs (early stopping may end sooner).")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Fine-tune batch size.")
-@click.option("--lr", default=3e-3, show_default=True, type=float, help="Peak learning rate of the new linear layer.")
-@click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
-              help="Backbone learning rate = --lr times this.")
-@click.option("--weight-decay", default=0.05, show_default=True, type=float, help="AdamW weight decay.")
-@click.option("--warmup-epochs", default=1.0, show_default=True, type=float,
-              help="Linear warm-up (at most a fifth of all steps), then cosine decay.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=float)
-@click.option("--partial-blocks", default=2, show_default=True, type=int,
-              help="Blocks trained by --strategy partial (counted from the end).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=float,
-              help="Slice of the training rows used for early stopping (0: none).")
-@click.option("--patience", default=3, show_default=True, type=int, help="Early-stopping patience in epochs.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=None, type=int, help="Fine-tune DataLoader workers (default: per device).")
-@click.option("--n-jobs", default=-1, show_default=True, type=int, help="CPU jobs for the probe's search.")
-@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
-              help="Where the report and checkpoints go (default runs/compare-<cache name>).")
-@click.option("--checkpoint-seconds", default=600.0, show_default=True, type=float,
-              help="Also checkpoint within an epoch this often (0: only at epoch ends).")
-@click.option("--overwrite", is_flag=True, help="Retrain fine-tunes instead of resuming or reusing finished ones.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; only the table.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, head, kernel, folds, test_size, seed,
-            finetune, strategy, epochs, batch_size, lr, backbone_lr_scale, weight_decay, warmup_epochs,
-            label_smoothing, partial_blocks, val_fraction, patience, device, workers, n_jobs, out_dir,
-            checkpoint_seconds, overwrite, quiet, as_json) -> None:
+@settings_options(CompareSettings)
+def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
-    from .finetune.comparison import compare as run_compare
+    from .finetune.comparison import compare as run_compare  # torch: not imported for --help
 
-    cfg = (click.get_current_context().obj or {}).get("config") or {}
-    result = run_compare(
-        data, cache=cache_path, cache_dir=cache_dir, manifest=manifest, backbone=backbone, weights=weights,
-        limit=limit, head=head, kernel=kernel, folds=folds, test_size=test_size, seed=seed, finetune=finetune,
-        strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        partial_blocks=partial_blocks, val_fraction=val_fraction, patience=patience, device=device,
-        num_workers=workers, n_jobs=n_jobs, grids=cfg.get("heads"), out_dir=out_dir,
-        checkpoint_seconds=checkpoint_seconds,
-        overwrite=overwrite, progress=not quiet,
-    )
-    if as_json:
+    result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet)
+    if s.as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
     split = result["split"]
@@ -314,33 +275,13 @@ def compare(data, cache_path, cache_dir, manifest, backbone, weights, limit, hea
 
 @cli.command()
 @click.argument("cache", type=click.Path(), required=False)
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
-              help="Where to look for the newest cache when CACHE is not given.")
-@click.option("--head", default="svm", show_default=True, help="logreg, svm, knn, all, or a comma list.")
-@click.option("--kernel", default="linear", show_default=True, type=click.Choice(["linear", "rbf"]),
-              help="SVM kernel (rbf searches C and gamma).")
-@click.option("--test-size", default=0.2, show_default=True, type=float,
-              help="Hold-out fraction when the cache has no val/test split.")
-@click.option("--folds", default=5, show_default=True, type=int, help="Cross-validation folds for the hyperparameter search.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (GPU heads when available).")
-@click.option("--n-jobs", default=-1, show_default=True, type=int, help="CPU jobs for the search (-1: all cores).")
-@click.option("--out-dir", default=None, type=click.Path(file_okay=False),
-              help="Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).")
-@click.option("--no-save", is_flag=True, help="Do not write the fitted heads.")
-@click.option("--quiet", "-q", is_flag=True, help="No log lines; only the table.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def probe(cache, cache_dir, head, kernel, test_size, folds, seed, device, n_jobs, out_dir, no_save, quiet,
-          as_json) -> None:
+@settings_options(ProbeSettings)
+def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
-    from .heads.probing import probe as run_probe
+    from .heads.probing import probe as run_probe  # scikit-learn: not imported for --help
 
-    cfg = (click.get_current_context().obj or {}).get("config") or {}
-    result = run_probe(
-        cache, head=head, kernel=kernel, test_size=test_size, folds=folds, seed=seed, device=device,
-        n_jobs=n_jobs, out_dir=out_dir, grids=cfg.get("heads"), save=not no_save, cache_dir=cache_dir,
-    )
-    if as_json:
+    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save)
+    if s.as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
     if result["cv"].get("note"):
@@ -356,27 +297,13 @@ def probe(cache, cache_dir, head, kernel, test_size, folds, seed, device, n_jobs
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--head", "head_path", required=True, type=click.Path(dir_okay=False),
-              help="A .joblib head written by `featx probe` (its .json sidecar must be beside it).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="CSV to write (default: runs/predict-<head>.csv).")
-@click.option("--weights", default=None, help="Backbone weights file if the head's cannot be found here.")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
-              help="Image features are cached under <cache-dir>/predict/.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="DataLoader workers (default: one per core, at most 16).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def predict(inputs, head_path, out, weights, cache_dir, device, batch_size, workers, quiet, as_json) -> None:
+@settings_options(PredictSettings)
+def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
     """Classify INPUTS (image files, folders, or a featx .h5 cache) with a saved head; write a CSV."""
-    from .embedding.predict import predict as run_predict
+    from .embedding.predict import predict as run_predict  # torch: not imported for --help
 
-    result = run_predict(
-        head_path, list(inputs), out=out, weights=weights, cache_dir=cache_dir, device=device,
-        batch_size=batch_size, num_workers=workers, progress=not quiet,
-    )
-    if as_json:
+    result = run_predict(s.head_path, list(inputs), **s.library_kwargs(), progress=not s.quiet)
+    if s.as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
     click.echo(f"predicted {result['n_images']} images with {result['head_name']} ({result['backbone']}) -> {result['csv']}")

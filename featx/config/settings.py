@@ -1,0 +1,280 @@
+"""Every option of every command, once: one frozen dataclass per command (and one for the heads' grids).
+
+Each field carries its type, its default and its help text.  From these the command-line options
+are generated (:mod:`featx.config.options`), YAML files are checked (:mod:`featx.config.loader`),
+``configs/default.yaml`` is rendered (:mod:`featx.config.render`) and the library functions take
+their defaults (``defaults("compare").epochs``).  Nothing here imports click, numpy or torch.
+
+Field metadata (all optional, see :func:`option`):
+  ``help``       the ``--help`` text, also the comment in the rendered YAML.
+  ``flags``      the option's spellings; default ``--field-name`` (``("--json",)`` for ``as_json``).
+  ``path``       ``"file"`` or ``"dir"``: the option is a path (click shows FILE / DIRECTORY).
+  ``required``   the option must be given (``predict --head``).
+  ``lib``        the library keyword it feeds (default: the field name; None: the CLI handles it).
+  ``file``       rendered in ``configs/default.yaml`` and ``featx config`` (False for per-run paths
+                 and terminal switches such as ``--json``; a config file may still set them).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
+
+# Keyword the library call receives for each field, when it differs (see ``lib=``).
+_SAME = object()
+
+# Hyperparameter grids searched by CV.  A value is a list, or ``{"logspace": [start, stop, num]}``
+# (powers of ten).  Grid keys: a head name, or "svm_rbf" for ``svm`` with ``kernel="rbf"``.
+DEFAULT_GRIDS: dict[str, dict[str, Any]] = {
+    # The best C on real CNN features is often 1e-3 or below: the grid is wide on purpose.
+    "logreg": {"C": {"logspace": [-5, 3, 17]}},
+    "svm": {"C": {"logspace": [-6, 2, 17]}},
+    # Features are standardised then L2-normalised, so gamma ~ 1 is "one typical distance"
+    # whatever the feature dimension.
+    "svm_rbf": {"C": {"logspace": [-1, 3, 5]}, "gamma": {"logspace": [-2, 1, 7]}},
+    "knn": {"n_neighbors": [1, 3, 5, 7, 9, 15, 21, 31], "weights": ["uniform", "distance"], "metric": ["cosine"]},
+}
+DEFAULT_SCALARS: dict[str, Any] = {"scoring": "accuracy", "max_iter": 2000}
+
+
+def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), path: str | None = None,
+           required: bool = False, lib: Any = _SAME, file: bool = True, factory: Any = None) -> Any:
+    """A dataclass field that is also a command-line option and a config-file key."""
+    meta = {"help": help, "flags": tuple(flags), "path": path, "required": required, "lib": lib, "file": file}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(help: str = "", *, flags: tuple[str, ...] = (), lib: Any = _SAME, file: bool = False) -> Any:
+    """A boolean switch, off by default (``--overwrite``); ``flags=("--a/--no-a",)`` for a pair."""
+    return option(False, help, flags=flags, lib=lib, file=file)
+
+
+# Options shared by several commands: one definition each, so their defaults cannot drift.
+def _cache_dir(help: str = "") -> Any:
+    return option("cache", help, path="dir")
+
+
+def _device(help: str = "auto, cpu, cuda or cuda:N.") -> Any:
+    return option("auto", help)
+
+
+def _workers(help: str = "DataLoader workers (default: one per core, at most 16).") -> Any:
+    return option(None, help, lib="num_workers")
+
+
+def _weights() -> Any:
+    return option(None, "Local state-dict file, or 'random'. Default: pretrained weights.")
+
+
+def _quiet(help: str) -> Any:
+    return flag(help, flags=("--quiet", "-q"), lib=None)
+
+
+def _json(help: str = "") -> Any:
+    return flag(help, flags=("--json",), lib=None)
+
+
+_LIMIT_HELP = "At most this many images per split (quick runs)."
+_MANIFEST_HELP = "CSV with columns path,label[,split] instead of a folder."
+_CACHE_DIR_HELP = "Folder that holds the caches."
+_NEWEST_HELP = "Where to look for the newest cache when CACHE is not given."
+Kernel = Literal["linear", "rbf"]
+
+
+class Settings:
+    """Behaviour shared by the per-command dataclasses."""
+
+    section: ClassVar[str] = ""
+    also: ClassVar[tuple[str, ...]] = ()  # other sections the command reads (shown by `featx config COMMAND`)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (the settings saved beside a run's results)."""
+        return dataclasses.asdict(self)
+
+    def library_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the command's library call, named as the library names them."""
+        out = {}
+        for f in dataclasses.fields(self):
+            lib = f.metadata.get("lib", _SAME)
+            if lib is not None:
+                out[f.name if lib is _SAME else lib] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def describe(cls) -> str:
+        """First line of the class docstring (the section's comment in the YAML)."""
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+@dataclass(frozen=True)
+class EmbedSettings(Settings):
+    """`featx embed DATA`: embed an image folder with a frozen CNN into a crash-safe cache."""
+
+    section: ClassVar[str] = "embed"
+    manifest: Optional[str] = option(None, _MANIFEST_HELP, path="file", file=False)
+    backbone: str = option("efficientnet_lite0", "Registered backbone, torchvision model name, or timm:<name>.",
+                           flags=("--backbone", "-b"))
+    weights: Optional[str] = _weights()
+    cache_dir: str = _cache_dir(_CACHE_DIR_HELP)
+    cache_path: Optional[str] = option(None, "Exact cache file path.", flags=("--cache",), path="file", lib="cache",
+                                       file=False)
+    batch_size: int = option(64, "Images per forward pass.")
+    workers: Optional[int] = _workers()
+    device: str = _device()
+    dtype: Literal["float32", "float16"] = option("float32", "Feature type in the cache (float16 halves its size).")
+    chunk_size: int = option(1024, "Images per committed chunk.")
+    engine: Literal["auto", "cpu", "gpu"] = option("auto", "gpu: decode JPEGs on the GPU (CUDA only).")
+    limit: Optional[int] = option(None, _LIMIT_HELP)
+    overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
+    strict: bool = flag("Exit non-zero if any image fails to load.", lib=None, file=True)
+    no_wait: bool = flag("Fail at once if another process is writing this cache.", lib=None, file=True)
+    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = _json("Print the cache summary as JSON.")
+
+
+@dataclass(frozen=True)
+class InfoSettings(Settings):
+    """`featx info [CACHE]`: summarise a cache."""
+
+    section: ClassVar[str] = "info"
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    show_failed: bool = flag("List every image that failed to load.", flags=("--failed",), lib=None)
+    as_json: bool = _json()
+
+
+@dataclass(frozen=True)
+class ProbeSettings(Settings):
+    """`featx probe [CACHE]`: scikit-learn heads on a cache, hyperparameters chosen by CV on the training rows."""
+
+    section: ClassVar[str] = "probe"
+    also: ClassVar[tuple[str, ...]] = ("heads",)
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    head: str = option("svm", "logreg, svm, knn, all, or a comma list.")
+    kernel: Kernel = option("linear", "SVM kernel (rbf searches C and gamma).")
+    test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split.")
+    folds: int = option(5, "Cross-validation folds for the hyperparameter search.")
+    seed: int = option(0, "Seed of the hold-out split and the CV folds.")
+    device: str = _device("auto, cpu or cuda (GPU heads when available).")
+    n_jobs: int = option(-1, "CPU jobs for the search (-1: all cores).")
+    out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).",
+                                    path="dir", file=False)
+    no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
+    quiet: bool = _quiet("No log lines; only the table.")
+    as_json: bool = _json("Print the whole result as JSON.")
+
+
+@dataclass(frozen=True)
+class CompareSettings(Settings):
+    """`featx compare [DATA]`: probe heads vs end-to-end fine-tuning on the same splits."""
+
+    section: ClassVar[str] = "compare"
+    also: ClassVar[tuple[str, ...]] = ("heads",)
+    cache_path: Optional[str] = option(
+        None, "Exact cache file (embedded from DATA if missing; used as is when DATA is omitted).",
+        flags=("--cache",), path="file", lib="cache", file=False)
+    cache_dir: str = _cache_dir(_CACHE_DIR_HELP)
+    manifest: Optional[str] = option(None, _MANIFEST_HELP, path="file", file=False)
+    backbone: str = option("efficientnet_lite0", "Backbone of the cache.", flags=("--backbone", "-b"))
+    weights: Optional[str] = _weights()
+    limit: Optional[int] = option(None, _LIMIT_HELP)
+    head: str = option("all", "Probe heads: all, or a comma list (logreg,svm,knn).")
+    kernel: Kernel = option("linear", "SVM kernel for the probe.")
+    folds: int = option(5, "Cross-validation folds of the probe's search.")
+    test_size: float = option(
+        0.2, "Hold-out fraction when the data has no val/test split (shared by probe and fine-tune).")
+    seed: int = option(0, "Seed of the hold-out split, the CV folds and the fine-tunes.")
+    finetune: bool = option(False, "Also fine-tune the backbone end to end and compare.",
+                            flags=("--finetune/--no-finetune",))
+    strategy: str = option("all", "Fine-tune strategies: all, or a comma list of full, partial, head.")
+    epochs: int = option(10, "Fine-tune epochs (early stopping may end sooner).")
+    batch_size: int = option(32, "Fine-tune batch size.")
+    lr: float = option(3e-3, "Peak learning rate of the new linear layer.")
+    backbone_lr_scale: float = option(0.1, "Backbone learning rate = --lr times this.")
+    weight_decay: float = option(0.05, "AdamW weight decay.")
+    warmup_epochs: float = option(1.0, "Linear warm-up (at most a fifth of all steps), then cosine decay.")
+    label_smoothing: float = option(0.1, "Label smoothing of the fine-tune loss.")
+    partial_blocks: int = option(2, "Blocks trained by --strategy partial (counted from the end).")
+    val_fraction: float = option(0.1, "Slice of the training rows used for early stopping (0: none).")
+    patience: int = option(3, "Early-stopping patience in epochs.")
+    device: str = _device()
+    workers: Optional[int] = _workers("Fine-tune DataLoader workers (default: per device).")
+    n_jobs: int = option(-1, "CPU jobs for the probe's search.")
+    out_dir: Optional[str] = option(None, "Where the report and checkpoints go (default runs/compare-<cache name>).",
+                                    path="dir", file=False)
+    checkpoint_seconds: float = option(600.0, "Also checkpoint within an epoch this often (0: only at epoch ends).")
+    overwrite: bool = flag("Retrain fine-tunes instead of resuming or reusing finished ones.")
+    quiet: bool = _quiet("No progress bars or log lines; only the table.")
+    as_json: bool = _json("Print the whole result as JSON.")
+
+
+@dataclass(frozen=True)
+class PredictSettings(Settings):
+    """`featx predict --head FILE INPUTS...`: apply a saved head to images; writes a CSV."""
+
+    section: ClassVar[str] = "predict"
+    head_path: Optional[str] = option(
+        None, "A .joblib head written by `featx probe` (its .json sidecar must be beside it).",
+        flags=("--head",), path="file", required=True, lib=None, file=False)
+    out: Optional[str] = option(None, "CSV to write (default: runs/predict-<head>.csv).", path="file", file=False)
+    weights: Optional[str] = option(None, "Backbone weights file if the head's cannot be found here.", file=False)
+    cache_dir: str = _cache_dir("Image features are cached under <cache-dir>/predict/.")
+    device: str = _device()
+    batch_size: int = option(64, "Images per forward pass.")
+    workers: Optional[int] = _workers()
+    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = _json("Print the result as JSON.")
+
+
+def _grid(name: str) -> Any:
+    return lambda: copy.deepcopy(DEFAULT_GRIDS[name])
+
+
+_GRID_HELP = "a list of values, or {logspace: [start, stop, num]} (powers of ten)"
+
+
+@dataclass(frozen=True)
+class HeadsSettings(Settings):
+    """Hyperparameter grids of the heads (used by probe and compare), searched by CV on the training rows."""
+
+    section: ClassVar[str] = "heads"
+    scoring: str = option(DEFAULT_SCALARS["scoring"],
+                          "Any scikit-learn scorer name, e.g. balanced_accuracy for skewed classes.")
+    max_iter: int = option(DEFAULT_SCALARS["max_iter"], "Solver iterations of logreg / linear SVM.")
+    logreg: dict = option(help=f"Logistic regression: C, {_GRID_HELP}.", factory=_grid("logreg"))
+    svm: dict = option(help=f"Linear SVM: C, {_GRID_HELP}.", factory=_grid("svm"))
+    svm_rbf: dict = option(help="SVM with --kernel rbf: C and gamma (features are standardised and "
+                                "L2-normalised first).", factory=_grid("svm_rbf"))
+    knn: dict = option(help="kNN: n_neighbors, weights (uniform, distance), metric (e.g. cosine, euclidean).",
+                       factory=_grid("knn"))
+
+    def grids(self) -> dict[str, dict[str, Any]]:
+        """The four grids, keyed as in DEFAULT_GRIDS."""
+        return {k: copy.deepcopy(getattr(self, k)) for k in DEFAULT_GRIDS}
+
+
+# Section name -> dataclass.  A new command adds its dataclass here (and in featx/cli.py).
+SETTINGS: dict[str, type[Settings]] = {
+    cls.section: cls
+    for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, HeadsSettings)
+}
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type[Settings]) -> dict[str, Any]:
+    """Resolved type hints of the dataclass fields (``Optional[int]``, ``Literal[...]``...)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def defaults(section: str) -> Settings:
+    """The built-in defaults of one section, e.g. ``defaults("compare").epochs`` (a fresh instance)."""
+    try:
+        return SETTINGS[section]()
+    except KeyError:
+        raise KeyError(f"no settings section {section!r}; known: {', '.join(SETTINGS)}") from None
