@@ -31,13 +31,16 @@ FORMATS = ("parquet", "npy", "csv")
 CHUNK_ROWS = 8192
 
 
-def _blocks(fc: FeatureCache, *, view: str | None, chunk_rows: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, np.ndarray]]:
+def _view_kwargs(fc: FeatureCache, view: str | None) -> dict:
+    if view is None:
+        return {}
+    if "view" not in inspect.signature(fc.iter_features).parameters:
+        raise FeatxError(f"--view {view!r}: cache {fc.path.name} stores no feature views; drop --view")
+    return {"view": view}
+
+
+def _blocks(fc: FeatureCache, *, kw: dict, chunk_rows: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, np.ndarray]]:
     """(features, keys, labels, split codes) for consecutive blocks of rows, in cache order."""
-    kw = {}
-    if view is not None:
-        if "view" not in inspect.signature(fc.iter_features).parameters:
-            raise FeatxError(f"--view {view!r}: cache {fc.path.name} stores no feature views; drop --view")
-        kw["view"] = view
     start = 0
     with h5py.File(fc.path, "r") as f:
         for feats in fc.iter_features(None, rows=chunk_rows, **kw):
@@ -45,6 +48,15 @@ def _blocks(fc: FeatureCache, *, view: str | None, chunk_rows: int) -> Iterator[
             keys = [decode_key(k) for k in f["paths"][start:stop]]
             yield feats, keys, f["labels"][start:stop].astype(np.int64), f["split"][start:stop]
             start = stop
+
+
+def _utf8(key: str) -> str:
+    """A key that is valid UTF-8 text (non-UTF-8 file names come back as surrogates; Parquet strings cannot hold them)."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def cache_metadata(fc: FeatureCache) -> dict[str, str]:
@@ -75,7 +87,7 @@ def _export_parquet(fc: FeatureCache, out: Path, blocks, split_names: list[str])
         for feats, keys, labels, codes in blocks:
             flat = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1), type=pa.float32())
             w.write_table(pa.table(
-                [pa.array(keys, pa.string()), pa.array(classes[labels], pa.string()), pa.array(labels, pa.int64()),
+                [pa.array([_utf8(k) for k in keys], pa.string()), pa.array(classes[labels], pa.string()), pa.array(labels, pa.int64()),
                  pa.array(names[codes], pa.string()), pa.FixedSizeListArray.from_arrays(flat, fc.dim)],
                 schema=schema,
             ))
@@ -88,7 +100,7 @@ def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> 
     tmp = _tmp_for(out)
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(fc), fc.dim))
     pos = 0
-    with open(_tmp_for(rows_csv), "w", newline="", encoding="utf-8") as fh:
+    with open(_tmp_for(rows_csv), "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["row", "path", "label", "label_index", "split"])
         for feats, keys, labels, codes in blocks:
@@ -106,7 +118,7 @@ def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> 
 
 def _export_csv(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> None:
     tmp = _tmp_for(out)
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # file names byte for byte
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["path", "label", "label_index", "split"] + [f"f{j}" for j in range(fc.dim)])
         for feats, keys, labels, codes in blocks:
@@ -142,7 +154,7 @@ def export_cache(
         raise FeatxError(f"--out {str(out)!r} is a folder; give a file name such as {out / (fc.path.stem + '.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     split_names = json.loads(fc.meta["split_names"])
-    blocks = _blocks(fc, view=view, chunk_rows=chunk_rows)
+    blocks = _blocks(fc, kw=_view_kwargs(fc, view), chunk_rows=chunk_rows)
     try:
         if fmt == "parquet":
             _export_parquet(fc, out, blocks, split_names)
@@ -152,9 +164,11 @@ def export_cache(
         else:
             _export_csv(fc, out, blocks, split_names)
             files = [out]
-    except OSError as exc:
+    except BaseException as exc:  # no half-written temporary files left behind, whatever stopped us
         for f in (out, out.with_suffix(".rows.csv"), out.with_suffix(".meta.json")):
             _tmp_for(f).unlink(missing_ok=True)
-        raise FeatxError(f"could not write {out} ({exc}); free disk space or choose another --out") from exc
+        if isinstance(exc, OSError):
+            raise FeatxError(f"could not write {out} ({exc}); free disk space or choose another --out") from exc
+        raise
     log.info("export: %d rows x %d features -> %s", len(fc), fc.dim, ", ".join(map(str, files)))
     return {"out": str(out), "files": [str(f) for f in files], "rows": len(fc), "dim": fc.dim, "format": fmt}

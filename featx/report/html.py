@@ -45,7 +45,7 @@ section{background:#fff;border:1px solid #e3e7ec;border-radius:8px;padding:4px 1
 .meta{color:#556;font-size:.9em}.note{color:#556;font-size:.9em}.warn{color:#8a4b00}
 nav a{margin-right:.8em;white-space:nowrap}code,.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;overflow-wrap:anywhere}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.4em 0;font-size:.9em}
-th,td{padding:3px 8px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+th,td{padding:3px 8px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .bar{display:inline-block;height:9px;background:#4a7fd4;border-radius:2px;vertical-align:middle}
 img.fig{max-width:100%;height:auto;display:block;margin:.4em 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(132px,1fr));gap:10px}
@@ -289,7 +289,7 @@ def _header(run: RunFiles, sections: list[tuple[str, str]]) -> Markup:
     info = run.cache_info
     src = run.metrics or run.compare or run.fewshot or {}
     dataset = Path(str(info.get("root") or "")).name or run.run_dir.name
-    nav = join(Markup(f'<a href="#{esc(sid)}">{esc(title)}</a>') for sid, title in sections)
+    nav = join((Markup(f'<a href="#{esc(sid)}">{esc(title)}</a>') for sid, title in sections), " ")
     meta = (f"run <span class=\"path\">{esc(run.run_dir)}</span> · created {esc(src.get('created', '?'))} · "
             f"backbone {esc(info.get('backbone'))} · cache fingerprint <code>{esc(str(info.get('fingerprint') or '')[:12])}</code>"
             f" · featx {esc(src.get('featx_version') or __version__)}")
