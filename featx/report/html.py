@@ -54,7 +54,7 @@ figure.thumb img{display:block;margin:0 auto 4px;max-width:100%;height:auto}figu
 .t{color:#1b7a3a}.p{color:#b3261e}
 table.cm td{text-align:center;min-width:2.2em;border:1px solid #fff}table.cm th.row{white-space:nowrap;font-weight:normal}
 table.cm th.col{vertical-align:bottom;padding:2px}table.cm th.col span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;font-weight:normal}
-table.cm.dense td{min-width:0;width:10px;height:10px;padding:0;font-size:0;border:0}table.cm.dense th{font-size:8px;line-height:10px;padding:0 3px}
+table.cm.dense td{min-width:0;width:9px;height:9px;padding:0;font-size:0;border:0}table.cm.dense th{font-size:8px;line-height:9px;padding:0 3px 0 0}table.cm.dense th.col{padding:0 0 3px;width:9px;max-width:9px}
 td.q0{background:#fff}td.q1{background:#eef4fb}td.q2{background:#d9e7f6}td.q3{background:#bcd5ee}td.q4{background:#98bde3}
 td.q5{background:#6fa2d6;color:#fff}td.q6{background:#4b86c6;color:#fff}td.q7{background:#2f69b0;color:#fff}td.q8{background:#1d4f92;color:#fff}td.q9{background:#0f3470;color:#fff}
 table.cm td.diag{outline:1px solid #1b7a3a;outline-offset:-1px}

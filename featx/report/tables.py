@@ -105,9 +105,12 @@ def confusion_html(cm: np.ndarray, classes: Sequence[str], *, numbers_up_to: int
     for i in range(n):
         cells = []
         for j in range(n):
-            q = 0 if cm[i, j] == 0 else 1 + min(8, int(share[i, j] * 9))
+            if cm[i, j] == 0:  # most cells at 120 classes: keep them to a few bytes
+                cells.append('<td class="diag"></td>' if i == j else "<td></td>")
+                continue
+            q = 1 + min(8, int(share[i, j] * 9))
             title = f"{classes[i]} → {classes[j]}: {int(cm[i, j])} of {int(support[i])}"
-            text = str(int(cm[i, j])) if small and cm[i, j] else ""
+            text = str(int(cm[i, j])) if small else ""
             extra = " diag" if i == j else ""
             cells.append(f'<td class="q{q}{extra}" title="{esc(title)}">{text}</td>')
         rows.append(f'<tr><th class="row">{esc(classes[i])} <small>({int(support[i])})</small></th>{"".join(cells)}</tr>')
