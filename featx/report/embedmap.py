@@ -115,8 +115,10 @@ def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str
     rows, xy = np.asarray(coords["rows"]), np.asarray(coords["xy"])
     lab = np.asarray(labels)[rows]
     n_cls = len(classes)
-    cmap = plt.get_cmap("tab10" if n_cls <= 10 else "tab20" if n_cls <= 20 else "turbo")
-    colors = cmap(np.arange(n_cls) % cmap.N if n_cls <= 20 else np.linspace(0, 1, max(n_cls, 2)))
+    if n_cls <= 20:  # tab20's strong shades first, its light ones only past 10 classes
+        colors = plt.get_cmap("tab20")(np.r_[np.arange(0, 20, 2), np.arange(1, 20, 2)][:n_cls])
+    else:
+        colors = plt.get_cmap("turbo")(np.linspace(0, 1, n_cls))
     fig, ax = plt.subplots(figsize=(8, 6.5), dpi=100)
     is_eval = np.isin(rows, np.asarray(eval_rows, dtype=np.int64))
     size = 9 if len(rows) > 1000 else 16

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .. import __version__
 from ..base.errors import FeatxError
@@ -186,8 +187,6 @@ def section_mistakes(preds: list[Prediction] | None, head: str, root: str, thumb
     for p in shown:
         th = make_thumbnail(root, p.path, thumbs_dir) if root else None
         if th is not None:
-            from PIL import Image
-
             with Image.open(th) as im:
                 w, h = im.size
             pic = f'<img src="{data_uri(th, "image/jpeg")}" width="{w}" height="{h}" alt="{esc(p.path)}">'
@@ -199,7 +198,8 @@ def section_mistakes(preds: list[Prediction] | None, head: str, root: str, thumb
                      f'</figcaption></figure>')
     note = (f"{len(wrong)} of {len(preds)} evaluation images are misclassified"
             + (f"; the {len(shown)} most confidently wrong are shown" if len(wrong) > len(shown) else "")
-            + ". Most confident mistakes first; the percentage is the head's probability for the predicted class.")
+            + f". Most confident mistakes first; the percentage is {head}'s probability for the predicted class"
+            + f" ({head} is the head with the best accuracy).")
     return _section("mistakes", title, join([_p(note), Markup(f'<div class="grid">{"".join(cards)}</div>')]))
 
 
