@@ -151,7 +151,8 @@ def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[
         idx = {c: i for i, c in enumerate(classes)}
         cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
         for p in preds:
-            cm[idx[p.true], idx[p.pred]] += 1
+            if p.true in idx and p.pred in idx:  # a class renamed since the run is left out
+                cm[idx[p.true], idx[p.pred]] += 1
     if cm is None:
         return _section("confusion", f"Confusion matrix ({head})", _p("Not saved for this run and no predictions to rebuild it."))
     cm = np.asarray(cm)
