@@ -33,6 +33,7 @@ def probe_run(tmp_path_factory):
     """A probe on 4 classes, two of which share a colour (so there are mistakes), one named like an XSS."""
     tmp = tmp_path_factory.mktemp("rep")
     root = write_image_folder(tmp / "data", classes=(XSS, "dogs", "owls", "cats"), per_class=8, seed=3)
+    (root / "train" / "dogs" / "bad <b>.png").write_bytes(b"not an image")
     fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
                      num_workers=0, batch_size=16)
     featx.probe(fc, head="logreg,knn", out_dir=tmp / "run", n_jobs=1, device="cpu", folds=2)
@@ -60,6 +61,14 @@ def test_class_names_are_escaped(probe_run):
     assert html.escape(XSS) in page
     # the class shows up as text in the data set table, the confusion matrix and the per-class table
     assert page.count(html.escape(XSS)) >= 4
+
+
+def test_failed_images_listed_with_reasons(probe_run):
+    data = probe_run["html"].split('<section id="data">')[1].split("</section>")[0]
+    assert "1 image(s) could not be read" in data
+    assert "train/dogs/bad &lt;b&gt;.png" in data and "<b>.png" not in data
+    reason = probe_run["fc"].failed[0][1]
+    assert reason and html.escape(reason) in data
 
 
 def test_predictions_match_the_metrics(probe_run):
