@@ -89,3 +89,52 @@ def test_confusion_png_small_and_large(tmp_path):
 def test_write_json_is_strict(tmp_path):
     p = write_json(tmp_path / "m.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3), "d": [np.int64(2)]})
     assert json.loads(p.read_text()) == {"a": None, "b": 0.5, "c": [0, 1, 2], "d": [2]}
+
+
+# --------------------------------------------------------------------------- report building blocks
+
+
+def test_predictions_confidence_and_worst_first(tmp_path):
+    from featx.report.predictions import make_predictions, read_predictions, worst_first, write_predictions
+
+    classes = ["a", "b", "c"]
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.05, 0.9, 0.05], [0.3, 0.6, 0.1]])
+    preds = make_predictions(rows=[10, 11, 12, 13], keys=["x/1.png", "x/2,comma.png", "y/3.png", "y/4.png"],
+                             splits=["val"] * 4, y_true=[0, 0, 2, 1], y_pred=[0, 2, 1, 1], classes=classes,
+                             scores=probs, score_labels=[0, 1, 2])
+    assert preds[1].pred == "c" and preds[1].confidence == pytest.approx(0.7) and preds[1].p_true == pytest.approx(0.1)
+    wrong = worst_first(preds)
+    assert [p.row for p in wrong] == [12, 11]  # 0.9 confident mistake before 0.7
+    path = write_predictions(tmp_path / "p.csv", preds)
+    back = read_predictions(path)
+    assert [p.to_dict() for p in back] == [p.to_dict() for p in preds]
+    # decision values (not probabilities) are turned into a softmax; a head that never saw class 2
+    d = make_predictions(rows=[0], keys=["k"], splits=["val"], y_true=[2], y_pred=[0], classes=classes,
+                         scores=np.array([[2.0, -1.0]]), score_labels=[0, 1])
+    assert d[0].confidence == pytest.approx(np.exp(2) / (np.exp(2) + np.exp(-1))) and d[0].p_true == 0.0
+
+
+def test_per_class_rows_worst_first_and_escaping():
+    from featx.report.tables import Markup, esc, per_class_rows, table
+
+    rows = per_class_rows({"good": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 5},
+                           "bad": {"precision": 0.5, "recall": 0.2, "f1": 0.29, "support": 5},
+                           "absent": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}})
+    assert [r[0] for r in rows] == ["bad", "good"]
+    assert esc('<b a="1">') == "&lt;b a=&quot;1&quot;&gt;" and esc(Markup("<b>")) == "<b>"
+    t = table(["h<1>"], [["<script>"]])
+    assert "<script>" not in t and "&lt;script&gt;" in t and "h&lt;1&gt;" in t
+
+
+def test_fewshot_series_reads_several_layouts():
+    from featx.report.charts import compare_intervals, fewshot_series
+
+    rows = {"rows": [{"head": "logreg", "shots": 5, "mean": 0.8, "ci95": [0.7, 0.9]},
+                     {"head": "logreg", "shots": 1, "mean": 0.5, "ci95": [0.4, 0.6]}]}
+    assert fewshot_series(rows) == {"logreg": [(1, 0.5, 0.4, 0.6), (5, 0.8, 0.7, 0.9)]}
+    nested = {"heads": {"knn": {"1": {"accuracy_mean": 0.4, "accuracy_ci95": [0.3, 0.5]}, "10": {"mean": 0.7}}}}
+    assert fewshot_series(nested) == {"knn": [(1, 0.4, 0.3, 0.5), (10, 0.7, None, None)]}
+    assert fewshot_series({"heads": {"knn": [{"k": 2, "mean": 0.6}]}}) == {"knn": [(2, 0.6, None, None)]}
+    assert fewshot_series({"something": "else"}) == {}
+    ci = compare_intervals([{"method": "m", "accuracy": 0.5}, {"method": "n", "accuracy": float("nan")}], 100)
+    assert len(ci) == 1 and ci[0]["ci95"] == pytest.approx(list(report.wilson_interval(50, 100)))

@@ -1,4 +1,4 @@
-"""Stage 6, report: metrics with intervals, Markdown tables, plots."""
+"""Stage 6, report: metrics with intervals, Markdown tables, plots, report.html and MLflow logging."""
 
 from ..base.lazy import lazy_exports
 
@@ -7,6 +7,14 @@ _EXPORTS = {
     "markdown_table": "metrics",
     "plot_confusion": "metrics",
     "wilson_interval": "metrics",
+    "write_report": "html",
+    "find_run": "runfiles",
+    "load_run": "runfiles",
+    "make_predictions": "predictions",
+    "write_predictions": "predictions",
+    "read_predictions": "predictions",
+    "predictions_path": "predictions",
+    "log_run": "tracking",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
