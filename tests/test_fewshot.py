@@ -53,7 +53,14 @@ def test_one_shot_falls_back_and_more_shots_cross_validate():
     X, y = _blobs(10)
     rows, _ = draw_shots(y, 1, seed=0)
     est, params, used_cv = fit_in_draw("logreg", X[rows], y[rows], shots=1, seed=0, grid={"C": [0.1, 1.0]})
-    assert not used_cv and params == FALLBACK_PARAMS["logreg"]
+    assert not used_cv and params == FALLBACK_PARAMS["logreg"] == {"scale": "l2", "C": 1.0}
+    assert type(est.named_steps["scale"]).__name__ == "Normalizer"
+    rows, _ = draw_shots(y, 2, seed=0)
+    est, params, used_cv = fit_in_draw("logreg", X[rows], y[rows], shots=2, seed=0,
+                                       grid={"scale": ["standard", "l2"], "C": [1.0]})
+    assert used_cv and len(est.cv_results_["params"]) == 2 and params["scale"] in ("standard", "l2")
+    with pytest.raises(FeatxError, match="scale values"):
+        fit_in_draw("logreg", X[rows], y[rows], shots=2, seed=0, grid={"scale": ["minmax"], "C": [1.0]})
     rows, _ = draw_shots(y, 3, seed=0)
     est, params, used_cv = fit_in_draw("knn", X[rows], y[rows], shots=3, seed=0,
                                        grid={"n_neighbors": [1, 3, 50], "weights": ["uniform"]})
@@ -82,6 +89,8 @@ def test_fewshot_on_arrays_json_shape_png_and_reproducible(tmp_path):
             assert cell["mean"] == pytest.approx(np.mean(cell["per_seed"]))
             assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
             assert cell["cv"] is (k != "1")
+            if head == "logreg":
+                assert all(set(p) == {"scale", "C"} for p in cell["params"])
     assert any("fixed defaults" in n for n in d["notes"])
     # Well separated blobs: 5 shots beat chance (25 %) by far.
     assert res.mean("logreg", 5) > 0.9
