@@ -321,7 +321,8 @@ def fewshot(
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"fewshot-{data['name']}"
     out.mkdir(parents=True, exist_ok=True)
     if plot:
-        result.png_path = str(plot_curve(result, out / "fewshot.png", title=data["name"]))
+        title = " / ".join(str(v) for v in (data["name"].split("__")[0], data["source"].get("backbone")) if v)
+        result.png_path = str(plot_curve(result, out / "fewshot.png", title=title))
     result.json_path = str(out / "fewshot.json")
     result.seconds = time.perf_counter() - t_start
     write_json(result.json_path, result.to_dict())
@@ -352,7 +353,7 @@ def plot_curve(result: FewShotResult, path: str | os.PathLike, *, title: str = "
     ax.set_xlabel("training images per class (shots)")
     ax.set_ylabel("accuracy on the evaluation split (%)")
     n_seeds = len(result.settings["seeds"])
-    ax.set_title(f"few-shot {title}: mean of {n_seeds} seed(s), 95% CI".strip(), fontsize=10)
+    ax.set_title(f"{title}\nfew-shot accuracy, mean of {n_seeds} seed(s), band = 95% CI".lstrip(), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
