@@ -55,6 +55,8 @@ def test_one_shot_falls_back_and_more_shots_cross_validate():
     est, params, used_cv = fit_in_draw("logreg", X[rows], y[rows], shots=1, seed=0, grid={"C": [0.1, 1.0]})
     assert not used_cv and params == FALLBACK_PARAMS["logreg"] == {"scale": "l2", "C": 1.0}
     assert type(est.named_steps["scale"]).__name__ == "Normalizer"
+    _, params, _ = fit_in_draw("logreg", X[rows], y[rows], shots=1, seed=0, grid={"scale": ["standard"], "C": [0.1]})
+    assert params == {"scale": "standard", "C": 0.1}  # a restricted grid restricts the fallback too
     rows, _ = draw_shots(y, 2, seed=0)
     est, params, used_cv = fit_in_draw("logreg", X[rows], y[rows], shots=2, seed=0,
                                        grid={"scale": ["standard", "l2"], "C": [1.0]})

@@ -156,7 +156,8 @@ def fit_in_draw(name: str, X: np.ndarray, y: np.ndarray, *, shots: int, seed: in
     per_class = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
     folds = min(per_class, 5)
     if folds < 2:
-        params = dict(FALLBACK_PARAMS[name])
+        # A grid restricted by the caller also restricts the fallback (its first value).
+        params = {k: (v if k not in grid or v in grid[k] else list(grid[k])[0]) for k, v in FALLBACK_PARAMS[name].items()}
         if name == "knn":
             params["n_neighbors"] = min(params["n_neighbors"], len(y))
         pipe.set_params(**_step_params(params))
