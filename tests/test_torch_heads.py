@@ -27,7 +27,7 @@ def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
 
 def test_signature_is_the_contract():
     sig = inspect.signature(create_torch_head)
-    assert list(sig.parameters) == ["name", "grid", "folds", "seed", "device", "kernel"]
+    assert list(sig.parameters) == ["name", "grid", "folds", "seed", "device", "kernel", "scoring"]
     assert all(p.kind == p.KEYWORD_ONLY for n, p in sig.parameters.items() if n != "name")
     assert sig.parameters["kernel"].default == "linear"
     with pytest.raises(NotImplementedError):
