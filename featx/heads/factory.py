@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 # logreg and the linear SVM at every size measured (flowers12 720 x 1,280 x 12 classes: SVM 689 s
 # -> 2.6 s CPU; 10,000 x 1,280 x 100), so it is used whenever the scoring allows it.  The kNN
 # search in torch computes each fold's neighbours once for every k, where scikit-learn recomputes
-# them per candidate: it wins once a fold's distance products outweigh importing torch (~2 s),
-# i.e. above about this many (training rows)^2 x features.
-TORCH_KNN_MIN_WORK = 2e10
+# them per candidate (flowers12: 0.6 s + 2 s to import torch, against 4.8 s; 3,000 rows: 1.8 s
+# against 22 s): it wins once that outweighs importing torch, above about this many
+# (training rows)^2 x features (~500 rows of 1,280 features).
+TORCH_KNN_MIN_WORK = 3e8
 
 
 def check_head_name(name: str) -> str:

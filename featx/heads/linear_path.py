@@ -22,10 +22,13 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
-from .search import cv_summary, cv_splits, score_predictions, softmax_of_scores
 from ..base.errors import FeatxError
+from .grids import SMALL_PROBLEM
+from .search import cv_summary, cv_splits, score_predictions, softmax_of_scores
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +145,24 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         Cs = self._check_settings()
         X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
         self.classes_, yi = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"the training labels have {len(self.classes_)} class; a classifier needs at least 2")
         n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
         splits = cv_splits(yi, self.folds, self.seed)
-        folds = [_Fold(X, tr, va) for tr, va in splits]
-        scores, oof, best = self._walk(Cs, folds, yi, n_out)
+        # Small problems: one BLAS thread. Their many small products otherwise spend the time in
+        # thread hand-offs (20-60x slower measured on a loaded 2-core machine, benchmarks/heads.md).
+        with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
+            folds = [_Fold(X, tr, va) for tr, va in splits]
+            scores, oof, best = self._walk(Cs, folds, yi, n_out)
+            self._refit(X, yi, n_out, Cs[: best + 1])
         fitted = int(np.isfinite(scores[:, 0]).sum())
         self.cv_results_ = cv_summary([{"C": c} for c in Cs[:fitted]], scores[:fitted])
         self.best_index_ = best
         self.best_params_ = {"C": Cs[best]}
         self.best_score_ = float(self.cv_results_["mean_test_score"][best])
         self.n_candidates_, self.n_splits_ = fitted, len(splits)
-        self._refit(X, yi, n_out, Cs[: best + 1])
         self.calibration_ = self._calibrate(oof, yi) if self.loss == "squared_hinge" and self.probability else None
         self.fit_seconds_ = time.perf_counter() - t0
         return self

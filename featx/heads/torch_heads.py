@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
@@ -261,6 +262,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         """Checked float32 features and label indices (``classes_`` set); scoring checked first."""
         score_predictions(self.scoring, np.array([0, 1]), np.array([0, 1]))  # NotImplementedError if unsupported
         X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
         return X, self._encode(y)
 
     def _encode(self, y) -> np.ndarray:
@@ -335,6 +337,7 @@ class _LinearHead(_TorchHead):
         w0 = torch.zeros(len(Cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
         fun = self._objective(Xa, torch.as_tensor(yi, device=dev), C)
         w, f, iters = batched_lbfgs(fun, w0, max_iter=max_iter, gtol=self.tol)
+        self.n_iter_ = int(iters.max())  # of the last call: the refit
         if bool((iters >= max_iter).any()):
             log.info("%s: L-BFGS hit max_iter=%d for some C values (as sklearn would warn)", self.head_name, max_iter)
         return w
