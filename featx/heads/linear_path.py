@@ -81,30 +81,64 @@ def _solve(Z, yi, n_out, C, loss, w0, *, tol: float, max_iter: int) -> tuple[np.
     return res.x.reshape(w0.shape).astype(np.float32), int(res.nit)
 
 
-def _reduce(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows in the basis of their own span when there are fewer rows than features (exact)."""
-    if Xs.shape[0] >= Xs.shape[1]:
-        return Xs, None
-    U, S, Vt = np.linalg.svd(Xs, full_matrices=False)
-    return U * S, Vt.T
+def _design(X: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standardised ``X[rows]`` with a column of ones, built block by block (one copy, no temporaries).
+
+    Returns (Z [n, d + 1], mean, scale) with StandardScaler's statistics of those rows.
+    """
+    n = len(X) if rows is None else len(rows)
+    d = X.shape[1]
+    Z = np.empty((n, d + 1), np.float32)
+    for a in range(0, n, 4096):
+        Z[a : a + 4096, :d] = X[a : a + 4096] if rows is None else X[rows[a : a + 4096]]
+    mean = Z[:, :d].mean(0, dtype=np.float64).astype(np.float32)
+    scale = Z[:, :d].std(0, dtype=np.float64).astype(np.float32)
+    scale[scale == 0] = 1.0
+    for a in range(0, n, 4096):
+        Z[a : a + 4096, :d] -= mean
+        Z[a : a + 4096, :d] /= scale
+    Z[:, d] = 1.0
+    return Z, mean, scale
 
 
-def _with_ones(Z: np.ndarray) -> np.ndarray:
-    return np.hstack([Z, np.ones((len(Z), 1), np.float32)])
+def _reduce(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows in the basis of their own span when there are fewer rows than features (exact).
+
+    The penalty only sees the weights' component in the rows' span (the rest cannot lower the
+    loss), so solving for ``z`` in ``w = V z`` gives the same model on a smaller problem.
+    """
+    n, d1 = Z.shape
+    if n >= d1 - 1:
+        return Z, None
+    U, S, Vt = np.linalg.svd(Z[:, :-1], full_matrices=False)
+    out = np.empty((n, len(S) + 1), np.float32)
+    out[:, :-1] = U * S
+    out[:, -1] = 1.0
+    return out, Vt.T
 
 
 class _Fold:
-    """One CV fold's standardised, reduced training and validation rows."""
+    """One CV fold: its training design (rebuilt per use unless reduced, to hold one copy at a time)."""
 
     def __init__(self, X: np.ndarray, tr: np.ndarray, va: np.ndarray) -> None:
-        Xtr = X[tr]
-        mean, scale = Xtr.mean(0), Xtr.std(0)
-        scale[scale == 0] = 1.0
-        Ztr, V = _reduce((Xtr - mean) / scale)
-        Zva = (X[va] - mean) / scale
-        self.Ztr = _with_ones(Ztr)
-        self.Zva = _with_ones(Zva @ V if V is not None else Zva)
-        self.tr, self.va = tr, va
+        self.X, self.tr, self.va = X, tr, va
+        self.reduced = len(tr) < X.shape[1]
+        self._kept = self._build() if self.reduced else None
+
+    def _build(self):
+        Z, mean, scale = _design(self.X, self.tr)
+        Z, V = _reduce(Z)
+        return Z, mean, scale, V
+
+    def design(self):
+        """(Z, mean, scale, V): the standardised (and, with few rows, reduced) training rows."""
+        return self._kept if self._kept is not None else self._build()
+
+    def decision(self, W: np.ndarray, mean, scale, V) -> np.ndarray:
+        """Validation scores from the fold's weights, without a standardised copy of its rows."""
+        Wd = W[:-1] if V is None else V @ W[:-1]
+        coef = Wd / scale[:, None]
+        return self.X[self.va] @ coef + (W[-1] - mean @ coef)
 
 
 class PathLinearHead(ClassifierMixin, BaseEstimator):
@@ -169,16 +203,20 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
 
     def _walk(self, Cs, folds, yi, n_out):
         """CV scores [len(Cs), folds] (NaN where skipped), out-of-fold scores at the best C, its index."""
-        W = [np.zeros((f.Ztr.shape[1], n_out), np.float32) for f in folds]
+        W: list = [None] * len(folds)
         scores = np.full((len(Cs), len(folds)), np.nan)
         oof = best_oof = np.zeros((len(yi), n_out), np.float32)
         best, since, iters = -1, 0, 0
         for i, C in enumerate(Cs):
             oof = np.zeros_like(oof)
             for k, f in enumerate(folds):
-                W[k], nit = _solve(f.Ztr, yi[f.tr], n_out, C, self.loss, W[k], tol=self.tol, max_iter=self.max_iter)
+                Z, mean, scale, V = f.design()
+                if W[k] is None:
+                    W[k] = np.zeros((Z.shape[1], n_out), np.float32)
+                W[k], nit = _solve(Z, yi[f.tr], n_out, C, self.loss, W[k], tol=self.tol, max_iter=self.max_iter)
+                del Z
                 iters += nit
-                d = f.Zva @ W[k]
+                d = f.decision(W[k], mean, scale, V)
                 oof[f.va] = d
                 scores[i, k] = score_predictions(self.scoring, yi[f.va], _labels_of(d))
             if best < 0 or scores[i].mean() > scores[best].mean() + 1e-12:
@@ -192,10 +230,8 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         return scores, best_oof, best
 
     def _refit(self, X, yi, n_out, path) -> None:
-        mean, scale = X.mean(0), X.std(0)
-        scale[scale == 0] = 1.0
-        Z, V = _reduce((X - mean) / scale)
-        Z = _with_ones(Z)
+        Z, mean, scale = _design(X, None)
+        Z, V = _reduce(Z)
         W = np.zeros((Z.shape[1], n_out), np.float32)
         for C in path[-3:]:  # warm start from two grid steps below
             W, _ = _solve(Z, yi, n_out, C, self.loss, W, tol=self.tol, max_iter=max(self.max_iter, 1000))

@@ -15,9 +15,9 @@ import numpy as np
 from ..base.errors import FeatxError
 
 # Bytes of working memory per byte of float32 training features, on top of the features
-# themselves: one CV fold's copy and its standardised copy, the solver's float64 arrays and
-# scores (measured peaks of `featx probe --head all`, benchmarks/heads.md, stay below this).
-WORK_FACTOR = 3.0
+# themselves: the C-path heads hold one standardised copy (a fold's or the refit's) at a time,
+# the kNN search a normalised copy, its fold slices and the fitted rows (~3x).
+WORK_FACTOR = 4.0
 # Interpreter, libraries and their allocations that are not features (numpy, sklearn, h5py).
 BASE_BYTES = 64 << 20
 
