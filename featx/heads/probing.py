@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -40,11 +39,12 @@ log = logging.getLogger(__name__)
 READ_BLOCK_BYTES = 32 << 20
 
 
-@dataclass
-class ProbeResult(Mapping):
+@dataclass(eq=False)
+class ProbeResult(dict):
     """What :func:`probe` returns and writes to ``metrics.json`` (``to_dict()``, same keys as ever).
 
-    Also a read-only mapping (``result["heads"]``), as callers of the former dict expect.
+    Also a dict holding the same values (``result["heads"]``), so that callers written for the
+    former dict, ``json.dumps`` and :func:`featx.base.io.write_json` keep working unchanged.
     """
 
     featx_version: str
@@ -65,17 +65,22 @@ class ProbeResult(Mapping):
 
     def to_dict(self) -> dict:
         """The JSON document: every field set so far, in the order metrics.json has always had."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self) if not _unset(f.name, getattr(self, f.name))}
 
-    def __getitem__(self, key: str) -> Any:
-        d = self.to_dict()
-        return d[key]
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if _unset(name, value):
+            self.pop(name, None)
+        else:
+            dict.__setitem__(self, name, value)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value) if key in self.__dataclass_fields__ else dict.__setitem__(self, key, value)
 
-    def __len__(self) -> int:
-        return len(self.to_dict())
+
+def _unset(name: str, value: Any) -> bool:
+    """Fields filled at the end of a probe (or only with a subset) are left out until set."""
+    return value is None and name in ("seconds", "out_dir", "table", "metrics_path", "train_subset")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 scikit-learn's ``LinearSVC`` takes minutes on 50,000 x 2,048 features with 100 classes and a
 17-value C grid; the same search is a few hundred matrix products on a GPU.  These estimators
-follow the scikit-learn contract (``fit`` returns self, fitted attributes end in ``_``,
+are scikit-learn estimators (``BaseEstimator`` + ``ClassifierMixin``; ``check_estimator``
+passes; ``fit`` returns self, fitted attributes end in ``_``,
 ``classes_``, ``best_params_``, ``best_score_``, ``cv_results_``, ``predict``,
 ``predict_proba``/``decision_function``), pickle with joblib (fitted weights are CPU numpy
 arrays) and fit the same models as :func:`featx.heads.create_head`'s pipelines:
@@ -14,8 +15,8 @@ arrays) and fit the same models as :func:`featx.heads.create_head`'s pipelines:
 - ``knn``: L2-normalise, cosine (or euclidean) neighbours by chunked matrix product + top-k,
   uniform or distance weights.
 
-Hyperparameters are chosen by stratified CV on the training rows only (same folds as the
-scikit-learn heads: :func:`featx.heads.plan_folds` + shuffled ``StratifiedKFold(seed)``); in
+Hyperparameters are chosen by stratified CV on the training rows only, on the very folds of
+the scikit-learn heads (:func:`featx.heads.search.cv_splits`), scored by ``scoring``; in
 each fold all C values are trained at once by a batched L-BFGS (one independent line search
 per problem), and kNN computes the neighbours once per fold for every k and weighting.
 """
@@ -99,6 +100,40 @@ def _bdot(a, b):
     return (a * b).flatten(1).sum(1)
 
 
+def _two_loop(ga, S, Y, R, act, n_hist: int, history: int):
+    """L-BFGS two-loop recursion for the active problems: (descent direction, g.d)."""
+    import torch  # heavy: only when a torch head is fitted
+
+    view = lambda t, x: t.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
+    h = min(n_hist, history)
+    order = [(n_hist - 1 - j) % history for j in range(h)]  # newest first
+    q = ga.clone()
+    alphas = []
+    for slot in order:
+        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
+        a = r * _bdot(s, q)
+        alphas.append(a)
+        q -= view(a, q) * y
+    if h:
+        s, y = S[order[0], act], Y[order[0], act]
+        sy, yy = _bdot(s, y), _bdot(y, y)
+        gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), 1.0 / ga.flatten(1).norm(dim=1).clamp_min(1.0))
+        q *= view(gamma, q)
+    else:
+        q /= view(ga.flatten(1).norm(dim=1).clamp_min(1.0), q)
+    for slot, a in zip(reversed(order), reversed(alphas)):
+        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
+        b = r * _bdot(y, q)
+        q += view(a - b, q) * s
+    d = -q
+    gd = _bdot(ga, d)
+    bad = gd >= 0  # not a descent direction: steepest descent instead
+    if bool(bad.any()):
+        d = torch.where(view(bad, d), -ga, d)
+        gd = _bdot(ga, d)
+    return d, gd
+
+
 def batched_lbfgs(
     fun: Callable, w0, *, max_iter: int = 500, history: int = 10, gtol: float = 1e-5, ftol: float = 1e-10
 ):
@@ -129,32 +164,7 @@ def batched_lbfgs(
         if act.numel() == 0:
             break
         wa, fa, ga = w[act], f[act], g[act]
-        h = min(n_hist, history)
-        order = [(n_hist - 1 - j) % history for j in range(h)]  # newest first
-        q = ga.clone()
-        alphas = []
-        for slot in order:
-            s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-            a = r * _bdot(s, q)
-            alphas.append(a)
-            q -= view(a, q) * y
-        if h:
-            s, y = S[order[0], act], Y[order[0], act]
-            sy, yy = _bdot(s, y), _bdot(y, y)
-            gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), 1.0 / ga.flatten(1).norm(dim=1).clamp_min(1.0))
-            q *= view(gamma, q)
-        else:
-            q /= view(ga.flatten(1).norm(dim=1).clamp_min(1.0), q)
-        for slot, a in zip(reversed(order), reversed(alphas)):
-            s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-            b = r * _bdot(y, q)
-            q += view(a - b, q) * s
-        d = -q
-        gd = _bdot(ga, d)
-        bad = gd >= 0  # not a descent direction: steepest descent instead
-        if bool(bad.any()):
-            d = torch.where(view(bad, d), -ga, d)
-            gd = _bdot(ga, d)
+        d, gd = _two_loop(ga, S, Y, R, act, n_hist, history)
         t = torch.ones(len(act), dtype=w.dtype, device=dev)
         accepted = torch.zeros(len(act), dtype=torch.bool, device=dev)
         wn, fn, gn = wa.clone(), fa.clone(), ga.clone()
