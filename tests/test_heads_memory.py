@@ -60,10 +60,10 @@ def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int,
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import featx.heads.probing as probing
-    from featx.heads.memory import _address_space_bytes
+    from featx.heads.memory import address_space_bytes
     # Cap the address space at what is mapped now plus a budget: the cache's features do not fit.
     budget = int(sys.argv[2]) << 20
-    resource.setrlimit(resource.RLIMIT_AS, (_address_space_bytes() + budget, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + budget, resource.RLIM_INFINITY))
     rows = None if sys.argv[3] == "none" else int(sys.argv[3])
     try:
         res = probing.probe(sys.argv[1], head="logreg", folds=2, device="cpu", n_jobs=1, plots=False, save=False,

@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from ..base.errors import FeatxError
 from .grids import SMALL_PROBLEM
+from .memory import available_bytes
 from .search import cv_summary, cv_splits, score_predictions, softmax_of_scores
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,25 @@ def _reduce(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return out, Vt.T
 
 
-class _Fold:
-    """One CV fold: its training design (rebuilt per use unless reduced, to hold one copy at a time)."""
+# The folds' standardised designs are kept between C values while all of them together stay
+# below this and half the free memory (rebuilding one costs a copy and two passes over it per
+# C value); otherwise one is held at a time, as memory.probe_bytes assumes.
+KEEP_FOLDS_BYTES = 512 << 20
 
-    def __init__(self, X: np.ndarray, tr: np.ndarray, va: np.ndarray) -> None:
+
+def _can_keep(nbytes: int) -> bool:
+    """Whether the folds' designs may stay in memory: small, and at most half of what is free."""
+    free = available_bytes()
+    return nbytes <= KEEP_FOLDS_BYTES and (free is None or nbytes <= free // 2)
+
+
+class _Fold:
+    """One CV fold: its training design, kept if ``keep`` (or reduced, hence small), else rebuilt per use."""
+
+    def __init__(self, X: np.ndarray, tr: np.ndarray, va: np.ndarray, *, keep: bool) -> None:
         self.X, self.tr, self.va = X, tr, va
         self.reduced = len(tr) < X.shape[1]
-        self._kept = self._build() if self.reduced else None
+        self._kept = self._build() if self.reduced or keep else None
 
     def _build(self):
         Z, mean, scale = _design(self.X, self.tr)
@@ -188,7 +201,8 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         # Small problems: one BLAS thread. Their many small products otherwise spend the time in
         # thread hand-offs (20-60x slower measured on a loaded 2-core machine, benchmarks/heads.md).
         with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
-            folds = [_Fold(X, tr, va) for tr, va in splits]
+            keep = _can_keep(sum(4 * len(tr) * (X.shape[1] + 1) for tr, _ in splits))
+            folds = [_Fold(X, tr, va, keep=keep) for tr, va in splits]
             scores, oof, best = self._walk(Cs, folds, yi, n_out)
             self._refit(X, yi, n_out, Cs[: best + 1])
         fitted = int(np.isfinite(scores[:, 0]).sum())

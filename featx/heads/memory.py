@@ -34,11 +34,11 @@ def available_bytes() -> int | None:
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(max(0, soft - _address_space_bytes()))
+        limits.append(max(0, soft - address_space_bytes()))
     return min(limits) if limits else None
 
 
-def _address_space_bytes() -> int:
+def address_space_bytes() -> int:
     """This process's virtual size (what RLIMIT_AS counts)."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
