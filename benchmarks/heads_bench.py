@@ -1,15 +1,18 @@
-"""Heads: scikit-learn vs the torch heads, same features, same grids, full CV search.
+"""Heads: scikit-learn's grid vs the CPU C path vs the torch heads, same features, grids and folds.
 
-For each head (logreg, linear SVM, kNN) both implementations run featx's full
+For each head (logreg, linear SVM, kNN) each implementation (``--impls``: ``sklearn`` = the
+GridSearchCV heads, ``path`` = the warm-started C path of featx.heads.linear_path, ``torch``
+= the batched torch heads, ``auto`` = what ``featx probe`` picks for this size) runs featx's
 hyperparameter search (the grids of :func:`featx.heads.resolve_grids`, 5-fold stratified CV)
-on the same training rows; the table shows search+refit seconds, held-out accuracy, the
-chosen hyperparameters and the speed ratio, plus kNN query time for ``--queries`` rows.
+on the same training rows; the table shows search+refit seconds (wall and CPU), CV score,
+held-out accuracy, the chosen hyperparameters and the speed ratio, plus kNN query time.
 
 Features are synthetic (``--n`` x ``--dim``, ``--classes`` Gaussian clusters of
 non-negative, CNN-like features; a held-out 20 % to score) or a real featx cache (``--cache``,
 its train rows to fit and val/test rows to score).
 
     python benchmarks/heads_bench.py --cpu-quick                # minutes on 2 CPU cores
+    python benchmarks/heads_bench.py --n 12500 --dim 1280 --classes 100 --impls auto --device cpu
     python benchmarks/heads_bench.py                            # 50,000 x 2,048, 100 classes (GPU)
     python benchmarks/heads_bench.py --cache cache/xyz.h5       # real features
 """
@@ -48,7 +51,7 @@ def from_cache(path: str):
     return fc.features("train"), fc.labels("train"), fc.features(ev), fc.labels(ev)
 
 
-def main(argv=None) -> None:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-quick", action="store_true", help="small sizes for a 2-core CPU machine")
     ap.add_argument("--n", type=int, default=None, help="rows (train + 20%% held out); default 62,500 (quick 2,500)")
@@ -56,18 +59,49 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=None, help="default 100 (quick 10)")
     ap.add_argument("--cache", default=None, help="use a real featx cache instead of synthetic features")
     ap.add_argument("--heads", default="logreg,svm,knn")
+    ap.add_argument("--impls", default="sklearn,torch", help="comma list of sklearn, path, torch, auto")
     ap.add_argument("--device", default="auto", help="device of the torch heads (auto: cuda if present)")
     ap.add_argument("--skip-sklearn", action="store_true", help="time only the torch heads")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--queries", type=int, default=None, help="kNN query rows timed (default 10,000; quick 1,000)")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _make(name: str, impl: str, g: dict, folds: int, dev: str, problem: tuple):
+    from featx.heads.factory import create_head
+    from featx.heads.linear_path import PathLinearHead
+    from featx.heads.torch_heads import create_torch_head
+
+    if impl == "sklearn":
+        return create_head(name, grid=None, folds=folds, seed=0, n_jobs=-1, device="cpu")
+    if impl == "path":
+        if name == "knn":
+            return None
+        return PathLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(g["C"]), folds=folds)
+    if impl == "auto":
+        return create_head(name, grid=None, folds=folds, seed=0, n_jobs=-1, device=dev, problem=problem)
+    return create_torch_head(name, grid=g, folds=folds, seed=0, device=dev)
+
+
+def _time_fit(est, Xtr, ytr, dev: str) -> tuple[float, float]:
+    import torch
+
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    est.fit(Xtr, ytr)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def main(argv=None) -> None:
+    args = _args(argv)
     import torch
 
     from featx.heads.grids import resolve_grids
-    from featx.heads.probing import create_head, grid_key
-    from featx.heads.torch_heads import create_torch_head
+    from featx.heads.factory import grid_key
 
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     q = args.cpu_quick
@@ -83,56 +117,54 @@ def main(argv=None) -> None:
     mach = machine()
     print(f"machine: {mach}\nfeatures: {source}; train {Xtr.shape}, held out {Xte.shape}; torch heads on {dev}", flush=True)
     grids = resolve_grids()
-    rows = []
-    fitted = {}
+    problem = (len(Xtr), Xtr.shape[1], len(np.unique(ytr)))
+    impls = [i for i in args.impls.split(",") if not (args.skip_sklearn and i == "sklearn")]
+    rows, fitted = [], {}
     for name in args.heads.split(","):
-        g = grids[grid_key(name)]
-        impls = ([] if args.skip_sklearn else ["sklearn"]) + ["torch"]
         base = None
         for impl in impls:
+            est = _make(name, impl, grids[grid_key(name)], args.folds, dev, problem)
+            if est is None:
+                continue
             print(f"... {name} {impl}", flush=True)
-            if impl == "sklearn":
-                est = create_head(name, grid=None, folds=args.folds, seed=0, n_jobs=-1, device="cpu")
-            else:
-                est = create_torch_head(name, grid=g, folds=args.folds, seed=0, device=dev)
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            est.fit(Xtr, ytr)
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            secs = time.perf_counter() - t0
+            secs, cpu = _time_fit(est, Xtr, ytr, dev)
             acc = float(np.mean(np.asarray(est.predict(Xte)) == yte))
             params = getattr(est, "params_", None) or est.best_params_
             base = base or secs
             fitted[(name, impl)] = est
-            rows.append({"head": name, "impl": impl if impl == "sklearn" else f"torch ({dev})",
-                         "search+fit s": secs, "speed-up": base / secs, "accuracy": acc,
-                         "candidates": int(getattr(est, "n_candidates_", 0)),
+            label = f"{impl}: {type(est).__name__}" if impl == "auto" else impl
+            rows.append({"head": name, "impl": label if impl != "torch" else f"torch ({dev})",
+                         "search+fit s": secs, "cpu s": cpu, "speed-up": base / secs, "cv score": float(est.best_score_),
+                         "accuracy": acc, "candidates": int(getattr(est, "n_candidates_", 0)),
                          "best": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())})
-    # kNN query time on the fitted heads.
-    nq = args.queries or (1000 if q else 10000)
-    if any(r["head"] == "knn" for r in rows):
-        Q = np.concatenate([Xte] * int(np.ceil(nq / max(len(Xte), 1))))[:nq]
-        base_q = None
-        for (name, impl), est in fitted.items():
-            if name != "knn":
-                continue
-            est.predict(Q[:10])
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            est.predict(Q)
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            secs = time.perf_counter() - t0
-            base_q = base_q or secs
-            rows.append({"head": f"knn query x{nq}", "impl": impl if impl == "sklearn" else f"torch ({dev})",
-                         "search+fit s": secs, "speed-up": base_q / secs, "accuracy": "", "candidates": "", "best": ""})
+    rows += _knn_queries(fitted, Xte, args.queries or (1000 if q else 10000), dev)
     print()
-    table = print_table(rows, ["head", "impl", "search+fit s", "speed-up", "accuracy", "candidates", "best"])
+    table = print_table(rows, ["head", "impl", "search+fit s", "cpu s", "speed-up", "cv score", "accuracy", "candidates", "best"])
     print(f"\nmachine: {mach}\nfeatures: {source}")
     save_json(args.json, {"machine": mach, "features": source, "device": dev, "rows": rows, "table": table})
+
+
+def _knn_queries(fitted: dict, Xte, nq: int, dev: str) -> list[dict]:
+    """kNN query time of each fitted kNN head on ``nq`` rows."""
+    import torch
+
+    Q = np.concatenate([Xte] * int(np.ceil(nq / max(len(Xte), 1))))[:nq]
+    rows, base_q = [], None
+    for (name, impl), est in fitted.items():
+        if name != "knn":
+            continue
+        est.predict(Q[:10])
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        est.predict(Q)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        base_q = base_q or secs
+        rows.append({"head": f"knn query x{nq}", "impl": impl if impl != "torch" else f"torch ({dev})",
+                     "search+fit s": secs, "speed-up": base_q / secs})
+    return rows
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import featx
 from featx.data.splits import plan_folds
 from featx.embedding.predict import predict
 from featx.heads import grids
+from featx.heads import factory
 from featx.heads import probing as heads
 from featx.heads.persist import load_head
 from featx.cache.store import FeatureCache
@@ -103,9 +104,9 @@ def test_cuda_without_torch_head_falls_back_to_sklearn(monkeypatch, caplog):
     def unavailable(*a, **k):
         raise NotImplementedError("rbf kernel")
 
-    monkeypatch.setattr(heads, "_wants_cuda", lambda device: True)
-    monkeypatch.setattr(heads, "create_torch_head", unavailable)
-    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
+    monkeypatch.setattr(factory, "wants_cuda", lambda device: True)
+    monkeypatch.setattr(factory, "create_torch_head", unavailable)
+    with caplog.at_level(logging.WARNING, logger="featx.heads.factory"):
         est = heads.create_head("svm", device="cuda")
     assert isinstance(est, heads.HeadSearch)
     assert "no GPU implementation of head 'svm'" in caplog.text

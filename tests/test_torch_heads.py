@@ -27,7 +27,7 @@ def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
 
 def test_signature_is_the_contract():
     sig = inspect.signature(create_torch_head)
-    assert list(sig.parameters) == ["name", "grid", "folds", "seed", "device", "kernel"]
+    assert list(sig.parameters) == ["name", "grid", "folds", "seed", "device", "kernel", "scoring"]
     assert all(p.kind == p.KEYWORD_ONLY for n, p in sig.parameters.items() if n != "name")
     assert sig.parameters["kernel"].default == "linear"
     with pytest.raises(NotImplementedError):
@@ -158,3 +158,74 @@ def test_knn_grid_capped_to_fold_size():
     assert max(p["n_neighbors"] for p in est.cv_results_["params"]) <= 8
     with pytest.raises(NotImplementedError):
         create_torch_head("knn", grid={"n_neighbors": [1], "metric": ["manhattan"]}, folds=3, seed=0, device="cpu").fit(X, y)
+
+
+# --------------------------------------------------------------------------- issue 9: bugs fixed, estimator contract
+
+
+def test_torch_and_sklearn_searches_use_the_same_folds_with_a_one_image_class():
+    """Bug: torch_heads' folds lacked the one-image-class branch, so both families scored other folds."""
+    from featx.heads import create_head
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 12 + [1] * 12 + [2])  # class 2 has a single image
+    X = (rng.normal(size=(len(y), 6)) + 2.0 * y[:, None]).astype(np.float32)
+    grid = {"n_neighbors": [1, 3, 5], "weights": ["uniform"], "metric": ["cosine"]}
+    th = create_torch_head("knn", grid=grid, folds=3, seed=0, device="cpu").fit(X, y)
+    sk = create_head("knn", grid=grid, folds=3, seed=0, n_jobs=1, device="cpu").fit(X, y)
+    for k in range(3):
+        np.testing.assert_allclose(th.cv_results_[f"split{k}_test_score"], sk.cv_results_[f"split{k}_test_score"])
+
+
+def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
+    """Bug: create_torch_head never received heads.scoring, so CUDA searches always optimised accuracy."""
+    from featx.heads import factory
+
+    monkeypatch.setattr(factory, "wants_cuda", lambda device: True)
+    est = factory.create_head("logreg", device="cuda", scoring="balanced_accuracy")
+    assert isinstance(est, TorchLogisticRegression) and est.scoring == "balanced_accuracy"
+    X, y = _blobs(n=200, k=2)
+    y = np.where(np.arange(200) < 170, 0, 1)  # imbalanced: balanced accuracy != accuracy
+    X[y == 1] += 1.0
+    est.set_params(grid={"C": [0.01]}, device="cpu").fit(X, y)
+    from featx.heads.search import cv_splits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    expect = np.mean([
+        balanced_accuracy_score(y[va], make_pipeline(StandardScaler(), LogisticRegression(C=0.01)).fit(X[tr], y[tr]).predict(X[va]))
+        for tr, va in cv_splits(y, 5, 0)
+    ])
+    assert est.best_score_ == pytest.approx(expect, abs=0.02)
+
+
+def test_knn_grid_has_one_source_for_both_families():
+    """Bug: the torch kNN grid ([1, 3, 5, 10, 20, 50]) differed from the scikit-learn one."""
+    from featx.heads.grids import resolve_grids
+    from sklearn.model_selection import ParameterGrid
+
+    X, y = _blobs(n=300)
+    est = create_torch_head("knn", grid=None, folds=3, seed=0, device="cpu").fit(X, y)
+    expected = list(ParameterGrid(resolve_grids()["knn"]))
+    key = lambda p: (p["n_neighbors"], p["weights"], p["metric"])  # noqa: E731
+    assert sorted(map(key, est.cv_results_["params"])) == sorted(map(key, expected))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TorchLogisticRegression(grid={"C": [0.1, 1.0]}, folds=3),
+    lambda: TorchLinearSVC(grid={"C": [0.1, 1.0]}, folds=3),
+    lambda: TorchKNN(grid={"n_neighbors": [1, 3]}, folds=3),
+], ids=["logreg", "svm", "knn"])
+def test_torch_heads_pass_sklearn_check_estimator(make):
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(make(), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:300]) for r in results if r["status"] == "failed"]
+    assert failed == []
+    assert len(results) > 40

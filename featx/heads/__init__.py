@@ -9,8 +9,12 @@ _EXPORTS = {
     "check_head_compatible": "persist",
     "load_head": "persist",
     "save_head": "persist",
-    "create_head": "probing",
-    "grid_key": "probing",
+    "create_head": "factory",
+    "grid_key": "factory",
+    "cv_splits": "search",
+    "HeadSearch": "search",
+    "PathLinearHead": "linear_path",
+    "ProbeResult": "probing",
     "probe": "probing",
 }
 __all__ = list(_EXPORTS)

@@ -2,7 +2,8 @@
 
 scikit-learn's ``LinearSVC`` takes minutes on 50,000 x 2,048 features with 100 classes and a
 17-value C grid; the same search is a few hundred matrix products on a GPU.  These estimators
-follow the scikit-learn contract (``fit`` returns self, fitted attributes end in ``_``,
+are scikit-learn estimators (``BaseEstimator`` + ``ClassifierMixin``; ``check_estimator``
+passes; ``fit`` returns self, fitted attributes end in ``_``,
 ``classes_``, ``best_params_``, ``best_score_``, ``cv_results_``, ``predict``,
 ``predict_proba``/``decision_function``), pickle with joblib (fitted weights are CPU numpy
 arrays) and fit the same models as :func:`featx.heads.create_head`'s pipelines:
@@ -14,31 +15,31 @@ arrays) and fit the same models as :func:`featx.heads.create_head`'s pipelines:
 - ``knn``: L2-normalise, cosine (or euclidean) neighbours by chunked matrix product + top-k,
   uniform or distance weights.
 
-Hyperparameters are chosen by stratified CV on the training rows only (same folds as the
-scikit-learn heads: :func:`featx.heads.plan_folds` + shuffled ``StratifiedKFold(seed)``); in
+Hyperparameters are chosen by stratified CV on the training rows only, on the very folds of
+the scikit-learn heads (:func:`featx.heads.search.cv_splits`), scored by ``scoring``; in
 each fold all C values are trained at once by a batched L-BFGS (one independent line search
 per problem), and kNN computes the neighbours once per fold for every k and weighting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
 from ..data.splits import plan_folds
+from .grids import resolve_grids
+from .search import cv_splits, cv_summary, score_predictions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TORCH_GRIDS: dict[str, dict[str, list]] = {
-    "logreg": {"C": [float(c) for c in np.logspace(-5, 3, 17)]},
-    "svm": {"C": [float(c) for c in np.logspace(-6, 2, 17)]},
-    "knn": {"n_neighbors": [1, 3, 5, 10, 20, 50], "weights": ["uniform", "distance"], "metric": ["cosine"]},
-}
 KNN_METRICS = ("cosine", "euclidean")
 
 
@@ -65,9 +66,7 @@ def _fast_matmul(dev, work: float = 0.0):
     thread: its many tiny ops otherwise spend their time in OpenMP barriers (3-10x slower on
     a loaded 2-core machine).
     """
-    import contextlib
-
-    import torch
+    import torch  # heavy: only when a torch head is fitted
 
     @contextlib.contextmanager
     def ctx():
@@ -92,19 +91,47 @@ def _fast_matmul(dev, work: float = 0.0):
 
 
 def _folds(y: np.ndarray, folds: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
-    """The CV splits the scikit-learn heads use (adaptive stratified, shuffled with ``seed``)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-
-    plan = plan_folds(y, folds)
-    cls = StratifiedKFold if plan["stratified"] else KFold
-    splits = list(cls(plan["used"], shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    return splits, plan
+    """The CV splits of the scikit-learn heads (:func:`featx.heads.search.cv_splits`) and their plan."""
+    return cv_splits(y, folds, seed), plan_folds(y, folds)
 
 
 def _bdot(a, b):
     """Per-problem dot products of [G, ...] tensors -> [G]."""
     return (a * b).flatten(1).sum(1)
+
+
+def _two_loop(ga, S, Y, R, act, n_hist: int, history: int):
+    """L-BFGS two-loop recursion for the active problems: (descent direction, g.d)."""
+    import torch  # heavy: only when a torch head is fitted
+
+    view = lambda t, x: t.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
+    h = min(n_hist, history)
+    order = [(n_hist - 1 - j) % history for j in range(h)]  # newest first
+    q = ga.clone()
+    alphas = []
+    for slot in order:
+        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
+        a = r * _bdot(s, q)
+        alphas.append(a)
+        q -= view(a, q) * y
+    if h:
+        s, y = S[order[0], act], Y[order[0], act]
+        sy, yy = _bdot(s, y), _bdot(y, y)
+        gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), 1.0 / ga.flatten(1).norm(dim=1).clamp_min(1.0))
+        q *= view(gamma, q)
+    else:
+        q /= view(ga.flatten(1).norm(dim=1).clamp_min(1.0), q)
+    for slot, a in zip(reversed(order), reversed(alphas)):
+        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
+        b = r * _bdot(y, q)
+        q += view(a - b, q) * s
+    d = -q
+    gd = _bdot(ga, d)
+    bad = gd >= 0  # not a descent direction: steepest descent instead
+    if bool(bad.any()):
+        d = torch.where(view(bad, d), -ga, d)
+        gd = _bdot(ga, d)
+    return d, gd
 
 
 def batched_lbfgs(
@@ -137,32 +164,7 @@ def batched_lbfgs(
         if act.numel() == 0:
             break
         wa, fa, ga = w[act], f[act], g[act]
-        h = min(n_hist, history)
-        order = [(n_hist - 1 - j) % history for j in range(h)]  # newest first
-        q = ga.clone()
-        alphas = []
-        for slot in order:
-            s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-            a = r * _bdot(s, q)
-            alphas.append(a)
-            q -= view(a, q) * y
-        if h:
-            s, y = S[order[0], act], Y[order[0], act]
-            sy, yy = _bdot(s, y), _bdot(y, y)
-            gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), 1.0 / ga.flatten(1).norm(dim=1).clamp_min(1.0))
-            q *= view(gamma, q)
-        else:
-            q /= view(ga.flatten(1).norm(dim=1).clamp_min(1.0), q)
-        for slot, a in zip(reversed(order), reversed(alphas)):
-            s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-            b = r * _bdot(y, q)
-            q += view(a - b, q) * s
-        d = -q
-        gd = _bdot(ga, d)
-        bad = gd >= 0  # not a descent direction: steepest descent instead
-        if bool(bad.any()):
-            d = torch.where(view(bad, d), -ga, d)
-            gd = _bdot(ga, d)
+        d, gd = _two_loop(ga, S, Y, R, act, n_hist, history)
         t = torch.ones(len(act), dtype=w.dtype, device=dev)
         accepted = torch.zeros(len(act), dtype=torch.bool, device=dev)
         wn, fn, gn = wa.clone(), fa.clone(), ga.clone()
@@ -230,33 +232,6 @@ def _to_tensor(X, dev, rows: np.ndarray | None = None):
     return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
 
 
-def _cv_summary(cands: list[dict], scores: np.ndarray) -> dict:
-    """A ``cv_results_``-like dict: params, per-split and mean/std test accuracy, rank."""
-    mean = scores.mean(1)
-    std = scores.std(1)
-    order = np.argsort(-mean, kind="stable")
-    rank = np.empty(len(cands), dtype=np.int32)
-    # Equal means share a rank, as in scikit-learn.
-    r = 0
-    prev = None
-    for pos, i in enumerate(order):
-        if prev is None or not math.isclose(mean[i], prev, rel_tol=0, abs_tol=1e-12):
-            r = pos + 1
-            prev = mean[i]
-        rank[i] = r
-    out: dict[str, Any] = {
-        "params": cands,
-        "mean_test_score": mean,
-        "std_test_score": std,
-        "rank_test_score": rank,
-    }
-    for k in range(scores.shape[1]):
-        out[f"split{k}_test_score"] = scores[:, k]
-    for key in cands[0] if cands else []:
-        out[f"param_{key}"] = np.array([c[key] for c in cands], dtype=object)
-    return out
-
-
 def _to_numpy(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
@@ -264,56 +239,47 @@ def _to_numpy(t) -> np.ndarray:
 # --------------------------------------------------------------------------- base
 
 
-class _TorchHead:
-    """Shared scikit-learn plumbing: parameters, label encoding, CV bookkeeping, pickling."""
+class OneClassError(FeatxError, ValueError):
+    """Training labels with fewer than two classes (a ValueError too, as scikit-learn expects)."""
 
-    _estimator_type = "classifier"
+
+class _TorchHead(ClassifierMixin, BaseEstimator):
+    """Shared scikit-learn plumbing: label encoding, validation, CV bookkeeping.
+
+    ``BaseEstimator`` supplies ``get_params``/``set_params``/``clone``; every hyperparameter is a
+    keyword of the subclass's ``__init__`` and fitted attributes end in ``_``.
+    """
+
     head_name = ""
 
-    def __init__(self, *, grid: dict | None = None, folds: int = 5, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, *, grid: dict | None = None, folds: int = 5, seed: int = 0, device: str = "cpu", scoring: str = "accuracy",
+    ) -> None:
         self.grid = grid
         self.folds = folds
         self.seed = seed
         self.device = device
-
-    # sklearn's get_params/set_params contract (no sklearn base class needed for pickling).
-    def _param_names(self) -> list[str]:
-        import inspect
-
-        return [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params) -> "_TorchHead":
-        for k, v in params.items():
-            if k not in self._param_names():
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(device={self.device!r}, folds={self.folds}, seed={self.seed})"
-
-    def __sklearn_tags__(self):
-        from sklearn.utils import ClassifierTags, Tags, TargetTags
-
-        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True), classifier_tags=ClassifierTags())
-
-    def score(self, X, y) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+        self.scoring = scoring
 
     def _grid(self) -> dict:
-        g = dict(DEFAULT_TORCH_GRIDS[self.head_name])
+        """This head's grid: ``grid`` over the defaults of :func:`featx.heads.grids.resolve_grids`."""
+        g = dict(resolve_grids()[self.head_name])
         if self.grid:
             g.update({k: list(v) for k, v in self.grid.items()})
         return g
+
+    def _validate(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Checked float32 features and label indices (``classes_`` set); scoring checked first."""
+        score_predictions(self.scoring, np.array([0, 1]), np.array([0, 1]))  # NotImplementedError if unsupported
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        return X, self._encode(y)
 
     def _encode(self, y) -> np.ndarray:
         y = np.asarray(y)
         self.classes_, yi = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise FeatxError(
+            raise OneClassError(
                 f"the training labels have {len(self.classes_)} class(es); a classifier needs at least 2"
             )
         return yi.astype(np.int64)
@@ -326,14 +292,12 @@ class _TorchHead:
         """The chosen hyperparameters, e.g. ``{"C": 0.003}``."""
         return dict(self.best_params_)
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "classes_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(X, y) first")
+    def _check_X(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=np.float32, reset=False)
 
     def _finish_search(self, cands: list[dict], scores: np.ndarray, plan: dict, t0: float) -> dict:
-        self.cv_results_ = _cv_summary(cands, scores)
+        self.cv_results_ = cv_summary(cands, scores)
         best = int(np.argmin(self.cv_results_["rank_test_score"]))  # first of the best, as sklearn
         self.best_index_ = best
         self.best_params_ = dict(cands[best])
@@ -361,9 +325,9 @@ class _LinearHead(_TorchHead):
 
     def __init__(
         self, *, grid: dict | None = None, folds: int = 5, seed: int = 0, device: str = "cpu",
-        max_iter: int = 500, tol: float = 1e-5,
+        scoring: str = "accuracy", max_iter: int = 500, tol: float = 1e-5,
     ) -> None:
-        super().__init__(grid=grid, folds=folds, seed=seed, device=device)
+        super().__init__(grid=grid, folds=folds, seed=seed, device=device, scoring=scoring)
         self.max_iter = max_iter
         self.tol = tol
 
@@ -383,6 +347,7 @@ class _LinearHead(_TorchHead):
         w0 = torch.zeros(len(Cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
         fun = self._objective(Xa, torch.as_tensor(yi, device=dev), C)
         w, f, iters = batched_lbfgs(fun, w0, max_iter=max_iter, gtol=self.tol)
+        self.n_iter_ = int(iters.max())  # of the last call: the refit
         if bool((iters >= max_iter).any()):
             log.info("%s: L-BFGS hit max_iter=%d for some C values (as sklearn would warn)", self.head_name, max_iter)
         return w
@@ -404,10 +369,8 @@ class _LinearHead(_TorchHead):
         import torch
 
         t0 = time.perf_counter()
+        X, yi = self._validate(X, y)
         dev = _device(self.device)
-        yi = self._encode(y)
-        X = np.asarray(X)
-        self.n_features_in_ = X.shape[1]
         grid = self._grid()
         Cs = [float(c) for c in grid["C"]]
         if not Cs or any(c <= 0 for c in Cs):
@@ -429,9 +392,8 @@ class _LinearHead(_TorchHead):
                 del Xtr
                 Xva = (Xall.index_select(0, va_t) - mean) / std
                 Xva = torch.cat([Xva, torch.ones(len(va), 1, device=dev)], 1)
-                pred = self._predict_idx(self._scores(Xva, W))  # [G, n_va]
-                yv = torch.as_tensor(yi[va], device=dev)
-                scores[:, k] = _to_numpy((pred == yv).float().mean(1))
+                pred = _to_numpy(self._predict_idx(self._scores(Xva, W)))  # [G, n_va]
+                scores[:, k] = [score_predictions(self.scoring, yi[va], p) for p in pred]
             self._finish_search([{"C": c} for c in Cs], scores, plan, t0)
             mean, std = _standardise_stats(Xall)
             Xs = (Xall - mean) / std
@@ -449,10 +411,7 @@ class _LinearHead(_TorchHead):
 
     def _raw(self, X) -> np.ndarray:
         """X @ coef.T + intercept in float64 numpy: [n, n_out] (CPU; cheap compared with a fit)."""
-        self._check_fitted()
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[-1]} features, the head was fitted on {self.n_features_in_}")
+        X = self._check_X(X)
         return X.astype(np.float64) @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
 
     def decision_function(self, X) -> np.ndarray:
@@ -551,9 +510,9 @@ class TorchKNN(_TorchHead):
 
     def __init__(
         self, *, grid: dict | None = None, folds: int = 5, seed: int = 0, device: str = "cpu",
-        chunk_rows: int = 4096,
+        scoring: str = "accuracy", chunk_rows: int = 4096,
     ) -> None:
-        super().__init__(grid=grid, folds=folds, seed=seed, device=device)
+        super().__init__(grid=grid, folds=folds, seed=seed, device=device, scoring=scoring)
         self.chunk_rows = chunk_rows
 
     @staticmethod
@@ -615,10 +574,8 @@ class TorchKNN(_TorchHead):
         import torch
 
         t0 = time.perf_counter()
+        X, yi = self._validate(X, y)
         dev = _device(self.device)
-        yi = self._encode(y)
-        X = np.asarray(X)
-        self.n_features_in_ = X.shape[1]
         splits, plan = _folds(yi, self.folds, self.seed)
         cands = self._check_grid(self._grid(), min(len(tr) for tr, _ in splits))
         kmax = max(c["n_neighbors"] for c in cands)
@@ -631,10 +588,10 @@ class TorchKNN(_TorchHead):
                 tr_t, va_t = torch.as_tensor(tr, device=dev), torch.as_tensor(va, device=dev)
                 sim, nb = self._neighbours(Xall.index_select(0, va_t), Xall.index_select(0, tr_t), kmax)
                 nbl = yall.index_select(0, tr_t)[nb]
-                yv = yall.index_select(0, va_t)
+                yv_np = yi[va]
                 for c, cand in enumerate(cands):
                     v = self._votes(sim, nbl, cand["n_neighbors"], cand["weights"], cand["metric"], nc)
-                    scores[c, f] = float((v.argmax(1) == yv).float().mean())
+                    scores[c, f] = score_predictions(self.scoring, yv_np, _to_numpy(v.argmax(1)))
             self._finish_search(cands, scores, plan, t0)
             self.fit_X_ = _to_numpy(Xall)
         self.fit_y_ = yi
@@ -644,12 +601,9 @@ class TorchKNN(_TorchHead):
     def _votes_for(self, X) -> np.ndarray:
         import torch
 
-        self._check_fitted()
+        X = self._check_X(X)
         dev = _device(self.device)
         p = self.best_params_
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[-1]} features, the head was fitted on {self.n_features_in_}")
         k = min(int(p["n_neighbors"]), len(self.fit_y_))
         with torch.no_grad(), _fast_matmul(dev):
             K = torch.as_tensor(self.fit_X_).to(dev)
@@ -671,12 +625,15 @@ class TorchKNN(_TorchHead):
 
 
 def create_torch_head(
-    name: str, *, grid: dict | None, folds: int, seed: int, device: str, kernel: str = "linear"
+    name: str, *, grid: dict | None, folds: int, seed: int, device: str, kernel: str = "linear",
+    scoring: str = "accuracy",
 ):
     """An unfitted torch head (``logreg``, ``svm`` or ``knn``) with its CV search built in.
 
     ``grid``: parameter -> list of values (``C`` for logreg/svm; ``n_neighbors``, ``weights``,
-    ``metric`` for knn); None uses :data:`DEFAULT_TORCH_GRIDS`.  Raises NotImplementedError
+    ``metric`` for knn); None uses the head's grid from :func:`featx.heads.grids.resolve_grids`
+    (the same defaults as the scikit-learn heads).  ``scoring``: the CV criterion (a name in
+    :data:`featx.heads.search.SCORERS`; others raise NotImplementedError).  Raises NotImplementedError
     for what has no torch version (the RBF SVM) so the caller can use scikit-learn instead.
     """
     if name == "svm" and kernel != "linear":
@@ -684,4 +641,5 @@ def create_torch_head(
     classes = {"logreg": TorchLogisticRegression, "svm": TorchLinearSVC, "knn": TorchKNN}
     if name not in classes:
         raise FeatxError(f"unknown head {name!r}; expected one of {', '.join(classes)}")
-    return classes[name](grid=grid, folds=folds, seed=seed, device=device)
+    score_predictions(scoring, np.array([0, 1]), np.array([0, 1]))  # NotImplementedError if unsupported
+    return classes[name](grid=grid, folds=folds, seed=seed, device=device, scoring=scoring)
