@@ -52,6 +52,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    trust: bool = False,
 ) -> dict:
     """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
 
@@ -59,10 +60,12 @@ def predict(
     under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
     ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
     cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
-    another backbone, weights or preprocessing is refused.
+    another backbone, weights or preprocessing is refused.  ``head`` is a ``.skops`` file (safe
+    to load from anyone) or a joblib pickle, which can run code and is loaded only with
+    ``trust=True`` (``featx predict --trust``).
     """
 
-    est, meta = load_head(head)
+    est, meta = load_head(head, trust=trust)
     classes: list[str] = list(meta.get("classes") or [])
     est_classes = np.asarray(meta.get("estimator_classes") or getattr(est, "classes_", range(len(classes))))
     if isinstance(inputs, (str, os.PathLike)):
