@@ -180,6 +180,8 @@ def save_head(estimator, path: str | os.PathLike, *, sidecar: dict, format: str 
 
 def _head_file(path: Path) -> Path:
     """The head file for ``path``: itself, or for a sidecar (``.json``) the file it names."""
+    if path.suffix != ".json" and (path.exists() or path.suffix in HEAD_SUFFIXES.values()):
+        return path
     if path.suffix == ".json" and path.is_file():
         try:
             named = json.loads(path.read_text(encoding="utf-8")).get("model_file")
@@ -188,11 +190,10 @@ def _head_file(path: Path) -> Path:
         # Only a plain file name beside the sidecar: a sidecar must not point elsewhere.
         if isinstance(named, str) and named and Path(named).name == named and named not in (".", ".."):
             return path.with_name(named)
-    if path.suffix == ".json" or (not path.exists() and path.suffix not in HEAD_SUFFIXES.values()):
-        for suffix in (".skops", ".joblib"):
-            if path.with_suffix(suffix).is_file():
-                return path.with_suffix(suffix)
-    return path
+    for suffix in HEAD_SUFFIXES.values():
+        if path.with_suffix(suffix).is_file():
+            return path.with_suffix(suffix)
+    return path.with_suffix(".skops") if path.suffix == ".json" else path
 
 
 def _verified_sidecar(path: Path, data: bytes) -> dict:
@@ -262,18 +263,19 @@ def load_head(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, dic
     except OSError as exc:
         raise FeatxError(f"head file {str(path)!r} cannot be read ({exc.strerror or exc}); check its permissions") from None
     meta = _verified_sidecar(path, data)
+    is_skops = zipfile.is_zipfile(io.BytesIO(data))
+    if not is_skops and not trust:
+        raise FeatxError(
+            f"head {str(path)!r} is a pickle; pickles can run code: pass --trust if you trust its source, "
+            "or re-save it with featx probe (skops)"
+        )
     if meta.get("sklearn_version") != sklearn.__version__:
         log.warning(
             "head %s was saved with scikit-learn %s, this is %s; predictions may differ",
             path, meta.get("sklearn_version"), sklearn.__version__,
         )
-    if zipfile.is_zipfile(io.BytesIO(data)):
+    if is_skops:
         return _load_skops(path, data), meta
-    if not trust:
-        raise FeatxError(
-            f"head {str(path)!r} is a pickle; pickles can run code: pass --trust if you trust its source, "
-            "or re-save it with featx probe (skops)"
-        )
     log.warning(
         "loading the pickled head %s because trust was given (--trust): unpickling runs any code the file "
         "holds, and a matching sha256 only shows it is undamaged, not who made it; prefer .skops heads",
