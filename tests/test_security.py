@@ -7,7 +7,6 @@ where it helps, that it really would run if featx were careless).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import h5py
-import joblib
 import numpy as np
 import pytest
 import skops.io as sio
@@ -343,7 +341,7 @@ def _outside_manifest(tmp_path: Path) -> Path:
     outside = write_image_folder(tmp_path / "outside", splits=(), classes=("cats", "dogs"), per_class=2)
     inside = write_image_folder(tmp_path / "m" / "imgs", splits=(), classes=("cats", "dogs"), per_class=2)
     rows = ["path,label"] + [f"imgs/{c}/img_00{i}.png,{c}" for c in ("cats", "dogs") for i in range(2)]
-    rows += [f"../outside/cats/img_000.png,cats", f"{outside / 'dogs' / 'img_001.png'},dogs"]
+    rows += ["../outside/cats/img_000.png,cats", f"{outside / 'dogs' / 'img_001.png'},dogs"]
     manifest = tmp_path / "m" / "list.csv"
     manifest.write_text("\n".join(rows) + "\n")
     assert inside.is_dir()

@@ -39,7 +39,7 @@ HEAD_SUFFIXES = {"skops": ".skops", "joblib": ".joblib"}
 
 # A dotted Python name, no component that is a test module (never imported to judge a name).
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-_NEVER_IMPORTED = re.compile(r"(^|\.)(tests?|conftest|_?testing|externals|experimental)(\.|$)")
+_NEVER_IMPORTED = re.compile(r"(^|\.)(tests?|conftest|_?testing|externals|experimental|_build_utils)(\.|$)")
 
 
 def _sha256(path: str | os.PathLike) -> str:
