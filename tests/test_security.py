@@ -221,6 +221,19 @@ def test_torch_heads_save_as_skops_with_arrays_only(name, tmp_path):
     assert (np.asarray(again.predict(X)) == np.asarray(est.predict(X))).all()
 
 
+def test_skops_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
+    import featx.heads.persist as persist
+
+    monkeypatch.setattr(persist, "MAX_UNPACKED_BYTES", 1 << 20)  # 1 GiB in real life; 1 MiB keeps the test small
+    path = tmp_path / "bomb.skops"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("schema.json", b" " * (20 << 20))  # 20 MB of spaces, ~20 KB compressed
+    assert path.stat().st_size * 100 < 20 << 20
+    _forge_sidecar(path)
+    with pytest.raises(FeatxError, match="zip bomb"):
+        load_head(path)
+
+
 def test_allow_list_follows_types_not_names():
     for name in (
         "featx.heads.probing.HeadSearch", "featx.heads.probing.AdaptiveStratifiedKFold",

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SIDECAR_FORMAT = "featx-head/1"
 HEAD_FORMATS = ("skops", "joblib")
 HEAD_SUFFIXES = {"skops": ".skops", "joblib": ".joblib"}
+MAX_UNPACKED_BYTES = 1 << 30  # a skops head bigger than its file by more than this (and 100x) is refused
 
 # A dotted Python name, no component that is a test module (never imported to judge a name).
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -229,6 +230,13 @@ def _load_skops(path: Path, data: bytes) -> Any:
     """Build the head from a skops file, trusting only :func:`is_trusted_type` types."""
     import skops.io as sio  # heavy: only when a head is loaded
 
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        unpacked = sum(max(i.file_size, 0) for i in zf.infolist())
+    if unpacked > max(MAX_UNPACKED_BYTES, 100 * len(data)):  # featx writes skops files uncompressed
+        raise FeatxError(
+            f"head {str(path)!r} would unpack to {unpacked} bytes from {len(data)} (a zip bomb?); it was NOT "
+            "loaded. Re-create it with `featx probe`"
+        )
     try:
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as exc:  # noqa: BLE001 - a zip that is not a readable skops file
