@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from ..base.errors import FeatxError
-import time
-from typing import Sequence
-import numpy as np
 from ..base.io import write_json
 from ..cache.store import FeatureCache
 from ..data.folders import is_image_name
@@ -41,6 +41,29 @@ def _collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[tuple[str, str]
     return list(dict.fromkeys(out))
 
 
+def _embed_inputs(inputs: list, meta: dict, *, weights, cache_dir, device, batch_size, num_workers, progress):
+    """(features, paths, folder names, failed) of the images in ``inputs``, embedded with the head's backbone."""
+    items = _collect_inputs(inputs)
+    if not items:
+        raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
+    w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
+    emb = embed_files(
+        [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
+        device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+        check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+    )
+    ok = emb["ok"]
+    return emb["features"], [items[i][0] for i in ok], [items[i][1] for i in ok], emb["failed"]
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def predict(
     head: str | os.PathLike,
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -52,6 +75,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    trust: bool = False,
 ) -> dict:
     """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
 
@@ -59,10 +83,12 @@ def predict(
     under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
     ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
     cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
-    another backbone, weights or preprocessing is refused.
+    another backbone, weights or preprocessing is refused.  ``head`` is a ``.skops`` file (safe
+    to load from anyone) or a joblib pickle, which can run code and is loaded only with
+    ``trust=True`` (``featx predict --trust``).
     """
 
-    est, meta = load_head(head)
+    est, meta = load_head(head, trust=trust)
     classes: list[str] = list(meta.get("classes") or [])
     est_classes = np.asarray(meta.get("estimator_classes") or getattr(est, "classes_", range(len(classes))))
     if isinstance(inputs, (str, os.PathLike)):
@@ -79,21 +105,10 @@ def predict(
         folder = [fc.classes[i] for i in fc.labels()]
         failed = list(fc.failed)
     else:
-
-        items = _collect_inputs(inputs)
-        if not items:
-            raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
-        w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
-        emb = embed_files(
-            [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
-            device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+        X, paths, folder, failed = _embed_inputs(
+            inputs, meta, weights=weights, cache_dir=cache_dir, device=device, batch_size=batch_size,
+            num_workers=num_workers, progress=progress,
         )
-        X = emb["features"]
-        ok = emb["ok"]
-        paths = [items[i][0] for i in ok]
-        folder = [items[i][1] for i in ok]
-        failed = emb["failed"]
     t0 = time.perf_counter()
     pred = np.asarray(est.predict(X)) if len(X) else np.zeros(0, dtype=int)
     scores = scores_of(est, X) if len(X) else np.zeros((0, len(est_classes)))
@@ -102,12 +117,8 @@ def predict(
     names = [classes[int(c)] if classes else str(c) for c in est_classes]
     pred_names = [classes[int(c)] if classes else str(c) for c in pred]
     out_path = Path(out) if out is not None else Path("runs") / f"predict-{Path(head).stem}.csv"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="", encoding="utf-8") as fh:
-        w_ = csv.writer(fh)
-        w_.writerow(["path", "predicted", "folder"] + [f"{score_kind}_{n}" for n in names])
-        for i, p in enumerate(paths):
-            w_.writerow([p, pred_names[i], folder[i]] + [f"{v:.6g}" for v in scores[i]])
+    _write_csv(out_path, ["path", "predicted", "folder"] + [f"{score_kind}_{n}" for n in names],
+               ([p, pred_names[i], folder[i]] + [f"{v:.6g}" for v in scores[i]] for i, p in enumerate(paths)))
     known = [i for i, f in enumerate(folder) if f in classes]
     acc = float(np.mean([pred_names[i] == folder[i] for i in known])) if known else None
     res = {
