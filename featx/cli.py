@@ -280,7 +280,7 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
     from .heads.probing import probe as run_probe  # scikit-learn: not imported for --help
 
-    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save)
+    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
     if s.as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
@@ -288,6 +288,8 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
         click.echo(f"note: {result['cv']['note']}")
     click.echo(result["table"])
     click.echo(f"\nmetrics  {result['metrics_path']}")
+    if result.get("report_path"):
+        click.echo(f"report   {result['report_path']}")
     for name, h in result["heads"].items():
         click.echo(f"{name:<8} {h['confusion_png'] or ''}  {h['model_path'] or ''}".rstrip())
 

@@ -37,6 +37,8 @@ DEFAULT_GRIDS: dict[str, dict[str, Any]] = {
     # whatever the feature dimension.
     "svm_rbf": {"C": {"logspace": [-1, 3, 5]}, "gamma": {"logspace": [-2, 1, 7]}},
     "knn": {"n_neighbors": [1, 3, 5, 7, 9, 15, 21, 31], "weights": ["uniform", "distance"], "metric": ["cosine"]},
+    # DINO-style kNN: cosine similarity, votes weighted by exp(sim / temperature).
+    "knn_dino": {"n_neighbors": [10, 20], "temperature": [0.03, 0.07, 0.1]},
 }
 DEFAULT_SCALARS: dict[str, Any] = {"scoring": "accuracy", "max_iter": 2000}
 
@@ -85,6 +87,7 @@ _MANIFEST_HELP = "CSV with columns path,label[,split] instead of a folder."
 _CACHE_DIR_HELP = "Folder that holds the caches."
 _NEWEST_HELP = "Where to look for the newest cache when CACHE is not given."
 Kernel = Literal["linear", "rbf"]
+HeadFormat = Literal["skops", "joblib"]
 
 
 class Settings:
@@ -165,6 +168,17 @@ class ProbeSettings(Settings):
     out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).",
                                     path="dir", file=False)
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
+    max_train_rows: Optional[int] = option(
+        None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
+              "the probe names a value that fits).")
+    head_format: HeadFormat = option(
+        "skops", "File format of saved heads: skops (safe to share) or joblib (a pickle: loading it can run code; "
+                 "predict needs --trust).", flags=("--format",))
+    # lib=None: the library writes no report unless asked (tests and scripts call probe() often).
+    report: bool = option(True, "Write report.html (mistakes, confusion, embedding map) beside metrics.json.",
+                          flags=("--report/--no-report",), lib=None)
+    mlflow: bool = flag("Log settings, metrics, report and heads to MLflow (MLFLOW_TRACKING_URI, default ./mlruns).",
+                        file=True)
     quiet: bool = _quiet("No log lines; only the table.")
     as_json: bool = _json("Print the whole result as JSON.")
 
@@ -219,7 +233,8 @@ class PredictSettings(Settings):
 
     section: ClassVar[str] = "predict"
     head_path: Optional[str] = option(
-        None, "A .joblib head written by `featx probe` (its .json sidecar must be beside it).",
+        None, "A .skops head (or, with --trust, a .joblib head) written by `featx probe` (its .json sidecar must "
+              "be beside it).",
         flags=("--head",), path="file", required=True, lib=None, file=False)
     out: Optional[str] = option(None, "CSV to write (default: runs/predict-<head>.csv).", path="file", file=False)
     weights: Optional[str] = option(None, "Backbone weights file if the head's cannot be found here.", file=False)
@@ -227,6 +242,8 @@ class PredictSettings(Settings):
     device: str = _device()
     batch_size: int = option(64, "Images per forward pass.")
     workers: Optional[int] = _workers()
+    trust: bool = flag("Load a joblib/pickle head; pickles can run code when loaded, so only for heads from a source "
+                       "you trust (.skops heads never need it).")
     quiet: bool = _quiet("No progress bar or log lines; only the summary.")
     as_json: bool = _json("Print the result as JSON.")
 
@@ -252,9 +269,11 @@ class HeadsSettings(Settings):
                                 "L2-normalised first).", factory=_grid("svm_rbf"))
     knn: dict = option(help="kNN: n_neighbors, weights (uniform, distance), metric (e.g. cosine, euclidean).",
                        factory=_grid("knn"))
+    knn_dino: dict = option(help="DINO-style kNN (--head knn_dino): n_neighbors, temperature (votes weighted by "
+                                 "exp(cosine / temperature)).", factory=_grid("knn_dino"))
 
     def grids(self) -> dict[str, dict[str, Any]]:
-        """The four grids, keyed as in DEFAULT_GRIDS."""
+        """The grids, keyed as in DEFAULT_GRIDS."""
         return {k: copy.deepcopy(getattr(self, k)) for k in DEFAULT_GRIDS}
 
 

@@ -21,6 +21,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
 from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
+from .dino_knn import DinoKNNClassifier
 from .linear_path import PathLinearHead
 from .search import SCORERS, AdaptiveStratifiedKFold, HeadSearch
 from .torch_heads import create_torch_head
@@ -96,6 +97,8 @@ def _sklearn_pipeline(name: str, kernel: str, max_iter: int, seed: int) -> Pipel
         return Pipeline(
             [("scale", StandardScaler()), ("norm", Normalizer()), ("clf", SVC(kernel="rbf", random_state=seed))]
         )
+    if name == "knn_dino":
+        return Pipeline([("clf", DinoKNNClassifier())])
     # knn: cosine on L2-normalised features
     return Pipeline([("norm", Normalizer()), ("clf", KNeighborsClassifier(algorithm="brute"))])
 

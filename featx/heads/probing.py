@@ -26,8 +26,10 @@ from ..base.io import write_json
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import plan_folds, train_eval_split
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
+from ..report.predictions import make_predictions, predictions_path, write_predictions
+from ..report.publish import publish_run
 from .factory import check_head_name, create_head, grid_key
-from .grids import HEAD_NAMES, KERNELS, resolve_grids
+from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
 from .persist import save_head
 from .search import AdaptiveStratifiedKFold, HeadSearch, cv_splits, plain  # noqa: F401 - re-exported
@@ -61,6 +63,7 @@ class ProbeResult(dict):
     out_dir: str | None = None
     table: str | None = None
     metrics_path: str | None = None
+    report_path: str | None = None
     train_subset: dict | None = None  # only when max_train_rows drew a subset
 
     def to_dict(self) -> dict:
@@ -80,7 +83,7 @@ class ProbeResult(dict):
 
 def _unset(name: str, value: Any) -> bool:
     """Fields filled at the end of a probe (or only with a subset) are left out until set."""
-    return value is None and name in ("seconds", "out_dir", "table", "metrics_path", "train_subset")
+    return value is None and name in ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path")
 
 
 @dataclass
@@ -161,11 +164,11 @@ def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows:
 
 def _heads_list(head: str | Sequence[str]) -> list[str]:
     if isinstance(head, str):
-        names = list(HEAD_NAMES) if head == "all" else [h.strip() for h in head.split(",") if h.strip()]
+        names = list(ALL_HEADS) if head == "all" else [h.strip() for h in head.split(",") if h.strip()]
     else:
         names = list(head)
     if not names:
-        raise FeatxError("--head: name at least one head (logreg, svm, knn) or all")
+        raise FeatxError("--head: name at least one head (logreg, svm, knn, knn_dino) or all")
     for n in names:
         check_head_name(n)
     return list(dict.fromkeys(names))
@@ -232,6 +235,10 @@ def _fit_and_score(name: str, est, rows: _Rows, fc: FeatureCache, *, kernel: str
         "model_path": None,
         "confusion_png": None,
     }
+    keys = fc.keys()
+    entry["predictions"] = make_predictions(
+        rows=rows.ev, keys=[keys[i] for i in rows.ev], splits=fc.split_array()[rows.ev], y_true=rows.y_ev,
+        y_pred=pred, classes=fc.classes, scores=scores, score_labels=est_classes)
     return entry, m, est_classes
 
 
@@ -276,6 +283,7 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
         )
     if "confusion_matrix" in m:
         entry["confusion_matrix"] = m["confusion_matrix"]
+    entry["predictions_csv"] = str(write_predictions(predictions_path(out, name), entry.pop("predictions")))
     if opts["plots"]:
         png = out / f"confusion_{name}.png"
         plot_confusion(
@@ -286,7 +294,7 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
         entry["confusion_png"] = str(png)
     if opts["save"]:
         sidecar = _sidecar(name, kernel, fc, est_classes, entry, rows, result.split)
-        entry["model_path"] = str(save_head(est, out / f"{name}.joblib", sidecar=sidecar))
+        entry["model_path"] = str(save_head(est, out / f"{name}.{opts['head_format']}", sidecar=sidecar, format=opts["head_format"]))
     log.info("%s: accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["accuracy"], entry["cv_score"], entry["params"],
              entry["fit_seconds"])
     return entry
@@ -326,6 +334,9 @@ def probe(
     cache_dir: str | os.PathLike = "cache",
     plots: bool = True,
     max_train_rows: int | None = None,
+    head_format: str = "skops",
+    report: bool = False,
+    mlflow: bool = False,
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -334,8 +345,10 @@ def probe(
     cache's val/test split or a seeded stratified hold-out (``test_size``).  ``max_train_rows``
     trains on a stratified, seeded subset of the training rows (for caches bigger than memory:
     the probe stops with a message naming a value that fits before reading anything).  Writes
-    ``metrics.json``, ``report.md``, ``confusion_<head>.png`` and ``<head>.joblib`` (+ sidecar)
-    to ``out_dir`` (default ``runs/probe-<cache stem>/``) and returns the same as a ProbeResult.
+    ``metrics.json``, ``report.md``, ``predictions_<head>.csv``, ``confusion_<head>.png`` and
+    ``<head>.skops`` (``head_format="joblib"``: a pickle) + JSON sidecar to ``out_dir`` (default
+    ``runs/probe-<cache stem>/``) and returns the same as a ProbeResult.  ``report`` also writes
+    ``report.html``; ``mlflow`` logs the run to MLflow.
     """
     names = _heads_list(head)
     _check_args(kernel, folds)
@@ -359,7 +372,7 @@ def probe(
         load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
     opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
-            "save": save, "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
+            "save": save, "device": "cpu" if (device or "cpu").lower() == "cpu" else device, "head_format": head_format}
     t0 = time.perf_counter()
     for name in names:
         result.heads[name] = _run_head(name, rows, fc, result, out, opts=opts)
@@ -369,4 +382,7 @@ def probe(
     (out / "report.md").write_text(result.table + "\n", encoding="utf-8")
     result.metrics_path = str(out / "metrics.json")
     write_json(out / "metrics.json", result.to_dict())
+    if report or mlflow:
+        published = publish_run(out, cache=fc, report=report, mlflow=mlflow)
+        result.report_path = published["report"]
     return result

@@ -638,6 +638,8 @@ def create_torch_head(
     """
     if name == "svm" and kernel != "linear":
         raise NotImplementedError(f"no torch version of the {kernel} SVM")
+    if name == "knn_dino":
+        raise NotImplementedError("no torch DINO kNN")
     classes = {"logreg": TorchLogisticRegression, "svm": TorchLinearSVC, "knn": TorchKNN}
     if name not in classes:
         raise FeatxError(f"unknown head {name!r}; expected one of {', '.join(classes)}")
