@@ -32,7 +32,8 @@ import click
 from . import __version__
 from .base.errors import CacheWriteError, FeatxError
 from .config import (
-    SETTINGS, CompareSettings, EmbedSettings, InfoSettings, PredictSettings, ProbeSettings, default_values,
+    SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings, InfoSettings, PredictSettings,
+    ProbeSettings, ReportSettings, default_values,
     explain, format_entries, merge, nest, read_config, render_yaml,
 )
 from .config.options import command_line_values, settings_options
@@ -322,6 +323,68 @@ def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+# --------------------------------------------------------------------------- fewshot
+
+
+def _shots(text: str) -> list[int]:
+    try:
+        shots = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        shots = []
+    if not shots or min(shots) < 1:
+        raise click.BadParameter(f"{text!r}: expected a comma list of positive integers, e.g. 1,5,10", param_hint="--shots")
+    return shots
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(FewshotSettings)
+def fewshot(cache: str | None, s: FewshotSettings) -> None:
+    """Few-shot curve on CACHE: k training images per class, several seeds, scored on the full evaluation split."""
+    from .heads.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
+
+    result = run_fewshot(cache, **s.library_kwargs(), shots=_shots(s.shots), report=s.report, mlflow=s.mlflow)
+    data = result.to_dict()
+    if s.as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    click.echo(result.table())
+    for note in data.get("notes") or []:
+        click.echo(f"note: {note}")
+    click.echo(f"\njson     {result.json_path}")
+    if result.png_path:
+        click.echo(f"curve    {result.png_path}")
+
+
+# --------------------------------------------------------------------------- report, export
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@settings_options(ReportSettings)
+def report(run_dir: str | None, s: ReportSettings) -> None:
+    """Write RUN_DIR/report.html (default: the newest run under --runs-dir): one offline page to read."""
+    from .report.publish import publish_existing_run  # matplotlib, scikit-learn: not imported for --help
+
+    published = publish_existing_run(run_dir, **s.library_kwargs(), mlflow=s.mlflow)
+    click.echo(f"report   {published['report']}")
+    if published.get("mlflow"):
+        click.echo(f"mlflow   {published['mlflow']['tracking_uri']} run {published['mlflow']['run_id']}")
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(ExportSettings)
+def export(cache: str | None, s: ExportSettings) -> None:
+    """Export CACHE (default: newest in --cache-dir) as Parquet, .npy or CSV, one row per image."""
+    from .cache.export import export_cache  # h5py, pyarrow: not imported for --help
+    from .cache.store import find_cache
+
+    info = export_cache(find_cache(cache, cache_dir=s.cache_dir), **s.library_kwargs())
+    click.echo(json.dumps(info, indent=2, default=str))
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,14 +17,15 @@ from .loader import (
 )
 from .render import HEADER, format_entries, format_value, render_yaml
 from .settings import (
-    DEFAULT_GRIDS, DEFAULT_SCALARS, SETTINGS, CompareSettings, EmbedSettings, HeadsSettings, InfoSettings,
-    PredictSettings, ProbeSettings, Settings, defaults, field_types, flag, option,
+    DEFAULT_GRIDS, DEFAULT_SCALARS, SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings,
+    HeadsSettings, InfoSettings, PredictSettings, ProbeSettings, ReportSettings, Settings, defaults, field_types, flag, option,
 )
 
 __all__ = [
     "COMMAND_LINE", "DEFAULT", "EXTRA_SECTIONS", "Entry", "convert_value", "default_values", "explain",
     "load_config", "merge", "nest", "read_config", "read_yaml", "section", "validate",
     "HEADER", "format_entries", "format_value", "render_yaml",
-    "DEFAULT_GRIDS", "DEFAULT_SCALARS", "SETTINGS", "CompareSettings", "EmbedSettings", "HeadsSettings",
+    "DEFAULT_GRIDS", "DEFAULT_SCALARS", "SETTINGS", "CompareSettings", "ExportSettings", "FewshotSettings",
+    "ReportSettings", "EmbedSettings", "HeadsSettings",
     "InfoSettings", "PredictSettings", "ProbeSettings", "Settings", "defaults", "field_types", "flag", "option",
 ]

@@ -248,6 +248,50 @@ class PredictSettings(Settings):
     as_json: bool = _json("Print the result as JSON.")
 
 
+@dataclass(frozen=True)
+class FewshotSettings(Settings):
+    """`featx fewshot [CACHE]`: accuracy vs training images per class, k drawn per class and seed."""
+
+    section: ClassVar[str] = "fewshot"
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    shots: str = option("1,2,5,10,20", "Training images per class, a comma list.", lib=None)
+    seeds: int = option(5, "Draws per shot count.")
+    head: str = option("logreg,knn", "Heads: logreg, knn, knn_dino (comma list).", lib="heads")
+    out_dir: Optional[str] = option(None, "Where fewshot.json and fewshot.png go (default: runs/fewshot-<cache name>/).",
+                                    path="dir", file=False)
+    cap_shots: bool = option(False, "Take all images of classes with fewer than k instead of stopping.",
+                             flags=("--cap-shots/--no-cap-shots",), lib="cap")
+    test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split.")
+    seed: int = option(0, "Seed of the hold-out split.", lib="split_seed")
+    report: bool = option(True, "Write report.html beside fewshot.json.", flags=("--report/--no-report",), lib=None)
+    mlflow: bool = flag("Log the curve and its settings to MLflow.", file=True, lib=None)
+    quiet: bool = _quiet("No log lines; only the table.")
+    as_json: bool = _json("Print the whole result as JSON.")
+
+
+@dataclass(frozen=True)
+class ReportSettings(Settings):
+    """`featx report [RUN_DIR]`: one offline report.html for a probe, compare or fewshot run."""
+
+    section: ClassVar[str] = "report"
+    runs_dir: str = option("runs", "Where to look for the newest run when RUN_DIR is omitted.", path="dir")
+    cache_path: Optional[str] = option(None, "The run's cache, if it moved since the run.", flags=("--cache",),
+                                       path="file", lib="cache", file=False)
+    mlflow: bool = flag("Also log the run to MLflow.", file=True, lib=None)
+
+
+@dataclass(frozen=True)
+class ExportSettings(Settings):
+    """`featx export [CACHE] --out FILE`: one row per image (path, label, split, features) for other tools."""
+
+    section: ClassVar[str] = "export"
+    cache_dir: str = option("cache", _NEWEST_HELP, path="dir", lib=None)
+    fmt: Literal["parquet", "npy", "csv"] = option("parquet", "Output format.", flags=("--format",))
+    out: Optional[str] = option(None, "File to write.", path="file", required=True, file=False)
+    view: Optional[str] = option(None, "Feature view to export (default: the cache's features).", file=False)
+    chunk_rows: int = option(8192, "Rows per block: memory stays constant whatever the cache size.")
+
+
 def _grid(name: str) -> Any:
     return lambda: copy.deepcopy(DEFAULT_GRIDS[name])
 
@@ -280,7 +324,8 @@ class HeadsSettings(Settings):
 # Section name -> dataclass.  A new command adds its dataclass here (and in featx/cli.py).
 SETTINGS: dict[str, type[Settings]] = {
     cls.section: cls
-    for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, HeadsSettings)
+    for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, FewshotSettings,
+                ReportSettings, ExportSettings, HeadsSettings)
 }
 
 

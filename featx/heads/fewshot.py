@@ -36,6 +36,7 @@ from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import train_eval_split
+from ..report.publish import publish_run
 from .dino_knn import DINO_KNN_GRID, DinoKNNClassifier
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,20 @@ class FewShotResult:
 
     def mean(self, head: str, shots: int) -> float:
         return float(self.heads[head][str(shots)]["mean"])
+
+    def table(self) -> str:
+        """Mean accuracy [95% CI] per shot count (rows) and head (columns), as Markdown."""
+        heads = list(self.heads)
+        lines = ["| shots | " + " | ".join(heads) + " |", "|---:|" + "---:|" * len(heads)]
+        for k in self.settings["shots"]:
+            cells = []
+            for h in heads:
+                cell = self.heads[h][str(k)]
+                lo, hi = cell["ci95"]
+                ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else ""
+                cells.append(f"{100 * cell['mean']:.1f}%{ci}")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
 
 SCALERS = {"standard": StandardScaler, "l2": Normalizer}
@@ -288,6 +303,8 @@ def fewshot(
     max_iter: int = 2000,
     plot: bool = True,
     cache_dir: str | os.PathLike = "cache",
+    report: bool = False,
+    mlflow: bool = False,
 ) -> FewShotResult:
     """Accuracy vs shots per class for each head; writes ``fewshot.json`` and ``fewshot.png`` to ``out_dir``.
 
@@ -327,6 +344,8 @@ def fewshot(
     result.json_path = str(out / "fewshot.json")
     result.seconds = time.perf_counter() - t_start
     write_json(result.json_path, result.to_dict())
+    if report or mlflow:
+        publish_run(out, report=report, mlflow=mlflow)
     return result
 
 

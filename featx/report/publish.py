@@ -9,6 +9,7 @@ from typing import Any
 from ..base.errors import FeatxError
 from ..cache.store import FeatureCache
 from .html import write_report
+from .runfiles import find_run
 from .tracking import log_run
 
 log = logging.getLogger(__name__)
@@ -30,4 +31,14 @@ def publish_run(run_dir: str | os.PathLike, *, cache: FeatureCache | None = None
                         exc, run_dir)
     if mlflow:
         out["mlflow"] = log_run(run_dir)
+    return out
+
+
+def publish_existing_run(run_dir: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = "runs",
+                         cache: str | os.PathLike | None = None, mlflow: bool = False) -> dict[str, Any]:
+    """``featx report``: the report of ``run_dir`` (default: the newest run under ``runs_dir``); errors stand."""
+    run = run_dir if run_dir is not None else find_run(runs_dir)
+    out: dict[str, Any] = {"report": str(write_report(run, cache=cache)), "mlflow": None}
+    if mlflow:
+        out["mlflow"] = log_run(run)
     return out
