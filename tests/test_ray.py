@@ -124,3 +124,19 @@ def test_missing_ray_is_a_one_line_error(data, tmp_path: Path, monkeypatch) -> N
     msg = str(err.value)
     assert "\n" not in msg and "pip install 'featx[ray]'" in msg and "--executor ray" in msg
     assert not list(tmp_path.iterdir()), "fails before anything is written"
+
+
+def test_chunk_descriptors_keep_every_actor_busy() -> None:
+    from featx.embedding.ray_executor import chunk_tasks, describe_chunks
+
+    todo = list(range(960))
+    assert [len(t) for t in chunk_tasks(todo, 1024, actors=1)] == [240] * 4
+    assert [len(t) for t in chunk_tasks(todo, 100, actors=2)] == [100] * 9 + [60]
+    assert sum(chunk_tasks(todo, 1024, actors=2), []) == todo and chunk_tasks([], 8) == []
+
+    class S:
+        def __init__(self, i):
+            self.path, self.key = f"/d/caf\udce9{i}.jpg", f"caf\udce9{i}.jpg"  # a Latin-1 file name
+
+    rows = describe_chunks([[S(0), S(1)], [S(2)]])
+    assert [r["n"] for r in rows] == [2, 1] and all(r["task"].isascii() for r in rows)

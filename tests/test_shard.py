@@ -89,7 +89,9 @@ def test_shares_cover_the_pending_images_once_and_do_not_move(data, tmp_path: Pa
     shares = [shard_share(p, (i, 3), 4) for i in range(3)]
     keys = [x.key for sh in shares for x in sh]
     assert sorted(keys) == sorted(x.key for x in p.todo) and len(set(keys)) == len(keys)
-    assert all(len(sh) >= 8 for sh in shares)  # 34 images in blocks of 4, 3 ways
+    assert [len(sh) for sh in shares] == [12, 12, 10]  # 34 images in blocks of 3 (4 blocks per shard at least)
+    big = shard_share(p, (0, 1), 1024)
+    assert big == p.todo
     # Shard 0 finishes first; shard 1 plans afterwards and still gets exactly its own share.
     r0 = featx.embed(root, cache=tmp_path / "c.h5", shard="0/3", **TINY_KW)
     assert isinstance(r0, ShardResult) and r0.assigned == len(shares[0]) and r0.pending == len(p.todo)

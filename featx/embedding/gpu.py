@@ -388,7 +388,6 @@ def iter_gpu_features(
     from torch.utils.data import DataLoader
 
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     if compile is None:
         compile = os.environ.get("FEATX_COMPILE", "") not in ("", "0")
     prep = _Preparer(backbone, dev)
@@ -412,21 +411,7 @@ def iter_gpu_features(
                 break
             if isinstance(p, BaseException):
                 raise p
-            if cuda and p.event is not None:
-                cur = torch.cuda.current_stream(dev)
-                cur.wait_event(p.event)
-                p.x.record_stream(cur)
-            if p.ok:
-                y = fwd(p.x)
-                if cuda:
-                    host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
-                    host.copy_(y, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record()
-                else:
-                    host, ev = y, None
-            else:
-                host, ev = torch.zeros(0, backbone.dim), None
+            host, ev = _forward_to_host(p, fwd, dev, backbone.dim)
             p.x = None
             if pending is not None:
                 yield _finish(pending)
@@ -435,13 +420,37 @@ def iter_gpu_features(
             yield _finish(pending)
     finally:
         stop.set()
-        # Unblock the producer if it waits on a full queue, then let it wind down.
-        try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
+        _drain(q)  # unblock the producer if it waits on a full queue, then let it wind down
         th.join(timeout=5)
+
+
+def _forward_to_host(p: _Prepared, fwd, dev, dim: int) -> tuple:
+    """Run the network on a prepared batch; on CUDA start an async copy to pinned host memory."""
+    import torch  # heavy
+
+    cuda = dev.type == "cuda"
+    if cuda and p.event is not None:
+        cur = torch.cuda.current_stream(dev)
+        cur.wait_event(p.event)
+        p.x.record_stream(cur)
+    if not p.ok:
+        return torch.zeros(0, dim), None
+    y = fwd(p.x)
+    if not cuda:
+        return y, None
+    host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(y, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return host, ev
+
+
+def _drain(q: "queue.Queue") -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
 
 
 def _finish(pending) -> tuple:

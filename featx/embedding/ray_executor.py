@@ -60,6 +60,16 @@ def import_ray():
     return ray
 
 
+def chunk_tasks(todo: Sequence, chunk_size: int, *, actors: int = 1) -> list[list]:
+    """The pending images cut into chunk descriptors, in order: at most ``chunk_size`` images
+    each, and at least about 4 per actor so that every actor has work (and a slow chunk does
+    not leave the others idle at the end)."""
+    if not todo:
+        return []
+    size = max(1, min(chunk_size, -(-len(todo) // (4 * max(1, actors)))))
+    return [list(todo[a : a + size]) for a in range(0, len(todo), size)]
+
+
 def describe_chunks(tasks: Sequence[Sequence]) -> list[dict]:
     """Chunk descriptors as Ray Data rows.  Paths travel as ASCII JSON: Arrow needs valid UTF-8,
     file names need not be."""
@@ -117,11 +127,16 @@ def _fault_hook() -> None:
 
 
 def _connect(ray, ray_address: str | None) -> bool:
-    """Join ``ray_address`` (or an already initialised Ray), else start a local one; True if we started it."""
+    """Join ``ray_address`` (or an already initialised Ray), else start a local one; True if we started it.
+
+    Without an address Ray would join any cluster that ``ray start`` left on this machine (even
+    another user's or another featx version's); "local" always starts a private one, and
+    ``--ray-address auto`` joins the machine's cluster on purpose.
+    """
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address=ray_address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise FeatxError(f"--ray-address {ray_address!r}: cannot connect to a Ray cluster ({exc}); start one with "
@@ -129,27 +144,34 @@ def _connect(ray, ray_address: str | None) -> bool:
     return True
 
 
-def _pool(ray, n_tasks: int, num_actors: int | None, s: EngineSettings) -> tuple[int, dict, int, int]:
+def _pool(ray, n_items: int, num_actors: int | None, s: EngineSettings) -> tuple[int, dict, int, int]:
     """(actors, resources per actor, CPU threads, decode workers per actor) for this cluster."""
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     if gpus and s.device_request != "cpu":
-        per = max(1, min(8, cpus // gpus))
-        actors = min(num_actors or gpus, gpus)
-        return max(1, min(actors, n_tasks)), {"num_gpus": 1, "num_cpus": per}, 1, min(s.num_workers, per)
-    actors = min(num_actors or cpus, cpus)
-    return max(1, min(actors, n_tasks)), {"num_cpus": 1}, 1, 0
+        # One actor per GPU by default; more actors than GPUs share them (fractional GPUs), which
+        # helps only when one actor cannot keep its GPU busy.
+        actors = max(1, min(num_actors or gpus, n_items))
+        per = max(1, min(8, cpus // max(actors, gpus)))
+        return actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": per}, 1, min(s.num_workers, per)
+    # CPU actors share the cores: each gets cpus // actors of them, as intra-op threads for the
+    # network and (with 2 or more) as many DataLoader decode workers, the local engine's layout.
+    actors = max(1, min(num_actors or cpus, cpus, n_items))
+    per = max(1, cpus // actors)
+    return actors, {"num_cpus": per}, per, (per if per > 1 else 0)
 
 
-def run_on_ray(tasks: Sequence[Sequence], *, settings: EngineSettings, parts: PartsDir, ray_address: str | None,
+def run_on_ray(todo: Sequence, *, settings: EngineSettings, parts: PartsDir, ray_address: str | None,
                num_actors: int | None, progress: bool) -> tuple[int, int]:
-    """Embed every chunk descriptor on a Ray Data actor pool; returns (images done, images failed)."""
+    """Embed ``todo`` on a Ray Data actor pool, one chunk file per descriptor; returns (images done, failed)."""
     ray = import_ray()
     started = _connect(ray, ray_address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar, the driver's, over all actors
-        actors, resources, threads, workers = _pool(ray, len(tasks), num_actors, settings)
+        ctx.print_on_execution_start = False  # featx logs what runs where itself
+        actors, resources, threads, workers = _pool(ray, len(todo), num_actors, settings)
+        tasks = chunk_tasks(todo, settings.chunk_size, actors=actors)
         log.info("Ray: %d actor(s) with %s each, %d chunk(s)", actors, resources, len(tasks))
         rows = describe_chunks(tasks)
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(

@@ -192,20 +192,17 @@ def is_up_to_date(p: EmbedPlan) -> bool:
 
 
 def shard_share(p: EmbedPlan, shard: tuple[int, int], chunk_size: int) -> list:
-    """The pending images of shard I of N: whole blocks of ``chunk_size`` images of the full,
-    ordered image list, block b going to shard b mod N.
+    """The pending images of shard I of N: block b of the full, ordered image list goes to shard
+    b mod N, with blocks of ``chunk_size`` images, smaller when the list has fewer than 4 blocks
+    per shard (so 2 shards of 960 images split them evenly, not 960 + 0).
 
-    Decided on the image list, not on what is pending, so shards that start at different
-    moments (and see different chunks done) still split the work without gaps.
+    Decided on the image list and the options, not on what is pending, so shards that start at
+    different moments (and see different chunks done) still split the work without gaps.
     """
     i, n = shard
+    block = max(1, min(chunk_size, -(-len(p.samples) // (4 * n))))
     pos = {s.key: k for k, s in enumerate(p.samples)}
-    return [s for s in p.todo if (pos[s.key] // chunk_size) % n == i]
-
-
-def chunk_tasks(todo: Sequence, chunk_size: int) -> list[list]:
-    """The pending images cut into chunk descriptors (lists of samples), in order."""
-    return [list(todo[a : a + chunk_size]) for a in range(0, len(todo), chunk_size)]
+    return [s for s in p.todo if (pos[s.key] // block) % n == i]
 
 
 def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats, *, progress: bool) -> None:
@@ -356,7 +353,7 @@ def _run_pending(p: EmbedPlan, s: EngineSettings, stats: EmbedStats, *, executor
         run_local(p, p.todo, s, stats, progress=progress)
         return
     t_embed = time.perf_counter()
-    done, failed = run_on_ray(chunk_tasks(p.todo, s.chunk_size), settings=s, parts=p.parts, ray_address=ray_address,
+    done, failed = run_on_ray(p.todo, settings=s, parts=p.parts, ray_address=ray_address,
                               num_actors=num_actors, progress=progress)
     stats.failed_new = failed
     _count(stats, done, time.perf_counter() - t_embed)
