@@ -56,8 +56,15 @@ def test_features_match_the_embed_cache(paths_labels, tmp_path):
     # Cache mode goes through featx.embed and gives the same numbers.
     G = _fx(cache_dir=str(tmp_path / "fxcache")).fit().transform(fc.paths("val"))
     np.testing.assert_allclose(G, F, rtol=1e-4, atol=1e-5)
-    assert any(p.suffix == ".h5" for p in (tmp_path / "fxcache").iterdir())
-    assert isinstance(FeatureCache, type)
+    (cache_file,) = [p for p in (tmp_path / "fxcache").iterdir() if p.suffix == ".h5"]
+    stored = FeatureCache(cache_file)
+    assert len(stored) == len(fc.paths("val")) and not stored.failed
+    np.testing.assert_allclose(stored.features(), G, rtol=1e-6, atol=1e-7)
+    # A second transform of the same files reads the cache: the file is not rebuilt.
+    before = cache_file.stat().st_mtime_ns
+    H = _fx(cache_dir=str(tmp_path / "fxcache")).fit().transform(fc.paths("val"))
+    np.testing.assert_array_equal(H, G)
+    assert cache_file.stat().st_mtime_ns == before
 
 
 def test_bad_images_raise_or_become_nan(paths_labels, tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 from featx.embedding.backbones import Preprocess, create_backbone
 from featx.data import Sample, load_image
 from featx.embedding.cpu import iter_cpu_batches
-from featx.embedding.runner import _embed_chunks
+from featx.embedding.engine import iter_chunks
 from featx.embedding.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features
 
 
@@ -147,7 +147,7 @@ def test_engine_matches_pil_path_and_fails_alike(mixed_folder, workers):
 def test_embed_chunks_with_gpu_engine(mixed_folder):
     bb = create_backbone("tiny_cnn")
     todo = _samples(mixed_folder)
-    chunks = list(_embed_chunks(todo, bb, device="cpu", batch_size=4, num_workers=0, chunk_size=6,
+    chunks = list(iter_chunks(todo, bb, device="cpu", batch_size=4, num_workers=0, chunk_size=6,
                                 dtype="float16", progress=False, engine="gpu"))
     keys = [k for c in chunks for k in c.keys]
     failed = [f[0] for c in chunks for f in c.failed]

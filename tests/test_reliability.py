@@ -505,7 +505,16 @@ def kill_data(tmp_path_factory) -> tuple[Path, Path]:
     return data, clean_reference(data, base)
 
 
-@pytest.mark.parametrize("when", ["during-startup", "twice"])  # more in scripts/fault_inject.py
+def committed_rows(cache: Path) -> int:
+    """Images (embedded or failed) in the committed chunk files of ``cache``'s .parts folder."""
+    n = 0
+    for cf in parts_chunks(cache):
+        with h5py.File(cf, "r") as f:
+            n += len(f["paths"]) + len(f["failed_paths"])
+    return n
+
+
+@pytest.mark.parametrize("when", ["before-first-chunk", "twice"])  # more in scripts/fault_inject.py
 def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path, when: str) -> None:
     data, clean = kill_data
     cache = tmp_path / "k.h5"
@@ -514,17 +523,27 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
     for k in range(kills):
         proc = subprocess.Popen(embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        if when == "during-startup":
-            time.sleep(0.4)  # imports and model building
+        if when == "before-first-chunk":
+            # Killed once the run has planned and opened its work folder, while it embeds.
+            meta = Path(str(cache) + ".parts") / "meta.json"
+            wait_for(lambda: meta.exists() or proc.poll() is not None, what="the work folder")
         else:
             n = len(parts_chunks(cache))
             wait_for(lambda: len(parts_chunks(cache)) > n or proc.poll() is not None, what="a committed chunk")
             time.sleep(0.05 + 0.1 * k)
+        assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert not cache.exists() or when == "during-startup"
-    done = subprocess.run(embed_cmd(data, cache), capture_output=True, text=True, timeout=300)
+        assert not cache.exists(), "killed before the final write: no finished cache"
+        assert Path(str(cache) + ".lock").exists() and (Path(str(cache) + ".parts") / "meta.json").exists()
+    committed = committed_rows(cache)
+    assert committed < len(FeatureCache(clean)) + len(FeatureCache(clean).failed)
+    done = subprocess.run(embed_cmd(data, cache, "--json"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)["run"]
+    # Exactly what was committed before the kill is reused; everything else is embedded now.
+    assert run["reused"] == committed
+    assert run["embedded"] + run["failed_new"] == run["total"] - committed
     assert_same_cache(cache, clean)
     no_leftovers(cache)
 

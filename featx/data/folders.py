@@ -186,18 +186,9 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
     if manifest is not None:
         return _discover_manifest(Path(manifest))
     rootp = Path(root)
-    if not rootp.exists():
-        raise FeatxError(f"dataset folder {str(rootp)!r} does not exist; pass an existing image folder")
-    if rootp.is_file():
-        if rootp.suffix.lower() == ".csv":
-            return _discover_manifest(rootp)
-        raise FeatxError(
-            f"{str(rootp)!r} is a file; pass a folder laid out as <split>/<class>/image or "
-            "<class>/image, or a CSV manifest ending in .csv"
-        )
-    rootp = rootp.resolve()
-    if not os.access(rootp, os.R_OK | os.X_OK):
-        raise FeatxError(f"dataset folder {str(rootp)!r} is not readable; fix its permissions")
+    if rootp.is_file() and rootp.suffix.lower() == ".csv":
+        return _discover_manifest(rootp)
+    rootp = _checked_root(rootp)
     skipped: list[tuple[str, str]] = []
     subdirs = _visible_subdirs(rootp, skipped)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
@@ -205,46 +196,10 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
         others = [d.name for d in subdirs if d.name.lower() not in SPLIT_NAMES]
         if others:
             log.warning("ignoring folders %s beside the split folders in %s", others, rootp)
-        per_split: dict[str, list[tuple[str, str, str]]] = {}
-        class_splits: dict[str, set[str]] = {}
-        for sd in split_dirs:
-            split = sd.name.lower()
-            for cd in _visible_subdirs(sd, skipped):
-                files = _walk_images(str(cd), f"{sd.name}/{cd.name}", skipped)
-                cname = class_name(cd.name)
-                if files:
-                    class_splits.setdefault(cname, set()).add(split)
-                per_split.setdefault(split, []).extend((cname, p, k) for p, k in files)
-            for p in _loose_images(sd):
-                skipped.append((str(p), f"image directly in split folder {sd.name!r}, not in a class folder"))
-        classes = sorted(class_splits)
-        index = {c: i for i, c in enumerate(classes)}
-        samples = [
-            Sample(p, k, index[c], split)
-            for split in SPLIT_NAMES
-            for c, p, k in per_split.get(split, [])
-        ]
-        if "train" in per_split:
-            for c in classes:
-                if "train" not in class_splits[c]:
-                    log.warning(
-                        "class %r has images in %s but none in train: a head trained on train can never "
-                        "predict it; add train/%s/ images or remove the class",
-                        c, "/".join(sorted(class_splits[c])), c,
-                    )
+        classes, samples = _split_layout(split_dirs, skipped)
         layout = "split"
     else:
-        samples = []
-        pending: list[tuple[str, list[tuple[str, str]]]] = []
-        for cd in subdirs:
-            files = _walk_images(str(cd), cd.name, skipped)
-            if files:
-                pending.append((class_name(cd.name), files))
-        classes = [c for c, _ in pending]
-        for i, (_, files) in enumerate(pending):
-            samples.extend(Sample(p, k, i, "train") for p, k in files)
-        for p in _loose_images(rootp):
-            skipped.append((str(p), "image directly in the dataset root, not in a class folder"))
+        classes, samples = _flat_layout(rootp, subdirs, skipped)
         layout = "flat"
     if not samples:
         raise FeatxError(
@@ -259,12 +214,92 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
     return Dataset(str(rootp), classes, samples, layout, skipped)
 
 
+def _checked_root(rootp: Path) -> Path:
+    """The dataset folder, resolved, or an error that says what to pass instead."""
+    if not rootp.exists():
+        raise FeatxError(f"dataset folder {str(rootp)!r} does not exist; pass an existing image folder")
+    if rootp.is_file():
+        raise FeatxError(
+            f"{str(rootp)!r} is a file; pass a folder laid out as <split>/<class>/image or "
+            "<class>/image, or a CSV manifest ending in .csv"
+        )
+    rootp = rootp.resolve()
+    if not os.access(rootp, os.R_OK | os.X_OK):
+        raise FeatxError(f"dataset folder {str(rootp)!r} is not readable; fix its permissions")
+    return rootp
+
+
+def _split_layout(split_dirs: list[Path], skipped: list[tuple[str, str]]) -> tuple[list[str], list[Sample]]:
+    """``root/<split>/<class>/...``: classes are the union over splits, samples split by split."""
+    per_split: dict[str, list[tuple[str, str, str]]] = {}
+    class_splits: dict[str, set[str]] = {}
+    for sd in split_dirs:
+        split = sd.name.lower()
+        for cd in _visible_subdirs(sd, skipped):
+            files = _walk_images(str(cd), f"{sd.name}/{cd.name}", skipped)
+            cname = class_name(cd.name)
+            if files:
+                class_splits.setdefault(cname, set()).add(split)
+            per_split.setdefault(split, []).extend((cname, p, k) for p, k in files)
+        for p in _loose_images(sd):
+            skipped.append((str(p), f"image directly in split folder {sd.name!r}, not in a class folder"))
+    classes = sorted(class_splits)
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(p, k, index[c], split) for split in SPLIT_NAMES for c, p, k in per_split.get(split, [])]
+    if "train" in per_split:
+        for c in classes:
+            if "train" not in class_splits[c]:
+                log.warning(
+                    "class %r has images in %s but none in train: a head trained on train can never "
+                    "predict it; add train/%s/ images or remove the class",
+                    c, "/".join(sorted(class_splits[c])), c,
+                )
+    return classes, samples
+
+
+def _flat_layout(rootp: Path, subdirs: list[Path], skipped: list[tuple[str, str]]) -> tuple[list[str], list[Sample]]:
+    """``root/<class>/...``: every image is in the train split; empty class folders are not classes."""
+    pending: list[tuple[str, list[tuple[str, str]]]] = []
+    for cd in subdirs:
+        files = _walk_images(str(cd), cd.name, skipped)
+        if files:
+            pending.append((class_name(cd.name), files))
+    classes = [c for c, _ in pending]
+    samples: list[Sample] = []
+    for i, (_, files) in enumerate(pending):
+        samples.extend(Sample(p, k, i, "train") for p, k in files)
+    for p in _loose_images(rootp):
+        skipped.append((str(p), "image directly in the dataset root, not in a class folder"))
+    return classes, samples
+
+
 def _discover_manifest(manifest: Path) -> Dataset:
     """Rows of a ``path,label[,split]`` CSV; relative paths are relative to the manifest itself."""
     if not manifest.is_file():
         raise FeatxError(f"manifest {str(manifest)!r} does not exist; pass a CSV with columns path,label[,split]")
     base = manifest.resolve().parent
-    rows: list[tuple[str, str, str, int]] = []
+    rows = _read_manifest_rows(manifest)
+    skipped: list[tuple[str, str]] = []
+    classes = sorted({lab for _, lab, _, _ in rows})
+    samples = _manifest_samples(rows, {c: i for i, c in enumerate(classes)}, base, manifest, skipped)
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if not samples:
+        raise FeatxError(
+            f"manifest {str(manifest)!r} lists no existing images; paths are resolved relative to "
+            f"{str(base)!r}"
+        )
+    # Labels used only by missing rows would be empty classes: keep only those with images.
+    used = sorted({s.label for s in samples})
+    if len(used) != len(classes):
+        remap = {old: new for new, old in enumerate(used)}
+        classes = [classes[i] for i in used]
+        samples = [Sample(s.path, s.key, remap[s.label], s.split) for s in samples]
+    return Dataset(str(base), classes, samples, "manifest", skipped)
+
+
+def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
+    """(path, label, split, line number) of every non-empty row, or an error naming the line to fix."""
     try:
         # utf-8-sig: spreadsheet programs save a byte-order mark before the header.
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
@@ -278,27 +313,12 @@ def _discover_manifest(manifest: Path) -> Dataset:
                     f"manifest {str(manifest)!r} must start with a header naming columns path,label[,split]; "
                     f"got {header}"
                 )
-            ip, il = cols.index("path"), cols.index("label")
-            isp = cols.index("split") if "split" in cols else None
+            where = (cols.index("path"), cols.index("label"), cols.index("split") if "split" in cols else None)
+            rows = []
             for row in reader:
-                lineno = reader.line_num
-                if not row or all(not c.strip() for c in row):
-                    continue
-                try:
-                    p, lab = row[ip].strip(), row[il].strip()
-                except IndexError:
-                    raise FeatxError(
-                        f"{manifest}:{lineno}: expected columns {','.join(header)}, got {','.join(row)}"
-                    ) from None
-                sp = row[isp].strip().lower() if isp is not None and isp < len(row) else ""
-                sp = sp or "train"
-                if sp not in SPLIT_NAMES:
-                    raise FeatxError(
-                        f"{manifest}:{lineno}: split {sp!r} is not one of {', '.join(SPLIT_NAMES)}; fix that row"
-                    )
-                if not p or not lab:
-                    raise FeatxError(f"{manifest}:{lineno}: empty path or label; fix or delete that row")
-                rows.append((p, lab, sp, lineno))
+                if row and any(c.strip() for c in row):
+                    rows.append(_manifest_row(row, where, header, manifest, reader.line_num))
+            return rows
     except UnicodeDecodeError as exc:
         raise FeatxError(
             f"manifest {str(manifest)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
@@ -307,9 +327,27 @@ def _discover_manifest(manifest: Path) -> Dataset:
         raise FeatxError(f"manifest {str(manifest)!r} is not a valid CSV ({exc})") from None
     except OSError as exc:
         raise FeatxError(f"manifest {str(manifest)!r}: cannot read it ({_oserror_text(exc)})") from None
-    skipped: list[tuple[str, str]] = []
-    classes = sorted({lab for _, lab, _, _ in rows})
-    index = {c: i for i, c in enumerate(classes)}
+
+
+def _manifest_row(row: list[str], where: tuple, header: list[str], manifest: Path, lineno: int) -> tuple:
+    """One CSV row as (path, label, split, line number), checked."""
+    ip, il, isp = where
+    try:
+        p, lab = row[ip].strip(), row[il].strip()
+    except IndexError:
+        raise FeatxError(f"{manifest}:{lineno}: expected columns {','.join(header)}, got {','.join(row)}") from None
+    sp = row[isp].strip().lower() if isp is not None and isp < len(row) else ""
+    sp = sp or "train"
+    if sp not in SPLIT_NAMES:
+        raise FeatxError(f"{manifest}:{lineno}: split {sp!r} is not one of {', '.join(SPLIT_NAMES)}; fix that row")
+    if not p or not lab:
+        raise FeatxError(f"{manifest}:{lineno}: empty path or label; fix or delete that row")
+    return p, lab, sp, lineno
+
+
+def _manifest_samples(rows: list[tuple], index: dict[str, int], base: Path, manifest: Path,
+                      skipped: list[tuple[str, str]]) -> list[Sample]:
+    """Samples for the rows whose file exists (first listing wins), ordered by split, label, key."""
     samples = []
     seen: dict[str, int] = {}
     for p, lab, sp, lineno in rows:
@@ -333,29 +371,4 @@ def _discover_manifest(manifest: Path) -> Dataset:
         samples.append(Sample(str(full), key, index[lab], sp))
     order = {s: i for i, s in enumerate(SPLIT_NAMES)}
     samples.sort(key=lambda s: (order[s.split], s.label, s.key))
-    for path, reason in skipped:
-        log.warning("skipped %s: %s", path, reason)
-    if not samples:
-        raise FeatxError(
-            f"manifest {str(manifest)!r} lists no existing images; paths are resolved relative to "
-            f"{str(base)!r}"
-        )
-    # Labels used only by missing rows would be empty classes: keep only those with images.
-    used = sorted({s.label for s in samples})
-    if len(used) != len(classes):
-        remap = {old: new for new, old in enumerate(used)}
-        classes = [classes[i] for i in used]
-        samples = [Sample(s.path, s.key, remap[s.label], s.split) for s in samples]
-    return Dataset(str(base), classes, samples, "manifest", skipped)
-
-
-
-
-
-
-
-
-
-
-
-
+    return samples

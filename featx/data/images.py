@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import warnings
 
-from PIL import Image, ImageOps
-
-import logging
 import numpy as np
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +115,12 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
 
 
 def load_or_blank(path: str, transform, *, crop: int, draft_size: int | None):
-    """(transformed image, "") or (zero image, reason): a bad file must never stop a long run."""
-    import torch
+    """(transformed image, "") or (zero image, reason): a bad file must never stop a long run.
 
+    The one place an image becomes a network input or a recorded failure reason: the CPU
+    engine, the GPU engine's CPU fallbacks and the extractor all call it.
+    """
+    import torch  # heavy: only the engines call this, and they have loaded torch already
 
     try:
         return transform(load_image(path, draft_size=draft_size)), ""

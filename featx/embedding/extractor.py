@@ -30,7 +30,8 @@ from ..cache.store import FeatureCache, fingerprint_digest
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
 from .cpu import forward_fn, iter_cpu_batches
-from .runner import cache_fingerprint, embed
+from .engine import cache_fingerprint
+from .runner import embed
 
 log = logging.getLogger(__name__)
 

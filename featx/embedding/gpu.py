@@ -6,7 +6,7 @@ core), far below what the network runs at.  This engine moves decoding to the de
 - DataLoader workers only read file bytes and parse the JPEG header (format, colour mode, size,
   EXIF orientation) — microseconds per file.  Anything the device decoder should not take
   (PNG/WebP/..., CMYK JPEGs, huge images, unreadable files) is decoded by the same worker
-  with the ordinary PIL path (:func:`featx.data.load_image` + ``Preprocess.pil_transform``),
+  with the ordinary PIL path (:func:`featx.data.load_or_blank`, the one loader),
   so it falls back transparently and broken files fail with the same reason as on the CPU.
 - A producer thread decodes the batch's JPEGs in one ``torchvision.io.decode_jpeg`` call
   (nvJPEG on CUDA; libjpeg-turbo on the CPU), applies EXIF orientation, resizes/crops the
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+
 from ..base.runtime import worker_init
-from ..data.images import ImageLoadError, load_image
+from ..data.images import load_or_blank
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,13 @@ class _BytesDataset:
         return len(self.samples)
 
     def _cpu_item(self, i: int, path: str, mtime: int, size: int) -> _Item:
-
+        """Decode on the CPU with the one PIL loader, as the CPU engine does."""
         if self._transform is None:
             self._transform = self.pre.pil_transform()
-        try:
-            img = load_image(path, draft_size=self.pre.resize)
-            return _Item(i, "tensor", self._transform(img), "", mtime, size, 1, path)
-        except ImageLoadError as exc:
-            err = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-            err = f"{type(exc).__name__}: {exc}"
-        return _Item(i, "fail", None, err, mtime, size, 1, path)
+        x, err = load_or_blank(path, self._transform, crop=self.pre.crop, draft_size=self.pre.resize)
+        if err:
+            return _Item(i, "fail", None, err, mtime, size, 1, path)
+        return _Item(i, "tensor", x, "", mtime, size, 1, path)
 
     def __getitem__(self, i: int) -> _Item:
         import torch
@@ -108,7 +105,7 @@ class _BytesDataset:
             st = os.stat(path)
             mtime, size = st.st_mtime_ns, st.st_size
         except OSError:
-            return self._cpu_item(i, path, 0, -1)  # load_image words the reason
+            return self._cpu_item(i, path, 0, -1)  # load_or_blank words the reason
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
@@ -271,15 +268,10 @@ class _Preparer:
 
     def _pil_fallback(self, it: _Item):
         """A JPEG the device could not decode: decode it with PIL like the CPU path."""
-
         if self._pil_transform is None:
             self._pil_transform = self.pre.pil_transform()
-        try:
-            return self._pil_transform(load_image(it.path, draft_size=self.pre.resize)), ""
-        except ImageLoadError as exc:
-            return None, str(exc)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"{type(exc).__name__}: {exc}"
+        x, err = load_or_blank(it.path, self._pil_transform, crop=self.pre.crop, draft_size=self.pre.resize)
+        return (None, err) if err else (x, "")
 
     def __call__(self, items: list) -> _Prepared:
         import torch
@@ -392,12 +384,10 @@ def iter_gpu_features(
     [len(ok), dim].  JPEGs are decoded on ``device`` (nvJPEG on CUDA); other files and
     JPEGs the device cannot take go through the PIL path transparently.
     """
-    import torch
+    import torch  # heavy
     from torch.utils.data import DataLoader
 
-
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     if compile is None:
         compile = os.environ.get("FEATX_COMPILE", "") not in ("", "0")
     prep = _Preparer(backbone, dev)
@@ -421,21 +411,7 @@ def iter_gpu_features(
                 break
             if isinstance(p, BaseException):
                 raise p
-            if cuda and p.event is not None:
-                cur = torch.cuda.current_stream(dev)
-                cur.wait_event(p.event)
-                p.x.record_stream(cur)
-            if p.ok:
-                y = fwd(p.x)
-                if cuda:
-                    host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
-                    host.copy_(y, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record()
-                else:
-                    host, ev = y, None
-            else:
-                host, ev = torch.zeros(0, backbone.dim), None
+            host, ev = _forward_to_host(p, fwd, dev, backbone.dim)
             p.x = None
             if pending is not None:
                 yield _finish(pending)
@@ -444,13 +420,37 @@ def iter_gpu_features(
             yield _finish(pending)
     finally:
         stop.set()
-        # Unblock the producer if it waits on a full queue, then let it wind down.
-        try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
+        _drain(q)  # unblock the producer if it waits on a full queue, then let it wind down
         th.join(timeout=5)
+
+
+def _forward_to_host(p: _Prepared, fwd, dev, dim: int) -> tuple:
+    """Run the network on a prepared batch; on CUDA start an async copy to pinned host memory."""
+    import torch  # heavy
+
+    cuda = dev.type == "cuda"
+    if cuda and p.event is not None:
+        cur = torch.cuda.current_stream(dev)
+        cur.wait_event(p.event)
+        p.x.record_stream(cur)
+    if not p.ok:
+        return torch.zeros(0, dim), None
+    y = fwd(p.x)
+    if not cuda:
+        return y, None
+    host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(y, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return host, ev
+
+
+def _drain(q: "queue.Queue") -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
 
 
 def _finish(pending) -> tuple:

@@ -4,6 +4,12 @@ The run is a sequence of committed chunks (see :mod:`featx.cache`): images alrea
 finished cache or in a committed chunk are never embedded again, so a killed run resumes where
 it stopped, a finished one returns in seconds, and images added later are embedded
 incrementally (removed ones are dropped when the cache is rebuilt).
+
+Three stages, each reused by every way of running: :func:`plan` (discover, fingerprint, read
+which images are done, list the pending work deterministically), running the pending chunks
+(in this process, as one ``--shard`` of a scheduler array, or on a Ray Data actor pool — each
+chunk committed atomically into ``NAME.h5.parts/``), and :func:`finalise` (assemble the
+finished HDF5 from the chunks and the previous cache).
 """
 
 from __future__ import annotations
@@ -12,29 +18,28 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
-from ..cache.store import Chunk, FeatureCache, PartsDir, acquire_lock, default_cache_path, fingerprint_digest, read_final_index, write_final
-from ..data.folders import discover
-from .backbones import create_backbone
-from .cpu import forward_fn, iter_cpu_batches
-from .gpu import iter_gpu_features
+from ..cache.store import (
+    FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
+    write_final,
+)
+from ..data.folders import Dataset, discover
+from .backbones import Backbone, create_backbone
+from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
+from .ray_executor import import_ray, parse_shard, run_on_ray
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "float16")
-# How images are decoded before the backbone's preprocessing (JPEG draft at >= 2x the resize).
-DECODE_VERSION = "pil-draft2x"
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -50,109 +55,208 @@ class EmbedStats:
     embed_seconds: float = 0.0
     device: str = "cpu"
     rebuilt: bool = False
+    executor: str = "local"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+@dataclass
+class ShardResult:
+    """What one ``--shard I/N`` run did: chunks added to ``parts``; no finished cache is written."""
+
+    shard: str
+    parts: str
+    cache: str
+    pending: int  # images no run had embedded yet when this shard planned (all shards together)
+    assigned: int  # of those, the ones in this shard's deterministic share
+    stats: EmbedStats
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "parts": self.parts, "cache": self.cache, "pending": self.pending,
+                "assigned": self.assigned, "run": self.stats.to_dict()}
 
 
+@dataclass
+class EmbedPlan:
+    """Everything decided before any image is embedded; :func:`read_done` fills in what is done."""
+
+    path: Path
+    dataset: Dataset
+    samples: list
+    backbone: Backbone
+    fingerprint: dict
+    parts: PartsDir
+    index: dict = field(default_factory=dict)  # key -> where its row (or failure) is already stored
+    old: FeatureCache | None = None  # the finished cache from an earlier run, if any
+    prior_seconds: float = 0.0  # embedding time of earlier runs, so reports can count all of it
+    todo: list = field(default_factory=list)
 
 
-def cache_fingerprint(backbone, dtype: str) -> dict:
-    """Everything that changes the stored features; a cache written with others is refused."""
-    fp = dict(backbone.fingerprint())
-    fp["dtype"] = dtype
-    fp["featx_version"] = __version__
-    fp["decode"] = DECODE_VERSION
-    return fp
+def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
+                  dtype: str, chunk_size: int) -> EngineSettings:
+    """Refuse bad options before any file is read; resolve device, engine and workers."""
+    if batch_size is None or batch_size < 1:
+        raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")
+    if chunk_size is None or chunk_size < 1:
+        raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
+    if dtype not in DTYPES:
+        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    if engine not in ("auto", "cpu", "gpu"):
+        raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
+    if engine == "gpu" and not dev.startswith("cuda"):
+        raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
+    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
+    workers = default_workers() if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise FeatxError(f"--workers must be >= 0, got {num_workers}")
+    return EngineSettings(backbone, None if weights is None else str(weights), dev, eng, int(batch_size), workers,
+                          dtype, int(chunk_size), device_request=device, engine_request=engine)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _embed_chunks(
-    todo: Sequence,
-    backbone,
-    *,
-    device: str,
-    batch_size: int,
-    num_workers: int,
-    chunk_size: int,
-    dtype: str,
-    progress: bool,
-    engine: str,
-) -> Iterator:
-    """Run the network over ``todo`` and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
-    from tqdm.auto import tqdm
-
-
-    if engine == "gpu":
-
-        stream = iter_gpu_features(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
+def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: int | None) -> Path:
+    """The cache file for these settings, with its folder created."""
+    if cache is not None:
+        path = Path(cache)
     else:
-        if device == "cpu":
-            import torch
-
-            # All cores for the network, beside the decode workers: measured on 2 cores with
-            # nothing else running, 2 intra-op threads + 2 workers embed 97 images/s
-            # (efficientnet_lite0) and 78 (resnet18) vs 49 and 41 with 1 thread. When other
-            # processes load the machine, OpenMP's spin-waiting makes 1 thread the better
-            # choice (60 vs 24-32 images/s at load 2-3): set FEATX_CPU_THREADS=1 there.
-            ncpu = os.cpu_count() or 1
-            threads = int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu
-            torch.set_num_threads(threads)
-            log.info("CPU layout: %d decode worker(s), %d intra-op thread(s) for the network", num_workers, threads)
-        fwd = forward_fn(backbone, device)
-
-        def cpu_stream():
-            for idx, x, errs, mts, szs in iter_cpu_batches(
-                todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
-            ):
-                ok = [j for j, e in enumerate(errs) if not e]
-                feats = fwd(x[ok]) if ok else np.zeros((0, backbone.dim), np.float32)
-                yield idx, errs, mts, szs, ok, feats
-
-        stream = cpu_stream()
-
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="embed")
-    keys: list[str] = []
-    feats_acc: list[np.ndarray] = []
-    mts_acc: list[int] = []
-    szs_acc: list[int] = []
-    failed: list[tuple[str, str, int, int]] = []
-    pending = 0
+        path = default_cache_path(cache_dir, ds.root, bb.name, fp)
+        if limit is not None:  # a quick subset must not replace the full cache
+            path = path.with_name(f"{path.stem}-limit{limit}.h5")
     try:
-        for idx, errs, mts, szs, ok, feats in stream:
-            for j in ok:
-                keys.append(todo[idx[j]].key)
-                mts_acc.append(mts[j])
-                szs_acc.append(szs[j])
-            feats_acc.append(feats.astype(dtype, copy=False))
-            for j, e in enumerate(errs):
-                if e:
-                    failed.append((todo[idx[j]].key, e, mts[j], szs[j]))
-                    log.warning("failed to load %s: %s", todo[idx[j]].path, e)
-            pending += len(idx)
-            bar.update(len(idx))
-            if pending >= chunk_size:
-                yield Chunk(keys, np.concatenate(feats_acc), np.asarray(mts_acc), np.asarray(szs_acc), failed)
-                keys, feats_acc, mts_acc, szs_acc, failed, pending = [], [], [], [], [], 0
-        if pending:
-            yield Chunk(keys, np.concatenate(feats_acc), np.asarray(mts_acc), np.asarray(szs_acc), failed)
-    finally:
-        bar.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FeatxError(
+            f"cannot create the cache folder {str(path.parent)!r} ({exc.strerror or exc}); pass a writable "
+            "--cache-dir or --cache"
+        ) from None
+    return path
+
+
+def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None) -> EmbedPlan:
+    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet)."""
+    if root is None and manifest is None:
+        raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
+    ds = discover(root if root is not None else manifest, manifest=manifest)
+    samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
+    bb = create_backbone(settings.backbone, weights=settings.weights)
+    fp = cache_fingerprint(bb, settings.dtype)
+    path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
+    return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp))
+
+
+def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
+    """Read what the finished cache and the committed chunks already hold; list the images to embed.
+
+    Call with the lock held: the state it reads must not change under it.
+    """
+    if overwrite:
+        if p.path.exists():
+            log.info("--overwrite: removing %s", p.path)
+            p.path.unlink()
+        p.parts.remove()
+    if p.path.exists():
+        p.old = FeatureCache(p.path)  # raises a clear error if damaged
+        p.old.check_compatible(p.fingerprint)
+        if p.old.root and os.path.realpath(p.old.root) != os.path.realpath(p.dataset.root):
+            log.warning("cache %s was built from %s; reusing images by relative path", p.path, p.old.root)
+        p.index.update(read_final_index(p.old))
+        p.prior_seconds = float(p.old.meta.get("embed_seconds", 0.0))
+    if p.parts.exists():
+        p.parts.ensure()  # refuses parts written with other settings
+        p.index.update(p.parts.read_index())
+    p.todo = [s for s in p.samples if not _is_fresh(p.index.get(s.key), s.path)]
+    return p
+
+
+def _is_fresh(entry: tuple | None, path: str) -> bool:
+    """Is this stored row (or failure) still valid for the file at ``path``?"""
+    if entry is None:
+        return False
+    if entry[0] == "failed" and entry[1].startswith(_RETRY_REASONS):
+        # Access problems get fixed without touching mtime/size (chmod, a new link target):
+        # retry once the file is readable, without rebuilding the cache while it is not.
+        return not _readable(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return entry[0] == "failed"
+    return entry[-2] == st.st_mtime_ns and entry[-1] == st.st_size
+
+
+def is_up_to_date(p: EmbedPlan) -> bool:
+    """Nothing to embed, no unfinished chunks, and the finished cache holds exactly these images."""
+    if p.old is None or p.parts.exists() or p.todo:
+        return False
+    return set(p.index) == {s.key for s in p.samples} and p.old.classes == list(p.dataset.classes)
+
+
+def shard_share(p: EmbedPlan, shard: tuple[int, int], chunk_size: int) -> list:
+    """The pending images of shard I of N: block b of the full, ordered image list goes to shard
+    b mod N, with blocks of ``chunk_size`` images, smaller when the list has fewer than 4 blocks
+    per shard (so 2 shards of 960 images split them evenly, not 960 + 0).
+
+    Decided on the image list and the options, not on what is pending, so shards that start at
+    different moments (and see different chunks done) still split the work without gaps.
+    """
+    i, n = shard
+    block = max(1, min(chunk_size, -(-len(p.samples) // (4 * n))))
+    pos = {s.key: k for k, s in enumerate(p.samples)}
+    return [s for s in p.todo if (pos[s.key] // block) % n == i]
+
+
+def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats, *, progress: bool) -> None:
+    """Embed ``todo`` in this process, committing a chunk file every ``chunk_size`` images."""
+    delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
+    t_embed = time.perf_counter()
+    done = 0
+    for chunk in iter_chunks(todo, p.backbone, device=s.device, batch_size=s.batch_size, num_workers=s.num_workers,
+                             chunk_size=s.chunk_size, dtype=s.dtype, progress=progress, engine=s.engine):
+        cf = p.parts.write_chunk(chunk)
+        done += len(chunk.keys) + len(chunk.failed)
+        stats.failed_new += len(chunk.failed)
+        for i, k in enumerate(chunk.keys):
+            p.index[k] = ("chunk", cf, i, int(chunk.mtime_ns[i]), int(chunk.size[i]))
+        for k, r, m, sz in chunk.failed:
+            p.index[k] = ("failed", r, int(m), int(sz))
+        if delay:
+            time.sleep(delay)
+    _count(stats, done, time.perf_counter() - t_embed)
+
+
+def _count(stats: EmbedStats, done: int, seconds: float) -> None:
+    stats.embedded = done - stats.failed_new
+    stats.images_per_s = done / seconds if seconds > 0 else 0.0
+    stats.embed_seconds = seconds
+
+
+def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache:
+    """Assemble the finished cache from the chunks and the previous cache, then drop ``.parts``."""
+    import torch  # heavy: only for its version string, already loaded by the backbone
+
+    bb, ds = p.backbone, p.dataset
+    attrs = {
+        "backbone": bb.name,
+        "weights_sha256": bb.weights_sha256,
+        "weights_source": bb.weights_source,
+        "preprocess": bb.preprocess.describe(),
+        "preprocess_json": json.dumps(bb.preprocess.to_dict()),
+        "fingerprint": fingerprint_digest(p.fingerprint),
+        "fingerprint_json": json.dumps(p.fingerprint, sort_keys=True),
+        "featx_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "root": ds.root,
+        "layout": ds.layout,
+        "device": s.device,
+        "engine": s.engine,
+        # Total time spent embedding this cache over all runs (resumed ones included).
+        "embed_seconds": p.prior_seconds + stats.embed_seconds,
+    }
+    write_final(p.path, samples=p.samples, classes=ds.classes, index=p.index, dim=bb.dim, dtype=s.dtype, attrs=attrs)
+    p.parts.remove()
+    stats.rebuilt = True
+    return FeatureCache(p.path)
 
 
 def embed(
@@ -174,162 +278,106 @@ def embed(
     wait: bool = True,
     engine: str = "auto",
     limit: int | None = None,
-) -> "FeatureCache":  # noqa: F821
+    executor: str = "local",
+    ray_address: str | None = None,
+    num_actors: int | None = None,
+    shard: str | tuple[int, int] | None = None,
+) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
     Safe to rerun: finished images are reused, new ones embedded, removed ones dropped; a cache
     written with other settings is refused unless ``overwrite``.  ``strict`` turns any image
     that fails to load into an error after the run (the cache is still written).
+    ``executor="ray"`` runs the pending chunks on a Ray Data actor pool (``ray_address``: an
+    existing cluster; default a local Ray on this machine; ``num_actors``: default one per GPU,
+    else one per CPU).  ``shard="I/N"`` embeds only shard I's deterministic 1/N of the pending
+    chunks and returns a :class:`ShardResult` without writing the finished cache: run every
+    shard (at the same time, anywhere the cache folder is shared), then a plain ``embed``.
     """
-    import torch
-
-
-    if batch_size is None or batch_size < 1:
-        raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")
-    if chunk_size is None or chunk_size < 1:
-        raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
-    if dtype not in DTYPES:
-        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if root is None and manifest is None:
-        raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    if engine not in ("auto", "cpu", "gpu"):
-        raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
-    if engine == "gpu" and not dev.startswith("cuda"):
-        raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
-    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
-    workers = default_workers() if num_workers is None else int(num_workers)
-    if workers < 0:
-        raise FeatxError(f"--workers must be >= 0, got {num_workers}")
-
-    ds = discover(root if root is not None else manifest, manifest=manifest)
-    samples = ds.samples
-    if limit is not None:
-        samples = _limit_per_split(samples, limit)
-    bb = create_backbone(backbone, weights=weights)
-    fp = cache_fingerprint(bb, dtype)
-    if cache is not None:
-        path = Path(cache)
-    else:
-        path = default_cache_path(cache_dir, ds.root, bb.name, fp)
-        if limit is not None:  # a quick subset must not replace the full cache
-            path = path.with_name(f"{path.stem}-limit{limit}.h5")
+    settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
+                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size)
+    sh = _check_scale_options(executor, shard, overwrite, num_actors)
+    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
+    if sh is not None:
+        return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
+    stats = EmbedStats(total=len(p.samples), device=settings.device, executor=executor)
+    lock = acquire_lock(p.path, wait=wait)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FeatxError(
-            f"cannot create the cache folder {str(path.parent)!r} ({exc.strerror or exc}); pass a writable "
-            "--cache-dir or --cache"
-        ) from None
-    stats = EmbedStats(total=len(samples), device=dev)
-
-    lock = acquire_lock(path, wait=wait)
-    try:
-        parts = PartsDir(path, fp)
-        if overwrite:
-            if path.exists():
-                log.info("--overwrite: removing %s", path)
-                path.unlink()
-            parts.remove()
-        index: dict[str, tuple] = {}
-        old = None  # the finished cache from an earlier run, if any
-        prior_seconds = 0.0  # embedding time of earlier runs, so reports can count all of it
-        if path.exists():
-            old = FeatureCache(path)  # raises a clear error if damaged
-            old.check_compatible(fp)
-            if old.root and os.path.realpath(old.root) != os.path.realpath(ds.root):
-                log.warning("cache %s was built from %s; reusing images by relative path", path, old.root)
-            index.update(read_final_index(old))
-            prior_seconds = float(old.meta.get("embed_seconds", 0.0))
-        if parts.exists():
-            parts.ensure()  # refuses parts written with other settings
-            index.update(parts.read_index())
-
-        def fresh(s) -> bool:
-            e = index.get(s.key)
-            if e is None:
-                return False
-            if e[0] == "failed" and e[1].startswith(_RETRY_REASONS):
-                # Access problems get fixed without touching mtime/size (chmod, a new link target):
-                # retry once the file is readable, without rebuilding the cache while it is not.
-                return not _readable(s.path)
-            try:
-                st = os.stat(s.path)
-            except OSError:
-                return e[0] == "failed"
-            return e[-2] == st.st_mtime_ns and e[-1] == st.st_size
-
-        todo = [s for s in samples if not fresh(s)]
-        stats.reused = len(samples) - len(todo)
-        want_keys = {s.key for s in samples}
-        if old is not None and not parts.exists() and not todo:
-            if set(index) == want_keys and old.classes == list(ds.classes):
+        with PartsLock(p.path).acquire(shared=False, wait=wait):
+            read_done(p, overwrite=overwrite)
+            stats.reused = len(p.samples) - len(p.todo)
+            if is_up_to_date(p):
                 stats.seconds = time.perf_counter() - t0
-                log.info("cache %s is complete and up to date (%d images); nothing to embed", path, len(samples))
-                old.stats = stats
-                _check_strict(old, strict)
-                return old
-
-        if todo:
-            parts.ensure()
-            log.info(
-                "embedding %d images (%d reused) with %s on %s [%s engine], writing %s",
-                len(todo), stats.reused, bb.name, dev, eng, parts.dir,
-            )
-            delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
-            t_embed = time.perf_counter()
-            done = 0
-            for chunk in _embed_chunks(
-                todo, bb, device=dev, batch_size=batch_size, num_workers=workers, chunk_size=chunk_size,
-                dtype=dtype, progress=progress, engine=eng,
-            ):
-                cf = parts.write_chunk(chunk)
-                done += len(chunk.keys) + len(chunk.failed)
-                stats.failed_new += len(chunk.failed)
-                for i, k in enumerate(chunk.keys):
-                    index[k] = ("chunk", cf, i, int(chunk.mtime_ns[i]), int(chunk.size[i]))
-                for k, r, m, sz in chunk.failed:
-                    index[k] = ("failed", r, int(m), int(sz))
-                if delay:
-                    time.sleep(delay)
-            stats.embedded = done - stats.failed_new
-            el = time.perf_counter() - t_embed
-            stats.images_per_s = done / el if el > 0 else 0.0
-            stats.embed_seconds = el
-
-        attrs = {
-            "backbone": bb.name,
-            "weights_sha256": bb.weights_sha256,
-            "weights_source": bb.weights_source,
-            "preprocess": bb.preprocess.describe(),
-            "preprocess_json": json.dumps(bb.preprocess.to_dict()),
-            "fingerprint": fingerprint_digest(fp),
-            "fingerprint_json": json.dumps(fp, sort_keys=True),
-            "featx_version": __version__,
-            "torch_version": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "root": ds.root,
-            "layout": ds.layout,
-            "device": dev,
-            "engine": eng,
-            # Total time spent embedding this cache over all runs (resumed ones included).
-            "embed_seconds": prior_seconds + stats.embed_seconds,
-        }
-        write_final(path, samples=samples, classes=ds.classes, index=index, dim=bb.dim, dtype=dtype, attrs=attrs)
-        parts.remove()
-        stats.rebuilt = True
+                log.info("cache %s is complete and up to date (%d images); nothing to embed", p.path, len(p.samples))
+                p.old.stats = stats
+                _check_strict(p.old, strict)
+                return p.old
+            if p.todo:
+                _run_pending(p, settings, stats, executor=executor, ray_address=ray_address, num_actors=num_actors,
+                             progress=progress)
+            fc = finalise(p, settings, stats)
         stats.seconds = time.perf_counter() - t0
-        fc = FeatureCache(path)
         fc.stats = stats
-        log.info(
-            "wrote %s: %d rows, %d failed, %.1fs (%.1f images/s embedding)",
-            path, len(fc), len(fc.failed), stats.seconds, stats.images_per_s,
-        )
+        log.info("wrote %s: %d rows, %d failed, %.1fs (%.1f images/s embedding)",
+                 p.path, len(fc), len(fc.failed), stats.seconds, stats.images_per_s)
         _check_strict(fc, strict)
         return fc
     finally:
         lock.release()
+
+
+def _check_scale_options(executor: str, shard, overwrite: bool, num_actors: int | None) -> tuple[int, int] | None:
+    if executor not in EXECUTORS:
+        raise FeatxError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if num_actors is not None and num_actors < 1:
+        raise FeatxError(f"--num-actors must be a positive integer, got {num_actors}")
+    if executor == "ray":
+        import_ray()  # fail before discovery when the extra is missing
+    sh = parse_shard(shard)
+    if sh is not None and executor != "local":
+        raise FeatxError("--shard and --executor ray are alternatives: a shard runs in this process; drop one")
+    if sh is not None and overwrite:
+        raise FeatxError("--overwrite cannot be combined with --shard (other shards may be writing); run a plain "
+                         "`featx embed ... --overwrite` first, or delete the cache and its .parts folder")
+    return sh
+
+
+def _run_pending(p: EmbedPlan, s: EngineSettings, stats: EmbedStats, *, executor: str, ray_address, num_actors,
+                 progress: bool) -> None:
+    """Embed ``p.todo`` with the chosen executor; every chunk is committed to ``p.parts``."""
+    p.parts.ensure()
+    log.info("embedding %d images (%d reused) with %s on %s [%s engine, %s executor], writing %s",
+             len(p.todo), stats.reused, p.backbone.name, s.device, s.engine, executor, p.parts.dir)
+    if executor == "local":
+        run_local(p, p.todo, s, stats, progress=progress)
+        return
+    t_embed = time.perf_counter()
+    done, failed = run_on_ray(p.todo, settings=s, parts=p.parts, ray_address=ray_address,
+                              num_actors=num_actors, progress=progress)
+    stats.failed_new = failed
+    _count(stats, done, time.perf_counter() - t_embed)
+    p.index.update(p.parts.read_index())
+
+
+def _embed_shard(p: EmbedPlan, s: EngineSettings, shard: tuple[int, int], *, t0: float, progress: bool,
+                 wait: bool) -> ShardResult:
+    """One ``--shard I/N`` run: add this shard's chunks to ``.parts``; never write the finished cache."""
+    stats = EmbedStats(total=len(p.samples), device=s.device, executor="local")
+    with PartsLock(p.path).acquire(shared=True, wait=wait):
+        read_done(p)
+        mine = shard_share(p, shard, s.chunk_size)
+        stats.reused = len(p.samples) - len(p.todo)
+        label = f"{shard[0]}/{shard[1]}"
+        if mine:
+            p.parts.ensure()
+            log.info("shard %s: embedding %d of the %d pending images into %s", label, len(mine), len(p.todo),
+                     p.parts.dir)
+            run_local(p, mine, s, stats, progress=progress)
+        else:
+            log.info("shard %s: nothing to embed (%d images pending in other shards)", label, len(p.todo))
+    stats.seconds = time.perf_counter() - t0
+    return ShardResult(label, str(p.parts.dir), str(p.path), len(p.todo), len(mine), stats)
 
 
 def _readable(path: str) -> bool:
@@ -354,7 +402,7 @@ def _check_strict(fc, strict: bool) -> None:
         )
 
 
-def _limit_per_split(samples: Sequence, limit: int) -> list:
+def limit_per_split(samples: Sequence, limit: int) -> list:
     """Keep at most ``limit`` images per split, spread evenly over classes (for quick runs)."""
     if limit < 1:
         raise FeatxError(f"--limit must be a positive integer, got {limit}")
@@ -376,3 +424,6 @@ def _limit_per_split(samples: Sequence, limit: int) -> list:
         key = {id(s): i for i, s in enumerate(rows)}
         out.extend(sorted(picked, key=lambda s: key[id(s)]))
     return out
+
+
+_limit_per_split = limit_per_split  # old name, used by benchmarks/embed_bench.py
