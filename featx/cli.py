@@ -197,6 +197,16 @@ def config(ctx: click.Context, as_yaml: bool, as_json: bool, command: str | None
 # --------------------------------------------------------------------------- embed
 
 
+def _print_shard(res, *, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    st = res.stats
+    click.echo(f"shard {res.shard}: embedded {st.embedded}, failed {st.failed_new} of its {res.assigned} images "
+               f"({res.pending} were pending over all shards) into {res.parts} in {st.seconds:.1f}s")
+    click.echo(f"when every shard has finished, run the same command without --shard to assemble {res.cache}")
+
+
 @cli.command()
 @click.argument("data", type=click.Path(), required=False)
 @settings_options(EmbedSettings)
@@ -208,6 +218,9 @@ def embed(data: str | None, s: EmbedSettings) -> None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
     # strict is checked below, after the failures are listed.
     fc = run_embed(data, **s.library_kwargs(), strict=False, progress=not s.quiet, wait=not s.no_wait)
+    if s.shard is not None:  # a ShardResult: chunks added, no finished cache
+        _print_shard(fc, as_json=s.as_json)
+        return
     summary = fc.summary()
     stats = fc.stats.to_dict()
     if s.as_json:

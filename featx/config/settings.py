@@ -135,6 +135,14 @@ class EmbedSettings(Settings):
     engine: Literal["auto", "cpu", "gpu"] = option("auto", "gpu: decode JPEGs on the GPU (CUDA only).")
     limit: Optional[int] = option(None, _LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
+    executor: Literal["local", "ray"] = option(
+        "local", "ray: embed on a Ray Data actor pool (one actor per GPU, else per CPU); needs featx[ray].")
+    ray_address: Optional[str] = option(
+        None, "Join this Ray cluster (HEAD_IP:6379, or auto); default: a private Ray on this machine.", file=False)
+    num_actors: Optional[int] = option(None, "Ray actors (default: one per GPU, else one per CPU).")
+    shard: Optional[str] = option(
+        None, "I/N: embed only shard I of N (0 <= I < N) into the cache's .parts folder and write no cache; run "
+              "once more without --shard to assemble.", file=False)
     strict: bool = flag("Exit non-zero if any image fails to load.", lib=None, file=True)
     no_wait: bool = flag("Fail at once if another process is writing this cache.", lib=None, file=True)
     quiet: bool = _quiet("No progress bar or log lines; only the summary.")
