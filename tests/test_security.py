@@ -325,9 +325,6 @@ def test_cache_attributes_are_only_read_as_plain_values(trained, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="featx/cache/store.py FeatureCache converts attributes with .item() and "
-                   "parses split_names outside its try block, so an array attribute or a non-JSON split_names "
-                   "raises a bare ValueError instead of a FeatxError; owned by the embedding helper")
 @pytest.mark.parametrize("attr,value", [("smuggled_array", np.arange(3)), ("split_names", "os.system('id')")])
 def test_malformed_cache_attributes_are_a_featx_error(trained, tmp_path, attr, value):
     fc, _ = trained
@@ -369,8 +366,6 @@ def test_manifest_paths_outside_its_folder_are_allowed(tmp_path):
     assert "imgs/cats/img_000.png" in keys
 
 
-@pytest.mark.xfail(strict=True, reason="featx/data/folders.py does not yet log manifest rows outside the "
-                   "manifest's folder (issue 14 asks for a clear log line); owned by the embedding helper")
 def test_manifest_paths_outside_its_folder_are_logged(tmp_path, caplog):
     manifest = _outside_manifest(tmp_path)
     with caplog.at_level(logging.INFO, logger="featx.data.folders"):

@@ -249,6 +249,23 @@ _ROW_DATASETS = ("labels", "split", "paths", "mtime_ns", "size")
 _FAILED_DATASETS = ("failed/paths", "failed/reasons", "failed/mtime_ns", "failed/size")
 
 
+def _plain_attrs(attrs: dict) -> dict:
+    """HDF5 attributes as plain strings and numbers (featx writes no arrays there: one is damage)."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.ndarray) and v.size != 1:
+            raise ValueError(f"attribute {k!r} is an array of {v.size} values")
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def _split_names(raw) -> list[str]:
+    names = json.loads(raw)
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError("attribute 'split_names' is not a JSON list of names")
+    return names
+
+
 class FeatureCache:
     """Read access to a finished cache; arrays are read lazily, split by split.
 
@@ -280,6 +297,8 @@ class FeatureCache:
                 for key in ("fingerprint", "fingerprint_json", "split_names", "backbone"):
                     if key not in attrs:
                         raise ValueError(f"attribute {key!r} is missing")
+                self.meta: dict = _plain_attrs(attrs)
+                split_names = _split_names(self.meta["split_names"])
             except FeatxError:
                 raise
             except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
@@ -287,8 +306,6 @@ class FeatureCache:
                     f"cache {str(self.path)!r} is incomplete or damaged ({exc}); rebuild it with "
                     "`featx embed ... --overwrite`"
                 ) from None
-        self.meta: dict = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
-        split_names = json.loads(self.meta["split_names"])
         self._ranges: dict[str, tuple[int, int]] = {}
         for code, name in enumerate(split_names):
             idx = np.flatnonzero(codes == code)

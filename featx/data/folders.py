@@ -284,6 +284,7 @@ def _discover_manifest(manifest: Path) -> Dataset:
     samples = _manifest_samples(rows, {c: i for i, c in enumerate(classes)}, base, manifest, skipped)
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
+    _log_outside(samples, manifest, base)
     if not samples:
         raise FeatxError(
             f"manifest {str(manifest)!r} lists no existing images; paths are resolved relative to "
@@ -296,6 +297,14 @@ def _discover_manifest(manifest: Path) -> Dataset:
         classes = [classes[i] for i in used]
         samples = [Sample(s.path, s.key, remap[s.label], s.split) for s in samples]
     return Dataset(str(base), classes, samples, "manifest", skipped)
+
+
+def _log_outside(samples: list[Sample], manifest: Path, base: Path) -> None:
+    """Rows outside the manifest's folder are allowed (shared image stores) but never silently."""
+    outside = [s for s in samples if Path(s.key).is_absolute()]
+    if outside:
+        log.warning("%d row(s) of %s point outside its folder %s (e.g. %s); they are read from there as listed",
+                    len(outside), manifest.name, base, outside[0].path)
 
 
 def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
