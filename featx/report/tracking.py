@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..base.errors import FeatxError
+from .charts import fewshot_series
 from .runfiles import RunFiles, load_run
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ def run_params(run: RunFiles) -> dict[str, str]:
 
 def run_metrics(run: RunFiles) -> list[tuple[str, float, int]]:
     """(key, value, step) for every head, compared method and few-shot point."""
-    from .charts import fewshot_series
-
     out = []
     for head, h in ((run.metrics or {}).get("heads") or {}).items():
         out += [(f"{head}.{m}", float(h[m]), 0) for m in HEAD_METRICS if _finite(h.get(m))]
