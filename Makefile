@@ -4,9 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.featx-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv browser demo test bench clean
 
 venv: $(STAMP)
+
+# The report test renders report.html in Debian's headless Chromium; it skips (with the reason) where the
+# browser cannot be installed (not root, no apt).
+browser:
+	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) >/dev/null 2>&1; } || \
+	  echo "no chromium: the browser test of report.html will skip"
 
 # torch/torchvision pins match the wheels that lie on this machine's disk.
 $(STAMP): pyproject.toml
@@ -19,7 +27,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
+	$(PY) scripts/check_structure.py
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
