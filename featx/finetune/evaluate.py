@@ -31,8 +31,7 @@ def predict(net: torch.nn.Module, loader, device: str, cuda: bool) -> tuple[np.n
     with torch.inference_mode():
         for x, y, ok in loader:
             x = x.to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = net(x)
             logits = logits.float().cpu()

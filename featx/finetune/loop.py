@@ -221,8 +221,7 @@ class Trainer:
             return
         x = x.to(self.ctx.device, non_blocking=True)
         y = y.to(self.ctx.device, non_blocking=True)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             logits = self.ctx.net(x)
         loss = self.criterion(logits.float(), y)
