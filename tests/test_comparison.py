@@ -104,6 +104,16 @@ def test_bad_strategy_is_a_clear_error(data, tmp_path, monkeypatch):
         featx.compare(cache_dir=tmp_path / "no-caches-here")
 
 
+def test_bad_kernel_is_refused_before_any_work(data, tmp_path, monkeypatch):
+    # As `featx probe --kernel` does: checked before embedding, whatever the heads.
+    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+    with pytest.raises(FeatxError, match="--kernel 'poly': expected one of linear, rbf"):
+        featx.compare(data, cache_dir=tmp_path / "cache", kernel="poly", head="logreg", **TINY)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+    r = featx.compare(data, cache_dir=tmp_path / "cache", kernel="rbf", out_dir=tmp_path / "cmp", **TINY)
+    assert r["settings"]["kernel"] == "rbf"
+
+
 def test_markdown_table_formats_every_column():
     rows = [
         {"method": "probe-svm", "kind": "probe", "accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7,
@@ -137,7 +147,6 @@ def test_cli_compare_finetune_prints_the_table(data, tmp_path, monkeypatch):
 
 
 def test_compare_with_the_real_probe(data, tmp_path):
-    pytest.importorskip("featx.heads")
     r = featx.compare(data, cache_dir=tmp_path / "cache", head="logreg", folds=2, finetune=True, strategy="head",
                       out_dir=tmp_path / "cmp", n_jobs=1, **TINY, **FT)
     assert [row["method"] for row in r["rows"]] == ["probe-logreg", "finetune-head"]

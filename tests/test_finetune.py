@@ -25,6 +25,7 @@ from featx.finetune.train import (
     carve_validation,
     find_blocks,
     finetune,
+    lr_lambda,
     train_transform,
 )
 
@@ -53,8 +54,7 @@ def test_each_strategy_trains_exactly_its_layers(tiny_cache, tmp_path, strategy)
     train_idx, eval_idx, desc = train_eval_split(tiny_cache.labels(), tiny_cache.split_array())
     assert r["n_eval"] == len(eval_idx) == 24 and r["split"] == desc
     assert r["n_train"] + r["n_val"] == len(train_idx) and r["n_val"] >= 2
-    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
-        assert 0.0 <= r[m] <= 1.0
+    assert r["n_eval"] == 24 and r["n_eval_failed"] == 0
     assert r["epochs_run"] == 1 and r["best_epoch"] == 1 and len(r["history"]) == 1
     assert np.isfinite(r["history"][0]["train_loss"]) and r["images_per_s"] > 0 and r["wall_seconds"] > 0
     assert r["peak_gpu_mem_bytes"] is None and r["device"] == "cpu"
@@ -165,7 +165,7 @@ def _start(tmp_path, cache_path, out, delay: str):
     )
 
 
-def _wait_for(path_glob, out: Path, proc, timeout=120):
+def _wait_for(path_glob, out: Path, proc, timeout=300):  # generous: CI machines may be shared
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = list(out.glob(path_glob))
@@ -197,7 +197,6 @@ def test_killed_finetune_resumes_from_its_checkpoint(tiny_cache, tmp_path):
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["resumed_from"] == at
     assert r["epochs_run"] == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
-    assert 0.0 <= r["accuracy"] <= 1.0
 
     # Same data order, optimiser state and (workers=0) augmentation draws: it ends where a run
     # that was never interrupted ends.
@@ -243,14 +242,12 @@ def test_a_second_process_with_the_same_settings_is_refused(tiny_cache, tmp_path
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    from featx.finetune.train import _lr_lambda
-
-    f = _lr_lambda(warmup=4, total=20)
+    f = lr_lambda(warmup=4, total=20)
     ramp = [f(s) for s in range(4)]
     assert ramp == [0.25, 0.5, 0.75, 1.0]
     decay = [f(s) for s in range(4, 20)]
     assert decay[0] == 1.0 and all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] < 0.02
-    assert _lr_lambda(warmup=0, total=1)(0) == 1.0
+    assert lr_lambda(warmup=0, total=1)(0) == 1.0
 
 
 def test_images_broken_after_embedding_are_skipped_not_fatal(tiny_cache, tmp_path, caplog):
@@ -264,3 +261,76 @@ def test_images_broken_after_embedding_are_skipped_not_fatal(tiny_cache, tmp_pat
         r = finetune(tiny_cache, strategy="head", out_dir=tmp_path / "runs", **TINY_FT)
     assert r["n_eval_failed"] == 1 and r["n_eval"] == 23
     assert any(bad_eval in m for m in caplog.messages)
+
+
+def test_fine_tuned_head_learns_separable_data_well_above_chance(tmp_path):
+    # Red vs green images: a linear layer on the frozen random tiny_cnn separates them easily.
+    data = write_image_folder(tmp_path / "data", per_class=16)
+    fc = featx.embed(data, cache_dir=tmp_path / "cache", **TINY_EMBED)
+    r = finetune(fc, strategy="head", epochs=6, lr=0.05, batch_size=8, num_workers=0, progress=False, device="cpu",
+                 out_dir=tmp_path / "runs")
+    assert r["n_eval"] == 32
+    assert r["accuracy"] >= 0.9 and r["macro_f1"] >= 0.9  # chance is 0.5
+    assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
+
+
+def test_result_is_a_dataclass_whose_json_keeps_the_keys(tiny_cache, tmp_path):
+    from featx.finetune import FinetuneResult
+
+    r = finetune(tiny_cache, settings=featx.finetune.FinetuneSettings(strategy="head", epochs=1, batch_size=8),
+                 options=featx.finetune.RunOptions(num_workers=0, progress=False, device="cpu", out_dir=tmp_path))
+    assert isinstance(r, FinetuneResult)
+    saved = json.loads((Path(r.run_dir) / "result.json").read_text())
+    keys = {"method", "kind", "strategy", "accuracy", "balanced_accuracy", "macro_f1", "eval_loss", "wall_seconds",
+            "train_seconds", "eval_seconds", "images_per_s", "peak_gpu_mem_bytes", "device", "backbone", "epochs_run",
+            "best_epoch", "best_val_accuracy", "stopped_early", "resumed_from", "resumes", "history", "n_train",
+            "n_val", "n_eval", "n_eval_failed", "trained_modules", "trainable_params", "total_params", "settings",
+            "split", "cache", "run_dir", "checkpoint", "key", "reused"}
+    assert keys <= set(saved) and keys <= set(r.to_dict())
+    assert saved["accuracy"] == r.accuracy == r["accuracy"] and saved["method"] == "finetune-head"
+    with pytest.raises(TypeError, match="nonsense"):
+        finetune(tiny_cache, nonsense=1, out_dir=tmp_path)
+
+
+def _history(accs):
+    return [{"epoch": i + 1, "val_accuracy": a, "val_loss": 1.0} for i, a in enumerate(accs)]
+
+
+def test_early_stopping_never_stops_before_the_anneal():
+    from featx.finetune.schedule import EarlyStopping, StepPlan
+
+    # Issue 12: 10 epochs, best val accuracy at epoch 2 then a plateau; the LR is still near its peak at epoch 5.
+    plan = StepPlan.make(540, batch_size=32, epochs=10, warmup_epochs=1.0)
+    rule = EarlyStopping.plan(plan, epochs=10, patience=3, n_val=200, min_val_images=100)
+    assert rule.mode == "val"
+    assert plan.lr_factor_after(rule.first_judged_epoch) <= 0.5 < plan.lr_factor_after(rule.first_judged_epoch - 1)
+    accs = [0.5, 0.9, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    best, bad, stopped_at, kept = (-1.0, float("inf")), 0, None, None
+    for e in range(1, 11):
+        improved, bad, stop = rule.judge(_history(accs[:e]), best=best, bad_epochs=bad, epochs=10)
+        if improved:
+            best, kept = rule.score(_history(accs[:e])), e
+        if stop:
+            stopped_at = e
+            break
+    assert kept >= rule.first_judged_epoch >= 6, "epochs before the anneal are never kept"
+    assert stopped_at is None or stopped_at >= rule.first_judged_epoch + rule.patience - 1
+    # Judged on the score smoothed over two epochs: a one-epoch spike does not win.
+    assert rule.score(_history([0.5, 0.9])) == (pytest.approx(0.7), 1.0)
+
+
+def test_small_validation_slice_runs_the_fixed_schedule(tiny_cache, tmp_path):
+    from featx.finetune.schedule import EarlyStopping, StepPlan
+
+    plan = StepPlan.make(540, batch_size=32, epochs=10, warmup_epochs=1.0)
+    rule = EarlyStopping.plan(plan, epochs=10, patience=1, n_val=60, min_val_images=100)
+    assert rule.mode == "fixed"
+    assert all(rule.judge(_history([0.9, 0.1, 0.1][:e]), best=(0.9, 1.0), bad_epochs=0, epochs=10) == (True, 0, False)
+               for e in (1, 2, 3))
+    # End to end: patience 1 and a 3-image slice; all epochs run and the last weights are kept.
+    r = finetune(tiny_cache, strategy="head", out_dir=tmp_path, patience=1, **TINY_FT | {"epochs": 3})
+    assert r["n_val"] < 100 and r["early_stopping"]["mode"] == "fixed"
+    assert r["epochs_run"] == 3 and r["best_epoch"] == 3 and not r["stopped_early"]
+    # With the threshold lowered, the same slice is judged, and only from the anneal on.
+    v = finetune(tiny_cache, strategy="head", out_dir=tmp_path, patience=1, min_val_images=1, **TINY_FT | {"epochs": 3})
+    assert v["early_stopping"]["mode"] == "val" and v["best_epoch"] >= v["early_stopping"]["first_judged_epoch"] >= 2

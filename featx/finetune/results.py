@@ -1,0 +1,102 @@
+"""Typed results of ``finetune`` and ``compare``; ``to_dict()`` gives the JSON files' keys.
+
+Why the item access: callers written against the earlier plain-dict results
+(``result["accuracy"]``, ``result.get("best_epoch")``) keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class ItemAccess:
+    """``result[key]`` and ``result.get(key)`` over the fields of a result dataclass."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.__dataclass_fields__ else default
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.__dataclass_fields__
+
+
+@dataclass
+class FinetuneResult(ItemAccess):
+    """One fine-tune, evaluated on the probe's evaluation rows (``result.json`` in its run folder)."""
+
+    method: str
+    kind: str
+    strategy: str
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    eval_loss: float
+    wall_seconds: float
+    train_seconds: float
+    eval_seconds: float
+    images_per_s: float
+    peak_gpu_mem_bytes: int | None
+    device: str
+    backbone: str
+    epochs_run: int
+    best_epoch: int | None
+    best_val_accuracy: float | None
+    stopped_early: bool
+    resumed_from: dict | None
+    resumes: list
+    history: list
+    n_train: int
+    n_val: int
+    n_eval: int
+    n_eval_failed: int
+    trained_modules: list
+    trainable_params: int
+    total_params: int
+    settings: dict
+    split: dict
+    cache: str
+    run_dir: str
+    checkpoint: str
+    key: str
+    reused: bool = False
+    early_stopping: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneResult":
+        """From a saved ``result.json`` (unknown keys ignored, missing optional ones defaulted)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class CompareResult(ItemAccess):
+    """The probe heads and fine-tunes side by side (``compare.json``)."""
+
+    created: str
+    cache: dict
+    split: dict
+    settings: dict
+    rows: list[dict]
+    best: str
+    table: str
+    notes: dict
+    probe: dict
+    finetune: dict[str, FinetuneResult]
+    seconds: float
+    paths: dict
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["finetune"] = {k: v.to_dict() for k, v in self.finetune.items()}
+        return d

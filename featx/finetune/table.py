@@ -1,0 +1,50 @@
+"""The comparison as a Markdown table (the terminal output and ``compare.md``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def fmt_time(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "n/a"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(round(s % 60)):02d} s"
+    return f"{int(s // 3600)} h {int(round(s % 3600 / 60)):02d} min"
+
+
+def fmt_mem(b) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The comparison as a Markdown table (the terminal output and ``compare.md``)."""
+    probes = [r["accuracy"] for r in rows if r["kind"] == "probe" and not math.isnan(r["accuracy"])]
+    best_probe = max(probes) if probes else None
+    head = ["method", "accuracy", "vs best probe", "balanced acc.", "macro-F1", "wall time", "images/s", "peak GPU mem"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        delta = "" if best_probe is None or math.isnan(r["accuracy"]) else f"{100 * (r['accuracy'] - best_probe):+.1f} pts"
+        ips = r.get("images_per_s")
+        cells = [
+            r["method"] + (" (reused)" if r.get("reused") else ""),
+            fmt_pct(r["accuracy"]),
+            delta,
+            fmt_pct(r["balanced_accuracy"]),
+            fmt_pct(r["macro_f1"]),
+            fmt_time(r["wall_seconds"]),
+            "n/a" if ips is None else f"{ips:.1f}",
+            fmt_mem(r.get("peak_gpu_mem_bytes")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
