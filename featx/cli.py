@@ -269,9 +269,10 @@ def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
     from .finetune.comparison import compare as run_compare  # torch: not imported for --help
 
-    result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet)
+    result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet, report=s.report,
+                         mlflow=s.mlflow)
     if s.as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     split = result["split"]
     click.echo(
@@ -280,8 +281,9 @@ def compare(data: str | None, s: CompareSettings) -> None:
     )
     click.echo(result["table"])
     click.echo(f"\nbest: {result['best']}")
-    for name in ("markdown", "json", "chart"):
-        click.echo(f"{name:<9}{result['paths'][name]}")
+    for name in ("markdown", "json", "chart", "report"):
+        if result["paths"].get(name):
+            click.echo(f"{name:<9}{result['paths'][name]}")
 
 
 # --------------------------------------------------------------------------- probe

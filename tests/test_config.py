@@ -4,6 +4,7 @@ the library defaults; `featx config` shows each value's source."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -70,23 +71,26 @@ def _library_functions():
 @pytest.mark.parametrize("name", ["embed", "probe", "compare", "predict"])
 def test_library_calls_take_the_same_defaults(name):
     fn = _library_functions()[name]
-    params = inspect.signature(fn).parameters
+    params = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+    if "values" in params:  # compare(root, *, settings=CompareSettings, **values): the dataclass holds the defaults
+        settings_cls = inspect.signature(fn).parameters["settings"].annotation
+        settings_cls = getattr(importlib.import_module(fn.__module__), settings_cls.split(" ")[0])
+        params.update({f.name: f.default for f in dataclasses.fields(settings_cls)})
     kwargs = defaults(name).library_kwargs()
     assert set(kwargs) <= set(params), f"{name}() lacks keywords {set(kwargs) - set(params)}"
     for key, value in kwargs.items():
-        assert params[key].default == value, f"{name}({key}=...) default {params[key].default!r} != {value!r}"
+        assert params[key] == value, f"{name}({key}=...) default {params[key]!r} != {value!r}"
 
 
 def test_finetune_defaults_are_compare_defaults():
-    from featx.finetune.train import finetune
+    from featx.finetune.settings import FinetuneSettings, RunOptions
 
-    params = inspect.signature(finetune).parameters
+    fields = {f.name: f.default for cls in (FinetuneSettings, RunOptions) for f in dataclasses.fields(cls)}
     shared = defaults("compare").library_kwargs()
-    checked = [k for k, p in params.items()
-               if k in shared and k not in ("strategy", "out_dir", "overwrite") and p.default is not p.empty]
+    checked = [k for k in fields if k in shared and k not in ("strategy", "out_dir", "overwrite")]
     assert len(checked) >= 12
     for key in checked:
-        assert params[key].default == shared[key], key
+        assert fields[key] == shared[key], key
 
 
 def test_grids_have_one_definition():

@@ -214,7 +214,8 @@ class CompareSettings(Settings):
     finetune: bool = option(False, "Also fine-tune the backbone end to end and compare.",
                             flags=("--finetune/--no-finetune",))
     strategy: str = option("all", "Fine-tune strategies: all, or a comma list of full, partial, head.")
-    epochs: int = option(10, "Fine-tune epochs (early stopping may end sooner).")
+    epochs: int = option(10, "Fine-tune epochs (early stopping is judged only after the LR has annealed to half "
+                             "its peak).")
     batch_size: int = option(32, "Fine-tune batch size.")
     lr: float = option(3e-3, "Peak learning rate of the new linear layer.")
     backbone_lr_scale: float = option(0.1, "Backbone learning rate = --lr times this.")
@@ -224,6 +225,8 @@ class CompareSettings(Settings):
     partial_blocks: int = option(2, "Blocks trained by --strategy partial (counted from the end).")
     val_fraction: float = option(0.1, "Slice of the training rows used for early stopping (0: none).")
     patience: int = option(3, "Early-stopping patience in epochs.")
+    min_val_images: int = option(100, "Validation slices smaller than this do not early-stop: the fixed schedule "
+                                      "runs to the end and keeps its last weights.")
     device: str = _device()
     workers: Optional[int] = _workers("Fine-tune DataLoader workers (default: per device).")
     n_jobs: int = option(-1, "CPU jobs for the probe's search.")
@@ -231,6 +234,8 @@ class CompareSettings(Settings):
                                     path="dir", file=False)
     checkpoint_seconds: float = option(600.0, "Also checkpoint within an epoch this often (0: only at epoch ends).")
     overwrite: bool = flag("Retrain fine-tunes instead of resuming or reusing finished ones.")
+    report: bool = option(True, "Write report.html beside compare.json.", flags=("--report/--no-report",), lib=None)
+    mlflow: bool = flag("Log settings, metrics, report and heads to MLflow.", file=True, lib=None)
     quiet: bool = _quiet("No progress bars or log lines; only the table.")
     as_json: bool = _json("Print the whole result as JSON.")
 

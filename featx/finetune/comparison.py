@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from ..config import defaults
+from ..report.publish import publish_run
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..cache.store import FeatureCache, find_cache
@@ -56,25 +58,26 @@ NOTES = {
     "peak_gpu_mem_bytes": "torch.cuda.max_memory_allocated during the fine-tune; n/a off CUDA",
 }
 _FT = FinetuneSettings()
+_C = defaults("compare")  # the typed defaults of `featx compare`
 
 
 @dataclass(frozen=True)
 class CompareSettings:
     """Every option of :func:`compare` (the fine-tune's hyper-parameters default to :class:`FinetuneSettings`)."""
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = _C.backbone
     weights: str | os.PathLike | None = None
-    cache_dir: str | os.PathLike = "cache"
+    cache_dir: str | os.PathLike = _C.cache_dir
     cache: str | os.PathLike | None = None
     manifest: str | os.PathLike | None = None
     limit: int | None = None
-    head: str | Sequence[str] = "all"
-    kernel: str = "linear"
-    folds: int = 5
+    head: str | Sequence[str] = _C.head
+    kernel: str = _C.kernel
+    folds: int = _C.folds
     test_size: float = _FT.test_size
     seed: int = _FT.seed
     finetune: bool = False
-    strategy: str | Sequence[str] = "all"
+    strategy: str | Sequence[str] = _C.strategy
     epochs: int = _FT.epochs
     batch_size: int = _FT.batch_size
     lr: float = _FT.lr
@@ -86,12 +89,12 @@ class CompareSettings:
     val_fraction: float = _FT.val_fraction
     patience: int = _FT.patience
     min_val_images: int = _FT.min_val_images
-    device: str = "auto"
+    device: str = _C.device
     num_workers: int | None = None
-    n_jobs: int = -1
+    n_jobs: int = _C.n_jobs
     grids: dict | None = None
     out_dir: str | os.PathLike | None = None
-    checkpoint_seconds: float = 600.0
+    checkpoint_seconds: float = _C.checkpoint_seconds
     overwrite: bool = False
     progress: bool = True
 
@@ -200,7 +203,8 @@ def open_cache(root, cfg: CompareSettings) -> FeatureCache:
     )
 
 
-def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings | None = None, **values) -> CompareResult:
+def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings | None = None, report: bool = False,
+            mlflow: bool = False, **values) -> CompareResult:
     """Compare the probe heads (and, with ``finetune=True``, each fine-tune ``strategy``).
 
     Give the dataset ``root`` (embedded into ``cache_dir``, or reused in seconds when the cache
@@ -208,7 +212,7 @@ def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings 
     ``values`` override single fields of ``settings`` (:class:`CompareSettings`).  Returns a
     :class:`CompareResult` (also ``compare.json``): ``rows`` (one per method), ``table``
     (Markdown), ``paths`` (json, markdown, chart), ``split``, ``settings`` and the full
-    ``probe`` / ``finetune`` results.
+    ``probe`` / ``finetune`` results.  ``report`` also writes ``report.html``; ``mlflow`` logs the run.
     """
     t0 = time.perf_counter()
     unknown = sorted(set(values) - {f.name for f in fields(CompareSettings)})
@@ -243,11 +247,13 @@ def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings 
         best=max(rows, key=lambda r: (-1 if math.isnan(r["accuracy"]) else r["accuracy"], -r["wall_seconds"]))["method"],
         table=markdown_table(rows), notes=dict(NOTES), probe=probe_result, finetune=ft_results, seconds=0.0, paths={},
     )
-    write_report(result, fc, base, started=t0)
+    write_compare_files(result, fc, base, started=t0)
+    if report or mlflow:
+        result.paths["report"] = publish_run(base, cache=fc, report=report, mlflow=mlflow)["report"]
     return result
 
 
-def write_report(result: CompareResult, fc: FeatureCache, base: Path, *, started: float) -> None:
+def write_compare_files(result: CompareResult, fc: FeatureCache, base: Path, *, started: float) -> None:
     """``compare.png``, ``compare.md`` and ``compare.json`` into ``base`` (paths recorded in ``result``)."""
     dataset = Path(fc.root).name or fc.path.stem
     title = (

@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..config import defaults
 from ..base.errors import FeatxError
 
 STRATEGIES = ("full", "partial", "head")
+
+
+# The one typed source of these defaults (shared with `featx compare`'s options).
+_D = defaults("compare")
 
 
 @dataclass(frozen=True)
@@ -20,22 +25,22 @@ class FinetuneSettings:
     """Every hyper-parameter that changes the trained model (part of the run's key)."""
 
     strategy: str = "full"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 3e-3
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    partial_blocks: int = 2
-    val_fraction: float = 0.1
-    patience: int = 3
+    epochs: int = _D.epochs
+    batch_size: int = _D.batch_size
+    lr: float = _D.lr
+    backbone_lr_scale: float = _D.backbone_lr_scale
+    weight_decay: float = _D.weight_decay
+    warmup_epochs: float = _D.warmup_epochs
+    label_smoothing: float = _D.label_smoothing
+    partial_blocks: int = _D.partial_blocks
+    val_fraction: float = _D.val_fraction
+    patience: int = _D.patience
     min_scale: float = 0.25
-    test_size: float = 0.2
-    seed: int = 0
+    test_size: float = _D.test_size
+    seed: int = _D.seed
     # A validation slice smaller than this is too noisy to stop on: the fixed schedule runs to
     # the end and its last weights are kept (see featx.finetune.schedule).
-    min_val_images: int = 100
+    min_val_images: int = _D.min_val_images
 
     @classmethod
     def coerce(cls, **values) -> "FinetuneSettings":
@@ -77,10 +82,10 @@ class RunOptions:
     """How a fine-tune runs (not part of its key: a resume may use other values)."""
 
     weights: str | os.PathLike | None = None
-    device: str = "auto"
+    device: str = _D.device
     num_workers: int | None = None
     out_dir: str | os.PathLike | None = None
-    checkpoint_seconds: float = 600.0
+    checkpoint_seconds: float = _D.checkpoint_seconds
     overwrite: bool = False
     progress: bool = True
 
