@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..base.progress import progress_bar
 from .. import __version__
 from ..cache.store import Chunk
 from .cpu import forward_fn, iter_cpu_batches
@@ -142,7 +142,7 @@ def iter_chunks(
     """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
     stream = feature_batches(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers,
                              engine=engine, cpu_threads=cpu_threads)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="embed")
+    bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
     buf = _ChunkBuffer()
     try:
         for batch in stream:

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from ..base.progress import progress_bar
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..cache.store import FeatureCache, fingerprint_digest
@@ -87,7 +88,6 @@ def embed_files(
 
 def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress) -> dict:
     import torch
-    from tqdm.auto import tqdm
 
 
     if device == "cpu":
@@ -97,7 +97,7 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
     feats = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
     failed: list[tuple[str, str]] = []
     bad: set[int] = set()
-    with tqdm(total=len(paths), unit="img", disable=not progress, desc="embed") as bar:
+    with progress_bar(total=len(paths), unit="img", disable=not progress, desc="embed") as bar:
         for idx, x, errs, _mt, _sz in iter_cpu_batches(
             samples, bb, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
         ):

@@ -21,8 +21,8 @@ import signal
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..base.progress import progress_bar
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
 from ..cache.store import PartsDir
@@ -181,7 +181,7 @@ def run_on_ray(todo: Sequence, *, settings: EngineSettings, parts: PartsDir, ray
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         done = failed = 0
-        with tqdm(total=sum(r["n"] for r in rows), unit="img", disable=not progress, dynamic_ncols=True,
+        with progress_bar(total=sum(r["n"] for r in rows), unit="img", disable=not progress,
                   desc="embed") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = int(batch["done"].sum())

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..base.progress import progress_bar
 from .checkpoint import CHECKPOINT_VERSION, atomic_torch_save, load_last, rng_state, set_rng_state
 from .evaluate import predict
 from .inputs import RowLoaders
@@ -182,9 +182,9 @@ class Trainer:
         loader = ctx.loaders.train(self.epoch_rows(epoch))
         self.set_train_mode()
         t_ep = t_ck = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             total=ctx.plan.steps_per_epoch, initial=st.step, unit="step", disable=not ctx.progress, leave=False,
-            dynamic_ncols=True, desc=f"finetune[{ctx.settings.strategy}] epoch {epoch + 1}/{ctx.settings.epochs}",
+            desc=f"finetune[{ctx.settings.strategy}] epoch {epoch + 1}/{ctx.settings.epochs}",
         )
         try:
             batches = iter(loader)
