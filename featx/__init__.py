@@ -24,11 +24,16 @@ __all__ = [
     "FeatureCache",
     "create_backbone",
     "list_backbones",
-    "folders",
+    "discover",
     "probe",
     "compare",
     "create_head",
     "FeatureExtractor",
+    "fewshot",
+    "write_report",
+    "export_cache",
+    "log_run",
+    "DinoKNNClassifier",
 ]
 
 _LAZY = {
@@ -38,7 +43,12 @@ _LAZY = {
     "list_backbones": ("featx.embedding.backbones", "list_backbones"),
     "discover": ("featx.data.folders", "discover"),
     "probe": ("featx.heads.probing", "probe"),
-    "create_head": ("featx.heads.probing", "create_head"),
+    "create_head": ("featx.heads.factory", "create_head"),
+    "fewshot": ("featx.heads.fewshot", "fewshot"),
+    "DinoKNNClassifier": ("featx.heads.dino_knn", "DinoKNNClassifier"),
+    "write_report": ("featx.report.html", "write_report"),
+    "export_cache": ("featx.cache.export", "export_cache"),
+    "log_run": ("featx.report.tracking", "log_run"),
     "FeatureExtractor": ("featx.embedding.extractor", "FeatureExtractor"),
     "compare": ("featx.finetune.comparison", "compare"),
 }

@@ -60,3 +60,11 @@ def test_import_rules_are_caught(tmp_path, files, expected):
 def test_heavy_lazy_import_is_allowed(tmp_path):
     root = _package(tmp_path, {"__init__.py": "", "a.py": "def f():\n    import torch  # heavy\n    return torch\n"})
     assert check_structure.check(root) == []
+
+
+@pytest.mark.parametrize("package", ["featx", "featx.data", "featx.embedding", "featx.cache", "featx.heads",
+                                     "featx.finetune", "featx.report"])
+def test_every_export_resolves(package):
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, f"{package}.{name}"

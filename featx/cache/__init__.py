@@ -9,6 +9,7 @@ _EXPORTS = {
     "acquire_lock": "store",
     "find_cache": "store",
     "write_final": "store",
+    "export_cache": "export",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -12,6 +12,7 @@ _EXPORTS = {
     "EmbedStats": "runner",
     "cache_fingerprint": "runner",
     "embed": "runner",
+    "ShardResult": "runner",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

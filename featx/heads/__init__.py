@@ -16,6 +16,9 @@ _EXPORTS = {
     "PathLinearHead": "linear_path",
     "ProbeResult": "probing",
     "probe": "probing",
+    "fewshot": "fewshot",
+    "FewShotResult": "fewshot",
+    "DinoKNNClassifier": "dino_knn",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,9 @@ _EXPORTS = {
     "read_predictions": "predictions",
     "predictions_path": "predictions",
     "log_run": "tracking",
+    "write_report": "html",
+    "log_run": "tracking",
+    "publish_run": "publish",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
