@@ -357,7 +357,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of plain and featx (the plain loop's 32)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--engine", default="auto", help="featx engine: auto, cpu or gpu")
-    ap.add_argument("--runtimes", default="torch,auto", help="featx network runtimes timed on the CPU (comma list of torch, openvino, auto)")
+    ap.add_argument("--runtimes", default="torch,auto", help="featx network runtimes timed on the CPU (comma list of torch, openvino, openvino-bf16, auto)")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the OpenVINO run that converts the network first")
     ap.add_argument("--workers", type=int, default=None, help="featx decode workers (default: featx's own choice)")
     ap.add_argument("--repeat", type=int, default=1, help="run every end-to-end method this many times (median reported)")

@@ -51,16 +51,20 @@ def test_resolve_runtime_choices(monkeypatch):
     assert runtimes.resolve_runtime("AUTO", "mps") == "torch"
     want = "openvino" if runtimes.openvino_available() else "torch"
     assert runtimes.resolve_runtime("auto", "cpu") == want
-    with pytest.raises(FeatxError, match=r"--runtime 'onnx': expected one of auto, torch, openvino"):
+    with pytest.raises(FeatxError, match=r"--runtime 'onnx': expected one of auto, torch, openvino, openvino-bf16"):
         runtimes.resolve_runtime("onnx", "cpu")
     with pytest.raises(FeatxError, match=r"CPU only.*--device cpu"):
         runtimes.resolve_runtime("openvino", "cuda")
+    with pytest.raises(FeatxError, match=r"--runtime openvino-bf16 runs on the CPU only"):
+        runtimes.resolve_runtime("openvino-bf16", "cuda:0")
     monkeypatch.setattr(runtimes, "openvino_available", lambda: False)
     assert runtimes.resolve_runtime("auto", "cpu") == "torch"
     with pytest.raises(FeatxError, match=r"pip install 'featx\[openvino\]'"):
         runtimes.resolve_runtime("openvino", "cpu")
     with pytest.raises(FeatxError, match=r"pip install 'featx\[openvino\]'"):
         forward_fn(create_backbone("tiny_cnn", weights="random"), "cpu", runtime="openvino")
+    with pytest.raises(FeatxError, match=r"openvino-bf16 needs the openvino package: pip install"):
+        runtimes.resolve_runtime("openvino-bf16", "cpu")
 
 
 def test_torch_runtime_matches_plain_forward():
@@ -143,6 +147,25 @@ def test_converted_network_is_reused_from_disk(tmp_path, monkeypatch):
     other.weights_sha256 = "changed"
     with pytest.raises(AssertionError, match="converted again"):
         forward_fn(other, "cpu", runtime="openvino")(x)
+
+
+def test_only_feature_changing_runtimes_enter_the_fingerprint():
+    assert runtimes.runtime_fingerprint("auto") == {}
+    assert runtimes.runtime_fingerprint("torch") == {}
+    assert runtimes.runtime_fingerprint("openvino") == {}
+    assert runtimes.runtime_fingerprint("openvino-bf16") == {"precision": "bf16-openvino"}
+
+
+@needs_openvino
+def test_openvino_bf16_is_close_but_opt_in(tmp_path):
+    bb = create_backbone("tiny_cnn", weights="random")
+    x = _images(6, bb.preprocess.crop, 4)
+    f16 = forward_fn(bb, "cpu", runtime="openvino-bf16")
+    got, ref = f16(x), _torch_fp32(bb, x)
+    assert f16.runtime == "openvino-bf16" and got.shape == ref.shape and got.dtype == np.float32
+    assert _min_cosine(got, ref) >= 0.99
+    # The fp32 runtime of the same process is not affected by the bf16 one (separate compiled models).
+    assert np.abs(forward_fn(bb, "cpu", runtime="openvino")(x) - ref).max() < 1e-4
 
 
 # --------------------------------------------------------------------------- fallbacks

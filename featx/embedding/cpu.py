@@ -67,5 +67,7 @@ def forward_fn(backbone, device: str, *, runtime: str = "auto", model_cache=None
     ``auto`` runs OpenVINO fp32 on the CPU when installed (same features, 2-4x faster on small
     CPUs) and torch otherwise; ``f.runtime`` says which one ran ("torch" or "openvino"), for the
     cache's provenance. An explicit runtime that cannot run here raises FeatxError.
+    ``openvino-bf16`` is faster and changes the features: opt-in, and part of the cache
+    fingerprint via :func:`featx.embedding.runtimes.runtime_fingerprint`.
     """
     return make_forward(backbone, device, runtime=runtime, model_cache=model_cache)

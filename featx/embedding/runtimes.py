@@ -8,6 +8,9 @@
   (cosine 1.0 to six decimals), 2-4x the images per second on small x86 CPUs, which is why
   ``auto`` picks it on the CPU whenever the ``openvino`` package is installed
   (``pip install 'featx[openvino]'``).
+- ``openvino-bf16`` (opt-in): OpenVINO on the CPU in bf16 — ~2x fp32's speed on CPUs with
+  AVX-512 BF16/AMX, but other features (min cosine ~0.9996 to fp32), so it is part of the cache
+  fingerprint (:func:`runtime_fingerprint`): its caches never mix with fp32 ones.
 - ``auto``: ``openvino`` on the CPU when importable and the backbone converts (checked against
   torch on a probe batch), else ``torch``; always ``torch`` on CUDA/MPS.
 
@@ -39,7 +42,9 @@ from ..base.runtime import keep_heap_buffers
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino")
+RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")
+# Runtimes that change the features, and the fingerprint entry that keeps their caches apart.
+_FEATURE_CHANGING = {"openvino-bf16": {"precision": "bf16-openvino"}}
 INSTALL_HINT = "pip install 'featx[openvino]'"
 # One synchronous request with all threads: measured faster than THROUGHPUT streams on 2 cores
 # (see benchmarks/embed.md); batches arrive one at a time from the DataLoader anyway.
@@ -48,9 +53,14 @@ OPENVINO_HINT = "LATENCY"
 MIN_COSINE = 0.9999
 
 _CONVERTED: dict[str, object] = {}  # digest -> openvino.Model, per process
-_COMPILED: dict[tuple, object] = {}  # (digest, threads, hint) -> openvino.CompiledModel
+_COMPILED: dict[tuple, object] = {}  # (digest, threads, hint, precision) -> openvino.CompiledModel
 _CORE: list = []  # one openvino.Core per process
 _FAILED: dict[str, str] = {}  # digest -> why conversion failed (not retried in this process)
+
+
+def runtime_fingerprint(runtime: str) -> dict:
+    """Cache-fingerprint entries of a runtime: empty for those with torch fp32's features."""
+    return dict(_FEATURE_CHANGING.get((runtime or "auto").lower(), {}))
 
 
 def openvino_available() -> bool:
@@ -67,15 +77,15 @@ def resolve_runtime(runtime: str, device: str) -> str:
     if r not in RUNTIMES:
         raise FeatxError(f"--runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     cpu = device == "cpu"
-    if r == "openvino":
+    if r.startswith("openvino"):
         if not cpu:
             raise FeatxError(
-                f"--runtime openvino runs on the CPU only, not on {device!r}; use --device cpu, "
+                f"--runtime {r} runs on the CPU only, not on {device!r}; use --device cpu, "
                 "or --runtime auto (torch on GPUs)"
             )
         if not openvino_available():
             raise FeatxError(
-                f"--runtime openvino needs the openvino package: {INSTALL_HINT} (or use --runtime torch)"
+                f"--runtime {r} needs the openvino package: {INSTALL_HINT} (or use --runtime torch)"
             )
         return r
     if r == "auto":
@@ -107,11 +117,12 @@ class Forward:
         return self._impl(x)
 
     def _build(self) -> Callable:
-        if self.runtime == "openvino":
+        if self.runtime.startswith("openvino"):
+            precision = "bf16" if self.runtime == "openvino-bf16" else "f32"
             try:
-                return openvino_forward(self.backbone, model_cache=self.model_cache)
+                return openvino_forward(self.backbone, model_cache=self.model_cache, precision=precision)
             except FeatxError as exc:
-                if self.requested == "openvino":
+                if self.requested != "auto":
                     raise
                 log.warning("%s; embedding with torch instead (same features, slower)", exc)
                 self.runtime = "torch"
@@ -159,18 +170,21 @@ def torch_forward(backbone, device: str) -> Callable:
     return f
 
 
-def openvino_forward(backbone, *, model_cache=None, hint: str = OPENVINO_HINT) -> Callable:
-    """OpenVINO on the CPU in fp32, any batch size; raises FeatxError if the network does not convert."""
+def openvino_forward(backbone, *, model_cache=None, hint: str = OPENVINO_HINT, precision: str = "f32") -> Callable:
+    """OpenVINO on the CPU, any batch size; raises FeatxError if the network does not convert.
+
+    ``precision`` "f32" (torch's features) or "bf16" (faster, other features: opt-in only).
+    """
     import torch  # heavy; only to read the thread count the caller chose
 
     keep_heap_buffers()
     digest = network_digest(backbone)
     threads = max(1, torch.get_num_threads())
-    key = (digest, threads, hint)
+    key = (digest, threads, hint, precision)
     compiled = _COMPILED.get(key)
     if compiled is None:
         core = _core()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
         compiled = core.compile_model(converted_model(backbone, model_cache=model_cache), "CPU", config)
         _COMPILED[key] = compiled
     request = compiled.create_infer_request()
