@@ -8,14 +8,24 @@ Generates a set of photographic-looking JPEGs (smooth gradients, shapes, sensor 
 - ``plain-tuned`` (CUDA only): the same loop with one worker per core, batch 256, bf16,
   channels_last, pinned memory;
 - ``featx``: ``featx.embed`` end to end to a finished HDF5 cache (default engine: GPU decode
-  on CUDA, the tuned CPU path otherwise), same backbone and batch size as ``plain``;
-- ``network only`` and ``decode+resize only``: the two halves alone, to show which one limits;
+  on CUDA, the tuned CPU path otherwise), same backbone and batch size as ``plain``. On the CPU
+  once per network runtime (``--runtimes``, default ``torch,auto``: torch is what a default
+  install runs, auto runs OpenVINO fp32 when ``featx[openvino]`` is installed), plus one
+  ``cold`` run whose OpenVINO conversion is not yet on disk (what the very first run pays);
+- ``network only`` (per runtime) and ``decode+resize only``: the two halves alone, to show
+  which one limits;
 - peak RSS of ``featx.embed`` on N and 10N images (``ru_maxrss`` of a subprocess each).
 
-Prints a table (method, backbone, images, seconds, images/s, ratio to ``plain``, machine).
+Prints a table (method, backbone, images, seconds, images/s, ratio to ``plain``, load average
+at the start of the run, machine). ``--repeat K`` runs every method K times, interleaved, and
+reports the median (each run's figure is listed too): use it on a shared machine.
 
     python benchmarks/embed_bench.py --cpu-quick          # minutes on a 2-core laptop
+    python benchmarks/embed_bench.py --cpu-quick --dataset ../shared/data/flowers12 --repeat 3
     python benchmarks/embed_bench.py                      # full size, for a GPU machine
+
+``--dataset DIR`` times an existing ``split/class/image`` folder (all its images, every split)
+instead of generated JPEGs.
 
 Backbones other than efficientnet_lite0 use random weights (``--weights random``): the
 timing is the same as with trained weights, and they need no download.
@@ -99,7 +109,8 @@ def _selection(root: Path, n: int) -> list[str]:
     from featx.data import discover
     from featx.embedding.runner import _limit_per_split
 
-    return [s.path for s in _limit_per_split(discover(root).samples, n)]
+    samples = discover(root).samples
+    return [s.path for s in (_limit_per_split(samples, n) if n > 0 else samples)]
 
 
 def _warm_page_cache(paths: list[str]) -> None:
@@ -115,7 +126,7 @@ def _warm_page_cache(paths: list[str]) -> None:
 def run_plain(args) -> dict:
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -129,9 +140,11 @@ def run_plain(args) -> dict:
     interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     tf = T.Compose([T.Resize(pre.resize, interpolation=interp), T.CenterCrop(pre.crop), T.ToTensor(),
                     T.Normalize(pre.mean, pre.std)])
-    ds = datasets.ImageFolder(str(Path(args.data) / "train"), transform=tf)
+    parts = [datasets.ImageFolder(str(Path(args.data) / sp), transform=tf)
+             for sp in ("train", "val", "test") if (Path(args.data) / sp).is_dir()]
     want = {os.path.realpath(p) for p in _selection(Path(args.data), args.n)}
-    ds = Subset(ds, [i for i, (p, _) in enumerate(ds.samples) if os.path.realpath(p) in want])
+    ds = ConcatDataset([Subset(d, [i for i, (p, _) in enumerate(d.samples) if os.path.realpath(p) in want])
+                        for d in parts])
     cuda = dev.startswith("cuda")
     if tuned:
         dl = DataLoader(ds, batch_size=256, num_workers=os.cpu_count() or 1, pin_memory=cuda)
@@ -157,18 +170,36 @@ def run_plain(args) -> dict:
     return {"images": len(ds), "seconds": el, "peak_rss_mb": peak_rss_mb()}
 
 
+def _runtime_kwargs(args, fn) -> dict:
+    """``runtime=`` for featx calls: passed through where the function takes it, else applied by
+    wrapping the CPU engine's forward_fn (featx versions whose embed() has no runtime option)."""
+    import functools
+    import inspect
+
+    if args.runtime == "default" or "runtime" in inspect.signature(fn).parameters:
+        return {} if args.runtime == "default" else {"runtime": args.runtime}
+    from featx.embedding import cpu, runner
+
+    runner.forward_fn = functools.partial(cpu.forward_fn, runtime=args.runtime)
+    return {}
+
+
 def run_featx(args) -> dict:
     from featx.embedding.runner import embed
 
     t0 = time.perf_counter()
+    extra = _runtime_kwargs(args, embed)
+    if args.workers is not None:
+        extra["num_workers"] = args.workers
     fc = embed(
         args.data, backbone=args.backbone, weights=args.weights, cache_dir=str(Path(args.work) / "cache"),
-        batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n,
-        engine=args.engine,
+        batch_size=args.batch_size, device=args.device, overwrite=True, progress=False,
+        limit=args.n if args.n > 0 else None, engine=args.engine, **extra,
     )
     el = time.perf_counter() - t0
     return {"images": len(fc) + len(fc.failed), "seconds": el, "peak_rss_mb": peak_rss_mb(),
-            "embed_images_per_s": fc.stats.images_per_s, "engine": fc.meta.get("engine", "")}
+            "embed_images_per_s": fc.stats.images_per_s, "engine": fc.meta.get("engine", ""),
+            "runtime": fc.meta.get("runtime", "")}
 
 
 def run_network(args) -> dict:
@@ -186,7 +217,7 @@ def run_network(args) -> dict:
         ncpu = os.cpu_count() or 1
         torch.set_num_threads(int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu)
     bs = 256 if cuda else args.batch_size
-    f = _forward_fn(bb, dev)
+    f = _forward_fn(bb, dev, **({} if args.runtime == "default" else {"runtime": args.runtime}))
     x = torch.randn(bs, 3, bb.preprocess.crop, bb.preprocess.crop)
     if cuda:
         x = x.pin_memory()
@@ -197,7 +228,7 @@ def run_network(args) -> dict:
     while time.perf_counter() - t0 < args.seconds:
         f(x)  # returns numpy: includes the copy back, as in embed
         n += bs
-    return {"images": n, "seconds": time.perf_counter() - t0}
+    return {"images": n, "seconds": time.perf_counter() - t0, "runtime": getattr(f, "runtime", "torch")}
 
 
 def run_decode(args) -> dict:
@@ -237,7 +268,8 @@ def run_rss(args) -> dict:
     from featx.embedding.runner import embed
 
     fc = embed(args.data, backbone=args.backbone, weights=args.weights, cache_dir=str(Path(args.work) / f"rss{args.n}"),
-               batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n)
+               batch_size=args.batch_size, device=args.device, overwrite=True, progress=False, limit=args.n,
+               **_runtime_kwargs(args, embed))
     return {"images": len(fc), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -245,33 +277,90 @@ RUNNERS = {"plain": run_plain, "plain-tuned": run_plain, "featx": run_featx, "ne
            "decode": run_decode, "rss": run_rss}
 
 
-def _sub(method: str, args, **over) -> dict:
+def _sub(method: str, args, *, env=None, **over) -> dict:
     cmd = [sys.executable, __file__, "--_run", method, "--data", str(args.data), "--work", str(args.work),
            "--device", args.device, "--batch-size", str(over.get("batch_size", args.batch_size)),
-           "--n", str(over.get("n", args.n)), "--backbone", over["backbone"], "--seconds", str(args.seconds),
-           "--engine", args.engine]
+           "--n", str(over.get("n", args.n)), "--backbone", over["backbone"],
+           "--seconds", str(over.get("seconds", args.seconds)), "--engine", args.engine,
+           "--runtime", over.get("runtime", "default")]
     if over.get("weights"):
         cmd += ["--weights", over["weights"]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "FEATX_OPENVINO_CACHE": str(Path(args.work) / "ov-cache"), **(env or {})}
+    load = os.getloadavg()[0]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{method} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["load"] = load
+    return out
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _plan(args) -> list[tuple[str, str, dict]]:
+    """(label, method, options) of the end-to-end runs, in the order they run."""
+    cuda = args.device.startswith("cuda")
+    plan = [("plain", "plain", {})] + ([("plain-tuned", "plain-tuned", {})] if cuda else [])
+    rts = ["default"] if cuda else [r for r in args.runtimes.split(",") if r]
+    for rt in rts:
+        plan.append((f"featx ({rt})" if rt != "default" else "featx", "featx", {"runtime": rt}))
+    if not cuda and args.cold and any(r in ("auto", "openvino") for r in rts):
+        plan.append(("featx (openvino, cold: converts)", "featx", {"runtime": "openvino", "cold": True}))
+    return plan
+
+
+def _timed_rows(args, bbn: str, n: int, mach: str) -> list[dict]:
+    """End-to-end methods, ``--repeat`` times interleaved, then the halves; medians as rows."""
+    import statistics
+
+    weights = None if bbn == "efficientnet_lite0" else "random"
+    plan = _plan(args)
+    if not args.device.startswith("cuda"):  # convert once, untimed: "warm" runs find it on disk
+        _sub("network", args, backbone=bbn, weights=weights, n=n, runtime="auto", seconds=0)
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in plan}
+    for rep in range(args.repeat):
+        for label, m, opt in plan:
+            print(f"... {label} {bbn} (run {rep + 1}/{args.repeat})", flush=True)
+            env = {"FEATX_OPENVINO_CACHE": tempfile.mkdtemp(prefix="ov-cold-", dir=args.work)} if opt.get("cold") else None
+            runs[label].append(_sub(m, args, backbone=bbn, weights=weights, n=n, env=env,
+                                    runtime=opt.get("runtime", "default")))
+    halves = [(f"network only ({o['runtime']})" if o["runtime"] != "default" else "network only", "network", o)
+              for _, m, o in plan if m == "featx" and not o.get("cold")]
+    for label, m, opt in halves + [("decode+resize only", "decode", {})]:
+        print(f"... {label} {bbn}", flush=True)
+        runs[label] = [_sub(m, args, backbone=bbn, weights=weights, n=n, runtime=opt.get("runtime", "default"))]
+    rows, base = [], None
+    for label, rs in runs.items():
+        ips = [r["images"] / r["seconds"] for r in rs]
+        med = statistics.median(ips)
+        base = base or med
+        rows.append({"method": label, "backbone": bbn, "runtime": rs[0].get("runtime", ""), "images": rs[0]["images"],
+                     "seconds": statistics.median(r["seconds"] for r in rs), "images/s": med, "ratio": med / base,
+                     "runs (images/s)": " ".join(f"{v:.0f}" for v in ips),
+                     "load": " ".join(f"{r['load']:.1f}" for r in rs),
+                     "peak RSS MB": rs[0].get("peak_rss_mb", ""), "machine": mach})
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-quick", action="store_true", help="small sizes for a 2-core CPU machine (minutes)")
     ap.add_argument("--data", default=None, help="folder for the generated JPEGs (kept; default: a temp folder)")
+    ap.add_argument("--dataset", default=None, help="time this existing split/class image folder (all images) instead")
     ap.add_argument("--images", type=int, default=None, help="images timed per method (default 16000; quick: 400)")
     ap.add_argument("--size", default="500x375", help="JPEG size WxH")
-    ap.add_argument("--backbones", default=None, help="comma list (default efficientnet_lite0,resnet50; quick: efficientnet_lite0)")
+    ap.add_argument("--backbones", default=None, help="comma list (default efficientnet_lite0,resnet50; quick or --dataset: efficientnet_lite0)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of plain and featx (the plain loop's 32)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--engine", default="auto", help="featx engine: auto, cpu or gpu")
+    ap.add_argument("--runtimes", default="torch,auto", help="featx network runtimes timed on the CPU (comma list of torch, openvino, openvino-bf16, auto)")
+    ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the OpenVINO run that converts the network first")
+    ap.add_argument("--workers", type=int, default=None, help="featx decode workers (default: featx's own choice)")
+    ap.add_argument("--repeat", type=int, default=1, help="run every end-to-end method this many times (median reported)")
     ap.add_argument("--rss", default=None, help="N,10N image counts for the peak-RSS check (default 2000,20000; quick 150,1500; 0 to skip)")
     ap.add_argument("--seconds", type=float, default=None, help="duration of the network-only/decode-only loops")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -280,6 +369,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--backbone", default="efficientnet_lite0", help=argparse.SUPPRESS)
     ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--runtime", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args._run:
@@ -288,49 +378,47 @@ def main(argv=None) -> None:
         args.method = args._run
         print(json.dumps(RUNNERS[args._run](args)))
         return
+    _main(args)
 
+
+def _main(args) -> None:
     import torch
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.cpu_quick
-    n = args.images or (400 if quick else 16000)
-    backbones = (args.backbones or ("efficientnet_lite0" if quick else "efficientnet_lite0,resnet50")).split(",")
+    backbones = (args.backbones or ("efficientnet_lite0" if quick or args.dataset else "efficientnet_lite0,resnet50")).split(",")
     rss = [int(v) for v in (args.rss or ("150,1500" if quick else "2000,20000")).split(",")] if args.rss != "0" else []
-    args.seconds = args.seconds or (5.0 if quick else 10.0)
+    args.seconds = args.seconds if args.seconds is not None else (5.0 if quick else 10.0)
     w, h = (int(v) for v in args.size.lower().split("x"))
     tmp = None
-    if args.data is None:
-        tmp = tempfile.TemporaryDirectory(prefix="featx-bench-")
-        args.data = Path(tmp.name) / "jpegs"
-    args.data = Path(args.data)
-    generate(args.data, max([n] + rss), size=(w, h))
+    if args.dataset:
+        args.data = Path(args.dataset).resolve()
+        n = args.images or 0  # 0: every image of every split
+        rss = []
+        what = f"{len(_selection(args.data, n))} images of {args.data}"
+    else:
+        n = args.images or (400 if quick else 16000)
+        if args.data is None:
+            tmp = tempfile.TemporaryDirectory(prefix="featx-bench-")
+            args.data = Path(tmp.name) / "jpegs"
+        args.data = Path(args.data)
+        generate(args.data, max([n] + rss), size=(w, h))
+        what = f"{n} JPEGs of {w}x{h} in {args.data}"
     args.work = Path(tempfile.mkdtemp(prefix="featx-bench-work-"))
-    _warm_page_cache(_selection(args.data, max([n] + rss)))
+    _warm_page_cache(_selection(args.data, max([n] + rss) if n else 0))
     mach = machine()
-    print(f"machine: {mach}\n{n} JPEGs of {w}x{h} in {args.data}, batch size {args.batch_size}, device {args.device}", flush=True)
+    print(f"machine: {mach}\n{what}, batch size {args.batch_size}, device {args.device}, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
 
     rows = []
     for bbn in backbones:
-        weights = None if bbn == "efficientnet_lite0" else "random"
-        methods = ["plain"] + (["plain-tuned"] if args.device.startswith("cuda") else []) + ["featx"]
-        base = None
-        for m in methods:
-            print(f"... {m} {bbn}", flush=True)
-            r = _sub(m, args, backbone=bbn, weights=weights, n=n)
-            ips = r["images"] / r["seconds"]
-            base = base or ips
-            rows.append({"method": m, "backbone": bbn, "images": r["images"], "seconds": r["seconds"],
-                         "images/s": ips, "ratio": ips / base, "peak RSS MB": r.get("peak_rss_mb", ""), "machine": mach})
-        for m, label in (("network", "network only"), ("decode", "decode+resize only")):
-            print(f"... {label} {bbn}", flush=True)
-            r = _sub(m, args, backbone=bbn, weights=weights, n=n)
-            ips = r["images"] / r["seconds"]
-            rows.append({"method": label, "backbone": bbn, "images": r["images"], "seconds": r["seconds"],
-                         "images/s": ips, "ratio": ips / base, "peak RSS MB": "", "machine": mach})
+        rows += _timed_rows(args, bbn, n, mach)
     print()
-    table = print_table(rows, ["method", "backbone", "images", "seconds", "images/s", "ratio", "peak RSS MB"])
-    print(f"\nmachine: {mach}")
+    cols = ["method", "backbone", "runtime", "images", "seconds", "images/s", "ratio", "runs (images/s)", "load",
+            "peak RSS MB"]
+    table = print_table(rows, cols)
+    print(f"\nmachine: {mach}; load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     rss_rows = []
     if rss:
         for k in rss:
