@@ -41,6 +41,13 @@ def hymenoptera() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _openvino_cache(tmp_path_factory, monkeypatch):
+    # Converted OpenVINO networks go to a per-session folder, never to the user's ~/.cache.
+    if "FEATX_OPENVINO_CACHE" not in os.environ:
+        monkeypatch.setenv("FEATX_OPENVINO_CACHE", str(tmp_path_factory.getbasetemp() / "openvino"))
+
+
+@pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     # Keep the 2-core CI machine responsive when tests start subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

@@ -17,6 +17,7 @@ import numpy as np
 from ..base.progress import progress_bar
 from .. import __version__
 from ..cache.store import Chunk
+from .runtimes import runtime_fingerprint
 from .cpu import forward_fn, iter_cpu_batches
 from .gpu import iter_gpu_features
 
@@ -45,14 +46,20 @@ class EngineSettings:
     chunk_size: int
     device_request: str = "auto"
     engine_request: str = "auto"
+    runtime: str = "auto"  # network runtime on the CPU (featx.embedding.runtimes)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def cache_fingerprint(backbone, dtype: str) -> dict:
-    """Everything that changes the stored features; a cache written with others is refused."""
+def cache_fingerprint(backbone, dtype: str, runtime: str = "auto") -> dict:
+    """Everything that changes the stored features; a cache written with others is refused.
+
+    Runtimes that reproduce torch fp32's features (torch, openvino) add nothing, so caches written
+    before runtimes existed keep their fingerprint; openvino-bf16 adds its precision.
+    """
     fp = dict(backbone.fingerprint())
+    fp.update(runtime_fingerprint(runtime))
     fp["dtype"] = dtype
     fp["featx_version"] = __version__
     fp["decode"] = DECODE_VERSION
@@ -76,9 +83,9 @@ def set_cpu_threads(num_workers: int, threads: int | None = None) -> int:
     return n
 
 
-def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int):
+def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, runtime: str):
     """The CPU engine as (idx, errs, mtimes, sizes, ok, features) batches, like the GPU engine."""
-    fwd = forward_fn(backbone, device)
+    fwd = forward_fn(backbone, device, runtime=runtime)
     for idx, x, errs, mts, szs in iter_cpu_batches(
         todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
     ):
@@ -88,13 +95,13 @@ def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_w
 
 
 def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, engine: str,
-                    cpu_threads: int | None = None) -> Iterator:
+                    cpu_threads: int | None = None, runtime: str = "auto") -> Iterator:
     """Batches ``(idx, errs, mtimes, sizes, ok, features)`` from the chosen engine."""
     if engine == "gpu":
         return iter_gpu_features(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
     if device == "cpu":
         set_cpu_threads(num_workers, cpu_threads)
-    return _cpu_stream(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
+    return _cpu_stream(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers, runtime=runtime)
 
 
 class _ChunkBuffer:
@@ -138,10 +145,11 @@ def iter_chunks(
     progress: bool,
     engine: str,
     cpu_threads: int | None = None,
+    runtime: str = "auto",
 ) -> Iterator[Chunk]:
     """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
     stream = feature_batches(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers,
-                             engine=engine, cpu_threads=cpu_threads)
+                             engine=engine, cpu_threads=cpu_threads, runtime=runtime)
     bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
     buf = _ChunkBuffer()
     try:

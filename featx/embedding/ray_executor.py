@@ -85,7 +85,7 @@ class ChunkEmbedder:
         req = self.s.engine_request
         self.engine = req if req != "auto" else ("gpu" if self.device.startswith("cuda") else "cpu")
         self.bb = create_backbone(self.s.backbone, weights=self.s.weights)
-        found = cache_fingerprint(self.bb, self.s.dtype)
+        found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime)
         if found != fingerprint:
             raise FeatxError(
                 f"the backbone built on Ray node {os.uname().nodename} differs from the driver's ({found} vs "
@@ -102,7 +102,8 @@ class ChunkEmbedder:
             done = failed = 0
             for chunk in iter_chunks(samples, self.bb, device=self.device, batch_size=self.s.batch_size,
                                      num_workers=self.workers, chunk_size=max(1, len(samples)), dtype=self.s.dtype,
-                                     progress=False, engine=self.engine, cpu_threads=self.threads):
+                                     progress=False, engine=self.engine, cpu_threads=self.threads,
+                                     runtime=self.s.runtime if self.engine == "cpu" else "torch"):
                 _fault_hook()
                 self.parts.write_chunk(chunk, worker=self.worker)
                 done += len(chunk.keys) + len(chunk.failed)

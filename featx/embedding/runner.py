@@ -32,6 +32,7 @@ from ..cache.store import (
 )
 from ..data.folders import Dataset, discover
 from .backbones import Backbone, create_backbone
+from .runtimes import resolve_runtime
 from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
 
@@ -94,7 +95,7 @@ class EmbedPlan:
 
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int) -> EngineSettings:
+                  dtype: str, chunk_size: int, runtime: str = "auto") -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers."""
     if batch_size is None or batch_size < 1:
         raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -111,8 +112,9 @@ def check_options(*, backbone: str, weights, device: str, engine: str, batch_siz
     workers = default_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
+    rt = resolve_runtime(runtime, dev) if eng == "cpu" else "torch"
     return EngineSettings(backbone, None if weights is None else str(weights), dev, eng, int(batch_size), workers,
-                          dtype, int(chunk_size), device_request=device, engine_request=engine)
+                          dtype, int(chunk_size), device_request=device, engine_request=engine, runtime=rt)
 
 
 def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: int | None) -> Path:
@@ -140,7 +142,7 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
     ds = discover(root if root is not None else manifest, manifest=manifest)
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     bb = create_backbone(settings.backbone, weights=settings.weights)
-    fp = cache_fingerprint(bb, settings.dtype)
+    fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp))
 
@@ -211,7 +213,8 @@ def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats
     t_embed = time.perf_counter()
     done = 0
     for chunk in iter_chunks(todo, p.backbone, device=s.device, batch_size=s.batch_size, num_workers=s.num_workers,
-                             chunk_size=s.chunk_size, dtype=s.dtype, progress=progress, engine=s.engine):
+                             chunk_size=s.chunk_size, dtype=s.dtype, progress=progress, engine=s.engine,
+                             runtime=s.runtime):
         cf = p.parts.write_chunk(chunk)
         done += len(chunk.keys) + len(chunk.failed)
         stats.failed_new += len(chunk.failed)
@@ -250,6 +253,8 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         "layout": ds.layout,
         "device": s.device,
         "engine": s.engine,
+        # The network runtime of this run (provenance: torch and openvino give the same features).
+        "runtime": s.runtime,
         # Total time spent embedding this cache over all runs (resumed ones included).
         "embed_seconds": p.prior_seconds + stats.embed_seconds,
     }
@@ -282,6 +287,7 @@ def embed(
     ray_address: str | None = None,
     num_actors: int | None = None,
     shard: str | tuple[int, int] | None = None,
+    runtime: str = "auto",
 ) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
@@ -296,7 +302,7 @@ def embed(
     """
     t0 = time.perf_counter()
     settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
-                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size)
+                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
     if sh is not None:
