@@ -68,6 +68,10 @@ def main() -> None:
     times = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s ({times}): reports under {OUT.relative_to(ROOT)}/, "
           "cache under cache/")
+    for name in ("probe", "compare"):
+        page = OUT / name / "report.html"
+        if page.is_file():
+            print(f"open {page.relative_to(ROOT)} in a browser: the {name} report (mistakes, confusion, map)")
 
 
 if __name__ == "__main__":
