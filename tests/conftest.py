@@ -51,3 +51,14 @@ def _openvino_cache(tmp_path_factory, monkeypatch):
 def _quiet_threads(monkeypatch):
     # Keep the 2-core CI machine responsive when tests start subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Same keys in the same order, labels, splits, classes, failures, fingerprint; features within 1e-5."""
+    from featx.cache.store import FeatureCache
+
+    fa, fb = FeatureCache(a), FeatureCache(b)
+    assert fa.keys() == fb.keys() and fa.classes == fb.classes and fa.failed == fb.failed
+    assert (fa.labels() == fb.labels()).all() and (fa.split_array() == fb.split_array()).all()
+    assert fa.fingerprint == fb.fingerprint
+    np.testing.assert_allclose(fa.features(), fb.features(), atol=1e-5)

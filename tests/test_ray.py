@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import featx
+from conftest import assert_same_cache
 from featx.base.errors import FeatxError
-from featx.cache.store import FeatureCache
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'featx[ray]') is not installed")
 
@@ -37,15 +37,6 @@ def make_data(root: Path) -> Path:
                 Image.fromarray(rng.integers(0, 256, (22, 26, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
     (root / "train" / "y" / "empty.png").write_bytes(b"")
     return root
-
-
-def same_cache(a: Path, b: Path) -> None:
-    """Same keys in the same order, labels, splits, classes, failures; features within 1e-5."""
-    fa, fb = FeatureCache(a), FeatureCache(b)
-    assert fa.keys() == fb.keys() and fa.classes == fb.classes and fa.failed == fb.failed
-    assert (fa.labels() == fb.labels()).all() and (fa.split_array() == fb.split_array()).all()
-    assert fa.fingerprint == fb.fingerprint
-    np.testing.assert_allclose(fa.features(), fb.features(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +78,7 @@ def test_two_node_cluster_gives_the_local_cache(cluster, data, tmp_path: Path) -
     root, ref = data
     assert len(ray.nodes()) == 2
     fc = featx.embed(root, cache=tmp_path / "r.h5", executor="ray", num_actors=2, **TINY_KW)
-    same_cache(fc.path, ref)
+    assert_same_cache(fc.path, ref)
     assert fc.stats.executor == "ray" and fc.stats.embedded == 18 and fc.stats.failed_new == 1
     assert not Path(str(fc.path) + ".parts").exists()
     # A rerun reuses everything without starting any Ray work.
@@ -101,7 +92,7 @@ def test_actor_killed_mid_chunk_is_retried_and_the_cache_is_identical(cluster, d
     kill.write_text("")  # the first actor to reach a commit SIGKILLs itself before committing
     fc = featx.embed(root, cache=tmp_path / "k.h5", executor="ray", num_actors=2, **TINY_KW)
     assert Path(str(kill) + ".fired").exists() and not kill.exists(), "an actor really was killed"
-    same_cache(fc.path, ref)
+    assert_same_cache(fc.path, ref)
     assert fc.stats.embedded == 18 and fc.stats.failed_new == 1
 
 
@@ -112,7 +103,7 @@ def test_ray_run_reuses_chunks_committed_by_a_shard(cluster, data, tmp_path: Pat
     featx.embed(root, cache=cache, shard="0/2", **TINY_KW)  # leaves half of the chunks in .parts
     fc = featx.embed(root, cache=cache, executor="ray", **TINY_KW)
     assert 0 < fc.stats.embedded < 18 and fc.stats.reused > 0
-    same_cache(cache, ref)
+    assert_same_cache(cache, ref)
 
 
 def test_missing_ray_is_a_one_line_error(data, tmp_path: Path, monkeypatch) -> None:

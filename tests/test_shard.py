@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import featx
+from conftest import assert_same_cache
 from featx.base.errors import CacheLockedError, FeatxError
 from featx.cache.store import FeatureCache, PartsLock, acquire_lock
 from featx.embedding.engine import EngineSettings
@@ -37,14 +38,6 @@ def make_data(root: Path, per_class: int = 9) -> Path:
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
     (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     return root
-
-
-def same_cache(a: Path, b: Path) -> None:
-    fa, fb = FeatureCache(a), FeatureCache(b)
-    assert fa.keys() == fb.keys() and fa.classes == fb.classes and fa.failed == fb.failed
-    assert (fa.labels() == fb.labels()).all() and (fa.split_array() == fb.split_array()).all()
-    assert fa.fingerprint == fb.fingerprint
-    np.testing.assert_allclose(fa.features(), fb.features(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +112,7 @@ def test_two_concurrent_shards_then_a_plain_embed_only_assembles(data, tmp_path:
     fc = featx.embed(root, cache=cache, **TINY_KW)
     assert fc.stats.embedded == 0 and fc.stats.failed_new == 0 and fc.stats.reused == fc.stats.total
     assert fc.stats.rebuilt
-    same_cache(cache, ref)
+    assert_same_cache(cache, ref)
     assert not Path(str(cache) + ".parts").exists()
 
 
@@ -158,7 +151,7 @@ def test_finalising_run_refuses_or_waits_while_a_shard_writes(data, tmp_path: Pa
     finally:
         shard.release()
     assert waiter.wait(timeout=300) == 0, err.read_text()
-    same_cache(cache, ref)
+    assert_same_cache(cache, ref)
 
 
 def test_shard_waits_or_refuses_while_a_run_assembles(data, tmp_path: Path) -> None:

@@ -62,13 +62,7 @@ def plot_compare_ci(rows: Sequence[dict], path: str | os.PathLike, *, title: str
     ax.invert_yaxis()
     ax.set_xlabel("evaluation accuracy (%), whiskers: 95% Wilson interval")
     ax.grid(True, axis="x", alpha=0.3)
-    if title:
-        ax.set_title(_mpl_text(title), fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def _point(d: dict) -> tuple[float, float | None, float | None] | None:
@@ -132,6 +126,12 @@ def plot_fewshot(series: dict, path: str | os.PathLike, *, title: str = "") -> P
     ax.set_ylabel("evaluation accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
+    return _save(fig, ax, path, title)
+
+
+def _save(fig, ax, path: str | os.PathLike, title: str) -> Path:
+    import matplotlib.pyplot as plt  # heavy: only when a chart is drawn
+
     if title:
         ax.set_title(_mpl_text(title), fontsize=10)
     fig.tight_layout()
