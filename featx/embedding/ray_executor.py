@@ -85,6 +85,9 @@ class ChunkEmbedder:
         req = self.s.engine_request
         self.engine = req if req != "auto" else ("gpu" if self.device.startswith("cuda") else "cpu")
         self.bb = create_backbone(self.s.backbone, weights=self.s.weights)
+        if self.engine != "cpu" and self.s.runtime not in ("auto", "torch"):
+            raise FeatxError(f"--runtime {self.s.runtime} runs on the CPU, but Ray node {os.uname().nodename} embeds "
+                             "on a GPU; drop --runtime or run CPU-only actors")
         found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime)
         if found != fingerprint:
             raise FeatxError(

@@ -112,9 +112,15 @@ def check_options(*, backbone: str, weights, device: str, engine: str, batch_siz
     workers = default_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
-    rt = resolve_runtime(runtime, dev) if eng == "cpu" else "torch"
+    if eng == "cpu":
+        resolve_runtime(runtime, dev)  # an impossible explicit choice fails here, before any file is read
+    elif (runtime or "auto").lower() not in ("auto", "torch"):
+        raise FeatxError(f"--runtime {runtime} runs the network on the CPU; the GPU engine uses torch: drop "
+                         "--runtime, or pass --device cpu")
+    # The request is kept ("auto" may still fall back to torch if a network does not convert).
     return EngineSettings(backbone, None if weights is None else str(weights), dev, eng, int(batch_size), workers,
-                          dtype, int(chunk_size), device_request=device, engine_request=engine, runtime=rt)
+                          dtype, int(chunk_size), device_request=device, engine_request=engine,
+                          runtime=(runtime or "auto").lower())
 
 
 def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: int | None) -> Path:
@@ -253,8 +259,10 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         "layout": ds.layout,
         "device": s.device,
         "engine": s.engine,
-        # The network runtime of this run (provenance: torch and openvino give the same features).
-        "runtime": s.runtime,
+        # The network runtime asked for and the one it resolves to here (provenance: torch and openvino
+        # give the same features; a network that does not convert falls back to torch with a warning).
+        "runtime": resolve_runtime(s.runtime, s.device) if s.engine == "cpu" else "torch",
+        "runtime_request": s.runtime,
         # Total time spent embedding this cache over all runs (resumed ones included).
         "embed_seconds": p.prior_seconds + stats.embed_seconds,
     }

@@ -262,6 +262,8 @@ def _check_options(shots: Sequence[int], seeds: int | Sequence[int], heads: Sequ
 def _summarise(accs: list[float], params: list[dict], used_cv: list[bool], n_train: list[int], seeds: list[int],
                seconds: float) -> dict:
     lo, hi = t_interval(accs)
+    # Accuracy lives in [0, 1]; a t interval over few seeds can leave it.
+    lo, hi = (None if lo is None else max(0.0, lo)), (None if hi is None else min(1.0, hi))
     return {
         "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
         "ci95": [lo, hi], "per_seed": [float(a) for a in accs], "seeds": seeds, "params": params,

@@ -29,7 +29,8 @@ from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
 
-FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess")
+# "precision" is set only by feature-changing runtimes (openvino-bf16); absent on both sides it matches.
+FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess", "precision")
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from ..report.publish import publish_run
 from .factory import check_head_name, create_head, grid_key
 from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
-from .persist import save_head
+from .persist import HEAD_FORMATS, save_head
 from .search import AdaptiveStratifiedKFold, HeadSearch, cv_splits, plain  # noqa: F401 - re-exported
 from .torch_heads import create_torch_head  # noqa: F401 - re-exported
 
@@ -300,7 +300,9 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
     return entry
 
 
-def _check_args(kernel: str, folds: int | None) -> None:
+def _check_args(kernel: str, folds: int | None, head_format: str) -> None:
+    if head_format not in HEAD_FORMATS:
+        raise FeatxError(f"--format {head_format!r}: expected one of {', '.join(HEAD_FORMATS)}")
     if kernel not in KERNELS:
         raise FeatxError(f"--kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     if folds is None or folds < 2:
@@ -351,7 +353,7 @@ def probe(
     ``report.html``; ``mlflow`` logs the run to MLflow.
     """
     names = _heads_list(head)
-    _check_args(kernel, folds)
+    _check_args(kernel, folds, head_format)
     fc = _open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
     rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows)
@@ -383,6 +385,7 @@ def probe(
     result.metrics_path = str(out / "metrics.json")
     write_json(out / "metrics.json", result.to_dict())
     if report or mlflow:
-        published = publish_run(out, cache=fc, report=report, mlflow=mlflow)
-        result.report_path = published["report"]
+        result.report_path = publish_run(out, cache=fc, report=report, mlflow=mlflow)["report"]
+        if result.report_path:
+            write_json(out / "metrics.json", result.to_dict())
     return result
