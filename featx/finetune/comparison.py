@@ -157,8 +157,9 @@ def _run_probe(fc, **kwargs) -> dict:
 def probe_rows(probe_result: dict, fc: FeatureCache) -> list[dict]:
     """One table row per probe head; its wall time includes embedding the cache."""
     embed_s = fc.meta.get("embed_seconds")
-    if embed_s is None:
-        log.warning("cache %s does not record its embedding time; the probe's wall time leaves it out", fc.path)
+    if not embed_s:  # None, or 0 for a cache assembled from --shard or Ray chunks embedded elsewhere
+        log.warning("cache %s does not record its embedding time (assembled from shards?); the probe's wall time "
+                    "leaves it out", fc.path)
         embed_s = 0.0
     embed_s = float(embed_s)
     load_s = float(probe_result.get("load_seconds") or 0.0)  # reading the features from the cache
