@@ -174,6 +174,9 @@ def save_head(estimator, path: str | os.PathLike, *, sidecar: dict, format: str 
         meta["skops_version"] = skops.__version__
 
     write_json(sidecar_path(path), meta)
+    for other in HEAD_SUFFIXES.values():  # one sidecar per name: a head of the other format would no longer match it
+        if other != path.suffix:
+            path.with_suffix(other).unlink(missing_ok=True)
     return path
 
 
