@@ -75,7 +75,7 @@ def check_memory(n_train: int, n_eval: int, dim: int, n_classes: int, *, cache_n
     if avail is not None and need > avail:
         fit = rows_that_fit(int(avail * 0.9), n_eval, dim, n_classes)
         hint = (
-            f"run `featx probe --max-train-rows {_round_down(fit)}` (max_train_rows=) to train on a stratified, "
+            f"pass --max-train-rows {_round_down(fit)} to featx probe (max_train_rows=) to train on a stratified, "
             "seeded subset of the training rows, or free memory" if fit >= 2 * n_classes else
             "free memory or use a machine with more (even the evaluation rows barely fit)"
         )
