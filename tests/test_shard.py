@@ -112,6 +112,7 @@ def test_two_concurrent_shards_then_a_plain_embed_only_assembles(data, tmp_path:
     fc = featx.embed(root, cache=cache, **TINY_KW)
     assert fc.stats.embedded == 0 and fc.stats.failed_new == 0 and fc.stats.reused == fc.stats.total
     assert fc.stats.rebuilt
+    assert float(fc.meta["embed_seconds"]) > 0, "the shards' embedding time is counted"
     assert_same_cache(cache, ref)
     assert not Path(str(cache) + ".parts").exists()
 

@@ -97,6 +97,7 @@ class Chunk:
     mtime_ns: np.ndarray
     size: np.ndarray
     failed: list[tuple[str, str, int, int]] = field(default_factory=list)  # key, reason, mtime, size
+    seconds: float = 0.0  # time spent embedding it, wherever it ran (summed into the cache's embed_seconds)
 
 
 class PartsDir:
@@ -159,7 +160,19 @@ class PartsDir:
             f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=_STR)
             f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
             f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
+            f.attrs["seconds"] = float(chunk.seconds)
         return final
+
+    def total_seconds(self) -> float:
+        """Embedding time of every committed chunk (shards, Ray actors, killed runs included)."""
+        total = 0.0
+        for cf in self.chunk_files():
+            try:
+                with h5py.File(cf, "r") as f:
+                    total += float(f.attrs.get("seconds", 0.0))
+            except (OSError, ValueError, TypeError):  # a damaged chunk is re-embedded by read_index
+                continue
+        return total
 
     def read_index(self) -> dict[str, tuple]:
         """key -> ("chunk", file, row, mtime, size) or ("failed", reason, mtime, size) over all chunks.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
@@ -129,8 +130,9 @@ class _ChunkBuffer:
         self.count += len(idx)
         return len(idx)
 
-    def chunk(self) -> Chunk:
-        return Chunk(self.keys, np.concatenate(self.feats), np.asarray(self.mts), np.asarray(self.szs), self.failed)
+    def chunk(self, seconds: float) -> Chunk:
+        return Chunk(self.keys, np.concatenate(self.feats), np.asarray(self.mts), np.asarray(self.szs), self.failed,
+                     seconds=seconds)
 
 
 def iter_chunks(
@@ -152,13 +154,15 @@ def iter_chunks(
                              engine=engine, cpu_threads=cpu_threads, runtime=runtime)
     bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
     buf = _ChunkBuffer()
+    t0 = time.perf_counter()  # each chunk carries its embedding time (not the time to commit it)
     try:
         for batch in stream:
             bar.update(buf.add(todo, batch, dtype))
             if buf.count >= chunk_size:
-                yield buf.chunk()
+                yield buf.chunk(time.perf_counter() - t0)
                 buf = _ChunkBuffer()
+                t0 = time.perf_counter()
         if buf.count:
-            yield buf.chunk()
+            yield buf.chunk(time.perf_counter() - t0)
     finally:
         bar.close()

@@ -263,8 +263,9 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         # give the same features; a network that does not convert falls back to torch with a warning).
         "runtime": resolve_runtime(s.runtime, s.device) if s.engine == "cpu" else "torch",
         "runtime_request": s.runtime,
-        # Total time spent embedding this cache over all runs (resumed ones included).
-        "embed_seconds": p.prior_seconds + stats.embed_seconds,
+        # Total time spent embedding this cache over all runs: the finished cache's, plus every committed
+        # chunk's own time (this run's, a killed run's, shards' and Ray actors').
+        "embed_seconds": p.prior_seconds + max(stats.embed_seconds, p.parts.total_seconds()),
     }
     write_final(p.path, samples=p.samples, classes=ds.classes, index=p.index, dim=bb.dim, dtype=s.dtype, attrs=attrs)
     p.parts.remove()
