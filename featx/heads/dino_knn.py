@@ -17,9 +17,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
+from ..config import DEFAULT_GRIDS
 
 # A small grid: DINO uses k=20, T=0.07; k matters little once votes are similarity-weighted.
-DINO_KNN_GRID: dict[str, list] = {"n_neighbors": [10, 20], "temperature": [0.03, 0.07, 0.1]}
+# The one default grid, typed in featx.config (the `heads: knn_dino:` section).
+DINO_KNN_GRID: dict[str, list] = DEFAULT_GRIDS["knn_dino"]
 # Rows of the query matrix scored at once (keeps the similarity block at ~ block x n_train floats).
 _BLOCK = 2048
 

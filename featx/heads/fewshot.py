@@ -38,6 +38,7 @@ from ..cache.store import FeatureCache, find_cache
 from ..data.splits import train_eval_split
 from ..report.publish import publish_run
 from .dino_knn import DINO_KNN_GRID, DinoKNNClassifier
+from .probing import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +198,6 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float | No
     return float(v.mean() - half), float(v.mean() + half)
 
 
-def _rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray) -> np.ndarray:
-    """Features of global ``rows``, read split by split (each split is one contiguous slice)."""
-    out = np.empty((len(rows), fc.dim), dtype=np.float32)
-    for name in fc.splits:
-        in_split = np.flatnonzero(splits == name)
-        start = int(in_split[0])
-        mask = (rows >= start) & (rows < start + len(in_split))
-        if mask.any():
-            out[mask] = fc.features(name)[rows[mask] - start]
-    return out
-
-
 def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir: str | os.PathLike = "cache") -> dict:
     """Training/evaluation arrays from a cache (path, FeatureCache or None = newest) or from arrays.
 
@@ -230,7 +219,8 @@ def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir:
     tr, ev, desc = train_eval_split(labels, splits, test_size=test_size, seed=split_seed)
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
-    X_tr, X_ev = _rows(fc, tr, splits), _rows(fc, ev, splits)
+    # train_eval_split returns sorted rows, the order read_rows reads them in (block by block).
+    X_tr, X_ev = read_rows(fc, tr, splits), read_rows(fc, ev, splits)
     keep_tr, keep_ev = np.isfinite(X_tr).all(axis=1), np.isfinite(X_ev).all(axis=1)
     if not (keep_tr.all() and keep_ev.all()):
         log.warning("%d rows of %s have NaN/inf features and are left out; rebuild the cache with "
