@@ -55,8 +55,19 @@ def test_click_options_are_the_dataclass_fields(name):
     assert list(options) == [f.name for f in dataclasses.fields(cls)]
     inst = cls()
     for f in dataclasses.fields(cls):
-        assert options[f.name].default == getattr(inst, f.name), f.name
+        if f.metadata.get("required"):  # no default, so click reports it missing (not None)
+            assert options[f.name].required, f.name
+        else:
+            assert options[f.name].default == getattr(inst, f.name), f.name
         assert (options[f.name].help or "") == f.metadata["help"], f.name
+
+
+@pytest.mark.parametrize("args, missing", [(["predict", "x.png"], "--head"), (["export"], "--out")])
+def test_missing_required_option_is_a_usage_error(args, missing):
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and f"Missing option '{missing}'" in res.output
 
 
 def _library_functions():

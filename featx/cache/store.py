@@ -39,12 +39,16 @@ import numpy as np
 
 from ..base.errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
 from ..base.io import atomic_commit, fsync_dir, sha256_file  # noqa: F401 - re-exported for old imports
+from .views import available_views, check_view, compose, view_dim
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
 SPLITS = ("train", "val", "test")
 _STR = h5py.string_dtype("utf-8")
+# Keys of augmented training views: the image's key, this separator, the recipe and view number
+# (featx.embedding.augment); such rows are kept in the finished cache's augmented/ group.
+AUG_SEP = "\x00aug:"
 _BYTES = h5py.vlen_dtype(np.dtype("uint8"))
 
 
@@ -98,6 +102,7 @@ class Chunk:
     size: np.ndarray
     failed: list[tuple[str, str, int, int]] = field(default_factory=list)  # key, reason, mtime, size
     seconds: float = 0.0  # time spent embedding it, wherever it ran (summed into the cache's embed_seconds)
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # extra feature parts (featx.cache.views)
 
 
 class PartsDir:
@@ -153,6 +158,8 @@ class PartsDir:
         with _atomic_h5(tmp, final, what=str(final), kept=kept) as f:
             f.create_dataset("paths", data=_key_array(chunk.keys), dtype=_BYTES)
             f.create_dataset("features", data=chunk.features)
+            for pname, arr in chunk.parts.items():
+                f.create_dataset(f"parts/{pname}", data=arr)
             f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
             f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
             fk = [k for k, _, _, _ in chunk.failed]
@@ -272,6 +279,17 @@ def _plain_attrs(attrs: dict) -> dict:
     return out
 
 
+def _part_widths(f: h5py.File, meta: dict, dim: int, n: int) -> dict[str, int]:
+    """{part: width} of the stored feature parts, ``features`` first (checked against the datasets)."""
+    widths = {"features": dim}
+    for name, width in json.loads(meta.get("parts_json") or "[]"):
+        d = f[f"parts/{name}"]
+        if tuple(d.shape) != (n, int(width)):
+            raise ValueError(f"dataset parts/{name} has shape {d.shape}, expected ({n}, {width})")
+        widths[str(name)] = int(width)
+    return widths
+
+
 def _split_names(raw) -> list[str]:
     names = json.loads(raw)
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -312,6 +330,8 @@ class FeatureCache:
                         raise ValueError(f"attribute {key!r} is missing")
                 self.meta: dict = _plain_attrs(attrs)
                 split_names = _split_names(self.meta["split_names"])
+                self.part_widths = _part_widths(f, self.meta, self.dim, self._n)
+                self._n_aug = int(f["augmented/source_row"].shape[0]) if "augmented" in f else 0
             except FeatxError:
                 raise
             except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
@@ -362,19 +382,50 @@ class FeatureCache:
         a, b = self._ranges[split]
         return slice(a, b)
 
-    # -- arrays
-    def features(self, split: str | None = None, *, dtype=np.float32) -> np.ndarray:
-        """Features of ``split`` (all rows if None) as a [n, dim] array."""
-        with _open_h5(self.path) as f:
-            return np.asarray(f["features"][self._slice(split)], dtype=dtype)
+    # -- views
+    @property
+    def views(self) -> list[str]:
+        """Feature views this cache can give (:mod:`featx.cache.views`); ``final`` for every cache."""
+        return available_views(self.part_widths)
 
-    def iter_features(self, split: str | None = None, *, rows: int = 65536) -> Iterator[np.ndarray]:
+    def view_dim(self, view: str | None = None) -> int:
+        return view_dim(check_view(view, self.views, where=f"cache {self.path.name}"), self.part_widths)
+
+    def _read_view(self, f: h5py.File, view: str | None, rows, dtype, prefix: str = "") -> np.ndarray:
+        v = check_view(view, self.views, where=f"cache {self.path.name}")
+        get = lambda p: np.asarray(f[prefix + _part_path(p)][rows], dtype=np.float32)  # noqa: E731
+        return np.asarray(compose(v, get), dtype=dtype)
+
+    # -- augmented training views (featx embed --train-views)
+    @property
+    def train_views(self) -> int:
+        """Augmented views stored per training image (0 for caches without them)."""
+        return int(self.meta.get("train_views", 0) or 0) if self._n_aug else 0
+
+    def augmented(self, rows: np.ndarray | None = None, *, view: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features of ``view``, row of their image) of the augmented views of ``rows`` (all if None)."""
+        if not self._n_aug:
+            return np.zeros((0, self.view_dim(view)), np.float32), np.zeros(0, np.int64)
+        with _open_h5(self.path) as f:
+            src = f["augmented/source_row"][()]
+            keep = np.flatnonzero(np.isin(src, rows)) if rows is not None else np.arange(len(src))
+            if not len(keep):
+                return np.zeros((0, self.view_dim(view)), np.float32), np.zeros(0, np.int64)
+            return self._read_view(f, view, keep, np.float32, prefix="augmented/"), src[keep]
+
+    # -- arrays
+    def features(self, split: str | None = None, *, view: str | None = None, dtype=np.float32) -> np.ndarray:
+        """Features of ``split`` (all rows if None) as a [n, dim] array; ``view`` picks a stored view."""
+        with _open_h5(self.path) as f:
+            return self._read_view(f, view, self._slice(split), dtype)
+
+    def iter_features(self, split: str | None = None, *, rows: int = 65536, view: str | None = None
+                      ) -> Iterator[np.ndarray]:
         """Yield features in blocks of ``rows`` so that huge caches never sit in memory whole."""
         s = self._slice(split)
         with _open_h5(self.path) as f:
-            d = f["features"]
             for a in range(s.start, s.stop, rows):
-                yield np.asarray(d[a : min(a + rows, s.stop)], dtype=np.float32)
+                yield self._read_view(f, view, slice(a, min(a + rows, s.stop)), np.float32)
 
     def labels(self, split: str | None = None) -> np.ndarray:
         with _open_h5(self.path) as f:
@@ -411,6 +462,8 @@ class FeatureCache:
             "splits": {s: b - a for s, (a, b) in self._ranges.items()},
             "classes": self.classes,
             "dim": self.dim,
+            "views": self.views,
+            "train_views": self.train_views,
             "dtype": self.meta.get("dtype"),
             "backbone": self.meta.get("backbone"),
             "weights_sha256": self.meta.get("weights_sha256"),
@@ -453,27 +506,37 @@ def read_final_index(fc: FeatureCache) -> dict[str, tuple]:
         g = f["failed"]
         for k, r, m, s in zip(g["paths"][()], g["reasons"][()], g["mtime_ns"][()], g["size"][()]):
             index[decode_key(k)] = ("failed", r.decode() if isinstance(r, bytes) else r, int(m), int(s))
+        if "augmented" in f:
+            a = f["augmented"]
+            for i, (k, m, s) in enumerate(zip(a["paths"][()], a["mtime_ns"][()], a["size"][()])):
+                index[decode_key(k)] = ("final_aug", i, int(m), int(s))
     return index
 
 
 def write_final(
     path: Path,
     *,
-    samples: Sequence,  # data.Sample in output order (split-contiguous)
+    samples: Sequence,  # data.Sample in output order (split-contiguous), augmented views last
     classes: Sequence[str],
     index: dict[str, tuple],
     dim: int,
     dtype: str,
     attrs: dict,
     block_rows: int = 65536,
+    layout: Sequence[tuple[str, int]] = (),
 ) -> None:
     """Assemble the finished cache from chunk files and/or the previous finished cache.
 
     Written to ``path.tmp`` and renamed, so a kill leaves the previous version (or nothing)
     and the chunk files intact; features are copied in contiguous runs, never all at once.
+    Augmented training views (keys with :data:`AUG_SEP`) go to the ``augmented/`` group, with
+    the row of their image; views of an image that failed to load are left out.
     """
-    ok = [s for s in samples if index.get(s.key, ("missing",))[0] in ("chunk", "final")]
-    failed = [(s, index[s.key]) for s in samples if index.get(s.key, ("missing",))[0] == "failed"]
+    stored = [s for s in samples if index.get(s.key, ("missing",))[0] in ("chunk", "final", "final_aug")]
+    ok = [s for s in stored if AUG_SEP not in s.key]
+    failed = [(s, index[s.key]) for s in samples if index.get(s.key, ("missing",))[0] == "failed" and AUG_SEP not in s.key]
+    row_of = {s.key: i for i, s in enumerate(ok)}
+    aug = [s for s in stored if AUG_SEP in s.key and s.key.split(AUG_SEP, 1)[0] in row_of]
     n = len(ok)
     tmp = Path(str(path) + ".tmp")
     code = {name: i for i, name in enumerate(SPLITS)}
@@ -481,9 +544,8 @@ def write_final(
         f"the embedded chunks are kept in {str(path)}.parts. Free disk space and rerun the same command: "
         "it only rebuilds the file."
     )
+    widths = {"features": dim, **{name: w for name, w in layout if name != "features"}}
     with _atomic_h5(tmp, path, what=f"the finished cache {path}", kept=kept) as f:
-        chunk_rows = max(1, min(n, max(1, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize))))
-        feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n else None)
         f.create_dataset("labels", data=np.asarray([s.label for s in ok], dtype=np.int64))
         f.create_dataset("split", data=np.asarray([code[s.split] for s in ok], dtype=np.uint8))
         f.create_dataset("paths", data=_key_array([s.key for s in ok]), dtype=_BYTES)
@@ -495,21 +557,16 @@ def write_final(
         g.create_dataset("reasons", data=[e[1] for _, e in failed], dtype=_STR)
         g.create_dataset("mtime_ns", data=np.asarray([e[2] for _, e in failed], dtype=np.int64))
         g.create_dataset("size", data=np.asarray([e[3] for _, e in failed], dtype=np.int64))
-        # Group output rows by source, then copy contiguous runs.
-        by_src: dict[object, list[tuple[int, int]]] = {}
-        for out_row, s in enumerate(ok):
-            e = index[s.key]
-            src = e[1] if e[0] == "chunk" else "__final__"
-            src_row = e[2] if e[0] == "chunk" else e[1]
-            by_src.setdefault(src, []).append((out_row, src_row))
-        for src, pairs in by_src.items():
-            src_path = Path(str(path)) if src == "__final__" else src
-            with h5py.File(src_path, "r") as sf:
-                sd = sf["features"]
-                for out_a, src_a, length in _runs(pairs):
-                    for off in range(0, length, block_rows):
-                        m = min(block_rows, length - off)
-                        feats[out_a + off : out_a + off + m] = np.asarray(sd[src_a + off : src_a + off + m]).astype(dtype)
+        _write_table(f, "", ok, index, widths, dtype, path, block_rows)
+        if aug:
+            ga = f.create_group("augmented")
+            ga.create_dataset("source_row", data=np.asarray([row_of[s.key.split(AUG_SEP, 1)[0]] for s in aug], np.int64))
+            ga.create_dataset("paths", data=_key_array([s.key for s in aug]), dtype=_BYTES)
+            ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
+            ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))
+            _write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows)
+        if len(widths) > 1:
+            f.attrs["parts_json"] = json.dumps([[k, w] for k, w in widths.items() if k != "features"])
         for k, v in attrs.items():
             f.attrs[k] = str(v) if isinstance(v, str) else v
         f.attrs["featx_cache_layout"] = LAYOUT_VERSION
@@ -517,6 +574,42 @@ def write_final(
         f.attrs["rows"] = n
         f.attrs["feature_dim"] = dim
         f.attrs["dtype"] = dtype
+
+
+def _write_table(f: h5py.File, prefix: str, rows: Sequence, index: dict, widths: dict[str, int], dtype: str,
+                 final: Path, block_rows: int) -> None:
+    """``prefix``features and ``prefix``parts/* of ``rows``, copied in contiguous runs from their sources.
+
+    A row's source is a chunk file (root datasets) or the previous finished cache (``final``: root
+    datasets, ``final_aug``: the ``augmented/`` group).
+    """
+    targets = {name: _row_dataset(f, prefix + _part_path(name), len(rows), w, dtype) for name, w in widths.items()}
+    by_src: dict[tuple, list[tuple[int, int]]] = {}
+    for out_row, s in enumerate(rows):
+        e = index[s.key]
+        src = (e[1], "") if e[0] == "chunk" else (final, "augmented/" if e[0] == "final_aug" else "")
+        by_src.setdefault(src, []).append((out_row, e[2] if e[0] == "chunk" else e[1]))
+    for (src_path, src_prefix), pairs in by_src.items():
+        with h5py.File(src_path, "r") as sf:
+            for name, target in targets.items():
+                _copy_runs(sf[src_prefix + _part_path(name)], target, pairs, block_rows, dtype)
+
+
+def _part_path(name: str) -> str:
+    return name if name == "features" else f"parts/{name}"
+
+
+def _row_dataset(f: h5py.File, name: str, n: int, width: int, dtype: str):
+    """An [n, width] dataset chunked in ~1 MiB row blocks (so reading a split never reads the others)."""
+    chunk_rows = max(1, min(n, max(1, (1 << 20) // max(1, width * np.dtype(dtype).itemsize))))
+    return f.create_dataset(name, shape=(n, width), dtype=dtype, chunks=(chunk_rows, width) if n else None)
+
+
+def _copy_runs(src, target, pairs: list[tuple[int, int]], block_rows: int, dtype: str) -> None:
+    for out_a, src_a, length in _runs(pairs):
+        for off in range(0, length, block_rows):
+            m = min(block_rows, length - off)
+            target[out_a + off : out_a + off + m] = np.asarray(src[src_a + off : src_a + off + m]).astype(dtype)
 
 
 def _runs(pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:

@@ -38,10 +38,11 @@ def click_option(f: dataclasses.Field, hint: Any) -> Callable:
             kwargs["is_flag"] = True
     else:
         kwargs["type"] = _click_type(hint, meta.get("path"))
-        kwargs["default"] = f.default
         kwargs["show_default"] = True  # nothing shown for None, unless --config sets a value
         if meta.get("required"):
-            kwargs["required"] = True
+            kwargs["required"] = True  # and no default: click 8.3 counts an explicit None as given
+        else:
+            kwargs["default"] = f.default
     return click.option(*decls, f.name, **kwargs)
 
 

@@ -137,6 +137,14 @@ class EmbedSettings(Settings):
         "auto", "Network runtime on the CPU: auto = OpenVINO fp32 when installed (pip install 'featx[openvino]'; "
                 "same features, several times faster), else torch; openvino-bf16 is faster still but changes the "
                 "features (its own cache).")
+    views: str = option("final,stages", "Feature parts stored per image: final (always), stages (the two stages "
+                        "before the final map: the probe's multi2/multi3 views, +34% cache size), gem (GeM pooling, "
+                        "+100%). 'final' writes the plain cache of earlier versions.")
+    tta: Literal["none", "flip"] = option("none", "flip: also store every part averaged over the image and its "
+                                          "mirror (+flip views; a second network pass).")
+    train_views: int = option(0, "Also store K augmented views (random-resized crop + flip, seeded) of each training "
+                              "image; the probe can train on them (CV grouped by image). K extra passes over the "
+                              "training split.")
     limit: Optional[int] = option(None, _LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
     executor: Literal["local", "ray"] = option(
@@ -180,6 +188,13 @@ class ProbeSettings(Settings):
     out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).",
                                     path="dir", file=False)
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
+    view: str = option("auto", "Feature view: auto (choose per head by CV among the cache's views), a name "
+                       "(final, multi2, multi3, gem, <view>+flip) or a comma list to choose among.")
+    norm: str = option("auto", "Feature normalisation before the head: auto (none or power, by CV), none, l2, "
+                       "power, or a comma list to choose among.")
+    train_views: Literal["auto", "on", "off"] = option(
+        "auto", "Train on the cache's augmented views of the training images (featx embed --train-views K; CV "
+                "grouped by image): auto = with and without, chosen by CV; on; off.")
     max_train_rows: Optional[int] = option(
         None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
               "the probe names a value that fits).")
@@ -274,6 +289,8 @@ class FewshotSettings(Settings):
     shots: str = option("1,2,5,10,20", "Training images per class, a comma list.", lib=None)
     seeds: int = option(5, "Draws per shot count.")
     head: str = option("logreg,knn", "Heads: logreg, knn, knn_dino (comma list).", lib="heads")
+    view: str = option("final", "Feature view(s) of the cache: final, multi2, multi3, gem, <view>+flip; a comma list "
+                       "draws one curve per head and view (head@view) on the same draws.")
     out_dir: Optional[str] = option(None, "Where fewshot.json and fewshot.png go (default: runs/fewshot-<cache name>/).",
                                     path="dir", file=False)
     cap_shots: bool = option(False, "Take all images of classes with fewer than k instead of stopping.",

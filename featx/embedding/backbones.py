@@ -20,6 +20,7 @@ torchvision/timm when online), a path to a local state dict, or ``"random"``.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..cache.store import sha256_file
 from ..base.errors import FeatxError
+from .views import views_fingerprint, with_views
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,24 @@ class Preprocess:
             ]
         )
 
+    def train_transform(self, *, min_scale: float = 0.25) -> Callable:
+        """The training augmentation (random-resized crop + flip) around this preprocessing.
+
+        Shared by the fine-tune and ``featx embed --train-views``, so both see the same views.
+        """
+        from torchvision.transforms import v2 as T
+
+        interp = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+        return T.Compose(
+            [
+                T.PILToTensor(),
+                T.RandomResizedCrop(self.crop, scale=(min_scale, 1.0), interpolation=interp, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
 
 @dataclass
 class Backbone:
@@ -88,6 +108,16 @@ class Backbone:
     preprocess: Preprocess
     weights_sha256: str
     weights_source: str
+    # model -> module returning (pooled features, [stage maps], final map): the views' source
+    stage_net: Callable[[nn.Module], nn.Module] | None = None
+    parts: tuple[str, ...] = ("final",)  # stored parts (featx.embedding.views)
+    tta: str = "none"
+    layout: tuple[tuple[str, int], ...] = ()  # (part, width) of the model's output columns
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the model's output: ``dim``, or every part side by side."""
+        return sum(w for _, w in self.layout) if self.layout else self.dim
 
     def fingerprint(self) -> dict:
         """Everything about the network that changes the features it produces."""
@@ -95,6 +125,7 @@ class Backbone:
             "backbone": self.name,
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.describe(),
+            **views_fingerprint(self.parts, self.tta),
         }
 
 
@@ -190,11 +221,64 @@ def _offline_error(name: str, exc: Exception) -> FeatxError:
     )
 
 
-def _finish(name: str, model: nn.Module, dim: int, pre: Preprocess, source: str, sha: str | None) -> Backbone:
+def _finish(name: str, model: nn.Module, dim: int, pre: Preprocess, source: str, sha: str | None,
+            stage_net: Callable | None = None) -> Backbone:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Backbone(name, model, dim, pre, sha or _sha256_state(model), source)
+    return Backbone(name, model, dim, pre, sha or _sha256_state(model), source, stage_net=stage_net)
+
+
+# --------------------------------------------------------------------------- stage outputs (views)
+
+
+class TimmStages(nn.Module):
+    """A timm model's last two stages before its final map, the final map and the pooled features."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        info = list(model.feature_info)
+        last = len(info) - 1
+        if int(info[-1]["num_chs"]) == int(model.num_features):  # the last stage *is* the final map
+            last -= 1
+        self.indices = [i for i in (last - 1, last) if i >= 0]
+
+    def forward(self, x: torch.Tensor):
+        fmap, stages = self.model.forward_intermediates(x, indices=self.indices)
+        return self.model.forward_head(fmap), stages, fmap
+
+
+def _timm_stage_net(model: nn.Module) -> nn.Module:
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+        raise FeatxError(f"timm model {type(model).__name__} has no forward_intermediates; embed with --views final")
+    return TimmStages(model)
+
+
+class GraphStages(nn.Module):
+    """torchvision: a feature-extractor graph returning two stage outputs, the final map and the output."""
+
+    def __init__(self, model: nn.Module, stages: tuple[str, str], fmap: str) -> None:
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        out = get_graph_node_names(model)[1][-1]
+        nodes = {stages[0]: "s1", stages[1]: "s2", fmap: "fmap", out: "out"}
+        self.graph = create_feature_extractor(model, return_nodes=nodes)
+
+    def forward(self, x: torch.Tensor):
+        d = self.graph(x)
+        return d["out"], [d["s1"], d["s2"]], d["fmap"]
+
+
+# torchvision name -> (the two stages before the final map, the final map), by module name.
+TORCHVISION_STAGES = {
+    "resnet18": (("layer2", "layer3"), "layer4"),
+    "resnet50": (("layer2", "layer3"), "layer4"),
+    "efficientnet_b0": (("features.5", "features.7"), "features.8"),
+    "convnext_tiny": (("features.3", "features.5"), "features.7"),
+    "mobilenet_v3_large": (("features.12", "features.15"), "features.16"),
+}
 
 
 # --------------------------------------------------------------------------- efficientnet_lite0
@@ -238,7 +322,7 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
     model, source, sha = efficientnet_lite0_imagenet(weights)
     pre = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     model.reset_classifier(0)
-    return _finish("efficientnet_lite0", model, model.num_features, pre, source, sha)
+    return _finish("efficientnet_lite0", model, model.num_features, pre, source, sha, _timm_stage_net)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -300,7 +384,8 @@ def _torchvision_builder(name: str):
             source, sha = weights, sha256_file(weights)
         dim = _strip_torchvision_head(model)
         del torchvision
-        return _finish(name, model, dim, pre, source, sha)
+        stages, fmap = TORCHVISION_STAGES[name]
+        return _finish(name, model, dim, pre, source, sha, functools.partial(GraphStages, stages=stages, fmap=fmap))
 
     return build
 
@@ -355,7 +440,7 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
         std=tuple(float(x) for x in cfg["std"]),
         interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
     )
-    return _finish(name, model, int(model.num_features), pre, source, sha)
+    return _finish(name, model, int(model.num_features), pre, source, sha, _timm_stage_net)
 
 
 # --------------------------------------------------------------------------- tiny (tests)
@@ -377,6 +462,22 @@ class TinyCNN(nn.Module):
         return self.pool(self.blocks(x)).flatten(1)
 
 
+class TinyStages(nn.Module):
+    """TinyCNN's second and third block outputs, its final map and pooled features."""
+
+    def __init__(self, model: TinyCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        maps = []
+        for i, layer in enumerate(self.model.blocks):
+            x = layer(x)
+            if i in (5, 8):  # after the ReLU of blocks 2 and 3
+                maps.append(x)
+        return self.model.pool(x).flatten(1), maps, x
+
+
 @REGISTRY.register("tiny_cnn")
 def _tiny(weights: str | None) -> Backbone:
     torch.manual_seed(_WEIGHT_SEED)
@@ -384,19 +485,26 @@ def _tiny(weights: str | None) -> Backbone:
     pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     if weights not in (None, "random"):
         _load_into(model, _load_state_file(weights), source=weights, name="tiny_cnn")
-        return _finish("tiny_cnn", model, 32, pre, weights, sha256_file(weights))
-    return _finish("tiny_cnn", model, 32, pre, "random", None)
+        return _finish("tiny_cnn", model, 32, pre, weights, sha256_file(weights), TinyStages)
+    return _finish("tiny_cnn", model, 32, pre, "random", None, TinyStages)
 
 
 # --------------------------------------------------------------------------- factory
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike | None = None) -> Backbone:
+def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike | None = None,
+                    views: str | tuple[str, ...] | None = None, tta: str | None = None) -> Backbone:
     """Build backbone ``name`` with its classifier removed, in eval mode, frozen.
 
     ``weights``: ``None`` (default pretrained), ``"random"`` or a local state-dict file.
+    ``views``/``tta``: extra parts its model outputs beside the final features
+    (:func:`featx.embedding.views.with_views`); the default is the plain backbone.
     """
-    w = None if weights is None else str(weights)
+    bb = _build(name, None if weights is None else str(weights))
+    return with_views(bb, views, tta)
+
+
+def _build(name: str, w: str | None) -> Backbone:
     if name.startswith("timm:"):
         return _timm_backbone(name, w)
     builder = REGISTRY.get(name)

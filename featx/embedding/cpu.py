@@ -7,15 +7,17 @@ from typing import Sequence
 
 from ..base.runtime import worker_init
 from ..data.images import load_or_blank
+from . import augment
 from .runtimes import Forward, make_forward
 
 
 class _ImageDataset:
     """Map-style dataset: index -> (index, tensor, error, mtime_ns, size). Never raises."""
 
-    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None) -> None:
+    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None, aug_transform=None) -> None:
         self.samples = samples
         self.transform = transform
+        self.aug_transform = aug_transform  # for augmented training views (featx.embedding.augment)
         self.crop = crop
         self.draft = draft_size
 
@@ -29,7 +31,13 @@ class _ImageDataset:
             mtime, size = st.st_mtime_ns, st.st_size
         except OSError:
             mtime, size = 0, -1
-        x, err = load_or_blank(s.path, self.transform, crop=self.crop, draft_size=self.draft)
+        tf = self.transform
+        if augment.is_aug(s.key):
+            import torch
+
+            torch.manual_seed(augment.view_seed(s.key))  # this view is the same in every process and run
+            tf = self.aug_transform
+        x, err = load_or_blank(s.path, tf, crop=self.crop, draft_size=self.draft)
         return i, x, err, mtime, size
 
 
@@ -47,7 +55,8 @@ def iter_cpu_batches(samples, backbone, *, batch_size: int, num_workers: int, pi
     from torch.utils.data import DataLoader
 
     pre = backbone.preprocess
-    ds = _ImageDataset(samples, pre.pil_transform(), pre.crop, pre.resize if draft else None)
+    aug = pre.train_transform(min_scale=augment.MIN_SCALE) if any(augment.is_aug(s.key) for s in samples) else None
+    ds = _ImageDataset(samples, pre.pil_transform(), pre.crop, pre.resize if draft else None, aug)
     kwargs = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)

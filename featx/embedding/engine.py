@@ -7,6 +7,7 @@ one-process run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import numpy as np
 from ..base.progress import progress_bar
 from .. import __version__
 from ..cache.store import Chunk
+from . import augment
 from .runtimes import runtime_fingerprint
 from .cpu import forward_fn, iter_cpu_batches
 from .gpu import iter_gpu_features
@@ -48,6 +50,9 @@ class EngineSettings:
     device_request: str = "auto"
     engine_request: str = "auto"
     runtime: str = "auto"  # network runtime on the CPU (featx.embedding.runtimes)
+    views: str = "final"  # stored feature parts (featx.embedding.views)
+    tta: str = "none"
+    train_views: int = 0  # augmented views per training image (featx.embedding.augment)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,24 +96,41 @@ def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_w
         todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
     ):
         ok = [j for j, e in enumerate(errs) if not e]
-        feats = fwd(x[ok]) if ok else np.zeros((0, backbone.dim), np.float32)
+        feats = fwd(x[ok]) if ok else np.zeros((0, backbone.out_dim), np.float32)
         yield idx, errs, mts, szs, ok, feats
 
 
 def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, engine: str,
                     cpu_threads: int | None = None, runtime: str = "auto") -> Iterator:
-    """Batches ``(idx, errs, mtimes, sizes, ok, features)`` from the chosen engine."""
+    """Batches ``(idx, errs, mtimes, sizes, ok, features)`` from the chosen engine.
+
+    The GPU engine decodes plain images only: augmented training views go through the CPU
+    decoder (still run by the network on the GPU).
+    """
     if engine == "gpu":
-        return iter_gpu_features(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
+        plain = [i for i, s in enumerate(todo) if not augment.is_aug(s.key)]
+        views = [i for i, s in enumerate(todo) if augment.is_aug(s.key)]
+        gpu = iter_gpu_features([todo[i] for i in plain], backbone, device=device, batch_size=batch_size,
+                                num_workers=num_workers)
+        cpu = _cpu_stream([todo[i] for i in views], backbone, device=device, batch_size=batch_size,
+                          num_workers=num_workers, runtime="torch") if views else iter(())
+        return itertools.chain(_renumber(gpu, plain), _renumber(cpu, views))
     if device == "cpu":
         set_cpu_threads(num_workers, cpu_threads)
     return _cpu_stream(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers, runtime=runtime)
 
 
+def _renumber(batches: Iterator, positions: list[int]) -> Iterator:
+    """Batches of a sub-list with their indices mapped back to positions in the full list."""
+    for idx, *rest in batches:
+        yield ([positions[i] for i in idx], *rest)
+
+
 class _ChunkBuffer:
     """Accumulates one chunk's rows until it is big enough to commit."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: tuple = ()) -> None:
+        self.layout = layout  # (part, width) of the network's output columns; () = features only
         self.keys: list[str] = []
         self.feats: list[np.ndarray] = []
         self.mts: list[int] = []
@@ -131,8 +153,21 @@ class _ChunkBuffer:
         return len(idx)
 
     def chunk(self, seconds: float) -> Chunk:
-        return Chunk(self.keys, np.concatenate(self.feats), np.asarray(self.mts), np.asarray(self.szs), self.failed,
-                     seconds=seconds)
+        cols = split_parts(np.concatenate(self.feats), self.layout)
+        feats = cols.pop("features")
+        return Chunk(self.keys, feats, np.asarray(self.mts), np.asarray(self.szs), self.failed, seconds=seconds,
+                     parts=cols)
+
+
+def split_parts(X: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
+    """The network's output columns as named parts (``{"features": X}`` without a layout)."""
+    if not layout:
+        return {"features": X}
+    out, a = {}, 0
+    for name, width in layout:
+        out[name] = np.ascontiguousarray(X[:, a : a + width])
+        a += width
+    return out
 
 
 def iter_chunks(
@@ -153,14 +188,14 @@ def iter_chunks(
     stream = feature_batches(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers,
                              engine=engine, cpu_threads=cpu_threads, runtime=runtime)
     bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
-    buf = _ChunkBuffer()
+    buf = _ChunkBuffer(backbone.layout)
     t0 = time.perf_counter()  # each chunk carries its embedding time (not the time to commit it)
     try:
         for batch in stream:
             bar.update(buf.add(todo, batch, dtype))
             if buf.count >= chunk_size:
                 yield buf.chunk(time.perf_counter() - t0)
-                buf = _ChunkBuffer()
+                buf = _ChunkBuffer(backbone.layout)
                 t0 = time.perf_counter()
         if buf.count:
             yield buf.chunk(time.perf_counter() - t0)

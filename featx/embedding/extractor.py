@@ -28,10 +28,11 @@ from ..base.progress import progress_bar
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..cache.store import FeatureCache, fingerprint_digest
+from ..cache.views import available_views, check_view, compose_from, layout_widths, parts_for, view_dim
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
 from .cpu import forward_fn, iter_cpu_batches
-from .engine import cache_fingerprint
+from .engine import cache_fingerprint, split_parts
 from .runner import embed
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def embed_files(
     num_workers: int | None = 0,
     progress: bool = False,
     check: Callable[[dict, int], None] | None = None,
+    view: str | None = None,
 ) -> dict:
     """Features of the images at ``paths``.
 
@@ -71,19 +73,28 @@ def embed_files(
     in memory.  ``check(fingerprint, dim)`` runs before any image is embedded (e.g. to refuse a
     head trained on other features).  Returns ``{"features": [n_ok, dim] float32, "ok":
     indices into paths, "failed": [(path, reason)], "fingerprint": dict, "cache": path|None}``.
+    ``view``: a feature view (:mod:`featx.cache.views`; default ``final``); a backbone given by
+    name is built with the parts that view needs.
     """
 
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
-    bb = backbone if isinstance(backbone, Backbone) else create_backbone(str(backbone), weights=weights)
+    if isinstance(backbone, Backbone):
+        bb = backbone
+    else:
+        parts, tta = parts_for(view)
+        bb = create_backbone(str(backbone), weights=weights, views=parts, tta=tta)
+    view = check_view(view, available_views(layout_widths(bb.layout, bb.dim)), where=f"backbone {bb.name} as built")
     fp = cache_fingerprint(bb, "float32")
     if check is not None:
-        check(fp, bb.dim)
+        check(fp, view_dim(view, layout_widths(bb.layout, bb.dim)))
     workers = default_workers() if num_workers is None else int(num_workers)
     if cache_dir is not None:
         return _embed_via_cache(paths, bb, fp, weights=weights, cache_dir=Path(cache_dir), device=device,
-                                batch_size=batch_size, num_workers=workers, progress=progress)
-    return _embed_in_memory(paths, bb, fp, device=resolve_device(device), batch_size=batch_size,
-                            num_workers=workers, progress=progress)
+                                batch_size=batch_size, num_workers=workers, progress=progress, view=view)
+    res = _embed_in_memory(paths, bb, fp, device=resolve_device(device), batch_size=batch_size,
+                           num_workers=workers, progress=progress)
+    res["features"] = compose_from(view, split_parts(res["features"], bb.layout))
+    return res
 
 
 def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress) -> dict:
@@ -94,7 +105,7 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     samples = [Sample(p, p, 0, "train") for p in paths]
     fwd = forward_fn(bb, device)
-    feats = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
+    feats = np.full((len(paths), bb.out_dim), np.nan, dtype=np.float32)
     failed: list[tuple[str, str]] = []
     bad: set[int] = set()
     with progress_bar(total=len(paths), unit="img", disable=not progress, desc="embed") as bar:
@@ -113,15 +124,16 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
     return {"features": feats[ok_idx], "ok": ok_idx, "failed": failed, "fingerprint": fp, "cache": None}
 
 
-def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_size, num_workers, progress) -> dict:
+def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_size, num_workers, progress,
+                     view: str) -> dict:
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     real = {p: Path(p).resolve().as_posix() for p in paths}
     failed: list[tuple[str, str]] = [(p, "file not found") for p in paths if not os.path.exists(p)]
     present = [p for p in paths if os.path.exists(p)]
     if not present:
-        return {"features": np.zeros((0, bb.dim), np.float32), "ok": [], "failed": failed, "fingerprint": fp,
-                "cache": None}
+        return {"features": np.zeros((0, view_dim(view, layout_widths(bb.layout, bb.dim))), np.float32), "ok": [],
+                "failed": failed, "fingerprint": fp, "cache": None}
     digest = hashlib.sha256("\n".join(sorted(real[p] for p in present)).encode()).hexdigest()[:12]
     manifest = cache_dir / f"files-{digest}.csv"
     if not manifest.exists():
@@ -135,13 +147,13 @@ def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_s
     cache_path = cache_dir / f"files-{digest}__{_slug(bb.name)}__{fingerprint_digest(fp)[:10]}.h5"
     fc = embed(
         manifest=manifest, cache=cache_path, backbone=bb.name, weights=weights, device=device,
-        batch_size=batch_size, num_workers=num_workers, progress=progress,
+        batch_size=batch_size, num_workers=num_workers, progress=progress, views=bb.parts, tta=bb.tta,
     )
     if not isinstance(fc, FeatureCache):  # pragma: no cover - embed always returns one
         fc = FeatureCache(cache_path)
     row = {k: i for i, k in enumerate(fc.keys())}
     bad = dict(fc.failed)
-    X = fc.features() if len(fc) else np.zeros((0, bb.dim), np.float32)
+    X = fc.features(view=view) if len(fc) else np.zeros((0, fc.view_dim(view)), np.float32)
     ok_idx, rows = [], []
     for i, p in enumerate(paths):
         k = real[p]
@@ -152,7 +164,7 @@ def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_s
             failed.append((p, bad[k]))
         elif os.path.exists(p):
             failed.append((p, "not embedded (skipped by discovery)"))
-    return {"features": X[rows] if rows else np.zeros((0, bb.dim), np.float32), "ok": ok_idx, "failed": failed,
+    return {"features": X[rows] if rows else np.zeros((0, X.shape[1]), np.float32), "ok": ok_idx, "failed": failed,
             "fingerprint": fp, "cache": str(cache_path)}
 
 
@@ -203,7 +215,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         num_workers: int | None = 0,
         cache_dir: str | None = None,
         on_error: str = "raise",
+        view: str = "final",
     ) -> None:
+        self.view = view
         self.backbone = backbone
         self.weights = weights
         self.device = device
@@ -220,11 +234,16 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
-        bb = create_backbone(self.backbone, weights=self.weights)
+        bb = self._build()
         self.backbone_ = bb
         self.fingerprint_ = cache_fingerprint(bb, "float32")
-        self.n_features_out_ = int(bb.dim)
+        self.n_features_out_ = view_dim(self.view, layout_widths(bb.layout, bb.dim))
         return self
+
+    def _build(self):
+        """The backbone with the parts ``view`` needs (:func:`featx.cache.views.parts_for`)."""
+        parts, tta = parts_for(self.view)
+        return create_backbone(self.backbone, weights=self.weights, views=parts, tta=tta)
 
     def transform(self, X) -> np.ndarray:
         """Features ``[len(X), dim]`` (float32) of the images at the paths in ``X``."""
@@ -235,7 +254,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         bb = self._get_backbone()
         res = embed_files(
             paths, backbone=bb, weights=self.weights, device=self.device, batch_size=self.batch_size,
-            num_workers=self.num_workers, cache_dir=self.cache_dir,
+            num_workers=self.num_workers, cache_dir=self.cache_dir, view=self.view,
         )
         if res["failed"] and self.on_error == "raise":
             shown = "; ".join(f"{p}: {r}" for p, r in res["failed"][:5])
@@ -264,8 +283,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def _get_backbone(self):
         bb = getattr(self, "backbone_", None)
         if bb is None:
-
-            bb = create_backbone(self.backbone, weights=self.weights)
+            bb = self._build()
             fp = cache_fingerprint(bb, "float32")
             keys = ("backbone", "weights_sha256", "preprocess")
             if any(fp.get(k) != self.fingerprint_.get(k) for k in keys):

@@ -411,7 +411,7 @@ def iter_gpu_features(
                 break
             if isinstance(p, BaseException):
                 raise p
-            host, ev = _forward_to_host(p, fwd, dev, backbone.dim)
+            host, ev = _forward_to_host(p, fwd, dev, backbone.out_dim)
             p.x = None
             if pending is not None:
                 yield _finish(pending)

@@ -49,7 +49,7 @@ def _embed_inputs(inputs: list, meta: dict, *, weights, cache_dir, device, batch
     w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
     emb = embed_files(
         [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
-        device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+        device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
         check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
     )
     ok = emb["ok"]
@@ -99,8 +99,9 @@ def predict(
     failed: list[tuple[str, str]] = []
     if len(inputs) == 1 and str(inputs[0]).endswith(".h5") and Path(inputs[0]).is_file():
         fc = FeatureCache(inputs[0])
-        check_head_compatible(meta, fc.fingerprint_dict, dim=fc.dim, what=f"cache {fc.path.name}")
-        X = fc.features()
+        view = meta.get("view")
+        check_head_compatible(meta, fc.fingerprint_dict, dim=fc.view_dim(view), what=f"cache {fc.path.name}")
+        X = fc.features(view=view)
         paths = fc.paths()
         folder = [fc.classes[i] for i in fc.labels()]
         failed = list(fc.failed)

@@ -84,7 +84,7 @@ class ChunkEmbedder:
         self.device = resolve_device(self.s.device_request)
         req = self.s.engine_request
         self.engine = req if req != "auto" else ("gpu" if self.device.startswith("cuda") else "cpu")
-        self.bb = create_backbone(self.s.backbone, weights=self.s.weights)
+        self.bb = create_backbone(self.s.backbone, weights=self.s.weights, views=self.s.views, tta=self.s.tta)
         if self.engine != "cpu" and self.s.runtime not in ("auto", "torch"):
             raise FeatxError(f"--runtime {self.s.runtime} runs on the CPU, but Ray node {os.uname().nodename} embeds "
                              "on a GPU; drop --runtime or run CPU-only actors")

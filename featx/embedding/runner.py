@@ -32,6 +32,8 @@ from ..cache.store import (
 )
 from ..data.folders import Dataset, discover
 from .backbones import Backbone, create_backbone
+from . import augment
+from .views import check_tta, parse_parts
 from .runtimes import resolve_runtime
 from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
@@ -95,8 +97,11 @@ class EmbedPlan:
 
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int, runtime: str = "auto") -> EngineSettings:
+                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = "final",
+                  tta: str = "none", train_views: int = 0) -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers."""
+    parts, tta = parse_parts(views), check_tta(tta)
+    train_views = augment.check_train_views(train_views)
     if batch_size is None or batch_size < 1:
         raise FeatxError(f"--batch-size must be a positive integer, got {batch_size}")
     if chunk_size is None or chunk_size < 1:
@@ -120,7 +125,8 @@ def check_options(*, backbone: str, weights, device: str, engine: str, batch_siz
     # The request is kept ("auto" may still fall back to torch if a network does not convert).
     return EngineSettings(backbone, None if weights is None else str(weights), dev, eng, int(batch_size), workers,
                           dtype, int(chunk_size), device_request=device, engine_request=engine,
-                          runtime=(runtime or "auto").lower())
+                          runtime=(runtime or "auto").lower(), views=",".join(parts), tta=tta,
+                          train_views=train_views)
 
 
 def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: int | None) -> Path:
@@ -147,7 +153,8 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
         raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
     ds = discover(root if root is not None else manifest, manifest=manifest)
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
-    bb = create_backbone(settings.backbone, weights=settings.weights)
+    samples = augment.add_train_views(samples, settings.train_views)
+    bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
     fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp))
@@ -266,8 +273,11 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         # Total time spent embedding this cache over all runs: the finished cache's, plus every committed
         # chunk's own time (this run's, a killed run's, shards' and Ray actors').
         "embed_seconds": p.prior_seconds + max(stats.embed_seconds, p.parts.total_seconds()),
+        "train_views": s.train_views,
+        "train_views_recipe": augment.describe(s.train_views) if s.train_views else "",
     }
-    write_final(p.path, samples=p.samples, classes=ds.classes, index=p.index, dim=bb.dim, dtype=s.dtype, attrs=attrs)
+    write_final(p.path, samples=p.samples, classes=ds.classes, index=p.index, dim=bb.dim, dtype=s.dtype, attrs=attrs,
+                layout=bb.layout)
     p.parts.remove()
     stats.rebuilt = True
     return FeatureCache(p.path)
@@ -297,6 +307,9 @@ def embed(
     num_actors: int | None = None,
     shard: str | tuple[int, int] | None = None,
     runtime: str = "auto",
+    views: str | Sequence[str] = "final,stages",
+    tta: str = "none",
+    train_views: int = 0,
 ) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
@@ -308,10 +321,15 @@ def embed(
     else one per CPU).  ``shard="I/N"`` embeds only shard I's deterministic 1/N of the pending
     chunks and returns a :class:`ShardResult` without writing the finished cache: run every
     shard (at the same time, anywhere the cache folder is shared), then a plain ``embed``.
+    ``views`` (``final``, ``stages``, ``gem``) and ``tta`` (``flip``) store extra feature parts
+    that the probe can choose among (:mod:`featx.embedding.views`); ``views="final"`` writes the
+    plain cache of earlier featx versions.  ``train_views`` also stores that many augmented views
+    of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group.
     """
     t0 = time.perf_counter()
     settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
-                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime)
+                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
+                             views=views, tta=tta, train_views=train_views)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
     if sh is not None:

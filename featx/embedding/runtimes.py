@@ -192,7 +192,7 @@ def openvino_forward(backbone, *, model_cache=None, hint: str = OPENVINO_HINT, p
     def f(x):
         arr = np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
         if len(arr) == 0:
-            return np.zeros((0, backbone.dim), np.float32)
+            return np.zeros((0, backbone.out_dim), np.float32)
         out = request.infer({0: arr}, share_inputs=True)[0]
         # The output buffer belongs to the request and is overwritten by the next batch.
         return np.array(out, dtype=np.float32, copy=True).reshape(len(arr), -1)

@@ -44,18 +44,7 @@ class ImageRows(Dataset):
 
 def train_transform(pre, *, min_scale: float = 0.25):
     """Training augmentation built from the backbone's own preprocessing (size, interpolation, mean/std)."""
-    from torchvision.transforms import v2 as T  # torchvision: only the fine-tune needs it
-
-    interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    return T.Compose(
-        [
-            T.PILToTensor(),
-            T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0), interpolation=interp, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(pre.mean, pre.std),
-        ]
-    )
+    return pre.train_transform(min_scale=min_scale)
 
 
 def make_loader(ds: Dataset, *, batch_size: int, num_workers: int, cuda: bool) -> DataLoader:

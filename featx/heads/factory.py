@@ -148,7 +148,8 @@ def create_head(
     param_grid = {f"clf__{p}": list(v) for p, v in g.items()}
     return HeadSearch(
         _sklearn_pipeline(name, kernel, max_iter, seed), param_grid, scoring=scoring, n_jobs=n_jobs,
-        cv=AdaptiveStratifiedKFold(folds, random_state=seed), probability=probability,
+        cv=folds if hasattr(folds, "split") else AdaptiveStratifiedKFold(folds, random_state=seed),
+        probability=probability,
     )
 
 

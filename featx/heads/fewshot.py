@@ -198,13 +198,16 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float | No
     return float(v.mean() - half), float(v.mean() + half)
 
 
-def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir: str | os.PathLike = "cache") -> dict:
+def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir: str | os.PathLike = "cache",
+              view: str | None = None) -> dict:
     """Training/evaluation arrays from a cache (path, FeatureCache or None = newest) or from arrays.
 
     Arrays: a dict with ``X_train, y_train, X_eval, y_eval`` (optional ``classes``) or the same
     four as a tuple.  Caches are split exactly as the probe splits them (``train_eval_split``).
     """
     if isinstance(source, (dict, tuple, list)):
+        if view not in (None, "final"):
+            raise FeatxError(f"fewshot: --view {view} needs a featx cache, not arrays")
         d = dict(source) if isinstance(source, dict) else dict(zip(("X_train", "y_train", "X_eval", "y_eval"), source))
         missing = {"X_train", "y_train", "X_eval", "y_eval"} - set(d)
         if missing:
@@ -220,7 +223,7 @@ def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir:
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
     # train_eval_split returns sorted rows, the order read_rows reads them in (block by block).
-    X_tr, X_ev = read_rows(fc, tr, splits), read_rows(fc, ev, splits)
+    X_tr, X_ev = read_rows(fc, tr, splits, view=view), read_rows(fc, ev, splits, view=view)
     keep_tr, keep_ev = np.isfinite(X_tr).all(axis=1), np.isfinite(X_ev).all(axis=1)
     if not (keep_tr.all() and keep_ev.all()):
         log.warning("%d rows of %s have NaN/inf features and are left out; rebuild the cache with "
@@ -297,32 +300,41 @@ def fewshot(
     cache_dir: str | os.PathLike = "cache",
     report: bool = False,
     mlflow: bool = False,
+    view: str | Sequence[str] = "final",
 ) -> FewShotResult:
     """Accuracy vs shots per class for each head; writes ``fewshot.json`` and ``fewshot.png`` to ``out_dir``.
 
     ``source``: a cache path, a :class:`FeatureCache`, None (newest cache in ``cache_dir``) or
     arrays (see :func:`load_data`).  ``seeds``: a count (seeds 0..n-1) or explicit seeds.
     ``grids`` overrides :data:`FEWSHOT_GRIDS` per head.  Hyperparameters are chosen by CV
-    inside each draw (min(k, 5) folds); the evaluation split is only used to score.
+    inside each draw (min(k, 5) folds); the evaluation split is only used to score.  ``view``:
+    a feature view of the cache (:mod:`featx.cache.views`), or a comma list for one curve per
+    (head, view), labelled ``head@view``, on the same draws.
     """
     t_start = time.perf_counter()
     shots_l, seeds_l, heads_l = _check_options(shots, seeds, heads)
-    data = load_data(source, test_size=test_size, split_seed=split_seed, cache_dir=cache_dir)
+    views = [v.strip() for v in view.split(",") if v.strip()] if isinstance(view, str) else list(view)
     use_grids = {h: dict(FEWSHOT_GRIDS[h], **((grids or {}).get(h) or {})) for h in heads_l}
-    raw: dict[tuple[str, int], list] = {(h, k): [] for h in heads_l for k in shots_l}
+    raw: dict[tuple[str, int], list] = {}
     notes: list[str] = []
-    # Few-shot fits are tiny: one BLAS thread each is several times faster than threads that
-    # spin against each other (and against other processes) on a busy machine.
-    with threadpool_limits(limits=1):
-        _run_draws(raw, notes, data, shots_l, seeds_l, heads_l, use_grids, cap=cap, max_iter=max_iter)
+    for v in views or ["final"]:
+        data = load_data(source, test_size=test_size, split_seed=split_seed, cache_dir=cache_dir, view=v)
+        part = {(h, k): [] for h in heads_l for k in shots_l}
+        # Few-shot fits are tiny: one BLAS thread each is several times faster than threads that
+        # spin against each other (and against other processes) on a busy machine.
+        with threadpool_limits(limits=1):
+            _run_draws(part, notes, data, shots_l, seeds_l, heads_l, use_grids, cap=cap, max_iter=max_iter)
+        raw.update({((h if len(views) < 2 else f"{h}@{v}"), k): r for (h, k), r in part.items()})
+    heads_l = list(dict.fromkeys(h for h, _ in raw))
     if any(not r[2] for v in raw.values() for r in v):
         notes.append("draws with fewer than 2 images per class cannot be cross-validated: those fits use fixed "
-                     f"defaults {', '.join(f'{h} {FALLBACK_PARAMS[h]}' for h in heads_l)}")
+                     f"defaults {', '.join(f'{h} {FALLBACK_PARAMS[h]}' for h in use_grids)}")
     table = {h: {str(k): _summarise([r[0] for r in raw[(h, k)]], [r[1] for r in raw[(h, k)]],
                                     [r[2] for r in raw[(h, k)]], [r[3] for r in raw[(h, k)]], seeds_l,
                                     float(sum(r[4] for r in raw[(h, k)]))) for k in shots_l} for h in heads_l}
-    settings = {"shots": shots_l, "seeds": seeds_l, "heads": heads_l, "cap": cap, "test_size": test_size,
-                "split_seed": split_seed, "grids": use_grids, "fallback_params": {h: FALLBACK_PARAMS[h] for h in heads_l},
+    fit_heads = list(use_grids)
+    settings = {"shots": shots_l, "seeds": seeds_l, "heads": heads_l, "cap": cap, "test_size": test_size, "view": views,
+                "split_seed": split_seed, "grids": use_grids, "fallback_params": {h: FALLBACK_PARAMS[h] for h in fit_heads},
                 "max_iter": max_iter, "cv": "StratifiedKFold(min(shots, 5), shuffle, random_state=seed)",
                 "draw": "per seed, each class's training rows shuffled once; first k taken (nested over k)"}
     result = FewShotResult(settings=settings, classes=data["classes"], split=dict(data["split"]), heads=table,

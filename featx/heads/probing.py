@@ -32,7 +32,8 @@ from .factory import check_head_name, create_head, grid_key
 from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
 from .persist import HEAD_FORMATS, save_head
-from .search import AdaptiveStratifiedKFold, HeadSearch, cv_splits, plain  # noqa: F401 - re-exported
+from .selection import Candidate, best_index, candidates, with_norm
+from .search import AdaptiveStratifiedKFold, GroupedViewFolds, HeadSearch, cv_splits, plain  # noqa: F401
 from .torch_heads import create_torch_head  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,36 @@ class _Rows:
     split_desc: dict
     load_seconds: float
     subset: dict | None
+    fc: FeatureCache | None = None
+    by_view: dict = field(default_factory=dict)  # view -> (X_tr, X_ev), read once for every head
+
+    def augmented(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features of view ``name`` of the training rows' augmented views, and their row in ``X_tr``."""
+        key = ("augmented", name)
+        if key not in self.by_view:
+            X, src = self.fc.augmented(self.tr, view=name)
+            self.by_view[key] = (X, np.searchsorted(self.tr, src))  # tr is sorted
+        return self.by_view[key]
+
+    def training(self, name: str, train_views: int, *, folds: int, seed: int):
+        """(X, y, folds) to fit on: the plain training rows, plus their augmented views with
+        folds grouped by image (:class:`featx.heads.search.GroupedViewFolds`) when asked."""
+        X_tr = self.view(name)[0]
+        if not train_views:
+            return X_tr, self.y_tr, folds
+        X_aug, src = self.augmented(name)
+        grouped = GroupedViewFolds(folds, random_state=seed, n_plain=len(X_tr), source=src)
+        return np.vstack([X_tr, X_aug]), np.concatenate([self.y_tr, self.y_tr[src]]), grouped
+
+    def view(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Training and evaluation features of view ``name`` (``final``: the cache's features)."""
+        if name == "final":
+            return self.X_tr, self.X_ev
+        if name not in self.by_view:
+            splits = self.fc.split_array()
+            self.by_view[name] = (read_rows(self.fc, self.tr, splits, view=name),
+                                  read_rows(self.fc, self.ev, splits, view=name))
+        return self.by_view[name]
 
 
 def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
@@ -107,14 +138,15 @@ def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
     return FeatureCache(find_cache(cache, cache_dir=cache_dir))
 
 
-def read_rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray) -> np.ndarray:
-    """float32 features of sorted global ``rows``, read in blocks (never a whole split at once).
+def read_rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray, *, view: str | None = None) -> np.ndarray:
+    """float32 features (of ``view``) of sorted global ``rows``, read in blocks (never a whole split at once).
 
     ``splits``: the cache's per-row split names (each split is one contiguous run of rows).
     """
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    out = np.empty((len(rows), fc.dim), dtype=np.float32)
-    block = max(256, READ_BLOCK_BYTES // max(1, 4 * fc.dim))
+    dim = fc.view_dim(view)
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    block = max(256, READ_BLOCK_BYTES // max(1, 4 * dim))
     for name in fc.splits:
         in_split = np.flatnonzero(splits == name)
         a, b = int(in_split[0]), int(in_split[-1]) + 1
@@ -122,7 +154,7 @@ def read_rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray) -> np.ndar
         if lo == hi:
             continue
         start = a
-        for chunk in fc.iter_features(name, rows=block):
+        for chunk in fc.iter_features(name, rows=block, view=view):
             c_lo, c_hi = np.searchsorted(rows, [start, start + len(chunk)])
             out[c_lo:c_hi] = chunk[rows[c_lo:c_hi] - start]
             start += len(chunk)
@@ -140,7 +172,7 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     return X[~bad], y[~bad], idx[~bad]
 
 
-def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None) -> _Rows:
+def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int) -> _Rows:
     """Split, subset (``max_train_rows``), check memory, then read the features block by block."""
     t0 = time.perf_counter()
     labels, splits = fc.labels(), fc.split_array()
@@ -155,11 +187,11 @@ def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows:
                       "stratified": True, "seed": seed}
             log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
         tr = kept
-    mem = check_memory(len(tr), len(ev), fc.dim, len(fc.classes), cache_name=fc.path.name)
+    mem = check_memory(len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
     log.info("probe memory: about %.0f MiB needed", mem["needed_bytes"] / 2**20)
     X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
     X_ev, y_ev, ev = _drop_non_finite(read_rows(fc, ev, splits), labels[ev], ev, "evaluation", fc.path.name)
-    return _Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset)
+    return _Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc)
 
 
 def _heads_list(head: str | Sequence[str]) -> list[str]:
@@ -204,33 +236,69 @@ def _probabilities(est) -> str:
     return "native" if hasattr(est, "predict_proba") else "none"
 
 
-def _fit_and_score(name: str, est, rows: _Rows, fc: FeatureCache, *, kernel: str, plan: dict, scoring: str):
-    """Fit ``est`` on the training rows, score it on the evaluation rows: (entry, metrics, classes)."""
-    log.info("fitting %s on %d rows x %d features (%d-fold CV)", name, len(rows.tr), fc.dim, plan["used"])
+def _params(name: str, inner, kernel: str) -> dict:
+    params = getattr(inner, "params_", None) or {k.split("__")[-1]: plain(v)
+                                                 for k, v in getattr(inner, "best_params_", {}).items()}
+    return {"kernel": kernel, **params} if name == "svm" else dict(params)
+
+
+def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
+    """Fit the head's CV search on every candidate (view, norm) of the training rows.
+
+    Returns (best fitted head, its inner search, the table of candidates, index of the best,
+    seconds).  Only training rows are used; every candidate is scored on the same folds.
+    """
+    kernel, resolved = opts["kernel"], opts["resolved"]
+    table: list[Candidate] = []
+    best = (None, None)
     t0 = time.perf_counter()
-    est.fit(rows.X_tr, rows.y_tr)
-    fit_s = time.perf_counter() - t0
+    for view, norm, k in opts["candidates"]:
+        X, y, folds = rows.training(view, k, folds=opts["folds"], seed=opts["seed"])
+        inner = create_head(
+            name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=folds, seed=opts["seed"],
+            n_jobs=opts["n_jobs"], device=opts["device"], scoring=resolved["scoring"], max_iter=resolved["max_iter"],
+            problem=(len(y), X.shape[1], len(np.unique(y))),
+        )
+        est = with_norm(inner, norm)
+        log.info("fitting %s on %d rows x %d features of view %s, norm %s%s (%d-fold CV)", name, len(y), X.shape[1],
+                 view, norm, f", {k} augmented views per image" if k else "", opts["plan"]["used"])
+        t1 = time.perf_counter()
+        est.fit(X, y)
+        table.append(Candidate(view, norm, k, int(X.shape[1]), float(plain(getattr(inner, "best_score_", np.nan))),
+                               _params(name, inner, kernel), time.perf_counter() - t1))
+        if best_index(table) == len(table) - 1:
+            best = (est, inner)
+    return best[0], best[1], table, best_index(table), time.perf_counter() - t0
+
+
+def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
+    """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
+    est, inner, table, b, fit_s = _select(name, rows, fc, opts)
+    view, norm = table[b].view, table[b].norm
+    X_ev = rows.view(view)[1]
     t0 = time.perf_counter()
-    pred = np.asarray(est.predict(rows.X_ev))
-    scores = scores_of(est, rows.X_ev)
+    pred = np.asarray(est.predict(X_ev))
+    scores = scores_of(est, X_ev)
     pred_s = time.perf_counter() - t0
     est_classes = np.asarray(getattr(est, "classes_", np.unique(rows.y_tr)))
     m = compute_metrics(rows.y_ev, pred, classes=fc.classes, scores=scores, score_labels=est_classes)
-    params = getattr(est, "params_", None) or {k.split("__")[-1]: plain(v) for k, v in getattr(est, "best_params_", {}).items()}
-    if name == "svm":
-        params = {"kernel": kernel, **params}
     entry: dict[str, Any] = {
         **{k: m[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1") if k in m},
         **({"top5_accuracy": m["top5_accuracy"]} if "top5_accuracy" in m else {}),
         "fit_seconds": fit_s,
         "predict_seconds": pred_s,
-        "params": params,
-        "cv_score": plain(getattr(est, "best_score_", float("nan"))),
-        "cv_scoring": scoring,
-        "cv_folds": int(getattr(est, "n_splits_", plan["used"])),
-        "n_candidates": int(getattr(est, "n_candidates_", 0) or 0),
-        "search": getattr(est, "parallel_", type(est).__name__),
-        "probabilities": _probabilities(est),
+        "params": table[b].params,
+        "view": view,
+        "norm": norm,
+        "train_views": table[b].train_views,
+        "view_choice": "cv" if len(table) > 1 else "given",
+        "views": [c.to_dict() for c in table],
+        "cv_score": table[b].cv_score,
+        "cv_scoring": opts["resolved"]["scoring"],
+        "cv_folds": int(getattr(inner, "n_splits_", opts["plan"]["used"])),
+        "n_candidates": int(getattr(inner, "n_candidates_", 0) or 0),
+        "search": getattr(inner, "parallel_", type(inner).__name__),
+        "probabilities": _probabilities(inner),
         "per_class": m["per_class"],
         "model_path": None,
         "confusion_png": None,
@@ -239,7 +307,7 @@ def _fit_and_score(name: str, est, rows: _Rows, fc: FeatureCache, *, kernel: str
     entry["predictions"] = make_predictions(
         rows=rows.ev, keys=[keys[i] for i in rows.ev], splits=fc.split_array()[rows.ev], y_true=rows.y_ev,
         y_pred=pred, classes=fc.classes, scores=scores, score_labels=est_classes)
-    return entry, m, est_classes
+    return entry, m, est_classes, est
 
 
 def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: _Rows, split_info: dict) -> dict:
@@ -254,7 +322,9 @@ def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict,
         "preprocess": summary.get("preprocess"),
         "fingerprint": fc.fingerprint,
         "fingerprint_dict": fc.fingerprint_dict,
-        "dim": fc.dim,
+        "dim": fc.view_dim(entry["view"]),
+        "view": entry["view"],
+        "norm": entry["norm"],
         "params": entry["params"],
         "cv_score": entry["cv_score"],
         "eval_accuracy": entry["accuracy"],
@@ -268,12 +338,7 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
     """Search, fit, evaluate, plot and save one head; returns its metrics.json entry."""
     kernel, resolved = opts["kernel"], opts["resolved"]
     key = grid_key(name, kernel)
-    est = create_head(
-        name, kernel=kernel, grid=resolved[key], folds=opts["folds"], seed=opts["seed"], n_jobs=opts["n_jobs"],
-        device=opts["device"], scoring=resolved["scoring"], max_iter=resolved["max_iter"],
-        problem=(len(rows.tr), fc.dim, len(np.unique(rows.y_tr))),
-    )
-    entry, m, est_classes = _fit_and_score(name, est, rows, fc, kernel=kernel, plan=result.cv, scoring=resolved["scoring"])
+    entry, m, est_classes, est = _fit_and_score(name, rows, fc, opts=opts)
     edges = _grid_edges(entry["params"], resolved[key])
     if edges:
         entry["grid_edge"] = edges
@@ -295,8 +360,8 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
     if opts["save"]:
         sidecar = _sidecar(name, kernel, fc, est_classes, entry, rows, result.split)
         entry["model_path"] = str(save_head(est, out / f"{name}.{opts['head_format']}", sidecar=sidecar, format=opts["head_format"]))
-    log.info("%s: accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["accuracy"], entry["cv_score"], entry["params"],
-             entry["fit_seconds"])
+    log.info("%s: view %s, norm %s, accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["view"], entry["norm"],
+             entry["accuracy"], entry["cv_score"], entry["params"], entry["fit_seconds"])
     return entry
 
 
@@ -320,6 +385,16 @@ def _warn_about_data(rows: _Rows, plan: dict, fc: FeatureCache) -> None:
         )
 
 
+def _held_dim(fc: FeatureCache, cands: list) -> int:
+    """Feature columns per training row held at once: every candidate view, times the augmented views."""
+    dim = sum(fc.view_dim(v) for v in dict.fromkeys(v for v, _, _ in cands) | {"final": None})
+    return dim * (1 + max(k for _, _, k in cands))
+
+
+def _joined(value) -> str | None:
+    return value if isinstance(value, str) or value is None else ",".join(value)
+
+
 def probe(
     cache=None,
     *,
@@ -339,6 +414,9 @@ def probe(
     head_format: str = "skops",
     report: bool = False,
     mlflow: bool = False,
+    view: str | Sequence[str] | None = "auto",
+    norm: str | Sequence[str] | None = "auto",
+    train_views: str = "auto",
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -350,13 +428,19 @@ def probe(
     ``metrics.json``, ``report.md``, ``predictions_<head>.csv``, ``confusion_<head>.png`` and
     ``<head>.skops`` (``head_format="joblib"``: a pickle) + JSON sidecar to ``out_dir`` (default
     ``runs/probe-<cache stem>/``) and returns the same as a ProbeResult.  ``report`` also writes
-    ``report.html``; ``mlflow`` logs the run to MLflow.
+    ``report.html``; ``mlflow`` logs the run to MLflow.  ``view``/``norm``: ``auto`` chooses, per
+    head and by the same CV, among every feature view the cache stores and the normalisations
+    none/power (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
+    ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
+    images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
     """
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
     fc = _open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
-    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows)
+    cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
+                       stored_views=fc.train_views)
+    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands))
     plan = plan_folds(rows.y_tr, folds)
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
@@ -366,6 +450,7 @@ def probe(
         "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed,
         "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
+        "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
     }
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
@@ -374,7 +459,8 @@ def probe(
         load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
     opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
-            "save": save, "device": "cpu" if (device or "cpu").lower() == "cpu" else device, "head_format": head_format}
+            "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
+            "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
     t0 = time.perf_counter()
     for name in names:
         result.heads[name] = _run_head(name, rows, fc, result, out, opts=opts)

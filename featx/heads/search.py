@@ -75,14 +75,59 @@ class AdaptiveStratifiedKFold(BaseCrossValidator):
         raise NotImplementedError
 
 
-def cv_splits(y: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+class GroupedViewFolds(BaseCrossValidator):
+    """Folds over *images* when the training rows are ``n_plain`` plain rows followed by augmented views.
+
+    ``source[j]`` is the plain row whose image augmented row ``n_plain + j`` shows.  The plain
+    rows are split exactly as :class:`AdaptiveStratifiedKFold` splits them alone; each fold
+    trains on its plain rows plus their images' augmented views, and validates on plain rows
+    only — so no view of a validation image is trained on, and scores compare with a search
+    on the plain rows (same validation rows).
+    """
+
+    def __init__(self, n_splits: int = 5, *, random_state: int | None = 0, n_plain: int = 0, source=None) -> None:
+        self.n_splits = n_splits
+        self.random_state = random_state
+        self.n_plain = n_plain
+        self.source = source
+
+    def _plain(self):
+        return AdaptiveStratifiedKFold(self.n_splits, random_state=self.random_state)
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return self._plain().get_n_splits(None, None if y is None else np.asarray(y)[: self.n_plain])
+
+    def split(self, X, y=None, groups=None):
+        y = np.asarray(y)
+        n, src = int(self.n_plain), np.asarray(self.source, dtype=np.int64)
+        if len(y) != n + len(src):
+            raise ValueError(f"GroupedViewFolds: {len(y)} rows, expected {n} plain + {len(src)} augmented")
+        for tr, va in self._plain().split(np.zeros(n), y[:n]):
+            in_tr = np.zeros(n, bool)
+            in_tr[tr] = True
+            yield np.concatenate([tr, n + np.flatnonzero(in_tr[src])]), va
+
+    def _iter_test_indices(self, X=None, y=None, groups=None):  # pragma: no cover - split is overridden
+        raise NotImplementedError
+
+
+def cv_splits(y: np.ndarray, folds, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (train, test) row indices of every CV search, scikit-learn and torch heads alike.
 
     One function, so that both head families score hyperparameters on identical folds
     (including the one-image-class case, where such classes stay in every training fold).
+    ``folds``: a number of folds, or a splitter such as :class:`GroupedViewFolds`.
     """
     y = np.asarray(y)
-    return list(AdaptiveStratifiedKFold(folds, random_state=seed).split(np.zeros(len(y)), y))
+    splitter = folds if hasattr(folds, "split") else AdaptiveStratifiedKFold(folds, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+def fold_plan(y: np.ndarray, folds) -> dict:
+    """:func:`featx.data.splits.plan_folds` for a number of folds or a :class:`GroupedViewFolds`."""
+    if isinstance(folds, GroupedViewFolds):
+        return plan_folds(np.asarray(y)[: folds.n_plain], folds.n_splits)
+    return plan_folds(y, folds)
 
 
 def _best_has(attr: str):
@@ -140,7 +185,7 @@ class HeadSearch(GridSearchCV):
     def fit(self, X, y=None, **params):
         y_arr = np.asarray(y)
         folds = getattr(self.cv, "n_splits", 5) if not isinstance(self.cv, int) else self.cv
-        plan = plan_folds(y_arr, int(folds))
+        plan = fold_plan(y_arr, self.cv if isinstance(self.cv, GroupedViewFolds) else int(folds))
         self.cv_plan_ = plan
         # kNN: k may not exceed the number of training rows in a CV fold.
         n = len(y_arr)

@@ -36,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ..base.errors import FeatxError
 from ..data.splits import plan_folds
 from .grids import resolve_grids
-from .search import cv_splits, cv_summary, score_predictions
+from .search import cv_splits, cv_summary, fold_plan, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def _fast_matmul(dev, work: float = 0.0):
     return ctx()
 
 
-def _folds(y: np.ndarray, folds: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+def _folds(y: np.ndarray, folds, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """The CV splits of the scikit-learn heads (:func:`featx.heads.search.cv_splits`) and their plan."""
-    return cv_splits(y, folds, seed), plan_folds(y, folds)
+    return cv_splits(y, folds, seed), fold_plan(y, folds)
 
 
 def _bdot(a, b):

@@ -112,14 +112,17 @@ def markdown_table(result: dict) -> str:
     """One Markdown table comparing the heads of a probe result, with a line of context."""
     heads = result.get("heads", {})
     top5 = any("top5_accuracy" in h for h in heads.values())
-    cols = ["head", "accuracy", "95% CI", "balanced acc", "macro-F1"] + (["top-5"] if top5 else []) + [
-        "CV score", "chosen hyperparameters", "fit s", "predict s"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 or c == "chosen hyperparameters" else "---:"
-                                                          for i, c in enumerate(cols)) + "|"]
+    views = any(h.get("view") for h in heads.values())
+    cols = ["head"] + (["view", "norm"] if views else []) + ["accuracy", "95% CI", "balanced acc", "macro-F1"] + (
+        ["top-5"] if top5 else []) + ["CV score", "chosen hyperparameters", "fit s", "predict s"]
+    text = ("head", "view", "norm", "chosen hyperparameters")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in text else "---:" for c in cols) + "|"]
     for name, h in heads.items():
         ci = h.get("accuracy_ci95") or [None, None]
         ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if None not in ci and all(math.isfinite(v) for v in ci) else "-"
-        row = [name, _fmt(h.get("accuracy")), ci_s, _fmt(h.get("balanced_accuracy")), _fmt(h.get("macro_f1"))]
+        aug = f" + {h['train_views']} aug." if h.get("train_views") else ""
+        row = [name] + ([str(h.get("view") or "final") + aug, str(h.get("norm") or "none")] if views else []) + [
+            _fmt(h.get("accuracy")), ci_s, _fmt(h.get("balanced_accuracy")), _fmt(h.get("macro_f1"))]
         if top5:
             row.append(_fmt(h.get("top5_accuracy")))
         row += [_fmt(h.get("cv_score")), _fmt_params(h.get("params", {})), _fmt(h.get("fit_seconds"), 2),
@@ -135,7 +138,25 @@ def markdown_table(result: dict) -> str:
     )
     if split.get("kind") == "holdout":
         ctx += f" (stratified hold-out, test_size={split.get('test_size')}, seed={split.get('seed')})"
-    return "\n".join(lines) + "\n\n" + ctx + "."
+    return "\n".join(lines) + "\n\n" + ctx + "." + view_tables(heads)
+
+
+def view_tables(heads: dict) -> str:
+    """CV score of every (view, norm) each head tried (training rows only), the chosen one marked."""
+    rows = [(name, c) for name, h in heads.items() if len(h.get("views") or []) > 1 for c in h["views"]]
+    if not rows:
+        return ""
+    lines = ["", "", "CV score per feature view (training rows only; the evaluation split was not used to choose):",
+             "", "| head | view | norm | aug. views | dim | CV score | chosen hyperparameters | fit s |",
+             "|---|---|---|---:|---:|---:|---|---:|"]
+    for name, c in rows:
+        h = heads[name]
+        chosen = (c["view"], c["norm"], c.get("train_views", 0)) == (h.get("view"), h.get("norm"), h.get("train_views", 0))
+        mark = " **← chosen**" if chosen else ""
+        lines.append(f"| {name} | {c['view']} | {c['norm']} | {c.get('train_views', 0)} | {c['dim']} | "
+                     f"{_fmt(c['cv_score'])}{mark} | "
+                     f"{_fmt_params(c.get('params', {}))} | {_fmt(c.get('fit_seconds'), 2)} |")
+    return "\n".join(lines)
 
 
 def _most_confused(cm: np.ndarray, k: int) -> np.ndarray:
