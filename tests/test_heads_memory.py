@@ -27,7 +27,7 @@ def tiny_cache(tmp_path_factory) -> FeatureCache:
     tmp = tmp_path_factory.mktemp("mem")
     root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=10)
     return featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
-                       num_workers=0, batch_size=16)
+                       num_workers=0, batch_size=16, views="final")  # _big_cache copies a plain cache
 
 
 def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int, dim: int) -> Path:

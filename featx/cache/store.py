@@ -545,6 +545,9 @@ def write_final(
         "it only rebuilds the file."
     )
     widths = {"features": dim, **{name: w for name, w in layout if name != "features"}}
+    # The feature datasets stay referenced until the file is closed: a dataset freed earlier flushes
+    # its chunk cache on its own, and a failing write there (disk full) is only printed, not raised.
+    alive: list = []
     with _atomic_h5(tmp, path, what=f"the finished cache {path}", kept=kept) as f:
         f.create_dataset("labels", data=np.asarray([s.label for s in ok], dtype=np.int64))
         f.create_dataset("split", data=np.asarray([code[s.split] for s in ok], dtype=np.uint8))
@@ -557,14 +560,14 @@ def write_final(
         g.create_dataset("reasons", data=[e[1] for _, e in failed], dtype=_STR)
         g.create_dataset("mtime_ns", data=np.asarray([e[2] for _, e in failed], dtype=np.int64))
         g.create_dataset("size", data=np.asarray([e[3] for _, e in failed], dtype=np.int64))
-        _write_table(f, "", ok, index, widths, dtype, path, block_rows)
+        alive.append(_write_table(f, "", ok, index, widths, dtype, path, block_rows))
         if aug:
             ga = f.create_group("augmented")
             ga.create_dataset("source_row", data=np.asarray([row_of[s.key.split(AUG_SEP, 1)[0]] for s in aug], np.int64))
             ga.create_dataset("paths", data=_key_array([s.key for s in aug]), dtype=_BYTES)
             ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
             ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))
-            _write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows)
+            alive.append(_write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows))
         if len(widths) > 1:
             f.attrs["parts_json"] = json.dumps([[k, w] for k, w in widths.items() if k != "features"])
         for k, v in attrs.items():
@@ -574,10 +577,11 @@ def write_final(
         f.attrs["rows"] = n
         f.attrs["feature_dim"] = dim
         f.attrs["dtype"] = dtype
+    del alive
 
 
 def _write_table(f: h5py.File, prefix: str, rows: Sequence, index: dict, widths: dict[str, int], dtype: str,
-                 final: Path, block_rows: int) -> None:
+                 final: Path, block_rows: int) -> dict:
     """``prefix``features and ``prefix``parts/* of ``rows``, copied in contiguous runs from their sources.
 
     A row's source is a chunk file (root datasets) or the previous finished cache (``final``: root
@@ -593,6 +597,7 @@ def _write_table(f: h5py.File, prefix: str, rows: Sequence, index: dict, widths:
         with h5py.File(src_path, "r") as sf:
             for name, target in targets.items():
                 _copy_runs(sf[src_prefix + _part_path(name)], target, pairs, block_rows, dtype)
+    return targets
 
 
 def _part_path(name: str) -> str:

@@ -50,7 +50,7 @@ class EngineSettings:
     device_request: str = "auto"
     engine_request: str = "auto"
     runtime: str = "auto"  # network runtime on the CPU (featx.embedding.runtimes)
-    views: str = "final"  # stored feature parts (featx.embedding.views)
+    views: str = "final,stages"  # stored feature parts (featx.embedding.views)
     tta: str = "none"
     train_views: int = 0  # augmented views per training image (featx.embedding.augment)
 

@@ -97,7 +97,7 @@ class EmbedPlan:
 
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = "final",
+                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = "final,stages",
                   tta: str = "none", train_views: int = 0) -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers."""
     parts, tta = parse_parts(views), check_tta(tta)

@@ -32,7 +32,7 @@ from .factory import check_head_name, create_head, grid_key
 from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
 from .persist import HEAD_FORMATS, save_head
-from .selection import Candidate, best_index, candidates, with_norm
+from .selection import Candidate, best_index, candidates, fold_std_err, with_norm
 from .search import AdaptiveStratifiedKFold, GroupedViewFolds, HeadSearch, cv_splits, plain  # noqa: F401
 from .torch_heads import create_torch_head  # noqa: F401 - re-exported
 
@@ -242,33 +242,46 @@ def _params(name: str, inner, kernel: str) -> dict:
     return {"kernel": kernel, **params} if name == "svm" else dict(params)
 
 
-def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
-    """Fit the head's CV search on every candidate (view, norm) of the training rows.
-
-    Returns (best fitted head, its inner search, the table of candidates, index of the best,
-    seconds).  Only training rows are used; every candidate is scored on the same folds.
-    """
+def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dict):
+    """(fitted head, its inner CV search, Candidate row) of one (view, norm, augmented views)."""
     kernel, resolved = opts["kernel"], opts["resolved"]
+    view, norm, k = cand
+    X, y, folds = rows.training(view, k, folds=opts["folds"], seed=opts["seed"])
+    inner = create_head(
+        name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=folds, seed=opts["seed"],
+        n_jobs=opts["n_jobs"], device=opts["device"], scoring=resolved["scoring"], max_iter=resolved["max_iter"],
+        problem=(len(y), X.shape[1], len(np.unique(y))),
+    )
+    est = with_norm(inner, norm)
+    log.info("fitting %s on %d rows x %d features of view %s, norm %s%s (%d-fold CV)", name, len(y), X.shape[1],
+             view, norm, f", {k} augmented views per image" if k else "", opts["plan"]["used"])
+    t1 = time.perf_counter()
+    est.fit(X, y)
+    row = Candidate(view, norm, k, int(X.shape[1]), float(plain(getattr(inner, "best_score_", np.nan))),
+                    fold_std_err(inner), _params(name, inner, kernel), time.perf_counter() - t1)
+    return est, inner, row
+
+
+def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
+    """Fit the head's CV search on every candidate (view, norm, augmented views) of the training rows.
+
+    Returns (chosen fitted head, its inner search, the table of candidates, index of the choice,
+    seconds).  Only training rows are used; every candidate is scored on the same folds.  Only
+    the current choice is kept fitted (heads such as kNN hold their training rows); should a
+    later candidate move the choice back to one already dropped, that one is fitted again.
+    """
     table: list[Candidate] = []
-    best = (None, None)
+    kept: dict[int, tuple] = {}
     t0 = time.perf_counter()
-    for view, norm, k in opts["candidates"]:
-        X, y, folds = rows.training(view, k, folds=opts["folds"], seed=opts["seed"])
-        inner = create_head(
-            name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=folds, seed=opts["seed"],
-            n_jobs=opts["n_jobs"], device=opts["device"], scoring=resolved["scoring"], max_iter=resolved["max_iter"],
-            problem=(len(y), X.shape[1], len(np.unique(y))),
-        )
-        est = with_norm(inner, norm)
-        log.info("fitting %s on %d rows x %d features of view %s, norm %s%s (%d-fold CV)", name, len(y), X.shape[1],
-                 view, norm, f", {k} augmented views per image" if k else "", opts["plan"]["used"])
-        t1 = time.perf_counter()
-        est.fit(X, y)
-        table.append(Candidate(view, norm, k, int(X.shape[1]), float(plain(getattr(inner, "best_score_", np.nan))),
-                               _params(name, inner, kernel), time.perf_counter() - t1))
-        if best_index(table) == len(table) - 1:
-            best = (est, inner)
-    return best[0], best[1], table, best_index(table), time.perf_counter() - t0
+    for cand in opts["candidates"]:
+        est, inner, row = _fit_candidate(name, rows, cand, opts)
+        table.append(row)
+        kept[len(table) - 1] = (est, inner)
+        kept = {i: f for i, f in kept.items() if i == best_index(table)}
+    b = best_index(table)
+    if b not in kept:
+        kept[b] = _fit_candidate(name, rows, opts["candidates"][b], opts)[:2]
+    return kept[b][0], kept[b][1], table, b, time.perf_counter() - t0
 
 
 def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
@@ -291,7 +304,7 @@ def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
         "view": view,
         "norm": norm,
         "train_views": table[b].train_views,
-        "view_choice": "cv" if len(table) > 1 else "given",
+        "view_choice": "cv (first within one standard error of the best)" if len(table) > 1 else "given",
         "views": [c.to_dict() for c in table],
         "cv_score": table[b].cv_score,
         "cv_scoring": opts["resolved"]["scoring"],

@@ -2,10 +2,13 @@
 
 A cache may store several views of each image (:mod:`featx.cache.views`).  For each head the
 probe fits its usual CV search once per candidate (view, normalisation) on the training rows,
-and keeps the candidate with the best mean CV score; every candidate is scored on the same
-folds (the search's folds depend only on the labels and the seed), and the evaluation split is
-never looked at.  Ties go to the earlier candidate, so the plain ``final`` / ``none`` wins
-unless another candidate scores strictly better.
+and every candidate is scored on the same folds (the search's folds depend only on the labels
+and the seed); the evaluation split is never looked at.  The choice follows the
+one-standard-error rule: the *first* candidate (simplest first: the plain ``final`` view, no
+normalisation, no augmented views) whose mean CV score is within one standard error of the
+best one's.  With a few hundred training rows, CV differences of a few tenths of a point are
+noise (one fold of 144 flowers12 images moves by 0.7 pt per image); picking the raw maximum
+chose kNN with power-norm on flowers12 and lost 1.7 pt on the test split.
 
 Normalisations (row-wise, stateless, applied before the head's own scaling):
 ``none`` (the head as it always was: logreg/SVM standardise, kNN uses cosine),
@@ -101,6 +104,7 @@ class Candidate:
     train_views: int  # augmented views per training image trained on (0: the plain rows only)
     dim: int
     cv_score: float
+    cv_std_err: float  # standard error of the mean CV score over the folds
     params: dict
     fit_seconds: float
 
@@ -109,6 +113,20 @@ class Candidate:
 
 
 def best_index(table: Sequence[Candidate]) -> int:
-    """The first candidate with the highest CV score (NaN scores never win)."""
+    """The first candidate within one standard error of the best CV score (NaN scores never win)."""
     scores = np.array([c.cv_score if np.isfinite(c.cv_score) else -np.inf for c in table])
-    return int(np.argmax(scores))
+    top = int(np.argmax(scores))
+    se = table[top].cv_std_err if np.isfinite(table[top].cv_std_err) else 0.0
+    return int(np.flatnonzero(scores >= scores[top] - se)[0])
+
+
+def fold_std_err(search) -> float:
+    """Standard error of a fitted search's best mean CV score (its per-fold scores' std / sqrt(folds))."""
+    cv = getattr(search, "cv_results_", None)
+    if not cv:
+        return float("nan")
+    i = int(getattr(search, "best_index_", np.argmax(cv["mean_test_score"])))
+    folds = [np.asarray(v)[i] for k, v in cv.items() if k.startswith("split") and k.endswith("_test_score")]
+    if len(folds) < 2:
+        return float("nan")
+    return float(np.std(folds, ddof=1) / np.sqrt(len(folds)))

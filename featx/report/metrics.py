@@ -146,15 +146,16 @@ def view_tables(heads: dict) -> str:
     rows = [(name, c) for name, h in heads.items() if len(h.get("views") or []) > 1 for c in h["views"]]
     if not rows:
         return ""
-    lines = ["", "", "CV score per feature view (training rows only; the evaluation split was not used to choose):",
-             "", "| head | view | norm | aug. views | dim | CV score | chosen hyperparameters | fit s |",
-             "|---|---|---|---:|---:|---:|---|---:|"]
+    lines = ["", "", "CV score per feature view (training rows only; the evaluation split was not used to choose). "
+             "Chosen: the first row within one standard error of the best CV score.",
+             "", "| head | view | norm | aug. views | dim | CV score | ± s.e. | chosen hyperparameters | fit s |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for name, c in rows:
         h = heads[name]
         chosen = (c["view"], c["norm"], c.get("train_views", 0)) == (h.get("view"), h.get("norm"), h.get("train_views", 0))
         mark = " **← chosen**" if chosen else ""
         lines.append(f"| {name} | {c['view']} | {c['norm']} | {c.get('train_views', 0)} | {c['dim']} | "
-                     f"{_fmt(c['cv_score'])}{mark} | "
+                     f"{_fmt(c['cv_score'])}{mark} | {_fmt(c.get('cv_std_err'))} | "
                      f"{_fmt_params(c.get('params', {}))} | {_fmt(c.get('fit_seconds'), 2)} |")
     return "\n".join(lines)
 
