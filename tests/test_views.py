@@ -220,3 +220,10 @@ def test_fewshot_draws_one_curve_per_view_on_the_same_draws(view_caches, tmp_pat
     assert res.heads["logreg@final"]["2"]["n_train"] == res.heads["logreg@multi3"]["2"]["n_train"] == [6, 6]
     alone = fewshot(rich, shots=(1, 2), seeds=2, heads="logreg", view="multi3", out_dir=tmp_path / "b", plot=False)
     assert alone.heads["logreg"]["2"]["per_seed"] == res.heads["logreg@multi3"]["2"]["per_seed"]
+
+
+def test_report_lists_the_views_each_head_tried(view_caches, tmp_path):
+    rich, _ = view_caches
+    res = probe(rich, head="knn", view="final,multi3", norm="none", out_dir=tmp_path, n_jobs=1, report=True)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert res.report_path and "Feature views tried (2 fits)" in page and "multi3" in page

@@ -127,7 +127,9 @@ def section_heads(metrics: dict, best: str | None) -> Markup:
         ci = h.get("accuracy_ci95") or [None, None]
         ci_s = f"{pct(ci[0])} – {pct(ci[1])}" if None not in ci else "–"
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (h.get("params") or {}).items())
-        r = [name + (" (best)" if name == best else "")] + ([h.get("view") or "–"] if with_view else [])
+        view = (h.get("view") or "–") + (f" + {h['train_views']} aug., {h.get('norm')}" if h.get("train_views") else
+                                        (f", {h['norm']}" if h.get("norm") not in (None, "none") else ""))
+        r = [name + (" (best)" if name == best else "")] + ([view] if with_view else [])
         r += [pct(h.get("accuracy")), ci_s, pct(h.get("balanced_accuracy")), pct(h.get("macro_f1"))]
         r += ([pct(h.get("top5_accuracy"))] if top5 else []) + [pct(h.get("cv_score")), params, fmt(h.get("fit_seconds"), 2)]
         rows.append(r)
@@ -141,7 +143,24 @@ def section_heads(metrics: dict, best: str | None) -> Markup:
     if isinstance(n, int) and n > 0:
         half = 100 * 1.96 * math.sqrt(0.25 / n)
         ctx += f" With {n} images a 95% interval is up to ±{half:.1f} points wide."
-    return _section("heads", "Heads", join([table(cols, rows, num=num), _p(ctx)]))
+    return _section("heads", "Heads", join([table(cols, rows, num=num), _p(ctx), _view_table(heads)]))
+
+
+def _view_table(heads: dict) -> Markup:
+    """Every (view, normalisation, augmented views) each head tried, with its CV score on the training rows."""
+    rows = []
+    for name, h in heads.items():
+        for c in h.get("views") or []:
+            chosen = (c["view"], c["norm"], c.get("train_views", 0)) == (h.get("view"), h.get("norm"), h.get("train_views", 0))
+            rows.append([name, c["view"], c["norm"], c.get("train_views", 0), pct(c.get("cv_score")),
+                         pct(c.get("cv_std_err")), "chosen" if chosen else ""])
+    if len(rows) <= len(heads):
+        return join([])
+    note = _p("CV score of every candidate on the training rows; each head uses the first one within one standard "
+              "error of the best (the evaluation split plays no part in the choice).")
+    return Markup(f"<details><summary>Feature views tried ({len(rows)} fits)</summary>"
+                  f"{table(['head', 'view', 'norm', 'aug. views', 'CV score', '± s.e.', ''], rows, num=[3, 4, 5])}"
+                  f"{note}</details>")
 
 
 def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[Prediction] | None) -> Markup:
