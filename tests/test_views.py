@@ -90,8 +90,9 @@ def test_feature_norms_and_candidates():
     X = np.array([[4.0, -9.0], [0.0, 0.0]])
     np.testing.assert_allclose(FeatureNorm("l2").fit(X).transform(X), [[4 / 97**0.5, -9 / 97**0.5], [0, 0]], atol=1e-6)
     np.testing.assert_allclose(FeatureNorm("power").fit(X).transform(X)[0], [2 / 13**0.5, -3 / 13**0.5], atol=1e-6)
-    assert candidates("auto", "auto", ["final", "multi3"], cache_name="c") == [
-        ("final", "none", 0), ("final", "power", 0), ("multi3", "none", 0), ("multi3", "power", 0)]
+    assert candidates("auto", "auto", ["final", "multi3"], cache_name="c") == [("final", "none", 0), ("multi3", "none", 0)]
+    assert candidates("final", "none,power", ["final"], cache_name="c", train_views="auto", stored_views=4) == [
+        ("final", "none", 0), ("final", "none", 4), ("final", "power", 0), ("final", "power", 4)]
     with pytest.raises(FeatxError, match="--view gem: cache c has the views final, multi3"):
         candidates("gem", "auto", ["final", "multi3"], cache_name="c")
     with pytest.raises(FeatxError, match="--norm zca"):
@@ -138,7 +139,7 @@ def test_selection_never_reads_the_evaluation_rows(view_caches, tmp_path):
         for name in ["features"] + [f"parts/{k}" for k in f["parts"]]:
             d = f[name]
             d[n_train:] = rng.normal(size=(d.shape[0] - n_train, d.shape[1])).astype(d.dtype)
-    kw = dict(head="logreg,knn", n_jobs=1, plots=False, save=False)
+    kw = dict(head="logreg,knn", n_jobs=1, plots=False, save=False, norm="none,power")
     a = probe(rich, out_dir=tmp_path / "a", **kw)
     b = probe(FeatureCache(noisy), out_dir=tmp_path / "b", **kw)
     for name in a["heads"]:
@@ -203,7 +204,7 @@ def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
     fc = embed(root, cache_dir=tmp_path / "c", train_views=2, views="final", **kw)
     res = probe(fc, head="logreg", out_dir=tmp_path / "on", train_views="on", n_jobs=1, plots=False)
     h = res["heads"]["logreg"]
-    assert h["train_views"] == 2 and [c["train_views"] for c in h["views"]] == [2, 2]
+    assert h["train_views"] == 2 and [c["train_views"] for c in h["views"]] == [2]
     auto = probe(fc, head="logreg", out_dir=tmp_path / "auto", view="final", norm="none", n_jobs=1, plots=False)
     assert [c["train_views"] for c in auto["heads"]["logreg"]["views"]] == [0, 2]
     bare = embed(root, cache_dir=tmp_path / "c", views="final", **kw)
@@ -227,3 +228,26 @@ def test_report_lists_the_views_each_head_tried(view_caches, tmp_path):
     res = probe(rich, head="knn", view="final,multi3", norm="none", out_dir=tmp_path, n_jobs=1, report=True)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert res.report_path and "Feature views tried (2 fits)" in page and "multi3" in page
+
+
+def test_gpu_engine_sends_augmented_views_through_the_cpu_decoder(monkeypatch):
+    """On CUDA the GPU decoder gets the plain images only; augmented views keep their positions."""
+    from featx.data.folders import Sample
+    from featx.embedding import augment, engine
+
+    todo = [Sample(f"/x/{i}.jpg", f"{i}.jpg", 0, "train") for i in range(3)]
+    todo = augment.add_train_views(todo, 2)  # 3 plain, then 6 views
+    seen = {}
+
+    def fake(name):
+        def stream(samples, backbone, **kw):
+            seen[name] = [s.key for s in samples]
+            yield list(range(len(samples))), [""] * len(samples), [0] * len(samples), [0] * len(samples), [], None
+        return stream
+
+    monkeypatch.setattr(engine, "iter_gpu_features", fake("gpu"))
+    monkeypatch.setattr(engine, "_cpu_stream", fake("cpu"))
+    batches = list(engine.feature_batches(todo, None, device="cuda", batch_size=4, num_workers=0, engine="gpu"))
+    assert seen["gpu"] == ["0.jpg", "1.jpg", "2.jpg"] and all(augment.is_aug(k) for k in seen["cpu"])
+    assert [b[0] for b in batches] == [[0, 1, 2], [3, 4, 5, 6, 7, 8]]
+    assert augment.parse(todo[4].key) == ("0.jpg", 1)

@@ -190,8 +190,8 @@ class ProbeSettings(Settings):
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
     view: str = option("auto", "Feature view: auto (choose per head by CV among the cache's views), a name "
                        "(final, multi2, multi3, gem, <view>+flip) or a comma list to choose among.")
-    norm: str = option("auto", "Feature normalisation before the head: auto (none or power, by CV), none, l2, "
-                       "power, or a comma list to choose among.")
+    norm: str = option("auto", "Feature normalisation before the head: none, l2, power, or a comma list to choose "
+                       "among by CV; auto = none (the head's own scaling; power measured no gain, ACCURACY.md).")
     train_views: Literal["auto", "on", "off"] = option(
         "auto", "Train on the cache's augmented views of the training images (featx embed --train-views K; CV "
                 "grouped by image): auto = with and without, chosen by CV; on; off.")
