@@ -362,12 +362,18 @@ def plot_curve(result: FewShotResult, path: str | os.PathLike, *, title: str = "
 
     shots = result.settings["shots"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for h, per in result.heads.items():
+    for i, (h, per) in enumerate(result.heads.items()):
         mean = np.array([per[str(k)]["mean"] for k in shots]) * 100
-        ax.plot(shots, mean, marker="o", label=h)
         lo = [per[str(k)]["ci95"][0] for k in shots]
         hi = [per[str(k)]["ci95"][1] for k in shots]
-        if all(v is not None for v in lo + hi):
+        has_ci = all(v is not None for v in lo + hi)
+        if len(shots) == 1:  # one shot count: points side by side with CI whiskers (a band needs two)
+            x = [shots[0] * (1 + 0.04 * (i - (len(result.heads) - 1) / 2))]
+            err = [[mean[0] - lo[0] * 100], [hi[0] * 100 - mean[0]]] if has_ci else None
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=4, linestyle="none", label=h)
+            continue
+        ax.plot(shots, mean, marker="o", label=h)
+        if has_ci:
             ax.fill_between(shots, np.array(lo) * 100, np.array(hi) * 100, alpha=0.2)
     if len(shots) > 1:
         ax.set_xscale("log")
@@ -377,9 +383,13 @@ def plot_curve(result: FewShotResult, path: str | os.PathLike, *, title: str = "
     ax.set_xlabel("training images per class (shots)")
     ax.set_ylabel("accuracy on the evaluation split (%)")
     n_seeds = len(result.settings["seeds"])
-    ax.set_title(f"{title}\nfew-shot accuracy, mean of {n_seeds} seed(s), band = 95% CI".lstrip(), fontsize=9)
+    what = "whiskers" if len(shots) == 1 else "band"
+    ax.set_title(f"{title}\nfew-shot accuracy, mean of {n_seeds} seed(s), {what} = 95% CI".lstrip(), fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    if len(shots) == 1:  # the points spread across the plot: the legend goes below it
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(result.heads)), fontsize=8)
+    else:
+        ax.legend(loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
