@@ -125,6 +125,8 @@ def test_markdown_table_formats_every_column():
     assert t[0].startswith("| method | accuracy | vs best probe |") and len(t) == 4
     assert t[2] == "| probe-svm | 80.0% | +0.0 pts | 75.0% | 70.0% | 30.0 s | 100.0 | n/a |"
     assert t[3] == "| finetune-full (reused) | 90.0% | +10.0 pts | 90.0% | 90.0% | 1 h 02 min | 512.3 | 3.00 GiB |"
+    rows[0].update(view="multi2", train_views=8)  # a probe on another feature view says which
+    assert markdown_table(rows).splitlines()[2].startswith("| probe-svm [multi2 + 8 aug.] | 80.0% |")
 
 
 def test_cli_compare_finetune_prints_the_table(data, tmp_path, monkeypatch):

@@ -175,6 +175,7 @@ def probe_rows(probe_result: dict, fc: FeatureCache) -> list[dict]:
                 "fit_seconds": fit, "predict_seconds": pred,
                 "images_per_s": (len(fc) / embed_s) if embed_s > 0 else None,
                 "peak_gpu_mem_bytes": h.get("peak_gpu_mem_bytes"), "params": h.get("params"),
+                "view": h.get("view"), "norm": h.get("norm"), "train_views": h.get("train_views"),
             }
         )
     if not rows:

@@ -27,6 +27,14 @@ def fmt_pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _view_note(r: dict) -> str:
+    """`` [multi2 + 8 aug.]`` for a probe on another feature view than the final features."""
+    view, aug = r.get("view") or "final", r.get("train_views") or 0
+    if view == "final" and not aug:
+        return ""
+    return f" [{view}{f' + {aug} aug.' if aug else ''}]"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The comparison as a Markdown table (the terminal output and ``compare.md``)."""
     probes = [r["accuracy"] for r in rows if r["kind"] == "probe" and not math.isnan(r["accuracy"])]
@@ -37,7 +45,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         delta = "" if best_probe is None or math.isnan(r["accuracy"]) else f"{100 * (r['accuracy'] - best_probe):+.1f} pts"
         ips = r.get("images_per_s")
         cells = [
-            r["method"] + (" (reused)" if r.get("reused") else ""),
+            r["method"] + _view_note(r) + (" (reused)" if r.get("reused") else ""),
             fmt_pct(r["accuracy"]),
             delta,
             fmt_pct(r["balanced_accuracy"]),
