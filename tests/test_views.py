@@ -207,6 +207,14 @@ def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
     assert h["train_views"] == 2 and [c["train_views"] for c in h["views"]] == [2]
     auto = probe(fc, head="logreg", out_dir=tmp_path / "auto", view="final", norm="none", n_jobs=1, plots=False)
     assert [c["train_views"] for c in auto["heads"]["logreg"]["views"]] == [0, 2]
+    # Several views: chosen on the plain rows first, then trained with the augmented views (one costly fit).
+    staged = probe(fc, head="knn", out_dir=tmp_path / "st", norm="none,l2", train_views="on", n_jobs=1, plots=False)
+    h = staged["heads"]["knn"]
+    table = [(c["view"], c["norm"], c["train_views"]) for c in h["views"]]
+    assert table[:2] == [("final", "none", 0), ("final", "l2", 0)] and len(table) == 3
+    best_plain = max(h["views"][:2], key=lambda c: c["cv_score"])  # first within one s.e., here of two
+    assert table[2][2] == 2 and (h["view"], h["norm"], h["train_views"]) == table[2]
+    assert table[2][:2] in [(c["view"], c["norm"]) for c in h["views"][:2]] and best_plain["view"] == "final"
     bare = embed(root, cache_dir=tmp_path / "c", views="final", **kw)
     with pytest.raises(FeatxError, match="stores no augmented views.*--train-views 8"):
         probe(bare, head="logreg", out_dir=tmp_path / "x", train_views="on", n_jobs=1, plots=False)

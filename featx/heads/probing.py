@@ -263,25 +263,44 @@ def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dic
 
 
 def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
-    """Fit the head's CV search on every candidate (view, norm, augmented views) of the training rows.
+    """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
 
     Returns (chosen fitted head, its inner search, the table of candidates, index of the choice,
-    seconds).  Only training rows are used; every candidate is scored on the same folds.  Only
-    the current choice is kept fitted (heads such as kNN hold their training rows); should a
-    later candidate move the choice back to one already dropped, that one is fitted again.
+    seconds).  Only training rows are used; every candidate is scored on the same folds.  Two
+    stages, because a fit on the augmented views costs (1 + K) plain fits: the view and norm are
+    chosen on the plain rows, then the augmented views are tried on that choice only (with
+    ``--train-views on`` they are then used whatever their score).  Only the current choice is
+    kept fitted (heads such as kNN hold their training rows); one dropped earlier is refitted.
     """
+    cands = opts["candidates"]
+    plain = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
+    aug = sorted({k for _, _, k in cands if k})
+    forced_aug = bool(aug) and all(k for _, _, k in cands)
     table: list[Candidate] = []
     kept: dict[int, tuple] = {}
     t0 = time.perf_counter()
-    for cand in opts["candidates"]:
-        est, inner, row = _fit_candidate(name, rows, cand, opts)
-        table.append(row)
-        kept[len(table) - 1] = (est, inner)
-        kept = {i: f for i, f in kept.items() if i == best_index(table)}
-    b = best_index(table)
+    if forced_aug and len(plain) == 1:  # nothing to choose on the plain rows
+        plain = []
+    for cand in plain:
+        _try(name, rows, cand, opts, table, kept)
+    if aug:
+        view, norm = (table[best_index(table)].view, table[best_index(table)].norm) if table else cands[0][:2]
+        _try(name, rows, (view, norm, aug[-1]), opts, table, kept)
+    b = len(table) - 1 if forced_aug else best_index(table)
     if b not in kept:
-        kept[b] = _fit_candidate(name, rows, opts["candidates"][b], opts)[:2]
+        c = table[b]
+        kept[b] = _fit_candidate(name, rows, (c.view, c.norm, c.train_views), opts)[:2]
     return kept[b][0], kept[b][1], table, b, time.perf_counter() - t0
+
+
+def _try(name: str, rows: _Rows, cand: tuple, opts: dict, table: list, kept: dict) -> None:
+    """Fit one candidate, add its row to ``table``; keep it fitted if it is the current choice."""
+    est, inner, row = _fit_candidate(name, rows, cand, opts)
+    table.append(row)
+    kept[len(table) - 1] = (est, inner)
+    keep = {best_index(table)} | ({len(table) - 1} if row.train_views else set())
+    for i in [i for i in kept if i not in keep]:
+        del kept[i]
 
 
 def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):

@@ -10,6 +10,9 @@ best one's.  With a few hundred training rows, CV differences of a few tenths of
 noise (one fold of 144 flowers12 images moves by 0.7 pt per image); picking the raw maximum
 chose kNN with power-norm on flowers12 and lost 1.7 pt on the test split.
 
+Augmented training views (``featx embed --train-views K``) multiply a fit's rows by 1 + K, so
+they are tried in a second stage, on the view and normalisation chosen on the plain rows only.
+
 Normalisations (row-wise, stateless, applied before the head's own scaling):
 ``none`` (the head as it always was: logreg/SVM standardise, kNN uses cosine),
 ``l2`` (unit-length rows), ``power`` (signed square root, then unit length).  ``--norm auto``
