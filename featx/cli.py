@@ -76,6 +76,8 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
     click.echo(f"features   {summary['dim']} x {summary['dtype']}")
     if len(summary.get("views") or []) > 1:
         click.echo(f"views      {', '.join(summary['views'])}  (featx probe chooses by CV; --view NAME forces one)")
+    if summary.get("train_views"):
+        click.echo(f"augmented  {summary['train_views']} views per training image (featx probe --train-views auto|on|off)")
     click.echo(f"backbone   {summary['backbone']}  (weights sha256 {str(summary['weights_sha256'])[:12]}, {summary['weights_source']})")
     click.echo(f"preprocess {summary['preprocess']}")
     click.echo(f"failed     {summary['failed']}")

@@ -259,3 +259,16 @@ def test_gpu_engine_sends_augmented_views_through_the_cpu_decoder(monkeypatch):
     assert seen["gpu"] == ["0.jpg", "1.jpg", "2.jpg"] and all(augment.is_aug(k) for k in seen["cpu"])
     assert [b[0] for b in batches] == [[0, 1, 2], [3, 4, 5, 6, 7, 8]]
     assert augment.parse(todo[4].key) == ("0.jpg", 1)
+
+
+def test_augmented_rows_read_in_blocks_equal_a_whole_read(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4)
+    fc = embed(root, cache_dir=tmp_path / "c", backbone="tiny_cnn", weights="random", device="cpu", num_workers=0,
+               progress=False, runtime="torch", train_views=3)
+    X, src = fc.augmented(view="multi3")
+    Xb, srcb = fc.augmented(view="multi3", block_rows=5)
+    np.testing.assert_array_equal(X, Xb) and np.testing.assert_array_equal(src, srcb)
+    some = np.array([1, 4])
+    Xs, ss = fc.augmented(some, view="multi3", block_rows=5)
+    assert sorted(set(ss)) == [1, 4] and len(ss) == 6
+    np.testing.assert_array_equal(Xs, X[np.isin(src, some)])

@@ -402,16 +402,23 @@ class FeatureCache:
         """Augmented views stored per training image (0 for caches without them)."""
         return int(self.meta.get("train_views", 0) or 0) if self._n_aug else 0
 
-    def augmented(self, rows: np.ndarray | None = None, *, view: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(features of ``view``, row of their image) of the augmented views of ``rows`` (all if None)."""
-        if not self._n_aug:
-            return np.zeros((0, self.view_dim(view)), np.float32), np.zeros(0, np.int64)
+    def augmented(self, rows: np.ndarray | None = None, *, view: str | None = None,
+                  block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """(features of ``view``, row of their image) of the augmented views of ``rows`` (all if None).
+
+        Read in contiguous blocks (no HDF5 point selection, memory bounded by one block + the result).
+        """
+        feats, src_out = [np.zeros((0, self.view_dim(view)), np.float32)], [np.zeros(0, np.int64)]
         with _open_h5(self.path) as f:
-            src = f["augmented/source_row"][()]
-            keep = np.flatnonzero(np.isin(src, rows)) if rows is not None else np.arange(len(src))
-            if not len(keep):
-                return np.zeros((0, self.view_dim(view)), np.float32), np.zeros(0, np.int64)
-            return self._read_view(f, view, keep, np.float32, prefix="augmented/"), src[keep]
+            src = f["augmented/source_row"][()] if self._n_aug else np.zeros(0, np.int64)
+            want = np.ones(len(src), bool) if rows is None else np.isin(src, rows)
+            for a in range(0, len(src), block_rows):
+                m = want[a : a + block_rows]
+                if m.any():
+                    block = self._read_view(f, view, slice(a, a + len(m)), np.float32, prefix="augmented/")
+                    feats.append(block[m])
+                    src_out.append(src[a : a + len(m)][m])
+        return np.concatenate(feats), np.concatenate(src_out)
 
     # -- arrays
     def features(self, split: str | None = None, *, view: str | None = None, dtype=np.float32) -> np.ndarray:
