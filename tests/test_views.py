@@ -272,3 +272,16 @@ def test_augmented_rows_read_in_blocks_equal_a_whole_read(tmp_path):
     Xs, ss = fc.augmented(some, view="multi3", block_rows=5)
     assert sorted(set(ss)) == [1, 4] and len(ss) == 6
     np.testing.assert_array_equal(Xs, X[np.isin(src, some)])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "csv"])
+def test_export_writes_the_chosen_view(view_caches, tmp_path, fmt):
+    from featx.cache.export import export_cache
+
+    rich, plain = view_caches
+    res = export_cache(rich, fmt=fmt, out=tmp_path / f"x.{fmt}", view="multi3+flip", chunk_rows=7)
+    assert res["dim"] == rich.view_dim("multi3+flip") and res["view"] == "multi3+flip"
+    if fmt == "npy":
+        np.testing.assert_allclose(np.load(tmp_path / "x.npy"), rich.features(view="multi3+flip"), atol=1e-6)
+    with pytest.raises(FeatxError, match=r"view 'multi3' is not in cache .*\(it has: final\)"):
+        export_cache(plain, fmt=fmt, out=tmp_path / f"y.{fmt}", view="multi3")

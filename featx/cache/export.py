@@ -11,7 +11,6 @@ are a fixed-size list of float32, the layout vector stores expect.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import os
@@ -34,8 +33,7 @@ CHUNK_ROWS = 8192
 def _view_kwargs(fc: FeatureCache, view: str | None) -> dict:
     if view is None:
         return {}
-    if "view" not in inspect.signature(fc.iter_features).parameters:
-        raise FeatxError(f"--view {view!r}: cache {fc.path.name} stores no feature views; drop --view")
+    fc.view_dim(view)  # an unknown view, or one the cache cannot give, is refused with the views it has
     return {"view": view}
 
 
@@ -71,13 +69,13 @@ def _tmp_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp")
 
 
-def _export_parquet(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> None:
+def _export_parquet(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim: int) -> None:
     import pyarrow as pa  # optional extra featx[parquet]
     import pyarrow.parquet as pq
 
     schema = pa.schema(
         [("path", pa.string()), ("label", pa.string()), ("label_index", pa.int64()), ("split", pa.string()),
-         ("features", pa.list_(pa.float32(), fc.dim))],
+         ("features", pa.list_(pa.float32(), dim))],
         metadata={f"featx.{k}".encode(): v.encode() for k, v in cache_metadata(fc).items()},
     )
     classes = np.asarray(fc.classes, dtype=object)
@@ -88,17 +86,17 @@ def _export_parquet(fc: FeatureCache, out: Path, blocks, split_names: list[str])
             flat = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1), type=pa.float32())
             w.write_table(pa.table(
                 [pa.array([_utf8(k) for k in keys], pa.string()), pa.array(classes[labels], pa.string()), pa.array(labels, pa.int64()),
-                 pa.array(names[codes], pa.string()), pa.FixedSizeListArray.from_arrays(flat, fc.dim)],
+                 pa.array(names[codes], pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim)],
                 schema=schema,
             ))
     atomic_commit(tmp, out)
 
 
-def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> list[Path]:
+def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim: int) -> list[Path]:
     rows_csv = out.with_suffix(".rows.csv")
     meta_json = out.with_suffix(".meta.json")
     tmp = _tmp_for(out)
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(fc), fc.dim))
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(fc), dim))
     pos = 0
     with open(_tmp_for(rows_csv), "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -116,11 +114,11 @@ def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> 
     return [out, rows_csv, meta_json]
 
 
-def _export_csv(fc: FeatureCache, out: Path, blocks, split_names: list[str]) -> None:
+def _export_csv(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim: int) -> None:
     tmp = _tmp_for(out)
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # file names byte for byte
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["path", "label", "label_index", "split"] + [f"f{j}" for j in range(fc.dim)])
+        w.writerow(["path", "label", "label_index", "split"] + [f"f{j}" for j in range(dim)])
         for feats, keys, labels, codes in blocks:
             for i, k in enumerate(keys):
                 w.writerow([k, fc.classes[labels[i]], int(labels[i]), split_names[codes[i]]]
@@ -155,14 +153,15 @@ def export_cache(
     out.parent.mkdir(parents=True, exist_ok=True)
     split_names = json.loads(fc.meta["split_names"])
     blocks = _blocks(fc, kw=_view_kwargs(fc, view), chunk_rows=chunk_rows)
+    dim = fc.view_dim(view)
     try:
         if fmt == "parquet":
-            _export_parquet(fc, out, blocks, split_names)
+            _export_parquet(fc, out, blocks, split_names, dim)
             files = [out]
         elif fmt == "npy":
-            files = _export_npy(fc, out, blocks, split_names)
+            files = _export_npy(fc, out, blocks, split_names, dim)
         else:
-            _export_csv(fc, out, blocks, split_names)
+            _export_csv(fc, out, blocks, split_names, dim)
             files = [out]
     except BaseException as exc:  # no half-written temporary files left behind, whatever stopped us
         for f in (out, out.with_suffix(".rows.csv"), out.with_suffix(".meta.json")):
@@ -170,5 +169,6 @@ def export_cache(
         if isinstance(exc, OSError):
             raise FeatxError(f"could not write {out} ({exc}); free disk space or choose another --out") from exc
         raise
-    log.info("export: %d rows x %d features -> %s", len(fc), fc.dim, ", ".join(map(str, files)))
-    return {"out": str(out), "files": [str(f) for f in files], "rows": len(fc), "dim": fc.dim, "format": fmt}
+    log.info("export: %d rows x %d features (view %s) -> %s", len(fc), dim, view or "final", ", ".join(map(str, files)))
+    return {"out": str(out), "files": [str(f) for f in files], "rows": len(fc), "dim": dim, "format": fmt,
+            "view": view or "final"}
