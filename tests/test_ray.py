@@ -86,6 +86,19 @@ def test_two_node_cluster_gives_the_local_cache(cluster, data, tmp_path: Path) -
     assert again.stats.embedded == 0 and not again.stats.rebuilt
 
 
+def test_ray_embeds_views_and_augmented_training_views_like_a_local_run(cluster, data, tmp_path: Path) -> None:
+    root, _ = data
+    kw = dict(TINY_KW, views="final,stages,gem", tta="flip", train_views=2)
+    local = featx.embed(root, cache=tmp_path / "l.h5", **kw)
+    fc = featx.embed(root, cache=tmp_path / "v.h5", executor="ray", num_actors=2, **kw)
+    assert fc.views == local.views and fc.train_views == 2
+    for view in ("multi3+flip", "gem"):
+        np.testing.assert_allclose(fc.features(view=view), local.features(view=view), atol=1e-5)
+    (Xa, sa), (Xb, sb) = fc.augmented(view="multi3"), local.augmented(view="multi3")
+    np.testing.assert_array_equal(sa, sb)
+    np.testing.assert_allclose(Xa, Xb, atol=1e-5)  # seeded per image and view, wherever it runs
+
+
 def test_actor_killed_mid_chunk_is_retried_and_the_cache_is_identical(cluster, data, tmp_path: Path) -> None:
     _, kill = cluster
     root, ref = data
