@@ -101,15 +101,23 @@ class _Rows:
     load_seconds: float
     subset: dict | None
     fc: FeatureCache | None = None
-    by_view: dict = field(default_factory=dict)  # view -> (X_tr, X_ev), read once for every head
+    # The last other view (or augmented rows) read: at most one is held beside the final features,
+    # so choosing among views needs memory for two, not for all of them.
+    by_view: dict = field(default_factory=dict)
+
+    def _held(self, key, read):
+        if key not in self.by_view:
+            self.by_view.clear()
+            self.by_view[key] = read()
+        return self.by_view[key]
 
     def augmented(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Features of view ``name`` of the training rows' augmented views, and their row in ``X_tr``."""
-        key = ("augmented", name)
-        if key not in self.by_view:
+        def read():
             X, src = self.fc.augmented(self.tr, view=name)
-            self.by_view[key] = (X, np.searchsorted(self.tr, src))  # tr is sorted
-        return self.by_view[key]
+            return X, np.searchsorted(self.tr, src)  # tr is sorted
+
+        return self._held(("augmented", name), read)
 
     def training(self, name: str, train_views: int, *, folds: int, seed: int):
         """(X, y, folds) to fit on: the plain training rows, plus their augmented views with
@@ -125,11 +133,9 @@ class _Rows:
         """Training and evaluation features of view ``name`` (``final``: the cache's features)."""
         if name == "final":
             return self.X_tr, self.X_ev
-        if name not in self.by_view:
-            splits = self.fc.split_array()
-            self.by_view[name] = (read_rows(self.fc, self.tr, splits, view=name),
-                                  read_rows(self.fc, self.ev, splits, view=name))
-        return self.by_view[name]
+        splits = self.fc.split_array()
+        return self._held(name, lambda: (read_rows(self.fc, self.tr, splits, view=name),
+                                         read_rows(self.fc, self.ev, splits, view=name)))
 
 
 def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
@@ -418,9 +424,11 @@ def _warn_about_data(rows: _Rows, plan: dict, fc: FeatureCache) -> None:
 
 
 def _held_dim(fc: FeatureCache, cands: list) -> int:
-    """Feature columns per training row held at once: every candidate view, times the augmented views."""
-    dim = sum(fc.view_dim(v) for v in dict.fromkeys(v for v, _, _ in cands) | {"final": None})
-    return dim * (1 + max(k for _, _, k in cands))
+    """Feature columns per training row held at once: the final features and one other view (the
+    widest), which an augmented fit holds 1 + K times (plain rows, their views, and the stack of both)."""
+    other = max((fc.view_dim(v) for v, _, _ in cands if v != "final"), default=0)
+    k = max(k for _, _, k in cands)
+    return fc.dim + other + (2 * (1 + k) * max(other, fc.dim) if k else 0)
 
 
 def _joined(value) -> str | None:
