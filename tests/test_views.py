@@ -176,6 +176,8 @@ def test_train_views_are_stored_seeded_and_dropped_when_not_asked(tmp_path):
     assert np.array_equal(np.sort(src), np.repeat(np.arange(n_train), 2))  # train rows only, each twice
     assert [k for k, _ in fc.failed] == ["train/a/broken.png"]  # its views are not listed as failures
     assert not np.allclose(X[0], fc.features("train")[src[0]])  # a crop, not the plain image
+    rerun = embed(root, cache_dir=tmp_path / "c1", train_views=2, num_workers=0, **kw)
+    assert rerun.stats.embedded == 0 and not rerun.stats.rebuilt  # the broken image's views are not retried
     # Seeded per image and view: another process layout and chunking give the same rows.
     again = embed(root, cache_dir=tmp_path / "c2", train_views=2, num_workers=2, chunk_size=3, **kw)
     np.testing.assert_allclose(again.augmented()[0], X, atol=1e-5)

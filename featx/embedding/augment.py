@@ -60,5 +60,14 @@ def add_train_views(samples: Sequence, k: int) -> list:
     return list(samples) + extra
 
 
+def drop_views_of_failed(samples: Sequence, index: dict, *, retried: set) -> list:
+    """``samples`` without the augmented views of images known not to load (they would fail again
+    on every run, and the finished cache never stores them); images being ``retried`` keep theirs."""
+    failed = {k for k, e in index.items() if e[0] == "failed" and not is_aug(k) and k not in retried}
+    if not failed:
+        return list(samples)
+    return [s for s in samples if not (is_aug(s.key) and s.key.split(SEP, 1)[0] in failed)]
+
+
 def describe(k: int) -> str:
     return f"{k} views per training image: random-resized crop (scale {MIN_SCALE:g}-1) + horizontal flip, seed {SEED}"

@@ -180,7 +180,10 @@ def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
     if p.parts.exists():
         p.parts.ensure()  # refuses parts written with other settings
         p.index.update(p.parts.read_index())
-    p.todo = [s for s in p.samples if not _is_fresh(p.index.get(s.key), s.path)]
+    todo = [s for s in p.samples if not _is_fresh(p.index.get(s.key), s.path)]
+    p.samples = augment.drop_views_of_failed(p.samples, p.index, retried={s.key for s in todo})
+    kept = {s.key for s in p.samples}
+    p.todo = [s for s in todo if s.key in kept]
     return p
 
 
