@@ -21,7 +21,8 @@ from typing import Sequence
 
 from ..base.errors import FeatxError
 from ..cache.store import AUG_SEP as SEP
-MIN_SCALE = 0.25  # the fine-tune's default (featx compare --min-scale)
+from .backbones import TRAIN_MIN_SCALE as MIN_SCALE  # the fine-tune's own augmentation
+
 SEED = 0
 RECIPE = f"rrc{MIN_SCALE:g}-flip-s{SEED}"
 

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 TORCHVISION_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large")
 _WEIGHT_SEED = 0  # random weights are seeded so that "random" caches are reproducible
+# Smallest crop (share of the image area) of the training augmentation: the fine-tune's default
+# and the one `featx embed --train-views` uses.
+TRAIN_MIN_SCALE = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Preprocess:
             ]
         )
 
-    def train_transform(self, *, min_scale: float = 0.25) -> Callable:
+    def train_transform(self, *, min_scale: float = TRAIN_MIN_SCALE) -> Callable:
         """The training augmentation (random-resized crop + flip) around this preprocessing.
 
         Shared by the fine-tune and ``featx embed --train-views``, so both see the same views.

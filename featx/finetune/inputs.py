@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..base.runtime import worker_init
 from ..data.images import load_or_blank
+from ..embedding.backbones import TRAIN_MIN_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ImageRows(Dataset):
         return x, int(self.labels[r]), not err
 
 
-def train_transform(pre, *, min_scale: float = 0.25):
+def train_transform(pre, *, min_scale: float = TRAIN_MIN_SCALE):
     """Training augmentation built from the backbone's own preprocessing (size, interpolation, mean/std)."""
     return pre.train_transform(min_scale=min_scale)
 

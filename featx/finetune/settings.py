@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import defaults
+from ..embedding.backbones import TRAIN_MIN_SCALE
 from ..base.errors import FeatxError
 
 STRATEGIES = ("full", "partial", "head")
@@ -35,7 +36,7 @@ class FinetuneSettings:
     partial_blocks: int = _D.partial_blocks
     val_fraction: float = _D.val_fraction
     patience: int = _D.patience
-    min_scale: float = 0.25
+    min_scale: float = TRAIN_MIN_SCALE
     test_size: float = _D.test_size
     seed: int = _D.seed
     # A validation slice smaller than this is too noisy to stop on: the fixed schedule runs to
