@@ -19,6 +19,7 @@ import numpy as np
 from ..base.progress import progress_bar
 from .. import __version__
 from ..cache.store import Chunk
+from ..config import defaults
 from . import augment
 from .runtimes import runtime_fingerprint
 from .cpu import forward_fn, iter_cpu_batches
@@ -27,6 +28,7 @@ from .gpu import iter_gpu_features
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
+_E = defaults("embed")  # the typed defaults of `featx embed`
 # How images are decoded before the backbone's preprocessing (JPEG draft at >= 2x the resize).
 DECODE_VERSION = "pil-draft2x"
 
@@ -50,9 +52,9 @@ class EngineSettings:
     device_request: str = "auto"
     engine_request: str = "auto"
     runtime: str = "auto"  # network runtime on the CPU (featx.embedding.runtimes)
-    views: str = "final,stages"  # stored feature parts (featx.embedding.views)
-    tta: str = "none"
-    train_views: int = 0  # augmented views per training image (featx.embedding.augment)
+    views: str = _E.views  # stored feature parts (featx.embedding.views)
+    tta: str = _E.tta
+    train_views: int = _E.train_views  # augmented views per training image (featx.embedding.augment)
 
     def to_dict(self) -> dict:
         return asdict(self)

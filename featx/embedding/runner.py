@@ -30,6 +30,7 @@ from ..cache.store import (
     FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
     write_final,
 )
+from ..config import defaults
 from ..data.folders import Dataset, discover
 from .backbones import Backbone, create_backbone
 from . import augment
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
 EXECUTORS = ("local", "ray")
+_E = defaults("embed")  # the typed defaults of `featx embed`
 
 
 @dataclass
@@ -97,8 +99,8 @@ class EmbedPlan:
 
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = "final,stages",
-                  tta: str = "none", train_views: int = 0) -> EngineSettings:
+                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = _E.views,
+                  tta: str = _E.tta, train_views: int = _E.train_views) -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers."""
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
