@@ -49,6 +49,11 @@ _STR = h5py.string_dtype("utf-8")
 # Keys of augmented training views: the image's key, this separator, the recipe and view number
 # (featx.embedding.augment); such rows are kept in the finished cache's augmented/ group.
 AUG_SEP = "\x00aug:"
+
+
+def image_key(key: str) -> str:
+    """The key of the image an augmented-view key shows (a plain image's key is its own)."""
+    return key.split(AUG_SEP, 1)[0]
 _BYTES = h5py.vlen_dtype(np.dtype("uint8"))
 
 
@@ -159,7 +164,7 @@ class PartsDir:
             f.create_dataset("paths", data=_key_array(chunk.keys), dtype=_BYTES)
             f.create_dataset("features", data=chunk.features)
             for pname, arr in chunk.parts.items():
-                f.create_dataset(f"parts/{pname}", data=arr)
+                f.create_dataset(_part_path(pname), data=arr)
             f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
             f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
             fk = [k for k, _, _, _ in chunk.failed]
@@ -283,9 +288,9 @@ def _part_widths(f: h5py.File, meta: dict, dim: int, n: int) -> dict[str, int]:
     """{part: width} of the stored feature parts, ``features`` first (checked against the datasets)."""
     widths = {"features": dim}
     for name, width in json.loads(meta.get("parts_json") or "[]"):
-        d = f[f"parts/{name}"]
+        d = f[_part_path(name)]
         if tuple(d.shape) != (n, int(width)):
-            raise ValueError(f"dataset parts/{name} has shape {d.shape}, expected ({n}, {width})")
+            raise ValueError(f"dataset {_part_path(name)} has shape {d.shape}, expected ({n}, {width})")
         widths[str(name)] = int(width)
     return widths
 
@@ -543,7 +548,7 @@ def write_final(
     ok = [s for s in stored if AUG_SEP not in s.key]
     failed = [(s, index[s.key]) for s in samples if index.get(s.key, ("missing",))[0] == "failed" and AUG_SEP not in s.key]
     row_of = {s.key: i for i, s in enumerate(ok)}
-    aug = [s for s in stored if AUG_SEP in s.key and s.key.split(AUG_SEP, 1)[0] in row_of]
+    aug = [s for s in stored if AUG_SEP in s.key and image_key(s.key) in row_of]
     n = len(ok)
     tmp = Path(str(path) + ".tmp")
     code = {name: i for i, name in enumerate(SPLITS)}
@@ -570,7 +575,7 @@ def write_final(
         alive.append(_write_table(f, "", ok, index, widths, dtype, path, block_rows))
         if aug:
             ga = f.create_group("augmented")
-            ga.create_dataset("source_row", data=np.asarray([row_of[s.key.split(AUG_SEP, 1)[0]] for s in aug], np.int64))
+            ga.create_dataset("source_row", data=np.asarray([row_of[image_key(s.key)] for s in aug], np.int64))
             ga.create_dataset("paths", data=_key_array([s.key for s in aug]), dtype=_BYTES)
             ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
             ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))

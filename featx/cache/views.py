@@ -70,11 +70,6 @@ def parts_for(view: str | None) -> tuple[str, str]:
     return ",".join(need), ("flip" if v.endswith(FLIP) else "none")
 
 
-def layout_widths(layout, dim: int) -> dict[str, int]:
-    """{part: width} of a backbone's output ``layout`` (``{"features": dim}`` without one)."""
-    return dict(layout) if layout else {"features": dim}
-
-
 def view_dim(view: str, widths: dict[str, int]) -> int:
     return sum(widths[p] for p in _recipe(view)[0])
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..base.errors import FeatxError
-from ..cache.store import AUG_SEP as SEP
+from ..cache.store import AUG_SEP as SEP, image_key
 from .backbones import TRAIN_MIN_SCALE as MIN_SCALE  # the fine-tune's own augmentation
 
 SEED = 0
@@ -46,8 +46,7 @@ def parse(key: str) -> tuple[str, int] | None:
     """(image key, view number) of an augmented-view key; None for a plain image."""
     if SEP not in key:
         return None
-    base, tag = key.split(SEP, 1)
-    return base, int(tag.rsplit(":", 1)[1])
+    return image_key(key), int(key.rsplit(":", 1)[1])
 
 
 def view_seed(key: str) -> int:
@@ -67,7 +66,7 @@ def drop_views_of_failed(samples: Sequence, index: dict, *, retried: set) -> lis
     failed = {k for k, e in index.items() if e[0] == "failed" and not is_aug(k) and k not in retried}
     if not failed:
         return list(samples)
-    return [s for s in samples if not (is_aug(s.key) and s.key.split(SEP, 1)[0] in failed)]
+    return [s for s in samples if not (is_aug(s.key) and image_key(s.key) in failed)]
 
 
 def describe(k: int) -> str:

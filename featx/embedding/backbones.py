@@ -118,9 +118,14 @@ class Backbone:
     layout: tuple[tuple[str, int], ...] = ()  # (part, width) of the model's output columns
 
     @property
+    def widths(self) -> dict[str, int]:
+        """{part: width} of the model's output columns (``{"features": dim}`` without views)."""
+        return dict(self.layout) if self.layout else {"features": self.dim}
+
+    @property
     def out_dim(self) -> int:
         """Width of the model's output: ``dim``, or every part side by side."""
-        return sum(w for _, w in self.layout) if self.layout else self.dim
+        return sum(self.widths.values())
 
     def fingerprint(self) -> dict:
         """Everything about the network that changes the features it produces."""

@@ -28,7 +28,7 @@ from ..base.progress import progress_bar
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..cache.store import FeatureCache, fingerprint_digest
-from ..cache.views import available_views, check_view, compose_from, layout_widths, parts_for, view_dim
+from ..cache.views import available_views, check_view, compose_from, parts_for, view_dim
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
 from .cpu import forward_fn, iter_cpu_batches
@@ -83,10 +83,10 @@ def embed_files(
     else:
         parts, tta = parts_for(view)
         bb = create_backbone(str(backbone), weights=weights, views=parts, tta=tta)
-    view = check_view(view, available_views(layout_widths(bb.layout, bb.dim)), where=f"backbone {bb.name} as built")
+    view = check_view(view, available_views(bb.widths), where=f"backbone {bb.name} as built")
     fp = cache_fingerprint(bb, "float32")
     if check is not None:
-        check(fp, view_dim(view, layout_widths(bb.layout, bb.dim)))
+        check(fp, view_dim(view, bb.widths))
     workers = default_workers() if num_workers is None else int(num_workers)
     if cache_dir is not None:
         return _embed_via_cache(paths, bb, fp, weights=weights, cache_dir=Path(cache_dir), device=device,
@@ -132,7 +132,7 @@ def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_s
     failed: list[tuple[str, str]] = [(p, "file not found") for p in paths if not os.path.exists(p)]
     present = [p for p in paths if os.path.exists(p)]
     if not present:
-        return {"features": np.zeros((0, view_dim(view, layout_widths(bb.layout, bb.dim))), np.float32), "ok": [],
+        return {"features": np.zeros((0, view_dim(view, bb.widths)), np.float32), "ok": [],
                 "failed": failed, "fingerprint": fp, "cache": None}
     digest = hashlib.sha256("\n".join(sorted(real[p] for p in present)).encode()).hexdigest()[:12]
     manifest = cache_dir / f"files-{digest}.csv"
@@ -237,7 +237,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         bb = self._build()
         self.backbone_ = bb
         self.fingerprint_ = cache_fingerprint(bb, "float32")
-        self.n_features_out_ = view_dim(self.view, layout_widths(bb.layout, bb.dim))
+        self.n_features_out_ = view_dim(self.view, bb.widths)
         return self
 
     def _build(self):

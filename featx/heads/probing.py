@@ -133,9 +133,11 @@ class _Rows:
         """Training and evaluation features of view ``name`` (``final``: the cache's features)."""
         if name == "final":
             return self.X_tr, self.X_ev
-        splits = self.fc.split_array()
-        return self._held(name, lambda: (read_rows(self.fc, self.tr, splits, view=name),
-                                         read_rows(self.fc, self.ev, splits, view=name)))
+        def read():
+            splits = self.fc.split_array()
+            return read_rows(self.fc, self.tr, splits, view=name), read_rows(self.fc, self.ev, splits, view=name)
+
+        return self._held(name, read)
 
 
 def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
@@ -290,7 +292,8 @@ def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
     for cand in plain:
         _try(name, rows, cand, opts, table, kept)
     if aug:
-        view, norm = (table[best_index(table)].view, table[best_index(table)].norm) if table else cands[0][:2]
+        chosen = table[best_index(table)] if table else None
+        view, norm = (chosen.view, chosen.norm) if chosen else cands[0][:2]
         _try(name, rows, (view, norm, aug[-1]), opts, table, kept)
     b = len(table) - 1 if forced_aug else best_index(table)
     if b not in kept:

@@ -84,12 +84,12 @@ def candidates(view: str | Sequence[str] | None, norm: str | Sequence[str] | Non
     if missing:
         raise FeatxError(f"--view {','.join(missing)}: cache {cache_name} has the views {', '.join(available)}; "
                          "choose among them, or embed with --views stages,gem (and --tta flip)")
+    if not views:
+        raise FeatxError(f"--view {view!r}: expected auto or a comma list of {', '.join(available)}")
     norms = _names(norm, AUTO_NORMS)
     bad = [n for n in norms if n not in NORMS]
-    if bad or not norms or not views:
-        shown = ",".join(bad) if bad else repr(norm if not norms else view)
-        raise FeatxError(f"--{'norm' if bad or not norms else 'view'} {shown}: expected auto or a comma list of "
-                         f"{', '.join(NORMS) if bad or not norms else ', '.join(available)}")
+    if bad or not norms:
+        raise FeatxError(f"--norm {','.join(bad) or repr(norm)}: expected auto or a comma list of {', '.join(NORMS)}")
     return [(v, n, k) for v in views for n in norms for k in _train_views(train_views, stored_views, cache_name)]
 
 

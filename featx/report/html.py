@@ -27,6 +27,7 @@ from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
 from ..cache.store import FeatureCache
 from . import charts, embedmap
+from .metrics import is_chosen
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
 from .runfiles import RunFiles, load_run, open_cache
@@ -151,9 +152,8 @@ def _view_table(heads: dict) -> Markup:
     rows = []
     for name, h in heads.items():
         for c in h.get("views") or []:
-            chosen = (c["view"], c["norm"], c.get("train_views", 0)) == (h.get("view"), h.get("norm"), h.get("train_views", 0))
             rows.append([name, c["view"], c["norm"], c.get("train_views", 0), pct(c.get("cv_score")),
-                         pct(c.get("cv_std_err")), "chosen" if chosen else ""])
+                         pct(c.get("cv_std_err")), "chosen" if is_chosen(c, h) else ""])
     if len(rows) <= len(heads):
         return join([])
     note = _p("CV score of every candidate on the training rows; each head uses the first one within one standard "

@@ -141,6 +141,12 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + ctx + "." + view_tables(heads)
 
 
+def is_chosen(candidate: dict, head: dict) -> bool:
+    """Is this row of a head's ``views`` table the (view, norm, augmented views) the head uses?"""
+    mine = (candidate["view"], candidate["norm"], candidate.get("train_views", 0))
+    return mine == (head.get("view"), head.get("norm"), head.get("train_views", 0))
+
+
 def view_tables(heads: dict) -> str:
     """CV score of every (view, norm) each head tried (training rows only), the chosen one marked."""
     rows = [(name, c) for name, h in heads.items() if len(h.get("views") or []) > 1 for c in h["views"]]
@@ -152,8 +158,7 @@ def view_tables(heads: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for name, c in rows:
         h = heads[name]
-        chosen = (c["view"], c["norm"], c.get("train_views", 0)) == (h.get("view"), h.get("norm"), h.get("train_views", 0))
-        mark = " **← chosen**" if chosen else ""
+        mark = " **← chosen**" if is_chosen(c, h) else ""
         lines.append(f"| {name} | {c['view']} | {c['norm']} | {c.get('train_views', 0)} | {c['dim']} | "
                      f"{_fmt(c['cv_score'])}{mark} | {_fmt(c.get('cv_std_err'))} | "
                      f"{_fmt_params(c.get('params', {}))} | {_fmt(c.get('fit_seconds'), 2)} |")
