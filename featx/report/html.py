@@ -234,8 +234,9 @@ def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir
     method = {"pca+tsne": "PCA to 50 dimensions, then t-SNE", "pca+umap": "PCA, then UMAP", "pca": "PCA"}[coords["method"]]
     png = embedmap.plot_map(coords, fc.labels(), fc.classes, run_dir / "report_map.png", eval_rows=eval_rows,
                             wrong_rows=wrong, title=f"{len(coords['rows'])} of {len(fc)} images, {method}")
-    note = (f"Each point is an image ({method}; distances between far-apart clusters mean little). Small points: "
-            "training images; ringed points: evaluation images; crosses: misclassified.")
+    note = (f"Each point is an image's final pooled features ({method}; distances between far-apart clusters mean "
+            "little), whatever view the heads chose. Small points: training images; ringed points: evaluation "
+            "images; crosses: misclassified.")
     if len(fc.classes) > 20:
         note += " With more than 20 classes the colours are not listed."
     return _section("map", "Embedding map", join([_p(note), _img(png, "2-D map of the embeddings")]))
