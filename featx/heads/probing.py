@@ -270,7 +270,7 @@ def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dic
     return est, inner, row
 
 
-def _select(name: str, rows: _Rows, fc: FeatureCache, opts: dict):
+def _select(name: str, rows: _Rows, opts: dict):
     """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
 
     Returns (chosen fitted head, its inner search, the table of candidates, index of the choice,
@@ -314,7 +314,7 @@ def _try(name: str, rows: _Rows, cand: tuple, opts: dict, table: list, kept: dic
 
 def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
     """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
-    est, inner, table, b, fit_s = _select(name, rows, fc, opts)
+    est, inner, table, b, fit_s = _select(name, rows, opts)
     view, norm = table[b].view, table[b].norm
     X_ev = rows.view(view)[1]
     t0 = time.perf_counter()
