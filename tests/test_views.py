@@ -181,8 +181,11 @@ def test_train_views_are_stored_seeded_and_dropped_when_not_asked(tmp_path):
     # Seeded per image and view: another process layout and chunking give the same rows.
     again = embed(root, cache_dir=tmp_path / "c2", train_views=2, num_workers=2, chunk_size=3, **kw)
     np.testing.assert_allclose(again.augmented()[0], X, atol=1e-5)
-    plain = embed(root, cache_dir=tmp_path / "c1", train_views=0, num_workers=0, **kw)
-    assert plain.path == fc.path and plain.stats.embedded == 0 and plain.train_views == 0
+    # Not asked (compare, a plain `featx embed`): the finished views are kept, nothing is rebuilt.
+    kept = embed(root, cache_dir=tmp_path / "c1", num_workers=0, **kw)
+    assert kept.train_views == 2 and kept.stats.embedded == 0 and not kept.stats.rebuilt
+    plain = embed(root, cache_dir=tmp_path / "c1", train_views=0, num_workers=0, **kw)  # 0 removes them
+    assert plain.path == fc.path and plain.stats.embedded == 0 and plain.train_views == 0 and plain.stats.rebuilt
     assert plain.augmented()[0].shape == (0, fc.dim)
 
 
@@ -217,7 +220,7 @@ def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
     best_plain = max(h["views"][:2], key=lambda c: c["cv_score"])  # first within one s.e., here of two
     assert table[2][2] == 2 and (h["view"], h["norm"], h["train_views"]) == table[2]
     assert table[2][:2] in [(c["view"], c["norm"]) for c in h["views"][:2]] and best_plain["view"] == "final"
-    bare = embed(root, cache_dir=tmp_path / "c", views="final", **kw)
+    bare = embed(root, cache_dir=tmp_path / "c", views="final", train_views=0, **kw)  # 0 removes the views
     with pytest.raises(FeatxError, match="stores no augmented views.*--train-views 8"):
         probe(bare, head="logreg", out_dir=tmp_path / "x", train_views="on", n_jobs=1, plots=False)
 

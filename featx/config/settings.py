@@ -142,9 +142,10 @@ class EmbedSettings(Settings):
                         "+100%). 'final' writes the plain cache of earlier versions.")
     tta: Literal["none", "flip"] = option("none", "flip: also store every part averaged over the image and its "
                                           "mirror (+flip views; a second network pass).")
-    train_views: int = option(0, "Also store K augmented views (random-resized crop + flip, seeded) of each training "
-                              "image; the probe can train on them (CV grouped by image). K extra passes over the "
-                              "training split.")
+    train_views: Optional[int] = option(
+        None, "Also store K augmented views (random-resized crop + flip, seeded) of each training image; the probe can "
+              "train on them (CV grouped by image). K extra passes over the training split. Default: keep what the "
+              "cache already stores (none for a new cache); 0 removes them.")
     limit: Optional[int] = option(None, _LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
     executor: Literal["local", "ray"] = option(

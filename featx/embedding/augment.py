@@ -27,11 +27,13 @@ SEED = 0
 RECIPE = f"rrc{MIN_SCALE:g}-flip-s{SEED}"
 
 
-def check_train_views(k: int | None) -> int:
-    k = 0 if k is None else int(k)
-    if k < 0:
+def check_train_views(k: int | None) -> int | None:
+    """``k`` as an int (None: keep what the cache stores), or a FeatxError for a negative count."""
+    if k is None:
+        return None
+    if int(k) < 0:
         raise FeatxError(f"--train-views must be 0 (none) or a positive number of views per training image, got {k}")
-    return k
+    return int(k)
 
 
 def aug_key(key: str, k: int) -> str:

@@ -54,7 +54,8 @@ class EngineSettings:
     runtime: str = "auto"  # network runtime on the CPU (featx.embedding.runtimes)
     views: str = _E.views  # stored feature parts (featx.embedding.views)
     tta: str = _E.tta
-    train_views: int = _E.train_views  # augmented views per training image (featx.embedding.augment)
+    # augmented views per training image (featx.embedding.augment); None: what the cache stores
+    train_views: int | None = _E.train_views
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -96,11 +96,12 @@ class EmbedPlan:
     old: FeatureCache | None = None  # the finished cache from an earlier run, if any
     prior_seconds: float = 0.0  # embedding time of earlier runs, so reports can count all of it
     todo: list = field(default_factory=list)
+    train_views: int | None = None  # augmented views per training image; None until read_done: keep the cache's
 
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
                   dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = _E.views,
-                  tta: str = _E.tta, train_views: int = _E.train_views) -> EngineSettings:
+                  tta: str = _E.tta, train_views: int | None = _E.train_views) -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers."""
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
@@ -155,11 +156,11 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
         raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
     ds = discover(root if root is not None else manifest, manifest=manifest)
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
-    samples = augment.add_train_views(samples, settings.train_views)
+    samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
     fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
-    return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp))
+    return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp), train_views=settings.train_views)
 
 
 def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
@@ -179,6 +180,9 @@ def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
             log.warning("cache %s was built from %s; reusing images by relative path", p.path, p.old.root)
         p.index.update(read_final_index(p.old))
         p.prior_seconds = float(p.old.meta.get("embed_seconds", 0.0))
+    if p.train_views is None:  # not asked: keep the augmented views the cache has (finished work)
+        p.train_views = p.old.train_views if p.old is not None else 0
+        p.samples = augment.add_train_views(p.samples, p.train_views)
     if p.parts.exists():
         p.parts.ensure()  # refuses parts written with other settings
         p.index.update(p.parts.read_index())
@@ -278,8 +282,8 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         # Total time spent embedding this cache over all runs: the finished cache's, plus every committed
         # chunk's own time (this run's, a killed run's, shards' and Ray actors').
         "embed_seconds": p.prior_seconds + max(stats.embed_seconds, p.parts.total_seconds()),
-        "train_views": s.train_views,
-        "train_views_recipe": augment.describe(s.train_views) if s.train_views else "",
+        "train_views": p.train_views,
+        "train_views_recipe": augment.describe(p.train_views) if p.train_views else "",
     }
     write_final(p.path, samples=p.samples, classes=ds.classes, index=p.index, dim=bb.dim, dtype=s.dtype, attrs=attrs,
                 layout=bb.layout)
@@ -314,7 +318,7 @@ def embed(
     runtime: str = "auto",
     views: str | Sequence[str] = "final,stages",
     tta: str = "none",
-    train_views: int = 0,
+    train_views: int | None = None,
 ) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
@@ -329,7 +333,8 @@ def embed(
     ``views`` (``final``, ``stages``, ``gem``) and ``tta`` (``flip``) store extra feature parts
     that the probe can choose among (:mod:`featx.embedding.views`); ``views="final"`` writes the
     plain cache of earlier featx versions.  ``train_views`` also stores that many augmented views
-    of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group.
+    of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group;
+    None keeps what the cache already stores, 0 removes them.
     """
     t0 = time.perf_counter()
     settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
