@@ -67,7 +67,8 @@ SCRIPT = textwrap.dedent("""
     rows = None if sys.argv[3] == "none" else int(sys.argv[3])
     try:
         res = probing.probe(sys.argv[1], head="logreg", folds=2, device="cpu", n_jobs=1, plots=False, save=False,
-                            out_dir=sys.argv[4], grids={"logreg": {"C": [0.1]}}, max_train_rows=rows)
+                            out_dir=sys.argv[4], grids={"logreg": {"C": [0.1]}}, max_train_rows=rows,
+                            solver="memory")  # solver auto streams instead (tests/test_heads_streaming.py)
     except probing.FeatxError as exc:
         print(json.dumps({"error": str(exc)}))
     else:

@@ -439,6 +439,12 @@ class FeatureCache:
             for a in range(s.start, s.stop, rows):
                 yield self._read_view(f, view, slice(a, min(a + rows, s.stop)), np.float32)
 
+    @contextlib.contextmanager
+    def reader(self, view: str | None = None) -> Iterator:
+        """``read(a, b)``: float32 features of ``view`` for rows [a, b), the file held open (block streaming)."""
+        with _open_h5(self.path) as f:
+            yield lambda a, b: self._read_view(f, view, slice(a, b), np.float32)
+
     def labels(self, split: str | None = None) -> np.ndarray:
         with _open_h5(self.path) as f:
             return f["labels"][self._slice(split)].astype(np.int64)

@@ -33,6 +33,7 @@ from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
 from .persist import HEAD_FORMATS, save_head
 from .selection import Candidate, best_index, candidates, fold_std_err, with_norm
+from .streaming import fit_streamed, stream_candidates, use_stream
 from .search import AdaptiveStratifiedKFold, GroupedViewFolds, HeadSearch, cv_splits, plain  # noqa: F401
 from .torch_heads import create_torch_head  # noqa: F401 - re-exported
 
@@ -101,6 +102,7 @@ class _Rows:
     load_seconds: float
     subset: dict | None
     fc: FeatureCache | None = None
+    stream: bool = False  # training rows are not held: heads read them block by block (featx.heads.streaming)
     # The last other view (or augmented rows) read: at most one is held beside the final features,
     # so choosing among views needs memory for two, not for all of them.
     by_view: dict = field(default_factory=dict)
@@ -135,7 +137,8 @@ class _Rows:
             return self.X_tr, self.X_ev
         def read():
             splits = self.fc.split_array()
-            return read_rows(self.fc, self.tr, splits, view=name), read_rows(self.fc, self.ev, splits, view=name)
+            X_tr = None if self.stream else read_rows(self.fc, self.tr, splits, view=name)
+            return X_tr, read_rows(self.fc, self.ev, splits, view=name)
 
         return self._held(name, read)
 
@@ -180,8 +183,12 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     return X[~bad], y[~bad], idx[~bad]
 
 
-def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int) -> _Rows:
-    """Split, subset (``max_train_rows``), check memory, then read the features block by block."""
+def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
+               solver: str = "memory") -> _Rows:
+    """Split, subset (``max_train_rows``), check memory, then read the features block by block.
+
+    With a streaming solver (asked, or ``auto`` and the training rows do not fit) only the
+    evaluation rows are read; the heads stream the training rows themselves."""
     t0 = time.perf_counter()
     labels, splits = fc.labels(), fc.split_array()
     tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
@@ -195,11 +202,16 @@ def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows:
                       "stratified": True, "seed": seed}
             log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
         tr = kept
-    mem = check_memory(len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
-    log.info("probe memory: about %.0f MiB needed", mem["needed_bytes"] / 2**20)
-    X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
+    stream = use_stream(solver, n_train=len(tr), n_eval=len(ev), dim=dim, n_classes=len(fc.classes))
+    mem = check_memory(0 if stream else len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
+    log.info("probe memory: about %.0f MiB needed%s", mem["needed_bytes"] / 2**20,
+             f" (streaming {len(tr):,} training rows)" if stream else "")
+    if stream:
+        X_tr, y_tr = None, labels[tr]
+    else:
+        X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
     X_ev, y_ev, ev = _drop_non_finite(read_rows(fc, ev, splits), labels[ev], ev, "evaluation", fc.path.name)
-    return _Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc)
+    return _Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc, stream)
 
 
 def _heads_list(head: str | Sequence[str]) -> list[str]:
@@ -254,6 +266,8 @@ def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dic
     """(fitted head, its inner CV search, Candidate row) of one (view, norm, augmented views)."""
     kernel, resolved = opts["kernel"], opts["resolved"]
     view, norm, k = cand
+    if rows.stream:
+        return fit_streamed(name, rows.fc, rows.tr, rows.y_tr, cand, opts)
     X, y, folds = rows.training(view, k, folds=opts["folds"], seed=opts["seed"])
     inner = create_head(
         name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=folds, seed=opts["seed"],
@@ -339,6 +353,8 @@ def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
         "cv_folds": int(getattr(inner, "n_splits_", opts["plan"]["used"])),
         "n_candidates": int(getattr(inner, "n_candidates_", 0) or 0),
         "search": getattr(inner, "parallel_", type(inner).__name__),
+        "solver": "stream" if rows.stream else "memory",
+        **({"selection": inner.selection_} if hasattr(inner, "selection_") else {}),
         "probabilities": _probabilities(inner),
         "per_class": m["per_class"],
         "model_path": None,
@@ -460,6 +476,8 @@ def probe(
     view: str | Sequence[str] | None = "auto",
     norm: str | Sequence[str] | None = "auto",
     train_views: str = "auto",
+    solver: str = "auto",
+    stream_epochs: int = 4,
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -476,6 +494,9 @@ def probe(
     none/power (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
+    ``solver``: ``stream`` trains logreg / the linear SVM by streamed mini-batch optimisation
+    (:mod:`featx.heads.streaming`), ``memory`` holds the training rows, ``auto`` streams when they
+    do not fit; ``stream_epochs``: passes over the training rows when streaming.
     """
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
@@ -483,7 +504,9 @@ def probe(
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
                        stored_views=fc.train_views)
-    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands))
+    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands),
+                      solver=solver)
+    cands = stream_candidates(cands) if rows.stream else cands
     plan = plan_folds(rows.y_tr, folds)
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
@@ -494,6 +517,7 @@ def probe(
         "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
         "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
+        "solver": solver, "stream_epochs": stream_epochs,
     }
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
@@ -502,7 +526,7 @@ def probe(
         load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
     opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
-            "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
+            "save": save, "candidates": cands, "plan": plan, "head_format": head_format, "stream_epochs": stream_epochs,
             "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
     t0 = time.perf_counter()
     for name in names:

@@ -1,0 +1,446 @@
+"""Logistic regression and the linear SVM trained by mini-batch optimisation over streamed rows.
+
+Why: the in-memory searches (:mod:`featx.heads.linear_path`, scikit-learn) hold the training
+matrix and its CV copies, so a cache bigger than memory could only be probed on a subset.
+Here the rows are read block by block from the cache (:mod:`featx.heads.stream_source`, the
+next block read while the current one trains) and every C value of the grid is its own head
+trained in the same pass, as DINOv2's linear evaluation trains many heads on one pass of
+features: one matrix product per minibatch gives the logits of all heads.
+
+The model is the in-memory one (standardise, then multinomial logistic regression or
+one-vs-rest squared-hinge SVM, objective mean loss + ||W||^2 / (2 C n)), minimised by Adam
+with a cosine learning rate, in bfloat16 matrix products with float32 weights where the CPU
+supports them (or on CUDA).  C is chosen on a stratified held-out slice of the training rows
+(large caches; the chosen head is the one trained on the other rows) or, for small caches,
+by k-fold CV with one more head per C trained on all rows (the refit).  After each epoch but
+the last, heads clearly worse than the best on the held-out rows, and heads whose held-out
+predictions equal a smaller-C neighbour's, stop training (what was measured is reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+from sklearn.utils.multiclass import check_classification_targets
+
+from ..base.errors import FeatxError
+from .linear_path import LOSSES, PathLinearHead, _platt
+from .search import cv_splits, cv_summary, score_predictions
+from .stream_source import ArraySource, holdout_folds, iter_blocks, prefetch
+
+log = logging.getLogger(__name__)
+
+# Below this many training rows selection is k-fold CV (plus a refit head per C); above it, a held-out slice.
+KFOLD_MAX_ROWS = 20_000
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX_ROWS = 50_000
+# Floats per minibatch in each [rows, heads x classes] array (logits, gradients): bounds their memory.
+BATCH_FLOATS = 32 << 20
+MIN_STEPS = 300  # small caches get more epochs, so that every head sees enough updates
+# A head stops early when its held-out score is this far below the best (and 2 standard errors),
+# or when its held-out predictions agree with a smaller C's on this share of rows.
+PRUNE_MARGIN = 0.01
+SAME_PREDICTIONS = 0.999
+
+
+class StreamingLinearHead(PathLinearHead):
+    """Standardise + L2 linear classifier, every C of ``Cs`` trained in one streamed pass.
+
+    ``fit(X, y)``: ``X`` an array or a row source (:class:`~featx.heads.stream_source.CacheSource`).
+    After ``fit``: ``coef_``, ``intercept_``, ``classes_``, ``best_params_``, ``best_score_``,
+    ``cv_results_`` and ``selection_`` (how C was chosen, e.g. ``holdout 10% (5,000 rows)``);
+    prediction is :class:`~featx.heads.linear_path.PathLinearHead`'s.
+    """
+
+    def __init__(self, *, loss: str = "logistic", Cs=(1.0,), folds: int = 5, seed: int = 0,
+                 scoring: str = "accuracy", epochs: int = 4, lr: float = 1e-3, device: str = "cpu",
+                 probability: bool = True) -> None:
+        self.loss = loss
+        self.Cs = Cs
+        self.folds = folds
+        self.seed = seed
+        self.scoring = scoring
+        self.epochs = epochs
+        self.lr = lr
+        self.device = device
+        self.probability = probability
+
+    def fit(self, X, y) -> "StreamingLinearHead":
+        """Train every C on the streamed rows, choose one on held-out rows (or CV folds)."""
+        t0 = time.perf_counter()
+        Cs = self._check_settings()
+        source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
+        y = np.asarray(y)
+        check_classification_targets(y)
+        if len(y) != source.n:
+            raise ValueError(f"X has {source.n} rows but y has {len(y)}")
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"the training labels have {len(self.classes_)} class; a classifier needs at least 2")
+        self.n_features_in_ = source.dim
+        try:
+            run = _Run(self, source, yi, Cs)
+            run.train()
+        finally:
+            if hasattr(source, "close"):
+                source.close()
+        self._finish(run, Cs)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _finish(self, run: "_Run", Cs: list[float]) -> None:
+        best = run.best_index()
+        self.cv_results_ = cv_summary([{"C": c} for c in Cs], run.scores)
+        self.best_index_ = best
+        self.best_params_ = {"C": Cs[best]}
+        self.best_score_ = float(self.cv_results_["mean_test_score"][best])
+        self.n_candidates_, self.n_splits_ = len(Cs), run.n_cv
+        self.selection_ = run.describe()
+        self.epochs_run_ = run.epochs
+        self.pruned_ = run.pruned
+        coef, intercept = run.weights(best)
+        if len(self.classes_) == 2:  # one score column, as scikit-learn's binary heads
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        self.coef_, self.intercept_ = coef, intercept
+        self.calibration_ = None
+        if self.loss == "squared_hinge" and self.probability:
+            d = run.held_out_decision(best)
+            if len(self.classes_) == 2:
+                d = d[:, 1:] - d[:, :1]
+            targets = [run.y_eval == 1] if d.shape[1] == 1 else [run.y_eval == k for k in range(d.shape[1])]
+            self.calibration_ = np.array([_platt(d[:, k], t) for k, t in enumerate(targets)], np.float64)
+
+
+def _device(name: str) -> str:
+    from ..base.runtime import resolve_device
+
+    return resolve_device(name or "cpu")
+
+
+def _fast_dtype(device: str):
+    """bfloat16 for the matrix products on CUDA and on CPUs with bf16 instructions, else float32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    cpu = getattr(torch.backends, "cpu", None)
+    isa = cpu.get_cpu_capability() if cpu is not None and hasattr(cpu, "get_cpu_capability") else ""
+    return torch.bfloat16 if isa in ("AVX512",) and _has_bf16_flag() else torch.float32
+
+
+def _has_bf16_flag() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return any("avx512_bf16" in line or "amx_bf16" in line for line in fh if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+class _Run:
+    """One streamed training of all heads: statistics pass, epochs, held-out scoring, pruning."""
+
+    def __init__(self, head: StreamingLinearHead, source, yi: np.ndarray, Cs: list[float]) -> None:
+        import torch
+
+        if head.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {head.loss!r}")
+        self.h, self.source, self.yi, self.Cs = head, source, yi, Cs
+        self.n, self.d, self.k = source.n, source.dim, int(yi.max()) + 1
+        self.dev = _device(head.device)
+        self.dtype = _fast_dtype(self.dev)
+        self.rng = np.random.default_rng(head.seed)
+        self.torch = torch
+        self._plan_folds()
+        self.active = list(range(len(Cs)))
+        self.scores = np.full((len(Cs), self.n_cv), np.nan)
+        self.pruned: dict[str, str] = {}
+        self.epochs = 0
+
+    # -- selection rows
+    def _plan_folds(self) -> None:
+        if self.n <= KFOLD_MAX_ROWS:
+            self.fold = np.full(self.n, -1, np.int64)
+            for f, (_, va) in enumerate(cv_splits(self.yi, self.h.folds, self.h.seed)):
+                self.fold[va] = f
+            self.n_cv = int(self.fold.max()) + 1
+            self.n_splits = self.n_cv + 1  # + the refit head of every C, trained on all rows
+        else:
+            self.fold = holdout_folds(self.yi, fraction=HOLDOUT_FRACTION, max_rows=HOLDOUT_MAX_ROWS, seed=self.h.seed)
+            self.n_cv = self.n_splits = 1
+        self.eval_pos = np.flatnonzero(self.fold >= 0)
+        self.y_eval = self.yi[self.eval_pos]
+
+    def describe(self) -> str:
+        if self.n_splits > self.n_cv:
+            return f"{self.n_cv}-fold cv (streamed, refit on all {self.n:,} rows)"
+        return (f"holdout {len(self.eval_pos) / self.n:.0%} ({len(self.eval_pos):,} of {self.n:,} training rows, "
+                "stratified; the chosen head trained on the others)")
+
+    # -- passes
+    def _statistics(self) -> None:
+        """Mean and scale of every feature (StandardScaler's), and the held-out rows kept (float16 if large)."""
+        s1, s2, m = np.zeros(self.d), np.zeros(self.d), 0
+        # Class sums per fold (index fold + 1; 0: rows in no held-out fold): the warm start of each split.
+        self.class_sums = np.zeros((self.n_cv + 1, self.k, self.d))
+        self.class_counts = np.zeros((self.n_cv + 1, self.k))
+        keep_dtype = np.float16 if len(self.eval_pos) * self.d > 64 << 20 else np.float32
+        self.X_eval = np.zeros((len(self.eval_pos), self.d), keep_dtype)
+        ok_eval = np.zeros(len(self.eval_pos), bool)
+        for pos, X in prefetch(iter_blocks(self.source, None)):
+            s1 += X.sum(0, dtype=np.float64)
+            s2 += np.square(X, dtype=np.float64).sum(0)
+            m += len(X)
+            f1 = self.fold[pos] + 1
+            np.add.at(self.class_counts, (f1, self.yi[pos]), 1)
+            for f in np.unique(f1):
+                sel = f1 == f
+                self.class_sums[f] += _class_sums(X[sel], self.yi[pos[sel]], self.k)
+            j = np.searchsorted(self.eval_pos, pos)
+            hit = (j < len(self.eval_pos)) & (self.eval_pos[np.minimum(j, len(self.eval_pos) - 1)] == pos)
+            self.X_eval[j[hit]], ok_eval[j[hit]] = X[hit], True
+        if m == 0:
+            raise FeatxError("no training row has finite features; rebuild the cache with `featx embed ... --overwrite`")
+        self.mean = s1 / m
+        self.scale = np.sqrt(np.maximum(s2 / m - self.mean**2, 0.0))
+        self.scale[self.scale < 1e-12] = 1.0
+        self.X_eval, self.y_eval, self.eval_fold = self.X_eval[ok_eval], self.y_eval[ok_eval], self.fold[self.eval_pos[ok_eval]]
+        counts = np.array([np.sum(self.fold != s) for s in range(self.n_cv)] + [self.n] * (self.n_splits - self.n_cv))
+        self.lam = 1.0 / (np.asarray(self.Cs)[None, :] * counts[:, None])  # [splits, Cs]: 1 / (C n)
+
+    def train(self) -> None:
+        torch = self.torch
+        self._statistics()
+        heads = self.n_splits * len(self.Cs) * self.k
+        fit = min(BATCH_FLOATS // heads, self.n // 8)  # memory bound; at least 8 steps per epoch
+        self.batch = int(min(4096, 2 ** math.floor(math.log2(max(64, fit)))))
+        steps_per_epoch = max(1, math.ceil(self.n / self.batch))
+        epochs = max(int(self.h.epochs), math.ceil(MIN_STEPS / steps_per_epoch))
+        self.total_steps, self.step = epochs * steps_per_epoch, 0
+        shape = (self.d + 1, self.n_splits, len(self.Cs), self.k)
+        self.mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=self.dev)
+        self.scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=self.dev)
+        self.W = torch.as_tensor(self._warm_start(), dtype=torch.float32, device=self.dev).expand(shape).contiguous()
+        self.m, self.v = torch.zeros_like(self.W), torch.zeros_like(self.W)
+        log.info("streaming %s: %d rows x %d features, %d classes, %d C values x %d splits, batch %d, %d epochs, %s",
+                 self.h.loss, self.n, self.d, self.k, len(self.Cs), self.n_splits, self.batch, epochs, self.dtype)
+        for e in range(epochs):
+            t0 = time.perf_counter()
+            for pos, X in prefetch(iter_blocks(self.source, self.rng)):
+                for a in range(0, len(pos), self.batch):
+                    self._step(pos[a : a + self.batch], X[a : a + self.batch])
+            self.epochs = e + 1
+            self._score()
+            log.info("epoch %d/%d (%.1fs): held-out %s per C %s", e + 1, epochs, time.perf_counter() - t0,
+                     self.h.scoring, np.round(np.nanmean(self.scores, 1), 4).tolist())
+            if e + 1 < epochs and self.step >= self.total_steps // 4:  # not before a quarter of the updates
+                self._prune()
+
+    def _warm_start(self) -> np.ndarray:
+        """[d + 1, splits, 1, classes]: the shared-diagonal-covariance Gaussian classifier of each split's rows.
+
+        Why: from zero, a thousand classes need many passes before the logits mean anything; the
+        class means (in standardised units, from the statistics pass) give a classifier that the
+        optimisation only refines.  Each split's start uses only its own training rows.
+        """
+        out = np.zeros((self.d + 1, self.n_splits, 1, self.k))
+        total_s, total_n = self.class_sums.sum(0), self.class_counts.sum(0)
+        for s in range(self.n_splits):
+            drop = s + 1 if s < self.n_cv else None  # the refit split uses every row
+            sums = total_s - (self.class_sums[drop] if drop is not None else 0)
+            cnt = total_n - (self.class_counts[drop] if drop is not None else 0)
+            mu = (sums / np.maximum(cnt, 1)[:, None] - self.mean) / self.scale  # [classes, d], standardised
+            p = cnt / max(1.0, cnt.sum())
+            var_w = np.clip(1.0 - (p[:, None] * mu**2).sum(0), 0.05, None)
+            W = (mu / var_w).T
+            b = -0.5 * (mu**2 / var_w).sum(1) + np.log(np.maximum(p, 1e-12))
+            if self.h.loss == "squared_hinge":
+                W, b = _hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
+            out[:-1, s, 0], out[-1, s, 0] = W, b
+        return out
+
+    def _design(self, X: np.ndarray):
+        torch = self.torch
+        Z = (torch.as_tensor(X, device=self.dev, dtype=torch.float32) - self.mean_t) / self.scale_t
+        return torch.cat([Z, torch.ones(len(Z), 1, device=self.dev)], 1)
+
+    def _logits(self, Z, W):
+        """[rows, splits, active Cs, classes] scores of ``Z`` under weights ``W`` (fast dtype products)."""
+        n = Z.shape[0]
+        return (Z.to(self.dtype) @ W.reshape(self.d + 1, -1).to(self.dtype)).float().reshape(n, *W.shape[1:])
+
+    def _step(self, pos: np.ndarray, X: np.ndarray) -> None:
+        torch = self.torch
+        Z = self._design(X)
+        y = torch.as_tensor(self.yi[pos], device=self.dev)
+        S = self._logits(Z, self.W)
+        Y = torch.zeros_like(S[:, 0, 0]).scatter_(1, y[:, None], 1.0)[:, None, None, :]
+        if self.h.loss == "logistic":
+            G = torch.softmax(S, dim=3).sub_(Y)
+        else:
+            sgn = 2 * Y - 1
+            G = (1 - sgn * S).clamp_(min=0).mul_(sgn).mul_(-2)
+        fold = torch.as_tensor(self.fold[pos], device=self.dev)
+        use = torch.stack([fold != s for s in range(self.n_cv)] +
+                          [torch.ones_like(fold, dtype=torch.bool)] * (self.n_splits - self.n_cv), 1).float()
+        use /= use.sum(0).clamp(min=1)
+        G.mul_(use[:, :, None, None])
+        grad = (Z.to(self.dtype).T @ G.reshape(len(Z), -1).to(self.dtype)).float().reshape(self.W.shape)
+        lam = torch.as_tensor(self.lam[:, self.active], dtype=torch.float32, device=self.dev)[None, :, :, None]
+        pen = self.W * lam
+        if self.h.loss == "logistic":
+            pen[-1] = 0  # intercept not penalised (LogisticRegression); LinearSVC penalises it
+        grad.add_(pen)
+        self._adam(grad)
+
+    def _adam(self, grad, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+        self.step += 1
+        warm = max(1, self.total_steps // 20)
+        t = self.step
+        lr = self.h.lr * (t / warm if t <= warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, self.total_steps - warm))))
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2**t)).sqrt_().add_(eps)
+        self.W.addcdiv_(self.m, denom, value=-lr / (1 - b1**t))
+
+    # -- scoring and pruning
+    def _eval_scores(self, W) -> np.ndarray:
+        """Decision values [held-out rows, splits, active Cs, classes] in blocks (float32)."""
+        out = np.empty((len(self.X_eval), *W.shape[1:]), np.float32)
+        for a in range(0, len(self.X_eval), 2048):
+            out[a : a + 2048] = self._logits(self._design(self.X_eval[a : a + 2048]), W).cpu().numpy()
+        return out
+
+    def _predictions(self) -> np.ndarray:
+        """Held-out predicted labels [rows, active Cs], each row by the head of its own fold."""
+        preds = np.empty((len(self.X_eval), len(self.active)), np.int64)
+        for a in range(0, len(self.X_eval), 2048):
+            s = self._logits(self._design(self.X_eval[a : a + 2048]), self.W[:, : self.n_cv])
+            f = self.torch.as_tensor(self.eval_fold[a : a + 2048], device=self.dev)
+            own = s[self.torch.arange(len(f), device=self.dev), f]  # [rows, Cs, classes]
+            preds[a : a + 2048] = own.argmax(2).cpu().numpy()
+        return preds
+
+    def _score(self) -> None:
+        self.preds = self._predictions()
+        for j, c in enumerate(self.active):
+            for f in range(self.n_cv):
+                m = self.eval_fold == f
+                self.scores[c, f] = score_predictions(self.h.scoring, self.y_eval[m], self.preds[m, j])
+
+    def _prune(self) -> None:
+        mean = self.scores[self.active].mean(1)
+        best = float(mean.max())
+        if best < 2.0 / self.k:  # nothing learned yet: no score tells the heads apart
+            return
+        se = math.sqrt(max(best * (1 - best), 1e-6) / max(1, len(self.y_eval)))
+        keep = []
+        for j, c in enumerate(self.active):
+            if mean[j] < best - max(PRUNE_MARGIN, 2 * se):
+                self.pruned[f"{self.Cs[c]:.3g}"] = f"held-out score {mean[j]:.4f} after epoch {self.epochs} (best {best:.4f})"
+            elif keep and np.mean(self.preds[:, j] == self.preds[:, keep[-1][0]]) >= SAME_PREDICTIONS:
+                self.pruned[f"{self.Cs[c]:.3g}"] = f"same held-out predictions as C={self.Cs[keep[-1][1]]:.3g}"
+            else:
+                keep.append((j, c))
+        if len(keep) < len(self.active):
+            idx = [j for j, _ in keep]
+            self.W, self.m, self.v = (t[:, :, idx].contiguous() for t in (self.W, self.m, self.v))
+            self.active = [c for _, c in keep]
+            log.info("streaming: %d of %d C values continue training", len(self.active), len(self.Cs))
+
+    def best_index(self) -> int:
+        """The best held-out (mean CV) score among the heads trained to the end; ties to the smaller C."""
+        mean = self.scores.mean(1)
+        return max(self.active, key=lambda c: (mean[c], -c))
+
+    def weights(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(coef [classes, d], intercept [classes]) of C value ``c`` (its refit head with CV), in raw features."""
+        W = self.W[:, -1, self.active.index(c)].cpu().numpy().astype(np.float64)  # [d + 1, classes]
+        coef = W[:-1] / self.scale[:, None]
+        return coef.T.astype(np.float32), (W[-1] - self.mean @ coef).astype(np.float32)
+
+    def held_out_decision(self, c: int) -> np.ndarray:
+        """Decision values of C value ``c`` on the held-out rows, each by its own fold's head."""
+        s = self._eval_scores(self.W[:, : self.n_cv, [self.active.index(c)]])[:, :, 0]
+        return s[np.arange(len(s)), self.eval_fold]
+
+
+def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: int, device: str, scoring: str,
+                       epochs: int) -> StreamingLinearHead:
+    """The streaming head for ``name`` (logreg, or the linear SVM); other heads are refused with the fix."""
+    if name not in ("logreg", "svm") or kernel != "linear" or set(grid) != {"C"}:
+        raise FeatxError(f"--solver stream trains logreg and the linear SVM; head {name!r} (kernel {kernel}) needs the "
+                         "in-memory solver: use --solver memory with --max-train-rows N")
+    return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),
+                               folds=folds, seed=seed, scoring=scoring, epochs=epochs, device=device)
+
+
+SOLVERS = ("auto", "memory", "stream")
+
+
+def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: int) -> bool:
+    """Whether the probe streams its training rows: asked (``stream``), or ``auto`` and they do not fit.
+
+    The test is :func:`featx.heads.memory.probe_bytes` (the in-memory search's estimate) against
+    the memory this process may still use.
+    """
+    from .memory import available_bytes, probe_bytes
+
+    if solver not in SOLVERS:
+        raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
+    if solver != "auto":
+        return solver == "stream"
+    avail = available_bytes()
+    return avail is not None and probe_bytes(n_train, n_eval, dim, n_classes) > 0.9 * avail
+
+
+def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """The (view, norm, augmented views) candidates a streamed probe scores: the plain rows only."""
+    plain = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
+    if len(plain) < len(cands):
+        log.warning("streaming: the augmented training views are not used (--train-views off)")
+    return plain
+
+
+def fit_streamed(name: str, fc, rows: np.ndarray, y: np.ndarray, cand: tuple[str, str, int], opts: dict):
+    """(fitted head, its streaming search, Candidate row) of one (view, norm) on streamed training rows."""
+    from .factory import grid_key
+    from .selection import Candidate, fold_std_err, with_norm
+    from .stream_source import CacheSource
+
+    view, norm, _ = cand
+    kernel, resolved = opts["kernel"], opts["resolved"]
+    inner = create_stream_head(name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=opts["folds"],
+                               seed=opts["seed"], device=opts["device"], scoring=resolved["scoring"],
+                               epochs=opts.get("stream_epochs", 4))
+    t0 = time.perf_counter()
+    inner.fit(CacheSource(fc, rows, view=view, norm=norm), y)
+    est = with_norm(inner, norm)
+    if est is not inner:  # the normalisation was applied while reading: fit its (stateless) step alone
+        est.steps[0][1].fit(np.zeros((1, inner.n_features_in_), np.float32))
+    row = Candidate(view, norm, 0, int(inner.n_features_in_), float(inner.best_score_), fold_std_err(inner),
+                    dict(inner.params_), time.perf_counter() - t0)
+    return est, inner, row
+
+
+def _class_sums(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """[k, d] sums of the rows of each class (float64)."""
+    out = np.zeros((k, X.shape[1]))
+    order = np.argsort(y, kind="stable")
+    ys = y[order]
+    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
+    out[ys[starts]] = np.add.reduceat(X[order], starts, axis=0, dtype=np.float64)
+    return out
+
+
+def _hinge_scaled(W: np.ndarray, b: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-classifier scores rescaled for one-vs-rest hinge losses: the winner near +1, the others below -1."""
+    if not len(Z):
+        return W * 0, b * 0
+    s = Z[:, :-1] @ W + b
+    top2 = np.sort(s, 1)[:, -2:]
+    t = float(np.median(top2.mean(1)))
+    a = 2.0 / max(1e-6, float(np.median(top2[:, 1] - top2[:, 0])))
+    return W * a, (b - t) * a
