@@ -19,6 +19,7 @@ predictions equal a smaller-C neighbour's, stop training (what was measured is r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -39,7 +40,8 @@ HOLDOUT_FRACTION = 0.1
 HOLDOUT_MAX_ROWS = 50_000
 # Floats per minibatch in each [rows, heads x classes] array (logits, gradients): bounds their memory.
 BATCH_FLOATS = 32 << 20
-MIN_STEPS = 300  # small caches get more epochs, so that every head sees enough updates
+MIN_STEPS = 300
+SMALL_STEP = 2e8  # multiply-adds of a minibatch's logits below which one CPU thread is faster  # small caches get more epochs, so that every head sees enough updates
 # A head stops early when its held-out score is this far below the best (and 2 standard errors),
 # or when its held-out predictions agree with a smaller C's on this share of rows.
 PRUNE_MARGIN = 0.01
@@ -83,7 +85,8 @@ class StreamingLinearHead(PathLinearHead):
         self.n_features_in_ = source.dim
         try:
             run = _Run(self, source, yi, Cs)
-            run.train()
+            with _threads(run):
+                run.train()
         finally:
             if hasattr(source, "close"):
                 source.close()
@@ -112,6 +115,21 @@ class StreamingLinearHead(PathLinearHead):
                 d = d[:, 1:] - d[:, :1]
             targets = [run.y_eval == 1] if d.shape[1] == 1 else [run.y_eval == k for k in range(d.shape[1])]
             self.calibration_ = np.array([_platt(d[:, k], t) for k, t in enumerate(targets)], np.float64)
+
+
+@contextlib.contextmanager
+def _threads(run: "_Run"):
+    """One torch thread for small heads on the CPU: their many small products otherwise spend the
+    time in thread hand-offs (20 ms per operation measured on the loaded 2-core machine)."""
+    torch = run.torch
+    before = torch.get_num_threads()
+    small = run.dev == "cpu" and min(4096, run.n // 8) * (run.d + 1) * len(run.Cs) * run.k * (run.n_cv + 1) < SMALL_STEP
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device(name: str) -> str:
@@ -186,6 +204,7 @@ class _Run:
         # Class sums per fold (index fold + 1; 0: rows in no held-out fold): the warm start of each split.
         self.class_sums = np.zeros((self.n_cv + 1, self.k, self.d))
         self.class_counts = np.zeros((self.n_cv + 1, self.k))
+        self.gram = np.zeros((self.n_cv + 1, self.d, self.d))  # X^T X per fold: the within-class covariance
         keep_dtype = np.float16 if len(self.eval_pos) * self.d > 64 << 20 else np.float32
         self.X_eval = np.zeros((len(self.eval_pos), self.d), keep_dtype)
         ok_eval = np.zeros(len(self.eval_pos), bool)
@@ -198,6 +217,7 @@ class _Run:
             for f in np.unique(f1):
                 sel = f1 == f
                 self.class_sums[f] += _class_sums(X[sel], self.yi[pos[sel]], self.k)
+                self.gram[f] += X[sel].T @ X[sel]
             j = np.searchsorted(self.eval_pos, pos)
             hit = (j < len(self.eval_pos)) & (self.eval_pos[np.minimum(j, len(self.eval_pos) - 1)] == pos)
             self.X_eval[j[hit]], ok_eval[j[hit]] = X[hit], True
@@ -246,16 +266,13 @@ class _Run:
         optimisation only refines.  Each split's start uses only its own training rows.
         """
         out = np.zeros((self.d + 1, self.n_splits, 1, self.k))
-        total_s, total_n = self.class_sums.sum(0), self.class_counts.sum(0)
+        total_s, total_n, total_g = self.class_sums.sum(0), self.class_counts.sum(0), self.gram.sum(0)
         for s in range(self.n_splits):
             drop = s + 1 if s < self.n_cv else None  # the refit split uses every row
             sums = total_s - (self.class_sums[drop] if drop is not None else 0)
             cnt = total_n - (self.class_counts[drop] if drop is not None else 0)
-            mu = (sums / np.maximum(cnt, 1)[:, None] - self.mean) / self.scale  # [classes, d], standardised
-            p = cnt / max(1.0, cnt.sum())
-            var_w = np.clip(1.0 - (p[:, None] * mu**2).sum(0), 0.05, None)
-            W = (mu / var_w).T
-            b = -0.5 * (mu**2 / var_w).sum(1) + np.log(np.maximum(p, 1e-12))
+            gram = total_g - (self.gram[drop] if drop is not None else 0)
+            W, b = _lda(sums, cnt, gram, self.mean, self.scale)
             if self.h.loss == "squared_hinge":
                 W, b = _hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
             out[:-1, s, 0], out[-1, s, 0] = W, b
@@ -328,7 +345,9 @@ class _Run:
         for j, c in enumerate(self.active):
             for f in range(self.n_cv):
                 m = self.eval_fold == f
-                self.scores[c, f] = score_predictions(self.h.scoring, self.y_eval[m], self.preds[m, j])
+                yt, yp = self.y_eval[m], self.preds[m, j]
+                self.scores[c, f] = np.mean(yt == yp) if self.h.scoring == "accuracy" else \
+                    score_predictions(self.h.scoring, yt, yp)
 
     def _prune(self) -> None:
         mean = self.scores[self.active].mean(1)
@@ -423,6 +442,20 @@ def fit_streamed(name: str, fc, rows: np.ndarray, y: np.ndarray, cand: tuple[str
     row = Candidate(view, norm, 0, int(inner.n_features_in_), float(inner.best_score_), fold_std_err(inner),
                     dict(inner.params_), time.perf_counter() - t0)
     return est, inner, row
+
+
+def _lda(sums: np.ndarray, cnt: np.ndarray, gram: np.ndarray, mean: np.ndarray, scale: np.ndarray):
+    """(W [d, classes], b [classes]) of linear discriminant analysis in standardised units, shrunk covariance."""
+    n = max(1.0, cnt.sum())
+    mu = (sums / np.maximum(cnt, 1)[:, None] - mean) / scale  # class means, standardised [classes, d]
+    m0 = (sums.sum(0) / n - mean) / scale
+    total = (gram / n - np.outer(sums.sum(0) / n, sums.sum(0) / n)) / np.outer(scale, scale)
+    p = cnt / n
+    within = total - (mu - m0).T @ ((mu - m0) * p[:, None])
+    within = 0.9 * within + 0.1 * np.eye(len(within)) * max(1e-6, float(np.trace(within)) / len(within))
+    W = np.linalg.solve(within, mu.T)  # [d, classes]
+    b = -0.5 * (mu.T * W).sum(0) + np.log(np.maximum(p, 1e-12))
+    return W, b
 
 
 def _class_sums(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
