@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .memory import available_bytes
 from .selection import FeatureNorm
 
 # Rows per contiguous read (a storage chunk of the cache is ~1 MiB of rows) and bytes per block
@@ -82,8 +83,10 @@ def take_rows(source, pos: np.ndarray, *, dtype=np.float32) -> np.ndarray:
 
 
 def block_rows(dim: int) -> int:
-    """Rows per block: :data:`BLOCK_BYTES` of float32 features, whole pieces."""
-    return max(PIECE_ROWS, (BLOCK_BYTES // (4 * max(1, dim))) // PIECE_ROWS * PIECE_ROWS)
+    """Rows per block: :data:`BLOCK_BYTES` of float32 features (less where memory is short), whole pieces."""
+    free = available_bytes()
+    budget = BLOCK_BYTES if free is None else min(BLOCK_BYTES, free // 16)
+    return max(PIECE_ROWS, (budget // (4 * max(1, dim))) // PIECE_ROWS * PIECE_ROWS)
 
 
 def iter_blocks(source, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -200,7 +200,7 @@ class _Run:
     # -- passes
     def _statistics(self) -> None:
         """Mean and scale of every feature (StandardScaler's), and the held-out rows kept (float16 if large)."""
-        s1, s2, m = np.zeros(self.d), np.zeros(self.d), 0
+        m = 0
         # Class sums per fold (index fold + 1; 0: rows in no held-out fold): the warm start of each split.
         self.class_sums = np.zeros((self.n_cv + 1, self.k, self.d))
         self.class_counts = np.zeros((self.n_cv + 1, self.k))
@@ -209,8 +209,6 @@ class _Run:
         self.X_eval = np.zeros((len(self.eval_pos), self.d), keep_dtype)
         ok_eval = np.zeros(len(self.eval_pos), bool)
         for pos, X in prefetch(iter_blocks(self.source, None)):
-            s1 += X.sum(0, dtype=np.float64)
-            s2 += np.square(X, dtype=np.float64).sum(0)
             m += len(X)
             f1 = self.fold[pos] + 1
             np.add.at(self.class_counts, (f1, self.yi[pos]), 1)
@@ -223,8 +221,8 @@ class _Run:
             self.X_eval[j[hit]], ok_eval[j[hit]] = X[hit], True
         if m == 0:
             raise FeatxError("no training row has finite features; rebuild the cache with `featx embed ... --overwrite`")
-        self.mean = s1 / m
-        self.scale = np.sqrt(np.maximum(s2 / m - self.mean**2, 0.0))
+        self.mean = self.class_sums.sum((0, 1)) / m
+        self.scale = np.sqrt(np.maximum(np.diag(self.gram.sum(0)) / m - self.mean**2, 0.0))
         self.scale[self.scale < 1e-12] = 1.0
         self.X_eval, self.y_eval, self.eval_fold = self.X_eval[ok_eval], self.y_eval[ok_eval], self.fold[self.eval_pos[ok_eval]]
         counts = np.array([np.sum(self.fold != s) for s in range(self.n_cv)] + [self.n] * (self.n_splits - self.n_cv))
