@@ -52,17 +52,31 @@ def _like(path: str | None, dim: int, rng: np.random.Generator) -> tuple[np.ndar
     return X.mean(0)[idx].astype(np.float32), within[idx].astype(np.float32)
 
 
+class Clusters:
+    """Gaussian class clusters ``separation`` within-class spreads apart, plus 16 shared nuisance directions."""
+
+    def __init__(self, *, dim: int, classes: int, separation: float, like: str | None = None, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.mean, self.spread = _like(like, dim, self.rng)
+        # Class centres: random directions, scaled so that two centres are `separation` spreads apart.
+        self.centres = self.rng.normal(0, separation / np.sqrt(2 * dim), (classes, dim)).astype(np.float32)
+        self.nuisance = self.rng.normal(0, 1, (16, dim)).astype(np.float32) * 2.0 / np.sqrt(16)
+
+    def sample(self, y: np.ndarray) -> np.ndarray:
+        """float32 features of one row per label in ``y``."""
+        n, dim = len(y), self.centres.shape[1]
+        z = self.centres[y] + self.rng.standard_normal((n, dim), np.float32)
+        z += self.rng.standard_normal((n, 16), np.float32) @ self.nuisance
+        return self.mean + self.spread * z
+
+
 def write_cache(path: Path, *, rows: int, n_eval: int, dim: int, classes: int, separation: float,
                 like: str | None, seed: int = 0) -> dict:
     """Write the synthetic cache (train + val rows) through featx's chunk files and final writer."""
     from featx.cache.store import Chunk, PartsDir, fingerprint_digest, write_final
     from featx.data.folders import Sample
 
-    rng = np.random.default_rng(seed)
-    mean, spread = _like(like, dim, rng)
-    # Class centres: random directions, scaled so that two centres are `separation` spreads apart.
-    centres = rng.normal(0, separation / np.sqrt(2 * dim), (classes, dim)).astype(np.float32)
-    nuisance = rng.normal(0, 1, (16, dim)).astype(np.float32) * 2.0 / np.sqrt(16)
+    gen = Clusters(dim=dim, classes=classes, separation=separation, like=like, seed=seed)
     fp = {"backbone": "synthetic", "dim": dim, "classes": classes, "separation": separation, "seed": seed}
     parts = PartsDir(path, fp)
     parts.ensure()
@@ -71,10 +85,8 @@ def write_cache(path: Path, *, rows: int, n_eval: int, dim: int, classes: int, s
     split = ["train"] * rows + ["val"] * n_eval
     for a in range(0, total, CHUNK_ROWS):
         b = min(total, a + CHUNK_ROWS)
-        y = labels[a:b]
-        z = centres[y] + rng.standard_normal((b - a, dim), np.float32) + rng.standard_normal((b - a, 16), np.float32) @ nuisance
         keys = [f"{split[i]}/c{labels[i]:04d}/{i:08d}.jpg" for i in range(a, b)]
-        parts.write_chunk(Chunk(keys=keys, features=(mean + spread * z).astype(np.float16),
+        parts.write_chunk(Chunk(keys=keys, features=gen.sample(labels[a:b]).astype(np.float16),
                                 mtime_ns=np.zeros(b - a, np.int64), size=np.zeros(b - a, np.int64)))
         samples += [Sample(path=k, key=k, label=int(labels[i]), split=split[i]) for i, k in zip(range(a, b), keys)]
     attrs = {"backbone": "synthetic", "fingerprint": fingerprint_digest(fp), "fingerprint_json": json.dumps(fp, sort_keys=True),

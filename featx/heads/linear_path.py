@@ -260,7 +260,7 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
             seen[va] = True
         d, y = oof[seen], yi[seen]
         targets = [(y == 1)] if oof.shape[1] == 1 else [(y == k) for k in range(oof.shape[1])]
-        return np.array([_platt(d[:, min(k, d.shape[1] - 1)], t) for k, t in enumerate(targets)], np.float64)
+        return np.array([platt(d[:, min(k, d.shape[1] - 1)], t) for k, t in enumerate(targets)], np.float64)
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -299,7 +299,7 @@ def _labels_of(d: np.ndarray) -> np.ndarray:
     return (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(1)
 
 
-def _platt(d: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+def platt(d: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     """Platt's sigmoid 1 / (1 + exp(a d + b)) fitted by log loss with his smoothed targets."""
     pos = int(target.sum())
     neg = len(target) - pos

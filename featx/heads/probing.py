@@ -6,6 +6,8 @@ lives in :mod:`featx.heads.search`, :mod:`featx.heads.linear_path` and
 evaluation rows are the cache's ``val``/``test`` split or a seeded stratified hold-out
 (:func:`featx.data.train_eval_split`).  Writes ``metrics.json``, a Markdown table, confusion
 matrices and the fitted heads (``save_head``: model file + JSON sidecar with sha256).
+``solver="stream"`` (or ``auto`` when the training rows do not fit in memory) trains logreg and the
+linear SVM on rows streamed from the cache, ``stream_epochs`` passes (:mod:`featx.heads.streaming`).
 """
 
 from __future__ import annotations
@@ -450,6 +452,15 @@ def _held_dim(fc: FeatureCache, cands: list) -> int:
     return fc.dim + other + (2 * (1 + k) * max(other, fc.dim) if k else 0)
 
 
+def _load(fc: FeatureCache, cands: list, *, folds: int, solver: str, **split) -> tuple[_Rows, list, dict]:
+    """(rows, the candidates they allow, the CV plan): :func:`_load_rows`; a streamed probe
+    (``solver``, :mod:`featx.heads.streaming`) scores the plain rows only."""
+    rows = _load_rows(fc, dim=_held_dim(fc, cands), solver=solver, **split)
+    plan = plan_folds(rows.y_tr, folds)
+    _warn_about_data(rows, plan, fc)
+    return rows, (stream_candidates(cands) if rows.stream else cands), plan
+
+
 def _joined(value) -> str | None:
     return value if isinstance(value, str) or value is None else ",".join(value)
 
@@ -476,8 +487,7 @@ def probe(
     view: str | Sequence[str] | None = "auto",
     norm: str | Sequence[str] | None = "auto",
     train_views: str = "auto",
-    solver: str = "auto",
-    stream_epochs: int = 4,
+    solver: str = "auto", stream_epochs: int = 4,
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -494,9 +504,6 @@ def probe(
     none/power (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
-    ``solver``: ``stream`` trains logreg / the linear SVM by streamed mini-batch optimisation
-    (:mod:`featx.heads.streaming`), ``memory`` holds the training rows, ``auto`` streams when they
-    do not fit; ``stream_epochs``: passes over the training rows when streaming.
     """
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
@@ -504,20 +511,16 @@ def probe(
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
                        stored_views=fc.train_views)
-    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands),
-                      solver=solver)
-    cands = stream_candidates(cands) if rows.stream else cands
-    plan = plan_folds(rows.y_tr, folds)
-    _warn_about_data(rows, plan, fc)
+    rows, cands, plan = _load(fc, cands, folds=folds, test_size=test_size, seed=seed, max_train_rows=max_train_rows,
+                              solver=solver)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
     out.mkdir(parents=True, exist_ok=True)
     summary = fc.summary()
     settings = {
-        "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed,
+        "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed, "solver": solver,
         "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
         "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
-        "solver": solver, "stream_epochs": stream_epochs,
     }
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,

@@ -28,9 +28,13 @@ import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
-from .linear_path import LOSSES, PathLinearHead, _platt
+from ..base.runtime import resolve_device
+from .factory import grid_key
+from .linear_path import LOSSES, PathLinearHead, platt
+from .memory import available_bytes, probe_bytes
 from .search import cv_splits, cv_summary, score_predictions
-from .stream_source import ArraySource, holdout_folds, iter_blocks, prefetch
+from .selection import Candidate, fold_std_err, with_norm
+from .stream_source import ArraySource, CacheSource, holdout_folds, iter_blocks, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class StreamingLinearHead(PathLinearHead):
             if len(self.classes_) == 2:
                 d = d[:, 1:] - d[:, :1]
             targets = [run.y_eval == 1] if d.shape[1] == 1 else [run.y_eval == k for k in range(d.shape[1])]
-            self.calibration_ = np.array([_platt(d[:, k], t) for k, t in enumerate(targets)], np.float64)
+            self.calibration_ = np.array([platt(d[:, k], t) for k, t in enumerate(targets)], np.float64)
 
 
 @contextlib.contextmanager
@@ -133,8 +137,6 @@ def _threads(run: "_Run"):
 
 
 def _device(name: str) -> str:
-    from ..base.runtime import resolve_device
-
     return resolve_device(name or "cpu")
 
 
@@ -193,9 +195,9 @@ class _Run:
 
     def describe(self) -> str:
         if self.n_splits > self.n_cv:
-            return f"{self.n_cv}-fold cv (streamed, refit on all {self.n:,} rows)"
+            return f"{self.n_cv}-fold cv (streamed, refit on all {self.n:,} rows; {self.epochs} epochs)"
         return (f"holdout {len(self.eval_pos) / self.n:.0%} ({len(self.eval_pos):,} of {self.n:,} training rows, "
-                "stratified; the chosen head trained on the others)")
+                f"stratified; the chosen head trained on the others; {self.epochs} epochs)")
 
     # -- passes
     def _statistics(self) -> None:
@@ -403,8 +405,6 @@ def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: i
     The test is :func:`featx.heads.memory.probe_bytes` (the in-memory search's estimate) against
     the memory this process may still use.
     """
-    from .memory import available_bytes, probe_bytes
-
     if solver not in SOLVERS:
         raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
     if solver != "auto":
@@ -423,10 +423,6 @@ def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str,
 
 def fit_streamed(name: str, fc, rows: np.ndarray, y: np.ndarray, cand: tuple[str, str, int], opts: dict):
     """(fitted head, its streaming search, Candidate row) of one (view, norm) on streamed training rows."""
-    from .factory import grid_key
-    from .selection import Candidate, fold_std_err, with_norm
-    from .stream_source import CacheSource
-
     view, norm, _ = cand
     kernel, resolved = opts["kernel"], opts["resolved"]
     inner = create_stream_head(name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=opts["folds"],
