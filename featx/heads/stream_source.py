@@ -39,10 +39,6 @@ class ArraySource:
         """Rows [a, b) of the training rows as float32 (normalised)."""
         return _normalised(np.asarray(self.X[a:b], dtype=np.float32), self.norm)
 
-    def take(self, pos: np.ndarray) -> np.ndarray:
-        """Training rows ``pos`` (sorted), read piece by piece."""
-        return take_rows(self, pos)
-
 
 class CacheSource:
     """The training rows ``rows`` (sorted global row numbers) of a cache's ``view``, read on demand."""
@@ -64,22 +60,9 @@ class CacheSource:
         self._read = None
         self._files.close()
 
-    def take(self, pos: np.ndarray) -> np.ndarray:
-        return take_rows(self, pos)
-
 
 def _normalised(X: np.ndarray, norm: str) -> np.ndarray:
     return X if norm == "none" else FeatureNorm(norm).fit(X[:1]).transform(X)
-
-
-def take_rows(source, pos: np.ndarray, *, dtype=np.float32) -> np.ndarray:
-    """Rows ``pos`` (sorted positions) of a source, read in pieces that skip the spans with none of them."""
-    out = np.empty((len(pos), source.dim), dtype)
-    for a in range(0, source.n, PIECE_ROWS):
-        lo, hi = np.searchsorted(pos, [a, a + PIECE_ROWS])
-        if lo < hi:
-            out[lo:hi] = source.read(a, min(source.n, a + PIECE_ROWS))[pos[lo:hi] - a]
-    return out
 
 
 def block_rows(dim: int) -> int:

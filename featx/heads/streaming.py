@@ -136,10 +136,6 @@ def _threads(run: "_Run"):
         torch.set_num_threads(before)
 
 
-def _device(name: str) -> str:
-    return resolve_device(name or "cpu")
-
-
 def _fast_dtype(device: str):
     """bfloat16 for the matrix products on CUDA and on CPUs with bf16 instructions, else float32."""
     import torch
@@ -169,7 +165,7 @@ class _Run:
             raise ValueError(f"loss must be one of {LOSSES}, got {head.loss!r}")
         self.h, self.source, self.yi, self.Cs = head, source, yi, Cs
         self.n, self.d, self.k = source.n, source.dim, int(yi.max()) + 1
-        self.dev = _device(head.device)
+        self.dev = resolve_device(head.device or "cpu")
         self.dtype = _fast_dtype(self.dev)
         self.rng = np.random.default_rng(head.seed)
         self.torch = torch
