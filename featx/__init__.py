@@ -6,7 +6,7 @@ scikit-learn compatible objects; the ``featx`` command line is a thin layer over
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .base.version import __version__
 
 import logging as _logging
 

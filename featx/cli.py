@@ -29,7 +29,7 @@ import sys
 
 import click
 
-from . import __version__
+from .base.version import __version__
 from .base.errors import CacheWriteError, FeatxError
 from .config import (
     SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings, InfoSettings, PredictSettings,

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..base.progress import progress_bar
-from .. import __version__
+from ..base.version import __version__
 from ..cache.store import Chunk
 from ..config import defaults
 from . import augment

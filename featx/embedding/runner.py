@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from .. import __version__
+from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..cache.store import (

@@ -31,7 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .. import __version__
+from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..cache.store import FeatureCache, find_cache

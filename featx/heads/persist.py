@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
 from ..cache.store import FeatureCache
