@@ -37,7 +37,6 @@ from .config import (
     explain, format_entries, merge, nest, read_config, render_yaml,
 )
 from .config.options import command_line_values, settings_options
-from .heads import grids as heads_grids  # noqa: F401 - registers the check of the "heads:" grid values (no sklearn)
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -271,7 +270,7 @@ def info(cache: str | None, s: InfoSettings) -> None:
 @settings_options(CompareSettings)
 def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
-    from .finetune.comparison import compare as run_compare  # torch: not imported for --help
+    from .runs.compare import compare as run_compare  # torch: not imported for --help
 
     result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet, report=s.report,
                          mlflow=s.mlflow)
@@ -298,7 +297,7 @@ def compare(data: str | None, s: CompareSettings) -> None:
 @settings_options(ProbeSettings)
 def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
-    from .heads.probing import probe as run_probe  # scikit-learn: not imported for --help
+    from .runs.probe import probe as run_probe  # scikit-learn: not imported for --help
 
     result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
     if s.as_json:
@@ -322,7 +321,7 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
 @settings_options(PredictSettings)
 def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
     """Classify INPUTS (image files, folders, or a featx .h5 cache) with a saved head; write a CSV."""
-    from .embedding.predict import predict as run_predict  # torch: not imported for --help
+    from .runs.predict import predict as run_predict  # torch: not imported for --help
 
     result = run_predict(s.head_path, list(inputs), **s.library_kwargs(), progress=not s.quiet)
     if s.as_json:
@@ -362,7 +361,7 @@ def _shots(text: str) -> list[int]:
 @settings_options(FewshotSettings)
 def fewshot(cache: str | None, s: FewshotSettings) -> None:
     """Few-shot curve on CACHE: k training images per class, several seeds, scored on the full evaluation split."""
-    from .heads.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
+    from .runs.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
 
     result = run_fewshot(cache, **s.library_kwargs(), shots=_shots(s.shots), report=s.report, mlflow=s.mlflow)
     data = result.to_dict()
@@ -385,7 +384,7 @@ def fewshot(cache: str | None, s: FewshotSettings) -> None:
 @settings_options(ReportSettings)
 def report(run_dir: str | None, s: ReportSettings) -> None:
     """Write RUN_DIR/report.html (default: the newest run under --runs-dir): one offline page to read."""
-    from .report.publish import publish_existing_run  # matplotlib, scikit-learn: not imported for --help
+    from .runs.publish import publish_existing_run  # matplotlib, scikit-learn: not imported for --help
 
     published = publish_existing_run(run_dir, **s.library_kwargs(), mlflow=s.mlflow)
     click.echo(f"report   {published['report']}")

@@ -33,7 +33,7 @@ from featx.data.folders import discover  # noqa: E402
 from featx.data.splits import train_eval_split  # noqa: E402
 from featx.embedding.backbones import create_backbone  # noqa: E402
 from featx.embedding.cpu import iter_cpu_batches  # noqa: E402
-from featx.heads.fewshot import fewshot  # noqa: E402
+from featx.runs.fewshot import fewshot  # noqa: E402
 
 log = logging.getLogger("view_study")
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featx
-import featx.finetune.comparison as comparison
+import featx.runs.compare as comparison
 from featx.cli import cli
-from featx.finetune.comparison import markdown_table
+from featx.report.compare_table import markdown_table
 from featx.data import train_eval_split
 from featx.errors import FeatxError
 

@@ -71,10 +71,10 @@ def test_missing_required_option_is_a_usage_error(args, missing):
 
 
 def _library_functions():
-    from featx.embedding.predict import predict
+    from featx.runs.predict import predict
     from featx.embedding.runner import embed
-    from featx.finetune.comparison import compare
-    from featx.heads.probing import probe
+    from featx.runs.compare import compare
+    from featx.runs.probe import probe
 
     return {"embed": embed, "probe": probe, "compare": compare, "predict": predict}
 

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 
 import featx
 from featx.data.splits import plan_folds
-from featx.embedding.predict import predict
+from featx.runs.predict import predict
 from featx.heads import grids
 from featx.heads import factory
-from featx.heads import probing as heads
+from featx.heads import factory as heads
 from featx.heads.persist import load_head
 from featx.cache.store import FeatureCache
 from featx.cli import cli
@@ -165,7 +165,7 @@ def test_probe_small_class_uses_fewer_folds(tmp_path, caplog):
     write_image_folder(root, classes=("big",), per_class=8)
     write_image_folder(root, classes=("small",), per_class=2, seed=1)
     fc = _cache(root, tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
+    with caplog.at_level(logging.WARNING, logger="featx.runs.probe"):
         res = featx.probe(fc, head="all", out_dir=tmp_path / "out", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["cv"]["used"] == 2 and "2-fold" in res["cv"]["note"]
     assert all(h["cv_folds"] == 2 for h in res["heads"].values())
@@ -314,6 +314,6 @@ def test_probe_leaves_out_rows_with_nan_features(tiny_cache, tmp_path, caplog):
     shutil.copy(tiny_cache.path, path)
     with h5py.File(path, "r+") as f:
         f["features"][0] = np.nan  # a train row
-    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
+    with caplog.at_level(logging.WARNING, logger="featx.runs.probe"):
         res = featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["split"]["n_train"] == 29 and "NaN/inf" in caplog.text

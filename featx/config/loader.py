@@ -22,12 +22,12 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from ..base.errors import FeatxError
+from .grids import validate_heads_section
 from .settings import SETTINGS, Settings, field_types
 
-# Extra checks of a section, registered by the module that gives it meaning (featx.heads.grids
-# checks the grid values): name -> validator(section_dict, source) raising FeatxError.  A name
+# Extra checks of a section: name -> validator(section_dict, source) raising FeatxError.  A name
 # that is not in SETTINGS makes a free-form section checked only by its validator.
-EXTRA_SECTIONS: dict[str, Callable[[dict, str], None]] = {}
+EXTRA_SECTIONS: dict[str, Callable[[dict, str], None]] = {"heads": validate_heads_section}
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"

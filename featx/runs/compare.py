@@ -32,19 +32,19 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import defaults
-from ..report.publish import publish_run
+from .publish import publish_run
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import train_eval_split
 from ..embedding.runner import embed
 from ..heads.grids import KERNELS
-from ..heads.probing import probe
-from .chart import plot_chart
-from .results import CompareResult, FinetuneResult
-from .settings import STRATEGIES, FinetuneSettings, RunOptions
-from .table import markdown_table
-from .train import finetune as run_finetune
+from .probe import probe
+from ..report.compare_chart import plot_chart
+from ..finetune.results import CompareResult, FinetuneResult
+from ..finetune.settings import STRATEGIES, FinetuneSettings, RunOptions
+from ..report.compare_table import markdown_table
+from ..finetune.train import finetune as run_finetune
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from ..base.errors import FeatxError
 from ..cache.store import FeatureCache
-from .html import write_report
-from .runfiles import find_run
-from .tracking import log_run
+from ..report.html import write_report
+from ..report.runfiles import find_run
+from ..report.tracking import log_run
 
 log = logging.getLogger(__name__)
 

@@ -20,27 +20,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import __version__
+from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from ..cache.store import FeatureCache, find_cache
-from ..data.splits import plan_folds, train_eval_split
+from ..cache.store import FeatureCache
+from ..data.splits import plan_folds
+from ..heads.factory import check_head_name, create_head, grid_key
+from ..heads.grids import ALL_HEADS, KERNELS, resolve_grids
+from ..heads.persist import HEAD_FORMATS, save_head
+from ..heads.scores import scores_of
+from ..heads.search import plain
+from ..heads.selection import Candidate, best_index, candidates, fold_std_err, with_norm
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
-from ..report.publish import publish_run
-from .factory import check_head_name, create_head, grid_key
-from .grids import ALL_HEADS, KERNELS, resolve_grids
-from .memory import check_memory, stratified_subset
-from .persist import HEAD_FORMATS, save_head
-from .selection import Candidate, best_index, candidates, fold_std_err, with_norm
-from .search import AdaptiveStratifiedKFold, GroupedViewFolds, HeadSearch, cv_splits, plain  # noqa: F401
-from .torch_heads import create_torch_head  # noqa: F401 - re-exported
+from .publish import publish_run
+from .rows import Rows, held_dim, load_rows, open_cache
 
 log = logging.getLogger(__name__)
-
-# Rows read from the cache per block: a few tens of MB, so reading never needs twice the features.
-READ_BLOCK_BYTES = 32 << 20
-
 
 @dataclass(eq=False)
 class ProbeResult(dict):
@@ -87,121 +83,6 @@ def _unset(name: str, value: Any) -> bool:
     return value is None and name in ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path")
 
 
-@dataclass
-class _Rows:
-    """Training and evaluation features read from a cache, with where they came from."""
-
-    X_tr: np.ndarray
-    y_tr: np.ndarray
-    tr: np.ndarray
-    X_ev: np.ndarray
-    y_ev: np.ndarray
-    ev: np.ndarray
-    split_desc: dict
-    load_seconds: float
-    subset: dict | None
-    fc: FeatureCache | None = None
-    # The last other view (or augmented rows) read: at most one is held beside the final features,
-    # so choosing among views needs memory for two, not for all of them.
-    by_view: dict = field(default_factory=dict)
-
-    def _held(self, key, read):
-        if key not in self.by_view:
-            self.by_view.clear()
-            self.by_view[key] = read()
-        return self.by_view[key]
-
-    def augmented(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features of view ``name`` of the training rows' augmented views, and their row in ``X_tr``."""
-        def read():
-            X, src = self.fc.augmented(self.tr, view=name)
-            return X, np.searchsorted(self.tr, src)  # tr is sorted
-
-        return self._held(("augmented", name), read)
-
-    def training(self, name: str, train_views: int, *, folds: int, seed: int):
-        """(X, y, folds) to fit on: the plain training rows, plus their augmented views with
-        folds grouped by image (:class:`featx.heads.search.GroupedViewFolds`) when asked."""
-        X_tr = self.view(name)[0]
-        if not train_views:
-            return X_tr, self.y_tr, folds
-        X_aug, src = self.augmented(name)
-        grouped = GroupedViewFolds(folds, random_state=seed, n_plain=len(X_tr), source=src)
-        return np.vstack([X_tr, X_aug]), np.concatenate([self.y_tr, self.y_tr[src]]), grouped
-
-    def view(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Training and evaluation features of view ``name`` (``final``: the cache's features)."""
-        if name == "final":
-            return self.X_tr, self.X_ev
-        def read():
-            splits = self.fc.split_array()
-            return read_rows(self.fc, self.tr, splits, view=name), read_rows(self.fc, self.ev, splits, view=name)
-
-        return self._held(name, read)
-
-
-def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
-    if isinstance(cache, FeatureCache):
-        return cache
-    return FeatureCache(find_cache(cache, cache_dir=cache_dir))
-
-
-def read_rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray, *, view: str | None = None) -> np.ndarray:
-    """float32 features (of ``view``) of sorted global ``rows``, read in blocks (never a whole split at once).
-
-    ``splits``: the cache's per-row split names (each split is one contiguous run of rows).
-    """
-    rows = np.sort(np.asarray(rows, dtype=np.int64))
-    dim = fc.view_dim(view)
-    out = np.empty((len(rows), dim), dtype=np.float32)
-    block = max(256, READ_BLOCK_BYTES // max(1, 4 * dim))
-    for name in fc.splits:
-        in_split = np.flatnonzero(splits == name)
-        a, b = int(in_split[0]), int(in_split[-1]) + 1
-        lo, hi = np.searchsorted(rows, [a, b])
-        if lo == hi:
-            continue
-        start = a
-        for chunk in fc.iter_features(name, rows=block, view=view):
-            c_lo, c_hi = np.searchsorted(rows, [start, start + len(chunk)])
-            out[c_lo:c_hi] = chunk[rows[c_lo:c_hi] - start]
-            start += len(chunk)
-    return out
-
-
-def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, name: str):
-    bad = ~np.isfinite(X).all(axis=1)
-    if not bad.any():
-        return X, y, idx
-    log.warning(
-        "%d %s rows of %s have NaN/inf features and are left out; rebuild the cache with "
-        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name,
-    )
-    return X[~bad], y[~bad], idx[~bad]
-
-
-def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int) -> _Rows:
-    """Split, subset (``max_train_rows``), check memory, then read the features block by block."""
-    t0 = time.perf_counter()
-    labels, splits = fc.labels(), fc.split_array()
-    tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
-    if not len(ev):
-        raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
-    subset = None
-    if max_train_rows is not None:
-        kept = stratified_subset(tr, labels[tr], int(max_train_rows), seed=seed)
-        if len(kept) < len(tr):
-            subset = {"max_train_rows": int(max_train_rows), "n_available": int(len(tr)), "n_used": int(len(kept)),
-                      "stratified": True, "seed": seed}
-            log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
-        tr = kept
-    mem = check_memory(len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
-    log.info("probe memory: about %.0f MiB needed", mem["needed_bytes"] / 2**20)
-    X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
-    X_ev, y_ev, ev = _drop_non_finite(read_rows(fc, ev, splits), labels[ev], ev, "evaluation", fc.path.name)
-    return _Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc)
-
-
 def _heads_list(head: str | Sequence[str]) -> list[str]:
     if isinstance(head, str):
         names = list(ALL_HEADS) if head == "all" else [h.strip() for h in head.split(",") if h.strip()]
@@ -212,16 +93,6 @@ def _heads_list(head: str | Sequence[str]) -> list[str]:
     for n in names:
         check_head_name(n)
     return list(dict.fromkeys(names))
-
-
-def scores_of(est, X) -> np.ndarray | None:
-    """Class scores of a fitted head: probabilities where it has them, else decision values."""
-    if hasattr(est, "predict_proba"):
-        return np.asarray(est.predict_proba(X))
-    if hasattr(est, "decision_function"):
-        d = np.asarray(est.decision_function(X))
-        return np.stack([-d, d], axis=1) if d.ndim == 1 else d
-    return None
 
 
 def _grid_edges(params: dict, grid: dict) -> list[str]:
@@ -250,7 +121,7 @@ def _params(name: str, inner, kernel: str) -> dict:
     return {"kernel": kernel, **params} if name == "svm" else dict(params)
 
 
-def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dict):
+def _fit_candidate(name: str, rows: Rows, cand: tuple[str, str, int], opts: dict):
     """(fitted head, its inner CV search, Candidate row) of one (view, norm, augmented views)."""
     kernel, resolved = opts["kernel"], opts["resolved"]
     view, norm, k = cand
@@ -270,7 +141,7 @@ def _fit_candidate(name: str, rows: _Rows, cand: tuple[str, str, int], opts: dic
     return est, inner, row
 
 
-def _select(name: str, rows: _Rows, opts: dict):
+def _select(name: str, rows: Rows, opts: dict):
     """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
 
     Returns (chosen fitted head, its inner search, the table of candidates, index of the choice,
@@ -302,7 +173,7 @@ def _select(name: str, rows: _Rows, opts: dict):
     return kept[b][0], kept[b][1], table, b, time.perf_counter() - t0
 
 
-def _try(name: str, rows: _Rows, cand: tuple, opts: dict, table: list, kept: dict) -> None:
+def _try(name: str, rows: Rows, cand: tuple, opts: dict, table: list, kept: dict) -> None:
     """Fit one candidate, add its row to ``table``; keep it fitted if it is the current choice."""
     est, inner, row = _fit_candidate(name, rows, cand, opts)
     table.append(row)
@@ -312,7 +183,7 @@ def _try(name: str, rows: _Rows, cand: tuple, opts: dict, table: list, kept: dic
         del kept[i]
 
 
-def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
+def _fit_and_score(name: str, rows: Rows, fc: FeatureCache, *, opts: dict):
     """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
     est, inner, table, b, fit_s = _select(name, rows, opts)
     view, norm = table[b].view, table[b].norm
@@ -351,7 +222,7 @@ def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
     return entry, m, est_classes, est
 
 
-def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: _Rows, split_info: dict) -> dict:
+def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: Rows, split_info: dict) -> dict:
     summary = fc.summary()
     return {
         "head": name,
@@ -375,7 +246,7 @@ def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict,
     }
 
 
-def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out: Path, *, opts: dict) -> dict:
+def _run_head(name: str, rows: Rows, fc: FeatureCache, result: ProbeResult, out: Path, *, opts: dict) -> dict:
     """Search, fit, evaluate, plot and save one head; returns its metrics.json entry."""
     kernel, resolved = opts["kernel"], opts["resolved"]
     key = grid_key(name, kernel)
@@ -415,7 +286,7 @@ def _check_args(kernel: str, folds: int | None, head_format: str) -> None:
         raise FeatxError(f"--folds must be at least 2, got {folds}")
 
 
-def _warn_about_data(rows: _Rows, plan: dict, fc: FeatureCache) -> None:
+def _warn_about_data(rows: Rows, plan: dict, fc: FeatureCache) -> None:
     if plan["note"]:
         log.warning("%s", plan["note"])
     missing = sorted(set(np.unique(rows.y_ev)) - set(np.unique(rows.y_tr)))
@@ -424,14 +295,6 @@ def _warn_about_data(rows: _Rows, plan: dict, fc: FeatureCache) -> None:
             "classes %s appear in the evaluation split but not in training: no head can predict them",
             [fc.classes[i] for i in missing],
         )
-
-
-def _held_dim(fc: FeatureCache, cands: list) -> int:
-    """Feature columns per training row held at once: the final features and one other view (the
-    widest), which an augmented fit holds 1 + K times (plain rows, their views, and the stack of both)."""
-    other = max((fc.view_dim(v) for v, _, _ in cands if v != "final"), default=0)
-    k = max(k for _, _, k in cands)
-    return fc.dim + other + (2 * (1 + k) * max(other, fc.dim) if k else 0)
 
 
 def _joined(value) -> str | None:
@@ -479,11 +342,11 @@ def probe(
     """
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
-    fc = _open_cache(cache, cache_dir)
+    fc = open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
                        stored_views=fc.train_views)
-    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands))
+    rows = load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=held_dim(fc, cands))
     plan = plan_folds(rows.y_tr, folds)
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
