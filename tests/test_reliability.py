@@ -593,7 +593,7 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path)
 
 def _parts_only(data: Path, cache: Path, monkeypatch) -> None:
     """Leave ``cache`` as a run killed right before its final write: all chunks, no final file."""
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
 
@@ -786,7 +786,7 @@ def test_damaged_parts_metadata_is_a_clear_error(kill_data, tmp_path: Path, monk
 
 
 def _enospc_on(monkeypatch, nth_chunk: int | None = None, final: Path | None = None) -> None:
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
     count = {"chunks": 0}
@@ -842,7 +842,7 @@ def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monke
 
 
 def test_disk_full_before_the_first_chunk(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
 

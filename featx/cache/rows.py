@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import FeatureCache
+from .reader import FeatureCache
 
 # Rows read from the cache per block: a few tens of MB, so reading never needs twice the features.
 READ_BLOCK_BYTES = 32 << 20
