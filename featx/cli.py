@@ -220,7 +220,7 @@ def embed(data: str | None, s: EmbedSettings) -> None:
     if data is None and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
     # strict is checked below, after the failures are listed.
-    fc = run_embed(data, **s.library_kwargs(), strict=False, progress=not s.quiet, wait=not s.no_wait)
+    fc = run_embed(data, settings=s, strict=False, progress=not s.quiet)
     if s.shard is not None:  # a ShardResult: chunks added, no finished cache
         _print_shard(fc, as_json=s.as_json)
         return
@@ -272,8 +272,7 @@ def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
     from .runs.compare import compare as run_compare  # torch: not imported for --help
 
-    result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet, report=s.report,
-                         mlflow=s.mlflow)
+    result = run_compare(data, settings=s, grids=_heads_config(), progress=not s.quiet)
     if s.as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -299,9 +298,9 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
     from .runs.probe import probe as run_probe  # scikit-learn: not imported for --help
 
-    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
+    result = run_probe(cache, settings=s, grids=_heads_config())
     if s.as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     if result["cv"].get("note"):
         click.echo(f"note: {result['cv']['note']}")
@@ -363,7 +362,7 @@ def fewshot(cache: str | None, s: FewshotSettings) -> None:
     """Few-shot curve on CACHE: k training images per class, several seeds, scored on the full evaluation split."""
     from .runs.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
 
-    result = run_fewshot(cache, **s.library_kwargs(), shots=_shots(s.shots), report=s.report, mlflow=s.mlflow)
+    result = run_fewshot(cache, settings=s, shots=_shots(s.shots))
     data = result.to_dict()
     if s.as_json:
         click.echo(json.dumps(data, indent=2, default=str))

@@ -46,10 +46,6 @@ ALLOWED_LONG: dict[str, str] = {}
 ALLOWED_WIDE: dict[str, str] = {
     "featx.heads.search:HeadSearch.__init__": "scikit-learn estimator contract: every hyperparameter is an "
     "__init__ keyword (get_params, clone)",
-    "featx.embedding.runner:embed": "until it takes EmbedSettings",
-    "featx.runs.probe:probe": "until it takes ProbeSettings",
-    "featx.runs.fewshot:fewshot": "until it takes FewshotSettings",
-    "featx.embedding.runner:check_options": "until it takes EmbedSettings",
     "featx.heads.factory:create_head": "until it takes a HeadSpec",
     "featx.embedding.engine:iter_chunks": "until it takes EngineSettings",
 }

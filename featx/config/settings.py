@@ -110,6 +110,46 @@ class Settings:
         return out
 
     @classmethod
+    def lib_names(cls) -> dict[str, str]:
+        """Library keyword -> field name, for the fields whose keyword differs (``num_workers`` -> ``workers``)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            lib = f.metadata.get("lib", _SAME)
+            if lib is not _SAME and lib is not None:
+                out[lib] = f.name
+        return out
+
+    @classmethod
+    def with_overrides(cls, settings: "Settings | None", overrides: dict[str, Any], *, call: str,
+                       extras: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The settings of a library call: ``settings`` (default: the command's defaults) with keyword overrides.
+
+        An override names a field (``workers``) or the keyword the library has always taken for it
+        (``num_workers``).  ``extras``: the call's library-only keywords and their defaults (``progress``...).
+        Returns (settings, extras with the overrides applied).  An unknown keyword raises TypeError naming it
+        and the valid ones, as a Python call would.
+        """
+        if settings is not None and not isinstance(settings, cls):
+            raise TypeError(f"{call}(settings=...) takes a {cls.__name__}, got {type(settings).__name__}")
+        extras = dict(extras or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        aliases = cls.lib_names()
+        changes: dict[str, Any] = {}
+        unknown = []
+        for key, value in overrides.items():
+            if key in extras:
+                extras[key] = value
+            elif key in names or key in aliases:
+                changes[aliases.get(key, key)] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            valid = sorted(names | set(aliases) | set(extras))
+            raise TypeError(f"{call}() got unexpected keyword argument(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(valid)}")
+        return dataclasses.replace(settings if settings is not None else cls(), **changes), extras
+
+    @classmethod
     def describe(cls) -> str:
         """First line of the class docstring (the section's comment in the YAML)."""
         return (cls.__doc__ or "").strip().splitlines()[0]

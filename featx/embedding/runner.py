@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..base.version import __version__
 from ..base.errors import FeatxError
@@ -30,7 +30,7 @@ from ..cache.store import (
     FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
     write_final,
 )
-from ..config import defaults
+from ..config import EmbedSettings
 from ..data.folders import Dataset, discover
 from .backbones import Backbone, create_backbone
 from . import augment
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
 EXECUTORS = ("local", "ray")
-_E = defaults("embed")  # the typed defaults of `featx embed`
 
 
 @dataclass
@@ -99,10 +98,15 @@ class EmbedPlan:
     train_views: int | None = None  # augmented views per training image; None until read_done: keep the cache's
 
 
-def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = _E.views,
-                  tta: str = _E.tta, train_views: int | None = _E.train_views) -> EngineSettings:
-    """Refuse bad options before any file is read; resolve device, engine and workers."""
+def check_options(settings: EmbedSettings | None = None, **overrides: Any) -> EngineSettings:
+    """Refuse bad options before any file is read; resolve device, engine and workers.
+
+    ``settings``/``overrides``: as :func:`embed` takes them.
+    """
+    s, _ = EmbedSettings.with_overrides(settings, overrides, call="check_options")
+    backbone, weights, device, engine, batch_size = s.backbone, s.weights, s.device, s.engine, s.batch_size
+    num_workers, dtype, chunk_size, runtime, views, tta = s.workers, s.dtype, s.chunk_size, s.runtime, s.views, s.tta
+    train_views = s.train_views
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
     if batch_size is None or batch_size < 1:
@@ -292,34 +296,12 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
     return FeatureCache(p.path)
 
 
-def embed(
-    root: str | os.PathLike | None = None,
-    *,
-    backbone: str = "efficientnet_lite0",
-    weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike = "cache",
-    cache: str | os.PathLike | None = None,
-    manifest: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    chunk_size: int = 1024,
-    overwrite: bool = False,
-    strict: bool = False,
-    progress: bool = True,
-    wait: bool = True,
-    engine: str = "auto",
-    limit: int | None = None,
-    executor: str = "local",
-    ray_address: str | None = None,
-    num_actors: int | None = None,
-    shard: str | tuple[int, int] | None = None,
-    runtime: str = "auto",
-    views: str | Sequence[str] = "final,stages",
-    tta: str = "none",
-    train_views: int | None = None,
-) -> "FeatureCache | ShardResult":
+# Keywords of embed() that are not options of `featx embed`, with their library defaults.
+_EXTRAS = {"progress": True, "wait": True}
+
+
+def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | None = None,
+          **overrides: Any) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
     Safe to rerun: finished images are reused, new ones embedded, removed ones dropped; a cache
@@ -335,11 +317,19 @@ def embed(
     plain cache of earlier featx versions.  ``train_views`` also stores that many augmented views
     of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group;
     None keeps what the cache already stores, 0 removes them.
+
+    ``settings``: the options of ``featx embed`` (:class:`featx.config.EmbedSettings`, default its
+    defaults); keyword ``overrides`` replace single fields, by field name or the library's name for
+    it (``cache`` for ``cache_path``, ``num_workers`` for ``workers``); an unknown name is a TypeError.
+    Library-only keywords: ``progress`` (a bar or log lines) and ``wait`` (for another writer; False
+    fails at once, as ``no_wait``).
     """
     t0 = time.perf_counter()
-    settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
-                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
-                             views=views, tta=tta, train_views=train_views)
+    s, x = EmbedSettings.with_overrides(settings, overrides, call="embed", extras=_EXTRAS)
+    cache, cache_dir, manifest, limit, overwrite, strict = s.cache_path, s.cache_dir, s.manifest, s.limit, s.overwrite, s.strict
+    executor, shard, num_actors, ray_address = s.executor, s.shard, s.num_actors, s.ray_address
+    progress, wait = x["progress"], x["wait"] and not s.no_wait
+    settings = check_options(s)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
     if sh is not None:

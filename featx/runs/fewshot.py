@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -25,6 +25,7 @@ from ..base.version import __version__
 from ..base.io import write_json
 from ..cache.rows import read_rows
 from ..cache.store import FeatureCache, find_cache
+from ..config import FewshotSettings
 from ..data.splits import train_eval_split
 from ..heads.fewshot import FALLBACK_PARAMS, FEWSHOT_GRIDS, FEWSHOT_HEADS, draw_shots, fit_in_draw, t_interval
 from ..report.charts import fewshot_series, plot_fewshot
@@ -107,7 +108,12 @@ def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir:
                        "fingerprint": fc.fingerprint}, "name": fc.path.stem}
 
 
-def _check_options(shots: Sequence[int], seeds: int | Sequence[int], heads: Sequence[str] | str) -> tuple[list, list, list]:
+def _check_options(shots: str | Sequence[int], seeds: int | Sequence[int], heads: Sequence[str] | str) -> tuple[list, list, list]:
+    if isinstance(shots, str):
+        try:
+            shots = [int(k) for k in shots.split(",") if k.strip()]
+        except ValueError:
+            raise FeatxError(f"--shots {shots!r}: expected a comma list of positive integers, e.g. 1,5,10") from None
     heads_l = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
     heads_l = [h for h in dict.fromkeys(heads_l) if h]
     for h in heads_l:
@@ -156,33 +162,30 @@ def _run_draws(raw: dict, notes: list, data: dict, shots_l: list, seeds_l: list,
             log.info("seed %d, %d shots: %s", seed, k, {h: round(raw[(h, k)][-1][0], 4) for h in heads_l})
 
 
-def fewshot(
-    source=None,
-    *,
-    shots: Sequence[int] = (1, 2, 5, 10, 20),
-    seeds: int | Sequence[int] = 5,
-    heads: Sequence[str] | str = ("logreg", "knn"),
-    out_dir: str | os.PathLike | None = None,
-    cap: bool = False,
-    test_size: float = 0.2,
-    split_seed: int = 0,
-    grids: dict[str, dict[str, list]] | None = None,
-    max_iter: int = 2000,
-    plot: bool = True,
-    cache_dir: str | os.PathLike = "cache",
-    report: bool = False,
-    mlflow: bool = False,
-    view: str | Sequence[str] = "final",
-) -> FewShotResult:
+# Keywords of fewshot() that are not options of `featx fewshot`, with their library defaults.
+_EXTRAS = {"grids": None, "max_iter": 2000, "plot": True, "report": None}
+
+
+def fewshot(source=None, *, settings: FewshotSettings | None = None, **overrides: Any) -> FewShotResult:
     """Accuracy vs shots per class for each head; writes ``fewshot.json`` and ``fewshot.png`` to ``out_dir``.
+
+    ``settings``: the options of ``featx fewshot`` (:class:`featx.config.FewshotSettings`); keyword
+    ``overrides`` replace single fields, by field name or the library's name for it (``heads`` for
+    ``head``, ``cap`` for ``cap_shots``, ``split_seed`` for ``seed``); an unknown name is a TypeError.
+    ``shots``: a comma list or a sequence of ints.  Library-only keywords: ``grids`` (overrides
+    :data:`featx.heads.fewshot.FEWSHOT_GRIDS` per head), ``max_iter``, ``plot`` and ``report``
+    (``report.html``; default: what a ``settings`` object says, else none, as :func:`featx.probe`).
 
     ``source``: a cache path, a :class:`FeatureCache`, None (newest cache in ``cache_dir``) or
     arrays (see :func:`load_data`).  ``seeds``: a count (seeds 0..n-1) or explicit seeds.
-    ``grids`` overrides :data:`FEWSHOT_GRIDS` per head.  Hyperparameters are chosen by CV
-    inside each draw (min(k, 5) folds); the evaluation split is only used to score.  ``view``:
-    a feature view of the cache (:mod:`featx.cache.views`), or a comma list for one curve per
-    (head, view), labelled ``head@view``, on the same draws.
+    Hyperparameters are chosen by CV inside each draw (min(k, 5) folds); the evaluation split
+    is only used to score.  ``view``: a feature view of the cache (:mod:`featx.cache.views`), or
+    a comma list for one curve per (head, view), labelled ``head@view``, on the same draws.
     """
+    s, x = FewshotSettings.with_overrides(settings, overrides, call="fewshot", extras=_EXTRAS)
+    shots, seeds, heads, out_dir, cap, test_size = s.shots, s.seeds, s.head, s.out_dir, s.cap_shots, s.test_size
+    split_seed, cache_dir, mlflow, view, grids, max_iter = s.seed, s.cache_dir, s.mlflow, s.view, x["grids"], x["max_iter"]
+    report = x["report"] if x["report"] is not None else (settings is not None and s.report)
     t_start = time.perf_counter()
     shots_l, seeds_l, heads_l = _check_options(shots, seeds, heads)
     views = [v.strip() for v in view.split(",") if v.strip()] if isinstance(view, str) else list(view)
@@ -214,7 +217,7 @@ def fewshot(
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"fewshot-{data['name']}"
     out.mkdir(parents=True, exist_ok=True)
-    if plot:
+    if x["plot"]:
         title = " / ".join(str(v) for v in (data["name"].split("__")[0], data["source"].get("backbone")) if v)
         result.png_path = str(plot_fewshot(fewshot_series(result.to_dict()), out / "fewshot.png", title=title,
                                             n_seeds=len(seeds_l)))

@@ -11,7 +11,6 @@ matrices and the fitted heads (``save_head``: model file + JSON sidecar with sha
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -23,14 +22,15 @@ import numpy as np
 from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
+from ..base.records import ItemAccess
 from ..cache.store import FeatureCache
 from ..data.splits import plan_folds
-from ..heads.factory import check_head_name, create_head, grid_key
+from ..heads.factory import check_head_name, grid_key
 from ..heads.grids import ALL_HEADS, KERNELS, resolve_grids
 from ..heads.persist import HEAD_FORMATS, save_head
 from ..heads.scores import scores_of
-from ..heads.search import plain
-from ..heads.selection import Candidate, best_index, candidates, fold_std_err, with_norm
+from ..config import ProbeSettings
+from ..heads.selection import SearchPlan, candidates, select
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
 from .publish import publish_run
@@ -38,12 +38,16 @@ from .rows import Rows, held_dim, load_rows, open_cache
 
 log = logging.getLogger(__name__)
 
+# Fields filled at the end of a probe (or only with a subset): left out of metrics.json until set.
+_LATE = ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path")
+
+
 @dataclass(eq=False)
-class ProbeResult(dict):
+class ProbeResult(ItemAccess):
     """What :func:`probe` returns and writes to ``metrics.json`` (``to_dict()``, same keys as ever).
 
-    Also a dict holding the same values (``result["heads"]``), so that callers written for the
-    former dict, ``json.dumps`` and :func:`featx.base.io.write_json` keep working unchanged.
+    ``result["heads"]`` reads a field too (:class:`featx.base.records.ItemAccess`), for callers written
+    for the former dict; a field not filled in yet reads as absent there and in ``to_dict()``.
     """
 
     featx_version: str
@@ -63,24 +67,12 @@ class ProbeResult(dict):
     report_path: str | None = None
     train_subset: dict | None = None  # only when max_train_rows drew a subset
 
+    def _unset(self, name: str, value: Any) -> bool:
+        return value is None and name in _LATE
+
     def to_dict(self) -> dict:
         """The JSON document: every field set so far, in the order metrics.json has always had."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not _unset(f.name, getattr(self, f.name))}
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if _unset(name, value):
-            self.pop(name, None)
-        else:
-            dict.__setitem__(self, name, value)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        setattr(self, key, value) if key in self.__dataclass_fields__ else dict.__setitem__(self, key, value)
-
-
-def _unset(name: str, value: Any) -> bool:
-    """Fields filled at the end of a probe (or only with a subset) are left out until set."""
-    return value is None and name in ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path")
+        return {f.name: getattr(self, f.name) for f in fields(self) if not self._unset(f.name, getattr(self, f.name))}
 
 
 def _heads_list(head: str | Sequence[str]) -> list[str]:
@@ -115,77 +107,10 @@ def _probabilities(est) -> str:
     return "native" if hasattr(est, "predict_proba") else "none"
 
 
-def _params(name: str, inner, kernel: str) -> dict:
-    params = getattr(inner, "params_", None) or {k.split("__")[-1]: plain(v)
-                                                 for k, v in getattr(inner, "best_params_", {}).items()}
-    return {"kernel": kernel, **params} if name == "svm" else dict(params)
-
-
-def _fit_candidate(name: str, rows: Rows, cand: tuple[str, str, int], opts: dict):
-    """(fitted head, its inner CV search, Candidate row) of one (view, norm, augmented views)."""
-    kernel, resolved = opts["kernel"], opts["resolved"]
-    view, norm, k = cand
-    X, y, folds = rows.training(view, k, folds=opts["folds"], seed=opts["seed"])
-    inner = create_head(
-        name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=folds, seed=opts["seed"],
-        n_jobs=opts["n_jobs"], device=opts["device"], scoring=resolved["scoring"], max_iter=resolved["max_iter"],
-        problem=(len(y), X.shape[1], len(np.unique(y))),
-    )
-    est = with_norm(inner, norm)
-    log.info("fitting %s on %d rows x %d features of view %s, norm %s%s (%d-fold CV)", name, len(y), X.shape[1],
-             view, norm, f", {k} augmented views per image" if k else "", opts["plan"]["used"])
-    t1 = time.perf_counter()
-    est.fit(X, y)
-    row = Candidate(view, norm, k, int(X.shape[1]), float(plain(getattr(inner, "best_score_", np.nan))),
-                    fold_std_err(inner), _params(name, inner, kernel), time.perf_counter() - t1)
-    return est, inner, row
-
-
-def _select(name: str, rows: Rows, opts: dict):
-    """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
-
-    Returns (chosen fitted head, its inner search, the table of candidates, index of the choice,
-    seconds).  Only training rows are used; every candidate is scored on the same folds.  Two
-    stages, because a fit on the augmented views costs (1 + K) plain fits: the view and norm are
-    chosen on the plain rows, then the augmented views are tried on that choice only (with
-    ``--train-views on`` they are then used whatever their score).  Only the current choice is
-    kept fitted (heads such as kNN hold their training rows); one dropped earlier is refitted.
-    """
-    cands = opts["candidates"]
-    plain = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
-    aug = sorted({k for _, _, k in cands if k})
-    forced_aug = bool(aug) and all(k for _, _, k in cands)
-    table: list[Candidate] = []
-    kept: dict[int, tuple] = {}
-    t0 = time.perf_counter()
-    if forced_aug and len(plain) == 1:  # nothing to choose on the plain rows
-        plain = []
-    for cand in plain:
-        _try(name, rows, cand, opts, table, kept)
-    if aug:
-        chosen = table[best_index(table)] if table else None
-        view, norm = (chosen.view, chosen.norm) if chosen else cands[0][:2]
-        _try(name, rows, (view, norm, aug[-1]), opts, table, kept)
-    b = len(table) - 1 if forced_aug else best_index(table)
-    if b not in kept:
-        c = table[b]
-        kept[b] = _fit_candidate(name, rows, (c.view, c.norm, c.train_views), opts)[:2]
-    return kept[b][0], kept[b][1], table, b, time.perf_counter() - t0
-
-
-def _try(name: str, rows: Rows, cand: tuple, opts: dict, table: list, kept: dict) -> None:
-    """Fit one candidate, add its row to ``table``; keep it fitted if it is the current choice."""
-    est, inner, row = _fit_candidate(name, rows, cand, opts)
-    table.append(row)
-    kept[len(table) - 1] = (est, inner)
-    keep = {best_index(table)} | ({len(table) - 1} if row.train_views else set())
-    for i in [i for i in kept if i not in keep]:
-        del kept[i]
-
-
-def _fit_and_score(name: str, rows: Rows, fc: FeatureCache, *, opts: dict):
+def _fit_and_score(rows: Rows, fc: FeatureCache, plan: SearchPlan):
     """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
-    est, inner, table, b, fit_s = _select(name, rows, opts)
+    sel = select(rows, plan)
+    est, inner, table, b, fit_s = sel.est, sel.inner, sel.table, sel.chosen, sel.seconds
     view, norm = table[b].view, table[b].norm
     X_ev = rows.view(view)[1]
     t0 = time.perf_counter()
@@ -206,8 +131,8 @@ def _fit_and_score(name: str, rows: Rows, fc: FeatureCache, *, opts: dict):
         "view_choice": "cv (first within one standard error of the best)" if len(table) > 1 else "given",
         "views": [c.to_dict() for c in table],
         "cv_score": table[b].cv_score,
-        "cv_scoring": opts["resolved"]["scoring"],
-        "cv_folds": int(getattr(inner, "n_splits_", opts["plan"]["used"])),
+        "cv_scoring": plan.scoring,
+        "cv_folds": int(getattr(inner, "n_splits_", plan.folds_used)),
         "n_candidates": int(getattr(inner, "n_candidates_", 0) or 0),
         "search": getattr(inner, "parallel_", type(inner).__name__),
         "probabilities": _probabilities(inner),
@@ -246,12 +171,13 @@ def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict,
     }
 
 
-def _run_head(name: str, rows: Rows, fc: FeatureCache, result: ProbeResult, out: Path, *, opts: dict) -> dict:
+def _run_head(rows: Rows, fc: FeatureCache, result: ProbeResult, plan: SearchPlan, s: ProbeSettings, *,
+              out: Path, plots: bool, save: bool) -> dict:
     """Search, fit, evaluate, plot and save one head; returns its metrics.json entry."""
-    kernel, resolved = opts["kernel"], opts["resolved"]
+    name, kernel = plan.name, plan.kernel
     key = grid_key(name, kernel)
-    entry, m, est_classes, est = _fit_and_score(name, rows, fc, opts=opts)
-    edges = _grid_edges(entry["params"], resolved[key])
+    entry, m, est_classes, est = _fit_and_score(rows, fc, plan)
+    edges = _grid_edges(entry["params"], plan.grid)
     if edges:
         entry["grid_edge"] = edges
         log.warning(
@@ -261,7 +187,7 @@ def _run_head(name: str, rows: Rows, fc: FeatureCache, result: ProbeResult, out:
     if "confusion_matrix" in m:
         entry["confusion_matrix"] = m["confusion_matrix"]
     entry["predictions_csv"] = str(write_predictions(predictions_path(out, name), entry.pop("predictions")))
-    if opts["plots"]:
+    if plots:
         png = out / f"confusion_{name}.png"
         plot_confusion(
             m["confusion_full"], fc.classes, png,
@@ -269,9 +195,9 @@ def _run_head(name: str, rows: Rows, fc: FeatureCache, result: ProbeResult, out:
             f"(n={len(rows.ev)}, accuracy {m['accuracy']:.3f})",
         )
         entry["confusion_png"] = str(png)
-    if opts["save"]:
+    if save:
         sidecar = _sidecar(name, kernel, fc, est_classes, entry, rows, result.split)
-        entry["model_path"] = str(save_head(est, out / f"{name}.{opts['head_format']}", sidecar=sidecar, format=opts["head_format"]))
+        entry["model_path"] = str(save_head(est, out / f"{name}.{s.head_format}", sidecar=sidecar, format=s.head_format))
     log.info("%s: view %s, norm %s, accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["view"], entry["norm"],
              entry["accuracy"], entry["cv_score"], entry["params"], entry["fit_seconds"])
     return entry
@@ -301,30 +227,30 @@ def _joined(value) -> str | None:
     return value if isinstance(value, str) or value is None else ",".join(value)
 
 
-def probe(
-    cache=None,
-    *,
-    head: str | Sequence[str] = "svm",
-    kernel: str = "linear",
-    test_size: float = 0.2,
-    folds: int = 5,
-    seed: int = 0,
-    device: str = "auto",
-    n_jobs: int | None = -1,
-    out_dir: str | os.PathLike | None = None,
-    grids: dict | None = None,
-    save: bool = True,
-    cache_dir: str | os.PathLike = "cache",
-    plots: bool = True,
-    max_train_rows: int | None = None,
-    head_format: str = "skops",
-    report: bool = False,
-    mlflow: bool = False,
-    view: str | Sequence[str] | None = "auto",
-    norm: str | Sequence[str] | None = "auto",
-    train_views: str = "auto",
-) -> ProbeResult:
-    """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
+def _settings_doc(s: ProbeSettings, names: list[str], resolved: dict, cands: list) -> dict:
+    """The settings saved in metrics.json (the keys it has always had)."""
+    return {
+        "heads": names, "kernel": s.kernel, "test_size": s.test_size, "folds": s.folds, "seed": s.seed,
+        "device": s.device, "n_jobs": s.n_jobs,
+        "grids": {grid_key(n, s.kernel): resolved[grid_key(n, s.kernel)] for n in names},
+        "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": s.max_train_rows,
+        "view": _joined(s.view), "norm": _joined(s.norm), "train_views": s.train_views,
+        "candidates": [list(c) for c in cands],
+    }
+
+
+# Keywords of probe() that are not options of `featx probe`, with their library defaults.
+_EXTRAS = {"grids": None, "plots": True, "save": None, "report": None}
+
+
+def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any) -> ProbeResult:
+    """Train heads on a cache's training rows and evaluate them once on its evaluation rows.
+
+    ``settings``: the options of ``featx probe`` (:class:`featx.config.ProbeSettings`, default its defaults);
+    keyword ``overrides`` replace single fields (``head="logreg"``, ``folds=3``; an unknown name is a
+    TypeError).  ``head`` is "logreg", "svm", "knn", "all", a comma list or a list.  Library-only
+    keywords: ``grids`` (overrides of the ``heads:`` grids), ``plots`` (confusion PNGs), ``save`` (the
+    fitted heads; default ``not settings.no_save``) and ``report``.
 
     ``cache``: a path, a :class:`FeatureCache`, or None for the newest cache in ``cache_dir``.
     Hyperparameters are chosen by CV on the training rows only; the evaluation rows are the
@@ -333,51 +259,53 @@ def probe(
     the probe stops with a message naming a value that fits before reading anything).  Writes
     ``metrics.json``, ``report.md``, ``predictions_<head>.csv``, ``confusion_<head>.png`` and
     ``<head>.skops`` (``head_format="joblib"``: a pickle) + JSON sidecar to ``out_dir`` (default
-    ``runs/probe-<cache stem>/``) and returns the same as a ProbeResult.  ``report`` also writes
-    ``report.html``; ``mlflow`` logs the run to MLflow.  ``view``/``norm``: ``auto`` chooses, per
-    head and by the same CV, among every feature view the cache stores and the normalisations
-    none/power (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
+    ``runs/probe-<cache stem>/``) and returns the same as a ProbeResult.
+
+    ``report.html``: written when ``report=True``, or when a ``settings`` object says ``report`` (the
+    CLI's default).  Called with no settings, the library writes none unless asked, because
+    rendering it (thumbnails, embedding map) costs more than a small probe; ``featx report RUN_DIR``
+    builds it later.  ``mlflow`` logs the run to MLflow.  ``view``/``norm``: ``auto`` chooses,
+    per head and by the same CV, among every feature view the cache stores and the normalisations
+    (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
     """
-    names = _heads_list(head)
-    _check_args(kernel, folds, head_format)
-    fc = open_cache(cache, cache_dir)
-    resolved = resolve_grids(grids)
-    cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
+    s, x = ProbeSettings.with_overrides(settings, overrides, call="probe", extras=_EXTRAS)
+    report = x["report"] if x["report"] is not None else (settings is not None and s.report)
+    save = x["save"] if x["save"] is not None else not s.no_save
+    names = _heads_list(s.head)
+    _check_args(s.kernel, s.folds, s.head_format)
+    fc = open_cache(cache, s.cache_dir)
+    resolved = resolve_grids(x["grids"])
+    cands = candidates(s.view, s.norm, fc.views, cache_name=fc.path.name, train_views=s.train_views,
                        stored_views=fc.train_views)
-    rows = load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=held_dim(fc, cands))
-    plan = plan_folds(rows.y_tr, folds)
-    _warn_about_data(rows, plan, fc)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
+    rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands))
+    folds_plan = plan_folds(rows.y_tr, s.folds)
+    _warn_about_data(rows, folds_plan, fc)
+    out = Path(s.out_dir) if s.out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
     out.mkdir(parents=True, exist_ok=True)
     summary = fc.summary()
-    settings = {
-        "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed,
-        "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
-        "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
-        "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
-    }
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
         backbone=summary.get("backbone"), fingerprint=fc.fingerprint,
-        split=dict(rows.split_desc, n_train=int(len(rows.tr)), n_eval=int(len(rows.ev))), cv=plan, settings=settings,
-        load_seconds=rows.load_seconds, train_subset=rows.subset,
+        split=dict(rows.split_desc, n_train=int(len(rows.tr)), n_eval=int(len(rows.ev))), cv=folds_plan,
+        settings=_settings_doc(s, names, resolved, cands), load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
-    opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
-            "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
-            "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
     t0 = time.perf_counter()
     for name in names:
-        result.heads[name] = _run_head(name, rows, fc, result, out, opts=opts)
+        plan = SearchPlan(
+            name=name, kernel=s.kernel, grid=resolved[grid_key(name, s.kernel)], scoring=resolved["scoring"],
+            max_iter=resolved["max_iter"], folds=s.folds, folds_used=folds_plan["used"], seed=s.seed, n_jobs=s.n_jobs,
+            device="cpu" if (s.device or "cpu").lower() == "cpu" else s.device, candidates=tuple(cands))
+        result.heads[name] = _run_head(rows, fc, result, plan, s, out=out, plots=x["plots"], save=save)
     result.seconds = rows.load_seconds + time.perf_counter() - t0
     result.out_dir = str(out)
     result.table = markdown_table(result.to_dict())
     (out / "report.md").write_text(result.table + "\n", encoding="utf-8")
     result.metrics_path = str(out / "metrics.json")
     write_json(out / "metrics.json", result.to_dict())
-    if report or mlflow:
-        result.report_path = publish_run(out, cache=fc, report=report, mlflow=mlflow)["report"]
+    if report or s.mlflow:
+        result.report_path = publish_run(out, cache=fc, report=report, mlflow=s.mlflow)["report"]
         if result.report_path:
             write_json(out / "metrics.json", result.to_dict())
     return result
