@@ -50,6 +50,12 @@ sys.path.insert(0, str(REPO))
 from featx.cache.store import FeatureCache  # noqa: E402
 from featx.data import discover  # noqa: E402
 
+
+def _fault_env() -> dict[str, str]:
+    """A featx subprocess that sleeps DELAY s after each chunk: tests/faults/sitecustomize.py, first on PYTHONPATH."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "faults"), str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
+
 CHUNK, BATCH, DELAY = 8, 4, 0.1
 
 
@@ -148,7 +154,7 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
     SIGKILL gives the run no chance to react; SIGINT (what Ctrl-C sends to the whole foreground
     process group) must end it cleanly: exit 130, a message saying how to resume, no traceback.
     """
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
+    env = _fault_env()
     before = disk_state(cache)
     log_path = cache.parent / f"kill-{time.time_ns()}.log"
     with open(log_path, "w") as log_fh:  # not --quiet: the log tells startup from embedding
@@ -229,7 +235,7 @@ def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: in
     timing = work / "timing.h5"
     t = time.perf_counter()
     subprocess.run(embed_cmd(data, timing, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)})
+                   env=_fault_env())
     run_seconds = time.perf_counter() - t
     print(f"run with FEATX_TEST_CHUNK_DELAY={DELAY}: {run_seconds:.1f}s (random kills are drawn from [0, that])")
     rng = random.Random(seed)

@@ -1,4 +1,4 @@
-"""View study for issue 12: which feature views of one frozen backbone beat today's pooled features?
+"""View study: which feature views of one frozen backbone beat today's pooled features?
 
 Two steps, so that the (slow, CPU) embedding pass runs once and the (cheap) head fits can be
 rerun at will:

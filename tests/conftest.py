@@ -28,6 +28,32 @@ def write_image_folder(root: Path, *, splits=("train", "val"), classes=("cats", 
     return root
 
 
+# The tiny test backbone (random tiny_cnn, no DataLoader workers, no progress output), defined once:
+# library keywords, and the same as command-line options.  Tests add their batch size, device, ...
+TINY_BACKBONE = dict(backbone="tiny_cnn", weights="random")
+TINY_KW = dict(TINY_BACKBONE, num_workers=0, progress=False)
+TINY_CLI = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0"]
+
+
+def tiny_embed(root: Path, cache_dir: Path, **overrides):
+    """``featx.embed`` of ``root`` with the tiny backbone (batch 16) into ``cache_dir``."""
+    import featx
+
+    return featx.embed(root, cache_dir=cache_dir, **{**TINY_KW, "batch_size": 16, **overrides})
+
+
+def make_tiny_cache(tmp: Path, *, per_class: int = 10, classes=("cats", "dogs", "owls"), **overrides):
+    """A tiny cache of generated images (train and val splits of ``classes``) under ``tmp``."""
+    root = write_image_folder(tmp / "data", classes=classes, per_class=per_class)
+    return tiny_embed(root, tmp / "cache", **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One tiny cache per test module: 3 classes x 10 images in train and in val, views final and stages."""
+    return make_tiny_cache(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "data")
@@ -51,6 +77,16 @@ def _openvino_cache(tmp_path_factory, monkeypatch):
 def _quiet_threads(monkeypatch):
     # Keep the 2-core CI machine responsive when tests start subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(**switches: str) -> dict[str, str]:
+    """The environment of a featx subprocess with fault injection (``tests/faults/sitecustomize.py``):
+    that folder first on PYTHONPATH, and the switches (``FEATX_TEST_CHUNK_DELAY="0.3"``...) set."""
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **switches}
 
 
 def assert_same_cache(a: Path, b: Path) -> None:

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from featx.cli import cli
 
-TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0", "--batch-size", "4", "--quiet"]
+from conftest import TINY_CLI
+
+TINY = [*TINY_CLI, "--batch-size", "4", "--quiet"]
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from featx.report.compare_table import markdown_table
 from featx.data import train_eval_split
 from featx.errors import FeatxError
 
-from conftest import write_image_folder
+from conftest import TINY_BACKBONE, write_image_folder
 
-TINY = dict(backbone="tiny_cnn", weights="random", device="cpu", progress=False)
+TINY = dict(TINY_BACKBONE, device="cpu", progress=False)
 FT = dict(epochs=1, batch_size=8, num_workers=0)
 
 

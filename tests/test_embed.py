@@ -18,9 +18,9 @@ import featx
 from featx.cache.store import FeatureCache
 from featx.errors import CacheMismatchError, FeatxError
 
-from conftest import write_image_folder
+from conftest import TINY_KW, fault_env, write_image_folder
 
-TINY = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4)
+TINY = dict(TINY_KW, batch_size=4)
 
 
 def test_embed_writes_a_self_describing_cache(image_folder, tmp_path):
@@ -128,7 +128,7 @@ def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=10)
     clean = featx.embed(data, cache=tmp_path / "clean.h5", **TINY)
     cache = tmp_path / "killed.h5"
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
+    env = fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
     proc = subprocess.Popen(_embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = Path(str(cache) + ".parts")
     deadline = time.time() + 120

@@ -26,7 +26,7 @@ from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data import train_eval_split
 from featx.errors import FeatxError
-from conftest import write_image_folder
+from conftest import tiny_embed, write_image_folder
 
 
 def _blobs(n_per=30, d=8, k=3, sep=4.0, seed=0):
@@ -38,15 +38,7 @@ def _blobs(n_per=30, d=8, k=3, sep=4.0, seed=0):
 
 
 def _cache(root: Path, cache_dir: Path, *, weights="random") -> FeatureCache:
-    return featx.embed(root, backbone="tiny_cnn", weights=weights, cache_dir=cache_dir, progress=False,
-                       num_workers=0, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> FeatureCache:
-    tmp = tmp_path_factory.mktemp("probe")
-    root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=10)
-    return _cache(root, tmp / "cache")
+    return tiny_embed(root, cache_dir, weights=weights)
 
 
 # --------------------------------------------------------------------------- heads

@@ -17,17 +17,14 @@ from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from featx.heads import memory
 from featx.cache.rows import read_rows
-from conftest import write_image_folder
+from conftest import make_tiny_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> FeatureCache:
-    tmp = tmp_path_factory.mktemp("mem")
-    root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=10)
-    return featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
-                       num_workers=0, batch_size=16, views="final")  # _big_cache copies a plain cache
+    return make_tiny_cache(tmp_path_factory.mktemp("mem"), views="final")  # _big_cache copies a plain cache
 
 
 def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int, dim: int) -> Path:

@@ -160,7 +160,7 @@ def test_knn_grid_capped_to_fold_size():
         create_torch_head("knn", grid={"n_neighbors": [1], "metric": ["manhattan"]}, folds=3, seed=0, device="cpu").fit(X, y)
 
 
-# --------------------------------------------------------------------------- issue 9: bugs fixed, estimator contract
+# --------------------------------------------------------------------------- bugs fixed, estimator contract
 
 
 def test_torch_and_sklearn_searches_use_the_same_folds_with_a_one_image_class():

@@ -1,4 +1,4 @@
-"""Feature views (issue 12): extraction per backbone family, the cache's views, CV selection on training rows."""
+"""Feature views: extraction per backbone family, the cache's views, CV selection on training rows."""
 
 from __future__ import annotations
 

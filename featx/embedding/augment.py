@@ -1,4 +1,4 @@
-"""Augmented training views (``featx embed --train-views K``, issue 12).
+"""Augmented training views (``featx embed --train-views K``).
 
 Each *training* image is also embedded K times through the fine-tune's training augmentation
 (random-resized crop + horizontal flip, :meth:`Preprocess.train_transform`), seeded per image

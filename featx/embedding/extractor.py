@@ -2,7 +2,7 @@
 
 ``embed_files`` turns a list of image paths into a feature matrix with a backbone, either in
 memory (the embed stage's DataLoader and forward pass) or through a featx HDF5 cache (a CSV
-manifest handed to :func:`featx.embed.embed`, so a rerun reuses every finished image).  Bad
+manifest handed to :func:`featx.embedding.runner.embed`, so a rerun reuses every finished image).  Bad
 images are returned as ``failed``, never raised.
 
 ``FeatureExtractor`` wraps it as a transformer so that
@@ -68,7 +68,7 @@ def embed_files(
 ) -> dict:
     """Features of the images at ``paths``.
 
-    ``backbone``: a name (built with ``weights``) or a :class:`featx.backbones.Backbone`.
+    ``backbone``: a name (built with ``weights``) or a :class:`featx.embedding.backbones.Backbone`.
     ``cache_dir``: embed through a featx cache there (resumable, reused on reruns) instead of
     in memory.  ``check(fingerprint, dim)`` runs before any image is embedded (e.g. to refuse a
     head trained on other features).  Returns ``{"features": [n_ok, dim] float32, "ok":

@@ -10,7 +10,7 @@ core), far below what the network runs at.  This engine moves decoding to the de
   so it falls back transparently and broken files fail with the same reason as on the CPU.
 - A producer thread decodes the batch's JPEGs in one ``torchvision.io.decode_jpeg`` call
   (nvJPEG on CUDA; libjpeg-turbo on the CPU), applies EXIF orientation, resizes/crops the
-  images in same-size groups with the backbone's own :class:`~featx.backbones.Preprocess`
+  images in same-size groups with the backbone's own :class:`~featx.embedding.backbones.Preprocess`
   (short-side resize with its interpolation and antialias, centre crop, normalise), on its
   own CUDA stream, while the main thread runs the network on the previous batch.
 - The network runs in bf16 autocast with channels_last on CUDA; features are copied to pinned
@@ -159,7 +159,7 @@ def apply_exif_orientation(img, orientation: int):
 
 
 class TensorPreprocess:
-    """The backbone's :class:`~featx.backbones.Preprocess` on uint8 image tensors, batched.
+    """The backbone's :class:`~featx.embedding.backbones.Preprocess` on uint8 image tensors, batched.
 
     Mirrors ``Preprocess.pil_transform()`` step for step (uint8 resize of the short side with
     the same interpolation and antialias, centre crop, scale to [0, 1], normalise), so that a

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from typing import Sequence
 
 import numpy as np
@@ -107,7 +106,6 @@ class ChunkEmbedder:
                                      num_workers=self.workers, chunk_size=max(1, len(samples)), dtype=self.s.dtype,
                                      progress=False, engine=self.engine, cpu_threads=self.threads,
                                      runtime=self.s.runtime if self.engine == "cpu" else "torch"):
-                _fault_hook()
                 self.parts.write_chunk(chunk, worker=self.worker)
                 done += len(chunk.keys) + len(chunk.failed)
                 failed += len(chunk.failed)
@@ -115,19 +113,6 @@ class ChunkEmbedder:
             out["done"].append(done)
             out["failed"].append(failed)
         return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
-
-
-def _fault_hook() -> None:
-    """Fault-injection tests: the first actor to find the armed file kills itself mid-chunk
-    (after embedding, before the commit), exactly once per arming."""
-    armed = os.environ.get("FEATX_TEST_RAY_KILL")
-    if not armed:
-        return
-    try:
-        os.rename(armed, armed + ".fired")  # atomic: one actor wins
-    except OSError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _connect(ray, ray_address: str | None) -> bool:

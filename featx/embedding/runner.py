@@ -235,7 +235,6 @@ def shard_share(p: EmbedPlan, shard: tuple[int, int], chunk_size: int) -> list:
 
 def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats, *, progress: bool) -> None:
     """Embed ``todo`` in this process, committing a chunk file every ``chunk_size`` images."""
-    delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
     t_embed = time.perf_counter()
     done = 0
     for chunk in iter_chunks(todo, p.backbone, device=s.device, batch_size=s.batch_size, num_workers=s.num_workers,
@@ -248,8 +247,6 @@ def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats
             p.index[k] = ("chunk", cf, i, int(chunk.mtime_ns[i]), int(chunk.size[i]))
         for k, r, m, sz in chunk.failed:
             p.index[k] = ("failed", r, int(m), int(sz))
-        if delay:
-            time.sleep(delay)
     _count(stats, done, time.perf_counter() - t_embed)
 
 

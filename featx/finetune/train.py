@@ -58,7 +58,8 @@ from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict
 from .inputs import RowLoaders, train_transform
-from .loop import LoopContext, Trainer, TrainState, fmt_seconds
+from ..base.progress import format_duration
+from .loop import LoopContext, Trainer, TrainState
 from .model import apply_strategy, build_classifier, count_params, find_blocks, training_backbone
 from .results import FinetuneResult
 from .runs import RunDir, finished_result, open_run_dir, prepare_run_dir, run_key
@@ -218,7 +219,7 @@ class _Job:
         log.info(
             "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
             self.settings.strategy, result.accuracy, result.balanced_accuracy, result.macro_f1, result.n_eval,
-            fmt_seconds(result.wall_seconds),
+            format_duration(result.wall_seconds),
         )
         return result
 

@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 from ..base.errors import FeatxError
 from .grids import SMALL_PROBLEM
 from .memory import available_bytes
-from .search import cv_summary, cv_splits, score_predictions, softmax_of_scores
+from .scores import softmax_of_scores
+from .search import cv_summary, cv_splits, score_predictions
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
 from .grids import resolve_grids
+from .scores import softmax_of_scores
 from .search import cv_summary, score_predictions
 from .torch_ops import (  # noqa: F401 - batched_lbfgs re-exported
     batched_lbfgs, fast_matmul, fold_splits, standardise_stats, to_numpy, to_tensor, torch_device, wide_grad, wide_scores,
@@ -271,9 +272,7 @@ class TorchLogisticRegression(_LinearHead):
         if d.shape[1] == 1:
             p1 = 1.0 / (1.0 + np.exp(-d[:, 0]))
             return np.stack([1 - p1, p1], 1)
-        d = d - d.max(1, keepdims=True)
-        e = np.exp(d)
-        return e / e.sum(1, keepdims=True)
+        return softmax_of_scores(d)
 
 
 class TorchLinearSVC(_LinearHead):

@@ -14,19 +14,11 @@ from typing import Any, Sequence
 
 from ..base.io import atomic_write_bytes
 from .metrics import wilson_interval
+from .mpl import pyplot
 
 
 def _mpl_text(s: Any) -> str:
     return str(s).replace("$", r"\$")
-
-
-def _pyplot():
-    import matplotlib  # plotting only when a report is written
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def compare_intervals(rows: Sequence[dict], n_eval: int | None) -> list[dict]:
@@ -45,7 +37,7 @@ def compare_intervals(rows: Sequence[dict], n_eval: int | None) -> list[dict]:
 
 def plot_compare_ci(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
     """One horizontal line per method: accuracy (dot) and its 95 % interval (whiskers)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = list(rows)
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * max(len(rows), 1)), dpi=100)
     colors = {"probe": "#1f77b4", "finetune": "#d62728"}
@@ -117,7 +109,7 @@ def plot_fewshot(series: dict, path: str | os.PathLike, *, title: str = "", n_se
     ``series``: :func:`fewshot_series`.  One shot count: points side by side with interval whiskers
     (a band needs two).  ``n_seeds``: said in the title, with what the band shows.
     """
-    plt = _pyplot()
+    plt = pyplot()
     allk = sorted({p[0] for pts in series.values() for p in pts})
     single = len(allk) == 1
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -152,7 +144,7 @@ def plot_fewshot(series: dict, path: str | os.PathLike, *, title: str = "", n_se
 
 def _save(fig, ax, path: str | os.PathLike, title: str, *, fontsize: int = 10) -> Path:
     """Title, lay out and write the figure atomically (a killed run never leaves half a PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     if title:
         ax.set_title(_mpl_text(title), fontsize=fontsize)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..cache.store import FeatureCache
+from .mpl import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,7 @@ def _mpl_text(s: str) -> str:
 def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *,
              eval_rows: Sequence[int] = (), wrong_rows: Sequence[int] = (), title: str = "") -> Path:
     """Scatter the map, one colour per class; evaluation rows ringed, misclassified ones crossed."""
-    import matplotlib  # plotting only when a report is written
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, xy = np.asarray(coords["rows"]), np.asarray(coords["xy"])
     lab = np.asarray(labels)[rows]

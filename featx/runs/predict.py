@@ -79,7 +79,7 @@ def predict(
 ) -> dict:
     """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
 
-    Images are embedded with the head's backbone via :func:`featx.embed.embed` into a cache
+    Images are embedded with the head's backbone via :func:`featx.embedding.runner.embed` into a cache
     under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
     ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
     cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
