@@ -46,8 +46,6 @@ ALLOWED_LONG: dict[str, str] = {}
 ALLOWED_WIDE: dict[str, str] = {
     "featx.heads.search:HeadSearch.__init__": "scikit-learn estimator contract: every hyperparameter is an "
     "__init__ keyword (get_params, clone)",
-    "featx.heads.factory:create_head": "until it takes a HeadSpec",
-    "featx.embedding.engine:iter_chunks": "until it takes EngineSettings",
 }
 
 # featx modules that may import other featx modules inside a function, and why.

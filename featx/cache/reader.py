@@ -90,6 +90,9 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        # What the embed() call that returned this cache did (featx.embedding.runner.EmbedStats); None when
+        # the cache was opened directly.
+        self.stats = None
         with open_h5(self.path) as f:
             try:
                 attrs = dict(f.attrs)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -173,23 +173,13 @@ def split_parts(X: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
     return out
 
 
-def iter_chunks(
-    todo: Sequence,
-    backbone,
-    *,
-    device: str,
-    batch_size: int,
-    num_workers: int,
-    chunk_size: int,
-    dtype: str,
-    progress: bool,
-    engine: str,
-    cpu_threads: int | None = None,
-    runtime: str = "auto",
-) -> Iterator[Chunk]:
-    """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
-    stream = feature_batches(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers,
-                             engine=engine, cpu_threads=cpu_threads, runtime=runtime)
+def iter_chunks(todo: Sequence, backbone, *, chunk_size: int, dtype: str, progress: bool, **stream: Any) -> Iterator[Chunk]:
+    """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size.
+
+    ``stream``: the keywords of :func:`feature_batches` (device, batch_size, num_workers, engine,
+    cpu_threads, runtime), passed on unchanged.
+    """
+    stream = feature_batches(todo, backbone, **stream)
     bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
     buf = _ChunkBuffer(backbone.layout)
     t0 = time.perf_counter()  # each chunk carries its embedding time (not the time to commit it)
