@@ -236,7 +236,7 @@ def run_decode(args) -> dict:
     import torch
 
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.gpu import _Preparer, _BytesDataset
+    from featx.embedding.gpu import _BytesDataset, _Preparer
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     paths = _selection(Path(args.data), min(args.n, 4096))

@@ -29,12 +29,25 @@ import sys
 
 import click
 
-from .base.version import __version__
 from .base.errors import CacheWriteError, FeatxError
+from .base.version import __version__
 from .config import (
-    SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings, InfoSettings, PredictSettings,
-    ProbeSettings, ReportSettings, default_values,
-    explain, format_entries, merge, nest, read_config, render_yaml,
+    SETTINGS,
+    CompareSettings,
+    EmbedSettings,
+    ExportSettings,
+    FewshotSettings,
+    InfoSettings,
+    PredictSettings,
+    ProbeSettings,
+    ReportSettings,
+    default_values,
+    explain,
+    format_entries,
+    merge,
+    nest,
+    read_config,
+    render_yaml,
 )
 from .config.options import command_line_values, settings_options
 

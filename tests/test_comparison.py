@@ -13,9 +13,9 @@ from PIL import Image
 import featx
 import featx.runs.compare as comparison
 from featx.cli import cli
-from featx.report.compare_table import markdown_table
 from featx.data import train_eval_split
 from featx.errors import FeatxError
+from featx.report.compare_table import markdown_table
 
 from conftest import TINY_BACKBONE, write_image_folder
 

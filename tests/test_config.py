@@ -21,8 +21,18 @@ from click.testing import CliRunner
 from featx.base.errors import FeatxError
 from featx.cli import cli
 from featx.config import (
-    DEFAULT_GRIDS, SETTINGS, CompareSettings, EmbedSettings, convert_value, default_values, defaults, explain,
-    field_types, load_config, read_config, render_yaml,
+    DEFAULT_GRIDS,
+    SETTINGS,
+    CompareSettings,
+    EmbedSettings,
+    convert_value,
+    default_values,
+    defaults,
+    explain,
+    field_types,
+    load_config,
+    read_config,
+    render_yaml,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +81,11 @@ def test_missing_required_option_is_a_usage_error(args, missing):
 
 
 def _library_functions():
-    from featx.runs.predict import predict
     from featx.embedding.runner import embed
     from featx.runs.compare import compare
-    from featx.runs.probe import probe
-
     from featx.runs.fewshot import fewshot
+    from featx.runs.predict import predict
+    from featx.runs.probe import probe
 
     return {"embed": embed, "probe": probe, "compare": compare, "predict": predict, "fewshot": fewshot}
 

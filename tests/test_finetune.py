@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import featx
-from featx.embedding.backbones import create_backbone
 from featx.data import train_eval_split
+from featx.embedding.backbones import create_backbone
 from featx.errors import FeatxError
 from featx.finetune.train import (
     STRATEGIES,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.embedding.backbones import Preprocess, create_backbone
 from featx.data import Sample, load_image
+from featx.embedding.backbones import Preprocess, create_backbone
 from featx.embedding.cpu import iter_cpu_batches
 from featx.embedding.engine import iter_chunks
 from featx.embedding.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features

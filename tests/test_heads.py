@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import pickle
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,16 +15,16 @@ import torch
 from click.testing import CliRunner
 
 import featx
-from featx.data.splits import plan_folds
-from featx.runs.predict import predict
-from featx.heads import grids
-from featx.heads import factory
-from featx.heads import factory as heads
-from featx.heads.persist import load_head
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data import train_eval_split
+from featx.data.splits import plan_folds
 from featx.errors import FeatxError
+from featx.heads import factory, grids
+from featx.heads import factory as heads
+from featx.heads.persist import load_head
+from featx.runs.predict import predict
+
 from conftest import tiny_embed, write_image_folder
 
 

@@ -14,9 +14,10 @@ import pytest
 
 import featx
 from featx.base.errors import FeatxError
+from featx.cache.rows import read_rows
 from featx.cache.store import FeatureCache
 from featx.heads import memory
-from featx.cache.rows import read_rows
+
 from conftest import make_tiny_cache
 
 ROOT = Path(__file__).resolve().parents[1]

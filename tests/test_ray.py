@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 import featx
+from featx.base.errors import FeatxError
+
 import conftest
 from conftest import assert_same_cache
-from featx.base.errors import FeatxError
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'featx[ray]') is not installed")
 

@@ -27,10 +27,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import conftest
 import featx
 from featx.cache.store import FeatureCache
 from featx.data import discover
+
+import conftest
 
 # Pinned to the CPU: runs are compared with atol 1e-5, which bf16 autocast on CUDA would not meet.
 TINY = [*conftest.TINY_CLI, "--device", "cpu"]
@@ -527,10 +528,10 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
         if when == "before-first-chunk":
             # Killed once the run has planned and opened its work folder, while it embeds.
             meta = Path(str(cache) + ".parts") / "meta.json"
-            wait_for(lambda: meta.exists() or proc.poll() is not None, what="the work folder")
+            wait_for(lambda: meta.exists() or proc.poll() is not None, what="the work folder")  # noqa: B023 - called within the iteration
         else:
             n = len(parts_chunks(cache))
-            wait_for(lambda: len(parts_chunks(cache)) > n or proc.poll() is not None, what="a committed chunk")
+            wait_for(lambda: len(parts_chunks(cache)) > n or proc.poll() is not None, what="a committed chunk")  # noqa: B023 - called within the iteration
             time.sleep(0.05 + 0.1 * k)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)

@@ -23,6 +23,7 @@ from featx.report.predictions import predictions_path, read_predictions, worst_f
 from featx.report.runfiles import find_run
 from featx.report.tables import confusion_html, most_confused_pairs
 from featx.report.thumbs import inside_root, make_thumbnail
+
 from conftest import write_image_folder
 
 XSS = "<img src=x onerror=alert(1)>"

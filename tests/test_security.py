@@ -26,8 +26,9 @@ from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data.folders import discover
-from featx.runs.predict import predict
 from featx.heads.persist import is_trusted_type, load_head, save_head, sidecar_path
+from featx.runs.predict import predict
+
 from conftest import write_image_folder
 
 

@@ -16,13 +16,14 @@ import pytest
 from PIL import Image
 
 import featx
-import conftest
-from conftest import assert_same_cache
 from featx.base.errors import CacheLockedError, FeatxError
 from featx.cache.store import FeatureCache, PartsLock, acquire_lock
 from featx.embedding.engine import EngineSettings
 from featx.embedding.ray_executor import parse_shard
 from featx.embedding.runner import ShardResult, check_options, plan, read_done, shard_share
+
+import conftest
+from conftest import assert_same_cache
 
 TINY_KW = dict(conftest.TINY_KW, batch_size=2, device="cpu", chunk_size=4)
 REPO = Path(__file__).resolve().parents[1]

@@ -99,3 +99,15 @@ def test_wide_signature_and_long_module_are_caught(tmp_path):
     problems = check_structure.check(root)
     assert any("wide takes 11 parameters" in p for p in problems)
     assert any("b.py:1: module is 501 lines" in p for p in problems)
+
+
+def test_ruff_passes():
+    """The lint rules of pyproject.toml ([tool.ruff]) hold for the whole repository (also run by `make test`)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    r = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -71,8 +71,8 @@ def test_logreg_matches_sklearn_at_fixed_C(binary):
 
 
 def test_linear_svm_matches_liblinear_at_fixed_C():
-    from sklearn.svm import LinearSVC
     from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
 
     X, y = _blobs()
     C = 0.01
@@ -188,11 +188,12 @@ def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
     y = np.where(np.arange(200) < 170, 0, 1)  # imbalanced: balanced accuracy != accuracy
     X[y == 1] += 1.0
     est.set_params(grid={"C": [0.01]}, device="cpu").fit(X, y)
-    from featx.heads.search import cv_splits
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from featx.heads.search import cv_splits
 
     expect = np.mean([
         balanced_accuracy_score(y[va], make_pipeline(StandardScaler(), LogisticRegression(C=0.01)).fit(X[tr], y[tr]).predict(X[va]))
@@ -203,8 +204,9 @@ def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
 
 def test_knn_grid_has_one_source_for_both_families():
     """Bug: the torch kNN grid ([1, 3, 5, 10, 20, 50]) differed from the scikit-learn one."""
-    from featx.heads.grids import resolve_grids
     from sklearn.model_selection import ParameterGrid
+
+    from featx.heads.grids import resolve_grids
 
     X, y = _blobs(n=300)
     est = create_torch_head("knn", grid=None, folds=3, seed=0, device="cpu").fit(X, y)

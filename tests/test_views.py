@@ -15,8 +15,8 @@ from featx.cache.store import FeatureCache
 from featx.cache.views import available_views, compose, parts_for
 from featx.embedding.backbones import create_backbone
 from featx.embedding.runner import embed
-from featx.runs.probe import probe
 from featx.heads.selection import FeatureNorm, candidates
+from featx.runs.probe import probe
 
 from conftest import write_image_folder
 

@@ -7,7 +7,14 @@ files), :mod:`.final` (the finished HDF5), :mod:`.reader` (:class:`FeatureCache`
 
 from .final import read_final_index, write_final
 from .keys import (
-    AUG_SEP, LAYOUT_VERSION, SPLITS, decode_key, default_cache_path, encode_key, fingerprint_digest, image_key,
+    AUG_SEP,
+    LAYOUT_VERSION,
+    SPLITS,
+    decode_key,
+    default_cache_path,
+    encode_key,
+    fingerprint_digest,
+    image_key,
 )
 from .locks import PartsLock, acquire_lock
 from .parts import Chunk, PartsDir

@@ -20,7 +20,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..base.errors import FeatxError
-from ..cache.store import AUG_SEP as SEP, image_key
+from ..cache.store import AUG_SEP as SEP
+from ..cache.store import image_key
 from .backbones import TRAIN_MIN_SCALE as MIN_SCALE  # the fine-tune's own augmentation
 
 SEED = 0

@@ -21,9 +21,9 @@ from ..base.version import __version__
 from ..cache.store import Chunk
 from ..config import defaults
 from . import augment
-from .runtimes import runtime_fingerprint
 from .cpu import forward_fn, iter_cpu_batches
 from .gpu import iter_gpu_features
+from .runtimes import runtime_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..base.progress import progress_bar
 from ..base.errors import FeatxError
+from ..base.progress import progress_bar
 from ..base.runtime import default_workers, resolve_device
 from ..cache.store import FeatureCache, fingerprint_digest
 from ..cache.views import available_views, check_view, compose_from, parts_for, view_dim

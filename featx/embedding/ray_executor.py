@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..base.progress import progress_bar
 from ..base.errors import FeatxError
+from ..base.progress import progress_bar
 from ..base.runtime import resolve_device
 from ..cache.store import PartsDir
 from ..data.folders import Sample

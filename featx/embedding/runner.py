@@ -23,21 +23,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
+from ..base.version import __version__
 from ..cache.store import (
-    FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
+    FeatureCache,
+    PartsDir,
+    PartsLock,
+    acquire_lock,
+    default_cache_path,
+    fingerprint_digest,
+    read_final_index,
     write_final,
 )
 from ..config import EmbedSettings
 from ..data.folders import Dataset, discover
-from .backbones import Backbone, create_backbone
 from . import augment
-from .views import check_tta, parse_parts
-from .runtimes import resolve_runtime
+from .backbones import Backbone, create_backbone
 from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
+from .runtimes import resolve_runtime
+from .views import check_tta, parse_parts
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..base.errors import FeatxError
 from ..config import defaults
 from ..embedding.backbones import TRAIN_MIN_SCALE
-from ..base.errors import FeatxError
 
 STRATEGIES = ("full", "partial", "head")
 

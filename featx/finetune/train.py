@@ -52,13 +52,13 @@ import torch
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
+from ..base.progress import format_duration
 from ..base.runtime import default_num_workers, keep_heap_buffers, resolve_device
 from ..cache.store import FeatureCache
 from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict
 from .inputs import RowLoaders, train_transform
-from ..base.progress import format_duration
 from .loop import LoopContext, Trainer, TrainState
 from .model import apply_strategy, build_classifier, count_params, find_blocks, training_backbone
 from .results import FinetuneResult

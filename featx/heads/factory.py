@@ -21,8 +21,8 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
-from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
 from .dino_knn import DinoKNNClassifier
+from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
 from .linear_path import PathLinearHead
 from .search import SCORERS, AdaptiveStratifiedKFold, HeadSearch
 from .torch_heads import create_torch_head

@@ -30,7 +30,7 @@ from ..base.errors import FeatxError
 from .grids import SMALL_PROBLEM
 from .memory import available_bytes
 from .scores import softmax_of_scores
-from .search import cv_summary, cv_splits, score_predictions
+from .search import cv_splits, cv_summary, score_predictions
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
+from ..base.version import __version__
 
 # "precision" is set only by feature-changing runtimes (openvino-bf16); absent on both sides it matches.
 FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess", "precision")

@@ -23,8 +23,8 @@ from sklearn.utils.metaestimators import available_if
 from threadpoolctl import threadpool_limits
 
 from ..data.splits import plan_folds
-from .scores import softmax_of_scores
 from .grids import SMALL_PROBLEM
+from .scores import softmax_of_scores
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,15 @@ from .grids import resolve_grids
 from .scores import softmax_of_scores
 from .search import cv_summary, score_predictions
 from .torch_ops import (  # noqa: F401 - batched_lbfgs re-exported
-    batched_lbfgs, fast_matmul, fold_splits, standardise_stats, to_numpy, to_tensor, torch_device, wide_grad, wide_scores,
+    batched_lbfgs,
+    fast_matmul,
+    fold_splits,
+    standardise_stats,
+    to_numpy,
+    to_tensor,
+    torch_device,
+    wide_grad,
+    wide_scores,
 )
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 from typing import Sequence
+
 from .mpl import pyplot
 
 

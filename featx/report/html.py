@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
+from ..base.version import __version__
 from ..cache.store import FeatureCache
 from . import charts, embedmap
 from .metrics import is_chosen

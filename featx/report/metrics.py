@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
 from .mpl import pyplot
 
 # Above this many classes the JSON keeps per-class numbers but not the full matrix.

@@ -21,8 +21,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..base.errors import FeatxError
-from ..base.version import __version__
 from ..base.io import write_json
+from ..base.version import __version__
 from ..cache.rows import read_rows
 from ..cache.store import FeatureCache, find_cache
 from ..config import FewshotSettings

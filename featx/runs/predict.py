@@ -15,9 +15,9 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..cache.store import FeatureCache
 from ..data.folders import is_image_name
+from ..embedding.extractor import embed_files, resolve_weights
 from ..heads.persist import check_head_compatible, load_head
 from ..heads.scores import scores_of
-from ..embedding.extractor import embed_files, resolve_weights
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..base.version import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.records import ItemAccess
+from ..base.version import __version__
 from ..cache.store import FeatureCache
+from ..config import ProbeSettings
 from ..data.splits import plan_folds
 from ..heads.factory import check_head_name, grid_key
 from ..heads.grids import ALL_HEADS, KERNELS, resolve_grids
 from ..heads.persist import HEAD_FORMATS, save_head
 from ..heads.scores import scores_of
-from ..config import ProbeSettings
 from ..heads.selection import SearchPlan, candidates, select
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
