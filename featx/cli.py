@@ -413,7 +413,13 @@ def export(cache: str | None, s: ExportSettings) -> None:
     from .cache.store import find_cache
 
     info = export_cache(find_cache(cache, cache_dir=s.cache_dir), **s.library_kwargs())
-    click.echo(json.dumps(info, indent=2, default=str))
+    if s.as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"exported {info['rows']} rows x {info['dim']} features ({info['format']}) to {info['out']}")
+    for extra in info.get("files") or []:
+        if str(extra) != str(info["out"]):
+            click.echo(f"  also   {extra}")
 
 
 

@@ -79,6 +79,8 @@ class LineProgress:
         if self.disable:
             return
         now = self._clock()
+        if self.leave and self.total and self.n >= self.total:
+            return  # the last line is close()'s, with the time it took (not the same line twice)
         if now - self._last >= self.interval:
             self._last = now
             self._emit(now)

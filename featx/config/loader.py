@@ -82,11 +82,13 @@ def _check_section(cls: type[Settings], values: dict, source: str) -> dict[str, 
     out = {}
     for key, val in values.items():
         if key not in types:
-            hint = difflib.get_close_matches(str(key), list(types), n=1)
+            # The keys `featx config` shows; per-run switches (out_dir, quiet, as_json...) are accepted but not listed.
+            shown = [f.name for f in dataclasses.fields(cls) if f.metadata.get("file", True)]
+            hint = difflib.get_close_matches(str(key), shown, n=1) or difflib.get_close_matches(str(key), list(types), n=1)
             raise FeatxError(
                 f"config {source}: unknown key {cls.section}.{key}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid keys for {cls.section}: {', '.join(sorted(types))}"
+                + f"; valid keys for {cls.section}: {', '.join(sorted(shown))} (see `featx config {cls.section}`)"
             )
         try:
             out[key] = convert_value(val, types[key])

@@ -365,6 +365,7 @@ class ExportSettings(Settings):
     out: Optional[str] = option(None, "File to write.", path="file", required=True, file=False)
     view: Optional[str] = option(None, "Feature view to export (default: the cache's features).", file=False)
     chunk_rows: int = option(8192, "Rows per block: memory stays constant whatever the cache size.")
+    as_json: bool = _json("Print what was written as JSON (default: one summary line).")
 
 
 def _grid(name: str) -> Any:

@@ -303,8 +303,9 @@ def _log_outside(samples: list[Sample], manifest: Path, base: Path) -> None:
     """Rows outside the manifest's folder are allowed (shared image stores) but never silently."""
     outside = [s for s in samples if Path(s.key).is_absolute()]
     if outside:
-        # A manifest of absolute paths only (e.g. the list `featx predict` writes) is a deliberate list.
-        level = logging.INFO if len(outside) == len(samples) else logging.WARNING
+        # A manifest of absolute paths only (e.g. the file list `featx predict` writes for itself) is a
+        # deliberate list: nothing to tell the user.  A mix of both is worth a warning.
+        level = logging.DEBUG if len(outside) == len(samples) else logging.WARNING
         log.log(level, "%d row(s) of %s point outside its folder %s (e.g. %s); they are read from there as listed",
                     len(outside), manifest.name, base, outside[0].path)
 

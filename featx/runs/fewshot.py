@@ -68,6 +68,9 @@ class FewShotResult:
                 ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else ""
                 cells.append(f"{100 * cell['mean']:.1f}%{ci}")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        n = len(self.settings["seeds"])
+        lines.append(f"\nMean accuracy on the evaluation split over {n} seeds (draws); in brackets its 95% confidence "
+                     "interval (Student t over the seeds; none with one seed).")
         return "\n".join(lines)
 
 
