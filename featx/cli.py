@@ -400,6 +400,8 @@ def report(run_dir: str | None, s: ReportSettings) -> None:
 
     published = publish_existing_run(run_dir, **s.library_kwargs(), mlflow=s.mlflow)
     click.echo(f"report   {published['report']}")
+    if run_dir is None:
+        click.echo(f"run      {published['run']} (the newest probe or compare run; pass RUN_DIR for another)")
     if published.get("mlflow"):
         click.echo(f"mlflow   {published['mlflow']['tracking_uri']} run {published['mlflow']['run_id']}")
 

@@ -109,3 +109,15 @@ def test_probe_logs_each_fit_once_and_says_when_it_refits(monkeypatch, caplog):
         assert sum(m.startswith("fitting logreg") and f"norm {norm}" in m for m in msgs) == 1, msgs
     assert sum(m.startswith("refitting the chosen logreg") and "norm none" in m for m in msgs) == 1, msgs
     assert sel.chosen == 0 and sel.row.norm == "none"
+
+
+def test_report_after_fewshot_is_the_probes_with_the_curve(cache, tmp_path):
+    runs = tmp_path / "runs"
+    featx.probe(cache, head="logreg", folds=2, n_jobs=1, device="cpu", out_dir=runs / "probe-x", plots=False,
+                save=False)
+    featx.fewshot(cache, shots="1,2", seeds=2, heads="knn", out_dir=runs / "fewshot-x", plot=False)  # the newest run
+    r = CliRunner().invoke(cli, ["report", "--runs-dir", str(runs)])
+    assert r.exit_code == 0, r.output
+    assert str(runs / "probe-x" / "report.html") in r.output and "newest probe or compare run" in r.output
+    page = (runs / "probe-x" / "report.html").read_text()
+    assert 'id="fewshot"' in page and "fewshot-x" in page
