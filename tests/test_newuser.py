@@ -121,3 +121,21 @@ def test_report_after_fewshot_is_the_probes_with_the_curve(cache, tmp_path):
     assert str(runs / "probe-x" / "report.html") in r.output and "newest probe or compare run" in r.output
     page = (runs / "probe-x" / "report.html").read_text()
     assert 'id="fewshot"' in page and "fewshot-x" in page
+
+
+def test_library_probe_writes_the_report_like_the_cli_when_given_its_settings(cache, tmp_path):
+    from featx.config import ProbeSettings
+
+    kw = dict(head="knn", folds=2, n_jobs=1, device="cpu")
+    plain = featx.probe(cache, out_dir=tmp_path / "lib", plots=False, **kw)
+    assert plain.report_path is None and not (tmp_path / "lib" / "report.html").exists()
+    like_cli = featx.probe(cache, settings=ProbeSettings(out_dir=str(tmp_path / "cli"), **kw), plots=False)
+    assert like_cli.report_path and (tmp_path / "cli" / "report.html").is_file()
+    readme = (ROOT / "README.md").read_text()
+    assert "The library writes `report.html` only when asked" in readme  # and says why
+
+
+def test_lock_files_left_after_a_run_are_explained(cache):
+    assert Path(str(cache.path) + ".lock").exists()  # kept on purpose: see the README
+    readme = (ROOT / "README.md").read_text()
+    assert "`NAME.h5.lock`" in readme and "stay after a run on purpose" in readme
