@@ -216,20 +216,28 @@ def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+needs_browser = pytest.mark.skipif(
+    _browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell, or set FEATX_CHROMIUM); "
+    "the browser check of report.html is skipped")
+
+
+def _with_script(page: str, script: str, path: Path) -> Path:
+    """A copy of the report with a load-time check (the report itself has no script, and its CSP forbids one)."""
+    path.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace("</body>", script + "</body>"))
+    return path
+
+
 _CHECK = ("<script>addEventListener('load',function(){var b=0,i=document.images;for(var k=0;k<i.length;k++)"
           "{if(!i[k].complete||!i[k].naturalWidth)b++;}document.body.setAttribute('data-images',i.length);"
           "document.body.setAttribute('data-broken',b);});</script>")
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell, "
-                    "or set FEATX_CHROMIUM); the browser check of report.html is skipped")
+@needs_browser
 def test_report_renders_in_headless_chromium(probe_run, tmp_path):
     browser = _browser()
     page = probe_run["html"]
     n_img = page.count("<img")
-    # A copy with a load-time check of every image (the report itself has no script, and its CSP forbids one).
-    probe = tmp_path / "check.html"
-    probe.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace("</body>", _CHECK + "</body>"))
+    probe = _with_script(page, _CHECK, tmp_path / "check.html")  # every image loaded?
     dom = _chromium(browser, "--dump-dom", probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     m = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom.stdout)
@@ -262,13 +270,10 @@ _NARROW = ("<script>addEventListener('load',function(){var w=innerWidth,bad=[],c
            "document.body.setAttribute('data-page',document.documentElement.scrollWidth>w+1?'wide':'fits');});</script>")
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell, "
-                    "or set FEATX_CHROMIUM); the browser check of report.html is skipped")
+@needs_browser
 def test_tables_at_390_px_scroll_visibly_and_the_confusion_matrix_fits(probe_run, tmp_path):
     browser = _browser()
-    page = probe_run["html"]
-    check = tmp_path / "narrow.html"
-    check.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace("</body>", _NARROW + "</body>"))
+    check = _with_script(probe_run["html"], _NARROW, tmp_path / "narrow.html")
     dom = _chromium(browser, "--window-size=390,2400", "--dump-dom", check.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     m = re.search(r'data-tables="(\d+)" data-bad="([\d,]*)" data-diag="(\d+)" data-cut="(\d+)" data-page="(\w+)"', dom.stdout)
