@@ -36,7 +36,9 @@ from .backbones import Backbone, create_backbone
 from . import augment
 from .views import check_tta, parse_parts
 from .runtimes import resolve_runtime
-from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
+from .engine import (  # noqa: F401 - DECODE_VERSION re-exported
+    DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks,
+)
 from .ray_executor import import_ray, parse_shard, run_on_ray
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,12 @@ class EmbedPlan:
 
 def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
                   dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = _E.views,
-                  tta: str = _E.tta, train_views: int | None = _E.train_views) -> EngineSettings:
-    """Refuse bad options before any file is read; resolve device, engine and workers."""
+                  tta: str = _E.tta, train_views: int | None = _E.train_views,
+                  executor: str = "local") -> EngineSettings:
+    """Refuse bad options before any file is read; resolve device, engine and workers.
+
+    Under ``executor="ray"`` each node resolves ``--device cuda`` itself: the driver (a head node
+    often has no GPU) checks only its form."""
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
     if batch_size is None or batch_size < 1:
@@ -111,12 +117,12 @@ def check_options(*, backbone: str, weights, device: str, engine: str, batch_siz
         raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
     if dtype not in DTYPES:
         raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, local=executor != "ray")
     if engine not in ("auto", "cpu", "gpu"):
         raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
     if engine == "gpu" and not dev.startswith("cuda"):
         raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
-    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
+    eng = engine if engine != "auto" else default_engine(dev)
     workers = default_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
@@ -158,7 +164,7 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
-    fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
+    fp = cache_fingerprint(bb, settings.dtype, settings.runtime, device=settings.device, engine=settings.engine)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp), train_views=settings.train_views)
 
@@ -339,7 +345,7 @@ def embed(
     t0 = time.perf_counter()
     settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                              num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
-                             views=views, tta=tta, train_views=train_views)
+                             views=views, tta=tta, train_views=train_views, executor=executor)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
     if sh is not None:
