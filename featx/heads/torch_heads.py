@@ -35,6 +35,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
 from ..data.splits import plan_folds
+from .device_memory import c_group_size, run_in_groups
 from .grids import resolve_grids
 from .search import cv_splits, cv_summary, fold_plan, score_predictions
 
@@ -60,7 +61,10 @@ def _device(device: str):
 
 
 def _fast_matmul(dev, work: float = 0.0):
-    """TF32 matrix products on CUDA for the duration of a fit (plenty for these convex fits).
+    """Full fp32 matrix products on CUDA for the duration of a fit, whatever the process set.
+
+    Not TF32: the line search compares objective values that differ in their last digits, and
+    kNN's exact-duplicate rule (distance <= 0) needs exact distances.
 
     On the CPU, a small problem (``work`` = rows x features below 2e7) runs on one intra-op
     thread: its many tiny ops otherwise spend their time in OpenMP barriers (3-10x slower on
@@ -81,7 +85,7 @@ def _fast_matmul(dev, work: float = 0.0):
                     torch.set_num_threads(old)
             return
         old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision("highest")
         try:
             yield
         finally:
@@ -126,12 +130,9 @@ def _two_loop(ga, S, Y, R, act, n_hist: int, history: int):
         b = r * _bdot(y, q)
         q += view(a - b, q) * s
     d = -q
-    gd = _bdot(ga, d)
-    bad = gd >= 0  # not a descent direction: steepest descent instead
-    if bool(bad.any()):
-        d = torch.where(view(bad, d), -ga, d)
-        gd = _bdot(ga, d)
-    return d, gd
+    bad = _bdot(ga, d) >= 0  # not a descent direction: steepest descent instead (no host sync to ask)
+    d = torch.where(view(bad, d), -ga, d)
+    return d, _bdot(ga, d)
 
 
 def batched_lbfgs(
@@ -143,7 +144,8 @@ def batched_lbfgs(
     LongTensor of length g) at ``W`` [g, ...].  Each problem has its own L-BFGS memory and its
     own Armijo backtracking step, so a badly conditioned problem (a large C) never shrinks the
     step of a well conditioned one, and only problems that have not converged are computed.
-    Returns (W, f, iterations per problem).
+    Returns (W, f, iterations per problem).  One host synchronisation per line-search trial
+    (which problems still search) and one per iteration (which are still active).
     """
     import torch
 
@@ -168,18 +170,21 @@ def batched_lbfgs(
         t = torch.ones(len(act), dtype=w.dtype, device=dev)
         accepted = torch.zeros(len(act), dtype=torch.bool, device=dev)
         wn, fn, gn = wa.clone(), fa.clone(), ga.clone()
+        todo = torch.arange(len(act), device=dev)
         for _ in range(40):
-            todo = (~accepted).nonzero().flatten()
-            cand = wa[todo] + view(t[todo], d) * d[todo]
+            tt = t[todo]
+            cand = wa[todo] + view(tt, d) * d[todo]
             fc, gc = fun(cand, act[todo])
-            ok = fc <= fa[todo] + 1e-4 * t[todo] * gd[todo]
-            if bool(ok.any()):
-                sel = todo[ok]
-                wn[sel], fn[sel], gn[sel] = cand[ok], fc[ok], gc[ok]
-                accepted[sel] = True
-            if bool(accepted.all()):
+            ok = fc <= fa[todo] + 1e-4 * tt * gd[todo]
+            okv = view(ok, cand)
+            wn[todo] = torch.where(okv, cand, wn[todo])
+            fn[todo] = torch.where(ok, fc, fn[todo])
+            gn[todo] = torch.where(okv, gc, gn[todo])
+            accepted[todo] = ok
+            t[todo] = torch.where(ok, tt, tt * 0.5)
+            todo = (~accepted).nonzero().flatten()
+            if todo.numel() == 0:
                 break
-            t[todo[~ok]] *= 0.5
         s = wn - wa
         y = gn - ga
         sy = _bdot(s, y)
@@ -338,15 +343,23 @@ class _LinearHead(_TorchHead):
         return 1 if len(self.classes_) == 2 else len(self.classes_)
 
     def _train(self, Xs, yi, Cs, dev, *, max_iter: int):
-        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out]."""
+        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out].
+
+        On CUDA the C values go in groups that fit the free memory (:mod:`featx.heads.device_memory`)."""
         import torch
 
         n, D = Xs.shape
         Xa = torch.cat([Xs, torch.ones(n, 1, device=dev, dtype=Xs.dtype)], 1)
-        C = torch.as_tensor(np.asarray(Cs, dtype=np.float32), device=dev)
-        w0 = torch.zeros(len(Cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
-        fun = self._objective(Xa, torch.as_tensor(yi, device=dev), C)
-        w, f, iters = batched_lbfgs(fun, w0, max_iter=max_iter, gtol=self.tol)
+        y = torch.as_tensor(yi, device=dev)
+
+        def run(cs: list) -> tuple:
+            C = torch.as_tensor(np.asarray(cs, dtype=np.float32), device=dev)
+            w0 = torch.zeros(len(cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
+            w, _, iters = batched_lbfgs(self._objective(Xa, y, C), w0, max_iter=max_iter, gtol=self.tol)
+            return w, iters
+
+        parts = run_in_groups(run, Cs, c_group_size(n, D, self._n_out(), len(Cs), dev))
+        w, iters = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.n_iter_ = int(iters.max())  # of the last call: the refit
         if bool((iters >= max_iter).any()):
             log.info("%s: L-BFGS hit max_iter=%d for some C values (as sklearn would warn)", self.head_name, max_iter)
@@ -363,6 +376,12 @@ class _LinearHead(_TorchHead):
     @staticmethod
     def _scores(Xa, W):
         return _wide_scores(Xa, W).permute(1, 0, 2)  # [G, n, K]
+
+    def _predict_all(self, Xva, W, dev) -> np.ndarray:
+        """Predicted indices [G, n_va] of every C's model, as many C values at a time as fit."""
+        size = c_group_size(Xva.shape[0], Xva.shape[1], W.shape[-1], W.shape[0], dev)
+        return np.concatenate([_to_numpy(self._predict_idx(self._scores(Xva, W[a : a + size])))
+                               for a in range(0, W.shape[0], size)])
 
     def fit(self, X, y) -> "_LinearHead":
         """Choose C by CV on (X, y), then refit on all of it."""
@@ -392,7 +411,7 @@ class _LinearHead(_TorchHead):
                 del Xtr
                 Xva = (Xall.index_select(0, va_t) - mean) / std
                 Xva = torch.cat([Xva, torch.ones(len(va), 1, device=dev)], 1)
-                pred = _to_numpy(self._predict_idx(self._scores(Xva, W)))  # [G, n_va]
+                pred = self._predict_all(Xva, W, dev)  # [G, n_va]
                 scores[:, k] = [score_predictions(self.scoring, yi[va], p) for p in pred]
             self._finish_search([{"C": c} for c in Cs], scores, plan, t0)
             mean, std = _standardise_stats(Xall)
