@@ -106,12 +106,9 @@ def rows_to_device(x, rows: list[int], device: str):
     ``x[rows]`` on a pinned tensor makes a pageable copy, whose ``.to(cuda, non_blocking=True)``
     then blocks; so on CUDA the whole pinned batch goes over first and is indexed on the device.
     """
-    import torch  # heavy
-
     if len(rows) == len(x):
         return x
     if str(device).startswith("cuda") and x.is_pinned():
-        xd = x.to(device, non_blocking=True)
-        return xd.index_select(0, torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True))
+        return x.to(device, non_blocking=True)[rows]
     return x[rows]
 
