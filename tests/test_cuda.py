@@ -49,7 +49,7 @@ def test_ray_driver_without_gpu_accepts_device_cuda(monkeypatch):
         check_options(device="cuda", **OPTS)
 
 
-def test_a_pinned_batch_goes_to_the_network_without_a_pageable_copy(monkeypatch):
+def test_a_pinned_batch_goes_to_the_network_without_a_pageable_copy(fake_cuda, monkeypatch):
     """``x[ok]`` on a pinned batch makes a pageable copy, whose non-blocking copy then blocks."""
     x = torch.randn(3, 3, 8, 8)
     seen = []
@@ -92,3 +92,17 @@ def test_some_failed_rows_are_dropped_on_the_device(monkeypatch):
     got = rows_to_device(x, [0, 2, 3], "cuda:0")
     assert x.moves == [("cuda:0", True)]
     assert torch.equal(got, x.t[[0, 2, 3]])
+
+
+def test_cpu_engine_loader_starts_on_the_chosen_gpu(fake_cuda, monkeypatch):
+    """The DataLoader's pinning thread pins on the creating thread's device: cuda:1, not cuda:0."""
+    seen = []
+
+    def batches(todo, backbone, **_):
+        seen.append(fake_cuda._device())
+        yield [0], torch.zeros(1, 3, 4, 4), [""], [0], [1]
+
+    monkeypatch.setattr(engine, "forward_fn", lambda *a, **k: lambda t: np.zeros((len(t), 4), np.float32))
+    monkeypatch.setattr(engine, "iter_cpu_batches", batches)
+    list(engine.feature_batches([None], None, device="cuda:1", batch_size=1, num_workers=0, engine="cpu"))
+    assert seen == ["cuda:1"]

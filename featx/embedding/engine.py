@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..base.cuda import rows_to_device
+from ..base.cuda import device_scope, rows_to_device
 from ..base.progress import progress_bar
 from .. import __version__
 from ..cache.store import Chunk
@@ -123,12 +123,13 @@ def set_cpu_threads(num_workers: int, threads: int | None = None) -> int:
 def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, runtime: str):
     """The CPU engine as (idx, errs, mtimes, sizes, ok, features) batches, like the GPU engine."""
     fwd = forward_fn(backbone, device, runtime=runtime)
-    for idx, x, errs, mts, szs in iter_cpu_batches(
-        todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
-    ):
-        ok = [j for j, e in enumerate(errs) if not e]
-        feats = fwd(rows_to_device(x, ok, device)) if ok else np.zeros((0, backbone.out_dim), np.float32)
-        yield idx, errs, mts, szs, ok, feats
+    with device_scope(device):  # the loader's pinning thread takes this thread's device (cuda:N, not cuda:0)
+        for idx, x, errs, mts, szs in iter_cpu_batches(
+            todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
+        ):
+            ok = [j for j, e in enumerate(errs) if not e]
+            feats = fwd(rows_to_device(x, ok, device)) if ok else np.zeros((0, backbone.out_dim), np.float32)
+            yield idx, errs, mts, szs, ok, feats
 
 
 def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, engine: str,

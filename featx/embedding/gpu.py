@@ -55,6 +55,7 @@ MAX_DEVICE_PIXELS = 40_000_000
 # At most this many decoded pixels are alive per decode call (~400 MB of uint8 RGB).
 DECODE_PIXEL_BUDGET = 1 << 27
 _END = object()
+_WARNED: list = []  # out-of-memory of the network: warned once per process
 
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every
@@ -428,7 +429,9 @@ def _forward_split(fwd, x):
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
         if not is_oom(exc) or len(x) < 2:
             raise
-    log.warning("GPU out of memory running the network on %d images; running halves", len(x))
+    if not _WARNED:
+        _WARNED.append("forward")
+        log.warning("GPU out of memory running the network on %d images; running such batches in halves", len(x))
     h = len(x) // 2
     return torch.cat([_forward_split(fwd, x[:h]), _forward_split(fwd, x[h:])])
 
