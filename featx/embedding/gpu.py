@@ -20,7 +20,8 @@ core), far below what the network runs at.  This engine moves decoding to the de
   Every thread that touches CUDA first selects the engine's device (``cuda:N`` with N >= 1).
 - The network runs in bf16 autocast with channels_last on CUDA; features are copied to pinned
   host memory asynchronously and handed out one batch later, so the GPU never waits for the
-  HDF5 writer.  Batches are padded to ``batch_size`` on CUDA so cudnn tunes one shape.  ``compile=True`` (or ``FEATX_COMPILE=1``) adds ``torch.compile``.
+  HDF5 writer.  Batches are padded to ``batch_size`` on CUDA so cudnn tunes one shape.
+  ``compile=True`` (or ``FEATX_COMPILE=1``) adds ``torch.compile``.
 
 Everything also runs with ``device="cpu"``: that is how the tests check that this path gives
 the same features as the PIL path (cosine >= 0.99).
@@ -215,7 +216,7 @@ class _Preparer:
         errs = [it.error for it in items]
         ready: dict[int, torch.Tensor] = {}  # position -> prepared float [3, crop, crop]
         jpeg = [j for j, it in enumerate(items) if it.kind == "jpeg"]
-        px = [items[j].pixels or 10 * int(items[j].payload.numel()) for j in jpeg]
+        px = [_pixels(items[j]) for j in jpeg]
         # Decode and resize group by group: only one group's full-size images are alive at a time.
         for g in pixel_groups(px, DECODE_PIXEL_BUDGET):
             self._jpegs(items, [jpeg[k] for k in g], ready, errs)
@@ -236,6 +237,7 @@ class _Preparer:
     def _jpegs(self, items: list, js: list, ready: dict, errs: list) -> None:
         """Decode + resize the JPEGs at positions ``js``; on device out-of-memory split them in
         halves, and decode an image that does not fit alone with Pillow (one warning per run)."""
+        got = None
         try:
             got = self._decode_group(items, js)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
@@ -245,6 +247,7 @@ class _Preparer:
                 self._oom_warned = True
                 log.warning("GPU out of memory preparing %d images (%s); splitting such batches, and decoding images "
                             "that do not fit alone with Pillow on the CPU", len(js), str(exc).splitlines()[0][:120])
+        if got is None:  # retried outside the except block, whose traceback still holds the failed tensors
             if len(js) > 1:
                 h = len(js) // 2
                 self._jpegs(items, js[:h], ready, errs)
@@ -261,7 +264,7 @@ class _Preparer:
         """position -> (prepared image or None, error) for the JPEGs at ``js``."""
         dec = decode_jpegs([items[j].payload for j in js], device=self.device,
                            orientations=[items[j].orientation for j in js],
-                           pixels=[items[j].pixels or 10 * int(items[j].payload.numel()) for j in js])
+                           pixels=[_pixels(items[j]) for j in js])
         got = {}
         good = [(j, im) for j, im in zip(js, dec) if not isinstance(im, Exception)]
         for j, im in zip(js, dec):
@@ -273,6 +276,11 @@ class _Preparer:
             for (j, _), x in zip(good, xs):
                 got[j] = (x, "")
         return got
+
+
+def _pixels(it: Item) -> int:
+    """Decoded size of a JPEG: from its header, else ~10 pixels per compressed byte (generous for photos)."""
+    return it.pixels or 10 * int(it.payload.numel())
 
 
 def _make_forward(backbone, device, *, compile: bool):
