@@ -17,7 +17,7 @@ from featx.embedding import gpu
 from featx.embedding.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features
 from featx.embedding.gpu import _forward_to_host, _Prepared, _producer
 
-from fake_cuda import fake_cuda  # noqa: F401 - fixture
+from fake_cuda import FakeCuda, fake_cuda  # noqa: F401 - fixture
 
 
 def _photo(rng, w, h):
@@ -328,3 +328,24 @@ def test_network_out_of_memory_runs_halves():
 
     host, ev = _forward_to_host(p, fwd, torch.device("cpu"), 48)
     assert torch.equal(host, p.x.flatten(1) * 2) and ev is None
+
+
+def test_padded_cuda_batch_stays_on_its_device_in_channels_last(monkeypatch):
+    """Device check with FakeTensorMode (cuda:1 tensors without a GPU): the padding rows are made on
+    the batch's device and the padded batch is channels_last, as cudnn's tuned kernels expect."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 3, 8, 8, device="cuda:1").contiguous(memory_format=torch.channels_last)
+        p = _Prepared([0, 1, 2], [""] * 3, [0] * 3, [1] * 3, [0, 1, 2], x)
+        FakeCuda(monkeypatch)  # after the fake tensors exist: FakeTensorMode asks the real torch.cuda
+
+        def fwd(t):
+            seen.append((tuple(t.shape), str(t.device), t.is_contiguous(memory_format=torch.channels_last)))
+            return t.flatten(1)[:, :5]
+
+        host, ev = _forward_to_host(p, fwd, torch.device("cuda:1"), 5, pad_to=4)
+        assert tuple(host.shape) == (3, 5)
+    assert seen == [((4, 3, 8, 8), "cuda:1", True)]
+    assert str(ev.stream.device) == "cuda:1"
