@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_cuda import fake_cuda  # noqa: F401 - a fixture for every test module
 from PIL import Image
 
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera_data"

@@ -20,7 +20,9 @@ from featx.errors import CacheMismatchError, FeatxError
 
 from conftest import TINY_KW, fault_env, write_image_folder
 
-TINY = dict(TINY_KW, batch_size=4)
+# Pinned to the CPU: with device="auto" these tests would take the GPU path on a GPU host
+# (its own variants are in tests/test_embed_cuda.py).
+TINY = dict(TINY_KW, batch_size=4, device="cpu")
 
 
 def test_embed_writes_a_self_describing_cache(image_folder, tmp_path):
@@ -121,7 +123,7 @@ def test_bad_options_are_clear_errors(image_folder, tmp_path):
 
 def _embed_cmd(data, cache, chunk=4):
     return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
-            "--weights", "random", "--workers", "0", "--batch-size", "2", "--chunk-size", str(chunk), "--quiet"]
+            "--weights", "random", "--workers", "0", "--batch-size", "2", "--chunk-size", str(chunk), "--quiet", "--device", "cpu"]
 
 
 def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):

@@ -231,3 +231,71 @@ def test_torch_heads_pass_sklearn_check_estimator(make):
     failed = [(r["check_name"], str(r["exception"])[:300]) for r in results if r["status"] == "failed"]
     assert failed == []
     assert len(results) > 40
+
+
+# --------------------------------------------------------------------------- on CUDA (issue 25), without a GPU
+
+
+def test_cuda_fits_use_full_fp32_matmuls():
+    """TF32 would blur the objective values the line search compares and kNN's zero distances."""
+    import torch
+
+    from featx.heads.torch_ops import fast_matmul as _fast_matmul
+
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what a fine-tune or the user may have set
+    try:
+        with _fast_matmul(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+class _SyncCounter:
+    """Counts the tensor operations that make the host wait for the device (on CUDA)."""
+
+    SYNCING = ("__bool__", "item", "nonzero", "tolist", "__int__", "__float__", "masked_select")
+
+    def __new__(cls):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        class Mode(TorchFunctionMode):
+            n = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                sync = name in cls.SYNCING
+                if name in ("__getitem__", "__setitem__") and len(args) > 1:  # boolean-mask indexing
+                    idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+                    sync = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx)
+                Mode.n += sync
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+def test_batched_lbfgs_syncs_once_per_line_search_trial():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 10, generator=g)
+    y = (X[:, 0] > 0).float()
+    C = torch.tensor([0.01, 1.0, 100.0])
+    calls = [0]
+
+    def fun(W, sel):
+        calls[0] += 1
+        z = X @ W[:, :, 0].T
+        r = 1 / C[sel] / 200
+        f = (torch.nn.functional.softplus(z) - y[:, None] * z).sum(0) / 200 + 0.5 * r * (W * W).sum((1, 2))
+        grad = (X.T @ (torch.sigmoid(z) - y[:, None])).T.unsqueeze(-1) / 200 + r.view(-1, 1, 1) * W
+        return f, grad
+
+    counter = _SyncCounter()
+    with counter:
+        w, f, iters = batched_lbfgs(fun, torch.zeros(3, 10, 1), max_iter=50)
+    assert int(iters.min()) > 2
+    # One per trial (which problems still search) + one per iteration (which are active); was ~8 per trial.
+    assert counter.n <= 2 * calls[0], (counter.n, calls[0])

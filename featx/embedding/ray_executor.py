@@ -21,13 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..base.cuda import actor_device
 from ..base.errors import FeatxError
 from ..base.progress import progress_bar
 from ..base.runtime import resolve_device
 from ..cache.store import PartsDir
 from ..data.folders import Sample
 from .backbones import create_backbone
-from .engine import EngineSettings, cache_fingerprint, iter_chunks
+from .engine import EngineSettings, cache_fingerprint, default_engine, iter_chunks
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +81,20 @@ class ChunkEmbedder:
 
     def __init__(self, settings: dict, cache_path: str, fingerprint: dict, threads: int, workers: int) -> None:
         self.s = EngineSettings(**settings)
-        self.device = resolve_device(self.s.device_request)
+        self.device = resolve_device(actor_device(self.s.device_request))  # cuda:N -> this actor's own GPU
         req = self.s.engine_request
-        self.engine = req if req != "auto" else ("gpu" if self.device.startswith("cuda") else "cpu")
+        self.engine = req if req != "auto" else default_engine(self.device)
         self.bb = create_backbone(self.s.backbone, weights=self.s.weights, views=self.s.views, tta=self.s.tta)
         if self.engine != "cpu" and self.s.runtime not in ("auto", "torch"):
             raise FeatxError(f"--runtime {self.s.runtime} runs on the CPU, but Ray node {os.uname().nodename} embeds "
                              "on a GPU; drop --runtime or run CPU-only actors")
-        found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime)
+        found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime, device=self.device, engine=self.engine)
         if found != fingerprint:
             raise FeatxError(
-                f"the backbone built on Ray node {os.uname().nodename} differs from the driver's ({found} vs "
-                f"{fingerprint}); install the same featx, torch and weights file on every node"
+                f"the backbone built on Ray node {os.uname().nodename} (device {self.device}, engine {self.engine}) "
+                f"differs from the driver's ({found} vs {fingerprint}); install the same featx, torch and weights "
+                "file on every node, and pass --device cuda or --device cpu when the driver has no GPU but the "
+                "nodes do"
             )
         self.parts = PartsDir(cache_path, fingerprint)
         self.threads, self.workers = threads, workers

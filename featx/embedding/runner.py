@@ -40,7 +40,14 @@ from ..config import EmbedSettings
 from ..data.folders import Dataset, discover
 from . import augment
 from .backbones import Backbone, create_backbone
-from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
+from .engine import (  # noqa: F401 - DECODE_VERSION re-exported
+    DECODE_VERSION,
+    DTYPES,
+    EngineSettings,
+    cache_fingerprint,
+    default_engine,
+    iter_chunks,
+)
 from .ray_executor import import_ray, parse_shard, run_on_ray
 from .runtimes import resolve_runtime
 from .views import check_tta, parse_parts
@@ -107,12 +114,13 @@ class EmbedPlan:
 def check_options(settings: EmbedSettings | None = None, **overrides: Any) -> EngineSettings:
     """Refuse bad options before any file is read; resolve device, engine and workers.
 
-    ``settings``/``overrides``: as :func:`embed` takes them.
+    ``settings``/``overrides``: as :func:`embed` takes them.  Under ``executor="ray"`` each node
+    resolves ``--device cuda`` itself: the driver (a head node often has no GPU) checks only its form.
     """
     s, _ = EmbedSettings.with_overrides(settings, overrides, call="check_options")
     backbone, weights, device, engine, batch_size = s.backbone, s.weights, s.device, s.engine, s.batch_size
     num_workers, dtype, chunk_size, runtime, views, tta = s.workers, s.dtype, s.chunk_size, s.runtime, s.views, s.tta
-    train_views = s.train_views
+    train_views, executor = s.train_views, s.executor
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
     if batch_size is None or batch_size < 1:
@@ -121,12 +129,12 @@ def check_options(settings: EmbedSettings | None = None, **overrides: Any) -> En
         raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
     if dtype not in DTYPES:
         raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, local=executor != "ray")
     if engine not in ("auto", "cpu", "gpu"):
         raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
     if engine == "gpu" and not dev.startswith("cuda"):
         raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
-    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
+    eng = engine if engine != "auto" else default_engine(dev)
     workers = default_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
@@ -168,7 +176,7 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
-    fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
+    fp = cache_fingerprint(bb, settings.dtype, settings.runtime, device=settings.device, engine=settings.engine)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp), train_views=settings.train_views)
 

@@ -32,6 +32,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
+from .device_memory import c_group_size, run_in_groups
 from .grids import resolve_grids
 from .scores import softmax_of_scores
 from .search import cv_summary, score_predictions
@@ -151,15 +152,23 @@ class _LinearHead(_TorchHead):
         return 1 if len(self.classes_) == 2 else len(self.classes_)
 
     def _train(self, Xs, yi, Cs, dev, *, max_iter: int):
-        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out]."""
+        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out].
+
+        On CUDA the C values go in groups that fit the free memory (:mod:`featx.heads.device_memory`)."""
         import torch
 
         n, D = Xs.shape
         Xa = torch.cat([Xs, torch.ones(n, 1, device=dev, dtype=Xs.dtype)], 1)
-        C = torch.as_tensor(np.asarray(Cs, dtype=np.float32), device=dev)
-        w0 = torch.zeros(len(Cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
-        fun = self._objective(Xa, torch.as_tensor(yi, device=dev), C)
-        w, f, iters = batched_lbfgs(fun, w0, max_iter=max_iter, gtol=self.tol)
+        y = torch.as_tensor(yi, device=dev)
+
+        def run(cs: list) -> tuple:
+            C = torch.as_tensor(np.asarray(cs, dtype=np.float32), device=dev)
+            w0 = torch.zeros(len(cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
+            w, _, iters = batched_lbfgs(self._objective(Xa, y, C), w0, max_iter=max_iter, gtol=self.tol)
+            return w, iters
+
+        parts = run_in_groups(run, Cs, c_group_size(n, D, self._n_out(), len(Cs), dev))
+        w, iters = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.n_iter_ = int(iters.max())  # of the last call: the refit
         if bool((iters >= max_iter).any()):
             log.info("%s: L-BFGS hit max_iter=%d for some C values (as sklearn would warn)", self.head_name, max_iter)
@@ -176,6 +185,12 @@ class _LinearHead(_TorchHead):
     @staticmethod
     def _scores(Xa, W):
         return wide_scores(Xa, W).permute(1, 0, 2)  # [G, n, K]
+
+    def _predict_all(self, Xva, W, dev) -> np.ndarray:
+        """Predicted indices [G, n_va] of every C's model, as many C values at a time as fit."""
+        size = c_group_size(Xva.shape[0], Xva.shape[1], W.shape[-1], W.shape[0], dev)
+        return np.concatenate([to_numpy(self._predict_idx(self._scores(Xva, W[a : a + size])))
+                               for a in range(0, W.shape[0], size)])
 
     def fit(self, X, y) -> "_LinearHead":
         """Choose C by CV on (X, y), then refit on all of it."""
@@ -205,7 +220,7 @@ class _LinearHead(_TorchHead):
                 del Xtr
                 Xva = (Xall.index_select(0, va_t) - mean) / std
                 Xva = torch.cat([Xva, torch.ones(len(va), 1, device=dev)], 1)
-                pred = to_numpy(self._predict_idx(self._scores(Xva, W)))  # [G, n_va]
+                pred = self._predict_all(Xva, W, dev)  # [G, n_va]
                 scores[:, k] = [score_predictions(self.scoring, yi[va], p) for p in pred]
             self._finish_search([{"C": c} for c in Cs], scores, plan, t0)
             mean, std = standardise_stats(Xall)

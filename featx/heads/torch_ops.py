@@ -31,7 +31,10 @@ def torch_device(device: str):
 
 
 def fast_matmul(dev, work: float = 0.0):
-    """TF32 matrix products on CUDA for the duration of a fit (plenty for these convex fits).
+    """Full fp32 matrix products on CUDA for the duration of a fit, whatever the process set.
+
+    Not TF32: the line search compares objective values that differ in their last digits, and
+    kNN's exact-duplicate rule (distance <= 0) needs exact distances.
 
     On the CPU, a small problem (``work`` = rows x features below 2e7) runs on one intra-op
     thread: its many tiny ops otherwise spend their time in OpenMP barriers (3-10x slower on
@@ -52,7 +55,7 @@ def fast_matmul(dev, work: float = 0.0):
                     torch.set_num_threads(old)
             return
         old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision("highest")
         try:
             yield
         finally:
@@ -97,12 +100,9 @@ def two_loop(ga, S, Y, R, act, n_hist: int, history: int):
         b = r * bdot(y, q)
         q += view(a - b, q) * s
     d = -q
-    gd = bdot(ga, d)
-    bad = gd >= 0  # not a descent direction: steepest descent instead
-    if bool(bad.any()):
-        d = torch.where(view(bad, d), -ga, d)
-        gd = bdot(ga, d)
-    return d, gd
+    bad = bdot(ga, d) >= 0  # not a descent direction: steepest descent instead (no host sync to ask)
+    d = torch.where(view(bad, d), -ga, d)
+    return d, bdot(ga, d)
 
 
 def batched_lbfgs(
@@ -114,7 +114,8 @@ def batched_lbfgs(
     LongTensor of length g) at ``W`` [g, ...].  Each problem has its own L-BFGS memory and its
     own Armijo backtracking step, so a badly conditioned problem (a large C) never shrinks the
     step of a well conditioned one, and only problems that have not converged are computed.
-    Returns (W, f, iterations per problem).
+    Returns (W, f, iterations per problem).  One host synchronisation per line-search trial
+    (which problems still search) and one per iteration (which are still active).
     """
     import torch
 
@@ -139,18 +140,21 @@ def batched_lbfgs(
         t = torch.ones(len(act), dtype=w.dtype, device=dev)
         accepted = torch.zeros(len(act), dtype=torch.bool, device=dev)
         wn, fn, gn = wa.clone(), fa.clone(), ga.clone()
+        todo = torch.arange(len(act), device=dev)
         for _ in range(40):
-            todo = (~accepted).nonzero().flatten()
-            cand = wa[todo] + view(t[todo], d) * d[todo]
+            tt = t[todo]
+            cand = wa[todo] + view(tt, d) * d[todo]
             fc, gc = fun(cand, act[todo])
-            ok = fc <= fa[todo] + 1e-4 * t[todo] * gd[todo]
-            if bool(ok.any()):
-                sel = todo[ok]
-                wn[sel], fn[sel], gn[sel] = cand[ok], fc[ok], gc[ok]
-                accepted[sel] = True
-            if bool(accepted.all()):
+            ok = fc <= fa[todo] + 1e-4 * tt * gd[todo]
+            okv = view(ok, cand)
+            wn[todo] = torch.where(okv, cand, wn[todo])
+            fn[todo] = torch.where(ok, fc, fn[todo])
+            gn[todo] = torch.where(okv, gc, gn[todo])
+            accepted[todo] = ok
+            t[todo] = torch.where(ok, tt, tt * 0.5)
+            todo = (~accepted).nonzero().flatten()
+            if todo.numel() == 0:
                 break
-            t[todo[~ok]] *= 0.5
         s = wn - wa
         y = gn - ga
         sy = bdot(s, y)
