@@ -176,7 +176,10 @@ def _runtime_kwargs(args, fn) -> dict:
     import functools
     import inspect
 
-    if args.runtime == "default" or "runtime" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    # embed(..., settings=EmbedSettings, **overrides) takes every option of `featx embed` (runtime included)
+    takes = "runtime" in params or "settings" in params
+    if args.runtime == "default" or takes:
         return {} if args.runtime == "default" else {"runtime": args.runtime}
     from featx.embedding import cpu, runner
 

@@ -8,13 +8,7 @@ import joblib
 import numpy as np
 import pytest
 
-from featx.heads.torch_heads import (
-    TorchKNN,
-    TorchLinearSVC,
-    TorchLogisticRegression,
-    batched_lbfgs,
-    create_torch_head,
-)
+from featx.heads.torch_heads import TorchKNN, TorchLinearSVC, TorchLogisticRegression, batched_lbfgs, create_torch_head
 
 
 def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):

@@ -27,14 +27,7 @@ import os
 
 from ..base.errors import FeatxError
 from .builders import TORCHVISION_MODELS, efficientnet_lite0_imagenet, timm_backbone  # noqa: F401 - re-exported
-from .registry import (  # noqa: F401 - re-exported: the public names of a backbone
-    DEFAULT_BACKBONE,
-    REGISTRY,
-    TRAIN_MIN_SCALE,
-    Backbone,
-    Preprocess,
-    list_backbones,
-)
+from .registry import DEFAULT_BACKBONE, REGISTRY, TRAIN_MIN_SCALE, Backbone, Preprocess, list_backbones  # noqa: F401 - re-exported: the public names of a backbone
 from .stages import TinyCNN  # noqa: F401 - re-exported
 from .views import with_views
 
