@@ -40,14 +40,7 @@ from ..config import EmbedSettings
 from ..data.folders import Dataset, discover
 from . import augment
 from .backbones import Backbone, create_backbone
-from .engine import (  # noqa: F401 - DECODE_VERSION re-exported
-    DECODE_VERSION,
-    DTYPES,
-    EngineSettings,
-    cache_fingerprint,
-    default_engine,
-    iter_chunks,
-)
+from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
 from .runtimes import resolve_runtime
 from .views import check_tta, parse_parts
