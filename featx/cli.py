@@ -37,6 +37,7 @@ from .config import (
     explain, format_entries, merge, nest, read_config, render_yaml,
 )
 from .config.options import command_line_values, settings_options
+from .config.settings import VerifySettings
 from .heads import grids as heads_grids  # noqa: F401 - registers the check of the "heads:" grid values (no sklearn)
 
 log = logging.getLogger("featx")
@@ -261,6 +262,33 @@ def info(cache: str | None, s: InfoSettings) -> None:
         click.echo(f"  failed: {key}: {reason}")
     if not s.show_failed and len(failed) > 20:
         click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(VerifySettings)
+def verify(cache: str | None, s: VerifySettings) -> None:
+    """Check CACHE (default: the newest in --cache-dir) in full: structure, every checksum, NaN/inf rows."""
+    from .cache.store import find_cache  # h5py: not imported for --help
+    from .cache.verify import verify_cache
+
+    res = verify_cache(find_cache(cache, cache_dir=s.cache_dir))
+    if s.as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        states = {"verified": "verified", "absent": "not verified: written before featx stored checksums",
+                  "partial": "verified where present (some datasets have none)"}
+        click.echo(f"cache      {res.path}\nrows       {res.rows}\nstructure  self-contained, shapes consistent")
+        click.echo(f"checksums  {states[res.checksums]} ({', '.join(res.datasets)})")
+        click.echo(f"non-finite {res.non_finite_rows} rows" + (f": {', '.join(res.non_finite_examples)}"
+                                                                 if res.non_finite_examples else ""))
+    if not res.ok:
+        where = "; ".join(f"{k} rows " + ", ".join(f"{a}-{b}" for a, b in v[:5]) for k, v in res.damaged.items())
+        raise FeatxError(f"cache {res.path!r} is damaged ({where} do not match their checksums); rerun "
+                         "`featx embed DATA` to embed those rows again, or delete it and rebuild it")
 
 
 # --------------------------------------------------------------------------- compare

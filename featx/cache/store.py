@@ -39,6 +39,7 @@ import numpy as np
 
 from ..base.errors import CacheLockedError, CacheMismatchError, CacheWriteError, FeatxError
 from ..base.io import atomic_commit, fsync_dir, sha256_file  # noqa: F401 - re-exported for old imports
+from . import integrity
 from .views import available_views, check_view, compose, view_dim
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class PartsDir:
             f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
             f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
             f.attrs["seconds"] = float(chunk.seconds)
+            for name in integrity.feature_datasets(f):
+                integrity.write_checksums(f, name, [0])
         return final
 
     def total_seconds(self) -> float:
@@ -203,6 +206,7 @@ class PartsDir:
                     freasons = [r.decode() if isinstance(r, bytes) else r for r in f["failed_reasons"][()]]
                     fmt = f["failed_mtime_ns"][()]
                     fsz = f["failed_size"][()]
+                    integrity.verify_chunk(f)  # self-contained, and its features match their checksums
             except Exception as exc:  # noqa: BLE001 - any damage means: redo that chunk
                 log.warning("chunk file %s is unreadable (%s); its images will be embedded again", cf, exc)
                 os.replace(cf, cf.with_suffix(".damaged"))
@@ -320,6 +324,7 @@ class FeatureCache:
                         f"cache {str(self.path)!r} uses cache layout {layout}, this featx reads layout "
                         f"{LAYOUT_VERSION}; rebuild it with `featx embed ... --overwrite`"
                     )
+                integrity.check_file(f)  # self-contained, shapes backed by storage: before any array is read
                 self.classes: list[str] = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]]
                 codes = f["split"][()]
                 self._n = int(f["features"].shape[0])
@@ -337,6 +342,7 @@ class FeatureCache:
                 split_names = _split_names(self.meta["split_names"])
                 self.part_widths = _part_widths(f, self.meta, self.dim, self._n)
                 self._n_aug = int(f["augmented/source_row"].shape[0]) if "augmented" in f else 0
+                integrity.check_layout(f, self.classes, self.meta, split_names, codes)
             except FeatxError:
                 raise
             except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
@@ -348,8 +354,7 @@ class FeatureCache:
         for code, name in enumerate(split_names):
             idx = np.flatnonzero(codes == code)
             if len(idx):
-                # Rows are written split by split, so each split is one contiguous slice.
-                assert idx[-1] - idx[0] + 1 == len(idx), "split rows must be contiguous"
+                # Rows are written split by split, so each split is one contiguous slice (integrity.check_rows).
                 self._ranges[name] = (int(idx[0]), int(idx[-1]) + 1)
         self._codes = codes
 
@@ -398,7 +403,8 @@ class FeatureCache:
 
     def _read_view(self, f: h5py.File, view: str | None, rows, dtype, prefix: str = "") -> np.ndarray:
         v = check_view(view, self.views, where=f"cache {self.path.name}")
-        get = lambda p: np.asarray(f[prefix + _part_path(p)][rows], dtype=np.float32)  # noqa: E731
+        get = lambda p: np.asarray(integrity.read_verified(f, prefix + _part_path(p), rows, self.path),  # noqa: E731
+                                   dtype=np.float32)
         return np.asarray(compose(v, get), dtype=dtype)
 
     # -- augmented training views (featx embed --train-views)
@@ -580,6 +586,7 @@ def write_final(
             ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
             ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))
             alive.append(_write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows))
+        _write_checksums(f, ok, widths, dtype)
         if len(widths) > 1:
             f.attrs["parts_json"] = json.dumps([[k, w] for k, w in widths.items() if k != "features"])
         for k, v in attrs.items():
@@ -610,6 +617,16 @@ def _write_table(f: h5py.File, prefix: str, rows: Sequence, index: dict, widths:
             for name, target in targets.items():
                 _copy_runs(sf[src_prefix + _part_path(name)], target, pairs, block_rows, dtype)
     return targets
+
+
+def _write_checksums(f: h5py.File, ok: Sequence, widths: dict[str, int], dtype: str) -> None:
+    """CRC32 of every feature block (:mod:`featx.cache.integrity`); blocks start at each split's first row."""
+    bounds = tuple(i for i in range(len(ok)) if i == 0 or ok[i].split != ok[i - 1].split)
+    for name in integrity.feature_datasets(f):
+        n = int(f[name].shape[0])
+        width = widths.get(name.rsplit("/", 1)[-1], 1)
+        integrity.write_checksums(f, name, integrity.block_starts(
+            n, width, np.dtype(dtype).itemsize, bounds if not name.startswith("augmented/") else ()))
 
 
 def _part_path(name: str) -> str:

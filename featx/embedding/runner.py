@@ -26,6 +26,7 @@ from typing import Sequence
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
+from ..cache.verify import forget_damaged
 from ..cache.store import (
     FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
     write_final,
@@ -179,6 +180,7 @@ def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
         if p.old.root and os.path.realpath(p.old.root) != os.path.realpath(p.dataset.root):
             log.warning("cache %s was built from %s; reusing images by relative path", p.path, p.old.root)
         p.index.update(read_final_index(p.old))
+        forget_damaged(p.old, p.index)  # rows failing their checksums are embedded again
         p.prior_seconds = float(p.old.meta.get("embed_seconds", 0.0))
     if p.train_views is None:  # not asked: keep the augmented views the cache has (finished work)
         p.train_views = p.old.train_views if p.old is not None else 0

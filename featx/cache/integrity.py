@@ -1,0 +1,255 @@
+"""Is an HDF5 file safe and whole before featx reads it?  Self-contained, consistent, undamaged.
+
+Why: a cache or chunk file comes from a stranger as easily as from featx itself, and disks
+corrupt bytes silently.  HDF5 can make a dataset read another file (external raw storage,
+external links, virtual datasets) and can declare shapes far larger than the file holds (so a
+29 KB file reads as terabytes of zeros).  Neither is anything featx writes, so both are
+refused, naming the dataset, before any array is read.  Feature blocks carry CRC32 checksums
+(``checksums/<dataset>``: rows [start, stop) and their CRC), written by featx and verified
+whenever rows are read; a file without them (written before checksums existed) opens as
+before, unverified.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from ..base.errors import FeatxError
+
+CHECKSUM_GROUP = "checksums"
+BLOCK_BYTES = 4 << 20  # rows per checksum block: about 4 MiB of features
+MAX_DEPTH = 8  # featx files nest 3 deep; a hard-link cycle would otherwise recurse forever
+MAX_OBJECTS = 10000
+COMPRESSION_RATIO = 100  # a filtered (compressed) dataset may declare at most this many times its storage
+
+
+class CacheDamagedError(FeatxError):
+    """A cache's bytes do not match its checksums, or HDF5 cannot read them."""
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _walk(g: h5py.Group, prefix: str, depth: int, seen: list) -> Iterator[tuple[str, h5py.Dataset]]:
+    """(name, dataset) of every dataset below ``g``; soft and external links are refused, never followed."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"group {prefix or '/'} is nested deeper than {MAX_DEPTH} levels")
+    for name in g:
+        full = f"{prefix}{name}"
+        seen.append(full)
+        if len(seen) > MAX_OBJECTS:
+            raise ValueError(f"the file holds more than {MAX_OBJECTS} objects")
+        try:
+            link = g.get(name, getlink=True)
+        except Exception:  # noqa: BLE001 - a user-defined link class h5py cannot show
+            raise ValueError(f"{full!r} is a link of an unknown kind") from None
+        if isinstance(link, h5py.ExternalLink):
+            raise ValueError(f"{full!r} is an external link to {link.filename!r}")
+        if isinstance(link, h5py.SoftLink):
+            raise ValueError(f"{full!r} is a soft link to {link.path!r}")
+        if not isinstance(link, h5py.HardLink):
+            raise ValueError(f"{full!r} is a link of an unknown kind")
+        obj = g[name]
+        if isinstance(obj, h5py.Group):
+            yield from _walk(obj, full + "/", depth + 1, seen)
+        elif isinstance(obj, h5py.Dataset):
+            yield full, obj
+
+
+def _declared_bytes(d: h5py.Dataset) -> int:
+    n = 1
+    for s in d.shape or ():
+        n *= int(s)
+    return n * int(d.id.get_type().get_size())
+
+
+def check_file(f: h5py.File) -> None:
+    """Raise ValueError naming the dataset unless ``f`` is self-contained and its shapes fit its size.
+
+    Refused: external raw storage, virtual datasets, external and soft links (anywhere); a
+    dataset declaring more bytes than it stores (unwritten storage reads as zeros without end);
+    storage that adds up to more than the file (chunks pointing at the same bytes).
+    """
+    total = 0
+    for name, d in _walk(f, "", 0, []):
+        if d.external:
+            raise ValueError(f"dataset {name!r} stores its data in another file ({d.external[0][0]!r})")
+        if d.is_virtual:
+            raise ValueError(f"dataset {name!r} is a virtual dataset (it reads other files)")
+        declared, stored = _declared_bytes(d), int(d.id.get_storage_size())
+        filtered = d.id.get_create_plist().get_nfilters() > 0
+        if (stored < declared and not filtered) or declared > COMPRESSION_RATIO * stored + (1 << 20):
+            raise ValueError(f"dataset {name!r} declares shape {d.shape} ({declared} bytes) but the file stores "
+                             f"only {stored} bytes of it")
+        total += stored
+    size = f.id.get_filesize()
+    if total > size:
+        raise ValueError(f"its datasets claim {total} bytes of storage, more than the file's {size} bytes")
+
+
+def check_rows(labels: np.ndarray, codes: np.ndarray, n_classes: int, split_names: list[str]) -> None:
+    """Raise ValueError unless labels index the classes and each split is one contiguous run of rows."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"dataset 'labels' is not a list of integers ({labels.dtype}, shape {labels.shape})")
+    if codes.ndim != 1 or codes.dtype.kind not in "iu":
+        raise ValueError(f"dataset 'split' is not a list of integers ({codes.dtype}, shape {codes.shape})")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+        raise ValueError(f"labels of rows {_rows_text(bad)} are outside the {n_classes} classes")
+    if len(codes) and codes.max() >= len(split_names):
+        bad = np.flatnonzero(codes >= len(split_names))
+        raise ValueError(f"split codes of rows {_rows_text(bad)} name no split (the cache has {len(split_names)})")
+    if len(codes) > 1 and np.count_nonzero(np.diff(codes.astype(np.int64))) != len(np.unique(codes)) - 1:
+        raise ValueError("the rows of a split are not contiguous (featx writes each split as one run)")
+
+
+def _rows_text(rows: np.ndarray, shown: int = 5) -> str:
+    head = ", ".join(str(int(r)) for r in rows[:shown])
+    return head + (f", ... ({len(rows)} in all)" if len(rows) > shown else "")
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def crc(block: np.ndarray) -> int:
+    arr = np.ascontiguousarray(block)
+    return zlib.crc32(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def _table_name(dataset: str) -> str:
+    return f"{CHECKSUM_GROUP}/{dataset.replace('/', ':')}"
+
+
+def block_starts(n: int, width: int, itemsize: int, bounds: tuple[int, ...] = ()) -> list[int]:
+    """Block starts over ``n`` rows: every ``bounds`` (split starts) and about every BLOCK_BYTES."""
+    step = max(1, BLOCK_BYTES // max(1, width * itemsize))
+    starts = set(range(0, n, step)) | {int(b) for b in bounds if 0 <= b < n}
+    return sorted(starts)
+
+
+def write_checksums(f: h5py.File, dataset: str, starts: list[int] | None = None) -> None:
+    """Store the CRC32 of each block of ``dataset`` (read back from ``f``) as ``checksums/<dataset>``."""
+    d = f[dataset]
+    n = int(d.shape[0])
+    if starts is None:
+        starts = block_starts(n, int(np.prod(d.shape[1:], dtype=np.int64)), d.dtype.itemsize)
+    edges = list(starts) + [n]
+    table = np.asarray([(a, b, crc(d[a:b])) for a, b in zip(edges[:-1], edges[1:]) if b > a],
+                       dtype=np.int64).reshape(-1, 3)
+    f.create_dataset(_table_name(dataset), data=table)
+
+
+def checksum_table(f: h5py.File, dataset: str) -> np.ndarray | None:
+    """The [k, 3] (start, stop, crc) table of ``dataset``, or None for a file written without checksums."""
+    name = _table_name(dataset)
+    if name not in f:
+        return None
+    table = f[name][()]
+    if table.ndim != 2 or table.shape[1] != 3 or table.dtype.kind != "i":
+        raise ValueError(f"checksum table {name!r} is malformed")
+    return table
+
+
+def damaged_blocks(d: h5py.Dataset, table: np.ndarray, rows: slice, raw: np.ndarray) -> list[tuple[int, int]]:
+    """Blocks overlapping ``rows`` whose CRC does not match (edge blocks are completed from ``d``)."""
+    start, stop = rows.start or 0, rows.stop if rows.stop is not None else len(raw)
+    bad = []
+    for a, b, want in table:
+        a, b = int(a), int(b)
+        if b <= start or a >= stop:
+            continue
+        block = raw[a - start : b - start] if a >= start and b <= stop else d[a:b]
+        if crc(block) != int(want):
+            bad.append((a, b))
+    return bad
+
+
+def read_verified(f: h5py.File, dataset: str, rows: slice, path) -> np.ndarray:
+    """``f[dataset][rows]`` after checking its blocks' checksums; CacheDamagedError naming the rows if not."""
+    try:
+        d = f[dataset]
+        raw = d[rows]
+        table = checksum_table(f, dataset) if isinstance(rows, slice) and rows.step in (None, 1) else None
+        bad = damaged_blocks(d, table, rows, raw) if table is not None else []
+    except (OSError, ValueError, KeyError) as exc:
+        raise CacheDamagedError(
+            f"cache {str(path)!r} is damaged: HDF5 cannot read dataset {dataset!r} ({' '.join(str(exc).split())[:200]}); "
+            "delete it and rebuild it with `featx embed DATA` (or `featx embed DATA --overwrite`)"
+        ) from None
+    if bad:
+        raise CacheDamagedError(damage_message(path, dataset, bad))
+    return raw
+
+
+def damage_message(path, dataset: str, bad: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"{a}-{b - 1}" for a, b in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    return (f"cache {str(path)!r} is damaged: rows {shown} of dataset {dataset!r} do not match their checksums "
+            "(modified or corrupted on disk); rerun `featx embed DATA` to embed those rows again, or delete the "
+            "cache and rebuild it (`featx verify` checks a whole cache)")
+
+
+def feature_datasets(f: h5py.File) -> list[str]:
+    """The [rows, width] feature datasets of a cache or chunk file (those that carry checksums)."""
+    names = []
+    for prefix in ("", "augmented/"):
+        if prefix + "features" in f:
+            names.append(prefix + "features")
+        if prefix + "parts" in f:
+            names.extend(f"{prefix}parts/{k}" for k in f[prefix + "parts"])
+    return names
+
+
+def verify_chunk(f: h5py.File) -> None:
+    """Raise ValueError unless a chunk file is self-contained and its features match their checksums."""
+    check_file(f)
+    for name in feature_datasets(f):
+        table = checksum_table(f, name)
+        if table is None:
+            continue  # written before checksums: read as before
+        d = f[name]
+        bad = damaged_blocks(d, table, slice(0, d.shape[0]), d[()])
+        if bad:
+            raise ValueError(f"dataset {name!r} does not match its checksum")
+
+
+def scan_damage(f: h5py.File, *, block_rows: int = 65536) -> dict[str, list[tuple[int, int]]]:
+    """{dataset: damaged (start, stop) blocks} over every feature dataset that has checksums."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name in feature_datasets(f):
+        table = checksum_table(f, name)
+        if table is None:
+            continue
+        d, bad = f[name], []
+        for a in range(0, int(d.shape[0]), block_rows):
+            s = slice(a, min(a + block_rows, int(d.shape[0])))
+            try:
+                part = damaged_blocks(d, table[(table[:, 0] >= s.start) & (table[:, 0] < s.stop)], s, d[s])
+            except OSError:
+                part = [(s.start, s.stop)]
+            bad.extend(part)
+        if bad:
+            out[name] = bad
+    return out
+
+
+def check_layout(f: h5py.File, classes: list, meta: dict, split_names: list[str], codes: np.ndarray) -> None:
+    """Raise ValueError unless a finished cache's values have the types and ranges featx reads them as."""
+    for name in feature_datasets(f):
+        d = f[name]
+        if d.ndim != 2 or d.dtype.kind != "f":
+            raise ValueError(f"dataset {name!r} is not a 2-D array of floats ({d.dtype}, shape {d.shape})")
+    bad = [c for c in classes if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"dataset 'classes' holds non-text class names ({str(bad[0])[:40]!r})")
+    try:
+        fp = json.loads(meta["fingerprint_json"])
+    except (TypeError, ValueError, RecursionError):
+        fp = None
+    if not isinstance(fp, dict):
+        raise ValueError("attribute 'fingerprint_json' is not a JSON object")
+    check_rows(f["labels"][()], np.asarray(codes), len(classes), split_names)

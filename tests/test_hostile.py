@@ -1,0 +1,230 @@
+"""Hostile and damaged inputs II (issue 24): caches that read other files, declared shapes, corruption,
+image bombs, FIFOs, degenerate data, terminal escapes, sidecars that choose a download.
+
+Every hostile file is built here, with h5py, skops' own writer and PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featx
+from featx.base.errors import FeatxError
+from featx.cache.store import FeatureCache
+from featx.cli import cli
+from conftest import write_image_folder
+
+SECRET = b"root:x:0:0:SECRET-LINE:/root:/bin/bash\n" * 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny cache (two views: features + parts) and its data folder."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=6)
+    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
+                     num_workers=0, batch_size=16)
+    return fc, root, tmp
+
+
+def _copy(fc: FeatureCache, tmp_path: Path) -> Path:
+    path = tmp_path / fc.path.name
+    shutil.copy(fc.path, path)
+    return path
+
+
+def _secret(tmp_path: Path) -> Path:
+    p = tmp_path / "passwd"
+    p.write_bytes(SECRET)
+    return p
+
+
+def _replace(path: Path, name: str, make) -> None:
+    with h5py.File(path, "a") as f:
+        del f[name]
+        make(f)
+
+
+# --------------------------------------------------------------------------- 1. files that read other files
+
+
+def _external_storage(path: Path, secret: Path) -> None:
+    _replace(path, "classes", lambda f: f.create_dataset("classes", shape=(3,), dtype="S32",
+                                                         external=[(str(secret), 0, 96)]))
+
+
+def _external_link(path: Path, secret: Path) -> None:
+    other = secret.with_suffix(".h5")
+    with h5py.File(other, "w") as g:
+        g["secret"] = np.frombuffer(SECRET, dtype="S1")
+    with h5py.File(path, "a") as f:
+        f["failed/leak"] = h5py.ExternalLink(str(other), "/secret")
+
+
+def _virtual(path: Path, secret: Path) -> None:
+    other = secret.with_suffix(".vds.h5")
+    with h5py.File(path, "r") as f:
+        feats = f["features"][()]
+    with h5py.File(other, "w") as g:
+        g["x"] = feats
+    layout = h5py.VirtualLayout(shape=feats.shape, dtype=feats.dtype)
+    layout[:] = h5py.VirtualSource(str(other), "x", shape=feats.shape)
+    _replace(path, "features", lambda f: f.create_virtual_dataset("features", layout))
+
+
+def _soft_link(path: Path, secret: Path) -> None:
+    _replace(path, "labels", lambda f: f.__setitem__("labels", h5py.SoftLink("/split")))
+
+
+@pytest.mark.parametrize("make,named", [(_external_storage, "classes"), (_external_link, "failed/leak"),
+                                        (_virtual, "features"), (_soft_link, "labels")])
+def test_cache_that_reads_other_files_is_refused_naming_the_dataset(built, tmp_path, make, named):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    make(path, _secret(tmp_path))
+    with pytest.raises(FeatxError, match=f"'{named}'"):
+        FeatureCache(path)
+    r = CliRunner().invoke(cli, ["info", "--failed", str(path)])
+    assert r.exit_code == 2 and "SECRET-LINE" not in r.output and f"'{named}'" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_chunk_file_that_reads_other_files_is_embedded_again(built, tmp_path, caplog):
+    from featx.cache.store import PartsDir
+
+    fc, root, tmp = built
+    parts = PartsDir(tmp_path / "c.h5", {"x": 1})
+    parts.ensure()
+    from featx.cache.store import Chunk
+
+    ch = Chunk(["a.png", "b.png"], np.ones((2, 4), np.float32), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    cf = parts.write_chunk(ch)
+    assert set(parts.read_index()) == {"a.png", "b.png"}
+    secret = _secret(tmp_path)
+    with h5py.File(cf, "a") as f:
+        del f["failed_reasons"]
+        f.create_dataset("failed_reasons", shape=(0,), dtype="S8", external=[(str(secret), 0, 0)])
+    with caplog.at_level("WARNING"):
+        assert parts.read_index() == {}
+    assert "another file" in caplog.text and cf.with_suffix(".damaged").exists()
+
+
+# --------------------------------------------------------------------------- 5. declared shapes
+
+
+def test_declared_shapes_must_be_backed_by_the_file(built, tmp_path):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    _replace(path, "features", lambda f: f.create_dataset("features", shape=(10**9, 1280), dtype="f4",
+                                                          chunks=(1024, 1280)))
+    assert path.stat().st_size < 1 << 20
+    for argv in (["info", str(path)], ["probe", str(path), "--out-dir", str(tmp_path / "run")],
+                 ["export", str(path), "--out", str(tmp_path / "x.npy"), "--format", "npy"]):
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 2, (argv, r.output)
+        assert "'features' declares shape (1000000000, 1280)" in r.output, r.output
+        assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("labels", lambda n, w: np.arange(n) * 100, "outside the 3 classes"),
+    ("split", lambda n, w: np.full(n, 99, np.uint8), "name no split"),
+    ("split", lambda n, w: np.resize([0, 1], n).astype(np.uint8), "not contiguous"),
+    ("classes", lambda n, w: np.arange(3), "non-text class names"),
+    ("features", lambda n, w: np.full((n, w), b"x", dtype="S4"), "not a 2-D array of floats"),
+])
+def test_inconsistent_row_datasets_are_one_line_errors(built, tmp_path, key, value, says):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    with h5py.File(path, "a") as f:
+        n, w = f["features"].shape
+        del f[key]
+        f[key] = value(n, w)
+    with pytest.raises(FeatxError, match=says):
+        FeatureCache(path)
+    r = CliRunner().invoke(cli, ["info", str(path)])
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
+
+
+def test_bad_fingerprint_json_is_a_one_line_error(built, tmp_path):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    with h5py.File(path, "a") as f:
+        f.attrs["fingerprint_json"] = "[" * 100000
+    with pytest.raises(FeatxError, match="fingerprint_json"):
+        FeatureCache(path)
+
+
+# --------------------------------------------------------------------------- 8. silent corruption
+
+
+def _corrupt_features(path: Path, dataset: str = "features", row: int = 1) -> None:
+    """Overwrite bytes of one feature row in place, as a bad disk would (h5py finds the offset)."""
+    with h5py.File(path, "r") as f:
+        d = f[dataset]
+        off = d.id.get_offset() if d.chunks is None else d.id.get_chunk_info(0).byte_offset
+        width = d.shape[1] * d.dtype.itemsize
+    with open(path, "r+b") as fh:
+        fh.seek(off + row * width)
+        fh.write(np.full(d.shape[1], 2.4e38, np.float32).astype(d.dtype).tobytes())
+
+
+def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_path):
+    fc, root, _ = built
+    cache_dir = tmp_path / "cache"
+    fc2 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
+                      num_workers=0, batch_size=16)
+    good = fc2.features()
+    _corrupt_features(fc2.path)
+    with pytest.raises(FeatxError, match="rows 0-.* of dataset 'features' do not match their checksums"):
+        FeatureCache(fc2.path).features()
+    r = CliRunner().invoke(cli, ["probe", str(fc2.path), "--out-dir", str(tmp_path / "run"), "--head", "knn"])
+    assert r.exit_code == 2 and "do not match their checksums" in r.output and "featx embed" in r.output
+    r = CliRunner().invoke(cli, ["verify", str(fc2.path)])
+    assert r.exit_code == 2 and "damaged" in r.output
+    # The rerun notices, embeds the damaged rows again and ends with the undamaged cache.
+    fc3 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
+                      num_workers=0, batch_size=16)
+    assert fc3.stats.embedded > 0
+    np.testing.assert_allclose(fc3.features(), good, atol=1e-5)
+    r = CliRunner().invoke(cli, ["verify", str(fc3.path)])
+    assert r.exit_code == 0 and "checksums  verified" in r.output, r.output
+
+
+def test_corrupted_chunk_is_embedded_again(built, tmp_path, monkeypatch):
+    from featx.embedding import runner
+
+    fc, root, _ = built
+    cache_dir = tmp_path / "cache"
+    kept = {}
+    monkeypatch.setattr(runner.PartsDir, "remove", lambda self: kept.setdefault("dir", self.dir))
+    fc2 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
+                      num_workers=0, batch_size=16, chunk_size=8)
+    good = fc2.features()
+    chunks = sorted(kept["dir"].glob("chunk-*.h5"))
+    assert len(chunks) > 1
+    _corrupt_features(chunks[0], row=0)
+    fc2.path.unlink()  # as if killed before the final file: the chunks are all there is
+    monkeypatch.undo()
+    fc3 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
+                      num_workers=0, batch_size=16, chunk_size=8)
+    assert 0 < fc3.stats.embedded < len(good) and not list(kept["dir"].parent.glob("*.parts"))
+    np.testing.assert_allclose(fc3.features(), good, atol=1e-5)
+
+
+def test_caches_without_checksums_open_and_verify_says_so(built, tmp_path):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    with h5py.File(path, "a") as f:
+        del f["checksums"]
+    np.testing.assert_allclose(FeatureCache(path).features(), fc.features())
+    r = CliRunner().invoke(cli, ["verify", str(path)])
+    assert r.exit_code == 0 and "not verified" in r.output, r.output
