@@ -228,3 +228,58 @@ def test_caches_without_checksums_open_and_verify_says_so(built, tmp_path):
     np.testing.assert_allclose(FeatureCache(path).features(), fc.features())
     r = CliRunner().invoke(cli, ["verify", str(path)])
     assert r.exit_code == 0 and "not verified" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- 3, 7. image bombs and FIFOs
+
+
+@pytest.fixture
+def alarm():
+    """A hang becomes a failure (a FIFO opened for reading blocks until someone writes to it)."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("blocked: featx opened something that never answers")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_tall_png_and_fifo_are_recorded_not_fatal(tmp_path, alarm):
+    from PIL import Image
+
+    from featx.data.folders import discover
+    from featx.data.images import ImageLoadError, load_image
+
+    root = write_image_folder(tmp_path / "data", classes=("cats", "dogs"), per_class=4)
+    tall = root / "train" / "cats" / "tall.png"
+    Image.new("RGB", (1, 100000)).save(tall)
+    assert tall.stat().st_size < 2000
+    fifo = root / "train" / "dogs" / "pipe.jpg"
+    os.mkfifo(fifo)
+    (root / "train" / "dogs" / "link.jpg").symlink_to(fifo)
+    with pytest.raises(ImageLoadError, match="aspect ratio"):
+        load_image(tall)
+    with pytest.raises(ImageLoadError, match="FIFO"):
+        load_image(fifo)
+    ds = discover(root)
+    skipped = dict(ds.skipped)
+    assert "FIFO" in skipped[str(fifo)] and "FIFO" in skipped[str(fifo.with_name("link.jpg"))]
+    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
+                     num_workers=0, batch_size=16)
+    failed = dict(fc.failed)
+    assert "aspect ratio" in failed["train/cats/tall.png"] and len(fc) == 16
+
+
+def test_manifest_row_naming_a_fifo_is_skipped(tmp_path, alarm):
+    from featx.data.folders import discover
+
+    root = write_image_folder(tmp_path / "m", splits=(), classes=("a", "b"), per_class=2)
+    os.mkfifo(root / "a" / "pipe.png")
+    rows = ["path,label", "a/pipe.png,a"] + [f"{c}/img_00{i}.png,{c}" for c in ("a", "b") for i in range(2)]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    ds = discover(None, manifest=root / "list.csv")
+    assert len(ds) == 4 and "FIFO" in ds.skipped[0][1]
