@@ -283,3 +283,27 @@ def test_manifest_row_naming_a_fifo_is_skipped(tmp_path, alarm):
     (root / "list.csv").write_text("\n".join(rows) + "\n")
     ds = discover(None, manifest=root / "list.csv")
     assert len(ds) == 4 and "FIFO" in ds.skipped[0][1]
+
+
+# --------------------------------------------------------------------------- 9. degenerate data
+
+
+def test_constant_features_give_a_report_with_a_note_not_a_crash(built, tmp_path):
+    import subprocess
+    import sys
+
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    with h5py.File(path, "a") as f:
+        for name in ("features", *[f"parts/{k}" for k in f.get("parts", {})]):
+            f[name][...] = 1.0
+        del f["checksums"]  # as a cache written before checksums (the values are what is degenerate here)
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(featx.__file__).parents[1]))
+    r = subprocess.run([sys.executable, "-m", "featx.cli", "probe", str(path), "--head", "logreg", "--view", "final",
+                        "--out-dir", str(run)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert (run / "metrics.json").is_file()
+    html = (run / "report.html").read_text(encoding="utf-8")
+    section = html[html.find("<section id=\"map\">"):][:600]
+    assert "No map" in section and "(nearly) all coincide" in section, section

@@ -231,6 +231,10 @@ def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir
     eval_rows = [p.row for p in preds] if preds else []
     wrong = [p.row for p in preds if not p.correct] if preds else []
     coords = embedmap.map_coordinates(fc, run_dir, keep=wrong)
+    if coords["method"] == "degenerate":
+        return _section("map", "Embedding map", _p("No map: the images' features (nearly) all coincide, so there is "
+                                                   "nothing to place. A constant or broken cache? `featx verify` checks it.",
+                                                   "warn"))
     method = {"pca+tsne": "PCA to 50 dimensions, then t-SNE", "pca+umap": "PCA, then UMAP", "pca": "PCA"}[coords["method"]]
     png = embedmap.plot_map(coords, fc.labels(), fc.classes, run_dir / "report_map.png", eval_rows=eval_rows,
                             wrong_rows=wrong, title=f"{len(coords['rows'])} of {len(fc)} images, {method}")
