@@ -307,3 +307,141 @@ def test_constant_features_give_a_report_with_a_note_not_a_crash(built, tmp_path
     html = (run / "report.html").read_text(encoding="utf-8")
     section = html[html.find("<section id=\"map\">"):][:600]
     assert "No map" in section and "(nearly) all coincide" in section, section
+
+
+# --------------------------------------------------------------------------- 4, 11 and the sidecar: saved heads
+
+
+@pytest.fixture(scope="module")
+def head(built):
+    fc, root, tmp = built
+    res = featx.probe(fc, head="knn", out_dir=tmp / "run", n_jobs=1, device="cpu", folds=2, plots=False)
+    return Path(res["heads"]["knn"]["model_path"])
+
+
+def _forge(head: Path, tmp_path: Path, data: bytes | None = None, **fields) -> Path:
+    """A copy of ``head`` (or ``data``) with a sidecar that matches it byte for byte, ``fields`` changed."""
+    import hashlib
+
+    from featx.heads.persist import sidecar_path
+
+    out = tmp_path / "h.skops"
+    out.write_bytes(data if data is not None else head.read_bytes())
+    meta = json.loads(sidecar_path(head).read_text())
+    meta.update(fields, model_file=out.name, sha256=hashlib.sha256(out.read_bytes()).hexdigest())
+    sidecar_path(out).write_text(json.dumps(meta))
+    return out
+
+
+def test_sidecar_cannot_choose_what_predict_builds_or_downloads(built, head, tmp_path, monkeypatch):
+    import socket
+
+    from featx.embedding import extractor
+    from featx.embedding.predict import predict
+
+    fc, root, _ = built
+    connects = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: connects.append(addr))
+    monkeypatch.setattr(extractor, "create_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    evil = _forge(head, tmp_path, backbone="timm:hf-hub:attacker/evil-model")
+    with pytest.raises(FeatxError, match="not a backbone featx builds.*nothing was downloaded"):
+        predict(evil, [str(root / "val")], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc", progress=False,
+                num_workers=0)
+    other = _forge(head, tmp_path, backbone="resnet18")  # a real name, but not what the head was trained on
+    with pytest.raises(FeatxError, match="was trained on 'tiny_cnn'"):
+        predict(other, [str(root / "val")], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc", progress=False,
+                num_workers=0)
+    assert not connects and not (tmp_path / "p.csv").exists()
+
+
+def test_no_downloads_while_a_heads_backbone_is_built(monkeypatch):
+    import torch.hub
+
+    from featx.embedding.head_guard import no_downloads
+
+    with no_downloads():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+        with pytest.raises(Exception, match="does not download"):
+            torch.hub.download_url_to_file("https://example.invalid/w.pth", "/nonexistent")
+    assert torch.hub.download_url_to_file.__name__ == "download_url_to_file"
+
+
+@pytest.mark.parametrize("field,value", [("classes", 3), ("estimator_classes", ["0", "1"]), ("fingerprint_dict", [1]),
+                                         ("view", 7), ("estimator_classes", [0, 99])])
+def test_sidecar_fields_of_the_wrong_type_are_one_line_errors(built, head, tmp_path, field, value):
+    fc, _, _ = built
+    forged = _forge(head, tmp_path, **{field: value})
+    r = CliRunner().invoke(cli, ["predict", "--head", str(forged), str(fc.path), "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 2 and (f"'{field}'" in r.output or "estimator_classes index" in r.output), r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_deeply_nested_sidecar_is_a_one_line_error(head, tmp_path):
+    from featx.heads.persist import load_head, sidecar_path
+
+    forged = _forge(head, tmp_path)
+    sidecar_path(forged).write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(FeatxError, match="unreadable"):
+        load_head(forged)
+
+
+def test_head_that_is_not_a_classifier_is_refused(head, tmp_path):
+    import skops.io as sio
+    from sklearn.preprocessing import StandardScaler
+
+    from featx.heads.persist import load_head
+
+    forged = _forge(head, tmp_path, data=sio.dumps(StandardScaler().fit(np.eye(3))))
+    with pytest.raises(FeatxError, match="not a classifier"):
+        load_head(forged)
+
+
+def test_types_skops_does_not_trust_stay_untrusted():
+    from featx.heads.persist import is_trusted_type
+
+    assert not is_trusted_type("sklearn.metrics._dist_metrics.MahalanobisDistance32")
+    assert not is_trusted_type("sklearn.metrics._dist_metrics.DistanceMetric")
+    assert not is_trusted_type("sklearn.utils._bunch.Bunch")
+
+
+def test_skops_entries_shared_by_many_references_are_counted_each_time(head, tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    import skops.io as sio
+    from sklearn.linear_model import LogisticRegression
+
+    import featx.heads.persist as persist
+    from featx.heads.persist import load_head
+
+    monkeypatch.setattr(persist, "MAX_UNPACKED_BYTES", 1 << 20)  # 1 GiB in real life
+    est = LogisticRegression().fit(np.eye(4), [0, 1, 0, 1])
+    est.extra_ = [np.full(10, i, np.float64) for i in range(20)]
+    src = zipfile.ZipFile(io.BytesIO(sio.dumps(est)))
+    schema = json.loads(src.read("schema.json"))
+    refs = []
+
+    def repoint(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                refs.append(node["file"])
+                node["file"] = "big.npy"
+            for v in node.values():
+                repoint(v)
+        elif isinstance(node, list):
+            for v in node:
+                repoint(v)
+
+    repoint(schema)
+    assert len(refs) >= 20
+    big = io.BytesIO()
+    np.save(big, np.zeros(600_000 // 8))  # 600 kB: under the limit once, far over it 20+ times
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("schema.json", json.dumps(schema))
+        zf.writestr("big.npy", big.getvalue())
+    data = out.getvalue()
+    assert sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist()) < 1 << 20
+    forged = _forge(head, tmp_path, data=data)
+    with pytest.raises(FeatxError, match="zip bomb"):
+        load_head(forged)

@@ -18,6 +18,7 @@ from ..data.folders import is_image_name
 from ..heads.persist import check_head_compatible, load_head
 from ..heads.probing import scores_of
 from .extractor import embed_files, resolve_weights
+from .head_guard import check_head_backbone, no_downloads
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ def _embed_inputs(inputs: list, meta: dict, *, weights, cache_dir, device, batch
     if not items:
         raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
     w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
-    emb = embed_files(
-        [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
-        device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
-        check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
-    )
+    check_head_backbone(meta, weights=w, head=str(meta.get("model_file", "?")))  # before anything is built
+    with no_downloads():
+        emb = embed_files(
+            [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
+            device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
+            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+        )
     ok = emb["ok"]
     return emb["features"], [items[i][0] for i in ok], [items[i][1] for i in ok], emb["failed"]
 
