@@ -445,3 +445,50 @@ def test_skops_entries_shared_by_many_references_are_counted_each_time(head, tmp
     forged = _forge(head, tmp_path, data=data)
     with pytest.raises(FeatxError, match="zip bomb"):
         load_head(forged)
+
+
+# --------------------------------------------------------------------------- 6. config files
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)) + "probe:\n  head: *i\n"
+
+
+@pytest.mark.parametrize("content,says", [
+    (BILLION_LAUGHS.encode(), "aliases"),
+    (b"probe: " + b"[" * 100000 + b"]" * 100000 + b"\n", "nested too deeply"),
+    (b"probe:\n  head: caf\xe9\n", "not UTF-8"),
+    (b"probe:\n  head: [" + b"1, " * 5000 + b"1]\n", "is not a valid"),
+])
+def test_hostile_config_files_are_one_line_errors(tmp_path, content, says):
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "config", "probe"])
+    assert r.exit_code == 2 and says in r.output, r.output[-500:]
+    assert len(r.output.strip().splitlines()) == 1 and len(r.output) < 600
+    assert time.perf_counter() - t0 < 20  # no expansion: refused before anything grows
+
+
+# --------------------------------------------------------------------------- NaN features reach no head
+
+
+def test_nan_features_are_named_and_never_reach_a_head(built, head, tmp_path, caplog):
+    import csv
+
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    with h5py.File(path, "a") as f:
+        f["features"][0] = np.nan
+        del f["checksums"]
+    with caplog.at_level("WARNING", logger="featx.heads.probing"):
+        featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
+    assert "cache rows 0" in caplog.text
+    out = tmp_path / "p.csv"  # last: the CLI reconfigures logging
+    r = CliRunner().invoke(cli, ["predict", "--head", str(head), str(path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "NaN/inf features: not predicted" in r.output and fc.keys()[0] in r.output
+    assert len(list(csv.DictReader(out.open()))) == len(fc) - 1

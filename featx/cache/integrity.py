@@ -100,15 +100,15 @@ def check_rows(labels: np.ndarray, codes: np.ndarray, n_classes: int, split_name
         raise ValueError(f"dataset 'split' is not a list of integers ({codes.dtype}, shape {codes.shape})")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
-        raise ValueError(f"labels of rows {_rows_text(bad)} are outside the {n_classes} classes")
+        raise ValueError(f"labels of rows {rows_text(bad)} are outside the {n_classes} classes")
     if len(codes) and codes.max() >= len(split_names):
         bad = np.flatnonzero(codes >= len(split_names))
-        raise ValueError(f"split codes of rows {_rows_text(bad)} name no split (the cache has {len(split_names)})")
+        raise ValueError(f"split codes of rows {rows_text(bad)} name no split (the cache has {len(split_names)})")
     if len(codes) > 1 and np.count_nonzero(np.diff(codes.astype(np.int64))) != len(np.unique(codes)) - 1:
         raise ValueError("the rows of a split are not contiguous (featx writes each split as one run)")
 
 
-def _rows_text(rows: np.ndarray, shown: int = 5) -> str:
+def rows_text(rows: np.ndarray, shown: int = 5) -> str:
     head = ", ".join(str(int(r)) for r in rows[:shown])
     return head + (f", ... ({len(rows)} in all)" if len(rows) > shown else "")
 

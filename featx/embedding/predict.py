@@ -113,6 +113,10 @@ def predict(
             inputs, meta, weights=weights, cache_dir=cache_dir, device=device, batch_size=batch_size,
             num_workers=num_workers, progress=progress,
         )
+    finite = np.isfinite(X).all(axis=1) if len(X) else np.ones(0, bool)
+    if not finite.all():  # never handed to a head: listed as failed, naming the image
+        failed += [(p, "NaN/inf features: not predicted (`featx verify` checks a cache)") for p, ok in zip(paths, finite) if not ok]
+        X, paths, folder = X[finite], [p for p, ok in zip(paths, finite) if ok], [c for c, ok in zip(folder, finite) if ok]
     t0 = time.perf_counter()
     pred = np.asarray(est.predict(X)) if len(X) else np.zeros(0, dtype=int)
     scores = scores_of(est, X) if len(X) else np.zeros((0, len(est_classes)))

@@ -23,6 +23,7 @@ import numpy as np
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
+from ..cache.integrity import rows_text
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import plan_folds, train_eval_split
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
@@ -174,8 +175,8 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     if not bad.any():
         return X, y, idx
     log.warning(
-        "%d %s rows of %s have NaN/inf features and are left out; rebuild the cache with "
-        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name,
+        "%d %s rows of %s have NaN/inf features and are left out (cache rows %s); rebuild the cache with "
+        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name, rows_text(idx[bad]),
     )
     return X[~bad], y[~bad], idx[~bad]
 
