@@ -492,3 +492,49 @@ def test_nan_features_are_named_and_never_reach_a_head(built, head, tmp_path, ca
     assert r.exit_code == 0, r.output
     assert "NaN/inf features: not predicted" in r.output and fc.keys()[0] in r.output
     assert len(list(csv.DictReader(out.open()))) == len(fc) - 1
+
+
+# --------------------------------------------------------------------------- 2. the data root rule
+
+
+def _flip_labels(path: Path) -> None:
+    """Evaluation labels moved to the next class: every evaluation image is a mistake (and gets a thumbnail)."""
+    with h5py.File(path, "a") as f:
+        y, val = f["labels"][()], f["split"][()] == 1
+        y[val] = (y[val] + 1) % len(f["classes"])
+        f["labels"][...] = y
+
+
+def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(built, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from featx.cache.roots import sign_root
+
+    fc, root, _ = built
+    private = tmp_path / "private" / "secret.png"
+    private.parent.mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(private)
+    (tmp_path / "mine").mkdir()
+    legit = _copy(fc, tmp_path / "mine")
+    _flip_labels(legit)
+    res = featx.probe(str(legit), head="knn", out_dir=tmp_path / "run2", n_jobs=1, device="cpu", folds=2, plots=False,
+                      report=True)
+    assert "data:image/jpeg" in Path(res["report_path"]).read_text(encoding="utf-8")
+    # A stranger's cache: root "/" and evaluation paths that are private files of this machine.
+    path = _copy(fc, tmp_path)
+    _flip_labels(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["root"] = "/"
+        keys = np.empty(f["paths"].shape[0], dtype=object)
+        for i in range(len(keys)):
+            keys[i] = np.frombuffer(os.fsencode(str(private.relative_to("/"))), np.uint8)
+        del f["paths"]
+        f.create_dataset("paths", data=keys, dtype=h5py.vlen_dtype(np.dtype("uint8")))
+    run = tmp_path / "run"
+    res = featx.probe(str(path), head="knn", out_dir=run, n_jobs=1, device="cpu", folds=2, plots=False, report=True)
+    html = Path(res["report_path"]).read_text(encoding="utf-8")
+    assert "data:image/jpeg" not in html and not list((run / "thumbs").glob("*.jpg"))
+    assert fc.meta["root_mac"] == sign_root(fc.root, fc.fingerprint)
+    # Another user's key (or an edited root) does not verify.
+    monkeypatch.setenv("FEATX_KEY_FILE", str(tmp_path / "other.key"))
+    assert sign_root(fc.root, fc.fingerprint) != fc.meta["root_mac"]

@@ -26,6 +26,7 @@ from typing import Sequence
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
+from ..cache.roots import sign_root
 from ..cache.verify import forget_damaged
 from ..cache.store import (
     FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
@@ -274,6 +275,7 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         "torch_version": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "root": ds.root,
+        "root_mac": sign_root(ds.root, fingerprint_digest(p.fingerprint)),  # image files are read only from signed roots
         "layout": ds.layout,
         "device": s.device,
         "engine": s.engine,

@@ -25,6 +25,7 @@ from PIL import Image
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
+from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from . import charts, embedmap
 from .metrics import is_chosen
@@ -330,7 +331,7 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
     if best is not None:
         classes = list(fc.classes if fc is not None else run.cache_info.get("classes") or [])
         preds, why = _predictions(run, best, fc)
-        root = fc.root if fc is not None else ""
+        root = trusted_root(fc.meta, what=f"report of {run.run_dir}") if fc is not None else ""
         out.append(section_mistakes(preds, best, root, run.run_dir / "thumbs", why))
         out.append(section_heads(metrics, best))
         out.append(section_confusion(metrics, best, classes, preds))
