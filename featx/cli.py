@@ -31,6 +31,7 @@ import click
 
 from . import __version__
 from .base.errors import CacheWriteError, FeatxError
+from .base.text import EscapingFormatter, escape_controls, escaped_stdout
 from .config import (
     SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings, InfoSettings, PredictSettings,
     ProbeSettings, ReportSettings, default_values,
@@ -53,7 +54,7 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("featx").setLevel(level)
@@ -108,9 +109,10 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with escaped_stdout():  # names from files never reach the terminal raw
+                return super().invoke(ctx)
         except FeatxError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
             if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
                 # After a failed write HDF5 keeps the broken file open and can crash while shutting
                 # down; everything worth keeping is already committed, so leave at once.
@@ -141,7 +143,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     try:
         file_cfg = read_config(config_path) if config_path is not None else {}
     except FeatxError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
+        click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
         ctx.exit(2)
     # Values from the file become click's defaults (the dataclass defaults are the options' own).
     ctx.default_map = {sec: values for sec, values in file_cfg.items() if sec in SETTINGS}

@@ -538,3 +538,38 @@ def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(bui
     # Another user's key (or an edited root) does not verify.
     monkeypatch.setenv("FEATX_KEY_FILE", str(tmp_path / "other.key"))
     assert sign_root(fc.root, fc.fingerprint) != fc.meta["root_mac"]
+
+
+# --------------------------------------------------------------------------- 10. terminal escapes
+
+
+def test_control_characters_from_files_are_escaped_in_everything_printed(built, tmp_path):
+    fc, root, _ = built
+    evil = "evil\x1b]0;pwned\x07\x1b[2J\r\u202e.png"
+    (root.parent / "bad").mkdir(exist_ok=True)
+    data = write_image_folder(tmp_path / "data", classes=("cats", "dogs\x1b[31m"), per_class=3)
+    (data / "train" / "cats" / evil).write_bytes(b"not an image")
+    fc2 = featx.embed(data, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
+                      num_workers=0, batch_size=16)
+    with h5py.File(fc2.path, "a") as f:
+        f.attrs["preprocess"] = "resize\x1b]0;title\x07"
+    r = CliRunner().invoke(cli, ["info", "--failed", str(fc2.path)])
+    assert r.exit_code == 0, r.output
+    for raw in ("\x1b", "\x07", "\r", "\u202e"):
+        assert raw not in r.output, repr(r.output)
+    # (off a terminal click drops plain colour/clear sequences itself; what remains is escaped)
+    assert "evil\\x1b]0;pwned\\x07" in r.output and "\\x0d\\u202e.png" in r.output
+    assert "resize\\x1b]0;title\\x07" in r.output
+    # Error messages and log lines too.
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "no\x1b[2Jcache.h5")])
+    assert r.exit_code == 2 and "\x1b" not in r.output and "no\\x1b[2Jcache.h5" in r.output
+
+
+def test_log_lines_escape_control_characters():
+    import logging
+
+    from featx.base.text import EscapingFormatter, escape_controls
+
+    rec = logging.LogRecord("featx", logging.WARNING, __file__, 1, "skipped %s", ("a\x1b[2Jb",), None)
+    assert EscapingFormatter("%(message)s").format(rec) == "skipped a\\x1b[2Jb"
+    assert escape_controls("a\x1b[31mb\tc\nd\x9b") == "a\\x1b[31mb\tc\nd\\x9b"
