@@ -573,3 +573,21 @@ def test_log_lines_escape_control_characters():
     rec = logging.LogRecord("featx", logging.WARNING, __file__, 1, "skipped %s", ("a\x1b[2Jb",), None)
     assert EscapingFormatter("%(message)s").format(rec) == "skipped a\\x1b[2Jb"
     assert escape_controls("a\x1b[31mb\tc\nd\x9b") == "a\\x1b[31mb\tc\nd\\x9b"
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+def test_probe_out_dir_that_cannot_be_written_is_a_one_line_error(built, tmp_path):
+    fc, _, _ = built
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    targets = [blocker / "run"] + ([Path("/proc/featx-out")] if Path("/proc/self").exists() else [])
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        targets.append(ro)
+    for out in targets:
+        r = CliRunner().invoke(cli, ["probe", str(fc.path), "--head", "knn", "--out-dir", str(out)])
+        assert r.exit_code == 2 and "--out-dir" in r.output and "cannot write there" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1

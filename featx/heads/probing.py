@@ -23,6 +23,7 @@ import numpy as np
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
+from ..base.writable import writable_dir
 from ..cache.integrity import rows_text
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import plan_folds, train_eval_split
@@ -488,7 +489,7 @@ def probe(
     plan = plan_folds(rows.y_tr, folds)
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, option="--out-dir")  # before any head is trained
     summary = fc.summary()
     settings = {
         "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed,
