@@ -37,7 +37,7 @@ def check_head_backbone(meta: dict, *, weights, head: str) -> None:
     if weights not in (None, "random") and os.path.isfile(weights) and fp.get("weights_sha256"):
         sha = sha256_file(weights)
         if sha != fp["weights_sha256"]:
-            raise FeatxError(f"--weights {weights}: sha256 {sha[:12]}..., but head {head} was trained on weights "
+            raise FeatxError(f"--weights {weights}: weights_sha256 {sha[:12]}..., but head {head} was trained on "
                              f"{str(fp['weights_sha256'])[:12]}...; pass the weights the head was trained with")
 
 
