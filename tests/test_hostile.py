@@ -459,6 +459,7 @@ BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (BILLION_LAUGHS.encode(), "aliases"),
     (b"probe: " + b"[" * 100000 + b"]" * 100000 + b"\n", "nested too deeply"),
     (b"probe:\n  head: caf\xe9\n", "not UTF-8"),
+    (b"probe:\n  head: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
     (b"probe:\n  head: [" + b"1, " * 5000 + b"1]\n", "is not a valid"),
 ])
 def test_hostile_config_files_are_one_line_errors(tmp_path, content, says):
@@ -591,3 +592,58 @@ def test_probe_out_dir_that_cannot_be_written_is_a_one_line_error(built, tmp_pat
         r = CliRunner().invoke(cli, ["probe", str(fc.path), "--head", "knn", "--out-dir", str(out)])
         assert r.exit_code == 2 and "--out-dir" in r.output and "cannot write there" in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the README's promises
+
+
+SECURITY_TESTS = {
+    "Caches": ["test_security.py::test_cache_attributes_are_only_read_as_plain_values",
+               "test_security.py::test_cache_module_never_decodes_code",
+               "test_hostile.py::test_cache_that_reads_other_files_is_refused_naming_the_dataset",
+               "test_hostile.py::test_declared_shapes_must_be_backed_by_the_file",
+               "test_hostile.py::test_inconsistent_row_datasets_are_one_line_errors",
+               "test_hostile.py::test_chunk_file_that_reads_other_files_is_embedded_again"],
+    "Damage": ["test_hostile.py::test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun",
+               "test_hostile.py::test_corrupted_chunk_is_embedded_again",
+               "test_hostile.py::test_caches_without_checksums_open_and_verify_says_so",
+               "test_hostile.py::test_nan_features_are_named_and_never_reach_a_head"],
+    "Heads saved as skops": ["test_security.py::test_skops_file_naming_a_foreign_type_is_refused_naming_it",
+                             "test_security.py::test_allow_list_follows_types_not_names",
+                             "test_security.py::test_skops_zip_bomb_is_refused_before_unpacking",
+                             "test_hostile.py::test_types_skops_does_not_trust_stay_untrusted",
+                             "test_hostile.py::test_skops_entries_shared_by_many_references_are_counted_each_time",
+                             "test_hostile.py::test_sidecar_fields_of_the_wrong_type_are_one_line_errors",
+                             "test_hostile.py::test_head_that_is_not_a_classifier_is_refused"],
+    "A head never chooses a download": ["test_hostile.py::test_sidecar_cannot_choose_what_predict_builds_or_downloads",
+                                        "test_hostile.py::test_no_downloads_while_a_heads_backbone_is_built"],
+    "Reports": ["test_report_html.py::test_report_has_every_section_and_no_network_or_script",
+                "test_report_html.py::test_class_names_are_escaped"],
+    "Data root rule": ["test_hostile.py::test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here"],
+    "Data folders": ["test_hostile.py::test_tall_png_and_fifo_are_recorded_not_fatal",
+                     "test_hostile.py::test_manifest_row_naming_a_fifo_is_skipped"],
+    "Config files": ["test_hostile.py::test_hostile_config_files_are_one_line_errors"],
+    "Terminal": ["test_hostile.py::test_control_characters_from_files_are_escaped_in_everything_printed",
+                 "test_hostile.py::test_log_lines_escape_control_characters"],
+    "Not safe: joblib heads": ["test_security.py::test_pickle_that_would_run_code_is_never_executed",
+                               "test_security.py::test_joblib_head_needs_trust_and_then_predicts_the_same"],
+    "featx never writes into a data folder": ["test_security.py::test_symlinks_out_of_the_data_folder_are_read_never_written",
+                                              "test_security.py::test_manifest_paths_outside_its_folder_are_logged"],
+}
+
+
+def test_readme_security_statements_each_have_tests():
+    """Every statement of the README's Security section names the tests that keep it true, and they exist."""
+    import re
+
+    here = Path(__file__).parent
+    readme = (here.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    bullets = re.findall(r"^- \*\*(.+?)\*\*", section, flags=re.M)
+    assert bullets and {b.split(" (")[0] for b in bullets} | {"Not safe: joblib heads", "featx never writes into a data folder"} \
+        == set(SECURITY_TESTS), bullets
+    assert "Not safe: joblib heads" in section and "featx never writes into a data folder" in section
+    for statement, tests in SECURITY_TESTS.items():
+        for t in tests:
+            file, name = t.split("::")
+            assert f"def {name}(" in (here / file).read_text(encoding="utf-8"), (statement, t)
