@@ -117,8 +117,9 @@ def rows_text(rows: np.ndarray, shown: int = 5) -> str:
 
 
 def crc(block: np.ndarray) -> int:
+    """CRC32 of the block's little-endian bytes (read in place: no copy on little-endian machines)."""
     arr = np.ascontiguousarray(block)
-    return zlib.crc32(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return zlib.crc32(np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).data)
 
 
 def _table_name(dataset: str) -> str:

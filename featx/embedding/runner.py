@@ -27,11 +27,11 @@ from .. import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..cache.roots import sign_root
-from ..cache.verify import forget_damaged
 from ..cache.store import (
     FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
     write_final,
 )
+from ..cache.verify import forget_damaged
 from ..config import defaults
 from ..data.folders import Dataset, discover
 from .backbones import Backbone, create_backbone
