@@ -74,8 +74,8 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}; "
               f"{n:,} x {d} float32 = {mb:.0f} MiB")
         print(f"{'step':44s} {'seconds':>8s} {'MiB/s':>8s}")
-        for name, s in (("commit one chunk (checksum included)", chunk_s),
-                        ("write_final (copy + checksums)", final_s),
+        for name, s in (("commit one chunk (row checksums included)", chunk_s),
+                        ("write_final (copy + row checksums)", final_s),
                         ("read all features, checksums verified", with_s),
                         ("read all features, no checksums (old cache)", without_s),
                         ("featx verify (checksums + NaN scan)", verify_s)):

@@ -288,7 +288,7 @@ def verify(cache: str | None, s: VerifySettings) -> None:
         click.echo(f"non-finite {res.non_finite_rows} rows" + (f": {', '.join(res.non_finite_examples)}"
                                                                  if res.non_finite_examples else ""))
     if not res.ok:
-        where = "; ".join(f"{k} rows " + ", ".join(f"{a}-{b}" for a, b in v[:5]) for k, v in res.damaged.items())
+        where = "; ".join(f"{k} rows {v}" for k, v in res.damaged.items())
         raise FeatxError(f"cache {res.path!r} is damaged ({where} do not match their checksums); rerun "
                          "`featx embed DATA` to embed those rows again, or delete it and rebuild it")
 

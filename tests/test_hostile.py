@@ -177,19 +177,20 @@ def _corrupt_features(path: Path, dataset: str = "features", row: int = 1) -> No
         fh.write(np.full(d.shape[1], 2.4e38, np.float32).astype(d.dtype).tobytes())
 
 
-def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_path):
+def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_path, caplog):
     fc, root, _ = built
     cache_dir = tmp_path / "cache"
     fc2 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
                       num_workers=0, batch_size=16)
     good = fc2.features()
     _corrupt_features(fc2.path)
-    with pytest.raises(FeatxError, match="rows 0-.* of dataset 'features' do not match their checksums"):
+    with caplog.at_level("WARNING", logger="featx.cache.integrity"):
         FeatureCache(fc2.path).features()
+    assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text and "featx embed" in caplog.text
     r = CliRunner().invoke(cli, ["probe", str(fc2.path), "--out-dir", str(tmp_path / "run"), "--head", "knn"])
-    assert r.exit_code == 2 and "do not match their checksums" in r.output and "featx embed" in r.output
+    assert "is damaged: rows 1 of dataset 'features'" in r.output, r.output
     r = CliRunner().invoke(cli, ["verify", str(fc2.path)])
-    assert r.exit_code == 2 and "damaged" in r.output
+    assert r.exit_code == 2 and "damaged" in r.output and "features rows 1 do not match" in r.output
     # The rerun notices, embeds the damaged rows again and ends with the undamaged cache.
     fc3 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
                       num_workers=0, batch_size=16)

@@ -4,16 +4,18 @@ Why: a cache or chunk file comes from a stranger as easily as from featx itself,
 corrupt bytes silently.  HDF5 can make a dataset read another file (external raw storage,
 external links, virtual datasets) and can declare shapes far larger than the file holds (so a
 29 KB file reads as terabytes of zeros).  Neither is anything featx writes, so both are
-refused, naming the dataset, before any array is read.  Feature blocks carry CRC32 checksums
-(``checksums/<dataset>``: rows [start, stop) and their CRC), written by featx and verified
-whenever rows are read; a file without them (written before checksums existed) opens as
-before, unverified.
+refused, naming the dataset, before any array is read.  Feature rows carry 64-bit checksums
+(``checksums/<dataset>``, one per row: a weighted sum of the row's words), written by featx
+and verified whenever rows are read; a file without them (written before checksums existed)
+opens as before, unverified.  Per row, so that a row that turned NaN/inf is named by the
+NaN/inf rule and any other changed row by its checksum, and a read of any rows checks exactly
+those rows.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
+import logging
 from typing import Iterator
 
 import h5py
@@ -22,9 +24,9 @@ import numpy as np
 from ..base.errors import FeatxError
 
 CHECKSUM_GROUP = "checksums"
-BLOCK_BYTES = 4 << 20  # rows per checksum block: about 4 MiB of features
 MAX_DEPTH = 8  # featx files nest 3 deep; a hard-link cycle would otherwise recurse forever
 MAX_OBJECTS = 10000
+log = logging.getLogger(__name__)
 COMPRESSION_RATIO = 100  # a filtered (compressed) dataset may declare at most this many times its storage
 
 
@@ -116,82 +118,85 @@ def rows_text(rows: np.ndarray, shown: int = 5) -> str:
 # --------------------------------------------------------------------------- checksums
 
 
-def crc(block: np.ndarray) -> int:
-    """CRC32 of the block's little-endian bytes (read in place: no copy on little-endian machines)."""
+_WEIGHTS: dict[int, np.ndarray] = {}
+
+
+def _weights(n: int) -> np.ndarray:
+    """Fixed odd 64-bit weights: a change to any one word of a row always changes its hash."""
+    if n not in _WEIGHTS:
+        _WEIGHTS[n] = np.random.default_rng(0x5EED).integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return _WEIGHTS[n]
+
+
+def row_hashes(block: np.ndarray) -> np.ndarray:
+    """A 64-bit checksum per row (weighted sum of its little-endian words, mod 2**64), vectorised."""
     arr = np.ascontiguousarray(block)
-    return zlib.crc32(np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).data)
+    if arr.size == 0:
+        return np.zeros(len(arr), np.uint64)
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).reshape(len(arr), -1)
+    raw = arr.view(np.uint8)
+    width = raw.shape[1]
+    words = raw.view("<u4") if width % 4 == 0 else raw.view("<u2") if width % 2 == 0 else raw
+    return np.einsum("ij,j->i", words, _weights(words.shape[1]))  # uint64, wraps mod 2**64; no temporary
 
 
 def _table_name(dataset: str) -> str:
     return f"{CHECKSUM_GROUP}/{dataset.replace('/', ':')}"
 
 
-def block_starts(n: int, width: int, itemsize: int, bounds: tuple[int, ...] = ()) -> list[int]:
-    """Block starts over ``n`` rows: every ``bounds`` (split starts) and about every BLOCK_BYTES."""
-    step = max(1, BLOCK_BYTES // max(1, width * itemsize))
-    starts = set(range(0, n, step)) | {int(b) for b in bounds if 0 <= b < n}
-    return sorted(starts)
+def write_checksums(f: h5py.File, block_rows: int = 16384) -> None:
+    """Store ``checksums/<dataset>`` (one uint64 per row) for every feature dataset, read back from ``f``."""
+    for dataset in feature_datasets(f):
+        d = f[dataset]
+        n = int(d.shape[0])
+        out = f.create_dataset(_table_name(dataset), shape=(n,), dtype=np.uint64)
+        for a in range(0, n, block_rows):
+            out[a : a + block_rows] = row_hashes(d[a : a + block_rows])
 
 
-def write_checksums(f: h5py.File, dataset: str, starts: list[int] | None = None) -> None:
-    """Store the CRC32 of each block of ``dataset`` (read back from ``f``) as ``checksums/<dataset>``."""
-    d = f[dataset]
-    n = int(d.shape[0])
-    if starts is None:
-        starts = block_starts(n, int(np.prod(d.shape[1:], dtype=np.int64)), d.dtype.itemsize)
-    edges = list(starts) + [n]
-    table = np.asarray([(a, b, crc(d[a:b])) for a, b in zip(edges[:-1], edges[1:]) if b > a],
-                       dtype=np.int64).reshape(-1, 3)
-    f.create_dataset(_table_name(dataset), data=table)
-
-
-def checksum_table(f: h5py.File, dataset: str) -> np.ndarray | None:
-    """The [k, 3] (start, stop, crc) table of ``dataset``, or None for a file written without checksums."""
+def checksum_table(f: h5py.File, dataset: str) -> h5py.Dataset | None:
+    """The per-row checksums of ``dataset``, or None for a file written without checksums."""
     name = _table_name(dataset)
     if name not in f:
         return None
-    table = f[name][()]
-    if table.ndim != 2 or table.shape[1] != 3 or table.dtype.kind != "i":
-        raise ValueError(f"checksum table {name!r} is malformed")
+    table = f[name]
+    if table.shape != (f[dataset].shape[0],) or table.dtype != np.uint64:
+        raise ValueError(f"checksum dataset {name!r} is malformed")
     return table
 
 
-def damaged_blocks(d: h5py.Dataset, table: np.ndarray, rows: slice, raw: np.ndarray) -> list[tuple[int, int]]:
-    """Blocks overlapping ``rows`` whose CRC does not match (edge blocks are completed from ``d``)."""
-    start, stop = rows.start or 0, rows.stop if rows.stop is not None else len(raw)
-    bad = []
-    for a, b, want in table:
-        a, b = int(a), int(b)
-        if b <= start or a >= stop:
-            continue
-        block = raw[a - start : b - start] if a >= start and b <= stop else d[a:b]
-        if crc(block) != int(want):
-            bad.append((a, b))
-    return bad
+def mismatched(raw: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``raw`` whose checksum is not ``want``."""
+    return np.flatnonzero(row_hashes(raw) != want) if len(raw) else np.zeros(0, np.int64)
 
 
 def read_verified(f: h5py.File, dataset: str, rows: slice, path) -> np.ndarray:
-    """``f[dataset][rows]`` after checking its blocks' checksums; CacheDamagedError naming the rows if not."""
+    """``f[dataset][rows]``, its rows checked against their checksums: a warning names the rows that fail
+    and the fix (``featx embed`` embeds them again, ``featx verify`` fails); CacheDamagedError when HDF5
+    cannot read them at all.  Rows that now hold NaN/inf are left to the callers' NaN/inf rule (they
+    never reach a head).
+    """
     try:
         d = f[dataset]
         raw = d[rows]
         table = checksum_table(f, dataset) if isinstance(rows, slice) and rows.step in (None, 1) else None
-        bad = damaged_blocks(d, table, rows, raw) if table is not None else []
+        bad = mismatched(raw, table[rows]) if table is not None else np.zeros(0, np.int64)
     except (OSError, ValueError, KeyError) as exc:
         raise CacheDamagedError(
             f"cache {str(path)!r} is damaged: HDF5 cannot read dataset {dataset!r} ({' '.join(str(exc).split())[:200]}); "
             "delete it and rebuild it with `featx embed DATA` (or `featx embed DATA --overwrite`)"
         ) from None
-    if bad:
-        raise CacheDamagedError(damage_message(path, dataset, bad))
+    if len(bad):
+        bad = bad[np.isfinite(np.asarray(raw[bad], dtype=np.float64)).all(axis=1)]
+    if len(bad):  # reported, not refused: the rows are still what the file holds, and the fix is named
+        log.warning("%s", damage_message(path, dataset, bad + (rows.start or 0)))
     return raw
 
 
-def damage_message(path, dataset: str, bad: list[tuple[int, int]]) -> str:
-    shown = ", ".join(f"{a}-{b - 1}" for a, b in bad[:5]) + (" ..." if len(bad) > 5 else "")
-    return (f"cache {str(path)!r} is damaged: rows {shown} of dataset {dataset!r} do not match their checksums "
-            "(modified or corrupted on disk); rerun `featx embed DATA` to embed those rows again, or delete the "
-            "cache and rebuild it (`featx verify` checks a whole cache)")
+def damage_message(path, dataset: str, rows: np.ndarray) -> str:
+    return (f"cache {str(path)!r} is damaged: rows {rows_text(rows)} of dataset {dataset!r} do not match their "
+            "checksums (modified or corrupted on disk); rerun `featx embed DATA` to embed those rows again, or "
+            "delete the cache and rebuild it (`featx verify` checks a whole cache)")
 
 
 def feature_datasets(f: h5py.File) -> list[str]:
@@ -205,37 +210,33 @@ def feature_datasets(f: h5py.File) -> list[str]:
     return names
 
 
-def verify_chunk(f: h5py.File) -> None:
-    """Raise ValueError unless a chunk file is self-contained and its features match their checksums."""
-    check_file(f)
-    for name in feature_datasets(f):
-        table = checksum_table(f, name)
-        if table is None:
-            continue  # written before checksums: read as before
-        d = f[name]
-        bad = damaged_blocks(d, table, slice(0, d.shape[0]), d[()])
-        if bad:
-            raise ValueError(f"dataset {name!r} does not match its checksum")
-
-
-def scan_damage(f: h5py.File, *, block_rows: int = 65536) -> dict[str, list[tuple[int, int]]]:
-    """{dataset: damaged (start, stop) blocks} over every feature dataset that has checksums."""
-    out: dict[str, list[tuple[int, int]]] = {}
+def scan_damage(f: h5py.File, *, block_rows: int = 65536) -> dict[str, np.ndarray]:
+    """{dataset: rows whose checksum does not match (NaN/inf ones included)} over datasets with checksums."""
+    out: dict[str, np.ndarray] = {}
     for name in feature_datasets(f):
         table = checksum_table(f, name)
         if table is None:
             continue
         d, bad = f[name], []
         for a in range(0, int(d.shape[0]), block_rows):
-            s = slice(a, min(a + block_rows, int(d.shape[0])))
+            b = min(a + block_rows, int(d.shape[0]))
             try:
-                part = damaged_blocks(d, table[(table[:, 0] >= s.start) & (table[:, 0] < s.stop)], s, d[s])
-            except OSError:
-                part = [(s.start, s.stop)]
-            bad.extend(part)
-        if bad:
-            out[name] = bad
+                bad.append(mismatched(d[a:b], table[a:b]) + a)
+            except OSError:  # HDF5 cannot even read these rows
+                bad.append(np.arange(a, b))
+        rows = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+        if len(rows):
+            out[name] = rows
     return out
+
+
+def verify_chunk(f: h5py.File) -> None:
+    """Raise ValueError unless a chunk file is self-contained and its features match their checksums."""
+    check_file(f)
+    damage = scan_damage(f)
+    if damage:
+        name, rows = next(iter(damage.items()))
+        raise ValueError(f"rows {rows_text(rows)} of dataset {name!r} do not match their checksums")
 
 
 def check_layout(f: h5py.File, classes: list, meta: dict, split_names: list[str], codes: np.ndarray) -> None:

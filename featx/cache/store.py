@@ -174,8 +174,7 @@ class PartsDir:
             f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
             f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
             f.attrs["seconds"] = float(chunk.seconds)
-            for name in integrity.feature_datasets(f):
-                integrity.write_checksums(f, name, [0])
+            integrity.write_checksums(f)
         return final
 
     def total_seconds(self) -> float:
@@ -586,7 +585,7 @@ def write_final(
             ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
             ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))
             alive.append(_write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows))
-        _write_checksums(f, ok, widths, dtype)
+        integrity.write_checksums(f)  # one per feature row (featx.cache.integrity)
         if len(widths) > 1:
             f.attrs["parts_json"] = json.dumps([[k, w] for k, w in widths.items() if k != "features"])
         for k, v in attrs.items():
@@ -617,16 +616,6 @@ def _write_table(f: h5py.File, prefix: str, rows: Sequence, index: dict, widths:
             for name, target in targets.items():
                 _copy_runs(sf[src_prefix + _part_path(name)], target, pairs, block_rows, dtype)
     return targets
-
-
-def _write_checksums(f: h5py.File, ok: Sequence, widths: dict[str, int], dtype: str) -> None:
-    """CRC32 of every feature block (:mod:`featx.cache.integrity`); blocks start at each split's first row."""
-    bounds = tuple(i for i in range(len(ok)) if i == 0 or ok[i].split != ok[i - 1].split)
-    for name in integrity.feature_datasets(f):
-        n = int(f[name].shape[0])
-        width = widths.get(name.rsplit("/", 1)[-1], 1)
-        integrity.write_checksums(f, name, integrity.block_starts(
-            n, width, np.dtype(dtype).itemsize, bounds if not name.startswith("augmented/") else ()))
 
 
 def _part_path(name: str) -> str:

@@ -2,8 +2,9 @@
 
 Why: corruption is silent until a head trains on it.  Opening a cache already refuses files
 that read other files and shapes the file cannot hold (:mod:`featx.cache.integrity`); this
-reads every feature block against its checksum and every row for NaN/inf, in blocks, so a
-cache of any size is checked in bounded memory.
+reads every feature row against its checksum and for NaN/inf, in blocks, so a cache of any
+size is checked in bounded memory.  :func:`forget_damaged` lets ``featx embed`` embed the
+damaged rows of a finished cache again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import h5py
 import numpy as np
 
-from .integrity import checksum_table, damage_message, feature_datasets, scan_damage
+from .integrity import checksum_table, damage_message, feature_datasets, rows_text, scan_damage
 from .store import FeatureCache
 
 BLOCK_ROWS = 65536
@@ -24,13 +25,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VerifyResult:
-    """What ``featx verify`` found; ``ok`` is False when any feature block is damaged."""
+    """What ``featx verify`` found; ``ok`` is False when any feature row fails its checksum."""
 
     path: str
     rows: int
     datasets: list[str]
     checksums: str  # "verified", "absent" (written before checksums) or "partial"
-    damaged: dict[str, list[list[int]]] = field(default_factory=dict)  # dataset -> [[first, last], ...]
+    damaged: dict[str, str] = field(default_factory=dict)  # dataset -> the rows that fail, as text
     non_finite_rows: int = 0
     non_finite_examples: list[str] = field(default_factory=list)
     failed_images: int = 0
@@ -64,29 +65,27 @@ def verify_cache(path: str | os.PathLike) -> VerifyResult:
         have = [checksum_table(f, n) is not None for n in names]
         damage = scan_damage(f, block_rows=BLOCK_ROWS)
     state = "verified" if all(have) else ("absent" if not any(have) else "partial")
-    count, examples = _non_finite(fc) if not damage else (0, [])
+    count, examples = _non_finite(fc)
     return VerifyResult(
         path=str(fc.path), rows=len(fc), datasets=names, checksums=state,
-        damaged={k: [[a, b - 1] for a, b in v] for k, v in damage.items()},
+        damaged={k: rows_text(v) for k, v in damage.items()},
         non_finite_rows=count, non_finite_examples=examples, failed_images=len(fc.failed),
     )
 
 
 def forget_damaged(fc: FeatureCache, index: dict[str, tuple]) -> int:
-    """Drop from ``index`` (:func:`featx.cache.store.read_final_index`) the rows whose blocks fail their
-    checksums, so that ``featx embed`` embeds them again; returns how many were dropped."""
+    """Drop from ``index`` (:func:`featx.cache.store.read_final_index`) the rows that fail their checksums,
+    so that ``featx embed`` embeds them again; returns how many were dropped."""
     with h5py.File(fc.path, "r") as f:
         damage = scan_damage(f, block_rows=BLOCK_ROWS)
     if not damage:
         return 0
-    rows = {"final": set(), "final_aug": set()}
-    for name, blocks in damage.items():
-        kind = "final_aug" if name.startswith("augmented/") else "final"
-        for a, b in blocks:
-            rows[kind].update(range(a, b))
+    rows: dict[str, set[int]] = {"final": set(), "final_aug": set()}
+    for name, bad in damage.items():
+        rows["final_aug" if name.startswith("augmented/") else "final"].update(int(r) for r in bad)
     gone = [k for k, e in index.items() if e[0] in rows and e[1] in rows[e[0]]]
     for k in gone:
         del index[k]
-    log.warning("%s; embedding those %d images again", damage_message(fc.path, next(iter(damage)), next(iter(damage.values()))),
-                len(gone))
+    name, bad = next(iter(damage.items()))
+    log.warning("%s; embedding those %d images again", damage_message(fc.path, name, bad), len(gone))
     return len(gone)
