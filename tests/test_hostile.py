@@ -510,8 +510,6 @@ def _flip_labels(path: Path) -> None:
 def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(built, tmp_path, monkeypatch):
     from PIL import Image
 
-    from featx.cache.roots import sign_root
-
     fc, root, _ = built
     private = tmp_path / "private" / "secret.png"
     private.parent.mkdir()
@@ -536,6 +534,8 @@ def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(bui
     res = featx.probe(str(path), head="knn", out_dir=run, n_jobs=1, device="cpu", folds=2, plots=False, report=True)
     html = Path(res["report_path"]).read_text(encoding="utf-8")
     assert "data:image/jpeg" not in html and not list((run / "thumbs").glob("*.jpg"))
+    from featx.cache.roots import sign_root
+
     assert fc.meta["root_mac"] == sign_root(fc.root, fc.fingerprint)
     # Another user's key (or an edited root) does not verify.
     monkeypatch.setenv("FEATX_KEY_FILE", str(tmp_path / "other.key"))
