@@ -30,6 +30,7 @@ import sys
 import click
 
 from .base.errors import CacheWriteError, FeatxError
+from .base.text import EscapingFormatter, escape_controls, escaped_stdout
 from .base.version import __version__
 from .config import (
     SETTINGS,
@@ -50,6 +51,7 @@ from .config import (
     render_yaml,
 )
 from .config.options import command_line_values, settings_options
+from .config.settings import VerifySettings
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -64,7 +66,7 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("featx").setLevel(level)
@@ -119,9 +121,10 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with escaped_stdout():  # names from files never reach the terminal raw
+                return super().invoke(ctx)
         except FeatxError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
             if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
                 # After a failed write HDF5 keeps the broken file open and can crash while shutting
                 # down; everything worth keeping is already committed, so leave at once.
@@ -152,7 +155,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     try:
         file_cfg = read_config(config_path) if config_path is not None else {}
     except FeatxError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
+        click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
         ctx.exit(2)
     # Values from the file become click's defaults (the dataclass defaults are the options' own).
     ctx.default_map = {sec: values for sec, values in file_cfg.items() if sec in SETTINGS}
@@ -273,6 +276,33 @@ def info(cache: str | None, s: InfoSettings) -> None:
         click.echo(f"  failed: {key}: {reason}")
     if not s.show_failed and len(failed) > 20:
         click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(VerifySettings)
+def verify(cache: str | None, s: VerifySettings) -> None:
+    """Check CACHE (default: the newest in --cache-dir) in full: structure, every checksum, NaN/inf rows."""
+    from .cache.store import find_cache  # h5py: not imported for --help
+    from .cache.verify import verify_cache
+
+    res = verify_cache(find_cache(cache, cache_dir=s.cache_dir))
+    if s.as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        states = {"verified": "verified", "absent": "not verified: written before featx stored checksums",
+                  "partial": "verified where present (some datasets have none)"}
+        click.echo(f"cache      {res.path}\nrows       {res.rows}\nstructure  self-contained, shapes consistent")
+        click.echo(f"checksums  {states[res.checksums]} ({', '.join(res.datasets)})")
+        click.echo(f"non-finite {res.non_finite_rows} rows" + (f": {', '.join(res.non_finite_examples)}"
+                                                                 if res.non_finite_examples else ""))
+    if not res.ok:
+        where = "; ".join(f"{k} rows {v}" for k, v in res.damaged.items())
+        raise FeatxError(f"cache {res.path!r} is damaged ({where} do not match their checksums); rerun "
+                         "`featx embed DATA` to embed those rows again, or delete it and rebuild it")
 
 
 # --------------------------------------------------------------------------- compare

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..base.errors import CacheMismatchError, CacheWriteError, FeatxError
 from ..base.io import atomic_commit
+from . import integrity
 from .keys import BYTES_DTYPE, STR_DTYPE, decode_key, key_array, part_path
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class PartsDir:
             f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
             f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
             f.attrs["seconds"] = float(chunk.seconds)
+            integrity.write_checksums(f)
         return final
 
     def total_seconds(self) -> float:
@@ -130,6 +132,7 @@ class PartsDir:
                     freasons = [r.decode() if isinstance(r, bytes) else r for r in f["failed_reasons"][()]]
                     fmt = f["failed_mtime_ns"][()]
                     fsz = f["failed_size"][()]
+                    integrity.verify_chunk(f)  # self-contained, and its features match their checksums
             except Exception as exc:  # noqa: BLE001 - any damage means: redo that chunk
                 log.warning("chunk file %s is unreadable (%s); its images will be embedded again", cf, exc)
                 os.replace(cf, cf.with_suffix(".damaged"))

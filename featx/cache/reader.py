@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from ..base.errors import CacheMismatchError, FeatxError
+from . import integrity
 from .keys import LAYOUT_VERSION, SPLITS, decode_key, part_path
 from .parts import settings_diff
 from .views import available_views, check_view, compose, view_dim
@@ -102,6 +103,7 @@ class FeatureCache:
                         f"cache {str(self.path)!r} uses cache layout {layout}, this featx reads layout "
                         f"{LAYOUT_VERSION}; rebuild it with `featx embed ... --overwrite`"
                     )
+                integrity.check_file(f)  # self-contained, shapes backed by storage: before any array is read
                 self.classes: list[str] = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]]
                 codes = f["split"][()]
                 self._n = int(f["features"].shape[0])
@@ -119,6 +121,7 @@ class FeatureCache:
                 split_names = _split_names(self.meta["split_names"])
                 self.part_widths = _part_widths(f, self.meta, self.dim, self._n)
                 self._n_aug = int(f["augmented/source_row"].shape[0]) if "augmented" in f else 0
+                integrity.check_layout(f, self.classes, self.meta, split_names, codes)
             except FeatxError:
                 raise
             except Exception as exc:  # noqa: BLE001 - missing datasets/attrs => damaged
@@ -130,8 +133,7 @@ class FeatureCache:
         for code, name in enumerate(split_names):
             idx = np.flatnonzero(codes == code)
             if len(idx):
-                # Rows are written split by split, so each split is one contiguous slice.
-                assert idx[-1] - idx[0] + 1 == len(idx), "split rows must be contiguous"
+                # Rows are written split by split, so each split is one contiguous slice (integrity.check_rows).
                 self._ranges[name] = (int(idx[0]), int(idx[-1]) + 1)
         self._codes = codes
 
@@ -180,7 +182,8 @@ class FeatureCache:
 
     def _read_view(self, f: h5py.File, view: str | None, rows, dtype, prefix: str = "") -> np.ndarray:
         v = check_view(view, self.views, where=f"cache {self.path.name}")
-        get = lambda p: np.asarray(f[prefix + part_path(p)][rows], dtype=np.float32)  # noqa: E731
+        get = lambda p: np.asarray(integrity.read_verified(f, prefix + part_path(p), rows, self.path),  # noqa: E731
+                                   dtype=np.float32)
         return np.asarray(compose(v, get), dtype=dtype)
 
     # -- augmented training views (featx embed --train-views)

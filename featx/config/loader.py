@@ -23,6 +23,7 @@ import yaml
 
 from ..base.errors import FeatxError
 from .grids import validate_heads_section
+from .safe_yaml import load_plain, shown
 from .settings import SETTINGS, Settings, field_types
 
 # Extra checks of a section: name -> validator(section_dict, source) raising FeatxError.  A name
@@ -40,10 +41,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FeatxError(f"--config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise FeatxError(f"--config {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_plain(text) or {}
     except yaml.YAMLError as exc:
-        raise FeatxError(f"--config {str(path)!r}: not valid YAML ({exc})") from None
+        raise FeatxError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise FeatxError(f"--config {str(path)!r}: nested too deeply to be a featx config file") from None
     if not isinstance(data, dict):
         raise FeatxError(f"--config {str(path)!r}: expected a mapping of sections (embed:, probe:, ...)")
     for k, v in data.items():
@@ -53,7 +58,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def _shown(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    return shown(value)
 
 
 def convert_value(value: Any, hint: Any) -> Any:

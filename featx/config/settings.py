@@ -213,6 +213,15 @@ class InfoSettings(Settings):
 
 
 @dataclass(frozen=True)
+class VerifySettings(Settings):
+    """`featx verify [CACHE]`: read a whole cache against its checksums (and for NaN/inf)."""
+
+    section: ClassVar[str] = "verify"
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    as_json: bool = _json()
+
+
+@dataclass(frozen=True)
 class ProbeSettings(Settings):
     """`featx probe [CACHE]`: scikit-learn heads on a cache, hyperparameters chosen by CV on the training rows."""
 
@@ -401,7 +410,7 @@ class HeadsSettings(Settings):
 SETTINGS: dict[str, type[Settings]] = {
     cls.section: cls
     for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, FewshotSettings,
-                ReportSettings, ExportSettings, HeadsSettings)
+                ReportSettings, ExportSettings, HeadsSettings, VerifySettings)
 }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import ImageFile
 
 from ..base.errors import FeatxError
+from . import guards
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ def _walk_images(folder: str, rel: str, skipped: list[tuple[str, str]]) -> list[
                     stack.append(sub)
                     break  # descend now: files of a subfolder come at its place in name order
             elif is_image_name(name):
-                found.append((e.path, f"{r}/{name}"))
+                why = guards.file_reason(e.path)  # FIFOs, sockets, devices are never opened
+                if why:
+                    skipped.append((e.path, why))
+                else:
+                    found.append((e.path, f"{r}/{name}"))
         else:
             stack.pop()
     return found
@@ -371,6 +376,9 @@ def _manifest_samples(rows: list[tuple], index: dict[str, int], base: Path, mani
             continue
         if full.is_dir():
             skipped.append((str(full), f"{where} but is a folder, not an image"))
+            continue
+        if guards.file_reason(full):
+            skipped.append((str(full), f"{where} but is {guards.file_reason(full)}"))
             continue
         try:
             key = full.resolve().relative_to(base).as_posix()

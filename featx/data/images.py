@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import guards
+
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +67,16 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     Raises :class:`ImageLoadError` (never anything else) with a short reason for any file that
     cannot be used: empty, truncated, not an image, too large, unreadable, broken link, ...
     """
+    why = guards.file_reason(path)  # a FIFO would block the open forever
+    if why:
+        raise ImageLoadError(why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                why = guards.size_reason(im.size)  # from the header, before any pixel is decoded
+                if why:
+                    raise ImageLoadError(why)
                 if draft_size and im.format == "JPEG":
                     # Keep the short side >= 2 * draft_size so the final antialiased resize still
                     # does at least 2x: features stay within cosine 0.999 of a full decode.
@@ -83,6 +91,8 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
                 except Exception as exc:  # noqa: BLE001 - a damaged EXIF block must not lose the image
                     log.debug("ignoring unreadable EXIF orientation of %s: %s", path, exc)
                 return _to_rgb(im)
+    except ImageLoadError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(_reason(f"image too large (decompression-bomb limit): {exc}", path)) from None
     except FileNotFoundError:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..base.version import __version__
+from ..cache.roots import sign_root
 from ..cache.store import (
     FeatureCache,
     PartsDir,
@@ -36,6 +37,7 @@ from ..cache.store import (
     read_final_index,
     write_final,
 )
+from ..cache.verify import forget_damaged
 from ..config import EmbedSettings
 from ..data.folders import Dataset, discover
 from . import augment
@@ -190,6 +192,7 @@ def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
         if p.old.root and os.path.realpath(p.old.root) != os.path.realpath(p.dataset.root):
             log.warning("cache %s was built from %s; reusing images by relative path", p.path, p.old.root)
         p.index.update(read_final_index(p.old))
+        forget_damaged(p.old, p.index)  # rows failing their checksums are embedded again
         p.prior_seconds = float(p.old.meta.get("embed_seconds", 0.0))
     if p.train_views is None:  # not asked: keep the augmented views the cache has (finished work)
         p.train_views = p.old.train_views if p.old is not None else 0
@@ -280,6 +283,7 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         "torch_version": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "root": ds.root,
+        "root_mac": sign_root(ds.root, fingerprint_digest(p.fingerprint)),  # image files are read only from signed roots
         "layout": ds.layout,
         "device": s.device,
         "engine": s.engine,

@@ -54,6 +54,7 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.progress import format_duration
 from ..base.runtime import default_num_workers, keep_heap_buffers, resolve_device
+from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
@@ -93,6 +94,9 @@ def split_rows(fc: FeatureCache, settings: FinetuneSettings) -> SplitRows:
     fit_idx, val_idx = carve_validation(train_idx, labels, fraction=settings.val_fraction, seed=settings.seed)
     if len(fit_idx) == 0:
         raise FeatxError(f"cache {fc.path} has no training rows to fine-tune on; add images under train/<class>/")
+    if fc.root and not trusted_root(fc.meta, what=f"fine-tuning on {fc.path.name}"):
+        raise FeatxError(f"cache {fc.path} declares data root {fc.root!r} but was not embedded on this machine, so "
+                         "featx does not read images from it; embed the images here with `featx embed DATA --overwrite`")
     paths = fc.paths()
     missing = [p for p in (paths[int(r)] for r in fit_idx[:5]) if not os.path.exists(p)]
     if missing:

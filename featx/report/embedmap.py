@@ -42,14 +42,24 @@ def pick_rows(labels: np.ndarray, *, keep: Sequence[int] = (), max_points: int =
     return np.unique(picked)  # rounding per class may add a few rows
 
 
+def degenerate(Z: np.ndarray) -> bool:
+    """True when the points (nearly) all coincide or are not finite: no 2-D map can show anything."""
+    if not len(Z) or not np.isfinite(Z).all():
+        return True
+    spread = float(np.ptp(Z, axis=0).max()) if Z.size else 0.0
+    return spread <= 1e-6 * max(1.0, float(np.abs(Z).max())) or len(np.unique(Z.round(6), axis=0)) < 3
+
+
 def project(X: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of ``X`` and the method's name ("pca+tsne", "pca+umap" or "pca")."""
+    """2-D coordinates of ``X`` and the method's name ("pca+tsne", "pca+umap", "pca", or "degenerate": no map)."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
     k = int(min(50, X.shape[1], max(n - 1, 1)))
     Z = PCA(n_components=k, random_state=seed).fit_transform(X) if k >= 2 else np.c_[X[:, :1], np.zeros(n)]
+    if degenerate(Z):  # t-SNE divides by the spread of its start: constant features crash it (signal 11)
+        return np.zeros((n, 2), dtype=np.float32), "degenerate"
     if method == "auto":
         method = "umap" if find_spec("umap") is not None else "tsne"
     if n < 8 or method == "pca":  # t-SNE needs perplexity < n

@@ -25,6 +25,7 @@ from PIL import Image
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
 from ..base.version import __version__
+from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from . import charts, embedmap
 from .metrics import is_chosen
@@ -234,6 +235,10 @@ def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir
     eval_rows = [p.row for p in preds] if preds else []
     wrong = [p.row for p in preds if not p.correct] if preds else []
     coords = embedmap.map_coordinates(fc, run_dir, keep=wrong)
+    if coords["method"] == "degenerate":
+        return _section("map", "Embedding map", _p("No map: the images' features (nearly) all coincide, so there is "
+                                                   "nothing to place. A constant or broken cache? `featx verify` checks it.",
+                                                   "warn"))
     method = {"pca+tsne": "PCA to 50 dimensions, then t-SNE", "pca+umap": "PCA, then UMAP", "pca": "PCA"}[coords["method"]]
     png = embedmap.plot_map(coords, fc.labels(), fc.classes, run_dir / "report_map.png", eval_rows=eval_rows,
                             wrong_rows=wrong, title=f"{len(coords['rows'])} of {len(fc)} images, {method}")
@@ -332,7 +337,7 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
     if best is not None:
         classes = list(fc.classes if fc is not None else run.cache_info.get("classes") or [])
         preds, why = _predictions(run, best, fc)
-        root = fc.root if fc is not None else ""
+        root = trusted_root(fc.meta, what=f"report of {run.run_dir}") if fc is not None else ""
         out.append(section_mistakes(preds, best, root, run.run_dir / "thumbs", why))
         out.append(section_heads(metrics, best))
         out.append(section_confusion(metrics, best, classes, preds))

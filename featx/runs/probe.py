@@ -23,6 +23,7 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.records import ItemAccess
 from ..base.version import __version__
+from ..base.writable import writable_dir
 from ..cache.store import FeatureCache
 from ..config import ProbeSettings
 from ..data.splits import plan_folds
@@ -283,7 +284,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     folds_plan = plan_folds(rows.y_tr, s.folds)
     _warn_about_data(rows, folds_plan, fc)
     out = Path(s.out_dir) if s.out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, option="--out-dir")  # before any head is trained
     summary = fc.summary()
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,

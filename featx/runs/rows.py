@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..base.errors import FeatxError
+from ..cache.integrity import rows_text
 from ..cache.rows import read_rows
 from ..cache.store import FeatureCache, find_cache
 from ..data.splits import train_eval_split
@@ -83,8 +84,8 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     if not bad.any():
         return X, y, idx
     log.warning(
-        "%d %s rows of %s have NaN/inf features and are left out; rebuild the cache with "
-        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name,
+        "%d %s rows of %s have NaN/inf features and are left out (cache rows %s); rebuild the cache with "
+        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name, rows_text(idx[bad]),
     )
     return X[~bad], y[~bad], idx[~bad]
 
