@@ -37,6 +37,7 @@ from .config import (
     explain, format_entries, merge, nest, read_config, render_yaml,
 )
 from .config.options import command_line_values, settings_options
+from .config.settings import AuditSettings
 from .heads import grids as heads_grids  # noqa: F401 - registers the check of the "heads:" grid values (no sklearn)
 
 log = logging.getLogger("featx")
@@ -300,7 +301,10 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
     from .heads.probing import probe as run_probe  # scikit-learn: not imported for --help
 
-    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
+    if s.audit or s.drop_flagged:
+        result = _probe_audited(cache, s)
+    else:
+        result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
     if s.as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
@@ -312,6 +316,46 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
         click.echo(f"report   {result['report_path']}")
     for name, h in result["heads"].items():
         click.echo(f"{name:<8} {h['confusion_png'] or ''}  {h['model_path'] or ''}".rstrip())
+    if result.get("drop_flagged"):
+        d = result["drop_flagged"]
+        click.echo(f"\n--drop-flagged {','.join(d['kinds'])}: {d['dropped_train_rows']} training and "
+                   f"{d['dropped_eval_rows']} evaluation rows left out ({d['note']})\n{d['table']}")
+    if result.get("audit"):
+        click.echo(f"\naudit    {result['audit']['summary']}")
+
+
+def _section_values(name: str) -> dict:
+    """The merged ``name:`` section of --config (built-in defaults, overridden by the file)."""
+    return dict((click.get_current_context().obj or {}).get("config", {}).get(name) or {})
+
+
+def _probe_audited(cache: str | None, s: ProbeSettings):
+    from .runs.audit_probe import probe_audited
+
+    kw = dict(s.library_kwargs(), grids=_heads_config(), save=not s.no_save)
+    mlflow = kw.pop("mlflow", False)
+    audit_settings = AuditSettings(**_section_values("audit"))
+    return probe_audited(cache, kw, audit_settings=audit_settings, drop_flagged=s.drop_flagged, report=s.report,
+                         mlflow=mlflow)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(AuditSettings)
+def audit(cache: str | None, s: AuditSettings) -> None:
+    """Audit CACHE (default: newest in --cache-dir): label errors, duplicates (train/test leakage first), outliers."""
+    from .runs.audit import audit as run_audit  # scikit-learn, cleanlab, torch: not imported for --help
+
+    result = run_audit(cache, s, grids=_heads_config())
+    if s.as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    for name, path in result.files.items():
+        click.echo(f"{name:<13}{path}")
+    click.echo(result.summary)
 
 
 # --------------------------------------------------------------------------- predict

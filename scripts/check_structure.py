@@ -23,7 +23,10 @@ from pathlib import Path
 MAX_LINES = 80
 
 # Straight-line code allowed past MAX_LINES: "module:qualified.name" -> reason.
-ALLOWED_LONG: dict[str, str] = {}
+ALLOWED_LONG: dict[str, str] = {
+    "featx.heads.probing:probe": "81 lines with exclude_rows (probe --drop-flagged); issue 23 moves it to runs/probe.py "
+                                 "taking ProbeSettings, which shortens it",
+}
 
 # featx modules that may import other featx modules inside a function, and why.
 LAZY_FEATX: dict[str, str] = {
@@ -59,6 +62,8 @@ LAZY_OK: dict[str, str] = {
     "psutil": "optional",
     "umap": "optional",
     "pandas": "optional",
+    "cleanlab": "optional extra featx[audit]; only when labels are audited",
+    "faiss": "optional; featx audit's neighbour search when installed",
 }
 
 

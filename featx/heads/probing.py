@@ -180,11 +180,15 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     return X[~bad], y[~bad], idx[~bad]
 
 
-def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int) -> _Rows:
-    """Split, subset (``max_train_rows``), check memory, then read the features block by block."""
+def _load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
+               exclude: dict | None = None) -> _Rows:
+    """Split, leave out ``exclude`` rows, subset (``max_train_rows``), check memory, then read block by block."""
     t0 = time.perf_counter()
     labels, splits = fc.labels(), fc.split_array()
     tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
+    if exclude:  # featx probe --drop-flagged: rows the audit flagged (the split itself is unchanged)
+        tr, ev = np.setdiff1d(tr, exclude.get("train", [])), np.setdiff1d(ev, exclude.get("eval", []))
+        split_desc = dict(split_desc, excluded={k: int(len(v)) for k, v in exclude.items()})
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
     subset = None
@@ -460,6 +464,7 @@ def probe(
     view: str | Sequence[str] | None = "auto",
     norm: str | Sequence[str] | None = "auto",
     train_views: str = "auto",
+    exclude_rows: dict | None = None,
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -476,14 +481,14 @@ def probe(
     none/power (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
-    """
+    ``exclude_rows``: {"train": rows, "eval": rows} of the cache left out (``featx probe --drop-flagged``)."""
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
     fc = _open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
                        stored_views=fc.train_views)
-    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands))
+    rows = _load_rows(fc, test_size=test_size, seed=seed, max_train_rows=max_train_rows, dim=_held_dim(fc, cands), exclude=exclude_rows)
     plan = plan_folds(rows.y_tr, folds)
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
