@@ -96,7 +96,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, *, classes: np.ndarray) 
     # cleanlab wants every column to be some row's label: score on the columns present here
     present = np.unique(yi)
     sub = _renormalised(p[:, present])
-    mask = find_label_issues(np.searchsorted(present, yi), sub, filter_by="prune_by_noise_rate")
+    # n_jobs=1: no process pool (its workers would inherit the CLI's SIGTERM handler; one process is fast enough)
+    mask = find_label_issues(np.searchsorted(present, yi), sub, filter_by="prune_by_noise_rate", n_jobs=1)
     flagged = idx[np.flatnonzero(mask)]
     flagged = flagged[np.argsort(quality[flagged], kind="stable")]
     return LabelIssues(flagged.astype(np.int64), quality, suggested)
