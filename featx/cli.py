@@ -355,6 +355,8 @@ def audit(cache: str | None, s: AuditSettings) -> None:
         return
     for name, path in result.files.items():
         click.echo(f"{name:<13}{path}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
     click.echo(result.summary)
 
 

@@ -134,6 +134,8 @@ def test_audit_json_and_summary(audited):
     doc = json.loads((audited["out"] / "audit.json").read_text())
     assert doc["counts"]["rows"] == N_TRAIN + N_TEST and doc["settings"]["folds"] == 3
     assert doc["hashing"]["skipped"] == 0 and doc["logreg"]["cv_folds"] == 3
+    # tight synthetic classes (mean cosine ~0.9 to the 5 nearest): near pairs are called unreliable
+    assert doc["notes"] and "unreliable" in doc["notes"][0]
     assert re.match(r"\d+ train/test duplicate pair\(s\) .* \d+ likely label error\(s\), \d+ outlier\(s\); see ",
                     doc["summary"])
 

@@ -128,6 +128,7 @@ def section_audit(run_dir: Path, audit: dict, root: str) -> Markup:
              f"near duplicates at cosine >= {(audit.get('settings') or {}).get('near_threshold')}; "
              f"{hashing.get('hashed', 0)} files hashed under {root}"
              + (f", {hashing.get('skipped')} could not be read" if hashing.get("skipped") else "") + ".")
-    body = [tag("p", intro, class_="note"), _dropped(run_dir), _pairs(run_dir, root, thumbs, counts),
+    notes = [tag("p", n, class_="warn") for n in audit.get("notes") or []]
+    body = [tag("p", intro, class_="note"), *notes, _dropped(run_dir), _pairs(run_dir, root, thumbs, counts),
             _suspects(run_dir, root, thumbs), _outliers(run_dir, root, thumbs)]
     return Markup(f'<section id="audit"><h2>Data audit</h2>{join(body)}</section>')
