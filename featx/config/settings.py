@@ -233,9 +233,9 @@ class AuditSettings(Settings):
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
     folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
     seed: int = option(0, "Seed of the hold-out split and the CV folds (as the probe's).")
-    near_threshold: float = option(0.90, "Cosine similarity of the final features from which two images are near "
-                                   "duplicates (README: JPEG q80 / 90 % resized copies of photos score 0.93-1.0; the "
-                                   "distinct photos above 0.90 are mostly crops of one photo).")
+    near_threshold: float = option(0.94, "Cosine similarity of the final features from which two images are near "
+                                   "duplicates (README: JPEG q80 / 90 % resized copies of photos mostly score above it; "
+                                   "distinct photos of one class stay below it).")
     neighbours: int = option(5, "Nearest training images of the same class that the outlier score averages over.")
     outlier_z: float = option(4.0, "Robust z-score (median, MAD of the class's training rows) of the kNN distance "
                               "from which an image is an outlier.")

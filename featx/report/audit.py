@@ -72,32 +72,33 @@ def _pairs(run_dir: Path, root: str, thumbs: Path, counts: dict) -> Markup:
                  Markup(f'<div class="pairs">{"".join(cards)}</div>')])
 
 
+def _thumb_grid(title: str, rows: list[dict], note: str, caption, root: str, thumbs: Path) -> Markup:
+    """An h3, a note, and one thumbnail card per row with ``caption(row)`` (HTML) under it."""
+    cards = [f'<figure class="thumb">{_pic(root, r["path"], thumbs)}<figcaption>{caption(r)}<br>'
+             f'<span class="path">{esc(r["path"])}</span></figcaption></figure>' for r in rows]
+    return join([tag("h3", title), tag("p", note, class_="note"), Markup(f'<div class="grid">{"".join(cards)}</div>')])
+
+
 def _suspects(run_dir: Path, root: str, thumbs: Path) -> Markup:
     rows, n = _rows(run_dir / "label_issues.csv", MAX_SUSPECTS)
-    head = tag("h3", "Likely label errors")
-    if not n:
-        return join([head, tag("p", "cleanlab flags no label.", class_="note")])
-    cards = [f'<figure class="thumb">{_pic(root, r["path"], thumbs)}<figcaption>given <b class="p">{esc(r["given"])}'
-             f'</b><br>suggested <b class="t">{esc(r["suggested"])}</b> ({esc(r["split"])}, quality '
-             f'{esc(r["score"][:5])})<br><span class="path">{esc(r["path"])}</span></figcaption></figure>' for r in rows]
-    note = (f"{n} image(s) whose given label cleanlab doubts, worst first"
+    note = ("cleanlab flags no label." if not n else
+            f"{n} image(s) whose given label cleanlab doubts, worst first"
             + (f" (first {len(rows)} shown)" if n > len(rows) else "")
             + ". Training images are judged by out-of-fold probabilities of a logistic regression on the probe's "
             "folds, evaluation images by the head trained on the training images. All in label_issues.csv.")
-    return join([head, tag("p", note, class_="note"), Markup(f'<div class="grid">{"".join(cards)}</div>')])
+    caption = lambda r: (f'given <b class="p">{esc(r["given"])}</b><br>suggested <b class="t">{esc(r["suggested"])}'  # noqa: E731
+                         f'</b> ({esc(r["split"])}, quality {esc(r["score"][:5])})')
+    return _thumb_grid("Likely label errors", rows, note, caption, root, thumbs)
 
 
 def _outliers(run_dir: Path, root: str, thumbs: Path) -> Markup:
     rows, n = _rows(run_dir / "outliers.csv", MAX_OUTLIERS)
-    head = tag("h3", "Outliers")
-    if not n:
-        return join([head, tag("p", "No image is far from its class.", class_="note")])
-    cards = [f'<figure class="thumb">{_pic(root, r["path"], thumbs)}<figcaption><b>{esc(r["label"])}</b> '
-             f'({esc(r["split"])}), z {esc(r["score"])}<br><span class="path">{esc(r["path"])}</span>'
-             f'</figcaption></figure>' for r in rows]
-    note = (f"{n} image(s) far from the nearest training images of their own class (robust z-score of the kNN "
-            "distance within the class); often a wrong label, an odd crop or not a member of any class.")
-    return join([head, tag("p", note, class_="note"), Markup(f'<div class="grid">{"".join(cards)}</div>')])
+    note = ("No image is far from its class." if not n else
+            f"{n} image(s) far from the nearest training images of their own class (robust z-score of the kNN "
+            "distance within the class); often a wrong label, an odd crop or not a member of any class"
+            + (f"; the first {len(rows)} shown" if n > len(rows) else "") + ". All in outliers.csv.")
+    caption = lambda r: f'<b>{esc(r["label"])}</b> ({esc(r["split"])}), z {esc(r["score"])}'  # noqa: E731
+    return _thumb_grid("Outliers", rows, note, caption, root, thumbs)
 
 
 def _dropped(run_dir: Path) -> Markup:
