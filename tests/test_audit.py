@@ -264,6 +264,13 @@ def test_cli_audit_prints_the_summary_and_writes_the_report(planted, tmp_path):
     assert 'href="#audit"' in page
     r2 = CliRunner().invoke(cli, ["probe", str(planted["fc"].path), "--drop-flagged", "dupes"])
     assert r2.exit_code == 2 and "--drop-flagged 'dupes'" in r2.output
+    r3 = CliRunner().invoke(cli, ["probe", str(planted["fc"].path), "--head", "logreg", "--folds", "3", "--audit",
+                                  "--no-save", "--no-report", "--n-jobs", "1", "--out-dir", str(tmp_path / "p")])
+    assert r3.exit_code == 0, r3.output
+    assert "\naudit    " in r3.output and "likely label error(s)" in r3.output
+    assert {f.name for f in (tmp_path / "p").iterdir()} >= {"metrics.json", "audit.json", "label_issues.csv",
+                                                            "duplicates.csv", "outliers.csv"}
+    assert "audit" not in json.loads((tmp_path / "p" / "metrics.json").read_text())
 
 
 def _browser() -> str | None:
