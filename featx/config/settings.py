@@ -241,8 +241,9 @@ class AuditSettings(Settings):
                               "from which an image is an outlier.")
     max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
     block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
-    backend: Literal["auto", "torch", "faiss"] = option(
-        "auto", "Neighbour search: torch matrix products, or faiss when installed (auto: faiss if importable).")
+    backend: Literal["torch", "faiss"] = option(
+        "torch", "Neighbour search: exact, in blocks: torch matrix products, or faiss's flat index (pip install "
+                 "'featx[faiss]').")
     report: bool = option(True, "Write report.html beside audit.json.", flags=("--report/--no-report",))
     quiet: bool = _quiet("No log lines; only the summary.")
     as_json: bool = _json("Print audit.json.")

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Rows of a block: a [block x block] float32 similarity matrix is 64 MiB at 4096.
 DEFAULT_BLOCK = 4096
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = ("torch", "faiss")
 
 
 # --------------------------------------------------------------------------- label issues
@@ -126,9 +126,7 @@ def _use_faiss(backend: str) -> bool:
     try:
         import faiss  # noqa: F401
     except ImportError:
-        if backend == "faiss":
-            raise FeatxError("--backend faiss: faiss is not installed; `pip install faiss-cpu` or use --backend torch")
-        return False
+        raise FeatxError("--backend faiss: faiss is not installed; pip install 'featx[faiss]' or use --backend torch")
     return True
 
 
@@ -144,7 +142,7 @@ def _rows_of(X) -> tuple[Rows, int]:
 
 
 def similar_pairs(X, *, threshold: float, block: int = DEFAULT_BLOCK, max_pairs: int = 100_000,
-                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  backend: str = "torch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i < j) of rows with cosine similarity >= ``threshold``: (i, j, similarity), most similar first.
 
     ``X``: an [n, d] array, or ``(read, n)`` where ``read(a, b)`` returns rows a..b (a cache read
@@ -206,6 +204,7 @@ def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs:
     dropped = 0
     for qa in range(0, n, block):
         lims, D, I = index.range_search(_normalised(read(qa, min(n, qa + block))).numpy(), float(threshold))
+        lims = lims.astype(np.int64)
         q = np.repeat(np.arange(len(lims) - 1), np.diff(lims)) + qa
         keep = I > q
         fi.append(q[keep])
