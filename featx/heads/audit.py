@@ -193,7 +193,10 @@ def _finish_pairs(fi, fj, fs, cap, dropped):
 
 
 def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs: int):
-    """The same pairs through faiss (exact inner-product index, range search per query block)."""
+    """The same pairs through faiss (exact inner-product index, range search per query block).
+
+    The flat index holds every normalised row (n x d floats); the torch path holds two blocks.
+    """
     import faiss
 
     first = read(0, min(n, 1))
