@@ -36,7 +36,6 @@ from ..report.thumbs import inside_root
 
 log = logging.getLogger(__name__)
 
-AUDIT_FILES = ("label_issues.csv", "duplicates.csv", "outliers.csv", "audit.json")
 # When the median training image's 5 nearest images of its class are this close to the near-duplicate
 # threshold (mean cosine >= threshold - DENSE_MARGIN), the features cannot tell copies from distinct images:
 # measured 0.93 on neu_steel and 0.86 on medmnist6 (floods of false pairs) against 0.58-0.78 on the photo
