@@ -51,7 +51,7 @@ from .config import (
     render_yaml,
 )
 from .config.options import command_line_values, settings_options
-from .config.settings import VerifySettings
+from .config.settings import AuditSettings, VerifySettings
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -163,9 +163,9 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = {"config": cfg, "config_path": config_path}
 
 
-def _heads_config() -> dict:
-    """The merged ``heads:`` section (built-in grids, overridden by --config)."""
-    return (click.get_current_context().obj or {}).get("config", {}).get("heads")
+def _section(name: str = "heads") -> dict | None:
+    """The merged ``name:`` section of --config (built-in defaults, e.g. the heads' grids, overridden by the file)."""
+    return (click.get_current_context().obj or {}).get("config", {}).get(name)
 
 
 # --------------------------------------------------------------------------- config
@@ -315,7 +315,7 @@ def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
     from .runs.compare import compare as run_compare  # torch: not imported for --help
 
-    result = run_compare(data, settings=s, grids=_heads_config(), progress=not s.quiet)
+    result = run_compare(data, settings=s, grids=_section(), progress=not s.quiet)
     if s.as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -339,9 +339,13 @@ def compare(data: str | None, s: CompareSettings) -> None:
 @settings_options(ProbeSettings)
 def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
-    from .runs.probe import probe as run_probe  # scikit-learn: not imported for --help
+    from .runs.audit_probe import probe_audited  # scikit-learn: not imported for --help
+    from .runs.probe import probe as run_probe
 
-    result = run_probe(cache, settings=s, grids=_heads_config())
+    if s.audit or s.drop_flagged:
+        result = probe_audited(cache, s, grids=_section(), audit_settings=AuditSettings(**(_section("audit") or {})))
+    else:
+        result = run_probe(cache, settings=s, grids=_section())
     if s.as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -353,6 +357,33 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
         click.echo(f"report   {result['report_path']}")
     for name, h in result["heads"].items():
         click.echo(f"{name:<8} {h['confusion_png'] or ''}  {h['model_path'] or ''}".rstrip())
+    if result.get("drop_flagged"):
+        d = result["drop_flagged"]
+        click.echo(f"\n--drop-flagged {','.join(d['kinds'])}: {d['dropped_train_rows']} training and "
+                   f"{d['dropped_eval_rows']} evaluation rows left out ({d['note']})\n{d['table']}")
+    if result.get("audit"):
+        click.echo(f"\naudit    {result['audit']['summary']}")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(AuditSettings)
+def audit(cache: str | None, s: AuditSettings) -> None:
+    """Audit CACHE (default: newest in --cache-dir): label errors, duplicates (train/test leakage first), outliers."""
+    from .runs.audit import audit as run_audit  # scikit-learn, cleanlab, torch: not imported for --help
+
+    result = run_audit(cache, s, grids=_section())
+    if s.as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    for name, path in result.files.items():
+        click.echo(f"{name:<13}{path}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.summary)
 
 
 # --------------------------------------------------------------------------- predict
@@ -380,9 +411,6 @@ def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
         click.echo(f"  failed: {f['path']}: {f['reason']}")
     if result["n_failed"] > 20:
         click.echo(f"  ... and {result['n_failed'] - 20} more (see {result['csv'][:-4]}.json)")
-
-
-# --------------------------------------------------------------------------- entry point
 
 
 # --------------------------------------------------------------------------- fewshot

@@ -82,6 +82,8 @@ LAZY_OK: dict[str, str] = {
     "psutil": "optional",
     "umap": "optional",
     "pandas": "optional",
+    "cleanlab": "optional extra featx[audit]; only when labels are audited",
+    "faiss": "optional; featx audit's neighbour search when installed",
 }
 
 

@@ -256,8 +256,46 @@ class ProbeSettings(Settings):
                           flags=("--report/--no-report",), lib=None)
     mlflow: bool = flag("Log settings, metrics, report and heads to MLflow (MLFLOW_TRACKING_URI, default ./mlruns).",
                         file=True)
+    audit: bool = flag("Also audit the data (featx audit: label errors, duplicates, train/test leakage, outliers) "
+                       "into the run folder and its report.", lib=None)
+    drop_flagged: Optional[str] = option(
+        None, "leakage, labels or leakage,labels: probe again without the flagged training rows (labels) and the "
+              "leaked evaluation rows (leakage), and report both results side by side; no file is touched.",
+        lib=None, file=False)
     quiet: bool = _quiet("No log lines; only the table.")
     as_json: bool = _json("Print the whole result as JSON.")
+
+
+@dataclass(frozen=True)
+class AuditSettings(Settings):
+    """`featx audit [CACHE]`: label errors, duplicates (train/test leakage first) and outliers, from a cache."""
+
+    section: ClassVar[str] = "audit"
+    also: ClassVar[tuple[str, ...]] = ("heads",)
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    data_root: Optional[str] = option(
+        None, "Folder whose image files are hashed for exact duplicates and shown as thumbnails (default: the root "
+              "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
+    out_dir: Optional[str] = option(None, "Where the CSVs, audit.json and report.html go (default: "
+                                    "runs/audit-<cache name>/).", path="dir", file=False)
+    view: str = option("final", "Feature view for the logistic regression, the neighbours and the outliers.")
+    test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
+    folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
+    seed: int = option(0, "Seed of the hold-out split and the CV folds (as the probe's).")
+    near_threshold: float = option(0.94, "Cosine similarity of the final features from which two images are near "
+                                   "duplicates (README: JPEG q80 / 90 % resized copies of photos mostly score above it; "
+                                   "distinct photos of one class stay below it).")
+    neighbours: int = option(5, "Nearest training images of the same class that the outlier score averages over.")
+    outlier_z: float = option(4.0, "Robust z-score (median, MAD of the class's training rows) of the kNN distance "
+                              "from which an image is an outlier.")
+    max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
+    block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
+    backend: Literal["torch", "faiss"] = option(
+        "torch", "Neighbour search: exact, in blocks: torch matrix products, or faiss's flat index (pip install "
+                 "'featx[faiss]').")
+    report: bool = option(True, "Write report.html beside audit.json.", flags=("--report/--no-report",))
+    quiet: bool = _quiet("No log lines; only the summary.")
+    as_json: bool = _json("Print audit.json.")
 
 
 @dataclass(frozen=True)
@@ -409,8 +447,8 @@ class HeadsSettings(Settings):
 # Section name -> dataclass.  A new command adds its dataclass here (and in featx/cli.py).
 SETTINGS: dict[str, type[Settings]] = {
     cls.section: cls
-    for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, FewshotSettings,
-                ReportSettings, ExportSettings, HeadsSettings, VerifySettings)
+    for cls in (EmbedSettings, InfoSettings, ProbeSettings, AuditSettings, CompareSettings, PredictSettings,
+                FewshotSettings, ReportSettings, ExportSettings, HeadsSettings, VerifySettings)
 }
 
 

@@ -28,6 +28,8 @@ from ..base.version import __version__
 from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from . import charts, embedmap
+from .audit import CSS as AUDIT_CSS
+from .audit import section_audit
 from .metrics import is_chosen
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
@@ -319,7 +321,7 @@ def _predictions(run: RunFiles, head: str, fc: FeatureCache | None) -> tuple[lis
 
 def _header(run: RunFiles, sections: list[tuple[str, str]]) -> Markup:
     info = run.cache_info
-    src = run.metrics or run.compare or run.fewshot or {}
+    src = run.metrics or run.compare or run.fewshot or run.audit or {}
     dataset = Path(str(info.get("root") or "")).name or run.run_dir.name
     nav = join((Markup(f'<a href="#{esc(sid)}">{esc(title)}</a>') for sid, title in sections), " ")
     meta = (f"run <span class=\"path\">{esc(run.run_dir)}</span> · created {esc(src.get('created', '?'))} · "
@@ -342,6 +344,8 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
         out.append(section_heads(metrics, best))
         out.append(section_confusion(metrics, best, classes, preds))
         out.append(section_per_class(metrics, best))
+    if run.audit:
+        out.insert(2 if best is not None else 0, section_audit(run.run_dir, run.audit, fc.root if fc is not None else ""))
     if run.compare:
         out.append(section_compare(run.compare, run.run_dir))
     if run.fewshot:
@@ -353,7 +357,7 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
 
 
 _TITLES = {"mistakes": "Mistakes", "heads": "Heads", "confusion": "Confusion", "classes": "Per class", "compare": "Fine-tune vs probe",
-           "fewshot": "Few-shot", "map": "Embedding map", "data": "Data set"}
+           "fewshot": "Few-shot", "map": "Embedding map", "data": "Data set", "audit": "Data audit"}
 
 
 def write_report(run_dir: str | os.PathLike, *, cache: FeatureCache | str | os.PathLike | None = None) -> Path:
@@ -372,7 +376,7 @@ def write_report(run_dir: str | os.PathLike, *, cache: FeatureCache | str | os.P
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f"<title>{esc(title)}</title><style>{CSS}{AUDIT_CSS}</style></head><body><main>"
         + _header(run, [(i, _TITLES.get(i, i)) for i in ids]) + "".join(sections)
         + f"<p class=\"meta\">Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by featx {esc(__version__)}.</p>"
         "</main></body></html>\n"

@@ -17,7 +17,7 @@ from ..cache.store import FeatureCache
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("metrics.json", "compare.json", "fewshot.json")
+RUN_FILES = ("metrics.json", "compare.json", "fewshot.json", "audit.json")
 
 
 @dataclass
@@ -30,11 +30,12 @@ class RunFiles:
     compare: dict | None = None
     fewshot: dict | None = None
     fewshot_dir: Path | None = None  # where fewshot.json was found: this folder, or a few-shot run of the same cache
+    audit: dict | None = None  # featx audit / probe --audit
 
     @property
     def cache_info(self) -> dict:
         """The cache summary recorded by whichever stage ran (path, classes, root, splits...)."""
-        for src in (self.metrics, self.compare, self.fewshot):
+        for src in (self.metrics, self.compare, self.fewshot, self.audit):
             if src and isinstance(src.get("cache"), dict):
                 return src["cache"]
         return {}
@@ -66,6 +67,7 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     run.compare = _read_json(run_dir / "compare.json")
     run.fewshot = _read_json(run_dir / "fewshot.json")
     run.fewshot_dir = run_dir if run.fewshot is not None else None
+    run.audit = _read_json(run_dir / "audit.json")
     for d in (run_dir, run_dir / "probe"):
         m = _read_json(d / "metrics.json")
         if m is not None:
@@ -74,7 +76,7 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     if run.fewshot is None and run.metrics is not None:
         run.fewshot_dir = sibling_fewshot(run_dir, run.metrics.get("fingerprint"))
         run.fewshot = _read_json(run.fewshot_dir / "fewshot.json") if run.fewshot_dir else None
-    if run.metrics is None and run.compare is None and run.fewshot is None:
+    if run.metrics is None and run.compare is None and run.fewshot is None and run.audit is None:
         raise FeatxError(
             f"{run_dir} holds no featx results ({', '.join(RUN_FILES)}); pass a folder written by "
             "`featx probe`, `featx compare` or `featx fewshot`"

@@ -14,6 +14,8 @@ _EXPORTS = {
     "predict": "predict",
     "compare": "compare",
     "CompareSettings": "compare",
+    "audit": "audit",
+    "AuditResult": "audit",
     "publish_run": "publish",
     "publish_existing_run": "publish",
 }

@@ -40,7 +40,7 @@ from .rows import Rows, held_dim, load_rows, open_cache
 log = logging.getLogger(__name__)
 
 # Fields filled at the end of a probe (or only with a subset): left out of metrics.json until set.
-_LATE = ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path")
+_LATE = ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path", "audit", "drop_flagged")
 
 
 @dataclass(eq=False)
@@ -67,6 +67,8 @@ class ProbeResult(ItemAccess):
     metrics_path: str | None = None
     report_path: str | None = None
     train_subset: dict | None = None  # only when max_train_rows drew a subset
+    audit: dict | None = None  # only with --audit (featx.runs.audit_probe)
+    drop_flagged: dict | None = None  # only with --drop-flagged
 
     def _unset(self, name: str, value: Any) -> bool:
         return value is None and name in _LATE
@@ -241,7 +243,7 @@ def _settings_doc(s: ProbeSettings, names: list[str], resolved: dict, cands: lis
 
 
 # Keywords of probe() that are not options of `featx probe`, with their library defaults.
-_EXTRAS = {"grids": None, "plots": True, "save": None, "report": None}
+_EXTRAS = {"grids": None, "plots": True, "save": None, "report": None, "exclude_rows": None}
 
 
 def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any) -> ProbeResult:
@@ -270,6 +272,8 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
+    ``exclude_rows`` (library only): {"train": rows, "eval": rows} of the cache left out
+    (``featx probe --drop-flagged``).
     """
     s, x = ProbeSettings.with_overrides(settings, overrides, call="probe", extras=_EXTRAS)
     report = x["report"] if x["report"] is not None else (settings is not None and s.report)
@@ -280,7 +284,8 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     resolved = resolve_grids(x["grids"])
     cands = candidates(s.view, s.norm, fc.views, cache_name=fc.path.name, train_views=s.train_views,
                        stored_views=fc.train_views)
-    rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands))
+    rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands),
+                     exclude=x["exclude_rows"])
     folds_plan = plan_folds(rows.y_tr, s.folds)
     _warn_about_data(rows, folds_plan, fc)
     out = Path(s.out_dir) if s.out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"

@@ -90,11 +90,15 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     return X[~bad], y[~bad], idx[~bad]
 
 
-def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int) -> Rows:
-    """Split, subset (``max_train_rows``), check memory, then read the features block by block."""
+def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
+              exclude: dict | None = None) -> Rows:
+    """Split, leave out ``exclude`` rows, subset (``max_train_rows``), check memory, then read block by block."""
     t0 = time.perf_counter()
     labels, splits = fc.labels(), fc.split_array()
     tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
+    if exclude:  # featx probe --drop-flagged: rows the audit flagged (the split itself is unchanged)
+        tr, ev = np.setdiff1d(tr, exclude.get("train", [])), np.setdiff1d(ev, exclude.get("eval", []))
+        split_desc = dict(split_desc, excluded={k: int(len(v)) for k, v in exclude.items()})
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
     subset = None
