@@ -31,7 +31,8 @@ from ..cache.store import (
     write_final,
 )
 from ..config import defaults
-from ..data.folders import Dataset, discover
+from ..data.folders import Dataset
+from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
 from .backbones import Backbone, create_backbone
 from . import augment
 from .views import check_tta, parse_parts
@@ -150,11 +151,15 @@ def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: in
     return path
 
 
-def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None) -> EmbedPlan:
-    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet)."""
+def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None,
+         source: SourceOptions | None = None) -> EmbedPlan:
+    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet).
+
+    ``root`` may be a folder, an fsspec URL, WebDataset shards or a Parquet table (:mod:`featx.data.sources`).
+    """
     if root is None and manifest is None:
         raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
-    ds = discover(root if root is not None else manifest, manifest=manifest)
+    ds = discover_any(root, manifest=manifest, options=source)  # folders, URLs, WebDataset, Parquet
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
@@ -202,10 +207,10 @@ def _is_fresh(entry: tuple | None, path: str) -> bool:
         # retry once the file is readable, without rebuilding the cache while it is not.
         return not _readable(path)
     try:
-        st = os.stat(path)
+        mtime, size = stamp_of(path)  # a remote sample's ETag (or mtime) and size, read at discovery
     except OSError:
         return entry[0] == "failed"
-    return entry[-2] == st.st_mtime_ns and entry[-1] == st.st_size
+    return entry[-2] == mtime and entry[-1] == size
 
 
 def is_up_to_date(p: EmbedPlan) -> bool:
@@ -319,6 +324,9 @@ def embed(
     views: str | Sequence[str] = "final,stages",
     tta: str = "none",
     train_views: int | None = None,
+    storage_options: Sequence[str] = (), read_concurrency: int = _E.read_concurrency,  # featx.data.sources
+    image_column: str = _E.image_column, label_column: str = _E.label_column, split_column: str | None = None,
+    split: str | None = None,
 ) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
@@ -341,7 +349,8 @@ def embed(
                              num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
                              views=views, tta=tta, train_views=train_views)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
-    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
+    src = SourceOptions(tuple(storage_options), image_column, label_column, split_column, split, read_concurrency)
+    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
     stats = EmbedStats(total=len(p.samples), device=settings.device, executor=executor)
@@ -424,8 +433,11 @@ def _embed_shard(p: EmbedPlan, s: EngineSettings, shard: tuple[int, int], *, t0:
 
 
 def _readable(path: str) -> bool:
-    """Can the file be opened now? (Pillow parses the header only: cheap.)"""
+    """Can the file be opened now? (Pillow parses the header only: cheap.)  A remote sample is tried again."""
     from PIL import Image
+
+    if not is_local(path):
+        return True
 
     try:
         with Image.open(path):
