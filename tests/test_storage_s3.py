@@ -63,6 +63,11 @@ class Faults:
             return [b"<Error><Code>SlowDown</Code><Message>injected throttle</Message></Error>"]
         if rule and rule[0] == "slow":
             time.sleep(rule[1])
+        if rule and rule[0] == "stall":  # longer than the client's read timeout, the first N times
+            with self.lock:
+                rule[2] -= 1
+            if rule[2] >= 0:
+                time.sleep(rule[1])
         return self.app(environ, start_response)
 
 
@@ -161,14 +166,15 @@ def test_faults_are_recorded_retried_and_never_fatal(s3, tmp_path):
     folder = write_image_folder(tmp_path / "data", per_class=4)
     url = upload(fs, folder, "faults")
     ref = featx.embed(folder, cache=tmp_path / "disk.h5", **TINY)
-    faults.rules.update({"faults/data/train/cats/img_001": ["404"], "faults/data/val/dogs/img_002": ["slow", 0.5],
-                         "faults/data/train/dogs/img_003": ["throttle", 2]})
+    faults.rules.update({"faults/data/train/cats/img_001": ["404"], "faults/data/val/dogs/img_002": ["slow", 0.2],
+                         "faults/data/train/dogs/img_003": ["throttle", 2], "faults/data/val/cats/img_000": ["stall", 1.5, 2]})
+    timeout = 'config_kwargs={"read_timeout": 0.5, "retries": {"max_attempts": 1}}'
     try:
-        fc = featx.embed(url, cache=tmp_path / "s3.h5", **TINY)
+        fc = featx.embed(url, cache=tmp_path / "s3.h5", storage_options=[timeout], **TINY)
     finally:
         faults.rules.clear()
     assert fc.failed == [("train/cats/img_001.png", "cannot read: object not found (404)")]
-    assert len(fc) == len(ref) - 1  # the slow and the throttled objects were read
+    assert len(fc) == len(ref) - 1  # the slow, the throttled and the timed-out objects were read on a retry
     again = featx.embed(url, cache=tmp_path / "s3.h5", **TINY)  # a failed read is tried again on the next run
     assert again.failed == [] and again.stats.embedded == 1 and again.keys() == ref.keys()
     np.testing.assert_allclose(again.features(), ref.features(), atol=1e-5)
@@ -202,3 +208,20 @@ def test_ray_actors_read_from_the_bucket(s3, tmp_path, monkeypatch):
     fc = featx.embed(url, cache=tmp_path / "ray.h5", executor="ray", num_actors=1, **TINY)
     assert fc.keys() == local.keys()
     np.testing.assert_allclose(fc.features(), local.features(), atol=1e-5)
+
+
+def test_a_fault_that_persists_is_recorded_after_the_retries(monkeypatch):
+    from featx.data import remote
+
+    calls = []
+
+    class Stalling:
+        def cat_file(self, path, start=None, end=None):
+            calls.append(path)
+            raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(remote, "filesystem", lambda url: (Stalling(), url))
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    data, reason = remote.read_one("s3://b/x.jpg")
+    assert data is None and reason == f"cannot read: TimeoutError: read timed out (after {remote.TRIES} tries)"
+    assert len(calls) == remote.TRIES

@@ -255,7 +255,7 @@ def read_one(url: str, start: int | None = None, size: int | None = None) -> tup
     for attempt in range(TRIES):
         try:
             fs, path = filesystem(url)
-            if start is None:
+            if start is None or not size or size < 0:
                 return fs.cat_file(path), ""
             return fs.cat_file(path, start=start, end=start + size), ""
         except FeatxError as exc:
@@ -266,13 +266,6 @@ def read_one(url: str, start: int | None = None, size: int | None = None) -> tup
             log.debug("retrying %s after %s", url, exc)
             time.sleep(BACKOFF_S * 2**attempt)
     return None, "cannot read: no attempt made"
-
-
-def read_objects(urls: list[str], *, concurrency: int) -> list[tuple[bytes | None, str]]:
-    """Whole objects, ``concurrency`` at a time."""
-    if len(urls) == 1 or concurrency == 1:
-        return [read_one(u) for u in urls]
-    return list(_pool(concurrency).map(read_one, urls))
 
 
 def read_ranges(items: list[tuple[str, int, int]], *, concurrency: int) -> list[tuple[bytes | None, str]]:

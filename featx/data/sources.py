@@ -158,14 +158,11 @@ def fetch_many(paths: list[str]) -> list[Fetched | None]:
             locs[i] = parse_locator(p)
             groups.setdefault(locs[i].kind, []).append(i)
     conc = max(1, _OPTIONS.read_concurrency)
-    if groups.get("obj"):
-        idx = groups["obj"]
-        res = remote.read_objects([locs[i].url for i in idx], concurrency=conc)
-        for i, r in zip(idx, res):
-            out[i] = Fetched(*r)
-    if groups.get("rng"):
-        idx = groups["rng"]
-        res = remote.read_ranges([(locs[i].url, int(locs[i].args[0]), locs[i].size) for i in idx], concurrency=conc)
+    # A whole object is read as the range of the size listed at discovery: one GET, no HEAD first.
+    idx = groups.get("obj", []) + groups.get("rng", [])
+    if idx:
+        res = remote.read_ranges([(locs[i].url, int(locs[i].args[0]) if locs[i].args else 0, locs[i].size)
+                                  for i in idx], concurrency=conc)
         for i, r in zip(idx, res):
             out[i] = Fetched(*r)
     for i in groups.get("pq", []):
