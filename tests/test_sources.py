@@ -22,26 +22,22 @@ TINY = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False
             chunk_size=8)
 
 
-def write_shards(folder: Path, out: Path, *, per_shard: int = 5, label: str = "cls") -> str:
-    """WebDataset shards of a folder, one series per split (``train-000000.tar``...); returns the brace pattern."""
+def write_shards(folder: Path, out: Path, *, shards: int = 2, label: str = "cls") -> str:
+    """WebDataset shards of a folder, ``shards`` per split (``train-000000.tar``...); returns the brace pattern."""
     ds = discover(folder)
     out.mkdir(parents=True, exist_ok=True)
-    names: dict[str, int] = {}
     for split in ds.splits:
         rows = [s for s in ds.samples if s.split == split]
-        for n, a in enumerate(range(0, len(rows), per_shard)):
+        for n, part in enumerate(np.array_split(np.arange(len(rows)), shards)):
             with tarfile.open(out / f"{split}-{n:06d}.tar", "w") as tf:
-                for s in rows[a:a + per_shard]:
+                for s in (rows[i] for i in part):
                     stem, ext = s.key.rsplit(".", 1)
                     text = str(s.label) if label == "cls" else ds.classes[s.label]
                     for name, data in ((f"{stem}.{ext}", Path(s.path).read_bytes()), (f"{stem}.{label}", text.encode())):
                         info = tarfile.TarInfo(name)
                         info.size = len(data)
                         tf.addfile(info, io.BytesIO(data))
-            names[split] = n
-    splits = ",".join(names)
-    last = max(names.values())
-    return str(out / f"{{{splits}}}-{{000000..{last:06d}}}.tar")
+    return str(out / f"{{{','.join(ds.splits)}}}-{{000000..{shards - 1:06d}}}.tar")
 
 
 def write_parquet(folder: Path, out: Path, *, row_group_size: int = 5, hf: bool = True) -> Path:
@@ -96,7 +92,7 @@ def test_webdataset_shards_equal_the_folder(tmp_path):
 
 def test_webdataset_txt_labels_split_option_and_bad_samples(tmp_path):
     folder = write_image_folder(tmp_path / "data", splits=(), per_class=4)
-    pattern = write_shards(folder, tmp_path / "shards", label="txt", per_shard=100)
+    pattern = write_shards(folder, tmp_path / "shards", label="txt", shards=1)
     shard = expand_braces(pattern)[0]
     with tarfile.open(shard, "a") as tf:  # a truncated image, an image without label, a label without image
         for name, data in (("cats/bad.png", b"\x89PNG\r\n\x1a\n trunc"), ("cats/bad.txt", b"cats"),

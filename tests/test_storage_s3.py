@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 import featx
-from conftest import write_image_folder
+from conftest import kill_mid_run, write_image_folder
 from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from test_sources import assert_same_rows, write_parquet, write_shards
@@ -123,6 +122,19 @@ def test_bucket_equals_disk_and_a_changed_object_is_the_only_one_embedded_again(
     np.testing.assert_allclose(again.features()[row], again.features()[src], atol=1e-6)
 
 
+def test_shards_of_a_bucket_assemble_to_the_one_process_cache(s3, tmp_path):
+    fs, _, _ = s3
+    folder = write_image_folder(tmp_path / "data", per_class=4)
+    url = upload(fs, folder, "sharded")
+    whole = featx.embed(url, cache=tmp_path / "whole.h5", **TINY)
+    for i in range(2):
+        res = featx.embed(url, cache=tmp_path / "sharded.h5", shard=f"{i}/2", **TINY)
+        assert 0 < res.assigned < len(whole)
+    fc = featx.embed(url, cache=tmp_path / "sharded.h5", **TINY)
+    assert fc.stats.embedded == 0 and fc.keys() == whole.keys()
+    np.testing.assert_allclose(fc.features(), whole.features(), atol=1e-5)
+
+
 def test_sigkill_mid_run_resumes_to_the_identical_cache(s3, tmp_path):
     fs, _, endpoint = s3
     folder = write_image_folder(tmp_path / "data", per_class=8)
@@ -132,13 +144,7 @@ def test_sigkill_mid_run_resumes_to_the_identical_cache(s3, tmp_path):
     cmd = [sys.executable, "-m", "featx.cli", "embed", url, "--cache", str(cache), "--backbone", "tiny_cnn",
            "--weights", "random", "--workers", "0", "--device", "cpu", "--batch-size", "4", "--chunk-size", "4", "-q"]
     env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = Path(str(cache) + ".parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("chunk-*.h5"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    parts = kill_mid_run(cmd, env, cache)
     assert len(list(parts.glob("chunk-*.h5"))) >= 2 and not cache.exists(), "the kill must land mid-run"
     done = subprocess.run(cmd, env={**env, "FEATX_TEST_CHUNK_DELAY": "0"}, capture_output=True, text=True,
                           timeout=300)
@@ -152,7 +158,7 @@ def test_webdataset_shards_and_parquet_in_the_bucket_equal_the_folder(s3, tmp_pa
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=5)
     ref = featx.embed(folder, cache=tmp_path / "folder.h5", **TINY)
-    pattern = write_shards(folder, tmp_path / "up" / "shards", per_shard=4)
+    pattern = write_shards(folder, tmp_path / "up" / "shards", shards=3)
     write_parquet(folder, tmp_path / "up" / "table.parquet", row_group_size=4)
     url = upload(fs, tmp_path / "up", "formats", "sets")
     wds = featx.embed(f"{url}/shards/{Path(pattern).name}", cache=tmp_path / "wds.h5", **TINY)
