@@ -100,7 +100,7 @@ def test_webdataset_txt_labels_split_option_and_bad_samples(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    ds = discover_any(shard, options=SourceOptions(split="test"))
+    ds = discover_any(shard, options=SourceOptions("image", "label", 1, split="test"))
     assert {s.split for s in ds.samples} == {"test"} and ds.classes == ["cats", "dogs"]
     assert {r for _, r in ds.skipped} == {"sample without a label (no cls or txt member)", "sample without an image"}
     fc = featx.embed(shard, cache=tmp_path / "wds.h5", **TINY)

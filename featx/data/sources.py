@@ -35,14 +35,15 @@ KINDS = ("obj", "rng", "pq")
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How to read inputs that are not a local folder (``featx embed`` options of the same names)."""
+    """How to read inputs that are not a local folder: the ``featx embed`` options of the same names
+    (their defaults live in :class:`featx.config.settings.EmbedSettings`)."""
 
+    image_column: str
+    label_column: str
+    read_concurrency: int  # concurrent reads per DataLoader worker
     storage_options: tuple[str, ...] = ()  # KEY=VALUE pairs passed to fsspec
-    image_column: str = "image"
-    label_column: str = "label"
     split_column: str | None = None
     split: str | None = None  # split of every WebDataset/Parquet sample (default: from names / "train")
-    read_concurrency: int = 16  # concurrent reads per DataLoader worker
 
     def fs_options(self) -> dict:
         return remote.parse_storage_options(self.storage_options)
@@ -86,17 +87,17 @@ def stamp_of(path: str) -> tuple[int, int]:
     return loc.stamp, loc.size
 
 
-_OPTIONS = SourceOptions()
+_OPTIONS: SourceOptions | None = None  # None: not configured (reads one at a time, no storage options)
 
 
 def configure(options: SourceOptions | None) -> None:
     """Set this process's storage options (the driver, then each Ray actor; DataLoader workers inherit them)."""
     global _OPTIONS
-    _OPTIONS = options or SourceOptions()
-    remote.set_storage_options(_OPTIONS.fs_options())
+    _OPTIONS = options
+    remote.set_storage_options(options.fs_options() if options else {})
 
 
-def current_options() -> SourceOptions:
+def current_options() -> SourceOptions | None:
     return _OPTIONS
 
 
@@ -118,19 +119,21 @@ def kind_of(root: str | os.PathLike | None, manifest) -> str:
 def discover_any(root, *, manifest=None, options: SourceOptions | None = None) -> Dataset:
     """:func:`featx.data.discover` for every input kind; fails before any work on a bad URL or credentials."""
     configure(options)
-    opts = _OPTIONS
+    opts = options
     kind = kind_of(root if root is not None else manifest, manifest)
+    if opts is None and kind == "parquet":
+        raise FeatxError(f"{root}: a Parquet input needs its image and label columns (--image-column, --label-column)")
     check_kind_options(kind, opts)
     if kind == "folder":
-        if opts.split is not None or opts.split_column is not None:
-            log.warning("--split / --split-column apply to WebDataset shards and Parquet tables; ignored for %s",
+        if opts is not None and opts.split is not None:
+            log.warning("--split applies to WebDataset shards and Parquet tables; ignored for the folder %s",
                         root if root is not None else manifest)
         return discover(root if root is not None else manifest, manifest=manifest)
     if kind == "parquet":
         return parquet.discover_table(str(root), image_column=opts.image_column, label_column=opts.label_column,
                                       split_column=opts.split_column, split=opts.split, locator=make_locator)
     if kind == "webdataset":
-        return webdataset.discover_shards(str(root), split=opts.split, locator=make_locator)
+        return webdataset.discover_shards(str(root), split=opts.split if opts else None, locator=make_locator)
     if manifest is not None:
         return remote.discover_manifest(str(manifest), locator=make_locator)
     return remote.discover_folder(str(root), locator=make_locator)
@@ -157,7 +160,7 @@ def fetch_many(paths: list[str]) -> list[Fetched | None]:
         if not is_local(p):
             locs[i] = parse_locator(p)
             groups.setdefault(locs[i].kind, []).append(i)
-    conc = max(1, _OPTIONS.read_concurrency)
+    conc = max(1, _OPTIONS.read_concurrency) if _OPTIONS else 1
     # A whole object is read as the range of the size listed at discovery: one GET, no HEAD first.
     idx = groups.get("obj", []) + groups.get("rng", [])
     if idx:
@@ -187,8 +190,10 @@ def read_bytes(path: str) -> Fetched:
     return res
 
 
-def check_kind_options(kind: str, options: SourceOptions) -> None:
+def check_kind_options(kind: str, options: SourceOptions | None) -> None:
     """Refuse options that the input kind cannot use."""
+    if options is None:
+        return
     if kind != "parquet" and options.split_column is not None:
         raise FeatxError("--split-column names a column of a Parquet table; drop it for this input")
     if options.read_concurrency < 1:

@@ -349,7 +349,7 @@ def embed(
                              num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
                              views=views, tta=tta, train_views=train_views)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
-    src = SourceOptions(tuple(storage_options), image_column, label_column, split_column, split, read_concurrency)
+    src = SourceOptions(image_column, label_column, read_concurrency, tuple(storage_options), split_column, split)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
