@@ -231,3 +231,27 @@ def test_a_fault_that_persists_is_recorded_after_the_retries(monkeypatch):
     data, reason = remote.read_one("s3://b/x.jpg")
     assert data is None and reason == f"cannot read: TimeoutError: read timed out (after {remote.TRIES} tries)"
     assert len(calls) == remote.TRIES
+
+
+def test_cli_passes_repeated_storage_options_and_refuses_in_one_line(s3, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+
+    fs, _, endpoint = s3
+    folder = write_image_folder(tmp_path / "data", splits=(), per_class=2)
+    url = upload(fs, folder, "clibucket")
+    args = ["--cache-dir", str(tmp_path / "c"), "--backbone", "tiny_cnn", "--weights", "random", "--workers", "0",
+            "--device", "cpu", "-q"]
+    r = CliRunner().invoke(cli, ["embed", url, "--storage-option", f"endpoint_url={endpoint}",
+                                 "--storage-option", 'config_kwargs={"read_timeout": 30}', *args])
+    assert r.exit_code == 0, r.output
+    bad = CliRunner().invoke(cli, ["embed", "s3://no-such-bucket/x", *args])
+    assert bad.exit_code == 2
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert lines == ["error: s3://no-such-bucket/x does not exist; check the bucket and path (and AWS_ENDPOINT_URL "
+                     "for an S3-compatible server)"]
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("embed:\n  storage_option: [anon=false]\n  read_concurrency: 4\n")
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "config", "embed"])
+    assert r.exit_code == 0 and "read_concurrency" in r.output
