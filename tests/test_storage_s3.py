@@ -57,6 +57,9 @@ class Faults:
         if rule and rule[0] == "404":
             start_response("404 Not Found", [("Content-Type", "application/xml")])
             return [b"<Error><Code>NoSuchKey</Code><Message>injected</Message></Error>"]
+        if rule and rule[0] == "403":
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>AccessDenied</Code><Message>injected</Message></Error>"]
         if rule and rule[0] == "throttle":
             start_response("503 Slow Down", [("Content-Type", "application/xml")])
             return [b"<Error><Code>SlowDown</Code><Message>injected throttle</Message></Error>"]
@@ -172,17 +175,18 @@ def test_faults_are_recorded_retried_and_never_fatal(s3, tmp_path):
     folder = write_image_folder(tmp_path / "data", per_class=4)
     url = upload(fs, folder, "faults")
     ref = featx.embed(folder, cache=tmp_path / "disk.h5", **TINY)
-    faults.rules.update({"faults/data/train/cats/img_001": ["404"], "faults/data/val/dogs/img_002": ["slow", 0.2],
+    faults.rules.update({"faults/data/train/cats/img_001": ["404"], "faults/data/val/cats/img_003": ["403"], "faults/data/val/dogs/img_002": ["slow", 0.2],
                          "faults/data/train/dogs/img_003": ["throttle", 2], "faults/data/val/cats/img_000": ["stall", 1.5, 2]})
     timeout = 'config_kwargs={"read_timeout": 0.5, "retries": {"max_attempts": 1}}'
     try:
         fc = featx.embed(url, cache=tmp_path / "s3.h5", storage_options=[timeout], **TINY)
     finally:
         faults.rules.clear()
-    assert fc.failed == [("train/cats/img_001.png", "cannot read: object not found (404)")]
-    assert len(fc) == len(ref) - 1  # the slow, the throttled and the timed-out objects were read on a retry
+    assert fc.failed == [("train/cats/img_001.png", "cannot read: object not found (404)"),
+                         ("val/cats/img_003.png", "cannot read: access denied (403)")]
+    assert len(fc) == len(ref) - 2  # the slow, the throttled and the timed-out objects were read on a retry
     again = featx.embed(url, cache=tmp_path / "s3.h5", **TINY)  # a failed read is tried again on the next run
-    assert again.failed == [] and again.stats.embedded == 1 and again.keys() == ref.keys()
+    assert again.failed == [] and again.stats.embedded == 2 and again.keys() == ref.keys()
     np.testing.assert_allclose(again.features(), ref.features(), atol=1e-5)
 
 
