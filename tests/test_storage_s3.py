@@ -125,6 +125,19 @@ def test_bucket_equals_disk_and_a_changed_object_is_the_only_one_embedded_again(
     np.testing.assert_allclose(again.features()[row], again.features()[src], atol=1e-6)
 
 
+def test_manifest_in_the_bucket_equals_the_local_manifest(s3, tmp_path):
+    fs, _, _ = s3
+    folder = write_image_folder(tmp_path / "data", splits=(), per_class=3)
+    rows = ["path,label,split"] + [f"{c}/img_{i:03d}.png,{c},{'train' if i else 'test'}"
+                                   for c in ("cats", "dogs") for i in range(3)] + ["cats/missing.png,cats,train"]
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    url = upload(fs, folder, "manifests")
+    local = featx.embed(manifest=folder / "list.csv", cache=tmp_path / "local.h5", **TINY)
+    fc = featx.embed(manifest=f"{url}/list.csv", cache=tmp_path / "s3.h5", **TINY)
+    assert fc.keys() == local.keys() and fc.classes == local.classes and fc.splits == ["train", "test"]
+    np.testing.assert_allclose(fc.features(), local.features(), atol=1e-5)
+
+
 def test_shards_of_a_bucket_assemble_to_the_one_process_cache(s3, tmp_path):
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=4)
