@@ -64,6 +64,7 @@ LAZY_OK: dict[str, str] = {
     "openvino": "optional extra featx[openvino]",
     "mlflow": "optional extra featx[mlflow]",
     "pyarrow": "optional extra featx[parquet]",
+    "fsspec": "optional extra featx[storage]; only when a URL is read",
     "skops": "only when a head is saved or loaded",
     "joblib": "only when a head is saved or loaded",
     "matplotlib": "heavy; only when a plot is drawn",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +102,16 @@ def assert_same_cache(a: Path, b: Path) -> None:
     assert (fa.labels() == fb.labels()).all() and (fa.split_array() == fb.split_array()).all()
     assert fa.fingerprint == fb.fingerprint
     np.testing.assert_allclose(fa.features(), fb.features(), atol=1e-5)
+
+
+def kill_mid_run(cmd: list[str], env: dict, cache: Path, *, chunks: int = 2) -> Path:
+    """Run ``cmd`` (a ``featx embed`` writing ``cache``) and SIGKILL it once ``chunks`` chunk files are
+    committed; returns the cache's ``.parts`` folder."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = Path(str(cache) + ".parts")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("chunk-*.h5"))) < chunks:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return parts

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -18,7 +16,7 @@ import featx
 from featx.cache.store import FeatureCache
 from featx.errors import CacheMismatchError, FeatxError
 
-from conftest import TINY_KW, fault_env, write_image_folder
+from conftest import TINY_KW, fault_env, kill_mid_run, write_image_folder
 
 # Pinned to the CPU: with device="auto" these tests would take the GPU path on a GPU host
 # (its own variants are in tests/test_embed_cuda.py).
@@ -131,13 +129,7 @@ def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):
     clean = featx.embed(data, cache=tmp_path / "clean.h5", **TINY)
     cache = tmp_path / "killed.h5"
     env = fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
-    proc = subprocess.Popen(_embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = Path(str(cache) + ".parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("chunk-*.h5"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    parts = kill_mid_run(_embed_cmd(data, cache), env, cache)
     committed = len(list(parts.glob("chunk-*.h5")))
     assert committed >= 2 and not cache.exists(), "the kill must land mid-run"
     done = subprocess.run(_embed_cmd(data, cache), capture_output=True, text=True, timeout=300)

@@ -58,7 +58,8 @@ def default_cache_path(cache_dir: str | os.PathLike, root: str, backbone: str, f
     """``cache_dir/<dataset>__<backbone>__<fp10>.h5``: readable, and unique per settings."""
     slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "data"  # noqa: E731
     name = Path(root).name or "data"
-    root_tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:6]
+    where = root if "://" in root else str(Path(root).resolve())  # a URL (featx.data.remote) is already absolute
+    root_tag = hashlib.sha256(where.encode()).hexdigest()[:6]
     digest = fingerprint_digest(fingerprint)[:10]
     return Path(cache_dir) / f"{slug(name)}-{root_tag}__{slug(backbone)}__{digest}.h5"
 

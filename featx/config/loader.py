@@ -68,6 +68,10 @@ def convert_value(value: Any, hint: Any) -> Any:
         if value is None and len(args) < len(typing.get_args(hint)):
             return None
         hint = args[0]
+    if typing.get_origin(hint) is tuple:  # a repeatable option (--storage-option): a list of strings in a file
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{_shown(value)} is not a list of strings.")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value in choices and isinstance(value, type(choices[0])):

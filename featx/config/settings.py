@@ -188,6 +188,18 @@ class EmbedSettings(Settings):
               "cache already stores (none for a new cache); 0 removes them.")
     limit: Optional[int] = option(None, _LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
+    storage_option: tuple[str, ...] = option(
+        (), "KEY=VALUE passed to fsspec for URL inputs (repeatable; VALUE may be JSON), e.g. anon=true or "
+            "endpoint_url=http://127.0.0.1:9000. Credentials come from each store's own conventions (AWS_*).",
+        lib="storage_options", file=False)
+    read_concurrency: int = option(16, "Concurrent object reads per decode worker for URL, WebDataset and Parquet "
+                                   "inputs.")
+    image_column: str = option("image", "Parquet input: the column of encoded images (or {bytes, path} structs).")
+    label_column: str = option("label", "Parquet input: the label column (class names, or ints).")
+    split_column: Optional[str] = option(None, "Parquet input: a column of train/val/test (default: all --split).")
+    split: Optional[Literal["train", "val", "test"]] = option(
+        None, "WebDataset/Parquet input: the split of every sample (default: from a train/val/test part of the "
+              "shard name, else train).", file=False)
     executor: Literal["local", "ray"] = option(
         "local", "ray: embed on a Ray Data actor pool (one actor per GPU, else per CPU); needs featx[ray].")
     ray_address: Optional[str] = option(

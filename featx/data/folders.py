@@ -320,22 +320,7 @@ def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
     try:
         # utf-8-sig: spreadsheet programs save a byte-order mark before the header.
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise FeatxError(f"manifest {str(manifest)!r} is empty; it needs a header path,label[,split]")
-            cols = [h.strip().lower() for h in header]
-            if "path" not in cols or "label" not in cols:
-                raise FeatxError(
-                    f"manifest {str(manifest)!r} must start with a header naming columns path,label[,split]; "
-                    f"got {header}"
-                )
-            where = (cols.index("path"), cols.index("label"), cols.index("split") if "split" in cols else None)
-            rows = []
-            for row in reader:
-                if row and any(c.strip() for c in row):
-                    rows.append(_manifest_row(row, where, header, manifest, reader.line_num))
-            return rows
+            return parse_manifest(fh, manifest)
     except UnicodeDecodeError as exc:
         raise FeatxError(
             f"manifest {str(manifest)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
@@ -344,6 +329,26 @@ def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
         raise FeatxError(f"manifest {str(manifest)!r} is not a valid CSV ({exc})") from None
     except OSError as exc:
         raise FeatxError(f"manifest {str(manifest)!r}: cannot read it ({_oserror_text(exc)})") from None
+
+
+def parse_manifest(fh, manifest) -> list[tuple[str, str, str, int]]:
+    """(path, label, split, line number) of every non-empty row of an open CSV text (a file or a URL's)."""
+    reader = csv.reader(fh)
+    header = next(reader, None)
+    if header is None:
+        raise FeatxError(f"manifest {str(manifest)!r} is empty; it needs a header path,label[,split]")
+    cols = [h.strip().lower() for h in header]
+    if "path" not in cols or "label" not in cols:
+        raise FeatxError(
+            f"manifest {str(manifest)!r} must start with a header naming columns path,label[,split]; "
+            f"got {header}"
+        )
+    where = (cols.index("path"), cols.index("label"), cols.index("split") if "split" in cols else None)
+    rows = []
+    for row in reader:
+        if row and any(c.strip() for c in row):
+            rows.append(_manifest_row(row, where, header, manifest, reader.line_num))
+    return rows
 
 
 def _manifest_row(row: list[str], where: tuple, header: list[str], manifest: Path, lineno: int) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import warnings
@@ -44,7 +45,7 @@ def _reason(text: str, path: str | os.PathLike) -> str:
     Pillow and the OS put the path into their messages; a non-UTF-8 file name would then make
     the reason unstorable in the cache's UTF-8 ``failed/reasons``.
     """
-    p = os.fsdecode(path)
+    p = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""  # "" for in-memory bytes
     for form in (repr(p), p) if len(p) >= 4 else ():
         text = text.replace(f": {form}", "").replace(form, "")
     text = " ".join(text.replace(" :", ":").split()).rstrip(": ")
@@ -57,8 +58,8 @@ def _missing_reason(path: str | os.PathLike) -> str:
     return "file not found (removed while running?)"
 
 
-def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image (first frame, EXIF-rotated).
+def load_image(path: str | os.PathLike | io.BytesIO, *, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` (or the bytes of a remote object) to an RGB image (first frame, EXIF-rotated).
 
     ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding when the
     image is at least twice that size, which makes CPU decoding of large photos several
@@ -67,7 +68,7 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     Raises :class:`ImageLoadError` (never anything else) with a short reason for any file that
     cannot be used: empty, truncated, not an image, too large, unreadable, broken link, ...
     """
-    why = guards.file_reason(path)  # a FIFO would block the open forever
+    why = guards.file_reason(path) if not isinstance(path, io.BytesIO) else ""  # a FIFO would block the open forever
     if why:
         raise ImageLoadError(why)
     try:
@@ -108,7 +109,7 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
             raise ImageLoadError(f"cannot read: {exc.strerror}") from None
         try:
             empty = os.path.getsize(path) == 0
-        except OSError:
+        except (OSError, TypeError):  # TypeError: in-memory bytes (featx.data.sources), never empty here
             empty = False
         if empty:
             raise ImageLoadError("empty file (0 bytes)") from None

@@ -21,6 +21,7 @@ from ..base.progress import progress_bar
 from ..base.version import __version__
 from ..cache.store import Chunk
 from ..config import defaults
+from ..data.sources import is_local
 from . import augment
 from .cpu import forward_fn, iter_cpu_batches
 from .gpu import iter_gpu_features
@@ -139,9 +140,9 @@ def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, n
     The GPU engine decodes plain images only: augmented training views go through the CPU
     decoder (still run by the network on the GPU).
     """
-    if engine == "gpu":
-        plain = [i for i, s in enumerate(todo) if not augment.is_aug(s.key)]
-        views = [i for i, s in enumerate(todo) if augment.is_aug(s.key)]
+    if engine == "gpu":  # remote samples (featx.data.sources) are fetched and decoded by the CPU path too
+        plain = [i for i, s in enumerate(todo) if not augment.is_aug(s.key) and is_local(s.path)]
+        views = [i for i, s in enumerate(todo) if augment.is_aug(s.key) or not is_local(s.path)]
         gpu = iter_gpu_features([todo[i] for i in plain], backbone, device=device, batch_size=batch_size,
                                 num_workers=num_workers)
         cpu = _cpu_stream([todo[i] for i in views], backbone, device=device, batch_size=batch_size,

@@ -27,6 +27,7 @@ from ..base.progress import progress_bar
 from ..base.runtime import resolve_device
 from ..cache.store import PartsDir
 from ..data.folders import Sample
+from ..data.sources import SourceOptions, configure, current_options
 from .backbones import create_backbone
 from .engine import EngineSettings, cache_fingerprint, default_engine, iter_chunks
 
@@ -79,8 +80,10 @@ def describe_chunks(tasks: Sequence[Sequence]) -> list[dict]:
 class ChunkEmbedder:
     """Ray Data actor: builds the backbone once, then embeds and commits one chunk per row."""
 
-    def __init__(self, settings: dict, cache_path: str, fingerprint: dict, threads: int, workers: int) -> None:
+    def __init__(self, settings: dict, cache_path: str, fingerprint: dict, threads: int, workers: int,
+                 source: SourceOptions | None = None) -> None:
         self.s = EngineSettings(**settings)
+        configure(source)  # the driver's storage options: this actor reads remote inputs itself
         self.device = resolve_device(actor_device(self.s.device_request))  # cuda:N -> this actor's own GPU
         req = self.s.engine_request
         self.engine = req if req != "auto" else default_engine(self.device)
@@ -169,7 +172,8 @@ def run_on_ray(todo: Sequence, *, settings: EngineSettings, parts: PartsDir, ray
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ChunkEmbedder,
             fn_constructor_kwargs=dict(settings=settings.to_dict(), cache_path=str(parts.final),
-                                       fingerprint=parts.fingerprint, threads=threads, workers=workers),
+                                       fingerprint=parts.fingerprint, threads=threads, workers=workers,
+                                       source=current_options()),
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         done = failed = 0

@@ -39,7 +39,8 @@ from ..cache.store import (
 )
 from ..cache.verify import forget_damaged
 from ..config import EmbedSettings
-from ..data.folders import Dataset, discover
+from ..data.folders import Dataset
+from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
 from . import augment
 from .backbones import Backbone, create_backbone
 from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
@@ -163,11 +164,15 @@ def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: in
     return path
 
 
-def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None) -> EmbedPlan:
-    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet)."""
+def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None,
+         source: SourceOptions | None = None) -> EmbedPlan:
+    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet).
+
+    ``root`` may be a folder, an fsspec URL, WebDataset shards or a Parquet table (:mod:`featx.data.sources`).
+    """
     if root is None and manifest is None:
         raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
-    ds = discover(root if root is not None else manifest, manifest=manifest)
+    ds = discover_any(root, manifest=manifest, options=source)  # folders, URLs, WebDataset, Parquet
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
@@ -216,10 +221,10 @@ def _is_fresh(entry: tuple | None, path: str) -> bool:
         # retry once the file is readable, without rebuilding the cache while it is not.
         return not _readable(path)
     try:
-        st = os.stat(path)
+        mtime, size = stamp_of(path)  # a remote sample's ETag (or mtime) and size, read at discovery
     except OSError:
         return entry[0] == "failed"
-    return entry[-2] == st.st_mtime_ns and entry[-1] == st.st_size
+    return entry[-2] == mtime and entry[-1] == size
 
 
 def is_up_to_date(p: EmbedPlan) -> bool:
@@ -339,7 +344,8 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
     progress, wait = x["progress"], x["wait"] and not s.no_wait
     settings = check_options(s)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
-    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
+    src = SourceOptions(s.image_column, s.label_column, s.read_concurrency, tuple(s.storage_option), s.split_column, s.split)
+    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
     stats = EmbedStats(total=len(p.samples), device=settings.device, executor=executor)
@@ -422,8 +428,11 @@ def _embed_shard(p: EmbedPlan, s: EngineSettings, shard: tuple[int, int], *, t0:
 
 
 def _readable(path: str) -> bool:
-    """Can the file be opened now? (Pillow parses the header only: cheap.)"""
+    """Can the file be opened now? (Pillow parses the header only: cheap.)  A remote sample is tried again."""
     from PIL import Image
+
+    if not is_local(path):
+        return True
 
     try:
         with Image.open(path):
