@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_heads_memory import _big_cache, tiny_cache  # noqa: F401 - fixture
 
 import featx
 from featx.base.errors import FeatxError
@@ -18,7 +19,6 @@ from featx.heads.linear_path import PathLinearHead
 from featx.heads.persist import load_head
 from featx.heads.stream_source import ArraySource, holdout_folds, iter_blocks, prefetch
 from featx.heads.streaming import StreamingLinearHead, use_stream
-from test_heads_memory import _big_cache, tiny_cache  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 CS = tuple(np.logspace(-3, 1, 5))
@@ -106,7 +106,7 @@ def test_probe_streams_saves_a_loadable_head_and_refuses_knn(tiny_cache, tmp_pat
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch  # mapped before the limit: the budget is for the features
-    import featx.heads.probing as probing
+    import featx.runs.probe as probing
     from featx.heads.memory import address_space_bytes
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
     res = probing.probe(sys.argv[1], head="logreg", device="cpu", n_jobs=1, plots=False, out_dir=sys.argv[3],
@@ -136,3 +136,26 @@ def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(tiny_ca
     assert got["accuracy"] >= ref["heads"]["logreg"]["accuracy"] - 0.01
     with h5py.File(cache) as f:
         assert f["features"].shape == (n_train + 300, dim)
+
+
+def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_path, caplog):  # noqa: F811
+    import shutil
+
+    from featx.cache.store import FeatureCache
+    from featx.heads.stream_source import CacheSource
+
+    path = tmp_path / "damaged.h5"
+    shutil.copy(tiny_cache.path, path)
+    with h5py.File(path, "r") as f:  # one feature row overwritten in place, as a bad disk would
+        d = f["features"]
+        off = d.id.get_offset() if d.chunks is None else d.id.get_chunk_info(0).byte_offset
+        width = d.shape[1] * d.dtype.itemsize
+    with open(path, "r+b") as fh:
+        fh.seek(off + width)
+        fh.write(np.full(d.shape[1], 2.4e38, np.float32).astype(d.dtype).tobytes())
+    fc = FeatureCache(path)
+    src = CacheSource(fc, np.arange(4))
+    with caplog.at_level("WARNING", logger="featx.cache.integrity"):
+        src.read(0, 4)
+    src.close()
+    assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text

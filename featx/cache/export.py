@@ -22,7 +22,8 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import atomic_commit
-from .store import FeatureCache, decode_key
+from .keys import decode_key
+from .reader import FeatureCache
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,10 @@ from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
-from .factory import grid_key
 from .linear_path import LOSSES, PathLinearHead, platt
 from .memory import available_bytes, probe_bytes
 from .search import cv_splits, cv_summary, score_predictions
-from .selection import Candidate, fold_std_err, with_norm
+from .selection import Candidate, SearchPlan, fold_std_err, with_norm
 from .stream_source import ArraySource, CacheSource, holdout_folds, iter_blocks, prefetch
 
 log = logging.getLogger(__name__)
@@ -383,13 +382,16 @@ class _Run:
 
 
 def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: int, device: str, scoring: str,
-                       epochs: int) -> StreamingLinearHead:
-    """The streaming head for ``name`` (logreg, or the linear SVM); other heads are refused with the fix."""
+                       epochs: int | None = None) -> StreamingLinearHead:
+    """The streaming head for ``name`` (logreg, or the linear SVM); other heads are refused with the fix.
+
+    ``epochs``: passes over the rows (None: the head's default)."""
     if name not in ("logreg", "svm") or kernel != "linear" or set(grid) != {"C"}:
         raise FeatxError(f"--solver stream trains logreg and the linear SVM; head {name!r} (kernel {kernel}) needs the "
                          "in-memory solver: use --solver memory with --max-train-rows N")
     return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),
-                               folds=folds, seed=seed, scoring=scoring, epochs=epochs, device=device)
+                               folds=folds, seed=seed, scoring=scoring, device=device,
+                               **({} if epochs is None else {"epochs": epochs}))
 
 
 SOLVERS = ("auto", "memory", "stream")
@@ -417,15 +419,19 @@ def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str,
     return plain
 
 
-def fit_streamed(name: str, fc, rows: np.ndarray, y: np.ndarray, cand: tuple[str, str, int], opts: dict):
-    """(fitted head, its streaming search, Candidate row) of one (view, norm) on streamed training rows."""
+def fit_streamed(rows, cand: tuple[str, str, int], plan: SearchPlan, *, refit: bool = False):
+    """(fitted head, its streaming search, Candidate row) of one (view, norm) on streamed training rows.
+
+    :func:`featx.heads.selection.fit_candidate`'s contract for ``select(..., fit=fit_streamed)``; ``rows``
+    holds the cache (``fc``), the training rows' cache row numbers (``tr``) and labels (``y_tr``).
+    """
     view, norm, _ = cand
-    kernel, resolved = opts["kernel"], opts["resolved"]
-    inner = create_stream_head(name, kernel=kernel, grid=resolved[grid_key(name, kernel)], folds=opts["folds"],
-                               seed=opts["seed"], device=opts["device"], scoring=resolved["scoring"],
-                               epochs=opts.get("stream_epochs", 4))
+    inner = create_stream_head(plan.name, kernel=plan.kernel, grid=plan.grid, folds=plan.folds, seed=plan.seed,
+                               device=plan.device, scoring=plan.scoring, epochs=plan.stream_epochs)
+    log.info("%s streamed %s on %d rows of view %s, norm %s", "refitting the chosen" if refit else "fitting",
+             plan.name, len(rows.tr), view, norm)
     t0 = time.perf_counter()
-    inner.fit(CacheSource(fc, rows, view=view, norm=norm), y)
+    inner.fit(CacheSource(rows.fc, rows.tr, view=view, norm=norm), rows.y_tr)
     est = with_norm(inner, norm)
     if est is not inner:  # the normalisation was applied while reading: fit its (stateless) step alone
         est.steps[0][1].fit(np.zeros((1, inner.n_features_in_), np.float32))
