@@ -270,7 +270,7 @@ def audit(cache: FeatureCache | str | os.PathLike | None = None, settings: Audit
         result.report_path = publish_run(out, cache=fc, report=s.report, mlflow=mlflow)["report"]
         result.summary = _summary(counts, result.report_path, out)
         write_json(out / "audit.json", result.to_dict())
-    log.info("audit: %s", result.summary)
+    log.debug("audit: %s", result.summary)  # the CLI prints it
     return result
 
 
