@@ -216,12 +216,20 @@ def _print_shard(res, *, as_json: bool) -> None:
 @settings_options(EmbedSettings)
 def embed(data: str | None, s: EmbedSettings) -> None:
     """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
-    from .embedding.runner import embed as run_embed  # torch: not imported for --help
+    from .embedding.multi import embed_backbones  # torch: not imported for --help
 
     if data is None and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
     # strict is checked below, after the failures are listed.
-    fc = run_embed(data, **s.library_kwargs(), strict=False, progress=not s.quiet, wait=not s.no_wait)
+    results, cache_set = embed_backbones(data, **s.library_kwargs(), strict=False, progress=not s.quiet,
+                                         wait=not s.no_wait)
+    for fc in results:
+        _print_embedded(fc, s)
+    if cache_set is not None:
+        click.echo(f"cache set {cache_set.path} ({cache_set.backbone}): featx probe {cache_set.path}")
+
+
+def _print_embedded(fc, s: EmbedSettings) -> None:
     if s.shard is not None:  # a ShardResult: chunks added, no finished cache
         _print_shard(fc, as_json=s.as_json)
         return

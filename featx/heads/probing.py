@@ -23,7 +23,8 @@ import numpy as np
 from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from ..cache.store import FeatureCache, find_cache
+from ..cache.multi import open_cache
+from ..cache.store import FeatureCache, find_cache  # noqa: F401 - re-exported
 from ..data.splits import plan_folds, train_eval_split
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
@@ -32,6 +33,7 @@ from .factory import check_head_name, create_head, grid_key
 from .grids import ALL_HEADS, KERNELS, resolve_grids
 from .memory import check_memory, stratified_subset
 from .persist import HEAD_FORMATS, save_head
+from .repeated_cv import choose_plain
 from .selection import Candidate, best_index, candidates, fold_std_err, with_norm
 from .search import AdaptiveStratifiedKFold, GroupedViewFolds, HeadSearch, cv_splits, plain  # noqa: F401
 from .torch_heads import create_torch_head  # noqa: F401 - re-exported
@@ -141,9 +143,8 @@ class _Rows:
 
 
 def _open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
-    if isinstance(cache, FeatureCache):
-        return cache
-    return FeatureCache(find_cache(cache, cache_dir=cache_dir))
+    """A cache, or a set of several backbones' caches (:class:`featx.cache.multi.MultiCache`)."""
+    return open_cache(cache, cache_dir=cache_dir)
 
 
 def read_rows(fc: FeatureCache, rows: np.ndarray, splits: np.ndarray, *, view: str | None = None) -> np.ndarray:
@@ -289,6 +290,8 @@ def _select(name: str, rows: _Rows, opts: dict):
     t0 = time.perf_counter()
     if forced_aug and len(plain) == 1:  # nothing to choose on the plain rows
         plain = []
+    if len(plain) > 1 and opts["cv_repeats"] > 1:  # several candidates: repeated paired CV (issue 19)
+        return _select_repeated(name, rows, plain, aug, forced_aug, opts, t0)
     for cand in plain:
         _try(name, rows, cand, opts, table, kept)
     if aug:
@@ -300,6 +303,23 @@ def _select(name: str, rows: _Rows, opts: dict):
         c = table[b]
         kept[b] = _fit_candidate(name, rows, (c.view, c.norm, c.train_views), opts)[:2]
     return kept[b][0], kept[b][1], table, b, time.perf_counter() - t0
+
+
+def _select_repeated(name: str, rows: _Rows, plain: list, aug: list, forced_aug: bool, opts: dict, t0: float):
+    """:func:`_select` among several plain candidates: chosen by :func:`featx.heads.repeated_cv.choose_plain`
+    (a cheap proxy on repeated paired folds), then only the choice is fitted by the head's own search.
+    Augmented views, if any, are tried on that choice and kept when their search beats its search."""
+    table, b, choice = choose_plain(rows, plain, head=name, folds=opts["folds"], repeats=opts["cv_repeats"],
+                                    seed=opts["seed"], memo=opts.setdefault("proxy_memo", {}))
+    est, inner, real = _fit_candidate(name, rows, (table[b].view, table[b].norm, 0), opts)
+    table[b].params, table[b].fit_seconds = real.params, real.fit_seconds
+    opts.setdefault("choices", {})[name] = {**choice.to_dict(), "search_cv_score": real.cv_score}
+    if aug:
+        a_est, a_inner, a_row = _fit_candidate(name, rows, (table[b].view, table[b].norm, aug[-1]), opts)
+        table.append(a_row)
+        if forced_aug or best_index([real, a_row]) == 1:
+            return a_est, a_inner, table, len(table) - 1, time.perf_counter() - t0
+    return est, inner, table, b, time.perf_counter() - t0
 
 
 def _try(name: str, rows: _Rows, cand: tuple, opts: dict, table: list, kept: dict) -> None:
@@ -332,8 +352,9 @@ def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
         "view": view,
         "norm": norm,
         "train_views": table[b].train_views,
-        "view_choice": "cv (first within one standard error of the best)" if len(table) > 1 else "given",
+        "view_choice": _view_choice(name, table, opts),
         "views": [c.to_dict() for c in table],
+        **({"choice": opts["choices"][name]} if name in opts.get("choices", {}) else {}),
         "cv_score": table[b].cv_score,
         "cv_scoring": opts["resolved"]["scoring"],
         "cv_folds": int(getattr(inner, "n_splits_", opts["plan"]["used"])),
@@ -349,6 +370,15 @@ def _fit_and_score(name: str, rows: _Rows, fc: FeatureCache, *, opts: dict):
         rows=rows.ev, keys=[keys[i] for i in rows.ev], splits=fc.split_array()[rows.ev], y_true=rows.y_ev,
         y_pred=pred, classes=fc.classes, scores=scores, score_labels=est_classes)
     return entry, m, est_classes, est
+
+
+def _view_choice(name: str, table: list, opts: dict) -> str:
+    if len(table) <= 1:
+        return "given"
+    if name in opts.get("choices", {}):
+        return ("cv, repeated and paired (first within one standard error of the paired difference between the "
+                "best and the simplest candidate)")
+    return "cv (first within one standard error of the best)"
 
 
 def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: _Rows, split_info: dict) -> dict:
@@ -460,6 +490,7 @@ def probe(
     view: str | Sequence[str] | None = "auto",
     norm: str | Sequence[str] | None = "auto",
     train_views: str = "auto",
+    cv_repeats: int = 3,
 ) -> ProbeResult:
     """Train ``head`` ("logreg", "svm", "knn", "all" or a list) on a cache and evaluate it.
 
@@ -479,6 +510,8 @@ def probe(
     """
     names = _heads_list(head)
     _check_args(kernel, folds, head_format)
+    if int(cv_repeats) < 1:
+        raise FeatxError(f"--cv-repeats must be at least 1, got {cv_repeats}")
     fc = _open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
@@ -494,6 +527,7 @@ def probe(
         "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
         "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
+        "cv_repeats": cv_repeats,
     }
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
@@ -502,6 +536,7 @@ def probe(
         load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
     opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
+            "cv_repeats": int(cv_repeats),
             "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
             "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
     t0 = time.perf_counter()

@@ -114,6 +114,12 @@ class Candidate:
     cv_std_err: float  # standard error of the mean CV score over the folds
     params: dict
     fit_seconds: float
+    # Repeated paired CV (featx.heads.repeated_cv): mean difference to the chosen candidate over the
+    # same folds, its standard error, folds scored, and the repeat after which it was dropped.
+    paired_margin: float | None = None
+    paired_se: float | None = None
+    folds_scored: int | None = None
+    dropped_after_repeat: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
