@@ -198,6 +198,8 @@ class MultiCache:
     def summary(self) -> dict:
         s = self.first.summary()
         return {**s, "path": str(self.path), "backbone": self.backbone, "views": self.views,
+                "weights_source": {n: fc.meta.get("weights_source") for n, fc in self.members.items()},
+                "preprocess": {n: fc.meta.get("preprocess") for n, fc in self.members.items()},
                 "fingerprint": self.fingerprint, "members": {n: str(fc.path) for n, fc in self.members.items()},
                 "size_bytes": sum(fc.path.stat().st_size for fc in self.members.values())}
 

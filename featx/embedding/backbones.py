@@ -510,15 +510,22 @@ class TinyStages(nn.Module):
         return self.model.pool(x).flatten(1), maps, x
 
 
-@REGISTRY.register("tiny_cnn")
-def _tiny(weights: str | None) -> Backbone:
-    torch.manual_seed(_WEIGHT_SEED)
-    model = TinyCNN()
-    pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    if weights not in (None, "random"):
-        _load_into(model, _load_state_file(weights), source=weights, name="tiny_cnn")
-        return _finish("tiny_cnn", model, 32, pre, weights, sha256_file(weights), TinyStages)
-    return _finish("tiny_cnn", model, 32, pre, "random", None, TinyStages)
+def _tiny_builder(name: str, dim: int, seed: int):
+    def build(weights: str | None) -> Backbone:
+        torch.manual_seed(seed)
+        model = TinyCNN(dim)
+        pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        if weights not in (None, "random"):
+            _load_into(model, _load_state_file(weights), source=weights, name=name)
+            return _finish(name, model, dim, pre, weights, sha256_file(weights), TinyStages)
+        return _finish(name, model, dim, pre, "random", None, TinyStages)
+
+    return build
+
+
+REGISTRY.register("tiny_cnn")(_tiny_builder("tiny_cnn", 32, _WEIGHT_SEED))
+# A second tiny network (other seed and width): tests of several backbones in one run, offline.
+REGISTRY.register("tiny_cnn_b")(_tiny_builder("tiny_cnn_b", 48, _WEIGHT_SEED + 1))
 
 
 # --------------------------------------------------------------------------- factory

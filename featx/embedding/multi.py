@@ -57,18 +57,20 @@ def embed_backbones(root=None, *, backbone: str | Sequence[str], **kwargs) -> tu
     return results, MultiCache(path)
 
 
-def embed_files_multi(paths: Sequence[str | os.PathLike], *, view: str, embed_one, **kwargs) -> dict:
+def embed_files_multi(paths: Sequence[str | os.PathLike], *, view: str, embed_one, backbones: dict | None = None,
+                      **kwargs) -> dict:
     """:func:`featx.embedding.extractor.embed_files` for a set view (``VIEW@A`` or ``VIEW@A+B``).
 
-    ``embed_one(paths, backbone=..., view=..., **kwargs)`` embeds with one member; rows that failed
-    with any member are failed.  ``kwargs["weights"]`` may be a dict {backbone: weights}.
+    ``embed_one(paths, backbone=..., view=..., **kwargs)`` embeds with one member (``backbones``:
+    already built ones by name); rows that failed with any member are failed.
+    ``kwargs["weights"]`` may be a dict {backbone: weights}.
     """
     base, names = split_view(view)
     weights = kwargs.pop("weights", None)
     per = {}
     for n in names:
         w = weights.get(n) if isinstance(weights, dict) else weights
-        per[n] = embed_one(paths, backbone=n, view=base, weights=w, **kwargs)
+        per[n] = embed_one(paths, backbone=(backbones or {}).get(n, n), view=base, weights=w, **kwargs)
     ok = sorted(set.intersection(*(set(r["ok"]) for r in per.values())))
     failed = list(dict.fromkeys(f for r in per.values() for f in r["failed"]))
     rows = {n: {i: j for j, i in enumerate(r["ok"])} for n, r in per.items()}
