@@ -436,7 +436,9 @@ def _run_head(name: str, rows: _Rows, fc: FeatureCache, result: ProbeResult, out
     return entry
 
 
-def _check_args(kernel: str, folds: int | None, head_format: str) -> None:
+def _check_args(kernel: str, folds: int | None, head_format: str, cv_repeats: int = 1) -> None:
+    if int(cv_repeats) < 1:
+        raise FeatxError(f"--cv-repeats must be at least 1, got {cv_repeats}")
     if head_format not in HEAD_FORMATS:
         raise FeatxError(f"--format {head_format!r}: expected one of {', '.join(HEAD_FORMATS)}")
     if kernel not in KERNELS:
@@ -509,9 +511,7 @@ def probe(
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
     """
     names = _heads_list(head)
-    _check_args(kernel, folds, head_format)
-    if int(cv_repeats) < 1:
-        raise FeatxError(f"--cv-repeats must be at least 1, got {cv_repeats}")
+    _check_args(kernel, folds, head_format, cv_repeats)
     fc = _open_cache(cache, cache_dir)
     resolved = resolve_grids(grids)
     cands = candidates(view, norm, fc.views, cache_name=fc.path.name, train_views=train_views,
@@ -521,14 +521,12 @@ def probe(
     _warn_about_data(rows, plan, fc)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = fc.summary()
-    settings = {
-        "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed,
+    settings, summary = {
+        "heads": names, "kernel": kernel, "test_size": test_size, "folds": folds, "seed": seed, "cv_repeats": cv_repeats,
         "device": device, "n_jobs": n_jobs, "grids": {grid_key(n, kernel): resolved[grid_key(n, kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": max_train_rows,
         "view": _joined(view), "norm": _joined(norm), "train_views": train_views, "candidates": [list(c) for c in cands],
-        "cv_repeats": cv_repeats,
-    }
+    }, fc.summary()
     result = ProbeResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
         backbone=summary.get("backbone"), fingerprint=fc.fingerprint,
@@ -536,8 +534,7 @@ def probe(
         load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
     opts = {"kernel": kernel, "resolved": resolved, "folds": folds, "seed": seed, "n_jobs": n_jobs, "plots": plots,
-            "cv_repeats": int(cv_repeats),
-            "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
+            "cv_repeats": int(cv_repeats), "save": save, "candidates": cands, "plan": plan, "head_format": head_format,
             "device": "cpu" if (device or "cpu").lower() == "cpu" else device}
     t0 = time.perf_counter()
     for name in names:
