@@ -47,6 +47,9 @@ KNN_KS = (1, 5, 10, 20)
 # Rows a ridge fit of the proxy uses at most (a seeded, stratified subset of the fold's training
 # rows; every validation row is scored): keeps the solve at about a second on 2 CPU cores.
 PROXY_MAX_FIT_ROWS = 1500
+# Training rows the choice looks at, at most (a seeded, stratified subset): Gram matrices are
+# rows x rows (6,000 rows: 144 MB per stored part); the chosen candidate's search uses every row.
+PROXY_MAX_ROWS = 6000
 DROP_SE = 2.0  # successive halving: drop a candidate worse than the best by this many paired s.e.
 
 
@@ -297,15 +300,16 @@ def choose_plain(rows, plain: Sequence[tuple[str, str, int]], *, head: str, fold
 
 
 def _choose_plain(rows, plain, *, head: str, folds: int, repeats: int, seed: int):
+    sub = _subset(np.arange(len(rows.y_tr)), rows.y_tr, PROXY_MAX_ROWS, seed)
     specs = []
     for view, norm, _ in plain:
-        read = functools.partial(lambda v: rows.view(v)[0], view)
+        read = functools.partial(lambda v: rows.view(v)[0][sub], view)
         if norm == "none":
             specs.append(Spec(view_layout(rows.fc, view), read))
         else:
             dim = rows.fc.view_dim(view)
             specs.append(Spec([((view, norm), 1.0, (0, dim))], read, FeatureNorm(norm).transform))
-    choice = choose(specs, rows.y_tr, head=head, folds=folds, repeats=repeats, seed=seed)
+    choice = choose(specs, rows.y_tr[sub], head=head, folds=folds, repeats=repeats, seed=seed)
     table = [Candidate(view, norm, 0, int(rows.fc.view_dim(view)), r["cv_score"], r["cv_std_err"], r["params"], 0.0,
                        paired_margin=r["paired_margin"], paired_se=r["paired_se"], folds_scored=r["folds_scored"],
                        dropped_after_repeat=r["dropped_after_repeat"])
