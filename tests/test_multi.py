@@ -192,3 +192,16 @@ def test_lite1_lite2_weights_recognise_ants_and_bees(hymenoptera, variant):
     with torch.inference_mode():
         pred = model.eval()(torch.stack([tf(load_image(p)) for p, _ in files])).argmax(1).numpy()
     assert float((pred == np.array([t for _, t in files])).mean()) >= 0.5  # chance is 0.1 %
+
+
+def test_several_backbones_embed_by_shards_then_assemble(tmp_path):
+    from featx.embedding.runner import ShardResult
+
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6)
+    kw = dict(backbone="tiny_cnn,tiny_cnn_b", cache_dir=tmp_path / "cache", chunk_size=4, **KW)
+    for i in range(2):
+        results, cs = embed_backbones(root, shard=f"{i}/2", **kw)
+        assert cs is None and len(results) == 2 and all(isinstance(r, ShardResult) for r in results)
+    results, cs = embed_backbones(root, **kw)
+    assert all(fc.stats.embedded == 0 for fc in results)  # every image came from the shards
+    assert cs is not None and len(cs) == 24 and cs.view_dim("final@tiny_cnn+tiny_cnn_b") == 80
