@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# The structure rules (package order, function/module size, signature width), ruff, then the tests.
 test: $(STAMP) browser
 	$(PY) scripts/check_structure.py
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

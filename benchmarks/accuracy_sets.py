@@ -29,8 +29,8 @@ from sklearn.svm import SVC
 
 from featx.cache.multi import MultiCache, write_set
 from featx.cache.store import FeatureCache
-from featx.heads.probing import probe
 from featx.report.metrics import wilson_interval
+from featx.runs.probe import probe
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2")
 

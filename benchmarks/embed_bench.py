@@ -176,7 +176,10 @@ def _runtime_kwargs(args, fn) -> dict:
     import functools
     import inspect
 
-    if args.runtime == "default" or "runtime" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    # embed(..., settings=EmbedSettings, **overrides) takes every option of `featx embed` (runtime included)
+    takes = "runtime" in params or "settings" in params
+    if args.runtime == "default" or takes:
         return {} if args.runtime == "default" else {"runtime": args.runtime}
     from featx.embedding import cpu, runner
 
@@ -236,7 +239,7 @@ def run_decode(args) -> dict:
     import torch
 
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.gpu import _Preparer, _BytesDataset
+    from featx.embedding.gpu import _BytesDataset, _Preparer
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     paths = _selection(Path(args.data), min(args.n, 4096))

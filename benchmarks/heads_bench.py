@@ -100,8 +100,8 @@ def main(argv=None) -> None:
     args = _args(argv)
     import torch
 
-    from featx.heads.grids import resolve_grids
     from featx.heads.factory import grid_key
+    from featx.heads.grids import resolve_grids
 
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     q = args.cpu_quick

@@ -6,59 +6,35 @@ scikit-learn compatible objects; the ``featx`` command line is a thin layer over
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import logging as _logging
 
 from .base.errors import CacheLockedError, CacheMismatchError, FeatxError
-
+from .base.lazy import lazy_exports
+from .base.version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
-__all__ = [
-    "__version__",
-    "FeatxError",
-    "CacheMismatchError",
-    "CacheLockedError",
-    "embed",
-    "FeatureCache",
-    "create_backbone",
-    "list_backbones",
-    "discover",
-    "probe",
-    "compare",
-    "create_head",
-    "FeatureExtractor",
-    "fewshot",
-    "write_report",
-    "export_cache",
-    "log_run",
-    "DinoKNNClassifier",
-]
-
-_LAZY = {
-    "embed": ("featx.embedding.runner", "embed"),
-    "FeatureCache": ("featx.cache.store", "FeatureCache"),
-    "create_backbone": ("featx.embedding.backbones", "create_backbone"),
-    "list_backbones": ("featx.embedding.backbones", "list_backbones"),
-    "discover": ("featx.data.folders", "discover"),
-    "probe": ("featx.heads.probing", "probe"),
-    "create_head": ("featx.heads.factory", "create_head"),
-    "fewshot": ("featx.heads.fewshot", "fewshot"),
-    "DinoKNNClassifier": ("featx.heads.dino_knn", "DinoKNNClassifier"),
-    "write_report": ("featx.report.html", "write_report"),
-    "export_cache": ("featx.cache.export", "export_cache"),
-    "log_run": ("featx.report.tracking", "log_run"),
-    "FeatureExtractor": ("featx.embedding.extractor", "FeatureExtractor"),
-    "compare": ("featx.finetune.comparison", "compare"),
+# Lazy, so that `import featx` stays fast and does not import torch until needed: name -> module.
+_EXPORTS = {
+    "embed": "embedding.runner",
+    "FeatureCache": "cache.store",
+    "create_backbone": "embedding.backbones",
+    "list_backbones": "embedding.backbones",
+    "discover": "data.folders",
+    "probe": "runs.probe",
+    "ProbeResult": "runs.probe",
+    "compare": "runs.compare",
+    "CompareResult": "finetune.results",
+    "create_head": "heads.factory",
+    "FeatureExtractor": "embedding.extractor",
+    "fewshot": "runs.fewshot",
+    "FewShotResult": "runs.fewshot",
+    "predict": "runs.predict",
+    "write_report": "report.html",
+    "export_cache": "cache.export",
+    "log_run": "report.tracking",
+    "DinoKNNClassifier": "heads.dino_knn",
 }
 
-
-def __getattr__(name: str):
-    # Lazy so that `import featx` stays fast and does not import torch until needed.
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'featx' has no attribute {name!r}")
+__all__ = ["__version__", "FeatxError", "CacheMismatchError", "CacheLockedError", *_EXPORTS]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -29,15 +29,30 @@ import sys
 
 import click
 
-from . import __version__
 from .base.errors import CacheWriteError, FeatxError
+from .base.progress import format_bytes
+from .base.text import EscapingFormatter, escape_controls, escaped_stdout
+from .base.version import __version__
 from .config import (
-    SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings, InfoSettings, PredictSettings,
-    ProbeSettings, ReportSettings, default_values,
-    explain, format_entries, merge, nest, read_config, render_yaml,
+    SETTINGS,
+    CompareSettings,
+    EmbedSettings,
+    ExportSettings,
+    FewshotSettings,
+    InfoSettings,
+    PredictSettings,
+    ProbeSettings,
+    ReportSettings,
+    default_values,
+    explain,
+    format_entries,
+    merge,
+    nest,
+    read_config,
+    render_yaml,
 )
 from .config.options import command_line_values, settings_options
-from .heads import grids as heads_grids  # noqa: F401 - registers the check of the "heads:" grid values (no sklearn)
+from .config.settings import AuditSettings, VerifySettings
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -52,18 +67,10 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("featx").setLevel(level)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
@@ -81,7 +88,7 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
     click.echo(f"backbone   {summary['backbone']}  (weights sha256 {str(summary['weights_sha256'])[:12]}, {summary['weights_source']})")
     click.echo(f"preprocess {summary['preprocess']}")
     click.echo(f"failed     {summary['failed']}")
-    click.echo(f"size       {_human_bytes(summary['size_bytes'])}")
+    click.echo(f"size       {format_bytes(summary['size_bytes'])}")
     click.echo(f"root       {summary['root']}")
     if stats:
         if stats.get("embedded") or stats.get("failed_new"):
@@ -107,9 +114,10 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with escaped_stdout():  # names from files never reach the terminal raw
+                return super().invoke(ctx)
         except FeatxError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
             if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
                 # After a failed write HDF5 keeps the broken file open and can crash while shutting
                 # down; everything worth keeping is already committed, so leave at once.
@@ -140,7 +148,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     try:
         file_cfg = read_config(config_path) if config_path is not None else {}
     except FeatxError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
+        click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
         ctx.exit(2)
     # Values from the file become click's defaults (the dataclass defaults are the options' own).
     ctx.default_map = {sec: values for sec, values in file_cfg.items() if sec in SETTINGS}
@@ -148,9 +156,9 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = {"config": cfg, "config_path": config_path}
 
 
-def _heads_config() -> dict:
-    """The merged ``heads:`` section (built-in grids, overridden by --config)."""
-    return (click.get_current_context().obj or {}).get("config", {}).get("heads")
+def _section(name: str = "heads") -> dict | None:
+    """The merged ``name:`` section of --config (built-in defaults, e.g. the heads' grids, overridden by the file)."""
+    return (click.get_current_context().obj or {}).get("config", {}).get(name)
 
 
 # --------------------------------------------------------------------------- config
@@ -221,8 +229,7 @@ def embed(data: str | None, s: EmbedSettings) -> None:
     if data is None and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
     # strict is checked below, after the failures are listed.
-    results, cache_set = embed_backbones(data, **s.library_kwargs(), strict=False, progress=not s.quiet,
-                                         wait=not s.no_wait)
+    results, cache_set = embed_backbones(data, settings=s, strict=False, progress=not s.quiet)
     for fc in results:
         _print_embedded(fc, s)
     if cache_set is not None:
@@ -271,6 +278,33 @@ def info(cache: str | None, s: InfoSettings) -> None:
         click.echo(f"  ... and {len(failed) - 20} more (--failed lists all)")
 
 
+# --------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(VerifySettings)
+def verify(cache: str | None, s: VerifySettings) -> None:
+    """Check CACHE (default: the newest in --cache-dir) in full: structure, every checksum, NaN/inf rows."""
+    from .cache.store import find_cache  # h5py: not imported for --help
+    from .cache.verify import verify_cache
+
+    res = verify_cache(find_cache(cache, cache_dir=s.cache_dir))
+    if s.as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        states = {"verified": "verified", "absent": "not verified: written before featx stored checksums",
+                  "partial": "verified where present (some datasets have none)"}
+        click.echo(f"cache      {res.path}\nrows       {res.rows}\nstructure  self-contained, shapes consistent")
+        click.echo(f"checksums  {states[res.checksums]} ({', '.join(res.datasets)})")
+        click.echo(f"non-finite {res.non_finite_rows} rows" + (f": {', '.join(res.non_finite_examples)}"
+                                                                 if res.non_finite_examples else ""))
+    if not res.ok:
+        where = "; ".join(f"{k} rows {v}" for k, v in res.damaged.items())
+        raise FeatxError(f"cache {res.path!r} is damaged ({where} do not match their checksums); rerun "
+                         "`featx embed DATA` to embed those rows again, or delete it and rebuild it")
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -279,10 +313,9 @@ def info(cache: str | None, s: InfoSettings) -> None:
 @settings_options(CompareSettings)
 def compare(data: str | None, s: CompareSettings) -> None:
     """Compare the probe heads on DATA's cache (and, with --finetune, end-to-end fine-tuning)."""
-    from .finetune.comparison import compare as run_compare  # torch: not imported for --help
+    from .runs.compare import compare as run_compare  # torch: not imported for --help
 
-    result = run_compare(data, **s.library_kwargs(), grids=_heads_config(), progress=not s.quiet, report=s.report,
-                         mlflow=s.mlflow)
+    result = run_compare(data, settings=s, grids=_section(), progress=not s.quiet)
     if s.as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -306,11 +339,15 @@ def compare(data: str | None, s: CompareSettings) -> None:
 @settings_options(ProbeSettings)
 def probe(cache: str | None, s: ProbeSettings) -> None:
     """Train scikit-learn heads (tuned by CV) on CACHE (default: newest in --cache-dir) and report them."""
-    from .heads.probing import probe as run_probe  # scikit-learn: not imported for --help
+    from .runs.audit_probe import probe_audited  # scikit-learn: not imported for --help
+    from .runs.probe import probe as run_probe
 
-    result = run_probe(cache, **s.library_kwargs(), grids=_heads_config(), save=not s.no_save, report=s.report)
+    if s.audit or s.drop_flagged:
+        result = probe_audited(cache, s, grids=_section(), audit_settings=AuditSettings(**(_section("audit") or {})))
+    else:
+        result = run_probe(cache, settings=s, grids=_section())
     if s.as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     if result["cv"].get("note"):
         click.echo(f"note: {result['cv']['note']}")
@@ -320,6 +357,33 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
         click.echo(f"report   {result['report_path']}")
     for name, h in result["heads"].items():
         click.echo(f"{name:<8} {h['confusion_png'] or ''}  {h['model_path'] or ''}".rstrip())
+    if result.get("drop_flagged"):
+        d = result["drop_flagged"]
+        click.echo(f"\n--drop-flagged {','.join(d['kinds'])}: {d['dropped_train_rows']} training and "
+                   f"{d['dropped_eval_rows']} evaluation rows left out ({d['note']})\n{d['table']}")
+    if result.get("audit"):
+        click.echo(f"\naudit    {result['audit']['summary']}")
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(), required=False)
+@settings_options(AuditSettings)
+def audit(cache: str | None, s: AuditSettings) -> None:
+    """Audit CACHE (default: newest in --cache-dir): label errors, duplicates (train/test leakage first), outliers."""
+    from .runs.audit import audit as run_audit  # scikit-learn, cleanlab, torch: not imported for --help
+
+    result = run_audit(cache, s, grids=_section())
+    if s.as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    for name, path in result.files.items():
+        click.echo(f"{name:<13}{path}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.summary)
 
 
 # --------------------------------------------------------------------------- predict
@@ -330,7 +394,7 @@ def probe(cache: str | None, s: ProbeSettings) -> None:
 @settings_options(PredictSettings)
 def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
     """Classify INPUTS (image files, folders, or a featx .h5 cache) with a saved head; write a CSV."""
-    from .embedding.predict import predict as run_predict  # torch: not imported for --help
+    from .runs.predict import predict as run_predict  # torch: not imported for --help
 
     result = run_predict(s.head_path, list(inputs), **s.library_kwargs(), progress=not s.quiet)
     if s.as_json:
@@ -347,9 +411,6 @@ def predict(inputs: tuple[str, ...], s: PredictSettings) -> None:
         click.echo(f"  failed: {f['path']}: {f['reason']}")
     if result["n_failed"] > 20:
         click.echo(f"  ... and {result['n_failed'] - 20} more (see {result['csv'][:-4]}.json)")
-
-
-# --------------------------------------------------------------------------- entry point
 
 
 # --------------------------------------------------------------------------- fewshot
@@ -370,9 +431,9 @@ def _shots(text: str) -> list[int]:
 @settings_options(FewshotSettings)
 def fewshot(cache: str | None, s: FewshotSettings) -> None:
     """Few-shot curve on CACHE: k training images per class, several seeds, scored on the full evaluation split."""
-    from .heads.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
+    from .runs.fewshot import fewshot as run_fewshot  # scikit-learn: not imported for --help
 
-    result = run_fewshot(cache, **s.library_kwargs(), shots=_shots(s.shots), report=s.report, mlflow=s.mlflow)
+    result = run_fewshot(cache, settings=s, shots=_shots(s.shots))
     data = result.to_dict()
     if s.as_json:
         click.echo(json.dumps(data, indent=2, default=str))
@@ -393,10 +454,12 @@ def fewshot(cache: str | None, s: FewshotSettings) -> None:
 @settings_options(ReportSettings)
 def report(run_dir: str | None, s: ReportSettings) -> None:
     """Write RUN_DIR/report.html (default: the newest run under --runs-dir): one offline page to read."""
-    from .report.publish import publish_existing_run  # matplotlib, scikit-learn: not imported for --help
+    from .runs.publish import publish_existing_run  # matplotlib, scikit-learn: not imported for --help
 
     published = publish_existing_run(run_dir, **s.library_kwargs(), mlflow=s.mlflow)
     click.echo(f"report   {published['report']}")
+    if run_dir is None:
+        click.echo(f"run      {published['run']} (the newest probe or compare run; pass RUN_DIR for another)")
     if published.get("mlflow"):
         click.echo(f"mlflow   {published['mlflow']['tracking_uri']} run {published['mlflow']['run_id']}")
 
@@ -410,7 +473,13 @@ def export(cache: str | None, s: ExportSettings) -> None:
     from .cache.store import find_cache
 
     info = export_cache(find_cache(cache, cache_dir=s.cache_dir), **s.library_kwargs())
-    click.echo(json.dumps(info, indent=2, default=str))
+    if s.as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"exported {info['rows']} rows x {info['dim']} features ({info['format']}) to {info['out']}")
+    for extra in info.get("files") or []:
+        if str(extra) != str(info["out"]):
+            click.echo(f"  also   {extra}")
 
 
 

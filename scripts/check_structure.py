@@ -6,10 +6,13 @@
 - no ``_private`` name imported from another featx module;
 - featx modules are imported at module top; only the heavy or optional third-party modules in ``LAZY_OK``
   may be imported inside a function (the reason is the value in that table);
-- the base layer (``featx.base``) imports nothing else from featx.
+- the base layer (``featx.base``) imports nothing else from featx;
+- packages import only packages to their left in ``PACKAGE_ORDER`` (function-level imports count);
+- no module longer than ``MAX_MODULE_LINES`` lines;
+- no function with more than ``MAX_PARAMS`` parameters (settings dataclasses carry the rest).
 
-``python scripts/check_structure.py`` exits 1 and lists every violation; ``--report`` also prints module sizes
-and the longest functions.
+``python scripts/check_structure.py`` exits 1 and lists every violation; ``--report`` also prints module sizes,
+the longest functions and the widest signatures.
 """
 
 from __future__ import annotations
@@ -21,9 +24,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_LINES = 80
+MAX_MODULE_LINES = 500
+MAX_PARAMS = 10
+
+# The layers, lowest first: a package imports only packages of a lower rank (its left in
+# ARCHITECTURE.md's ``base < config, data, cache < embedding, heads < finetune, report < runs < cli``).
+# ``featx`` itself (``__init__``: lazy re-exports, ``errors``: an alias) sits with the CLI on top.
+PACKAGE_ORDER: dict[str, int] = {
+    "base": 0,
+    "config": 1, "data": 1, "cache": 1,
+    "embedding": 2, "heads": 2,
+    "finetune": 3, "report": 3,
+    "runs": 4,
+    "cli": 5, "": 5, "errors": 5,
+}
 
 # Straight-line code allowed past MAX_LINES: "module:qualified.name" -> reason.
 ALLOWED_LONG: dict[str, str] = {}
+
+# Functions allowed more than MAX_PARAMS parameters: "module:qualified.name" -> reason.
+ALLOWED_WIDE: dict[str, str] = {
+    "featx.heads.search:HeadSearch.__init__": "scikit-learn estimator contract: every hyperparameter is an "
+    "__init__ keyword (get_params, clone)",
+}
 
 # featx modules that may import other featx modules inside a function, and why.
 LAZY_FEATX: dict[str, str] = {
@@ -41,6 +64,7 @@ LAZY_OK: dict[str, str] = {
     "openvino": "optional extra featx[openvino]",
     "mlflow": "optional extra featx[mlflow]",
     "pyarrow": "optional extra featx[parquet]",
+    "fsspec": "optional extra featx[storage]; only when a URL is read",
     "skops": "only when a head is saved or loaded",
     "joblib": "only when a head is saved or loaded",
     "matplotlib": "heavy; only when a plot is drawn",
@@ -59,6 +83,8 @@ LAZY_OK: dict[str, str] = {
     "psutil": "optional",
     "umap": "optional",
     "pandas": "optional",
+    "cleanlab": "optional extra featx[audit]; only when labels are audited",
+    "faiss": "optional; featx audit's neighbour search when installed",
 }
 
 
@@ -170,6 +196,68 @@ def check_imports(mods: dict[str, Module], package: str) -> list[str]:
     return out
 
 
+def _package_of(name: str, package: str) -> str:
+    """``featx.heads.search`` -> ``heads``; ``featx`` -> ``""``."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == package and len(parts) > 1 else ""
+
+
+def check_order(mods: dict[str, Module], package: str) -> list[str]:
+    """Each package imports only packages to its left in PACKAGE_ORDER (function-level imports count)."""
+    out = []
+    top = max(PACKAGE_ORDER.values())
+    ranks = dict(PACKAGE_ORDER)  # plain modules at the top (featx/cli.py, featx/errors.py) sit with the CLI
+    ranks.update({_package_of(m.name, package): top for m in mods.values()
+                  if m.name.count(".") == 1 and m.path.name != "__init__.py" and _package_of(m.name, package) not in ranks})
+    for m in mods.values():
+        src = _package_of(m.name, package)
+        if src not in ranks:
+            out.append(f"{m.path}:1: package {src!r} is not in PACKAGE_ORDER; give it a place in the layers")
+            continue
+        for target, line, _, _ in m.imports:
+            if not (target == package or target.startswith(package + ".")):
+                continue
+            dst = _package_of(_featx_target(target, mods) or target, package)
+            if dst == src:
+                continue
+            if dst not in ranks or ranks[dst] >= ranks[src]:
+                out.append(f"{m.path}:{line}: {package}.{src or '__init__'} imports {target}, which is not to its "
+                           f"left in the package order; move the code that needs it up a layer")
+    return out
+
+
+def _n_params(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs] + [p.arg for p in (a.vararg, a.kwarg) if p]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def signatures(tree: ast.AST, prefix: str = ""):
+    """(qualified name, first line, number of parameters) of every function and method."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{node.name}"
+            if not isinstance(node, ast.ClassDef):
+                yield name, node.lineno, _n_params(node)
+            yield from signatures(node, name + ".")
+        else:
+            yield from signatures(node, prefix)
+
+
+def check_params(mods: dict[str, Module]) -> list[str]:
+    out = []
+    for m in mods.values():
+        for name, line, n in signatures(m.tree):
+            if n > MAX_PARAMS and f"{m.name}:{name}" not in ALLOWED_WIDE:
+                out.append(f"{m.path}:{line}: {name} takes {n} parameters (max {MAX_PARAMS}); pass a settings dataclass")
+    return out
+
+
+def check_sizes(mods: dict[str, Module]) -> list[str]:
+    return [f"{m.path}:1: module is {m.lines} lines (max {MAX_MODULE_LINES}); split it by job"
+            for m in mods.values() if m.lines > MAX_MODULE_LINES]
+
+
 def import_graph(mods: dict[str, Module], package: str) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in mods}
     for m in mods.values():
@@ -221,7 +309,8 @@ def check(root: Path) -> list[str]:
     """Every violation under the package folder ``root``, one line each."""
     mods = load_modules(root)
     package = root.name
-    problems = check_long(mods) + check_imports(mods, package)
+    problems = (check_long(mods) + check_imports(mods, package) + check_order(mods, package) + check_params(mods)
+                + check_sizes(mods))
     for comp in cycles(import_graph(mods, package)):
         problems.append(f"import cycle between featx modules: {' <-> '.join(comp)}")
     return problems
@@ -233,13 +322,15 @@ def report(root: Path, top: int = 15) -> str:
     funcs = sorted(((n, f"{m.name}:{name}") for m in mods.values() for name, _, n in functions(m.tree)), reverse=True)
     lines = ["module sizes (lines):"] + [f"  {n:5d}  {name}" for n, name in sizes]
     lines += [f"longest functions (top {top}):"] + [f"  {n:5d}  {name}" for n, name in funcs[:top]]
+    wide = sorted(((n, f"{m.name}:{name}") for m in mods.values() for name, _, n in signatures(m.tree)), reverse=True)
+    lines += [f"widest signatures (parameters, top {top}):"] + [f"  {n:5d}  {name}" for n, name in wide[:top]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("package", nargs="?", default=str(Path(__file__).resolve().parents[1] / "featx"))
-    ap.add_argument("--report", action="store_true", help="also print module sizes and the longest functions")
+    ap.add_argument("--report", action="store_true", help="also print module sizes, the longest functions and the widest signatures")
     args = ap.parse_args(argv)
     root = Path(args.package)
     if args.report:

@@ -18,7 +18,11 @@ loading, chunks and the final write are all hit; ``chunk``: just after the k-th 
 chunk; ``final``: as soon as the final ``.h5.tmp`` appears; ``twice``: two random kills before
 the rerun; ``rename``: as soon as the finished file is renamed into place, before the chunk
 folder is removed).  Extra ``sigint`` trials send Ctrl-C's SIGINT at a random moment instead and
-also require exit 130 with a message saying how to resume, and no traceback.  The table at the end counts the phase each kill actually landed in, as seen on
+also require exit 130 with a message saying how to resume, and no traceback.  ``--corrupt-trials``
+write 2000 random bytes into a committed chunk (after a kill) or into the finished cache, then
+rerun: the rerun must end with the identical cache (damaged rows found by their checksums and
+embedded again) or, when the finished file's structure is hit, with a one-line "damaged" error
+and its fix; exit 0 with other features (silent corruption) or a traceback fails the trial.  The table at the end counts the phase each kill actually landed in, as seen on
 disk and in its log.  It also times discovery of 100,000 files in one folder.
 
     python scripts/fault_inject.py                 # 20 trials + 100k-file discovery timing
@@ -49,6 +53,12 @@ sys.path.insert(0, str(REPO))
 
 from featx.cache.store import FeatureCache  # noqa: E402
 from featx.data import discover  # noqa: E402
+
+
+def _fault_env() -> dict[str, str]:
+    """A featx subprocess that sleeps DELAY s after each chunk: tests/faults/sitecustomize.py, first on PYTHONPATH."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "faults"), str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
 
 CHUNK, BATCH, DELAY = 8, 4, 0.1
 
@@ -148,7 +158,7 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
     SIGKILL gives the run no chance to react; SIGINT (what Ctrl-C sends to the whole foreground
     process group) must end it cleanly: exit 130, a message saying how to resume, no traceback.
     """
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)}
+    env = _fault_env()
     before = disk_state(cache)
     log_path = cache.parent / f"kill-{time.time_ns()}.log"
     with open(log_path, "w") as log_fh:  # not --quiet: the log tells startup from embedding
@@ -229,7 +239,7 @@ def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: in
     timing = work / "timing.h5"
     t = time.perf_counter()
     subprocess.run(embed_cmd(data, timing, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "FEATX_TEST_CHUNK_DELAY": str(DELAY)})
+                   env=_fault_env())
     run_seconds = time.perf_counter() - t
     print(f"run with FEATX_TEST_CHUNK_DELAY={DELAY}: {run_seconds:.1f}s (random kills are drawn from [0, that])")
     rng = random.Random(seed)
@@ -280,6 +290,77 @@ def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: in
     return results
 
 
+CORRUPT_BYTES = 2000
+
+
+def corrupt_file(path: Path, rng: random.Random) -> int:
+    """Overwrite CORRUPT_BYTES random bytes at a random offset of ``path`` (as a failing disk would); returns it."""
+    size = path.stat().st_size
+    off = rng.randrange(0, max(1, size - CORRUPT_BYTES))
+    with open(path, "r+b") as fh:
+        fh.seek(off)
+        fh.write(rng.randbytes(min(CORRUPT_BYTES, size - off)))
+    return off
+
+
+def corrupt_once(data: Path, cache: Path, where: str, rng: random.Random, workers: int) -> dict:
+    """Damage a committed chunk (after a kill) or the finished cache, then rerun ``featx embed``.
+
+    Sound outcomes: the rerun exits 0 with a cache identical to the clean run (damaged rows found by
+    their checksums and embedded again; bytes that hit unused space change nothing), or, when the
+    damage hits the finished file's structure, it exits 2 with a one-line error saying the cache is
+    damaged and how to rebuild it.  Unsound: exit 0 with other features (silent corruption), a traceback.
+    """
+    kills = []
+    if where == "chunk":
+        kills.append(kill_once(data, cache, "chunk", 0.0, rng, workers))
+        chunks = sorted(parts_of(cache).glob("chunk-*.h5"))
+        if not chunks or cache.exists():
+            return {"kills": kills, "target": "no committed chunk to damage", "problem": None, "outcome": "skipped"}
+        victim = rng.choice(chunks)
+    else:
+        shutil.copy(REF_CACHE, cache)
+        victim = cache
+    off = corrupt_file(victim, rng)
+    verify = subprocess.run([sys.executable, "-m", "featx.cli", "verify", str(cache)], capture_output=True, text=True) \
+        if where == "final" else None
+    done = subprocess.run(embed_cmd(data, cache, workers), capture_output=True, text=True)
+    err = done.stderr.strip().splitlines()
+    problem, outcome = None, ""
+    if "Traceback" in done.stderr:
+        problem = "traceback: " + err[-1]
+    elif done.returncode == 0:
+        diff = compare(cache, REF_CACHE)
+        outcome = "healed, identical" if diff is None else ""
+        problem = f"exit 0 but {diff} (silent corruption)" if diff else None
+    elif done.returncode == 2 and "damaged" in done.stderr and len(err) == 1 and where == "final":
+        outcome = "refused: damaged, with the fix"
+    else:
+        problem = f"rerun exit {done.returncode}: {err[-1:]}"
+    return {"kills": kills, "target": f"{CORRUPT_BYTES} bytes at {off} of {victim.name}", "problem": problem,
+            "outcome": outcome, "verify_exit": verify.returncode if verify else None}
+
+
+def run_corrupt_trials(work: Path, data: Path, trials: int, seed: int, first: int) -> list[dict]:
+    """``trials`` corruption trials, alternating a committed chunk and the finished cache."""
+    rng = random.Random(seed + 1)
+    results = []
+    for j in range(trials):
+        where = ("chunk", "final")[j % 2]
+        cache = work / f"corrupt{j:03d}" / "c.h5"
+        cache.parent.mkdir(parents=True)
+        t = time.perf_counter()
+        r = corrupt_once(data, cache, where, rng, rng.choice([0, 2]))
+        r.update(trial=first + j, strategy=f"corrupt-{where}", workers=0, rerun_s=round(time.perf_counter() - t, 2),
+                 ok=r["problem"] is None, problems=[r["problem"]] if r["problem"] else [])
+        results.append(r)
+        verify = f", featx verify exit {r['verify_exit']}" if r.get("verify_exit") is not None else ""
+        print(f"trial {first + j:2d} corrupt-{where:5s} {r['target']}{verify} -> "
+              f"{r['outcome'] or 'FAIL ' + str(r['problem'])}", flush=True)
+        shutil.rmtree(cache.parent, ignore_errors=True)
+    return results
+
+
 def time_discovery(work: Path, n: int) -> dict:
     folder = work / "many" / "one_class"
     folder.mkdir(parents=True)
@@ -316,14 +397,20 @@ def summarize(results: list[dict]) -> str:
     lines += ["", "strategy   trials  ok  failed", "-" * 30]
     for s, c in by_strategy.items():
         lines.append(f"{s:9s} {c['trials']:7d} {c['ok']:3d} {c['failed']:7d}")
-    sigkill = [r for r in results if r["strategy"] != "sigint"]
+    sigkill = [r for r in results if r["strategy"] != "sigint" and not r["strategy"].startswith("corrupt")]
+    corrupt = [r for r in results if r["strategy"].startswith("corrupt")]
     sigint = [r for r in results if r["strategy"] == "sigint"]
     kills = sum(len(r["kills"]) for r in sigkill)
-    lines.append(f"\n{sum(r['ok'] for r in sigkill)}/{len(sigkill)} SIGKILL trials ({kills} SIGKILLs) ended with a "
-                 "complete cache identical to the clean run")
+    if sigkill:
+        lines.append(f"\n{sum(r['ok'] for r in sigkill)}/{len(sigkill)} SIGKILL trials ({kills} SIGKILLs) ended with a "
+                     "complete cache identical to the clean run")
     if sigint:
         lines.append(f"{sum(r['ok'] for r in sigint)}/{len(sigint)} Ctrl-C (SIGINT) trials stopped cleanly (exit 130, "
                      "resume message, no traceback) and resumed to the identical cache")
+    if corrupt:
+        outcomes = Counter(r.get("outcome") or "FAILED" for r in corrupt)
+        lines.append(f"{sum(r['ok'] for r in corrupt)}/{len(corrupt)} corruption trials ({CORRUPT_BYTES} random bytes in a "
+                     f"chunk or the finished file) ended soundly: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
     return "\n".join(lines)
 
 
@@ -331,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20, help="SIGKILL trials")
     ap.add_argument("--sigint-trials", type=int, default=5, help="Ctrl-C (SIGINT to the process group) trials")
+    ap.add_argument("--corrupt-trials", type=int, default=6,
+                    help="trials writing 2000 random bytes into a committed chunk or the finished cache")
     ap.add_argument("--per-class", type=int, default=40, help="train images per class (3 classes, + val)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--discovery-files", type=int, default=100_000, help="0 to skip the discovery timing")
@@ -340,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="featx-fault-"))
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"settings": {"trials": args.trials, "sigint_trials": args.sigint_trials, "per_class": args.per_class, "seed": args.seed,
+    report: dict = {"settings": {"trials": args.trials, "sigint_trials": args.sigint_trials,
+                                 "corrupt_trials": args.corrupt_trials, "per_class": args.per_class, "seed": args.seed,
                                  "chunk_size": CHUNK, "batch_size": BATCH, "chunk_delay_s": DELAY}}
     try:
         if args.discovery_files:
@@ -350,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "data"
         make_dataset(data, args.per_class, args.seed)
         results = run_trials(work, data, args.trials, args.seed, args.sigint_trials) \
-            if args.trials + args.sigint_trials else []
+            if args.trials + args.sigint_trials + args.corrupt_trials else []
+        results += run_corrupt_trials(work, data, args.corrupt_trials, args.seed, len(results))
         report["trials"] = results
         text = summarize(results)
         print(text)

@@ -1,4 +1,4 @@
-"""View study for issue 12: which feature views of one frozen backbone beat today's pooled features?
+"""View study: which feature views of one frozen backbone beat today's pooled features?
 
 Two steps, so that the (slow, CPU) embedding pass runs once and the (cheap) head fits can be
 rerun at will:
@@ -33,7 +33,7 @@ from featx.data.folders import discover  # noqa: E402
 from featx.data.splits import train_eval_split  # noqa: E402
 from featx.embedding.backbones import create_backbone  # noqa: E402
 from featx.embedding.cpu import iter_cpu_batches  # noqa: E402
-from featx.heads.fewshot import fewshot  # noqa: E402
+from featx.runs.fewshot import fewshot  # noqa: E402
 
 log = logging.getLogger("view_study")
 

@@ -9,7 +9,11 @@ from click.testing import CliRunner
 
 from featx.cli import cli
 
-TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0", "--batch-size", "4", "--quiet"]
+from conftest import TINY_CLI
+
+# Pinned to the CPU: with --device auto these tests would take the GPU path on a GPU host
+# (its own variants are in tests/test_embed_cuda.py).
+TINY = [*TINY_CLI, "--batch-size", "4", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def test_errors_are_one_line_with_a_fix(runner, tmp_path, image_folder):
     assert r.exit_code == 2 and "resnet50" in r.output
     r = runner.invoke(cli, ["embed", str(image_folder), "--cache-dir", str(tmp_path), *TINY, "--batch-size", "0"])
     assert r.exit_code == 2 and "--batch-size" in r.output
-    r = runner.invoke(cli, ["embed", str(image_folder), *TINY, "--device", "cuda:7"])
+    r = runner.invoke(cli, ["embed", str(image_folder), *TINY, "--device", "cuda:99"])
     assert r.exit_code == 2 and "--device" in r.output
     r = runner.invoke(cli, ["info", "--cache-dir", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "featx embed" in r.output
@@ -47,7 +51,7 @@ def test_errors_are_one_line_with_a_fix(runner, tmp_path, image_folder):
 
 def test_config_overrides_defaults_and_rejects_unknown_keys(runner, tmp_path, image_folder):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("embed:\n  backbone: tiny_cnn\n  weights: random\n  workers: 0\n  dtype: float16\n")
+    cfg.write_text("embed:\n  backbone: tiny_cnn\n  weights: random\n  workers: 0\n  dtype: float16\n  device: cpu\n")
     r = runner.invoke(cli, ["--config", str(cfg), "embed", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--quiet"])
     assert r.exit_code == 0, r.output
     assert "32 x float16" in r.output

@@ -11,15 +11,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featx
-import featx.finetune.comparison as comparison
+import featx.runs.compare as comparison
 from featx.cli import cli
-from featx.finetune.comparison import markdown_table
 from featx.data import train_eval_split
 from featx.errors import FeatxError
+from featx.report.compare_table import markdown_table
 
-from conftest import write_image_folder
+from conftest import TINY_BACKBONE, write_image_folder
 
-TINY = dict(backbone="tiny_cnn", weights="random", device="cpu", progress=False)
+TINY = dict(TINY_BACKBONE, device="cpu", progress=False)
 FT = dict(epochs=1, batch_size=8, num_workers=0)
 
 

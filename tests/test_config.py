@@ -21,8 +21,18 @@ from click.testing import CliRunner
 from featx.base.errors import FeatxError
 from featx.cli import cli
 from featx.config import (
-    DEFAULT_GRIDS, SETTINGS, CompareSettings, EmbedSettings, convert_value, default_values, defaults, explain,
-    field_types, load_config, read_config, render_yaml,
+    DEFAULT_GRIDS,
+    SETTINGS,
+    CompareSettings,
+    EmbedSettings,
+    convert_value,
+    default_values,
+    defaults,
+    explain,
+    field_types,
+    load_config,
+    read_config,
+    render_yaml,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,23 +81,30 @@ def test_missing_required_option_is_a_usage_error(args, missing):
 
 
 def _library_functions():
-    from featx.embedding.predict import predict
     from featx.embedding.runner import embed
-    from featx.finetune.comparison import compare
-    from featx.heads.probing import probe
+    from featx.runs.compare import compare
+    from featx.runs.fewshot import fewshot
+    from featx.runs.predict import predict
+    from featx.runs.probe import probe
 
-    return {"embed": embed, "probe": probe, "compare": compare, "predict": predict}
+    return {"embed": embed, "probe": probe, "compare": compare, "predict": predict, "fewshot": fewshot}
 
 
-@pytest.mark.parametrize("name", ["embed", "probe", "compare", "predict"])
+@pytest.mark.parametrize("name", ["embed", "probe", "compare", "predict", "fewshot"])
 def test_library_calls_take_the_same_defaults(name):
     fn = _library_functions()[name]
     params = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-    if "values" in params:  # compare(root, *, settings=CompareSettings, **values): the dataclass holds the defaults
+    kwargs = defaults(name).library_kwargs()
+    if "settings" in params:  # fn(..., *, settings=XSettings, **overrides): the command's own dataclass holds the defaults
         settings_cls = inspect.signature(fn).parameters["settings"].annotation
         settings_cls = getattr(importlib.import_module(fn.__module__), settings_cls.split(" ")[0])
-        params.update({f.name: f.default for f in dataclasses.fields(settings_cls)})
-    kwargs = defaults(name).library_kwargs()
+        assert settings_cls is SETTINGS[name], f"{name}() takes {settings_cls.__name__}, not the command's settings"
+        # every keyword the command passes is one the call accepts, and it starts from the same default
+        resolved, _ = settings_cls.with_overrides(None, kwargs, call=name, extras={})
+        assert resolved == defaults(name)
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            settings_cls.with_overrides(None, {"no_such_option": 1}, call=name)
+        return
     assert set(kwargs) <= set(params), f"{name}() lacks keywords {set(kwargs) - set(params)}"
     for key, value in kwargs.items():
         assert params[key] == value, f"{name}({key}=...) default {params[key]!r} != {value!r}"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -18,9 +16,11 @@ import featx
 from featx.cache.store import FeatureCache
 from featx.errors import CacheMismatchError, FeatxError
 
-from conftest import write_image_folder
+from conftest import TINY_KW, fault_env, kill_mid_run, write_image_folder
 
-TINY = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4)
+# Pinned to the CPU: with device="auto" these tests would take the GPU path on a GPU host
+# (its own variants are in tests/test_embed_cuda.py).
+TINY = dict(TINY_KW, batch_size=4, device="cpu")
 
 
 def test_embed_writes_a_self_describing_cache(image_folder, tmp_path):
@@ -121,21 +121,15 @@ def test_bad_options_are_clear_errors(image_folder, tmp_path):
 
 def _embed_cmd(data, cache, chunk=4):
     return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
-            "--weights", "random", "--workers", "0", "--batch-size", "2", "--chunk-size", str(chunk), "--quiet"]
+            "--weights", "random", "--workers", "0", "--batch-size", "2", "--chunk-size", str(chunk), "--quiet", "--device", "cpu"]
 
 
 def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=10)
     clean = featx.embed(data, cache=tmp_path / "clean.h5", **TINY)
     cache = tmp_path / "killed.h5"
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
-    proc = subprocess.Popen(_embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = Path(str(cache) + ".parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("chunk-*.h5"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
+    parts = kill_mid_run(_embed_cmd(data, cache), env, cache)
     committed = len(list(parts.glob("chunk-*.h5")))
     assert committed >= 2 and not cache.exists(), "the kill must land mid-run"
     done = subprocess.run(_embed_cmd(data, cache), capture_output=True, text=True, timeout=300)

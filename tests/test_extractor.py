@@ -13,8 +13,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.utils import estimator_checks as ec
 
 import featx
-from featx.errors import FeatxError
 from featx.embedding.extractor import FeatureExtractor, embed_files
+from featx.errors import FeatxError
 
 from conftest import write_image_folder
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import featx
-from featx.embedding.backbones import create_backbone
 from featx.data import train_eval_split
+from featx.embedding.backbones import create_backbone
 from featx.errors import FeatxError
 from featx.finetune.train import (
     STRATEGIES,
@@ -29,16 +29,16 @@ from featx.finetune.train import (
     train_transform,
 )
 
-from conftest import write_image_folder
+from conftest import TINY_KW, fault_env, tiny_embed, write_image_folder
 
-TINY_EMBED = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=8)
+TINY_EMBED = dict(TINY_KW, batch_size=8)
 TINY_FT = dict(epochs=1, batch_size=8, num_workers=0, progress=False, device="cpu")
 
 
 @pytest.fixture
 def tiny_cache(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=12)  # train 24, val 24
-    return featx.embed(data, cache_dir=tmp_path / "cache", **TINY_EMBED)
+    return tiny_embed(data, tmp_path / "cache", batch_size=8)
 
 
 def _backbone_state(model_state: dict) -> dict:
@@ -158,7 +158,7 @@ _SCRIPT = textwrap.dedent(
 def _start(tmp_path, cache_path, out, delay: str):
     script = tmp_path / "ft.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, FEATX_TEST_STEP_DELAY=delay, OMP_NUM_THREADS="1")
+    env = dict(fault_env(FEATX_TEST_STEP_DELAY=delay), OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, str(script), str(cache_path), str(out)], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

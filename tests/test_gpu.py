@@ -7,13 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCuda
 from PIL import Image
 
-from featx.embedding.backbones import Preprocess, create_backbone
 from featx.data import Sample, load_image
+from featx.embedding import gpu
+from featx.embedding.backbones import Preprocess, create_backbone
 from featx.embedding.cpu import iter_cpu_batches
 from featx.embedding.engine import iter_chunks
-from featx.embedding.gpu import TensorPreprocess, _BytesDataset, apply_exif_orientation, decode_jpegs, iter_gpu_features
+from featx.embedding.gpu import (
+    TensorPreprocess,
+    _BytesDataset,
+    _forward_to_host,
+    _Prepared,
+    _producer,
+    apply_exif_orientation,
+    decode_jpegs,
+    iter_gpu_features,
+)
 
 
 def _photo(rng, w, h):
@@ -176,3 +187,172 @@ def test_real_photos_match_cpu_path(hymenoptera):
         # Against the full-resolution PIL decode the features are the same; against PIL's
         # draft (DCT-scaled) decoding of large JPEGs they differ a little (see BENCHMARKS.md).
         assert cos.min() >= floor and cos.mean() >= 0.999, (draft, cos.min(), cos.mean())
+
+
+# --------------------------------------------------------------------------- CUDA, with fakes
+# (issue 25: what would break the first time this engine meets a GPU; no GPU needed here)
+
+
+def _no_pinning(monkeypatch):
+    """torch.empty(pin_memory=True) needs a driver; the tests only check where things run."""
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real(*a, **k))
+
+
+def test_features_event_is_recorded_on_the_engines_device(fake_cuda, monkeypatch):
+    """On cuda:1 the copy-done event must be recorded on cuda:1's stream, not cuda:0's."""
+    _no_pinning(monkeypatch)
+    p = _Prepared([0, 1], ["", ""], [0, 0], [1, 1], [0, 1], torch.randn(2, 3, 4, 4))
+    host, ev = _forward_to_host(p, lambda x: x.flatten(1), torch.device("cuda:1"), 48)
+    assert host.shape == (2, 48)
+    assert ev.stream is not None and str(ev.stream.device) == "cuda:1"
+
+
+def test_producer_thread_selects_the_engines_device(fake_cuda):
+    """A new thread starts on cuda:0: the decode thread must select cuda:1 before its stream."""
+    import queue
+    import threading
+
+    class Prep:
+        cuda, device = True, torch.device("cuda:1")
+
+        def __call__(self, items):
+            return _Prepared([0], [""], [0], [1], [0], torch.zeros(1, 3, 2, 2))
+
+    q, stop = queue.Queue(), threading.Event()
+    th = threading.Thread(target=_producer, args=([[object()]], Prep(), q, stop), name="decode")
+    th.start()
+    th.join(10)
+    assert isinstance(q.get_nowait(), _Prepared)
+    devices = [e for e in fake_cuda.log if e[0] == "device"]
+    assert devices and devices[0][1:] == ("cuda:1", "decode")
+    assert fake_cuda.log.index(devices[0]) < fake_cuda.log.index(("stream", "cuda:1"))
+
+
+def test_stream_is_drained_before_every_nvjpeg_decode(fake_cuda, monkeypatch, mixed_folder):
+    """pytorch/vision#9606: nvJPEG writes its outputs without waiting for the caller's stream."""
+    tvio = gpu._quiet_torchvision_io()
+    real = tvio.decode_jpeg
+    calls = {"n": 0}
+
+    def fake_decode(data, mode, device):
+        calls["n"] += 1
+        fake_cuda.log.append(("decode", str(device)))
+        if isinstance(data, list) and calls["n"] == 1:
+            raise RuntimeError("one bad file in the batch")  # then decoded one by one
+        return real(data, mode=mode, device="cpu")
+
+    monkeypatch.setattr(tvio, "decode_jpeg", fake_decode)
+    datas = [torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in mixed_folder if p.name.startswith("rgb")]
+    out = decode_jpegs(datas, device=torch.device("cuda:1"))
+    assert all(isinstance(o, torch.Tensor) for o in out)
+    log = [e for e in fake_cuda.log if e[0] in ("sync", "decode")]
+    decodes = [i for i, e in enumerate(log) if e[0] == "decode"]
+    assert len(decodes) == 1 + len(datas)
+    assert all(i > 0 and log[i - 1] == ("sync", "cuda:1") for i in decodes)
+
+
+def test_progressive_jpegs_go_to_pillow(tmp_path):
+    """nvJPEG decodes progressive JPEGs one at a time on the host, under a lock: Pillow workers do it."""
+    rng = np.random.default_rng(3)
+    p = tmp_path / "prog.jpg"
+    Image.fromarray(_photo(rng, 64, 48)).save(p, quality=90, progressive=True)
+    b = tmp_path / "base.jpg"
+    Image.fromarray(_photo(rng, 64, 48)).save(b, quality=90)
+    ds = _BytesDataset(_samples([p, b]), Preprocess(resize=36, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert ds[0].kind == "tensor" and ds[1].kind == "jpeg"
+
+
+def _features(todo, bb, **kw):
+    got = {}
+    for idx, errs, mts, szs, ok, feats in iter_gpu_features(todo, bb, device="cpu", num_workers=0, **kw):
+        for k, j in enumerate(ok):
+            got[idx[j]] = feats[k]
+    return got
+
+
+def test_out_of_memory_halves_the_group_then_uses_pillow(mixed_folder, monkeypatch, caplog):
+    """A GPU OOM while resizing must not end the run: smaller groups, then Pillow for an image
+    that does not fit alone, with one warning."""
+    bb = create_backbone("tiny_cnn")
+    todo = _samples(mixed_folder)
+    want = _features(todo, bb, batch_size=16)
+    real = gpu.TensorPreprocess.__call__
+    sizes = []
+
+    def tight(self, imgs):
+        sizes.append(len(imgs))
+        if len(imgs) > 2 or any(tuple(im.shape[-2:]) == (150, 200) for im in imgs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, imgs)
+
+    monkeypatch.setattr(gpu.TensorPreprocess, "__call__", tight)
+    with caplog.at_level("WARNING", logger="featx.embedding.gpu"):
+        got = _features(todo, bb, batch_size=16)
+    assert set(got) == set(want)
+    assert min(_cosine(got[i], want[i]) for i in want) >= 0.98  # the 200x150 one by Pillow (draft decode)
+    assert max(sizes) > 2 and 1 in sizes
+    assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
+
+
+def test_decoded_pixels_alive_are_bounded(mixed_folder, monkeypatch):
+    """Decode and resize go group by group under the pixel budget, not the whole batch at once."""
+    bb = create_backbone("tiny_cnn")
+    monkeypatch.setattr(gpu, "DECODE_PIXEL_BUDGET", 2 * 64 * 48)
+    real = gpu.TensorPreprocess.__call__
+    alive = []
+    monkeypatch.setattr(gpu.TensorPreprocess, "__call__",
+                        lambda self, imgs: alive.append([im.shape[-2] * im.shape[-1] for im in imgs]) or real(self, imgs))
+    _features(_samples(mixed_folder), bb, batch_size=16)
+    assert all(sum(a) <= 2 * 64 * 48 or len(a) == 1 for a in alive), alive
+
+
+def test_batches_are_padded_to_one_shape(mixed_folder, monkeypatch):
+    """cudnn.benchmark and compile(dynamic=False) tune per shape: failed images must not make new ones."""
+    bb = create_backbone("tiny_cnn")
+    todo = _samples(mixed_folder)
+    want = _features(todo, bb, batch_size=4)  # the third batch has 2 good images, the last none
+    shapes = []
+    real = gpu._make_forward
+
+    def recording(backbone, device, *, compile):
+        f = real(backbone, device, compile=False)
+        return lambda x: shapes.append(tuple(x.shape)) or f(x)
+
+    monkeypatch.setattr(gpu, "_make_forward", recording)
+    got = _features(todo, bb, batch_size=4, compile=True)
+    assert len(shapes) == 3 and {s[0] for s in shapes} == {4}
+    assert set(got) == set(want) and all(np.allclose(got[i], want[i], atol=1e-5) for i in want)
+
+
+def test_network_out_of_memory_runs_halves():
+    p = _Prepared(list(range(6)), [""] * 6, [0] * 6, [1] * 6, list(range(6)), torch.randn(6, 3, 4, 4))
+
+    def fwd(x):
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return x.flatten(1) * 2
+
+    host, ev = _forward_to_host(p, fwd, torch.device("cpu"), 48)
+    assert torch.equal(host, p.x.flatten(1) * 2) and ev is None
+
+
+def test_padded_cuda_batch_stays_on_its_device_in_channels_last(monkeypatch):
+    """Device check with FakeTensorMode (cuda:1 tensors without a GPU): the padding rows are made on
+    the batch's device and the padded batch is channels_last, as cudnn's tuned kernels expect."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 3, 8, 8, device="cuda:1").contiguous(memory_format=torch.channels_last)
+        p = _Prepared([0, 1, 2], [""] * 3, [0] * 3, [1] * 3, [0, 1, 2], x)
+        FakeCuda(monkeypatch)  # after the fake tensors exist: FakeTensorMode asks the real torch.cuda
+
+        def fwd(t):
+            seen.append((tuple(t.shape), str(t.device), t.is_contiguous(memory_format=torch.channels_last)))
+            return t.flatten(1)[:, :5]
+
+        host, ev = _forward_to_host(p, fwd, torch.device("cuda:1"), 5, pad_to=4)
+        assert tuple(host.shape) == (3, 5)
+    assert seen == [((4, 3, 8, 8), "cuda:1", True)]
+    assert str(ev.stream.device) == "cuda:1"

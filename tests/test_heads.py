@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import pickle
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,17 +15,17 @@ import torch
 from click.testing import CliRunner
 
 import featx
-from featx.data.splits import plan_folds
-from featx.embedding.predict import predict
-from featx.heads import grids
-from featx.heads import factory
-from featx.heads import probing as heads
-from featx.heads.persist import load_head
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data import train_eval_split
+from featx.data.splits import plan_folds
 from featx.errors import FeatxError
-from conftest import write_image_folder
+from featx.heads import factory, grids
+from featx.heads import factory as heads
+from featx.heads.persist import load_head
+from featx.runs.predict import predict
+
+from conftest import tiny_embed, write_image_folder
 
 
 def _blobs(n_per=30, d=8, k=3, sep=4.0, seed=0):
@@ -38,15 +37,7 @@ def _blobs(n_per=30, d=8, k=3, sep=4.0, seed=0):
 
 
 def _cache(root: Path, cache_dir: Path, *, weights="random") -> FeatureCache:
-    return featx.embed(root, backbone="tiny_cnn", weights=weights, cache_dir=cache_dir, progress=False,
-                       num_workers=0, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> FeatureCache:
-    tmp = tmp_path_factory.mktemp("probe")
-    root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=10)
-    return _cache(root, tmp / "cache")
+    return tiny_embed(root, cache_dir, weights=weights)
 
 
 # --------------------------------------------------------------------------- heads
@@ -165,7 +156,7 @@ def test_probe_small_class_uses_fewer_folds(tmp_path, caplog):
     write_image_folder(root, classes=("big",), per_class=8)
     write_image_folder(root, classes=("small",), per_class=2, seed=1)
     fc = _cache(root, tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
+    with caplog.at_level(logging.WARNING, logger="featx.runs.probe"):
         res = featx.probe(fc, head="all", out_dir=tmp_path / "out", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["cv"]["used"] == 2 and "2-fold" in res["cv"]["note"]
     assert all(h["cv_folds"] == 2 for h in res["heads"].values())
@@ -314,6 +305,6 @@ def test_probe_leaves_out_rows_with_nan_features(tiny_cache, tmp_path, caplog):
     shutil.copy(tiny_cache.path, path)
     with h5py.File(path, "r+") as f:
         f["features"][0] = np.nan  # a train row
-    with caplog.at_level(logging.WARNING, logger="featx.heads.probing"):
+    with caplog.at_level(logging.WARNING, logger="featx.runs.probe"):
         res = featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
     assert res["split"]["n_train"] == 29 and "NaN/inf" in caplog.text

@@ -14,20 +14,18 @@ import pytest
 
 import featx
 from featx.base.errors import FeatxError
+from featx.cache.rows import read_rows
 from featx.cache.store import FeatureCache
 from featx.heads import memory
-from featx.heads.probing import read_rows
-from conftest import write_image_folder
+
+from conftest import make_tiny_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> FeatureCache:
-    tmp = tmp_path_factory.mktemp("mem")
-    root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=10)
-    return featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
-                       num_workers=0, batch_size=16, views="final")  # _big_cache copies a plain cache
+    return make_tiny_cache(tmp_path_factory.mktemp("mem"), views="final")  # _big_cache copies a plain cache
 
 
 def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int, dim: int) -> Path:
@@ -59,7 +57,7 @@ def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int,
 
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    import featx.heads.probing as probing
+    import featx.runs.probe as probing
     from featx.heads.memory import address_space_bytes
     # Cap the address space at what is mapped now plus a budget: the cache's features do not fit.
     budget = int(sys.argv[2]) << 20
@@ -114,7 +112,7 @@ def test_stratified_subset_keeps_class_shares_and_is_seeded():
 
 
 def test_read_rows_in_blocks_equals_whole_split_reads(tiny_cache, monkeypatch):
-    from featx.heads import probing
+    from featx.cache import rows as probing
 
     monkeypatch.setattr(probing, "READ_BLOCK_BYTES", 1)  # blocks of the minimum, 256 rows... and fewer rows here
     splits = tiny_cache.split_array()

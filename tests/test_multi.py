@@ -15,8 +15,8 @@ from featx.base.errors import FeatxError
 from featx.cache.multi import MultiCache, write_set
 from featx.cache.store import FeatureCache
 from featx.embedding.multi import embed_backbones
-from featx.heads.probing import probe
 from featx.heads.repeated_cv import Spec, choose
+from featx.runs.probe import probe
 
 from conftest import write_image_folder
 
@@ -123,7 +123,7 @@ def _rows(path: str) -> list[list[str]]:
 
 
 def test_predict_with_a_two_backbone_head_on_images_equals_the_cache(cache_set, tmp_path):
-    from featx.embedding.predict import predict
+    from featx.runs.predict import predict
 
     root, _, cs = cache_set
     res = probe(cs, head="logreg", out_dir=tmp_path / "run", view="multi2@tiny_cnn+tiny_cnn_b", n_jobs=1, plots=False)
@@ -205,3 +205,20 @@ def test_several_backbones_embed_by_shards_then_assemble(tmp_path):
     results, cs = embed_backbones(root, **kw)
     assert all(fc.stats.embedded == 0 for fc in results)  # every image came from the shards
     assert cs is not None and len(cs) == 24 and cs.view_dim("final@tiny_cnn+tiny_cnn_b") == 80
+
+
+def test_head_guard_accepts_lite_builders_and_checks_every_member_of_a_set():
+    """predict's guard (before anything is built) knows the offline lite1/lite2 builders and a set's members."""
+    from featx.embedding.head_guard import check_head_backbone
+
+    for name in ("efficientnet_lite1", "efficientnet_lite2"):
+        check_head_backbone({"backbone": name, "fingerprint_dict": {"backbone": name}}, weights=None, head="h")
+    members = {"tiny_cnn": {"backbone": "tiny_cnn"}, "efficientnet_lite2": {"backbone": "efficientnet_lite2"}}
+    check_head_backbone({"backbone": "tiny_cnn+efficientnet_lite2", "fingerprint_dict": {"members": members}},
+                        weights={"tiny_cnn": "random", "efficientnet_lite2": None}, head="h")
+    bad = {"tiny_cnn": {"backbone": "tiny_cnn"}, "timm:hf-hub:x/y": {"backbone": "timm:hf-hub:x/y"}}
+    with pytest.raises(FeatxError, match="not a backbone featx builds"):
+        check_head_backbone({"backbone": "tiny_cnn+timm:hf-hub:x/y", "fingerprint_dict": {"members": bad}},
+                            weights=None, head="h")
+    with pytest.raises(FeatxError, match="trained on the set"):
+        check_head_backbone({"backbone": "tiny_cnn", "fingerprint_dict": {"members": members}}, weights=None, head="h")

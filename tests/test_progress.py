@@ -26,7 +26,8 @@ def test_lines_every_interval_and_a_final_line(caplog):
     bar.close()
     bar.close()  # idempotent
     msgs = [r.getMessage() for r in caplog.records]
-    assert len(msgs) == 11  # one every 5 s (10) + the final line
+    assert len(msgs) == 10  # one every 5 s (9) + the final line, which is not preceded by a copy of itself
+    assert sum(m.startswith("embed: 1000/1000") for m in msgs) == 1
     assert msgs[0] == "embed: 100/1000 img (10%), 20.0 img/s, ~45 s left"
     assert msgs[-1] == "embed: 1000/1000 img (100%), 20.0 img/s, done in 50 s"
     assert not any("\r" in m for m in msgs)

@@ -1,4 +1,4 @@
-"""--executor ray (issue 11): a Ray Data actor pool on a two-node local cluster gives the same cache
+"""--executor ray: a Ray Data actor pool on a two-node local cluster gives the same cache
 as a local run, also when an actor is killed mid-chunk; without Ray the error says how to install it.
 
 One small cluster for the whole module (Ray start-up costs seconds): two nodes with one CPU and
@@ -16,13 +16,14 @@ import pytest
 from PIL import Image
 
 import featx
-from conftest import assert_same_cache
 from featx.base.errors import FeatxError
+
+import conftest
+from conftest import assert_same_cache
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'featx[ray]') is not installed")
 
-TINY_KW = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=2, device="cpu",
-               chunk_size=4)
+TINY_KW = dict(conftest.TINY_KW, batch_size=2, device="cpu", chunk_size=4)
 MB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,8 @@ def cluster(tmp_path_factory):
     kill = tmp_path_factory.mktemp("raykill") / "armed"
     saved = {k: os.environ.get(k) for k in ("FEATX_TEST_RAY_KILL", "PYTHONPATH")}
     os.environ["FEATX_TEST_RAY_KILL"] = str(kill)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    # tests/faults first: its sitecustomize arms the kill switch in the workers (conftest.fault_env)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(conftest.FAULTS), str(REPO), saved["PYTHONPATH"]]))
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 * MB,
                                                           include_dashboard=False))
     c.add_node(num_cpus=1, object_store_memory=100 * MB)

@@ -1,4 +1,4 @@
-"""Reliability (issue 6): bad inputs, bad datasets, bad options, killed and interrupted runs,
+"""Reliability: bad inputs, bad datasets, bad options, killed and interrupted runs,
 concurrent runs and damaged files.  Every case ends in a correct result or a one-line
 ``error: ...`` that says what to fix, never a traceback, and finished work is never lost.
 
@@ -31,9 +31,11 @@ import featx
 from featx.cache.store import FeatureCache
 from featx.data import discover
 
+import conftest
+
 # Pinned to the CPU: runs are compared with atol 1e-5, which bf16 autocast on CUDA would not meet.
-TINY = ["--backbone", "tiny_cnn", "--weights", "random", "--workers", "0", "--device", "cpu"]
-TINY_KW = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4, device="cpu")
+TINY = [*conftest.TINY_CLI, "--device", "cpu"]
+TINY_KW = dict(conftest.TINY_KW, batch_size=4, device="cpu")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -518,7 +520,7 @@ def committed_rows(cache: Path) -> int:
 def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path, when: str) -> None:
     data, clean = kill_data
     cache = tmp_path / "k.h5"
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.15"}
+    env = conftest.fault_env(FEATX_TEST_CHUNK_DELAY="0.15")
     kills = 2 if when == "twice" else 1
     for k in range(kills):
         proc = subprocess.Popen(embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL,
@@ -526,10 +528,10 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
         if when == "before-first-chunk":
             # Killed once the run has planned and opened its work folder, while it embeds.
             meta = Path(str(cache) + ".parts") / "meta.json"
-            wait_for(lambda: meta.exists() or proc.poll() is not None, what="the work folder")
+            wait_for(lambda: meta.exists() or proc.poll() is not None, what="the work folder")  # noqa: B023 - called within the iteration
         else:
             n = len(parts_chunks(cache))
-            wait_for(lambda: len(parts_chunks(cache)) > n or proc.poll() is not None, what="a committed chunk")
+            wait_for(lambda: len(parts_chunks(cache)) > n or proc.poll() is not None, what="a committed chunk")  # noqa: B023 - called within the iteration
             time.sleep(0.05 + 0.1 * k)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -551,7 +553,7 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) -> None:
     data, clean = kill_data
     cache = tmp_path / "i.h5"
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
+    env = conftest.fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
     # Two DataLoader workers, and SIGINT to the whole process group, as a terminal's Ctrl-C does.
     proc = subprocess.Popen(embed_cmd(data, cache, "--workers", "2"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -576,7 +578,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) 
 def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) -> None:
     data, clean = kill_data
     cache = tmp_path / "t.h5"
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.3"}
+    env = conftest.fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
     proc = subprocess.Popen(embed_cmd(data, cache), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(parts_chunks(cache)) >= 1 or proc.poll() is not None, what="a committed chunk")
     assert proc.poll() is None, "run ended before it could be terminated"
@@ -593,7 +595,7 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path)
 
 def _parts_only(data: Path, cache: Path, monkeypatch) -> None:
     """Leave ``cache`` as a run killed right before its final write: all chunks, no final file."""
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
 
@@ -646,7 +648,7 @@ def test_concurrent_writers_wait_or_fail_fast_and_readers_keep_reading(tmp_path:
     for c in ("a", "b"):
         for i in range(4, 10):
             rgb(300 + i + (50 if c == "b" else 0), (24, 20)).save(data / "train" / c / f"{i:03d}.png")
-    env = {**os.environ, "FEATX_TEST_CHUNK_DELAY": "0.2"}
+    env = conftest.fault_env(FEATX_TEST_CHUNK_DELAY="0.2")
     a = subprocess.Popen(embed_cmd(data, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     waiter_err = tmp_path / "waiter.err"
     waiter = None
@@ -786,7 +788,7 @@ def test_damaged_parts_metadata_is_a_clear_error(kill_data, tmp_path: Path, monk
 
 
 def _enospc_on(monkeypatch, nth_chunk: int | None = None, final: Path | None = None) -> None:
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
     count = {"chunks": 0}
@@ -842,7 +844,7 @@ def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monke
 
 
 def test_disk_full_before_the_first_chunk(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
-    import featx.cache.store as fcache
+    import featx.cache.parts as fcache  # chunk files and the finished cache both commit through it
 
     real = fcache.atomic_commit
 

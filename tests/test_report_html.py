@@ -23,6 +23,7 @@ from featx.report.predictions import predictions_path, read_predictions, worst_f
 from featx.report.runfiles import find_run
 from featx.report.tables import confusion_html, most_confused_pairs
 from featx.report.thumbs import inside_root, make_thumbnail
+
 from conftest import write_image_folder
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -215,20 +216,28 @@ def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+needs_browser = pytest.mark.skipif(
+    _browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell, or set FEATX_CHROMIUM); "
+    "the browser check of report.html is skipped")
+
+
+def _with_script(page: str, script: str, path: Path) -> Path:
+    """A copy of the report with a load-time check (the report itself has no script, and its CSP forbids one)."""
+    path.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace("</body>", script + "</body>"))
+    return path
+
+
 _CHECK = ("<script>addEventListener('load',function(){var b=0,i=document.images;for(var k=0;k<i.length;k++)"
           "{if(!i[k].complete||!i[k].naturalWidth)b++;}document.body.setAttribute('data-images',i.length);"
           "document.body.setAttribute('data-broken',b);});</script>")
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell, "
-                    "or set FEATX_CHROMIUM); the browser check of report.html is skipped")
+@needs_browser
 def test_report_renders_in_headless_chromium(probe_run, tmp_path):
     browser = _browser()
     page = probe_run["html"]
     n_img = page.count("<img")
-    # A copy with a load-time check of every image (the report itself has no script, and its CSP forbids one).
-    probe = tmp_path / "check.html"
-    probe.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace("</body>", _CHECK + "</body>"))
+    probe = _with_script(page, _CHECK, tmp_path / "check.html")  # every image loaded?
     dom = _chromium(browser, "--dump-dom", probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     m = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom.stdout)
@@ -244,3 +253,38 @@ def test_report_renders_in_headless_chromium(probe_run, tmp_path):
             assert len(colours) > 50  # text, tables and images, not a blank page
         if os.environ.get("FEATX_KEEP_SCREENSHOTS"):
             shutil.copy(png, Path(os.environ["FEATX_KEEP_SCREENSHOTS"]) / png.name)
+
+
+# At 390 px (a phone), every table either fits or scrolls inside its box with a visible sign that it does
+# (scroll shadows drawn by the box's background, and a visible scrollbar); the page itself never scrolls
+# sideways; and the confusion matrix fits, so its whole diagonal is on screen without scrolling.
+_NARROW = ("<script>addEventListener('load',function(){var w=innerWidth,bad=[],cut=0,t=document.querySelectorAll('table');"
+           "for(var k=0;k<t.length;k++){var b=t[k].parentElement,s=getComputedStyle(b);"
+           "if(t[k].getBoundingClientRect().width>b.clientWidth+1){"
+           "if(!/auto|scroll/.test(s.overflowX)||s.backgroundImage.indexOf('gradient')<0||b.getBoundingClientRect().right>w+1)"
+           "bad.push(k);}}"
+           "var d=document.querySelectorAll('table.cm td.diag');for(var k=0;k<d.length;k++){"
+           "var r=d[k].getBoundingClientRect(),p=d[k].closest('.scroll').getBoundingClientRect();if(r.right>p.right+1||r.right>w+1)cut++;}"
+           "document.body.setAttribute('data-tables',t.length);document.body.setAttribute('data-bad',bad.join(','));"
+           "document.body.setAttribute('data-diag',d.length);document.body.setAttribute('data-cut',cut);"
+           "document.body.setAttribute('data-page',document.documentElement.scrollWidth>w+1?'wide':'fits');});</script>")
+
+
+@needs_browser
+def test_tables_at_390_px_scroll_visibly_and_the_confusion_matrix_fits(probe_run, tmp_path):
+    browser = _browser()
+    check = _with_script(probe_run["html"], _NARROW, tmp_path / "narrow.html")
+    dom = _chromium(browser, "--window-size=390,2400", "--dump-dom", check.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    m = re.search(r'data-tables="(\d+)" data-bad="([\d,]*)" data-diag="(\d+)" data-cut="(\d+)" data-page="(\w+)"', dom.stdout)
+    assert m, dom.stdout[:500]
+    n_tables, bad, n_diag, cut, whole = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), m.group(5)
+    assert n_tables >= 4 and n_diag == 4
+    assert bad == "", f"tables {bad} overflow at 390 px with no visible sign that they scroll"
+    assert cut == 0, f"{cut} of {n_diag} diagonal cells of the confusion matrix are off-screen at 390 px"
+    assert whole == "fits"
+    png = tmp_path / "report-390.png"
+    shot = _chromium(browser, "--window-size=390,2400", f"--screenshot={png}", probe_run["report"].as_uri())
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    if os.environ.get("FEATX_KEEP_SCREENSHOTS"):
+        shutil.copy(png, Path(os.environ["FEATX_KEEP_SCREENSHOTS"]) / png.name)

@@ -1,4 +1,4 @@
-"""--shard I/N (issue 11): a deterministic share of the pending chunks per run, shards side by side,
+"""--shard I/N: a deterministic share of the pending chunks per run, shards side by side,
 a plain embed afterwards only assembles, and a cache is never assembled while a shard still writes."""
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import pytest
 from PIL import Image
 
 import featx
-from conftest import assert_same_cache
 from featx.base.errors import CacheLockedError, FeatxError
 from featx.cache.store import FeatureCache, PartsLock, acquire_lock
 from featx.embedding.engine import EngineSettings
 from featx.embedding.ray_executor import parse_shard
 from featx.embedding.runner import ShardResult, check_options, plan, read_done, shard_share
 
-TINY_KW = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=2, device="cpu",
-               chunk_size=4)
+import conftest
+from conftest import assert_same_cache
+
+TINY_KW = dict(conftest.TINY_KW, batch_size=2, device="cpu", chunk_size=4)
 REPO = Path(__file__).resolve().parents[1]
 
 

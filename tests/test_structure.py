@@ -63,8 +63,51 @@ def test_heavy_lazy_import_is_allowed(tmp_path):
 
 
 @pytest.mark.parametrize("package", ["featx", "featx.data", "featx.embedding", "featx.cache", "featx.heads",
-                                     "featx.finetune", "featx.report"])
+                                     "featx.finetune", "featx.report", "featx.runs"])
 def test_every_export_resolves(package):
     mod = importlib.import_module(package)
     for name in mod.__all__:
         assert getattr(mod, name) is not None, f"{package}.{name}"
+
+
+@pytest.mark.parametrize("files, expected", [
+    # a stage importing the stage above it, at module top or inside a function
+    ({"heads/__init__.py": "", "heads/a.py": "from ..report import b\n", "report/__init__.py": "", "report/b.py": ""},
+     "featx.heads imports featx.report.b"),
+    ({"heads/__init__.py": "", "heads/a.py": "def f():\n    from ..runs import b\n    return b\n",
+      "runs/__init__.py": "", "runs/b.py": ""}, "featx.heads imports featx.runs.b"),
+    # two packages of one rank do not import each other either
+    ({"embedding/__init__.py": "", "embedding/a.py": "from ..heads import b\n", "heads/__init__.py": "", "heads/b.py": ""},
+     "featx.embedding imports featx.heads.b"),
+    ({"newpkg/__init__.py": ""}, "package 'newpkg' is not in PACKAGE_ORDER"),
+])
+def test_package_order_is_caught(tmp_path, files, expected):
+    root = _package(tmp_path, {"__init__.py": "", **files})
+    assert any(expected in p for p in check_structure.check(root))
+
+
+def test_lower_package_imports_are_allowed(tmp_path):
+    root = _package(tmp_path, {"__init__.py": "", "base/__init__.py": "", "base/x.py": "",
+                               "runs/__init__.py": "", "runs/a.py": "from ..base import x\n"})
+    assert check_structure.check(root) == []
+
+
+def test_wide_signature_and_long_module_are_caught(tmp_path):
+    args = ", ".join(f"a{i}" for i in range(check_structure.MAX_PARAMS + 1))
+    long_body = "x = 1\n" * (check_structure.MAX_MODULE_LINES + 1)
+    root = _package(tmp_path, {"__init__.py": "", "a.py": f"def wide({args}):\n    return a0\n", "b.py": long_body})
+    problems = check_structure.check(root)
+    assert any("wide takes 11 parameters" in p for p in problems)
+    assert any("b.py:1: module is 501 lines" in p for p in problems)
+
+
+def test_ruff_passes():
+    """The lint rules of pyproject.toml ([tool.ruff]) hold for the whole repository (also run by `make test`)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    r = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

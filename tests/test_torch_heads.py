@@ -8,13 +8,7 @@ import joblib
 import numpy as np
 import pytest
 
-from featx.heads.torch_heads import (
-    TorchKNN,
-    TorchLinearSVC,
-    TorchLogisticRegression,
-    batched_lbfgs,
-    create_torch_head,
-)
+from featx.heads.torch_heads import TorchKNN, TorchLinearSVC, TorchLogisticRegression, batched_lbfgs, create_torch_head
 
 
 def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
@@ -71,8 +65,8 @@ def test_logreg_matches_sklearn_at_fixed_C(binary):
 
 
 def test_linear_svm_matches_liblinear_at_fixed_C():
-    from sklearn.svm import LinearSVC
     from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
 
     X, y = _blobs()
     C = 0.01
@@ -160,7 +154,7 @@ def test_knn_grid_capped_to_fold_size():
         create_torch_head("knn", grid={"n_neighbors": [1], "metric": ["manhattan"]}, folds=3, seed=0, device="cpu").fit(X, y)
 
 
-# --------------------------------------------------------------------------- issue 9: bugs fixed, estimator contract
+# --------------------------------------------------------------------------- bugs fixed, estimator contract
 
 
 def test_torch_and_sklearn_searches_use_the_same_folds_with_a_one_image_class():
@@ -188,11 +182,12 @@ def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
     y = np.where(np.arange(200) < 170, 0, 1)  # imbalanced: balanced accuracy != accuracy
     X[y == 1] += 1.0
     est.set_params(grid={"C": [0.01]}, device="cpu").fit(X, y)
-    from featx.heads.search import cv_splits
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from featx.heads.search import cv_splits
 
     expect = np.mean([
         balanced_accuracy_score(y[va], make_pipeline(StandardScaler(), LogisticRegression(C=0.01)).fit(X[tr], y[tr]).predict(X[va]))
@@ -203,8 +198,9 @@ def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
 
 def test_knn_grid_has_one_source_for_both_families():
     """Bug: the torch kNN grid ([1, 3, 5, 10, 20, 50]) differed from the scikit-learn one."""
-    from featx.heads.grids import resolve_grids
     from sklearn.model_selection import ParameterGrid
+
+    from featx.heads.grids import resolve_grids
 
     X, y = _blobs(n=300)
     est = create_torch_head("knn", grid=None, folds=3, seed=0, device="cpu").fit(X, y)
@@ -229,3 +225,71 @@ def test_torch_heads_pass_sklearn_check_estimator(make):
     failed = [(r["check_name"], str(r["exception"])[:300]) for r in results if r["status"] == "failed"]
     assert failed == []
     assert len(results) > 40
+
+
+# --------------------------------------------------------------------------- on CUDA (issue 25), without a GPU
+
+
+def test_cuda_fits_use_full_fp32_matmuls():
+    """TF32 would blur the objective values the line search compares and kNN's zero distances."""
+    import torch
+
+    from featx.heads.torch_ops import fast_matmul as _fast_matmul
+
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what a fine-tune or the user may have set
+    try:
+        with _fast_matmul(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+class _SyncCounter:
+    """Counts the tensor operations that make the host wait for the device (on CUDA)."""
+
+    SYNCING = ("__bool__", "item", "nonzero", "tolist", "__int__", "__float__", "masked_select")
+
+    def __new__(cls):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        class Mode(TorchFunctionMode):
+            n = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                sync = name in cls.SYNCING
+                if name in ("__getitem__", "__setitem__") and len(args) > 1:  # boolean-mask indexing
+                    idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+                    sync = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx)
+                Mode.n += sync
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+def test_batched_lbfgs_syncs_once_per_line_search_trial():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 10, generator=g)
+    y = (X[:, 0] > 0).float()
+    C = torch.tensor([0.01, 1.0, 100.0])
+    calls = [0]
+
+    def fun(W, sel):
+        calls[0] += 1
+        z = X @ W[:, :, 0].T
+        r = 1 / C[sel] / 200
+        f = (torch.nn.functional.softplus(z) - y[:, None] * z).sum(0) / 200 + 0.5 * r * (W * W).sum((1, 2))
+        grad = (X.T @ (torch.sigmoid(z) - y[:, None])).T.unsqueeze(-1) / 200 + r.view(-1, 1, 1) * W
+        return f, grad
+
+    counter = _SyncCounter()
+    with counter:
+        w, f, iters = batched_lbfgs(fun, torch.zeros(3, 10, 1), max_iter=50)
+    assert int(iters.min()) > 2
+    # One per trial (which problems still search) + one per iteration (which are active); was ~8 per trial.
+    assert counter.n <= 2 * calls[0], (counter.n, calls[0])

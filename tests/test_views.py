@@ -1,4 +1,4 @@
-"""Feature views (issue 12): extraction per backbone family, the cache's views, CV selection on training rows."""
+"""Feature views: extraction per backbone family, the cache's views, CV selection on training rows."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from featx.cache.store import FeatureCache
 from featx.cache.views import available_views, compose, parts_for
 from featx.embedding.backbones import create_backbone
 from featx.embedding.runner import embed
-from featx.heads.probing import probe
 from featx.heads.selection import FeatureNorm, candidates
+from featx.runs.probe import probe
 
 from conftest import write_image_folder
 
@@ -150,7 +150,7 @@ def test_selection_never_reads_the_evaluation_rows(view_caches, tmp_path):
 
 
 def test_predict_applies_the_heads_view_to_new_images(view_caches, tmp_path):
-    from featx.embedding.predict import predict
+    from featx.runs.predict import predict
 
     rich, _ = view_caches
     res = probe(rich, head="logreg", out_dir=tmp_path / "run", view="multi3+flip", n_jobs=1, plots=False)
@@ -226,7 +226,7 @@ def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
 
 
 def test_fewshot_draws_one_curve_per_view_on_the_same_draws(view_caches, tmp_path):
-    from featx.heads.fewshot import fewshot
+    from featx.runs.fewshot import fewshot
 
     rich, _ = view_caches
     res = fewshot(rich, shots=(1, 2), seeds=2, heads="logreg", view="final,multi3", out_dir=tmp_path, plot=False)

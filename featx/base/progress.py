@@ -20,12 +20,26 @@ log = logging.getLogger("featx.progress")
 DEFAULT_INTERVAL = 5.0  # seconds between lines when stderr is not a terminal (FEATX_PROGRESS_SECONDS)
 
 
-def _fmt_seconds(s: float) -> str:
+def format_duration(s: float, *, decimals: int = 0) -> str:
+    """A duration as people read it: ``42 s`` (``decimals`` below a minute), ``3 min 05 s``, ``1 h 02 min``.
+
+    The one format of progress lines, fine-tune log lines and the compare table.
+    """
+    s = max(0.0, float(s))
     if s < 60:
-        return f"{s:.0f} s"
+        return f"{s:.{decimals}f} s"
     if s < 3600:
         return f"{int(s // 60)} min {int(s % 60):02d} s"
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def format_bytes(n: float) -> str:
+    """A size as people read it: ``512 B``, ``3.4 MB`` (the cache summaries)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 class LineProgress:
@@ -74,6 +88,8 @@ class LineProgress:
         if self.disable:
             return
         now = self._clock()
+        if self.leave and self.total and self.n >= self.total:
+            return  # the last line is close()'s, with the time it took (not the same line twice)
         if now - self._last >= self.interval:
             self._last = now
             self._emit(now)
@@ -134,9 +150,9 @@ class LineProgress:
             text = f"{head}{self.n} {self.unit}"
         text += f", {rate:.1f} {self.unit}/s"
         if final:
-            text += f", done in {_fmt_seconds(elapsed)}"
+            text += f", done in {format_duration(elapsed)}"
         elif self.total and rate > 0 and self.n < self.total:
-            text += f", ~{_fmt_seconds((self.total - self.n) / rate)} left"
+            text += f", ~{format_duration((self.total - self.n) / rate)} left"
         if self.postfix:
             text += f" [{self.postfix}]"
         return text

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import os
 
+from .cuda import check_ordinal, parse_cuda
 from .errors import FeatxError
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error with a fix."""
+def resolve_device(device: str | None, *, local: bool = True) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without it, or for a GPU ordinal this
+    process does not see, is an error with a fix.  ``local=False`` (work that runs on Ray nodes,
+    each resolving its own device): ``cuda``/``cuda:N`` is only checked for its form."""
     import torch
 
     d = (device or "auto").lower()
     if d == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if d.startswith("cuda"):
+        if not local:
+            parse_cuda(d)
+            return "cuda"
         if not torch.cuda.is_available():
             raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
-        return d
+        return check_ordinal(d)
     if d == "cpu":
         return d
     if d == "mps":

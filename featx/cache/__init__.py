@@ -3,12 +3,14 @@
 from ..base.lazy import lazy_exports
 
 _EXPORTS = {
-    "Chunk": "store",
-    "FeatureCache": "store",
-    "PartsDir": "store",
-    "acquire_lock": "store",
-    "find_cache": "store",
-    "write_final": "store",
+    "Chunk": "parts",
+    "FeatureCache": "reader",
+    "PartsDir": "parts",
+    "PartsLock": "locks",
+    "acquire_lock": "locks",
+    "find_cache": "reader",
+    "write_final": "final",
+    "read_rows": "rows",
     "export_cache": "export",
 }
 __all__ = list(_EXPORTS)

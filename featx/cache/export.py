@@ -22,8 +22,9 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import atomic_commit
+from .keys import decode_key
 from .multi import open_cache
-from .store import FeatureCache, decode_key
+from .reader import FeatureCache
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from .store import FeatureCache, find_cache, fingerprint_digest
+from .keys import fingerprint_digest
+from .reader import FeatureCache, find_cache
 from .views import view_blocks
 
 MULTI_SUFFIX = ".multi.json"
@@ -178,7 +179,7 @@ class MultiCache:
         its = {n: self.members[n].iter_features(split, rows=rows, view=base) for n in names}
         for blocks in zip(*its.values()):
             got = dict(zip(names, blocks))
-            yield compose_multi(self._check(view), lambda n, b: got[n])
+            yield compose_multi(self._check(view), lambda n, b, got=got: got[n])
 
     def augmented(self, rows=None, *, view=None, block_rows: int = 65536):
         raise FeatxError(f"cache set {self.path.name} has no augmented training views; probe a member cache for them")

@@ -12,13 +12,40 @@ The defaults live in the package, so an installed wheel behaves like the checkou
 from __future__ import annotations
 
 from .loader import (
-    COMMAND_LINE, DEFAULT, EXTRA_SECTIONS, Entry, convert_value, default_values, explain, load_config, merge, nest,
-    read_config, read_yaml, section, validate,
+    COMMAND_LINE,
+    DEFAULT,
+    EXTRA_SECTIONS,
+    Entry,
+    convert_value,
+    default_values,
+    explain,
+    load_config,
+    merge,
+    nest,
+    read_config,
+    read_yaml,
+    section,
+    validate,
 )
 from .render import HEADER, format_entries, format_value, render_yaml
 from .settings import (
-    DEFAULT_GRIDS, DEFAULT_SCALARS, SETTINGS, CompareSettings, EmbedSettings, ExportSettings, FewshotSettings,
-    HeadsSettings, InfoSettings, PredictSettings, ProbeSettings, ReportSettings, Settings, defaults, field_types, flag, option,
+    DEFAULT_GRIDS,
+    DEFAULT_SCALARS,
+    SETTINGS,
+    CompareSettings,
+    EmbedSettings,
+    ExportSettings,
+    FewshotSettings,
+    HeadsSettings,
+    InfoSettings,
+    PredictSettings,
+    ProbeSettings,
+    ReportSettings,
+    Settings,
+    defaults,
+    field_types,
+    flag,
+    option,
 )
 
 __all__ = [

@@ -22,12 +22,13 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from ..base.errors import FeatxError
+from .grids import validate_heads_section
+from .safe_yaml import load_plain, shown
 from .settings import SETTINGS, Settings, field_types
 
-# Extra checks of a section, registered by the module that gives it meaning (featx.heads.grids
-# checks the grid values): name -> validator(section_dict, source) raising FeatxError.  A name
+# Extra checks of a section: name -> validator(section_dict, source) raising FeatxError.  A name
 # that is not in SETTINGS makes a free-form section checked only by its validator.
-EXTRA_SECTIONS: dict[str, Callable[[dict, str], None]] = {}
+EXTRA_SECTIONS: dict[str, Callable[[dict, str], None]] = {"heads": validate_heads_section}
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"
@@ -40,10 +41,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FeatxError(f"--config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise FeatxError(f"--config {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_plain(text) or {}
     except yaml.YAMLError as exc:
-        raise FeatxError(f"--config {str(path)!r}: not valid YAML ({exc})") from None
+        raise FeatxError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise FeatxError(f"--config {str(path)!r}: nested too deeply to be a featx config file") from None
     if not isinstance(data, dict):
         raise FeatxError(f"--config {str(path)!r}: expected a mapping of sections (embed:, probe:, ...)")
     for k, v in data.items():
@@ -53,7 +58,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def _shown(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    return shown(value)
 
 
 def convert_value(value: Any, hint: Any) -> Any:
@@ -63,6 +68,10 @@ def convert_value(value: Any, hint: Any) -> Any:
         if value is None and len(args) < len(typing.get_args(hint)):
             return None
         hint = args[0]
+    if typing.get_origin(hint) is tuple:  # a repeatable option (--storage-option): a list of strings in a file
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{_shown(value)} is not a list of strings.")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value in choices and isinstance(value, type(choices[0])):
@@ -82,11 +91,13 @@ def _check_section(cls: type[Settings], values: dict, source: str) -> dict[str, 
     out = {}
     for key, val in values.items():
         if key not in types:
-            hint = difflib.get_close_matches(str(key), list(types), n=1)
+            # The keys `featx config` shows; per-run switches (out_dir, quiet, as_json...) are accepted but not listed.
+            shown = [f.name for f in dataclasses.fields(cls) if f.metadata.get("file", True)]
+            hint = difflib.get_close_matches(str(key), shown, n=1) or difflib.get_close_matches(str(key), list(types), n=1)
             raise FeatxError(
                 f"config {source}: unknown key {cls.section}.{key}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid keys for {cls.section}: {', '.join(sorted(types))}"
+                + f"; valid keys for {cls.section}: {', '.join(sorted(shown))} (see `featx config {cls.section}`)"
             )
         try:
             out[key] = convert_value(val, types[key])

@@ -36,6 +36,8 @@ def click_option(f: dataclasses.Field, hint: Any) -> Callable:
             kwargs["show_default"] = True
         else:
             kwargs["is_flag"] = True
+    elif typing.get_origin(hint) is tuple:  # repeatable: --storage-option A=1 --storage-option B=2
+        kwargs.update(type=click.STRING, multiple=True, default=f.default)
     else:
         kwargs["type"] = _click_type(hint, meta.get("path"))
         kwargs["show_default"] = True  # nothing shown for None, unless --config sets a value

@@ -110,6 +110,46 @@ class Settings:
         return out
 
     @classmethod
+    def lib_names(cls) -> dict[str, str]:
+        """Library keyword -> field name, for the fields whose keyword differs (``num_workers`` -> ``workers``)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            lib = f.metadata.get("lib", _SAME)
+            if lib is not _SAME and lib is not None:
+                out[lib] = f.name
+        return out
+
+    @classmethod
+    def with_overrides(cls, settings: "Settings | None", overrides: dict[str, Any], *, call: str,
+                       extras: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The settings of a library call: ``settings`` (default: the command's defaults) with keyword overrides.
+
+        An override names a field (``workers``) or the keyword the library has always taken for it
+        (``num_workers``).  ``extras``: the call's library-only keywords and their defaults (``progress``...).
+        Returns (settings, extras with the overrides applied).  An unknown keyword raises TypeError naming it
+        and the valid ones, as a Python call would.
+        """
+        if settings is not None and not isinstance(settings, cls):
+            raise TypeError(f"{call}(settings=...) takes a {cls.__name__}, got {type(settings).__name__}")
+        extras = dict(extras or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        aliases = cls.lib_names()
+        changes: dict[str, Any] = {}
+        unknown = []
+        for key, value in overrides.items():
+            if key in extras:
+                extras[key] = value
+            elif key in names or key in aliases:
+                changes[aliases.get(key, key)] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            valid = sorted(names | set(aliases) | set(extras))
+            raise TypeError(f"{call}() got unexpected keyword argument(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(valid)}")
+        return dataclasses.replace(settings if settings is not None else cls(), **changes), extras
+
+    @classmethod
     def describe(cls) -> str:
         """First line of the class docstring (the section's comment in the YAML)."""
         return (cls.__doc__ or "").strip().splitlines()[0]
@@ -148,6 +188,18 @@ class EmbedSettings(Settings):
               "cache already stores (none for a new cache); 0 removes them.")
     limit: Optional[int] = option(None, _LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
+    storage_option: tuple[str, ...] = option(
+        (), "KEY=VALUE passed to fsspec for URL inputs (repeatable; VALUE may be JSON), e.g. anon=true or "
+            "endpoint_url=http://127.0.0.1:9000. Credentials come from each store's own conventions (AWS_*).",
+        lib="storage_options", file=False)
+    read_concurrency: int = option(16, "Concurrent object reads per decode worker for URL, WebDataset and Parquet "
+                                   "inputs.")
+    image_column: str = option("image", "Parquet input: the column of encoded images (or {bytes, path} structs).")
+    label_column: str = option("label", "Parquet input: the label column (class names, or ints).")
+    split_column: Optional[str] = option(None, "Parquet input: a column of train/val/test (default: all --split).")
+    split: Optional[Literal["train", "val", "test"]] = option(
+        None, "WebDataset/Parquet input: the split of every sample (default: from a train/val/test part of the "
+              "shard name, else train).", file=False)
     executor: Literal["local", "ray"] = option(
         "local", "ray: embed on a Ray Data actor pool (one actor per GPU, else per CPU); needs featx[ray].")
     ray_address: Optional[str] = option(
@@ -169,6 +221,15 @@ class InfoSettings(Settings):
     section: ClassVar[str] = "info"
     cache_dir: str = _cache_dir(_NEWEST_HELP)
     show_failed: bool = flag("List every image that failed to load.", flags=("--failed",), lib=None)
+    as_json: bool = _json()
+
+
+@dataclass(frozen=True)
+class VerifySettings(Settings):
+    """`featx verify [CACHE]`: read a whole cache against its checksums (and for NaN/inf)."""
+
+    section: ClassVar[str] = "verify"
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
     as_json: bool = _json()
 
 
@@ -210,8 +271,46 @@ class ProbeSettings(Settings):
                           flags=("--report/--no-report",), lib=None)
     mlflow: bool = flag("Log settings, metrics, report and heads to MLflow (MLFLOW_TRACKING_URI, default ./mlruns).",
                         file=True)
+    audit: bool = flag("Also audit the data (featx audit: label errors, duplicates, train/test leakage, outliers) "
+                       "into the run folder and its report.", lib=None)
+    drop_flagged: Optional[str] = option(
+        None, "leakage, labels or leakage,labels: probe again without the flagged training rows (labels) and the "
+              "leaked evaluation rows (leakage), and report both results side by side; no file is touched.",
+        lib=None, file=False)
     quiet: bool = _quiet("No log lines; only the table.")
     as_json: bool = _json("Print the whole result as JSON.")
+
+
+@dataclass(frozen=True)
+class AuditSettings(Settings):
+    """`featx audit [CACHE]`: label errors, duplicates (train/test leakage first) and outliers, from a cache."""
+
+    section: ClassVar[str] = "audit"
+    also: ClassVar[tuple[str, ...]] = ("heads",)
+    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    data_root: Optional[str] = option(
+        None, "Folder whose image files are hashed for exact duplicates and shown as thumbnails (default: the root "
+              "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
+    out_dir: Optional[str] = option(None, "Where the CSVs, audit.json and report.html go (default: "
+                                    "runs/audit-<cache name>/).", path="dir", file=False)
+    view: str = option("final", "Feature view for the logistic regression, the neighbours and the outliers.")
+    test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
+    folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
+    seed: int = option(0, "Seed of the hold-out split and the CV folds (as the probe's).")
+    near_threshold: float = option(0.94, "Cosine similarity of the final features from which two images are near "
+                                   "duplicates (README: JPEG q80 / 90 % resized copies of photos mostly score above it; "
+                                   "distinct photos of one class stay below it).")
+    neighbours: int = option(5, "Nearest training images of the same class that the outlier score averages over.")
+    outlier_z: float = option(4.0, "Robust z-score (median, MAD of the class's training rows) of the kNN distance "
+                              "from which an image is an outlier.")
+    max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
+    block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
+    backend: Literal["torch", "faiss"] = option(
+        "torch", "Neighbour search: exact, in blocks: torch matrix products, or faiss's flat index (pip install "
+                 "'featx[faiss]').")
+    report: bool = option(True, "Write report.html beside audit.json.", flags=("--report/--no-report",))
+    quiet: bool = _quiet("No log lines; only the summary.")
+    as_json: bool = _json("Print audit.json.")
 
 
 @dataclass(frozen=True)
@@ -328,6 +427,7 @@ class ExportSettings(Settings):
     out: Optional[str] = option(None, "File to write.", path="file", required=True, file=False)
     view: Optional[str] = option(None, "Feature view to export (default: the cache's features).", file=False)
     chunk_rows: int = option(8192, "Rows per block: memory stays constant whatever the cache size.")
+    as_json: bool = _json("Print what was written as JSON (default: one summary line).")
 
 
 def _grid(name: str) -> Any:
@@ -362,8 +462,8 @@ class HeadsSettings(Settings):
 # Section name -> dataclass.  A new command adds its dataclass here (and in featx/cli.py).
 SETTINGS: dict[str, type[Settings]] = {
     cls.section: cls
-    for cls in (EmbedSettings, InfoSettings, ProbeSettings, CompareSettings, PredictSettings, FewshotSettings,
-                ReportSettings, ExportSettings, HeadsSettings)
+    for cls in (EmbedSettings, InfoSettings, ProbeSettings, AuditSettings, CompareSettings, PredictSettings,
+                FewshotSettings, ReportSettings, ExportSettings, HeadsSettings, VerifySettings)
 }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import ImageFile
 
 from ..base.errors import FeatxError
+from . import guards
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ def _walk_images(folder: str, rel: str, skipped: list[tuple[str, str]]) -> list[
                     stack.append(sub)
                     break  # descend now: files of a subfolder come at its place in name order
             elif is_image_name(name):
-                found.append((e.path, f"{r}/{name}"))
+                why = guards.file_reason(e.path)  # FIFOs, sockets, devices are never opened
+                if why:
+                    skipped.append((e.path, why))
+                else:
+                    found.append((e.path, f"{r}/{name}"))
         else:
             stack.pop()
     return found
@@ -303,8 +308,9 @@ def _log_outside(samples: list[Sample], manifest: Path, base: Path) -> None:
     """Rows outside the manifest's folder are allowed (shared image stores) but never silently."""
     outside = [s for s in samples if Path(s.key).is_absolute()]
     if outside:
-        # A manifest of absolute paths only (e.g. the list `featx predict` writes) is a deliberate list.
-        level = logging.INFO if len(outside) == len(samples) else logging.WARNING
+        # A manifest of absolute paths only (e.g. the file list `featx predict` writes for itself) is a
+        # deliberate list: nothing to tell the user.  A mix of both is worth a warning.
+        level = logging.DEBUG if len(outside) == len(samples) else logging.WARNING
         log.log(level, "%d row(s) of %s point outside its folder %s (e.g. %s); they are read from there as listed",
                     len(outside), manifest.name, base, outside[0].path)
 
@@ -314,22 +320,7 @@ def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
     try:
         # utf-8-sig: spreadsheet programs save a byte-order mark before the header.
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise FeatxError(f"manifest {str(manifest)!r} is empty; it needs a header path,label[,split]")
-            cols = [h.strip().lower() for h in header]
-            if "path" not in cols or "label" not in cols:
-                raise FeatxError(
-                    f"manifest {str(manifest)!r} must start with a header naming columns path,label[,split]; "
-                    f"got {header}"
-                )
-            where = (cols.index("path"), cols.index("label"), cols.index("split") if "split" in cols else None)
-            rows = []
-            for row in reader:
-                if row and any(c.strip() for c in row):
-                    rows.append(_manifest_row(row, where, header, manifest, reader.line_num))
-            return rows
+            return parse_manifest(fh, manifest)
     except UnicodeDecodeError as exc:
         raise FeatxError(
             f"manifest {str(manifest)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
@@ -338,6 +329,26 @@ def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
         raise FeatxError(f"manifest {str(manifest)!r} is not a valid CSV ({exc})") from None
     except OSError as exc:
         raise FeatxError(f"manifest {str(manifest)!r}: cannot read it ({_oserror_text(exc)})") from None
+
+
+def parse_manifest(fh, manifest) -> list[tuple[str, str, str, int]]:
+    """(path, label, split, line number) of every non-empty row of an open CSV text (a file or a URL's)."""
+    reader = csv.reader(fh)
+    header = next(reader, None)
+    if header is None:
+        raise FeatxError(f"manifest {str(manifest)!r} is empty; it needs a header path,label[,split]")
+    cols = [h.strip().lower() for h in header]
+    if "path" not in cols or "label" not in cols:
+        raise FeatxError(
+            f"manifest {str(manifest)!r} must start with a header naming columns path,label[,split]; "
+            f"got {header}"
+        )
+    where = (cols.index("path"), cols.index("label"), cols.index("split") if "split" in cols else None)
+    rows = []
+    for row in reader:
+        if row and any(c.strip() for c in row):
+            rows.append(_manifest_row(row, where, header, manifest, reader.line_num))
+    return rows
 
 
 def _manifest_row(row: list[str], where: tuple, header: list[str], manifest: Path, lineno: int) -> tuple:
@@ -370,6 +381,9 @@ def _manifest_samples(rows: list[tuple], index: dict[str, int], base: Path, mani
             continue
         if full.is_dir():
             skipped.append((str(full), f"{where} but is a folder, not an image"))
+            continue
+        if guards.file_reason(full):
+            skipped.append((str(full), f"{where} but is {guards.file_reason(full)}"))
             continue
         try:
             key = full.resolve().relative_to(base).as_posix()

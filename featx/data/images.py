@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from . import guards
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def _reason(text: str, path: str | os.PathLike) -> str:
     Pillow and the OS put the path into their messages; a non-UTF-8 file name would then make
     the reason unstorable in the cache's UTF-8 ``failed/reasons``.
     """
-    p = os.fsdecode(path)
+    p = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""  # "" for in-memory bytes
     for form in (repr(p), p) if len(p) >= 4 else ():
         text = text.replace(f": {form}", "").replace(form, "")
     text = " ".join(text.replace(" :", ":").split()).rstrip(": ")
@@ -55,8 +58,8 @@ def _missing_reason(path: str | os.PathLike) -> str:
     return "file not found (removed while running?)"
 
 
-def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image (first frame, EXIF-rotated).
+def load_image(path: str | os.PathLike | io.BytesIO, *, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` (or the bytes of a remote object) to an RGB image (first frame, EXIF-rotated).
 
     ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding when the
     image is at least twice that size, which makes CPU decoding of large photos several
@@ -65,10 +68,16 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     Raises :class:`ImageLoadError` (never anything else) with a short reason for any file that
     cannot be used: empty, truncated, not an image, too large, unreadable, broken link, ...
     """
+    why = guards.file_reason(path) if not isinstance(path, io.BytesIO) else ""  # a FIFO would block the open forever
+    if why:
+        raise ImageLoadError(why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                why = guards.size_reason(im.size)  # from the header, before any pixel is decoded
+                if why:
+                    raise ImageLoadError(why)
                 if draft_size and im.format == "JPEG":
                     # Keep the short side >= 2 * draft_size so the final antialiased resize still
                     # does at least 2x: features stay within cosine 0.999 of a full decode.
@@ -83,6 +92,8 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
                 except Exception as exc:  # noqa: BLE001 - a damaged EXIF block must not lose the image
                     log.debug("ignoring unreadable EXIF orientation of %s: %s", path, exc)
                 return _to_rgb(im)
+    except ImageLoadError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(_reason(f"image too large (decompression-bomb limit): {exc}", path)) from None
     except FileNotFoundError:
@@ -98,7 +109,7 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
             raise ImageLoadError(f"cannot read: {exc.strerror}") from None
         try:
             empty = os.path.getsize(path) == 0
-        except OSError:
+        except (OSError, TypeError):  # TypeError: in-memory bytes (featx.data.sources), never empty here
             empty = False
         if empty:
             raise ImageLoadError("empty file (0 bytes)") from None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 
 from ..base.errors import FeatxError
-import logging
-import math
 
 log = logging.getLogger(__name__)
 

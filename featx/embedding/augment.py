@@ -1,4 +1,4 @@
-"""Augmented training views (``featx embed --train-views K``, issue 12).
+"""Augmented training views (``featx embed --train-views K``).
 
 Each *training* image is also embedded K times through the fine-tune's training augmentation
 (random-resized crop + horizontal flip, :meth:`Preprocess.train_transform`), seeded per image
@@ -20,7 +20,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..base.errors import FeatxError
-from ..cache.store import AUG_SEP as SEP, image_key
+from ..cache.store import AUG_SEP as SEP
+from ..cache.store import image_key
 from .backbones import TRAIN_MIN_SCALE as MIN_SCALE  # the fine-tune's own augmentation
 
 SEED = 0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from ..base.runtime import worker_init
 from ..data.images import load_or_blank
+from ..data.sources import Fetched, blank, fetch_many, stamp_of
 from . import augment
 from .runtimes import Forward, make_forward
 
@@ -24,11 +24,18 @@ class _ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch: remote samples' bytes are fetched together, ``--read-concurrency`` at a time."""
+        fetched = fetch_many([self.samples[i].path for i in indices])
+        return [self._item(i, f) for i, f in zip(indices, fetched)]
+
     def __getitem__(self, i: int):
+        return self._item(i, fetch_many([self.samples[i].path])[0])
+
+    def _item(self, i: int, fetched: Fetched | None):
         s = self.samples[i]
         try:
-            st = os.stat(s.path)
-            mtime, size = st.st_mtime_ns, st.st_size
+            mtime, size = stamp_of(s.path)
         except OSError:
             mtime, size = 0, -1
         tf = self.transform
@@ -37,7 +44,10 @@ class _ImageDataset:
 
             torch.manual_seed(augment.view_seed(s.key))  # this view is the same in every process and run
             tf = self.aug_transform
-        x, err = load_or_blank(s.path, tf, crop=self.crop, draft_size=self.draft)
+        if fetched is not None and fetched.error:
+            return i, blank(self.crop), fetched.error, mtime, size
+        src = s.path if fetched is None else fetched.open()
+        x, err = load_or_blank(src, tf, crop=self.crop, draft_size=self.draft)
         return i, x, err, mtime, size
 
 

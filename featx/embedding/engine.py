@@ -12,18 +12,20 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..base.cuda import device_scope, rows_to_device
 from ..base.progress import progress_bar
-from .. import __version__
+from ..base.version import __version__
 from ..cache.store import Chunk
 from ..config import defaults
+from ..data.sources import is_local
 from . import augment
-from .runtimes import runtime_fingerprint
 from .cpu import forward_fn, iter_cpu_batches
 from .gpu import iter_gpu_features
+from .runtimes import runtime_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ DTYPES = ("float32", "float16")
 _E = defaults("embed")  # the typed defaults of `featx embed`
 # How images are decoded before the backbone's preprocessing (JPEG draft at >= 2x the resize).
 DECODE_VERSION = "pil-draft2x"
+# The GPU engine: baseline JPEGs by nvJPEG at full resolution, the other files as above.
+GPU_DECODE_VERSION = "nvjpeg-full+pil-draft2x"
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,43 @@ class EngineSettings:
         return asdict(self)
 
 
-def cache_fingerprint(backbone, dtype: str, runtime: str = "auto") -> dict:
+def cache_fingerprint(backbone, dtype: str, runtime: str = "auto", *, device: str = "cpu",
+                      engine: str = "cpu") -> dict:
     """Everything that changes the stored features; a cache written with others is refused.
 
     Runtimes that reproduce torch fp32's features (torch, openvino) add nothing, so caches written
-    before runtimes existed keep their fingerprint; openvino-bf16 adds its precision.
+    before runtimes existed keep their fingerprint; openvino-bf16 adds its precision, and so do
+    CUDA (bf16 autocast) and the GPU engine (nvJPEG decoding: :func:`device_fingerprint`).
     """
     fp = dict(backbone.fingerprint())
     fp.update(runtime_fingerprint(runtime))
     fp["dtype"] = dtype
     fp["featx_version"] = __version__
     fp["decode"] = DECODE_VERSION
+    fp.update(device_fingerprint(device, engine))
     return fp
+
+
+def device_fingerprint(device: str, engine: str) -> dict:
+    """Fingerprint entries of where the network runs and who decodes: none on the CPU (old caches
+    keep their name); bf16 on CUDA; nvJPEG at full resolution (4:2:0 chroma upsampled by nearest
+    neighbour) for the GPU engine's JPEGs, PIL's draft decoding for the other files.
+
+    The CUDA entry is ``autocast``, not ``precision``: a head trained on bf16 features still
+    applies to fp32 ones (``featx.heads.persist`` compares ``precision`` between head and features).
+    """
+    fp = {}
+    if str(device).startswith("cuda"):
+        fp["autocast"] = "bf16-cuda"
+    if engine == "gpu":
+        fp["engine"] = "gpu"
+        fp["decode"] = GPU_DECODE_VERSION
+    return fp
+
+
+def default_engine(device: str) -> str:
+    """``--engine auto``: nvJPEG decoding on CUDA, Pillow elsewhere."""
+    return "gpu" if str(device).startswith("cuda") else "cpu"
 
 
 def set_cpu_threads(num_workers: int, threads: int | None = None) -> int:
@@ -95,12 +124,13 @@ def set_cpu_threads(num_workers: int, threads: int | None = None) -> int:
 def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, runtime: str):
     """The CPU engine as (idx, errs, mtimes, sizes, ok, features) batches, like the GPU engine."""
     fwd = forward_fn(backbone, device, runtime=runtime)
-    for idx, x, errs, mts, szs in iter_cpu_batches(
-        todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
-    ):
-        ok = [j for j, e in enumerate(errs) if not e]
-        feats = fwd(x[ok]) if ok else np.zeros((0, backbone.out_dim), np.float32)
-        yield idx, errs, mts, szs, ok, feats
+    with device_scope(device):  # the loader's pinning thread takes this thread's device (cuda:N, not cuda:0)
+        for idx, x, errs, mts, szs in iter_cpu_batches(
+            todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
+        ):
+            ok = [j for j, e in enumerate(errs) if not e]
+            feats = fwd(rows_to_device(x, ok, device)) if ok else np.zeros((0, backbone.out_dim), np.float32)
+            yield idx, errs, mts, szs, ok, feats
 
 
 def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, engine: str,
@@ -110,9 +140,9 @@ def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, n
     The GPU engine decodes plain images only: augmented training views go through the CPU
     decoder (still run by the network on the GPU).
     """
-    if engine == "gpu":
-        plain = [i for i, s in enumerate(todo) if not augment.is_aug(s.key)]
-        views = [i for i, s in enumerate(todo) if augment.is_aug(s.key)]
+    if engine == "gpu":  # remote samples (featx.data.sources) are fetched and decoded by the CPU path too
+        plain = [i for i, s in enumerate(todo) if not augment.is_aug(s.key) and is_local(s.path)]
+        views = [i for i, s in enumerate(todo) if augment.is_aug(s.key) or not is_local(s.path)]
         gpu = iter_gpu_features([todo[i] for i in plain], backbone, device=device, batch_size=batch_size,
                                 num_workers=num_workers)
         cpu = _cpu_stream([todo[i] for i in views], backbone, device=device, batch_size=batch_size,
@@ -173,23 +203,13 @@ def split_parts(X: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
     return out
 
 
-def iter_chunks(
-    todo: Sequence,
-    backbone,
-    *,
-    device: str,
-    batch_size: int,
-    num_workers: int,
-    chunk_size: int,
-    dtype: str,
-    progress: bool,
-    engine: str,
-    cpu_threads: int | None = None,
-    runtime: str = "auto",
-) -> Iterator[Chunk]:
-    """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size."""
-    stream = feature_batches(todo, backbone, device=device, batch_size=batch_size, num_workers=num_workers,
-                             engine=engine, cpu_threads=cpu_threads, runtime=runtime)
+def iter_chunks(todo: Sequence, backbone, *, chunk_size: int, dtype: str, progress: bool, **stream: Any) -> Iterator[Chunk]:
+    """Run the network over ``todo`` (samples) and yield :class:`featx.cache.Chunk` objects of ~chunk_size.
+
+    ``stream``: the keywords of :func:`feature_batches` (device, batch_size, num_workers, engine,
+    cpu_threads, runtime), passed on unchanged.
+    """
+    stream = feature_batches(todo, backbone, **stream)
     bar = progress_bar(total=len(todo), unit="img", disable=not progress, desc="embed")
     buf = _ChunkBuffer(backbone.layout)
     t0 = time.perf_counter()  # each chunk carries its embedding time (not the time to commit it)

@@ -2,7 +2,7 @@
 
 ``embed_files`` turns a list of image paths into a feature matrix with a backbone, either in
 memory (the embed stage's DataLoader and forward pass) or through a featx HDF5 cache (a CSV
-manifest handed to :func:`featx.embed.embed`, so a rerun reuses every finished image).  Bad
+manifest handed to :func:`featx.embedding.runner.embed`, so a rerun reuses every finished image).  Bad
 images are returned as ``failed``, never raised.
 
 ``FeatureExtractor`` wraps it as a transformer so that
@@ -24,16 +24,17 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..base.progress import progress_bar
+from ..base.cuda import rows_to_device
 from ..base.errors import FeatxError
+from ..base.progress import progress_bar
 from ..base.runtime import default_workers, resolve_device
-from ..cache.store import FeatureCache, fingerprint_digest
 from ..cache.multi import is_multi_view, split_view
+from ..cache.store import FeatureCache, fingerprint_digest
 from ..cache.views import available_views, check_view, compose_from, parts_for, view_dim
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
 from .cpu import forward_fn, iter_cpu_batches
-from .engine import cache_fingerprint, split_parts
+from .engine import cache_fingerprint, default_engine, split_parts
 from .multi import embed_files_multi
 from .runner import embed
 
@@ -70,7 +71,7 @@ def embed_files(
 ) -> dict:
     """Features of the images at ``paths``.
 
-    ``backbone``: a name (built with ``weights``) or a :class:`featx.backbones.Backbone`.
+    ``backbone``: a name (built with ``weights``) or a :class:`featx.embedding.backbones.Backbone`.
     ``cache_dir``: embed through a featx cache there (resumable, reused on reruns) instead of
     in memory.  ``check(fingerprint, dim)`` runs before any image is embedded (e.g. to refuse a
     head trained on other features).  Returns ``{"features": [n_ok, dim] float32, "ok":
@@ -93,14 +94,15 @@ def embed_files(
         parts, tta = parts_for(view)
         bb = create_backbone(str(backbone), weights=weights, views=parts, tta=tta)
     view = check_view(view, available_views(bb.widths), where=f"backbone {bb.name} as built")
-    fp = cache_fingerprint(bb, "float32")
+    dev = resolve_device(device)
+    fp = cache_fingerprint(bb, "float32", device=dev, engine=default_engine(dev) if cache_dir is not None else "cpu")
     if check is not None:
         check(fp, view_dim(view, bb.widths))
     workers = default_workers() if num_workers is None else int(num_workers)
     if cache_dir is not None:
         return _embed_via_cache(paths, bb, fp, weights=weights, cache_dir=Path(cache_dir), device=device,
                                 batch_size=batch_size, num_workers=workers, progress=progress, view=view)
-    res = _embed_in_memory(paths, bb, fp, device=resolve_device(device), batch_size=batch_size,
+    res = _embed_in_memory(paths, bb, fp, device=dev, batch_size=batch_size,
                            num_workers=workers, progress=progress)
     res["features"] = compose_from(view, split_parts(res["features"], bb.layout))
     return res
@@ -123,7 +125,7 @@ def _embed_in_memory(paths, bb, fp, *, device, batch_size, num_workers, progress
         ):
             ok = [j for j, e in enumerate(errs) if not e]
             if ok:
-                feats[[idx[j] for j in ok]] = fwd(x[ok])
+                feats[[idx[j] for j in ok]] = fwd(rows_to_device(x, ok, device))
             for j, e in enumerate(errs):
                 if e:
                     failed.append((paths[idx[j]], e))

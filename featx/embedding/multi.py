@@ -18,6 +18,7 @@ import numpy as np
 from ..base.errors import FeatxError
 from ..cache.multi import MultiCache, compose_multi, split_view, write_set
 from ..cache.store import FeatureCache
+from ..config.settings import EmbedSettings
 from .runner import embed
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,27 @@ def split_backbones(backbone: str | Sequence[str]) -> list[str]:
     return names
 
 
-def embed_backbones(root=None, *, backbone: str | Sequence[str], **kwargs) -> tuple[list, MultiCache | None]:
-    """Embed with each backbone of ``backbone`` in turn; returns (each run's result, the cache set).
+def embed_backbones(root=None, *, settings: EmbedSettings | None = None,
+                    **overrides) -> tuple[list, MultiCache | None]:
+    """Embed with each backbone of ``settings.backbone`` (``"a,b"``) in turn; returns (each run's result, the set).
 
+    ``settings``/``overrides`` as for :func:`featx.embedding.runner.embed`.
     One backbone: ``([its FeatureCache or ShardResult], None)``, the same as :func:`featx.embed`.
     Several: one cache each, then the set file (not with ``shard``: run the command without it
     once every shard has finished, as for one backbone).  ``weights`` may only be ``"random"``
     with several backbones, and ``cache`` (one exact file) only with one.
     """
-    names = split_backbones(backbone)
+    s = settings if settings is not None else EmbedSettings()
+    names = split_backbones(overrides.pop("backbone", s.backbone))
+    weights = overrides.get("weights", s.weights)
+    cache = overrides.get("cache", overrides.get("cache_path", s.cache_path))
     if len(names) > 1:
-        if kwargs.get("weights") not in (None, "random"):
+        if weights not in (None, "random"):
             raise FeatxError("--weights FILE fits one backbone; embed each backbone with its own command, "
                              "or drop --weights for several")
-        if kwargs.get("cache") is not None:
+        if cache is not None:
             raise FeatxError("--cache names one file; with several backbones use --cache-dir")
-    results = [embed(root, backbone=n, **kwargs) for n in names]
+    results = [embed(root, settings=s, **overrides, backbone=n) for n in names]
     if len(names) == 1 or not all(isinstance(r, FeatureCache) for r in results):
         return results, None
     path = write_set(results)

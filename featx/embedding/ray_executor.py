@@ -17,18 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from typing import Sequence
 
 import numpy as np
 
-from ..base.progress import progress_bar
+from ..base.cuda import actor_device
 from ..base.errors import FeatxError
+from ..base.progress import progress_bar
 from ..base.runtime import resolve_device
 from ..cache.store import PartsDir
 from ..data.folders import Sample
+from ..data.sources import SourceOptions, configure, current_options
 from .backbones import create_backbone
-from .engine import EngineSettings, cache_fingerprint, iter_chunks
+from .engine import EngineSettings, cache_fingerprint, default_engine, iter_chunks
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,24 @@ def describe_chunks(tasks: Sequence[Sequence]) -> list[dict]:
 class ChunkEmbedder:
     """Ray Data actor: builds the backbone once, then embeds and commits one chunk per row."""
 
-    def __init__(self, settings: dict, cache_path: str, fingerprint: dict, threads: int, workers: int) -> None:
+    def __init__(self, settings: dict, cache_path: str, fingerprint: dict, threads: int, workers: int,
+                 source: SourceOptions | None = None) -> None:
         self.s = EngineSettings(**settings)
-        self.device = resolve_device(self.s.device_request)
+        configure(source)  # the driver's storage options: this actor reads remote inputs itself
+        self.device = resolve_device(actor_device(self.s.device_request))  # cuda:N -> this actor's own GPU
         req = self.s.engine_request
-        self.engine = req if req != "auto" else ("gpu" if self.device.startswith("cuda") else "cpu")
+        self.engine = req if req != "auto" else default_engine(self.device)
         self.bb = create_backbone(self.s.backbone, weights=self.s.weights, views=self.s.views, tta=self.s.tta)
         if self.engine != "cpu" and self.s.runtime not in ("auto", "torch"):
             raise FeatxError(f"--runtime {self.s.runtime} runs on the CPU, but Ray node {os.uname().nodename} embeds "
                              "on a GPU; drop --runtime or run CPU-only actors")
-        found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime)
+        found = cache_fingerprint(self.bb, self.s.dtype, self.s.runtime, device=self.device, engine=self.engine)
         if found != fingerprint:
             raise FeatxError(
-                f"the backbone built on Ray node {os.uname().nodename} differs from the driver's ({found} vs "
-                f"{fingerprint}); install the same featx, torch and weights file on every node"
+                f"the backbone built on Ray node {os.uname().nodename} (device {self.device}, engine {self.engine}) "
+                f"differs from the driver's ({found} vs {fingerprint}); install the same featx, torch and weights "
+                "file on every node, and pass --device cuda or --device cpu when the driver has no GPU but the "
+                "nodes do"
             )
         self.parts = PartsDir(cache_path, fingerprint)
         self.threads, self.workers = threads, workers
@@ -107,7 +112,6 @@ class ChunkEmbedder:
                                      num_workers=self.workers, chunk_size=max(1, len(samples)), dtype=self.s.dtype,
                                      progress=False, engine=self.engine, cpu_threads=self.threads,
                                      runtime=self.s.runtime if self.engine == "cpu" else "torch"):
-                _fault_hook()
                 self.parts.write_chunk(chunk, worker=self.worker)
                 done += len(chunk.keys) + len(chunk.failed)
                 failed += len(chunk.failed)
@@ -115,19 +119,6 @@ class ChunkEmbedder:
             out["done"].append(done)
             out["failed"].append(failed)
         return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
-
-
-def _fault_hook() -> None:
-    """Fault-injection tests: the first actor to find the armed file kills itself mid-chunk
-    (after embedding, before the commit), exactly once per arming."""
-    armed = os.environ.get("FEATX_TEST_RAY_KILL")
-    if not armed:
-        return
-    try:
-        os.rename(armed, armed + ".fired")  # atomic: one actor wins
-    except OSError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _connect(ray, ray_address: str | None) -> bool:
@@ -181,7 +172,8 @@ def run_on_ray(todo: Sequence, *, settings: EngineSettings, parts: PartsDir, ray
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ChunkEmbedder,
             fn_constructor_kwargs=dict(settings=settings.to_dict(), cache_path=str(parts.final),
-                                       fingerprint=parts.fingerprint, threads=threads, workers=workers),
+                                       fingerprint=parts.fingerprint, threads=threads, workers=workers,
+                                       source=current_options()),
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         done = failed = 0

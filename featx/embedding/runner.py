@@ -21,30 +21,38 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .. import __version__
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
+from ..base.version import __version__
+from ..cache.roots import sign_root
 from ..cache.store import (
-    FeatureCache, PartsDir, PartsLock, acquire_lock, default_cache_path, fingerprint_digest, read_final_index,
+    FeatureCache,
+    PartsDir,
+    PartsLock,
+    acquire_lock,
+    default_cache_path,
+    fingerprint_digest,
+    read_final_index,
     write_final,
 )
-from ..config import defaults
-from ..data.folders import Dataset, discover
-from .backbones import Backbone, create_backbone
+from ..cache.verify import forget_damaged
+from ..config import EmbedSettings
+from ..data.folders import Dataset
+from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
 from . import augment
-from .views import check_tta, parse_parts
-from .runtimes import resolve_runtime
-from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, iter_chunks  # noqa: F401 - re-exported
+from .backbones import Backbone, create_backbone
+from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
+from .runtimes import resolve_runtime
+from .views import check_tta, parse_parts
 
 log = logging.getLogger(__name__)
 
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
 EXECUTORS = ("local", "ray")
-_E = defaults("embed")  # the typed defaults of `featx embed`
 
 
 @dataclass
@@ -99,10 +107,16 @@ class EmbedPlan:
     train_views: int | None = None  # augmented views per training image; None until read_done: keep the cache's
 
 
-def check_options(*, backbone: str, weights, device: str, engine: str, batch_size: int, num_workers: int | None,
-                  dtype: str, chunk_size: int, runtime: str = "auto", views: str | Sequence[str] = _E.views,
-                  tta: str = _E.tta, train_views: int | None = _E.train_views) -> EngineSettings:
-    """Refuse bad options before any file is read; resolve device, engine and workers."""
+def check_options(settings: EmbedSettings | None = None, **overrides: Any) -> EngineSettings:
+    """Refuse bad options before any file is read; resolve device, engine and workers.
+
+    ``settings``/``overrides``: as :func:`embed` takes them.  Under ``executor="ray"`` each node
+    resolves ``--device cuda`` itself: the driver (a head node often has no GPU) checks only its form.
+    """
+    s, _ = EmbedSettings.with_overrides(settings, overrides, call="check_options")
+    backbone, weights, device, engine, batch_size = s.backbone, s.weights, s.device, s.engine, s.batch_size
+    num_workers, dtype, chunk_size, runtime, views, tta = s.workers, s.dtype, s.chunk_size, s.runtime, s.views, s.tta
+    train_views, executor = s.train_views, s.executor
     parts, tta = parse_parts(views), check_tta(tta)
     train_views = augment.check_train_views(train_views)
     if batch_size is None or batch_size < 1:
@@ -111,12 +125,12 @@ def check_options(*, backbone: str, weights, device: str, engine: str, batch_siz
         raise FeatxError(f"--chunk-size must be a positive integer, got {chunk_size}")
     if dtype not in DTYPES:
         raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, local=executor != "ray")
     if engine not in ("auto", "cpu", "gpu"):
         raise FeatxError(f"--engine {engine!r}: expected auto, cpu or gpu")
     if engine == "gpu" and not dev.startswith("cuda"):
         raise FeatxError("--engine gpu needs CUDA; use --engine cpu (or auto)")
-    eng = engine if engine != "auto" else ("gpu" if dev.startswith("cuda") else "cpu")
+    eng = engine if engine != "auto" else default_engine(dev)
     workers = default_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise FeatxError(f"--workers must be >= 0, got {num_workers}")
@@ -150,15 +164,19 @@ def _cache_path(cache, cache_dir, ds: Dataset, bb: Backbone, fp: dict, limit: in
     return path
 
 
-def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None) -> EmbedPlan:
-    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet)."""
+def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: int | None,
+         source: SourceOptions | None = None) -> EmbedPlan:
+    """Discover the images, build the backbone and fingerprint, and name the cache file (no lock yet).
+
+    ``root`` may be a folder, an fsspec URL, WebDataset shards or a Parquet table (:mod:`featx.data.sources`).
+    """
     if root is None and manifest is None:
         raise FeatxError("pass a dataset folder (or --manifest FILE.csv)")
-    ds = discover(root if root is not None else manifest, manifest=manifest)
+    ds = discover_any(root, manifest=manifest, options=source)  # folders, URLs, WebDataset, Parquet
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
     bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
-    fp = cache_fingerprint(bb, settings.dtype, settings.runtime)
+    fp = cache_fingerprint(bb, settings.dtype, settings.runtime, device=settings.device, engine=settings.engine)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp), train_views=settings.train_views)
 
@@ -179,6 +197,7 @@ def read_done(p: EmbedPlan, *, overwrite: bool = False) -> EmbedPlan:
         if p.old.root and os.path.realpath(p.old.root) != os.path.realpath(p.dataset.root):
             log.warning("cache %s was built from %s; reusing images by relative path", p.path, p.old.root)
         p.index.update(read_final_index(p.old))
+        forget_damaged(p.old, p.index)  # rows failing their checksums are embedded again
         p.prior_seconds = float(p.old.meta.get("embed_seconds", 0.0))
     if p.train_views is None:  # not asked: keep the augmented views the cache has (finished work)
         p.train_views = p.old.train_views if p.old is not None else 0
@@ -202,10 +221,10 @@ def _is_fresh(entry: tuple | None, path: str) -> bool:
         # retry once the file is readable, without rebuilding the cache while it is not.
         return not _readable(path)
     try:
-        st = os.stat(path)
+        mtime, size = stamp_of(path)  # a remote sample's ETag (or mtime) and size, read at discovery
     except OSError:
         return entry[0] == "failed"
-    return entry[-2] == st.st_mtime_ns and entry[-1] == st.st_size
+    return entry[-2] == mtime and entry[-1] == size
 
 
 def is_up_to_date(p: EmbedPlan) -> bool:
@@ -231,7 +250,6 @@ def shard_share(p: EmbedPlan, shard: tuple[int, int], chunk_size: int) -> list:
 
 def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats, *, progress: bool) -> None:
     """Embed ``todo`` in this process, committing a chunk file every ``chunk_size`` images."""
-    delay = float(os.environ.get("FEATX_TEST_CHUNK_DELAY", "0") or 0)  # fault-injection tests
     t_embed = time.perf_counter()
     done = 0
     for chunk in iter_chunks(todo, p.backbone, device=s.device, batch_size=s.batch_size, num_workers=s.num_workers,
@@ -244,8 +262,6 @@ def run_local(p: EmbedPlan, todo: Sequence, s: EngineSettings, stats: EmbedStats
             p.index[k] = ("chunk", cf, i, int(chunk.mtime_ns[i]), int(chunk.size[i]))
         for k, r, m, sz in chunk.failed:
             p.index[k] = ("failed", r, int(m), int(sz))
-        if delay:
-            time.sleep(delay)
     _count(stats, done, time.perf_counter() - t_embed)
 
 
@@ -272,6 +288,7 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
         "torch_version": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "root": ds.root,
+        "root_mac": sign_root(ds.root, fingerprint_digest(p.fingerprint)),  # image files are read only from signed roots
         "layout": ds.layout,
         "device": s.device,
         "engine": s.engine,
@@ -292,34 +309,12 @@ def finalise(p: EmbedPlan, s: EngineSettings, stats: EmbedStats) -> FeatureCache
     return FeatureCache(p.path)
 
 
-def embed(
-    root: str | os.PathLike | None = None,
-    *,
-    backbone: str = "efficientnet_lite0",
-    weights: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike = "cache",
-    cache: str | os.PathLike | None = None,
-    manifest: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    chunk_size: int = 1024,
-    overwrite: bool = False,
-    strict: bool = False,
-    progress: bool = True,
-    wait: bool = True,
-    engine: str = "auto",
-    limit: int | None = None,
-    executor: str = "local",
-    ray_address: str | None = None,
-    num_actors: int | None = None,
-    shard: str | tuple[int, int] | None = None,
-    runtime: str = "auto",
-    views: str | Sequence[str] = "final,stages",
-    tta: str = "none",
-    train_views: int | None = None,
-) -> "FeatureCache | ShardResult":
+# Keywords of embed() that are not options of `featx embed`, with their library defaults.
+_EXTRAS = {"progress": True, "wait": True}
+
+
+def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | None = None,
+          **overrides: Any) -> "FeatureCache | ShardResult":
     """Embed every image under ``root`` (or in ``manifest``) and return the finished cache.
 
     Safe to rerun: finished images are reused, new ones embedded, removed ones dropped; a cache
@@ -335,13 +330,22 @@ def embed(
     plain cache of earlier featx versions.  ``train_views`` also stores that many augmented views
     of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group;
     None keeps what the cache already stores, 0 removes them.
+
+    ``settings``: the options of ``featx embed`` (:class:`featx.config.EmbedSettings`, default its
+    defaults); keyword ``overrides`` replace single fields, by field name or the library's name for
+    it (``cache`` for ``cache_path``, ``num_workers`` for ``workers``); an unknown name is a TypeError.
+    Library-only keywords: ``progress`` (a bar or log lines) and ``wait`` (for another writer; False
+    fails at once, as ``no_wait``).
     """
     t0 = time.perf_counter()
-    settings = check_options(backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
-                             num_workers=num_workers, dtype=dtype, chunk_size=chunk_size, runtime=runtime,
-                             views=views, tta=tta, train_views=train_views)
+    s, x = EmbedSettings.with_overrides(settings, overrides, call="embed", extras=_EXTRAS)
+    cache, cache_dir, manifest, limit, overwrite, strict = s.cache_path, s.cache_dir, s.manifest, s.limit, s.overwrite, s.strict
+    executor, shard, num_actors, ray_address = s.executor, s.shard, s.num_actors, s.ray_address
+    progress, wait = x["progress"], x["wait"] and not s.no_wait
+    settings = check_options(s)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
-    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit)
+    src = SourceOptions(s.image_column, s.label_column, s.read_concurrency, tuple(s.storage_option), s.split_column, s.split)
+    p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
     stats = EmbedStats(total=len(p.samples), device=settings.device, executor=executor)
@@ -424,8 +428,11 @@ def _embed_shard(p: EmbedPlan, s: EngineSettings, shard: tuple[int, int], *, t0:
 
 
 def _readable(path: str) -> bool:
-    """Can the file be opened now? (Pillow parses the header only: cheap.)"""
+    """Can the file be opened now? (Pillow parses the header only: cheap.)  A remote sample is tried again."""
     from PIL import Image
+
+    if not is_local(path):
+        return True
 
     try:
         with Image.open(path):

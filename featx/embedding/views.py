@@ -1,4 +1,4 @@
-"""Feature views from one pass of the frozen backbone (issue 12).
+"""Feature views from one pass of the frozen backbone.
 
 Besides the final pooled features (what a cache has always held), one forward pass can keep:
 

@@ -11,7 +11,6 @@ import logging
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..base.runtime import worker_init

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from ..base.progress import progress_bar
+from ..base.progress import format_duration, progress_bar
 from .checkpoint import CHECKPOINT_VERSION, atomic_torch_save, load_last, rng_state, set_rng_state
 from .evaluate import predict
 from .inputs import RowLoaders
@@ -58,16 +57,6 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def fmt_seconds(s: float) -> str:
-    """Compact duration for log lines: 42s, 3m05s, 1h02m."""
-    s = max(0.0, float(s))
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m{int(s % 60):02d}s"
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
-
-
 @dataclass
 class LoopContext:
     """What the loop works on: the network, its rows and loaders, the run folder and the clock."""
@@ -104,7 +93,6 @@ class Trainer:
         # The running loss stays on the device: reading it every step would sync CUDA each step.
         self.loss_acc = torch.zeros((), device=dev)
         self.val_loader = ctx.loaders.evaluation(ctx.val_idx) if len(ctx.val_idx) else None
-        self.delay = float(os.environ.get("FEATX_TEST_STEP_DELAY", "0") or 0)  # fault-injection tests only
 
     def resume(self) -> dict | None:
         """Continue from ``last.pt`` when it belongs to this run; returns where it resumed, or None."""
@@ -194,8 +182,6 @@ class Trainer:
             for x, y, ok in batches:
                 self.train_step(x, y, ok)
                 bar.update(1)
-                if self.delay:
-                    time.sleep(self.delay)
                 now = time.perf_counter()
                 if ctx.checkpoint_seconds and now - t_ck >= ctx.checkpoint_seconds and st.step < ctx.plan.steps_per_epoch:
                     st.epoch_train_seconds += now - t_ep
@@ -265,7 +251,7 @@ class Trainer:
             "finetune[%s] epoch %d/%d  train loss %.4f  val acc %s  %.1f images/s  ETA %s%s",
             ctx.settings.strategy, epoch + 1, ctx.settings.epochs, train_loss,
             f"{val_acc:.4f}" if not math.isnan(val_acc) else "n/a", ips,
-            fmt_seconds(mean_ep * (ctx.settings.epochs - epoch - 1)),
+            format_duration(mean_ep * (ctx.settings.epochs - epoch - 1)),
             "  *best*" if improved and ctx.rule.mode == "val" else "",
         )
         st.epoch, st.step, st.loss_sum, st.loss_n, st.epoch_train_seconds = epoch + 1, 0, 0.0, 0, 0.0

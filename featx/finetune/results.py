@@ -7,25 +7,8 @@ Why the item access: callers written against the earlier plain-dict results
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
-
-class ItemAccess:
-    """``result[key]`` and ``result.get(key)`` over the fields of a result dataclass."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.__dataclass_fields__ else default
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.__dataclass_fields__
+from ..base.records import ItemAccess  # noqa: F401 - re-exported
 
 
 @dataclass

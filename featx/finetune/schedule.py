@@ -3,7 +3,7 @@
 Why they live together: with warm-up then cosine decay, the weights only settle once the
 learning rate has come down.  Judging the run on a noisy validation slice while the learning
 rate is still near its peak stopped a 10-epoch fine-tune at epoch 5 (best at epoch 2) when a
-plain fixed schedule did better (issue 12).  So:
+plain fixed schedule did better (ACCURACY.md).  So:
 
 - an epoch is judged only once the learning rate at its end has fallen to half the peak or
   below (the anneal), and on the validation accuracy averaged over the last ``SMOOTH_EPOCHS``

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..base.errors import FeatxError
 from ..config import defaults
 from ..embedding.backbones import TRAIN_MIN_SCALE
-from ..base.errors import FeatxError
 
 STRATEGIES = ("full", "partial", "head")
 
@@ -70,7 +70,7 @@ class FinetuneSettings:
             (self.partial_blocks >= 1, f"--partial-blocks must be >= 1, got {self.partial_blocks}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.patience >= 1, f"--patience must be >= 1, got {self.patience}"),
-            (0 < self.min_scale <= 1, f"--min-scale must be in (0, 1], got {self.min_scale}"),
+            (0 < self.min_scale <= 1, f"min_scale (the smallest crop of the training augmentation) must be in (0, 1], got {self.min_scale}"),
             (self.min_val_images >= 1, f"--min-val-images must be >= 1, got {self.min_val_images}"),
         ]
         for ok, msg in checks:

@@ -52,13 +52,15 @@ import torch
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
+from ..base.progress import format_duration
 from ..base.runtime import default_num_workers, keep_heap_buffers, resolve_device
+from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict
 from .inputs import RowLoaders, train_transform
-from .loop import LoopContext, Trainer, TrainState, fmt_seconds
+from .loop import LoopContext, Trainer, TrainState
 from .model import apply_strategy, build_classifier, count_params, find_blocks, training_backbone
 from .results import FinetuneResult
 from .runs import RunDir, finished_result, open_run_dir, prepare_run_dir, run_key
@@ -92,6 +94,9 @@ def split_rows(fc: FeatureCache, settings: FinetuneSettings) -> SplitRows:
     fit_idx, val_idx = carve_validation(train_idx, labels, fraction=settings.val_fraction, seed=settings.seed)
     if len(fit_idx) == 0:
         raise FeatxError(f"cache {fc.path} has no training rows to fine-tune on; add images under train/<class>/")
+    if fc.root and not trusted_root(fc.meta, what=f"fine-tuning on {fc.path.name}"):
+        raise FeatxError(f"cache {fc.path} declares data root {fc.root!r} but was not embedded on this machine, so "
+                         "featx does not read images from it; embed the images here with `featx embed DATA --overwrite`")
     paths = fc.paths()
     missing = [p for p in (paths[int(r)] for r in fit_idx[:5]) if not os.path.exists(p)]
     if missing:
@@ -218,7 +223,7 @@ class _Job:
         log.info(
             "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
             self.settings.strategy, result.accuracy, result.balanced_accuracy, result.macro_f1, result.n_eval,
-            fmt_seconds(result.wall_seconds),
+            format_duration(result.wall_seconds),
         )
         return result
 

@@ -1,4 +1,7 @@
-"""Stage 4, heads: logistic regression, SVM and kNN on cached features, tuned by CV on training rows."""
+"""Stage 4, heads: logistic regression, SVM and kNN on cached features, tuned by CV on training rows.
+
+Estimators and their search only; the probe and few-shot runs that drive them are in :mod:`featx.runs`.
+"""
 
 from ..base.lazy import lazy_exports
 
@@ -14,10 +17,9 @@ _EXPORTS = {
     "cv_splits": "search",
     "HeadSearch": "search",
     "PathLinearHead": "linear_path",
-    "ProbeResult": "probing",
-    "probe": "probing",
-    "fewshot": "fewshot",
-    "FewShotResult": "fewshot",
+    "scores_of": "scores",
+    "draw_shots": "fewshot",
+    "fit_in_draw": "fewshot",
     "DinoKNNClassifier": "dino_knn",
 }
 __all__ = list(_EXPORTS)

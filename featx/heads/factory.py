@@ -12,6 +12,7 @@ import difflib
 import logging
 import os
 import sys
+from typing import Any
 
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
@@ -20,8 +21,8 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
-from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
 from .dino_knn import DinoKNNClassifier
+from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
 from .linear_path import PathLinearHead
 from .search import SCORERS, AdaptiveStratifiedKFold, HeadSearch
 from .torch_heads import create_torch_head
@@ -112,18 +113,22 @@ def create_head(
     seed: int = 0,
     n_jobs: int | None = -1,
     device: str = "cpu",
-    scoring: str | None = None,
-    max_iter: int | None = None,
-    probability: bool = True,
     problem: tuple[int, int, int] | None = None,
+    **search: Any,
 ):
     """An unfitted head: hyperparameter search by stratified CV over scaling + estimator.
 
     ``grid`` maps parameter -> values (lists or ``{"logspace": [a, b, n]}``) for this head and
     replaces its default grid parameter by parameter.  On CUDA (``device`` "cuda" or "auto" with
     a GPU) the torch implementation is used when present.  On the CPU, ``problem`` = (training
-    rows, features, classes) lets :func:`cpu_implementation` pick the faster search.
+    rows, features, classes) lets :func:`cpu_implementation` pick the faster search.  ``search``:
+    ``scoring`` and ``max_iter`` (default: the ``heads:`` config) and ``probability`` (default True:
+    heads without ``predict_proba`` get out-of-fold calibrated probabilities).
     """
+    unknown = sorted(set(search) - {"scoring", "max_iter", "probability"})
+    if unknown:
+        raise TypeError(f"create_head() got unexpected keyword argument(s) {', '.join(unknown)}")
+    scoring, max_iter, probability = search.get("scoring"), search.get("max_iter"), search.get("probability", True)
     check_head_name(name)
     if kernel not in KERNELS:
         raise FeatxError(f"--kernel {kernel!r}: expected one of {', '.join(KERNELS)}")

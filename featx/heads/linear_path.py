@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 from ..base.errors import FeatxError
 from .grids import SMALL_PROBLEM
 from .memory import available_bytes
-from .search import cv_summary, cv_splits, score_predictions, softmax_of_scores
+from .scores import softmax_of_scores
+from .search import cv_splits, cv_summary, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         self.best_score_ = float(self.cv_results_["mean_test_score"][best])
         self.n_candidates_, self.n_splits_ = fitted, len(splits)
         self.calibration_ = self._calibrate(oof, yi) if self.loss == "squared_hinge" and self.probability else None
+        # Out-of-fold decision values at the chosen C (featx audit's label issues); rows in no validation fold: 0.
+        self.oof_decision_, self.oof_seen_ = oof, np.isin(np.arange(len(yi)), np.concatenate([va for _, va in splits]))
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
+from ..base.version import __version__
+from .skops_guard import SKLEARN_HELPERS, check_archive, check_classifier, check_sidecar_fields
 
 # "precision" is set only by feature-changing runtimes (openvino-bf16); absent on both sides it matches.
 FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess", "precision")
@@ -84,10 +85,12 @@ def is_trusted_type(name: str) -> bool:
     """Whether a type a skops file names (beyond skops' own trusted set) may be loaded.
 
     featx's heads: ``featx.heads.*`` classes (defined in featx.heads, wherever they are
-    re-exported from) that are scikit-learn estimators or CV splitters.  scikit-learn: its
-    estimators and splitters (private ones such as ``_SigmoidCalibration`` included), the scorer
-    and calibration helpers of ``sklearn.metrics``/``sklearn.calibration``, and public metric
-    functions (what a fitted ``GridSearchCV``'s scorer refers to).  Anything else is refused.
+    re-exported from) that are scikit-learn estimators or CV splitters.  scikit-learn, beyond
+    the estimators skops trusts itself: only the helpers featx's heads hold (a search's scorer,
+    SVC's calibration: :data:`~featx.heads.skops_guard.SKLEARN_HELPERS`), CV splitters, and
+    public metric functions (what a fitted ``GridSearchCV``'s scorer refers to).  Anything else
+    (e.g. ``sklearn.metrics._dist_metrics.MahalanobisDistance32``, which skops lists as
+    untrusted) is refused.
     """
     if not _DOTTED.match(name) or _NEVER_IMPORTED.search(name):
         return False
@@ -104,8 +107,10 @@ def is_trusted_type(name: str) -> bool:
     module = getattr(obj, "__module__", None) or ""
     if obj is None or not module.startswith("sklearn.") or getattr(obj, "__name__", None) != name.rsplit(".", 1)[1]:
         return False
-    if isinstance(obj, type):
-        return _is_estimator_or_splitter(obj) or module.startswith(("sklearn.metrics.", "sklearn.calibration"))
+    if isinstance(obj, type):  # beyond what skops trusts: only the helpers featx's heads hold, and CV splitters
+        from sklearn.model_selection import BaseCrossValidator  # heavy: see above
+
+        return name in SKLEARN_HELPERS or issubclass(obj, BaseCrossValidator)
     import sklearn.metrics  # heavy: see above
 
     return callable(obj) and getattr(sklearn.metrics, obj.__name__, None) is obj
@@ -211,7 +216,7 @@ def _verified_sidecar(path: Path, data: bytes) -> dict:
         )
     try:
         meta = json.loads(sc.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise FeatxError(f"head sidecar {str(sc)!r} is unreadable ({exc}); re-create the head with `featx probe`") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "sha256" not in meta:
         raise FeatxError(f"{str(sc)!r} is not a featx head sidecar ({SIDECAR_FORMAT}); re-create the head with `featx probe`")
@@ -220,6 +225,7 @@ def _verified_sidecar(path: Path, data: bytes) -> dict:
             f"sidecar {sc.name} describes {str(meta.get('model_file'))!r}, not {path.name!r}, so {path.name} was NOT "
             "loaded (a head saved in the other format has replaced its sidecar?). Re-create it with `featx probe`"
         )
+    check_sidecar_fields(meta, sc)
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta["sha256"]:
         raise FeatxError(
@@ -241,6 +247,7 @@ def _load_skops(path: Path, data: bytes) -> Any:
             f"head {str(path)!r} would unpack to {unpacked} bytes from {len(data)} (a zip bomb?); it was NOT "
             "loaded. Re-create it with `featx probe`"
         )
+    check_archive(data, path, max(MAX_UNPACKED_BYTES, 100 * len(data)))  # every array reference counted
     try:
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as exc:  # noqa: BLE001 - a zip that is not a readable skops file
@@ -287,7 +294,9 @@ def load_head(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, dic
             path, meta.get("sklearn_version"), sklearn.__version__,
         )
     if is_skops:
-        return _load_skops(path, data), meta
+        est = _load_skops(path, data)
+        check_classifier(est, path)
+        return est, meta
     log.warning(
         "loading the pickled head %s because trust was given (--trust): unpickling runs any code the file "
         "holds, and a matching sha256 only shows it is undamaged, not who made it; prefer .skops heads",

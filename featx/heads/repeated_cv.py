@@ -39,7 +39,16 @@ from threadpoolctl import threadpool_limits
 
 from ..cache.multi import view_layout
 from .search import AdaptiveStratifiedKFold
-from .selection import Candidate, FeatureNorm
+from .selection import (
+    Candidate,
+    FeatureNorm,
+    SearchPlan,
+    Selection,
+    best_index,
+    fit_candidate,
+    plain_and_augmented,
+    select,
+)
 
 # Ridge penalties, relative to the mean of the Gram diagonal (each part is L2-normalised).
 RIDGE_ALPHAS = (0.1, 0.3, 1.0)
@@ -315,3 +324,25 @@ def _choose_plain(rows, plain, *, head: str, folds: int, repeats: int, seed: int
                        dropped_after_repeat=r["dropped_after_repeat"])
              for (view, norm, _), r in zip(plain, choice.rows)]
     return table, choice.chosen, choice
+
+
+def select_repeated(rows, plan: SearchPlan) -> Selection:
+    """:func:`featx.heads.selection.select`, except that several plain candidates (with ``plan.cv_repeats`` > 1)
+    are chosen by :func:`choose_plain` (a cheap proxy on repeated paired folds); then only the choice is
+    fitted by the head's own search.  Augmented views, if any, are tried on that choice and kept when their
+    search beats its search (or always, when forced)."""
+    t0 = time.perf_counter()
+    plain_c, aug, forced_aug = plain_and_augmented(plan.candidates)
+    if len(plain_c) < 2 or plan.cv_repeats < 2:
+        return select(rows, plan)
+    table, b, choice = choose_plain(rows, plain_c, head=plan.name, folds=plan.folds, repeats=plan.cv_repeats,
+                                    seed=plan.seed, memo=plan.memo)
+    est, inner, real = fit_candidate(rows, (table[b].view, table[b].norm, 0), plan)
+    table[b].params, table[b].fit_seconds = real.params, real.fit_seconds
+    doc = {**choice.to_dict(), "search_cv_score": real.cv_score}
+    if aug:
+        a_est, a_inner, a_row = fit_candidate(rows, (table[b].view, table[b].norm, aug[-1]), plan)
+        table.append(a_row)
+        if forced_aug or best_index([real, a_row]) == 1:
+            return Selection(a_est, a_inner, table, len(table) - 1, time.perf_counter() - t0, doc)
+    return Selection(est, inner, table, b, time.perf_counter() - t0, doc)

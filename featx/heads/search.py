@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from ..data.splits import plan_folds
 from .grids import SMALL_PROBLEM
+from .scores import softmax_of_scores
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,6 @@ def _best_has(attr: str):
         return hasattr(self.estimator, attr)
 
     return check
-
-
-def softmax_of_scores(d: np.ndarray) -> np.ndarray:
-    """Rows of decision values as probabilities (binary 1-D scores become two columns)."""
-    d = np.asarray(d, dtype=np.float64)
-    if d.ndim == 1:
-        d = np.stack([-d, d], axis=1)
-    d = d - d.max(axis=1, keepdims=True)
-    e = np.exp(d)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class HeadSearch(GridSearchCV):

@@ -1,4 +1,4 @@
-"""Choosing the feature view and normalisation of a head by cross-validation (issue 12).
+"""Choosing the feature view and normalisation of a head by cross-validation.
 
 A cache may store several views of each image (:mod:`featx.cache.views`).  For each head the
 probe fits its usual CV search once per candidate (view, normalisation) on the training rows,
@@ -21,14 +21,20 @@ tries ``none`` only; name several (``--norm none,l2,power``) to let CV choose am
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
 from ..base.errors import FeatxError
+from .factory import create_head
+from .search import plain
+
+log = logging.getLogger(__name__)
 
 NORMS = ("none", "l2", "power")
 # --norm auto: only the head's own scaling.  Power-norm measured no gain for logreg/SVM on
@@ -143,3 +149,117 @@ def fold_std_err(search) -> float:
     if len(folds) < 2:
         return float("nan")
     return float(np.std(folds, ddof=1) / np.sqrt(len(folds)))
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How every candidate of one head is searched: the same grid, CV folds, seed and jobs for each."""
+
+    name: str
+    kernel: str
+    grid: dict
+    scoring: str
+    max_iter: int
+    folds: int  # as asked (--folds); the search adapts them to the smallest class
+    folds_used: int  # what the fold plan uses (data.splits.plan_folds), for the log
+    seed: int
+    n_jobs: int | None
+    device: str
+    candidates: tuple[tuple[str, str, int], ...]
+    # Several plain candidates: repeats of the paired CV that chooses among them (featx.heads.repeated_cv;
+    # 1 = one full search per candidate), and its proxy scores shared by the heads of one probe.
+    cv_repeats: int = 1
+    memo: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Selection:
+    """The chosen candidate, fitted: the head (``est``), its inner CV search, every candidate's row, which one won."""
+
+    est: Any
+    inner: Any
+    table: list[Candidate]
+    chosen: int
+    seconds: float
+    choice: dict | None = None  # the repeated paired CV's record, when it chose (featx.heads.repeated_cv)
+
+    @property
+    def row(self) -> Candidate:
+        return self.table[self.chosen]
+
+
+class TrainingRows(Protocol):
+    def training(self, name: str, train_views: int, *, folds: int, seed: int) -> tuple: ...
+
+
+def chosen_params(name: str, inner, kernel: str) -> dict:
+    """The hyperparameters a fitted search chose (with the SVM's kernel)."""
+    params = getattr(inner, "params_", None) or {k.split("__")[-1]: plain(v)
+                                                 for k, v in getattr(inner, "best_params_", {}).items()}
+    return {"kernel": kernel, **params} if name == "svm" else dict(params)
+
+
+def fit_candidate(rows: TrainingRows, cand: tuple[str, str, int], plan: SearchPlan, *, refit: bool = False):
+    """(fitted head, its inner CV search, Candidate row) of one (view, norm, augmented views)."""
+    view, norm, k = cand
+    X, y, folds = rows.training(view, k, folds=plan.folds, seed=plan.seed)
+    inner = create_head(
+        plan.name, kernel=plan.kernel, grid=plan.grid, folds=folds, seed=plan.seed, n_jobs=plan.n_jobs,
+        device=plan.device, scoring=plan.scoring, max_iter=plan.max_iter, problem=(len(y), X.shape[1], len(np.unique(y))),
+    )
+    est = with_norm(inner, norm)
+    what = "refitting the chosen" if refit else "fitting"
+    log.info("%s %s on %d rows x %d features of view %s, norm %s%s (%d-fold CV)", what, plan.name, len(y), X.shape[1],
+             view, norm, f", {k} augmented views per image" if k else "", plan.folds_used)
+    t1 = time.perf_counter()
+    est.fit(X, y)
+    row = Candidate(view, norm, k, int(X.shape[1]), float(plain(getattr(inner, "best_score_", np.nan))),
+                    fold_std_err(inner), chosen_params(plan.name, inner, plan.kernel), time.perf_counter() - t1)
+    return est, inner, row
+
+
+def plain_and_augmented(cands) -> tuple[list[tuple[str, str, int]], list[int], bool]:
+    """The plain candidates to choose among, the augmented-view counts, and whether augmented views are forced."""
+    plain_c = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
+    aug = sorted({k for _, _, k in cands if k})
+    forced_aug = bool(aug) and all(k for _, _, k in cands)
+    if forced_aug and len(plain_c) == 1:  # nothing to choose on the plain rows
+        plain_c = []
+    return plain_c, aug, forced_aug
+
+
+def select(rows: TrainingRows, plan: SearchPlan) -> Selection:
+    """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
+
+    Only training rows are used; every candidate is scored on the same folds.  Two stages, because a
+    fit on the augmented views costs (1 + K) plain fits: the view and norm are chosen on the plain
+    rows, then the augmented views are tried on that choice only (with ``--train-views on`` they are
+    then used whatever their score).  Only the current choice is kept fitted (heads such as kNN hold
+    their training rows); a choice dropped earlier is refitted (logged as such).
+    """
+    cands = plan.candidates
+    plain_c, aug, forced_aug = plain_and_augmented(cands)
+    table: list[Candidate] = []
+    kept: dict[int, tuple] = {}
+    t0 = time.perf_counter()
+    for cand in plain_c:
+        _try(rows, cand, plan, table, kept)
+    if aug:
+        chosen = table[best_index(table)] if table else None
+        view, norm = (chosen.view, chosen.norm) if chosen else cands[0][:2]
+        _try(rows, (view, norm, aug[-1]), plan, table, kept)
+    b = len(table) - 1 if forced_aug else best_index(table)
+    if b not in kept:
+        c = table[b]
+        kept[b] = fit_candidate(rows, (c.view, c.norm, c.train_views), plan, refit=True)[:2]
+    return Selection(kept[b][0], kept[b][1], table, b, time.perf_counter() - t0)
+
+
+def _try(rows: TrainingRows, cand: tuple, plan: SearchPlan, table: list, kept: dict) -> None:
+    """Fit one candidate, add its row to ``table``; keep it fitted if it is the current choice."""
+    est, inner, row = fit_candidate(rows, cand, plan)
+    table.append(row)
+    kept[len(table) - 1] = (est, inner)
+    keep = {best_index(table)} | ({len(table) - 1} if row.train_views else set())
+    for i in [i for i in kept if i not in keep]:
+        del kept[i]

@@ -23,10 +23,8 @@ per problem), and kNN computes the neighbours once per fold for every k and weig
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from typing import Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -34,209 +32,25 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.errors import FeatxError
-from ..data.splits import plan_folds
+from .device_memory import c_group_size, run_in_groups
 from .grids import resolve_grids
-from .search import cv_splits, cv_summary, fold_plan, score_predictions
+from .scores import softmax_of_scores
+from .search import cv_summary, score_predictions
+from .torch_ops import (  # noqa: F401 - batched_lbfgs re-exported
+    batched_lbfgs,
+    fast_matmul,
+    fold_splits,
+    standardise_stats,
+    to_numpy,
+    to_tensor,
+    torch_device,
+    wide_grad,
+    wide_scores,
+)
 
 log = logging.getLogger(__name__)
 
 KNN_METRICS = ("cosine", "euclidean")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _device(device: str):
-    """The torch device to compute on: CUDA when asked for and present, else the CPU."""
-    import torch
-
-    d = (device or "cpu").lower()
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("CUDA is not available here; running the torch head on the CPU")
-        d = "cpu"
-    return torch.device(d)
-
-
-def _fast_matmul(dev, work: float = 0.0):
-    """TF32 matrix products on CUDA for the duration of a fit (plenty for these convex fits).
-
-    On the CPU, a small problem (``work`` = rows x features below 2e7) runs on one intra-op
-    thread: its many tiny ops otherwise spend their time in OpenMP barriers (3-10x slower on
-    a loaded 2-core machine).
-    """
-    import torch  # heavy: only when a torch head is fitted
-
-    @contextlib.contextmanager
-    def ctx():
-        if dev.type != "cuda":
-            old = torch.get_num_threads()
-            if work < 2e7 and old > 1:
-                torch.set_num_threads(1)
-            try:
-                yield
-            finally:
-                if torch.get_num_threads() != old:
-                    torch.set_num_threads(old)
-            return
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
-
-    return ctx()
-
-
-def _folds(y: np.ndarray, folds, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
-    """The CV splits of the scikit-learn heads (:func:`featx.heads.search.cv_splits`) and their plan."""
-    return cv_splits(y, folds, seed), fold_plan(y, folds)
-
-
-def _bdot(a, b):
-    """Per-problem dot products of [G, ...] tensors -> [G]."""
-    return (a * b).flatten(1).sum(1)
-
-
-def _two_loop(ga, S, Y, R, act, n_hist: int, history: int):
-    """L-BFGS two-loop recursion for the active problems: (descent direction, g.d)."""
-    import torch  # heavy: only when a torch head is fitted
-
-    view = lambda t, x: t.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
-    h = min(n_hist, history)
-    order = [(n_hist - 1 - j) % history for j in range(h)]  # newest first
-    q = ga.clone()
-    alphas = []
-    for slot in order:
-        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-        a = r * _bdot(s, q)
-        alphas.append(a)
-        q -= view(a, q) * y
-    if h:
-        s, y = S[order[0], act], Y[order[0], act]
-        sy, yy = _bdot(s, y), _bdot(y, y)
-        gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), 1.0 / ga.flatten(1).norm(dim=1).clamp_min(1.0))
-        q *= view(gamma, q)
-    else:
-        q /= view(ga.flatten(1).norm(dim=1).clamp_min(1.0), q)
-    for slot, a in zip(reversed(order), reversed(alphas)):
-        s, y, r = S[slot, act], Y[slot, act], R[slot, act]
-        b = r * _bdot(y, q)
-        q += view(a - b, q) * s
-    d = -q
-    gd = _bdot(ga, d)
-    bad = gd >= 0  # not a descent direction: steepest descent instead
-    if bool(bad.any()):
-        d = torch.where(view(bad, d), -ga, d)
-        gd = _bdot(ga, d)
-    return d, gd
-
-
-def batched_lbfgs(
-    fun: Callable, w0, *, max_iter: int = 500, history: int = 10, gtol: float = 1e-5, ftol: float = 1e-10
-):
-    """Minimise G independent smooth convex objectives at once.
-
-    ``fun(W, sel) -> (f [g], grad like W)`` evaluates the problems with indices ``sel`` (a
-    LongTensor of length g) at ``W`` [g, ...].  Each problem has its own L-BFGS memory and its
-    own Armijo backtracking step, so a badly conditioned problem (a large C) never shrinks the
-    step of a well conditioned one, and only problems that have not converged are computed.
-    Returns (W, f, iterations per problem).
-    """
-    import torch
-
-    w = w0.clone()
-    G = w.shape[0]
-    dev = w.device
-    view = lambda t, x: t.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
-    everyone = torch.arange(G, device=dev)
-    f, g = fun(w, everyone)
-    S = torch.zeros((history,) + tuple(w.shape), device=dev, dtype=w.dtype)
-    Y = torch.zeros_like(S)
-    R = torch.zeros(history, G, device=dev, dtype=w.dtype)
-    n_hist = 0
-    active = g.abs().flatten(1).amax(1) > gtol
-    iters = torch.zeros(G, dtype=torch.long, device=dev)
-    for it in range(max_iter):
-        act = active.nonzero().flatten()
-        if act.numel() == 0:
-            break
-        wa, fa, ga = w[act], f[act], g[act]
-        d, gd = _two_loop(ga, S, Y, R, act, n_hist, history)
-        t = torch.ones(len(act), dtype=w.dtype, device=dev)
-        accepted = torch.zeros(len(act), dtype=torch.bool, device=dev)
-        wn, fn, gn = wa.clone(), fa.clone(), ga.clone()
-        for _ in range(40):
-            todo = (~accepted).nonzero().flatten()
-            cand = wa[todo] + view(t[todo], d) * d[todo]
-            fc, gc = fun(cand, act[todo])
-            ok = fc <= fa[todo] + 1e-4 * t[todo] * gd[todo]
-            if bool(ok.any()):
-                sel = todo[ok]
-                wn[sel], fn[sel], gn[sel] = cand[ok], fc[ok], gc[ok]
-                accepted[sel] = True
-            if bool(accepted.all()):
-                break
-            t[todo[~ok]] *= 0.5
-        s = wn - wa
-        y = gn - ga
-        sy = _bdot(s, y)
-        slot = n_hist % history
-        S[slot].zero_()
-        Y[slot].zero_()
-        R[slot].zero_()
-        S[slot, act], Y[slot, act] = s, y
-        R[slot, act] = torch.where(sy > 1e-20, 1.0 / sy.clamp_min(1e-20), torch.zeros_like(sy))
-        n_hist += 1
-        iters[act] += 1
-        small = (fa - fn).abs() <= ftol * fa.abs()
-        w[act], f[act], g[act] = wn, fn, gn
-        still = accepted & ~small & (gn.abs().flatten(1).amax(1) > gtol)
-        active[act] = still
-    return w, f, iters
-
-
-def _wide_scores(Xa, W):
-    """Xa [n, P] times each of W [g, P, K] in ONE matrix product -> [n, g, K] (no broadcast copies)."""
-    g, P, K = W.shape
-    return (Xa @ W.permute(1, 0, 2).reshape(P, g * K)).view(Xa.shape[0], g, K)
-
-
-def _wide_grad(Xa, M):
-    """Xa.T times each of M [n, g, K] in one matrix product -> [g, P, K]."""
-    n, g, K = M.shape
-    return (Xa.T @ M.reshape(n, g * K)).view(Xa.shape[1], g, K).permute(1, 0, 2)
-
-
-def _standardise_stats(X):
-    """StandardScaler's mean and scale (population std, 1 where a feature is constant)."""
-    mean = X.mean(0)
-    std = X.std(0, unbiased=False)
-    std = torch_where_zero(std)
-    return mean, std
-
-
-def torch_where_zero(std):
-    import torch
-
-    return torch.where(std > 0, std, torch.ones_like(std))
-
-
-def _to_tensor(X, dev, rows: np.ndarray | None = None):
-    """float32 tensor on ``dev`` (copying only the rows asked for)."""
-    import torch
-
-    arr = X if rows is None else X[rows]
-    return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
-
-
-def _to_numpy(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
-# --------------------------------------------------------------------------- base
 
 
 class OneClassError(FeatxError, ValueError):
@@ -338,15 +152,23 @@ class _LinearHead(_TorchHead):
         return 1 if len(self.classes_) == 2 else len(self.classes_)
 
     def _train(self, Xs, yi, Cs, dev, *, max_iter: int):
-        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out]."""
+        """Fit one model per C on standardised rows Xs; returns W [G, D+1, n_out].
+
+        On CUDA the C values go in groups that fit the free memory (:mod:`featx.heads.device_memory`)."""
         import torch
 
         n, D = Xs.shape
         Xa = torch.cat([Xs, torch.ones(n, 1, device=dev, dtype=Xs.dtype)], 1)
-        C = torch.as_tensor(np.asarray(Cs, dtype=np.float32), device=dev)
-        w0 = torch.zeros(len(Cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
-        fun = self._objective(Xa, torch.as_tensor(yi, device=dev), C)
-        w, f, iters = batched_lbfgs(fun, w0, max_iter=max_iter, gtol=self.tol)
+        y = torch.as_tensor(yi, device=dev)
+
+        def run(cs: list) -> tuple:
+            C = torch.as_tensor(np.asarray(cs, dtype=np.float32), device=dev)
+            w0 = torch.zeros(len(cs), D + 1, self._n_out(), device=dev, dtype=Xs.dtype)
+            w, _, iters = batched_lbfgs(self._objective(Xa, y, C), w0, max_iter=max_iter, gtol=self.tol)
+            return w, iters
+
+        parts = run_in_groups(run, Cs, c_group_size(n, D, self._n_out(), len(Cs), dev))
+        w, iters = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.n_iter_ = int(iters.max())  # of the last call: the refit
         if bool((iters >= max_iter).any()):
             log.info("%s: L-BFGS hit max_iter=%d for some C values (as sklearn would warn)", self.head_name, max_iter)
@@ -362,7 +184,13 @@ class _LinearHead(_TorchHead):
 
     @staticmethod
     def _scores(Xa, W):
-        return _wide_scores(Xa, W).permute(1, 0, 2)  # [G, n, K]
+        return wide_scores(Xa, W).permute(1, 0, 2)  # [G, n, K]
+
+    def _predict_all(self, Xva, W, dev) -> np.ndarray:
+        """Predicted indices [G, n_va] of every C's model, as many C values at a time as fit."""
+        size = c_group_size(Xva.shape[0], Xva.shape[1], W.shape[-1], W.shape[0], dev)
+        return np.concatenate([to_numpy(self._predict_idx(self._scores(Xva, W[a : a + size])))
+                               for a in range(0, W.shape[0], size)])
 
     def fit(self, X, y) -> "_LinearHead":
         """Choose C by CV on (X, y), then refit on all of it."""
@@ -370,7 +198,7 @@ class _LinearHead(_TorchHead):
 
         t0 = time.perf_counter()
         X, yi = self._validate(X, y)
-        dev = _device(self.device)
+        dev = torch_device(self.device)
         grid = self._grid()
         Cs = [float(c) for c in grid["C"]]
         if not Cs or any(c <= 0 for c in Cs):
@@ -378,34 +206,34 @@ class _LinearHead(_TorchHead):
         extra = set(grid) - {"C"}
         if extra:
             raise NotImplementedError(f"torch {self.head_name} searches only C, not {sorted(extra)}")
-        splits, plan = _folds(yi, self.folds, self.seed)
+        splits, plan = fold_splits(yi, self.folds, self.seed)
         scores = np.zeros((len(Cs), len(splits)))
-        with torch.inference_mode(False), torch.no_grad(), _fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
-            Xall = _to_tensor(X, dev)
+        with torch.inference_mode(False), torch.no_grad(), fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
+            Xall = to_tensor(X, dev)
             for k, (tr, va) in enumerate(splits):
                 tr_t = torch.as_tensor(tr, device=dev)
                 va_t = torch.as_tensor(va, device=dev)
                 Xtr = Xall.index_select(0, tr_t)
-                mean, std = _standardise_stats(Xtr)
+                mean, std = standardise_stats(Xtr)
                 Xtr = (Xtr - mean) / std
                 W = self._train(Xtr, yi[tr], Cs, dev, max_iter=self.max_iter)
                 del Xtr
                 Xva = (Xall.index_select(0, va_t) - mean) / std
                 Xva = torch.cat([Xva, torch.ones(len(va), 1, device=dev)], 1)
-                pred = _to_numpy(self._predict_idx(self._scores(Xva, W)))  # [G, n_va]
+                pred = self._predict_all(Xva, W, dev)  # [G, n_va]
                 scores[:, k] = [score_predictions(self.scoring, yi[va], p) for p in pred]
             self._finish_search([{"C": c} for c in Cs], scores, plan, t0)
-            mean, std = _standardise_stats(Xall)
+            mean, std = standardise_stats(Xall)
             Xs = (Xall - mean) / std
             W = self._train(Xs, yi, [self.best_params_["C"]], dev, max_iter=max(self.max_iter, 1000))[0]
         # Fold the standardisation into the weights: scores = X @ coef + intercept.
         Wd, b = W[:-1], W[-1]
         coef = Wd / std.unsqueeze(1)
         intercept = b - (mean / std) @ Wd
-        self.scaler_mean_ = _to_numpy(mean)
-        self.scaler_scale_ = _to_numpy(std)
-        self.coef_ = _to_numpy(coef.T)  # [n_out, D], like sklearn
-        self.intercept_ = _to_numpy(intercept)
+        self.scaler_mean_ = to_numpy(mean)
+        self.scaler_scale_ = to_numpy(std)
+        self.coef_ = to_numpy(coef.T)  # [n_out, D], like sklearn
+        self.intercept_ = to_numpy(intercept)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -442,10 +270,10 @@ class TorchLogisticRegression(_LinearHead):
 
             def fun(W, sel):
                 r = reg[sel]
-                z = _wide_scores(Xa, W)  # [n, g, 1]
+                z = wide_scores(Xa, W)  # [n, g, 1]
                 loss = torch.nn.functional.softplus(z) - yb * z
                 p = torch.sigmoid(z) - yb
-                grad = _wide_grad(Xa, p) / n + r * W * mask
+                grad = wide_grad(Xa, p) / n + r * W * mask
                 f = loss.sum((0, 2)) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
                 return f, grad
         else:
@@ -453,11 +281,11 @@ class TorchLogisticRegression(_LinearHead):
 
             def fun(W, sel):
                 r = reg[sel]
-                z = _wide_scores(Xa, W)  # [n, g, K]
+                z = wide_scores(Xa, W)  # [n, g, K]
                 lse = torch.logsumexp(z, -1)
                 f = (lse - (z * onehot).sum(-1)).sum(0) / n + 0.5 * (r.view(-1) * (W * W * mask).sum((1, 2)))
                 p = torch.softmax(z, -1) - onehot
-                grad = _wide_grad(Xa, p) / n + r * W * mask
+                grad = wide_grad(Xa, p) / n + r * W * mask
                 return f, grad
 
         return fun
@@ -467,9 +295,7 @@ class TorchLogisticRegression(_LinearHead):
         if d.shape[1] == 1:
             p1 = 1.0 / (1.0 + np.exp(-d[:, 0]))
             return np.stack([1 - p1, p1], 1)
-        d = d - d.max(1, keepdims=True)
-        e = np.exp(d)
-        return e / e.sum(1, keepdims=True)
+        return softmax_of_scores(d)
 
 
 class TorchLinearSVC(_LinearHead):
@@ -491,10 +317,10 @@ class TorchLinearSVC(_LinearHead):
 
         def fun(W, sel):
             r = reg[sel]
-            z = _wide_scores(Xa, W)  # [n, g, K]
+            z = wide_scores(Xa, W)  # [n, g, K]
             h = (1 - yb * z).clamp_min(0)
             f = (h * h).sum((0, 2)) / n + 0.5 * r.view(-1) * (W * W).sum((1, 2))
-            grad = _wide_grad(Xa, -2 * h * yb) / n + r * W
+            grad = wide_grad(Xa, -2 * h * yb) / n + r * W
             return f, grad
 
         return fun
@@ -575,14 +401,14 @@ class TorchKNN(_TorchHead):
 
         t0 = time.perf_counter()
         X, yi = self._validate(X, y)
-        dev = _device(self.device)
-        splits, plan = _folds(yi, self.folds, self.seed)
+        dev = torch_device(self.device)
+        splits, plan = fold_splits(yi, self.folds, self.seed)
         cands = self._check_grid(self._grid(), min(len(tr) for tr, _ in splits))
         kmax = max(c["n_neighbors"] for c in cands)
         nc = len(self.classes_)
         scores = np.zeros((len(cands), len(splits)))
-        with torch.no_grad(), _fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
-            Xall = self._normalise(_to_tensor(X, dev))
+        with torch.no_grad(), fast_matmul(dev, float(X.shape[0]) * X.shape[1]):
+            Xall = self._normalise(to_tensor(X, dev))
             yall = torch.as_tensor(yi, device=dev)
             for f, (tr, va) in enumerate(splits):
                 tr_t, va_t = torch.as_tensor(tr, device=dev), torch.as_tensor(va, device=dev)
@@ -591,9 +417,9 @@ class TorchKNN(_TorchHead):
                 yv_np = yi[va]
                 for c, cand in enumerate(cands):
                     v = self._votes(sim, nbl, cand["n_neighbors"], cand["weights"], cand["metric"], nc)
-                    scores[c, f] = score_predictions(self.scoring, yv_np, _to_numpy(v.argmax(1)))
+                    scores[c, f] = score_predictions(self.scoring, yv_np, to_numpy(v.argmax(1)))
             self._finish_search(cands, scores, plan, t0)
-            self.fit_X_ = _to_numpy(Xall)
+            self.fit_X_ = to_numpy(Xall)
         self.fit_y_ = yi
         self.fit_seconds_ = time.perf_counter() - t0
         return self
@@ -602,16 +428,16 @@ class TorchKNN(_TorchHead):
         import torch
 
         X = self._check_X(X)
-        dev = _device(self.device)
+        dev = torch_device(self.device)
         p = self.best_params_
         k = min(int(p["n_neighbors"]), len(self.fit_y_))
-        with torch.no_grad(), _fast_matmul(dev):
+        with torch.no_grad(), fast_matmul(dev):
             K = torch.as_tensor(self.fit_X_).to(dev)
             yk = torch.as_tensor(self.fit_y_).to(dev)
-            Q = self._normalise(_to_tensor(X, dev))
+            Q = self._normalise(to_tensor(X, dev))
             sim, nb = self._neighbours(Q, K, k)
             v = self._votes(sim, yk[nb], k, p["weights"], p["metric"], len(self.classes_))
-            return _to_numpy(v).astype(np.float64)
+            return to_numpy(v).astype(np.float64)
 
     def predict_proba(self, X) -> np.ndarray:
         v = self._votes_for(X)

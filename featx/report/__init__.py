@@ -1,4 +1,7 @@
-"""Stage 6, report: metrics with intervals, Markdown tables, plots, report.html and MLflow logging."""
+"""Stage 6, report: metrics with intervals, Markdown tables, plots, report.html and MLflow logging.
+
+It renders results it is given; :func:`featx.runs.publish.publish_run` calls it after a run.
+"""
 
 from ..base.lazy import lazy_exports
 
@@ -15,9 +18,6 @@ _EXPORTS = {
     "read_predictions": "predictions",
     "predictions_path": "predictions",
     "log_run": "tracking",
-    "write_report": "html",
-    "log_run": "tracking",
-    "publish_run": "publish",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,25 +6,19 @@ point apart are not told apart; the chart must say so before anyone reads the ta
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..base.io import atomic_write_bytes
 from .metrics import wilson_interval
+from .mpl import pyplot
 
 
 def _mpl_text(s: Any) -> str:
     return str(s).replace("$", r"\$")
-
-
-def _pyplot():
-    import matplotlib  # plotting only when a report is written
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def compare_intervals(rows: Sequence[dict], n_eval: int | None) -> list[dict]:
@@ -43,7 +37,7 @@ def compare_intervals(rows: Sequence[dict], n_eval: int | None) -> list[dict]:
 
 def plot_compare_ci(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> Path:
     """One horizontal line per method: accuracy (dot) and its 95 % interval (whiskers)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = list(rows)
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * max(len(rows), 1)), dpi=100)
     colors = {"probe": "#1f77b4", "finetune": "#d62728"}
@@ -109,33 +103,52 @@ def fewshot_series(data: dict) -> dict[str, list[tuple[int, float, float | None,
     return {h: sorted(pts) for h, pts in series.items()}
 
 
-def plot_fewshot(series: dict, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Accuracy against shots per class, one line per head, the 95 % interval as a band."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for head, pts in series.items():
-        ks = [p[0] for p in pts]
-        ax.plot(ks, [100 * p[1] for p in pts], "o-", label=_mpl_text(head))
-        if all(p[2] is not None for p in pts):
-            ax.fill_between(ks, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.2)
-    ax.set_xscale("log")
+def plot_fewshot(series: dict, path: str | os.PathLike, *, title: str = "", n_seeds: int | None = None) -> Path:
+    """Accuracy against shots per class, one line per head, its 95 % interval as a band (log x axis).
+
+    ``series``: :func:`fewshot_series`.  One shot count: points side by side with interval whiskers
+    (a band needs two).  ``n_seeds``: said in the title, with what the band shows.
+    """
+    plt = pyplot()
     allk = sorted({p[0] for pts in series.values() for p in pts})
+    single = len(allk) == 1
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i, (head, pts) in enumerate(series.items()):
+        ks, mean = [p[0] for p in pts], [100 * p[1] for p in pts]
+        has_ci = all(p[2] is not None and p[3] is not None for p in pts)
+        if single:
+            x = [k * (1 + 0.04 * (i - (len(series) - 1) / 2)) for k in ks]
+            err = [[m - 100 * p[2] for m, p in zip(mean, pts)], [100 * p[3] - m for m, p in zip(mean, pts)]] if has_ci else None
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=4, linestyle="none", label=_mpl_text(head))
+            continue
+        ax.plot(ks, mean, "o-", label=_mpl_text(head))
+        if has_ci:
+            ax.fill_between(ks, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.2)
+    if not single:
+        ax.set_xscale("log")
     ax.set_xticks(allk)
     ax.set_xticklabels([str(k) for k in allk])
+    ax.minorticks_off()
     ax.set_xlabel("training images per class (shots)")
-    ax.set_ylabel("evaluation accuracy (%)")
+    ax.set_ylabel("accuracy on the evaluation split (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9)
-    return _save(fig, ax, path, title)
+    if single:  # the points spread across the plot: the legend goes below it
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(series)), fontsize=8)
+    else:
+        ax.legend(loc="lower right", fontsize=9)
+    if n_seeds is not None:
+        what = "whiskers" if single else "band"
+        title = f"{title}\nfew-shot accuracy, mean of {n_seeds} seed(s), {what} = 95% CI".lstrip()
+    return _save(fig, ax, path, title, fontsize=9 if n_seeds is not None else 10)
 
 
-def _save(fig, ax, path: str | os.PathLike, title: str) -> Path:
-    import matplotlib.pyplot as plt  # heavy: only when a chart is drawn
-
+def _save(fig, ax, path: str | os.PathLike, title: str, *, fontsize: int = 10) -> Path:
+    """Title, lay out and write the figure atomically (a killed run never leaves half a PNG)."""
+    plt = pyplot()
     if title:
-        ax.set_title(_mpl_text(title), fontsize=10)
+        ax.set_title(_mpl_text(title), fontsize=fontsize)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())

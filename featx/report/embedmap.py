@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..cache.store import FeatureCache
+from .mpl import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,24 @@ def pick_rows(labels: np.ndarray, *, keep: Sequence[int] = (), max_points: int =
     return np.unique(picked)  # rounding per class may add a few rows
 
 
+def degenerate(Z: np.ndarray) -> bool:
+    """True when the points (nearly) all coincide or are not finite: no 2-D map can show anything."""
+    if not len(Z) or not np.isfinite(Z).all():
+        return True
+    spread = float(np.ptp(Z, axis=0).max()) if Z.size else 0.0
+    return spread <= 1e-6 * max(1.0, float(np.abs(Z).max())) or len(np.unique(Z.round(6), axis=0)) < 3
+
+
 def project(X: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of ``X`` and the method's name ("pca+tsne", "pca+umap" or "pca")."""
+    """2-D coordinates of ``X`` and the method's name ("pca+tsne", "pca+umap", "pca", or "degenerate": no map)."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
     k = int(min(50, X.shape[1], max(n - 1, 1)))
     Z = PCA(n_components=k, random_state=seed).fit_transform(X) if k >= 2 else np.c_[X[:, :1], np.zeros(n)]
+    if degenerate(Z):  # t-SNE divides by the spread of its start: constant features crash it (signal 11)
+        return np.zeros((n, 2), dtype=np.float32), "degenerate"
     if method == "auto":
         method = "umap" if find_spec("umap") is not None else "tsne"
     if n < 8 or method == "pca":  # t-SNE needs perplexity < n
@@ -107,10 +118,7 @@ def _mpl_text(s: str) -> str:
 def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *,
              eval_rows: Sequence[int] = (), wrong_rows: Sequence[int] = (), title: str = "") -> Path:
     """Scatter the map, one colour per class; evaluation rows ringed, misclassified ones crossed."""
-    import matplotlib  # plotting only when a report is written
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, xy = np.asarray(coords["rows"]), np.asarray(coords["xy"])
     lab = np.asarray(labels)[rows]

@@ -22,11 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
+from ..base.version import __version__
+from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from . import charts, embedmap
+from .audit import CSS as AUDIT_CSS
+from .audit import section_audit
 from .metrics import is_chosen
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
@@ -46,7 +49,9 @@ main{max-width:1120px;margin:0 auto;padding:16px}h1{font-size:1.5em;margin:.2em 
 section{background:#fff;border:1px solid #e3e7ec;border-radius:8px;padding:4px 16px 16px;margin:14px 0}
 .meta{color:#556;font-size:.9em}.note{color:#556;font-size:.9em}.warn{color:#8a4b00}
 nav a{margin-right:.8em;white-space:nowrap}code,.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;overflow-wrap:anywhere}
-.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.4em 0;font-size:.9em}
+.scroll{overflow-x:auto;max-width:100%;background:linear-gradient(to right,#fff 30%,rgba(255,255,255,0)) left/32px 100% no-repeat local,linear-gradient(to left,#fff 30%,rgba(255,255,255,0)) right/32px 100% no-repeat local,radial-gradient(farthest-side at 0 50%,rgba(0,0,0,.22),transparent) left/12px 100% no-repeat scroll,radial-gradient(farthest-side at 100% 50%,rgba(0,0,0,.22),transparent) right/12px 100% no-repeat scroll}
+.scroll::-webkit-scrollbar{height:8px}.scroll::-webkit-scrollbar-thumb{background:#c3cad4;border-radius:4px}.scroll{scrollbar-width:thin;scrollbar-color:#c3cad4 transparent}
+table{border-collapse:collapse;margin:.4em 0;font-size:.9em}
 th,td{padding:3px 8px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .bar{display:inline-block;height:9px;background:#4a7fd4;border-radius:2px;vertical-align:middle}
 img.fig{max-width:100%;height:auto;display:block;margin:.4em 0}
@@ -60,7 +65,8 @@ table.cm.dense td{min-width:0;width:9px;height:9px;padding:0;font-size:0;border:
 td.q0{background:#fff}td.q1{background:#eef4fb}td.q2{background:#d9e7f6}td.q3{background:#bcd5ee}td.q4{background:#98bde3}
 td.q5{background:#6fa2d6;color:#fff}td.q6{background:#4b86c6;color:#fff}td.q7{background:#2f69b0;color:#fff}td.q8{background:#1d4f92;color:#fff}td.q9{background:#0f3470;color:#fff}
 table.cm td.diag{outline:1px solid #1b7a3a;outline-offset:-1px}
-@media (max-width:600px){main{padding:8px}section{padding:2px 10px 10px}body{font-size:14px}.grid{grid-template-columns:repeat(auto-fill,minmax(110px,1fr))}}
+@media (max-width:600px){main{padding:8px}section{padding:2px 10px 10px}body{font-size:14px}.grid{grid-template-columns:repeat(auto-fill,minmax(110px,1fr))}
+th,td{padding:3px 5px}table.cm{font-size:.8em}table.cm th.row{white-space:normal;overflow-wrap:anywhere;max-width:6.5em}table.cm td{min-width:1.6em;padding:2px 1px}table.cm th.corner{font-size:.85em;max-width:5em}}
 """
 
 
@@ -231,6 +237,10 @@ def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir
     eval_rows = [p.row for p in preds] if preds else []
     wrong = [p.row for p in preds if not p.correct] if preds else []
     coords = embedmap.map_coordinates(fc, run_dir, keep=wrong)
+    if coords["method"] == "degenerate":
+        return _section("map", "Embedding map", _p("No map: the images' features (nearly) all coincide, so there is "
+                                                   "nothing to place. A constant or broken cache? `featx verify` checks it.",
+                                                   "warn"))
     method = {"pca+tsne": "PCA to 50 dimensions, then t-SNE", "pca+umap": "PCA, then UMAP", "pca": "PCA"}[coords["method"]]
     png = embedmap.plot_map(coords, fc.labels(), fc.classes, run_dir / "report_map.png", eval_rows=eval_rows,
                             wrong_rows=wrong, title=f"{len(coords['rows'])} of {len(fc)} images, {method}")
@@ -272,16 +282,19 @@ def section_compare(compare: dict, run_dir: Path) -> Markup:
     return _section("compare", "Fine-tune vs probe", join(parts))
 
 
-def section_fewshot(fewshot: dict, run_dir: Path) -> Markup:
+def section_fewshot(fewshot: dict, run_dir: Path, source: Path | None = None) -> Markup:
+    """The few-shot curve; ``source``: the few-shot run it comes from, when not ``run_dir`` itself."""
     series = charts.fewshot_series(fewshot)
     if not series:
-        pngs = sorted(run_dir.glob("fewshot*.png"))
+        pngs = sorted((source or run_dir).glob("fewshot*.png"))
         body = [_img(p, "few-shot curve") for p in pngs] or [_p("fewshot.json holds no curve this featx can read.", "warn")]
         return _section("fewshot", "Few-shot curve", join(body))
     png = charts.plot_fewshot(series, run_dir / "report_fewshot.png", title="accuracy against training images per class")
     rows = [[h, k, pct(m), "–" if lo is None else f"{pct(lo)} – {pct(hi)}"] for h, pts in series.items() for k, m, lo, hi in pts]
     seeds = fewshot.get("seeds") or (fewshot.get("settings") or {}).get("seeds")
     note = "Mean over seeds" + (f" ({seeds})" if seeds else "") + "; band and interval: 95% CI."
+    if source is not None and source != run_dir:
+        note += f" From the few-shot run {source.name} on the same cache."
     return _section("fewshot", "Few-shot curve", join([_p(note), _img(png, "few-shot curve"),
                                                        table(["head", "shots per class", "accuracy", "95% CI"], rows, num=(1, 2, 3))]))
 
@@ -308,7 +321,7 @@ def _predictions(run: RunFiles, head: str, fc: FeatureCache | None) -> tuple[lis
 
 def _header(run: RunFiles, sections: list[tuple[str, str]]) -> Markup:
     info = run.cache_info
-    src = run.metrics or run.compare or run.fewshot or {}
+    src = run.metrics or run.compare or run.fewshot or run.audit or {}
     dataset = Path(str(info.get("root") or "")).name or run.run_dir.name
     nav = join((Markup(f'<a href="#{esc(sid)}">{esc(title)}</a>') for sid, title in sections), " ")
     meta = (f"run <span class=\"path\">{esc(run.run_dir)}</span> · created {esc(src.get('created', '?'))} · "
@@ -326,15 +339,17 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
     if best is not None:
         classes = list(fc.classes if fc is not None else run.cache_info.get("classes") or [])
         preds, why = _predictions(run, best, fc)
-        root = fc.root if fc is not None else ""
+        root = trusted_root(fc.meta, what=f"report of {run.run_dir}") if fc is not None else ""
         out.append(section_mistakes(preds, best, root, run.run_dir / "thumbs", why))
         out.append(section_heads(metrics, best))
         out.append(section_confusion(metrics, best, classes, preds))
         out.append(section_per_class(metrics, best))
+    if run.audit:
+        out.insert(2 if best is not None else 0, section_audit(run.run_dir, run.audit, fc.root if fc is not None else ""))
     if run.compare:
         out.append(section_compare(run.compare, run.run_dir))
     if run.fewshot:
-        out.append(section_fewshot(run.fewshot, run.run_dir))
+        out.append(section_fewshot(run.fewshot, run.run_dir, run.fewshot_dir))
     if metrics is not None or fc is not None:
         out.append(section_map(fc, preds, run.run_dir))
     out.append(section_dataset(run, fc))
@@ -342,7 +357,7 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
 
 
 _TITLES = {"mistakes": "Mistakes", "heads": "Heads", "confusion": "Confusion", "classes": "Per class", "compare": "Fine-tune vs probe",
-           "fewshot": "Few-shot", "map": "Embedding map", "data": "Data set"}
+           "fewshot": "Few-shot", "map": "Embedding map", "data": "Data set", "audit": "Data audit"}
 
 
 def write_report(run_dir: str | os.PathLike, *, cache: FeatureCache | str | os.PathLike | None = None) -> Path:
@@ -361,7 +376,7 @@ def write_report(run_dir: str | os.PathLike, *, cache: FeatureCache | str | os.P
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f"<title>{esc(title)}</title><style>{CSS}{AUDIT_CSS}</style></head><body><main>"
         + _header(run, [(i, _TITLES.get(i, i)) for i in ids]) + "".join(sections)
         + f"<p class=\"meta\">Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by featx {esc(__version__)}.</p>"
         "</main></body></html>\n"

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .mpl import pyplot
+
 # Above this many classes the JSON keeps per-class numbers but not the full matrix.
 MAX_JSON_MATRIX = 50
 # Above this many classes the PNG shows the most-confused classes only.
@@ -198,10 +200,7 @@ def plot_confusion(
     Cells show the share of each true class predicted as each class (and the count when the
     matrix is small); with more than ``max_classes`` classes only the most-confused are drawn.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cm = np.asarray(cm)
     idx = np.arange(len(classes))

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..base.io import atomic_write_bytes
+from ..heads.scores import as_probabilities
 
 COLUMNS = ("row", "path", "split", "true", "pred", "confidence", "p_true")
 
@@ -48,18 +49,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in COLUMNS}
-
-
-def as_probabilities(scores: np.ndarray) -> np.ndarray:
-    """Rows of ``scores`` as probabilities: kept when they already are, else a softmax."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim == 1:
-        s = np.stack([-s, s], axis=1)
-    if s.size and s.min() >= 0 and s.max() <= 1 and np.allclose(s.sum(axis=1), 1.0, atol=1e-3):
-        return s
-    s = s - s.max(axis=1, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def make_predictions(

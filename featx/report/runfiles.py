@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import FeatxError
-from ..cache.multi import MultiCache, open_cache as open_any_cache
+from ..cache.multi import MultiCache
+from ..cache.multi import open_cache as open_any_cache
 from ..cache.store import FeatureCache
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("metrics.json", "compare.json", "fewshot.json")
+RUN_FILES = ("metrics.json", "compare.json", "fewshot.json", "audit.json")
 
 
 @dataclass
@@ -30,11 +31,13 @@ class RunFiles:
     probe_dir: Path | None = None
     compare: dict | None = None
     fewshot: dict | None = None
+    fewshot_dir: Path | None = None  # where fewshot.json was found: this folder, or a few-shot run of the same cache
+    audit: dict | None = None  # featx audit / probe --audit
 
     @property
     def cache_info(self) -> dict:
         """The cache summary recorded by whichever stage ran (path, classes, root, splits...)."""
-        for src in (self.metrics, self.compare, self.fewshot):
+        for src in (self.metrics, self.compare, self.fewshot, self.audit):
             if src and isinstance(src.get("cache"), dict):
                 return src["cache"]
         return {}
@@ -65,12 +68,17 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     run = RunFiles(run_dir=run_dir)
     run.compare = _read_json(run_dir / "compare.json")
     run.fewshot = _read_json(run_dir / "fewshot.json")
+    run.fewshot_dir = run_dir if run.fewshot is not None else None
+    run.audit = _read_json(run_dir / "audit.json")
     for d in (run_dir, run_dir / "probe"):
         m = _read_json(d / "metrics.json")
         if m is not None:
             run.metrics, run.probe_dir = m, d
             break
-    if run.metrics is None and run.compare is None and run.fewshot is None:
+    if run.fewshot is None and run.metrics is not None:
+        run.fewshot_dir = sibling_fewshot(run_dir, run.metrics.get("fingerprint"))
+        run.fewshot = _read_json(run.fewshot_dir / "fewshot.json") if run.fewshot_dir else None
+    if run.metrics is None and run.compare is None and run.fewshot is None and run.audit is None:
         raise FeatxError(
             f"{run_dir} holds no featx results ({', '.join(RUN_FILES)}); pass a folder written by "
             "`featx probe`, `featx compare` or `featx fewshot`"
@@ -78,18 +86,42 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     return run
 
 
+def sibling_fewshot(run_dir: Path, fingerprint: str | None) -> Path | None:
+    """The newest few-shot run beside ``run_dir`` on the cache of ``fingerprint`` (its curve joins the report)."""
+    if not fingerprint or not run_dir.parent.is_dir():
+        return None
+    found = []
+    for sub in run_dir.parent.iterdir():
+        f = sub / "fewshot.json"
+        if sub != run_dir and f.is_file():
+            try:
+                source = json.loads(f.read_text(encoding="utf-8")).get("source") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+            if source.get("fingerprint") == fingerprint:
+                found.append((f.stat().st_mtime, sub))
+    return max(found)[1] if found else None
+
+
 def find_run(runs_dir: str | os.PathLike = "runs") -> Path:
-    """The most recently written run folder directly under ``runs_dir``."""
+    """The run ``featx report`` means without RUN_DIR: the newest probe or compare run under ``runs_dir``.
+
+    A few-shot run is not a report of its own when a probe or compare run exists: its curve joins the
+    report of the probe on the same cache (:func:`sibling_fewshot`).  Only without any probe or compare
+    run is the newest few-shot run the one.
+    """
     d = Path(runs_dir)
     found = []
     if d.is_dir():
         for sub in d.iterdir():
             stamps = [(sub / f).stat().st_mtime for f in RUN_FILES if (sub / f).is_file()]
+            stamps += [(sub / "probe" / "metrics.json").stat().st_mtime] if (sub / "probe" / "metrics.json").is_file() else []
             if stamps:
-                found.append((max(stamps), sub))
+                probe_or_compare = any((sub / f).is_file() for f in ("metrics.json", "compare.json"))
+                found.append((probe_or_compare, max(stamps), sub))
     if not found:
         raise FeatxError(f"no run folder in {str(d)!r}; run `featx probe` first, or pass RUN_DIR")
-    return max(found)[1]
+    return max(found)[2]
 
 
 def open_cache(run: RunFiles, cache: FeatureCache | str | os.PathLike | None = None) -> FeatureCache | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from ..base.io import atomic_write_bytes
+from ..data.guards import file_reason
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ def make_thumbnail(root: str | os.PathLike, key: str, thumbs_dir: str | os.PathL
     out = Path(thumbs_dir) / _thumb_name(key, src, px)
     if out.is_file():
         return out
+    why = file_reason(src)
+    if why:
+        log.warning("report: no thumbnail of %s (%s)", src, why)
+        return None
     try:
         with Image.open(src) as im:
             im.draft("RGB", (px * 2, px * 2))  # JPEG: decode at reduced size, much faster

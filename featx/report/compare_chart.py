@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .mpl import pyplot
+
 
 def place_labels(fig, ax, pts: Sequence[dict]) -> None:
     """Label each point with its method and accuracy, trying offsets until labels do not overlap."""
@@ -49,10 +51,7 @@ def place_labels(fig, ax, pts: Sequence[dict]) -> None:
 
 def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> Path:
     """Accuracy against wall time, one labelled point per method; written to ``path`` (PNG)."""
-    import matplotlib  # optional and slow to import: only when a chart is drawn
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [r for r in rows if r["wall_seconds"] and not math.isnan(r["accuracy"])]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)

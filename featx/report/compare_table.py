@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..base.progress import format_duration
+
 
 def fmt_time(s) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "n/a"
-    s = float(s)
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(round(s % 60)):02d} s"
-    return f"{int(s // 3600)} h {int(round(s % 3600 / 60)):02d} min"
+    return format_duration(s, decimals=1)
 
 
 def fmt_mem(b) -> str:

@@ -15,9 +15,10 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..cache.multi import MULTI_SUFFIX, open_cache
 from ..data.folders import is_image_name
+from ..embedding.extractor import embed_files, resolve_weights
+from ..embedding.head_guard import check_head_backbone, no_downloads
 from ..heads.persist import check_head_compatible, load_head
-from ..heads.probing import scores_of
-from .extractor import embed_files, resolve_weights
+from ..heads.scores import scores_of
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,23 @@ def _embed_inputs(inputs: list, meta: dict, *, weights, cache_dir, device, batch
     if not items:
         raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
     w = weights if weights is not None else _weights(meta)
-    emb = embed_files(
-        [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
-        device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
-        check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
-    )
+    check_head_backbone(meta, weights=w, head=str(meta.get("model_file", "?")))  # before anything is built
+    with no_downloads():
+        emb = embed_files(
+            [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
+            device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
+            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+        )
     ok = emb["ok"]
     return emb["features"], [items[i][0] for i in ok], [items[i][1] for i in ok], emb["failed"]
+
+
+def _weights(meta: dict):
+    """The weights that rebuild the head's backbone(s): one value, or {member: weights} for a cache set."""
+    fpd, source = meta.get("fingerprint_dict") or {}, meta.get("weights_source")
+    if "members" in fpd and isinstance(source, dict):
+        return {n: resolve_weights(fp, source.get(n)) for n, fp in fpd["members"].items()}
+    return resolve_weights(fpd, source)
 
 
 def _weights(meta: dict):
@@ -87,7 +98,7 @@ def predict(
 ) -> dict:
     """Apply a saved head to images (files/folders) or to a featx cache (.h5); write a CSV.
 
-    Images are embedded with the head's backbone via :func:`featx.embed.embed` into a cache
+    Images are embedded with the head's backbone via :func:`featx.embedding.runner.embed` into a cache
     under ``cache_dir/predict/`` (so a rerun is instant).  The CSV has ``path``, ``predicted``,
     ``folder`` (the parent folder name) and one ``p_<class>`` column per class.  Images that
     cannot be decoded are listed in the result (``failed``), not fatal.  A head trained on
@@ -118,6 +129,10 @@ def predict(
             inputs, meta, weights=weights, cache_dir=cache_dir, device=device, batch_size=batch_size,
             num_workers=num_workers, progress=progress,
         )
+    finite = np.isfinite(X).all(axis=1) if len(X) else np.ones(0, bool)
+    if not finite.all():  # never handed to a head: listed as failed, naming the image
+        failed += [(p, "NaN/inf features: not predicted (`featx verify` checks a cache)") for p, ok in zip(paths, finite) if not ok]
+        X, paths, folder = X[finite], [p for p, ok in zip(paths, finite) if ok], [c for c, ok in zip(folder, finite) if ok]
     t0 = time.perf_counter()
     pred = np.asarray(est.predict(X)) if len(X) else np.zeros(0, dtype=int)
     scores = scores_of(est, X) if len(X) else np.zeros((0, len(est_classes)))

@@ -26,25 +26,25 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-from ..config import defaults
-from ..report.publish import publish_run
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..cache.store import FeatureCache, find_cache
+from ..config import CompareSettings
 from ..data.splits import train_eval_split
 from ..embedding.runner import embed
+from ..finetune.results import CompareResult, FinetuneResult
+from ..finetune.settings import STRATEGIES, FinetuneSettings, RunOptions
+from ..finetune.train import finetune as run_finetune
 from ..heads.grids import KERNELS
-from ..heads.probing import probe
-from .chart import plot_chart
-from .results import CompareResult, FinetuneResult
-from .settings import STRATEGIES, FinetuneSettings, RunOptions
-from .table import markdown_table
-from .train import finetune as run_finetune
+from ..report.compare_chart import plot_chart
+from ..report.compare_table import markdown_table
+from .probe import probe
+from .publish import publish_run
 
 log = logging.getLogger(__name__)
 
@@ -57,76 +57,48 @@ NOTES = {
     "images_per_s": "probe: cache rows per second of embedding; fine-tune: training images per second of training",
     "peak_gpu_mem_bytes": "torch.cuda.max_memory_allocated during the fine-tune; n/a off CUDA",
 }
-_FT = FinetuneSettings()
-_C = defaults("compare")  # the typed defaults of `featx compare`
 
 
-@dataclass(frozen=True)
-class CompareSettings:
-    """Every option of :func:`compare` (the fine-tune's hyper-parameters default to :class:`FinetuneSettings`)."""
+# compare.json's "settings": the library's names of the options, in the order the file has always had.
+_SAVED = ("backbone", "weights", "cache", "limit", "head", "kernel", "folds", "test_size", "seed", "finetune",
+          "strategy", "epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs",
+          "label_smoothing", "partial_blocks", "val_fraction", "patience", "min_val_images", "device", "num_workers",
+          "n_jobs", "out_dir")
 
-    backbone: str = _C.backbone
-    weights: str | os.PathLike | None = None
-    cache_dir: str | os.PathLike = _C.cache_dir
-    cache: str | os.PathLike | None = None
-    manifest: str | os.PathLike | None = None
-    limit: int | None = None
-    head: str | Sequence[str] = _C.head
-    kernel: str = _C.kernel
-    folds: int = _C.folds
-    test_size: float = _FT.test_size
-    seed: int = _FT.seed
-    finetune: bool = False
-    strategy: str | Sequence[str] = _C.strategy
-    epochs: int = _FT.epochs
-    batch_size: int = _FT.batch_size
-    lr: float = _FT.lr
-    backbone_lr_scale: float = _FT.backbone_lr_scale
-    weight_decay: float = _FT.weight_decay
-    warmup_epochs: float = _FT.warmup_epochs
-    label_smoothing: float = _FT.label_smoothing
-    partial_blocks: int = _FT.partial_blocks
-    val_fraction: float = _FT.val_fraction
-    patience: int = _FT.patience
-    min_val_images: int = _FT.min_val_images
-    device: str = _C.device
-    num_workers: int | None = None
-    n_jobs: int = _C.n_jobs
-    grids: dict | None = None
-    out_dir: str | os.PathLike | None = None
-    checkpoint_seconds: float = _C.checkpoint_seconds
-    overwrite: bool = False
-    progress: bool = True
 
-    def validate(self) -> list[str]:
-        """Check the options before any work; returns the fine-tune strategies to run (cheapest first)."""
-        if self.kernel not in KERNELS:
-            raise FeatxError(f"--kernel {self.kernel!r}: expected one of {', '.join(KERNELS)}")
-        return parse_strategies(self.strategy) if self.finetune else []
+def check_settings(cfg: CompareSettings) -> list[str]:
+    """Check the options before any work; returns the fine-tune strategies to run (cheapest first)."""
+    if cfg.kernel not in KERNELS:
+        raise FeatxError(f"--kernel {cfg.kernel!r}: expected one of {', '.join(KERNELS)}")
+    return parse_strategies(cfg.strategy) if cfg.finetune else []
 
-    def heads(self) -> str | list[str]:
-        """``head`` as the probe takes it: "all", one name, or a list."""
-        if isinstance(self.head, str) and self.head != "all" and "," in self.head:
-            return [h.strip() for h in self.head.split(",") if h.strip()]
-        return self.head
 
-    def finetune_settings(self, strategy: str) -> FinetuneSettings:
-        names = {f.name for f in fields(FinetuneSettings)} - {"strategy", "min_scale"}
-        return FinetuneSettings.coerce(strategy=strategy, **{n: getattr(self, n) for n in names})
+def probe_heads(cfg: CompareSettings) -> str | list[str]:
+    """``head`` as the probe takes it: "all", one name, or a list."""
+    if isinstance(cfg.head, str) and cfg.head != "all" and "," in cfg.head:
+        return [h.strip() for h in cfg.head.split(",") if h.strip()]
+    return cfg.head
 
-    def run_options(self, out_dir: Path) -> RunOptions:
-        return RunOptions(weights=self.weights, device=self.device, num_workers=self.num_workers, out_dir=out_dir,
-                          checkpoint_seconds=self.checkpoint_seconds, overwrite=self.overwrite, progress=self.progress)
 
-    def to_dict(self, *, root, fc: FeatureCache, strategies: list[str], out_dir: Path) -> dict:
-        """The settings as saved in ``compare.json`` (the keys it has always had, plus min_val_images)."""
-        skip = ("cache_dir", "manifest", "grids", "checkpoint_seconds", "overwrite", "progress")
-        d = {k: v for k, v in asdict(self).items() if k not in skip}
-        return d | {
-            "root": str(root) if root is not None else fc.root, "cache": str(fc.path), "backbone": fc.meta.get("backbone"),
-            "weights": None if self.weights is None else str(self.weights), "finetune": bool(self.finetune),
-            "strategy": strategies, "out_dir": str(out_dir),
-        }
+def finetune_settings(cfg: CompareSettings, strategy: str) -> FinetuneSettings:
+    names = {f.name for f in fields(FinetuneSettings)} - {"strategy", "min_scale"}
+    return FinetuneSettings.coerce(strategy=strategy, **{n: getattr(cfg, n) for n in names})
+
+
+def run_options(cfg: CompareSettings, out_dir: Path, *, progress: bool) -> RunOptions:
+    return RunOptions(weights=cfg.weights, device=cfg.device, num_workers=cfg.workers, out_dir=out_dir,
+                      checkpoint_seconds=cfg.checkpoint_seconds, overwrite=cfg.overwrite, progress=progress)
+
+
+def settings_dict(cfg: CompareSettings, *, root, fc: FeatureCache, strategies: list[str], out_dir: Path) -> dict:
+    """The settings as saved in ``compare.json`` (the keys it has always had, plus min_val_images)."""
+    lib = cfg.library_kwargs()
+    d = {k: lib[k] for k in _SAVED}
+    return d | {
+        "root": str(root) if root is not None else fc.root, "cache": str(fc.path), "backbone": fc.meta.get("backbone"),
+        "weights": None if cfg.weights is None else str(cfg.weights), "finetune": bool(cfg.finetune),
+        "strategy": strategies, "out_dir": str(out_dir),
+    }
 
 
 def parse_strategies(strategies) -> list[str]:
@@ -195,42 +167,49 @@ def finetune_row(r: FinetuneResult) -> dict:
     return {k: r.get(k) for k in FINETUNE_ROW_KEYS}
 
 
-def open_cache(root, cfg: CompareSettings) -> FeatureCache:
+def open_cache(root, cfg: CompareSettings, *, progress: bool = True) -> FeatureCache:
     """DATA's cache (embedded or reused), else the given cache, else the newest in ``cache_dir``."""
     if root is None and cfg.manifest is None:
-        return FeatureCache(find_cache(cfg.cache, cache_dir=cfg.cache_dir))
+        return FeatureCache(find_cache(cfg.cache_path, cache_dir=cfg.cache_dir))
     return embed(
-        root, backbone=cfg.backbone, weights=cfg.weights, cache_dir=cfg.cache_dir, cache=cfg.cache,
-        manifest=cfg.manifest, device=cfg.device, limit=cfg.limit, progress=cfg.progress,
+        root, backbone=cfg.backbone, weights=cfg.weights, cache_dir=cfg.cache_dir, cache=cfg.cache_path,
+        manifest=cfg.manifest, device=cfg.device, limit=cfg.limit, progress=progress,
     )
 
 
-def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings | None = None, report: bool = False,
-            mlflow: bool = False, **values) -> CompareResult:
+# Keywords of compare() that are not options of `featx compare`, with their library defaults.
+_EXTRAS = {"grids": None, "progress": True, "report": None}
+
+
+def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings | None = None,
+            **overrides: Any) -> CompareResult:
     """Compare the probe heads (and, with ``finetune=True``, each fine-tune ``strategy``).
 
     Give the dataset ``root`` (embedded into ``cache_dir``, or reused in seconds when the cache
     is complete), an existing ``cache`` file, or neither (the newest cache in ``cache_dir``).
-    ``values`` override single fields of ``settings`` (:class:`CompareSettings`).  Returns a
-    :class:`CompareResult` (also ``compare.json``): ``rows`` (one per method), ``table``
+    ``settings``: the options of ``featx compare`` (:class:`featx.config.CompareSettings`); keyword
+    ``overrides`` replace single fields (``cache`` and ``num_workers`` name ``cache_path`` and
+    ``workers``); an unknown name is a TypeError.  Library-only keywords: ``grids``, ``progress``
+    and ``report`` (default: what a ``settings`` object says, else none, as :func:`featx.probe`).
+    Returns a :class:`CompareResult` (also ``compare.json``): ``rows`` (one per method), ``table``
     (Markdown), ``paths`` (json, markdown, chart), ``split``, ``settings`` and the full
-    ``probe`` / ``finetune`` results.  ``report`` also writes ``report.html``; ``mlflow`` logs the run.
+    ``probe`` / ``finetune`` results.  ``mlflow`` logs the run.
     """
     t0 = time.perf_counter()
-    unknown = sorted(set(values) - {f.name for f in fields(CompareSettings)})
-    if unknown:
-        raise TypeError(f"compare() got unexpected keyword argument(s) {', '.join(unknown)}")
-    cfg = replace(settings or CompareSettings(), **values)
-    strategies = cfg.validate()
-    fc = open_cache(root, cfg)
+    cfg, x = CompareSettings.with_overrides(settings, overrides, call="compare", extras=_EXTRAS)
+    report = x["report"] if x["report"] is not None else (settings is not None and cfg.report)
+    mlflow = cfg.mlflow
+    strategies = check_settings(cfg)
+    fc = open_cache(root, cfg, progress=x["progress"])
     train_idx, eval_idx, split_desc = train_eval_split(fc.labels(), fc.split_array(), test_size=cfg.test_size, seed=cfg.seed)
     base = Path(cfg.out_dir) if cfg.out_dir is not None else Path("runs") / f"compare-{fc.path.stem}"
     base.mkdir(parents=True, exist_ok=True)
 
-    log.info("compare: probe heads %s on %s (%d train / %d eval rows)", cfg.heads(), fc.path.name, len(train_idx), len(eval_idx))
+    log.info("compare: probe heads %s on %s (%d train / %d eval rows)", probe_heads(cfg), fc.path.name, len(train_idx),
+             len(eval_idx))
     probe_result = _run_probe(
-        fc, head=cfg.heads(), kernel=cfg.kernel, test_size=cfg.test_size, folds=cfg.folds, seed=cfg.seed,
-        device=cfg.device, n_jobs=cfg.n_jobs, grids=cfg.grids, out_dir=base / "probe", save=True,
+        fc, head=probe_heads(cfg), kernel=cfg.kernel, test_size=cfg.test_size, folds=cfg.folds, seed=cfg.seed,
+        device=cfg.device, n_jobs=cfg.n_jobs, grids=x["grids"], out_dir=base / "probe", save=True,
     )
     rows = probe_rows(probe_result, fc)
     n_eval_probe = probe_result.get("n_eval") or (probe_result.get("split") or {}).get("n_eval")
@@ -239,13 +218,13 @@ def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings 
                     n_eval_probe, len(eval_idx))
     ft_results: dict[str, FinetuneResult] = {}
     for s in strategies:
-        ft_results[s] = run_finetune(fc, settings=cfg.finetune_settings(s), options=cfg.run_options(base))
+        ft_results[s] = run_finetune(fc, settings=finetune_settings(cfg, s), options=run_options(cfg, base, progress=x["progress"]))
         rows.append(finetune_row(ft_results[s]))
     split = split_desc | {"n_train": int(len(train_idx)), "n_eval": int(len(eval_idx))}
     result = CompareResult(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cache={k: v for k, v in fc.summary().items() if k not in ("classes",)} | {"classes": fc.classes},
-        split=split, settings=cfg.to_dict(root=root, fc=fc, strategies=strategies, out_dir=base), rows=rows,
+        split=split, settings=settings_dict(cfg, root=root, fc=fc, strategies=strategies, out_dir=base), rows=rows,
         best=max(rows, key=lambda r: (-1 if math.isnan(r["accuracy"]) else r["accuracy"], -r["wall_seconds"]))["method"],
         table=markdown_table(rows), notes=dict(NOTES), probe=probe_result, finetune=ft_results, seconds=0.0, paths={},
     )

@@ -8,9 +8,9 @@ from typing import Any
 
 from ..base.errors import FeatxError
 from ..cache.store import FeatureCache
-from .html import write_report
-from .runfiles import find_run
-from .tracking import log_run
+from ..report.html import write_report
+from ..report.runfiles import find_run
+from ..report.tracking import log_run
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,14 @@ def publish_run(run_dir: str | os.PathLike, *, cache: FeatureCache | None = None
 
 def publish_existing_run(run_dir: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = "runs",
                          cache: str | os.PathLike | None = None, mlflow: bool = False) -> dict[str, Any]:
-    """``featx report``: the report of ``run_dir`` (default: the newest run under ``runs_dir``); errors stand."""
+    """``featx report``: the report of ``run_dir``; errors stand.
+
+    Without ``run_dir``: the newest probe or compare run under ``runs_dir`` (a few-shot run only when
+    there is none), whose report includes the few-shot curve of the same cache
+    (:func:`featx.report.runfiles.find_run`).  ``out["run"]`` names the run reported.
+    """
     run = run_dir if run_dir is not None else find_run(runs_dir)
-    out: dict[str, Any] = {"report": str(write_report(run, cache=cache)), "mlflow": None}
+    out: dict[str, Any] = {"report": str(write_report(run, cache=cache)), "mlflow": None, "run": str(run)}
     if mlflow:
         out["mlflow"] = log_run(run)
     return out

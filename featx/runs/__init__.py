@@ -1,0 +1,23 @@
+"""Runs: the commands that drive several stages (probe, few-shot, predict, compare) and publish their results.
+
+Each run reads a cache or images through the stages below it, writes its run folder (JSON first, so a
+failing report never loses results) and returns one result dataclass.  Only ``featx.cli`` sits above.
+"""
+
+from ..base.lazy import lazy_exports
+
+_EXPORTS = {
+    "probe": "probe",
+    "ProbeResult": "probe",
+    "fewshot": "fewshot",
+    "FewShotResult": "fewshot",
+    "predict": "predict",
+    "compare": "compare",
+    "CompareSettings": "compare",
+    "audit": "audit",
+    "AuditResult": "audit",
+    "publish_run": "publish",
+    "publish_existing_run": "publish",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

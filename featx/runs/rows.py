@@ -1,0 +1,124 @@
+"""The probe's training and evaluation rows: split, subset, memory check, then read block by block."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..base.errors import FeatxError
+from ..cache.integrity import rows_text
+from ..cache.multi import open_cache as open_any_cache
+from ..cache.rows import read_rows
+from ..cache.store import FeatureCache
+from ..data.splits import train_eval_split
+from ..heads.memory import check_memory, stratified_subset
+from ..heads.search import GroupedViewFolds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rows:
+    """Training and evaluation features read from a cache, with where they came from."""
+
+    X_tr: np.ndarray
+    y_tr: np.ndarray
+    tr: np.ndarray
+    X_ev: np.ndarray
+    y_ev: np.ndarray
+    ev: np.ndarray
+    split_desc: dict
+    load_seconds: float
+    subset: dict | None
+    fc: FeatureCache | None = None
+    # The last other view (or augmented rows) read: at most one is held beside the final features,
+    # so choosing among views needs memory for two, not for all of them.
+    by_view: dict = field(default_factory=dict)
+
+    def _held(self, key, read):
+        if key not in self.by_view:
+            self.by_view.clear()
+            self.by_view[key] = read()
+        return self.by_view[key]
+
+    def augmented(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features of view ``name`` of the training rows' augmented views, and their row in ``X_tr``."""
+        def read():
+            X, src = self.fc.augmented(self.tr, view=name)
+            return X, np.searchsorted(self.tr, src)  # tr is sorted
+
+        return self._held(("augmented", name), read)
+
+    def training(self, name: str, train_views: int, *, folds: int, seed: int):
+        """(X, y, folds) to fit on: the plain training rows, plus their augmented views with
+        folds grouped by image (:class:`featx.heads.search.GroupedViewFolds`) when asked."""
+        X_tr = self.view(name)[0]
+        if not train_views:
+            return X_tr, self.y_tr, folds
+        X_aug, src = self.augmented(name)
+        grouped = GroupedViewFolds(folds, random_state=seed, n_plain=len(X_tr), source=src)
+        return np.vstack([X_tr, X_aug]), np.concatenate([self.y_tr, self.y_tr[src]]), grouped
+
+    def view(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Training and evaluation features of view ``name`` (``final``: the cache's features)."""
+        if name == "final":
+            return self.X_tr, self.X_ev
+        def read():
+            splits = self.fc.split_array()
+            return read_rows(self.fc, self.tr, splits, view=name), read_rows(self.fc, self.ev, splits, view=name)
+
+        return self._held(name, read)
+
+
+def open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
+    """A cache, or a set of several backbones' caches (:class:`featx.cache.multi.MultiCache`)."""
+    return open_any_cache(cache, cache_dir=cache_dir)
+
+
+def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, name: str):
+    bad = ~np.isfinite(X).all(axis=1)
+    if not bad.any():
+        return X, y, idx
+    log.warning(
+        "%d %s rows of %s have NaN/inf features and are left out (cache rows %s); rebuild the cache with "
+        "`featx embed ... --dtype float32 --overwrite`", int(bad.sum()), what, name, rows_text(idx[bad]),
+    )
+    return X[~bad], y[~bad], idx[~bad]
+
+
+def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
+              exclude: dict | None = None) -> Rows:
+    """Split, leave out ``exclude`` rows, subset (``max_train_rows``), check memory, then read block by block."""
+    t0 = time.perf_counter()
+    labels, splits = fc.labels(), fc.split_array()
+    tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
+    if exclude:  # featx probe --drop-flagged: rows the audit flagged (the split itself is unchanged)
+        tr, ev = np.setdiff1d(tr, exclude.get("train", [])), np.setdiff1d(ev, exclude.get("eval", []))
+        split_desc = dict(split_desc, excluded={k: int(len(v)) for k, v in exclude.items()})
+    if not len(ev):
+        raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
+    subset = None
+    if max_train_rows is not None:
+        kept = stratified_subset(tr, labels[tr], int(max_train_rows), seed=seed)
+        if len(kept) < len(tr):
+            subset = {"max_train_rows": int(max_train_rows), "n_available": int(len(tr)), "n_used": int(len(kept)),
+                      "stratified": True, "seed": seed}
+            log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
+        tr = kept
+    mem = check_memory(len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
+    log.info("probe memory: about %.0f MiB needed", mem["needed_bytes"] / 2**20)
+    X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
+    X_ev, y_ev, ev = _drop_non_finite(read_rows(fc, ev, splits), labels[ev], ev, "evaluation", fc.path.name)
+    return Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc)
+
+
+def held_dim(fc: FeatureCache, cands: list) -> int:
+    """Feature columns per training row held at once: the final features and one other view (the
+    widest), which an augmented fit holds 1 + K times (plain rows, their views, and the stack of both)."""
+    other = max((fc.view_dim(v) for v, _, _ in cands if v != "final"), default=0)
+    k = max(k for _, _, k in cands)
+    return fc.dim + other + (2 * (1 + k) * max(other, fc.dim) if k else 0)
