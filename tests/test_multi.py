@@ -145,6 +145,19 @@ def test_predict_with_a_two_backbone_head_on_images_equals_the_cache(cache_set, 
         predict(model, [str(cs.members["tiny_cnn"].path)], out=tmp_path / "x.csv", progress=False)
 
 
+def test_predict_with_a_head_on_one_member_of_a_set_embeds_with_that_member(cache_set, tmp_path):
+    from featx.runs.predict import predict
+
+    root, _, cs = cache_set
+    res = probe(cs, head="logreg", out_dir=tmp_path / "run", view="final@tiny_cnn", n_jobs=1, plots=False)
+    model = res["heads"]["logreg"]["model_path"]
+    on_cache = predict(model, [str(cs.path)], out=tmp_path / "cache.csv", progress=False)
+    on_files = predict(model, [str(root)], out=tmp_path / "files.csv", cache_dir=tmp_path / "c", device="cpu",
+                       num_workers=0, progress=False)
+    assert on_files["n_images"] == on_cache["n_images"] == len(cs)
+    assert [r[:2] for r in _rows(on_files["csv"])] == [r[:2] for r in _rows(on_cache["csv"])]
+
+
 def test_feature_extractor_and_export_give_the_set_views(cache_set, tmp_path):
     from featx.cache.export import export_cache
     from featx.embedding.extractor import FeatureExtractor
