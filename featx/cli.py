@@ -30,6 +30,7 @@ import sys
 import click
 
 from .base.errors import CacheWriteError, FeatxError
+from .base.progress import format_bytes
 from .base.text import EscapingFormatter, escape_controls, escaped_stdout
 from .base.version import __version__
 from .config import (
@@ -72,14 +73,6 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     logging.getLogger("featx").setLevel(level)
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
     cls = summary["classes"]
@@ -95,7 +88,7 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
     click.echo(f"backbone   {summary['backbone']}  (weights sha256 {str(summary['weights_sha256'])[:12]}, {summary['weights_source']})")
     click.echo(f"preprocess {summary['preprocess']}")
     click.echo(f"failed     {summary['failed']}")
-    click.echo(f"size       {_human_bytes(summary['size_bytes'])}")
+    click.echo(f"size       {format_bytes(summary['size_bytes'])}")
     click.echo(f"root       {summary['root']}")
     if stats:
         if stats.get("embedded") or stats.get("failed_new"):
@@ -231,12 +224,19 @@ def _print_shard(res, *, as_json: bool) -> None:
 @settings_options(EmbedSettings)
 def embed(data: str | None, s: EmbedSettings) -> None:
     """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
-    from .embedding.runner import embed as run_embed  # torch: not imported for --help
+    from .embedding.multi import embed_backbones  # torch: not imported for --help
 
     if data is None and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
     # strict is checked below, after the failures are listed.
-    fc = run_embed(data, settings=s, strict=False, progress=not s.quiet)
+    results, cache_set = embed_backbones(data, settings=s, strict=False, progress=not s.quiet)
+    for fc in results:
+        _print_embedded(fc, s)
+    if cache_set is not None:
+        click.echo(f"cache set {cache_set.path} ({cache_set.backbone}): featx probe {cache_set.path}")
+
+
+def _print_embedded(fc, s: EmbedSettings) -> None:
     if s.shard is not None:  # a ShardResult: chunks added, no finished cache
         _print_shard(fc, as_json=s.as_json)
         return

@@ -33,6 +33,15 @@ def format_duration(s: float, *, decimals: int = 0) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
+def format_bytes(n: float) -> str:
+    """A size as people read it: ``512 B``, ``3.4 MB`` (the cache summaries)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 class LineProgress:
     """The subset of tqdm's interface featx uses, reported as plain log lines.
 

@@ -23,6 +23,7 @@ import numpy as np
 from ..base.errors import FeatxError
 from ..base.io import atomic_commit
 from .keys import decode_key
+from .multi import open_cache
 from .reader import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _view_kwargs(fc: FeatureCache, view: str | None) -> dict:
 def _blocks(fc: FeatureCache, *, kw: dict, chunk_rows: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, np.ndarray]]:
     """(features, keys, labels, split codes) for consecutive blocks of rows, in cache order."""
     start = 0
-    with h5py.File(fc.path, "r") as f:
+    with h5py.File(getattr(fc, "first", fc).path, "r") as f:  # a cache set: its members hold the same rows
         for feats in fc.iter_features(None, rows=chunk_rows, **kw):
             stop = start + len(feats)
             keys = [decode_key(k) for k in f["paths"][start:stop]]
@@ -147,7 +148,7 @@ def export_cache(
         raise FeatxError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if chunk_rows < 1:
         raise FeatxError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    fc = open_cache(cache)  # a cache, or a set of several backbones' caches (view VIEW@A+B)
     out = Path(out)
     if out.is_dir():
         raise FeatxError(f"--out {str(out)!r} is a folder; give a file name such as {out / (fc.path.stem + '.' + fmt)}")

@@ -94,3 +94,8 @@ def compose_from(view: str, parts: dict[str, np.ndarray]) -> np.ndarray:
         raise FeatxError(f"view {view!r} needs the part(s) {', '.join(missing)}, which were not embedded; "
                          "embed with --views stages,gem (and --tta flip for +flip views)")
     return compose(view, parts.__getitem__)
+
+
+def view_blocks(view: str, widths: dict[str, int]) -> list[tuple[str, int]]:
+    """(part, width) of the column blocks of ``view``, in column order (each block is one stored part)."""
+    return [(p, widths[p]) for p in _recipe(view)[0]]

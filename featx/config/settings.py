@@ -251,12 +251,15 @@ class ProbeSettings(Settings):
                                     path="dir", file=False)
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
     view: str = option("auto", "Feature view: auto (choose per head by CV among the cache's views), a name "
-                       "(final, multi2, multi3, gem, <view>+flip) or a comma list to choose among.")
+                       "(final, multi2, multi3, gem, <view>+flip; on a cache set of several backbones VIEW@BACKBONE "
+                       "or VIEW@A+B, the concatenation) or a comma list to choose among.")
     norm: str = option("auto", "Feature normalisation before the head: none, l2, power, or a comma list to choose "
                        "among by CV; auto = none (the head's own scaling; power measured no gain, ACCURACY.md).")
     train_views: Literal["auto", "on", "off"] = option(
         "auto", "Train on the cache's augmented views of the training images (featx embed --train-views K; CV "
                 "grouped by image): auto = with and without, chosen by CV; on; off.")
+    cv_repeats: int = option(3, "Repeats of the stratified CV that chooses among several views/backbones (paired "
+                                "folds, successive halving); 1 = one full search per candidate as before.")
     max_train_rows: Optional[int] = option(
         None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
               "the probe names a value that fits).")

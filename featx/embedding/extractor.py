@@ -28,12 +28,14 @@ from ..base.cuda import rows_to_device
 from ..base.errors import FeatxError
 from ..base.progress import progress_bar
 from ..base.runtime import default_workers, resolve_device
+from ..cache.multi import is_multi_view, split_view
 from ..cache.store import FeatureCache, fingerprint_digest
 from ..cache.views import available_views, check_view, compose_from, parts_for, view_dim
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
 from .cpu import forward_fn, iter_cpu_batches
 from .engine import cache_fingerprint, default_engine, split_parts
+from .multi import embed_files_multi
 from .runner import embed
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,13 @@ def embed_files(
     name is built with the parts that view needs.
     """
 
+    if is_multi_view(view):  # VIEW@A+B: each named backbone, then the set's composition
+        res = embed_files_multi(paths, view=view, embed_one=embed_files, weights=weights, cache_dir=cache_dir,
+                                device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                backbones=backbone if isinstance(backbone, dict) else None)
+        if check is not None:
+            check(res["fingerprint"], int(res["features"].shape[1]))
+        return res
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if isinstance(backbone, Backbone):
         bb = backbone
@@ -191,6 +200,20 @@ def _as_paths(X) -> list[str]:
     return out
 
 
+def _fingerprint(bb) -> dict:
+    """A backbone's cache fingerprint, or ``{"members": {name: fingerprint}}`` of a set's backbones."""
+    if isinstance(bb, dict):
+        return {"members": {n: cache_fingerprint(b, "float32") for n, b in bb.items()}}
+    return cache_fingerprint(bb, "float32")
+
+
+def _network(fp: dict) -> dict:
+    """What of a fingerprint names the network: backbone, weights, preprocessing (of every member)."""
+    if "members" in fp:
+        return {n: _network(f) for n, f in fp["members"].items()}
+    return {k: fp.get(k) for k in ("backbone", "weights_sha256", "preprocess")}
+
+
 class FeatureExtractor(TransformerMixin, BaseEstimator):
     """scikit-learn transformer: a list of image paths -> the frozen backbone's features.
 
@@ -238,12 +261,21 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
         bb = self._build()
         self.backbone_ = bb
-        self.fingerprint_ = cache_fingerprint(bb, "float32")
-        self.n_features_out_ = view_dim(self.view, bb.widths)
+        self.fingerprint_ = _fingerprint(bb)
+        if isinstance(bb, dict):  # a set view VIEW@A+B: one backbone per member
+            base = split_view(self.view)[0]
+            self.n_features_out_ = sum(view_dim(base, b.widths) for b in bb.values())
+        else:
+            self.n_features_out_ = view_dim(self.view, bb.widths)
         return self
 
     def _build(self):
-        """The backbone with the parts ``view`` needs (:func:`featx.cache.views.parts_for`)."""
+        """The backbone with the parts ``view`` needs (:func:`featx.cache.views.parts_for`); for a
+        set view (``final@efficientnet_lite0+efficientnet_lite2``) {name: backbone} of its members."""
+        if is_multi_view(self.view):
+            base, names = split_view(self.view)
+            parts, tta = parts_for(base)
+            return {n: create_backbone(n, weights=self.weights, views=parts, tta=tta) for n in names}
         parts, tta = parts_for(self.view)
         return create_backbone(self.backbone, weights=self.weights, views=parts, tta=tta)
 
@@ -286,9 +318,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         bb = getattr(self, "backbone_", None)
         if bb is None:
             bb = self._build()
-            fp = cache_fingerprint(bb, "float32")
-            keys = ("backbone", "weights_sha256", "preprocess")
-            if any(fp.get(k) != self.fingerprint_.get(k) for k in keys):
+            fp = _fingerprint(bb)
+            if _network(fp) != _network(self.fingerprint_):
                 raise FeatxError(
                     f"FeatureExtractor was fitted with backbone {self.fingerprint_} but rebuilding it here gives "
                     f"{fp}; pass the same weights file (weights=...) as when it was fitted"

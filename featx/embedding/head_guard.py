@@ -24,16 +24,37 @@ _NAME = re.compile(r"^(timm:)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 
 def check_head_backbone(meta: dict, *, weights, head: str) -> None:
-    """Refuse a sidecar whose backbone featx would not build, or that the user's ``--weights`` contradict."""
+    """Refuse a sidecar whose backbone featx would not build, or that the user's ``--weights`` contradict.
+
+    A head trained on a cache set (``--backbone a,b``) names ``a+b`` and one fingerprint per member:
+    each member is checked the same way (``weights`` may then be ``{member: weights}``).
+    """
     name = meta.get("backbone")
     fp = meta.get("fingerprint_dict") or {}
-    fix = "the head was not applied and nothing was downloaded; re-create the head with `featx probe`"
+    members = fp.get("members")
+    if isinstance(members, dict) and members:
+        if name != "+".join(members):
+            raise FeatxError(f"head {head}: its sidecar names backbone {str(name)[:80]!r} but was trained on the "
+                             f"set {'+'.join(map(str, members))[:80]!r}; {_FIX}")
+        for n, mfp in members.items():
+            w = weights.get(n) if isinstance(weights, dict) else weights
+            _check_one(n, mfp if isinstance(mfp, dict) else {}, w, head)
+        return
+    if isinstance(weights, dict):
+        raise FeatxError(f"head {head}: per-backbone weights given for a head of one backbone; {_FIX}")
+    _check_one(name, fp, weights, head)
+
+
+_FIX = "the head was not applied and nothing was downloaded; re-create the head with `featx probe`"
+
+
+def _check_one(name, fp: dict, weights, head: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name) or not (name.startswith("timm:") or name in list_backbones()):
         raise FeatxError(f"head {head}: its sidecar names backbone {str(name)[:80]!r}, which is not a backbone featx "
-                         f"builds (one of {', '.join(list_backbones())} or timm:<model>); {fix}")
+                         f"builds (one of {', '.join(list_backbones())} or timm:<model>); {_FIX}")
     if fp.get("backbone") not in (None, name):
         raise FeatxError(f"head {head}: its sidecar names backbone {name!r} but was trained on "
-                         f"{str(fp.get('backbone'))[:80]!r}; {fix}")
+                         f"{str(fp.get('backbone'))[:80]!r}; {_FIX}")
     if weights not in (None, "random") and os.path.isfile(weights) and fp.get("weights_sha256"):
         sha = sha256_file(weights)
         if sha != fp["weights_sha256"]:

@@ -312,6 +312,16 @@ def load_head(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, dic
         ) from None
 
 
+def _member_diffs(trained: dict, fingerprint: dict, what: str) -> list[str]:
+    """Differences of the member backbones of a cache set (featx.cache.multi); none for one backbone."""
+    a, b = trained.get("members"), fingerprint.get("members")
+    if a is None and b is None:
+        return []
+    if not isinstance(a, dict) or not isinstance(b, dict) or list(a) != list(b):
+        return [f"backbones: head trained on {list(a or {}) or 'one backbone'}, {what} has {list(b or {}) or 'one'}"]
+    return [f"backbone {n}: {k} differs" for n in a for k in FINGERPRINT_KEYS if a[n].get(k) != b[n].get(k)]
+
+
 def check_head_compatible(sidecar: dict, fingerprint: dict, *, dim: int | None = None, what: str = "these features") -> None:
     """Refuse to apply a head to features from another backbone, weights or preprocessing."""
     trained = sidecar.get("fingerprint_dict") or {}
@@ -322,7 +332,7 @@ def check_head_compatible(sidecar: dict, fingerprint: dict, *, dim: int | None =
         f"{k}: head trained on {show(k, trained.get(k))}, {what} has {show(k, fingerprint.get(k))}"
         for k in FINGERPRINT_KEYS
         if trained.get(k) != fingerprint.get(k)
-    ]
+    ] + _member_diffs(trained, fingerprint, what)
     if dim is not None and sidecar.get("dim") not in (None, dim):
         diffs.append(f"feature dimension: head expects {sidecar.get('dim')}, {what} has {dim}")
     if diffs:

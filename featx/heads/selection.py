@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -120,6 +120,12 @@ class Candidate:
     cv_std_err: float  # standard error of the mean CV score over the folds
     params: dict
     fit_seconds: float
+    # Repeated paired CV (featx.heads.repeated_cv): mean difference to the chosen candidate over the
+    # same folds, its standard error, folds scored, and the repeat after which it was dropped.
+    paired_margin: float | None = None
+    paired_se: float | None = None
+    folds_scored: int | None = None
+    dropped_after_repeat: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +168,10 @@ class SearchPlan:
     candidates: tuple[tuple[str, str, int], ...]
     # Passes over the training rows of a streamed fit (ProbeSettings.stream_epochs, featx.heads.streaming).
     stream_epochs: int | None = None
+    # Several plain candidates: repeats of the paired CV that chooses among them (featx.heads.repeated_cv;
+    # 1 = one full search per candidate), and its proxy scores shared by the heads of one probe.
+    cv_repeats: int = 1
+    memo: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -173,6 +183,7 @@ class Selection:
     table: list[Candidate]
     chosen: int
     seconds: float
+    choice: dict | None = None  # the repeated paired CV's record, when it chose (featx.heads.repeated_cv)
 
     @property
     def row(self) -> Candidate:
@@ -209,6 +220,16 @@ def fit_candidate(rows: TrainingRows, cand: tuple[str, str, int], plan: SearchPl
     return est, inner, row
 
 
+def plain_and_augmented(cands) -> tuple[list[tuple[str, str, int]], list[int], bool]:
+    """The plain candidates to choose among, the augmented-view counts, and whether augmented views are forced."""
+    plain_c = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
+    aug = sorted({k for _, _, k in cands if k})
+    forced_aug = bool(aug) and all(k for _, _, k in cands)
+    if forced_aug and len(plain_c) == 1:  # nothing to choose on the plain rows
+        plain_c = []
+    return plain_c, aug, forced_aug
+
+
 def select(rows: TrainingRows, plan: SearchPlan, *, fit: Callable = fit_candidate) -> Selection:
     """Fit the head's CV search on the candidates (view, norm, augmented views) of the training rows.
 
@@ -220,14 +241,10 @@ def select(rows: TrainingRows, plan: SearchPlan, *, fit: Callable = fit_candidat
     candidate is fitted, :func:`fit_candidate`'s signature (``featx.heads.streaming.fit_streamed`` streams).
     """
     cands = plan.candidates
-    plain_c = list(dict.fromkeys((v, n, 0) for v, n, _ in cands))
-    aug = sorted({k for _, _, k in cands if k})
-    forced_aug = bool(aug) and all(k for _, _, k in cands)
+    plain_c, aug, forced_aug = plain_and_augmented(cands)
     table: list[Candidate] = []
     kept: dict[int, tuple] = {}
     t0 = time.perf_counter()
-    if forced_aug and len(plain_c) == 1:  # nothing to choose on the plain rows
-        plain_c = []
     for cand in plain_c:
         _try(rows, cand, plan, table, kept, fit)
     if aug:

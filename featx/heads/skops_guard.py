@@ -69,6 +69,9 @@ def _is(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "dict":
         return isinstance(value, dict)
+    if kind == "str_or_str_dict":  # a cache set's heads (featx.cache.multi): {backbone: value}
+        return isinstance(value, str) or (isinstance(value, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()))
     if kind == "str_list":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "int_list":
@@ -77,8 +80,11 @@ def _is(value: Any, kind: str) -> bool:
 
 
 SIDECAR_FIELDS = {"classes": "str_list", "estimator_classes": "int_list", "fingerprint_dict": "dict", "view": "str",
-                  "backbone": "str", "head": "str", "dim": "int", "model_file": "str", "weights_source": "str",
+                  "backbone": "str", "head": "str", "dim": "int", "model_file": "str", "weights_source": "str_or_str_dict",
                   "sha256": "str"}
+
+
+_KIND_TEXT = {"str_or_str_dict": "str or {backbone: str}"}
 
 
 def check_sidecar_fields(meta: dict, sidecar) -> None:
@@ -86,7 +92,7 @@ def check_sidecar_fields(meta: dict, sidecar) -> None:
     for key, kind in SIDECAR_FIELDS.items():
         if not _is(meta.get(key), kind):
             shown = type(meta[key]).__name__
-            raise FeatxError(f"head sidecar {str(sidecar)!r}: field {key!r} should be {kind.replace('_', ' of ')}, "
+            raise FeatxError(f"head sidecar {str(sidecar)!r}: field {key!r} should be {_KIND_TEXT.get(kind, kind.replace('_', ' of '))}, "
                              f"not {shown}; re-create the head with `featx probe`")
     classes, est = meta.get("classes") or [], meta.get("estimator_classes") or []
     if classes and any(not 0 <= c < len(classes) for c in est):

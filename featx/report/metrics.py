@@ -158,12 +158,24 @@ def view_tables(heads: dict) -> str:
              "Chosen: the first row within one standard error of the best CV score.",
              "", "| head | view | norm | aug. views | dim | CV score | ± s.e. | chosen hyperparameters | fit s |",
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    paired = any(c.get("paired_margin") is not None for _, c in rows)
+    if paired:  # repeated paired CV (featx.heads.repeated_cv): the margin of every row to the choice
+        lines[2] = ("CV score per feature view (training rows only; the evaluation split was not used to choose), "
+                    "repeated and paired: the simplest row is kept unless the best beats it by more than the "
+                    "standard error of their paired fold differences (± s.e.: of each row's difference to the first).")
+        lines[4] += " margin to chosen ± s.e. |"
+        lines[5] += "---:|"
     for name, c in rows:
         h = heads[name]
         mark = " **← chosen**" if is_chosen(c, h) else ""
+        margin = ""
+        if paired:
+            margin = (f" {100 * c['paired_margin']:+.2f} ± {100 * c['paired_se']:.2f} pt"
+                      f"{' (dropped after repeat 1)' if c.get('dropped_after_repeat') else ''} |"
+                      if c.get("paired_margin") is not None else " |")
         lines.append(f"| {name} | {c['view']} | {c['norm']} | {c.get('train_views', 0)} | {c['dim']} | "
                      f"{_fmt(c['cv_score'])}{mark} | {_fmt(c.get('cv_std_err'))} | "
-                     f"{_fmt_params(c.get('params', {}))} | {_fmt(c.get('fit_seconds'), 2)} |")
+                     f"{_fmt_params(c.get('params', {}))} | {_fmt(c.get('fit_seconds'), 2)} |{margin}")
     return "\n".join(lines)
 
 

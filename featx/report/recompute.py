@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import FeatxError
+from ..cache.multi import open_cache
 from ..cache.store import FeatureCache
 from ..data.splits import train_eval_split
 from ..heads.persist import load_head
@@ -66,7 +67,7 @@ def recompute_predictions(metrics: dict, head: str, *, run_dir: str | os.PathLik
     model = _model_file(entry, run_dir)
     if model is None:
         raise FeatxError(f"run {run_dir} saved no {head} head (probe ran with --no-save); rerun `featx probe`")
-    fc = cache if cache is not None else FeatureCache((metrics.get("cache") or {}).get("path", ""))
+    fc = cache if cache is not None else open_cache((metrics.get("cache") or {}).get("path", ""))
     if metrics.get("fingerprint") and fc.fingerprint != metrics["fingerprint"]:
         raise FeatxError(f"cache {fc.path} is not the one run {run_dir} was trained on (fingerprint differs)")
     est, sidecar = load_head(model)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import FeatxError
+from ..cache.multi import MultiCache
+from ..cache.multi import open_cache as open_any_cache
 from ..cache.store import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -124,13 +126,13 @@ def find_run(runs_dir: str | os.PathLike = "runs") -> Path:
 
 def open_cache(run: RunFiles, cache: FeatureCache | str | os.PathLike | None = None) -> FeatureCache | None:
     """The run's cache (``cache`` when given), or None with a log line when it is gone."""
-    if isinstance(cache, FeatureCache):
+    if isinstance(cache, (FeatureCache, MultiCache)):
         return cache
     path = cache if cache is not None else run.cache_info.get("path")
     if not path:
         return None
     try:
-        fc = FeatureCache(path)
+        fc = open_any_cache(path)  # a cache, or a set of several backbones' caches
     except FeatxError as exc:
         log.warning("report: the run's cache cannot be opened (%s); images, failures and the map are left out", exc)
         return None

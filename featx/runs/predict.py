@@ -13,7 +13,7 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from ..cache.store import FeatureCache
+from ..cache.multi import MULTI_SUFFIX, is_multi_view, open_cache, split_view
 from ..data.folders import is_image_name
 from ..embedding.extractor import embed_files, resolve_weights
 from ..embedding.head_guard import check_head_backbone, no_downloads
@@ -47,16 +47,34 @@ def _embed_inputs(inputs: list, meta: dict, *, weights, cache_dir, device, batch
     items = _collect_inputs(inputs)
     if not items:
         raise FeatxError(f"no image files found in {', '.join(map(str, inputs))}")
-    w = weights if weights is not None else resolve_weights(meta.get("fingerprint_dict") or {}, meta.get("weights_source"))
+    w = weights if weights is not None else _weights(meta)
     check_head_backbone(meta, weights=w, head=str(meta.get("model_file", "?")))  # before anything is built
     with no_downloads():
         emb = embed_files(
             [p for p, _ in items], backbone=meta["backbone"], weights=w, cache_dir=Path(cache_dir) / "predict",
             device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, view=meta.get("view"),
-            check=lambda fp, dim: check_head_compatible(meta, fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
+            check=lambda fp, dim: check_head_compatible(_for_view(meta), fp, dim=dim, what=f"backbone {meta['backbone']} as built here"),
         )
     ok = emb["ok"]
     return emb["features"], [items[i][0] for i in ok], [items[i][1] for i in ok], emb["failed"]
+
+
+def _weights(meta: dict):
+    """The weights that rebuild the head's backbone(s): one value, or {member: weights} for a cache set."""
+    fpd, source = meta.get("fingerprint_dict") or {}, meta.get("weights_source")
+    if "members" in fpd and isinstance(source, dict):
+        return {n: resolve_weights(fp, source.get(n)) for n, fp in fpd["members"].items()}
+    return resolve_weights(fpd, source)
+
+
+def _for_view(meta: dict) -> dict:
+    """The sidecar with only the set members its view reads: a head on ``VIEW@A`` of a set ``A+B`` embeds
+    new images with A alone, so only A's fingerprint is compared."""
+    fpd, view = meta.get("fingerprint_dict") or {}, meta.get("view")
+    if not isinstance(fpd.get("members"), dict) or not is_multi_view(view):
+        return meta
+    names = split_view(view)[1]
+    return {**meta, "fingerprint_dict": {"members": {n: fpd["members"][n] for n in names if n in fpd["members"]}}}
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
@@ -100,8 +118,8 @@ def predict(
     if not inputs:
         raise FeatxError("pass image files or folders (or a .h5 cache) to predict on")
     failed: list[tuple[str, str]] = []
-    if len(inputs) == 1 and str(inputs[0]).endswith(".h5") and Path(inputs[0]).is_file():
-        fc = FeatureCache(inputs[0])
+    if len(inputs) == 1 and str(inputs[0]).endswith((".h5", MULTI_SUFFIX)) and Path(inputs[0]).is_file():
+        fc = open_cache(inputs[0])
         view = meta.get("view")
         check_head_compatible(meta, fc.fingerprint_dict, dim=fc.view_dim(view), what=f"cache {fc.path.name}")
         X = fc.features(view=view)

@@ -32,8 +32,9 @@ from ..data.splits import plan_folds
 from ..heads.factory import check_head_name, grid_key
 from ..heads.grids import ALL_HEADS, KERNELS, resolve_grids
 from ..heads.persist import HEAD_FORMATS, save_head
+from ..heads.repeated_cv import select_repeated
 from ..heads.scores import scores_of
-from ..heads.selection import SearchPlan, candidates, fit_candidate, select
+from ..heads.selection import SearchPlan, candidates, select
 from ..heads.streaming import fit_streamed, stream_candidates
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
@@ -115,7 +116,8 @@ def _probabilities(est) -> str:
 
 def _fit_and_score(rows: Rows, fc: FeatureCache, plan: SearchPlan):
     """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
-    sel = select(rows, plan, fit=fit_streamed if rows.stream else fit_candidate)
+    # Streamed rows are never all in memory: one search per candidate; else a repeated paired CV among them.
+    sel = select(rows, plan, fit=fit_streamed) if rows.stream else select_repeated(rows, plan)
     est, inner, table, b, fit_s = sel.est, sel.inner, sel.table, sel.chosen, sel.seconds
     view, norm = table[b].view, table[b].norm
     X_ev = rows.view(view)[1]
@@ -134,8 +136,9 @@ def _fit_and_score(rows: Rows, fc: FeatureCache, plan: SearchPlan):
         "view": view,
         "norm": norm,
         "train_views": table[b].train_views,
-        "view_choice": "cv (first within one standard error of the best)" if len(table) > 1 else "given",
+        "view_choice": _view_choice(sel),
         "views": [c.to_dict() for c in table],
+        **({"choice": sel.choice} if sel.choice is not None else {}),
         "cv_score": table[b].cv_score,
         "cv_scoring": plan.scoring,
         "cv_folds": int(getattr(inner, "n_splits_", plan.folds_used)),
@@ -153,6 +156,15 @@ def _fit_and_score(rows: Rows, fc: FeatureCache, plan: SearchPlan):
         rows=rows.ev, keys=[keys[i] for i in rows.ev], splits=fc.split_array()[rows.ev], y_true=rows.y_ev,
         y_pred=pred, classes=fc.classes, scores=scores, score_labels=est_classes)
     return entry, m, est_classes, est
+
+
+def _view_choice(sel) -> str:
+    if len(sel.table) <= 1:
+        return "given"
+    if sel.choice is not None:
+        return ("cv, repeated and paired (first within one standard error of the paired difference between the "
+                "best and the simplest candidate)")
+    return "cv (first within one standard error of the best)"
 
 
 def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: Rows, split_info: dict) -> dict:
@@ -211,7 +223,9 @@ def _run_head(rows: Rows, fc: FeatureCache, result: ProbeResult, plan: SearchPla
     return entry
 
 
-def _check_args(kernel: str, folds: int | None, head_format: str) -> None:
+def _check_args(kernel: str, folds: int | None, head_format: str, cv_repeats: int = 1) -> None:
+    if int(cv_repeats) < 1:
+        raise FeatxError(f"--cv-repeats must be at least 1, got {cv_repeats}")
     if head_format not in HEAD_FORMATS:
         raise FeatxError(f"--format {head_format!r}: expected one of {', '.join(HEAD_FORMATS)}")
     if kernel not in KERNELS:
@@ -239,7 +253,7 @@ def _settings_doc(s: ProbeSettings, names: list[str], resolved: dict, cands: lis
     """The settings saved in metrics.json (the keys it has always had)."""
     return {
         "heads": names, "kernel": s.kernel, "test_size": s.test_size, "folds": s.folds, "seed": s.seed, "solver": s.solver,
-        "device": s.device, "n_jobs": s.n_jobs,
+        "cv_repeats": s.cv_repeats, "device": s.device, "n_jobs": s.n_jobs,
         "grids": {grid_key(n, s.kernel): resolved[grid_key(n, s.kernel)] for n in names},
         "scoring": resolved["scoring"], "max_iter": resolved["max_iter"], "max_train_rows": s.max_train_rows,
         "view": _joined(s.view), "norm": _joined(s.norm), "train_views": s.train_views,
@@ -260,7 +274,10 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     keywords: ``grids`` (overrides of the ``heads:`` grids), ``plots`` (confusion PNGs), ``save`` (the
     fitted heads; default ``not settings.no_save``) and ``report``.
 
-    ``cache``: a path, a :class:`FeatureCache`, or None for the newest cache in ``cache_dir``.
+    ``cache``: a path, a :class:`FeatureCache`, a cache set of several backbones (``.multi.json``,
+    :class:`featx.cache.multi.MultiCache`), or None for the newest cache (or set) in ``cache_dir``.
+    ``cv_repeats``: with several candidate views, they are chosen by a repeated paired CV
+    (:mod:`featx.heads.repeated_cv`); 1 = one full search per candidate.
     Hyperparameters are chosen by CV on the training rows only; the evaluation rows are the
     cache's val/test split or a seeded stratified hold-out (``test_size``).  ``max_train_rows``
     trains on a stratified, seeded subset of the training rows (for caches bigger than memory:
@@ -284,7 +301,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     report = x["report"] if x["report"] is not None else (settings is not None and s.report)
     save = x["save"] if x["save"] is not None else not s.no_save
     names = _heads_list(s.head)
-    _check_args(s.kernel, s.folds, s.head_format)
+    _check_args(s.kernel, s.folds, s.head_format, s.cv_repeats)
     fc = open_cache(cache, s.cache_dir)
     resolved = resolve_grids(x["grids"])
     cands = candidates(s.view, s.norm, fc.views, cache_name=fc.path.name, train_views=s.train_views,
@@ -304,13 +321,13 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
         split=dict(rows.split_desc, n_train=int(len(rows.tr)), n_eval=int(len(rows.ev))), cv=folds_plan,
         settings=_settings_doc(s, names, resolved, cands), load_seconds=rows.load_seconds, train_subset=rows.subset,
     )
-    t0 = time.perf_counter()
+    t0, memo = time.perf_counter(), {}  # memo: the paired CV's proxy scores, shared by the heads
     for name in names:
         plan = SearchPlan(
             name=name, kernel=s.kernel, grid=resolved[grid_key(name, s.kernel)], scoring=resolved["scoring"],
             max_iter=resolved["max_iter"], folds=s.folds, folds_used=folds_plan["used"], seed=s.seed, n_jobs=s.n_jobs,
             device="cpu" if (s.device or "cpu").lower() == "cpu" else s.device, candidates=tuple(cands),
-            stream_epochs=s.stream_epochs)
+            stream_epochs=s.stream_epochs, cv_repeats=int(s.cv_repeats), memo=memo)
         result.heads[name] = _run_head(rows, fc, result, plan, s, out=out, plots=x["plots"], save=save)
     result.seconds = rows.load_seconds + time.perf_counter() - t0
     result.out_dir = str(out)

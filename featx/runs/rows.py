@@ -11,8 +11,9 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..cache.integrity import rows_text
+from ..cache.multi import open_cache as open_any_cache
 from ..cache.rows import read_rows
-from ..cache.store import FeatureCache, find_cache
+from ..cache.store import FeatureCache
 from ..data.splits import train_eval_split
 from ..heads.memory import check_memory, stratified_subset
 from ..heads.search import GroupedViewFolds
@@ -77,9 +78,8 @@ class Rows:
 
 
 def open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
-    if isinstance(cache, FeatureCache):
-        return cache
-    return FeatureCache(find_cache(cache, cache_dir=cache_dir))
+    """A cache, or a set of several backbones' caches (:class:`featx.cache.multi.MultiCache`)."""
+    return open_any_cache(cache, cache_dir=cache_dir)
 
 
 def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, name: str):
