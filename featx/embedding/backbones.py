@@ -58,6 +58,8 @@ def _build(name: str, w: str | None) -> Backbone:
     builder = REGISTRY.get(name)
     if builder is None:
         close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.5)
+        # Equally close names in name order (difflib puts ties in reverse order): lite0 before lite1, lite2.
+        close.sort(key=lambda c: (-difflib.SequenceMatcher(None, name, c).ratio(), c))
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise FeatxError(
             f"unknown backbone {name!r}.{hint} Valid: {', '.join(list_backbones())}, or timm:<name> for any timm model."
