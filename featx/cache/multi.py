@@ -27,7 +27,7 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from .keys import fingerprint_digest
 from .reader import FeatureCache, find_cache
-from .views import view_blocks
+from .views import l2_rows, view_blocks
 
 MULTI_SUFFIX = ".multi.json"
 AT, JOIN = "@", "+"
@@ -47,16 +47,12 @@ def split_view(view: str) -> tuple[str, list[str]]:
     return base, names
 
 
-def _l2(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
 def compose_multi(view: str, get: Callable[[str, str], np.ndarray]) -> np.ndarray:
     """The array of multi view ``view`` from ``get(backbone, base view)``: one member as is, several L2 ⊕ L2."""
     base, names = split_view(view)
     if len(names) == 1:
         return np.asarray(get(names[0], base), dtype=np.float32)
-    return np.hstack([_l2(np.asarray(get(n, base), dtype=np.float32)) for n in names]).astype(np.float32, copy=False)
+    return np.hstack([l2_rows(np.asarray(get(n, base), dtype=np.float32)) for n in names]).astype(np.float32, copy=False)
 
 
 def set_path(first_member: Path, backbones: list[str]) -> Path:

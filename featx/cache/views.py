@@ -74,7 +74,8 @@ def view_dim(view: str, widths: dict[str, int]) -> int:
     return sum(widths[p] for p in _recipe(view)[0])
 
 
-def _l2(X: np.ndarray) -> np.ndarray:
+def l2_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero): how every concatenated view weighs its parts."""
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
@@ -84,7 +85,7 @@ def compose(view: str, get: Callable[[str], np.ndarray]) -> np.ndarray:
     arrays = [np.asarray(get(p), dtype=np.float32) for p in parts]
     if len(arrays) == 1 and not l2:
         return arrays[0]
-    return np.hstack([_l2(a) for a in arrays]).astype(np.float32, copy=False)
+    return np.hstack([l2_rows(a) for a in arrays]).astype(np.float32, copy=False)
 
 
 def compose_from(view: str, parts: dict[str, np.ndarray]) -> np.ndarray:

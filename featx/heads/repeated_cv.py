@@ -38,6 +38,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from threadpoolctl import threadpool_limits
 
 from ..cache.multi import view_layout
+from ..cache.views import l2_rows
 from .search import AdaptiveStratifiedKFold
 from .selection import (
     Candidate,
@@ -81,10 +82,6 @@ class Spec:
     transform: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def _l2(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
 class GramStore:
     """Gram matrices of L2-normalised blocks, computed once per block and shared by candidates."""
 
@@ -98,7 +95,7 @@ class GramStore:
             if spec.transform is not None:
                 X = spec.transform(X)
             for key, _, (a, b) in missing:
-                Z = _l2(X[:, a:b])
+                Z = l2_rows(X[:, a:b])
                 self.memo[key] = Z @ Z.T
         G = None
         for key, w, _ in spec.blocks:
