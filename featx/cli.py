@@ -30,7 +30,6 @@ import sys
 import click
 
 from .base.errors import CacheWriteError, FeatxError
-from .base.progress import format_bytes
 from .base.text import EscapingFormatter, escape_controls, escaped_stdout
 from .base.version import __version__
 from .config import (
@@ -74,30 +73,10 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
 
 
 def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
-    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    cls = summary["classes"]
-    shown = ", ".join(cls[:10]) + (f", ... ({len(cls)} in all)" if len(cls) > 10 else "")
-    click.echo(f"cache      {summary['path']}")
-    click.echo(f"rows       {summary['rows']} ({splits})")
-    click.echo(f"classes    {len(cls)}: {shown}")
-    click.echo(f"features   {summary['dim']} x {summary['dtype']}")
-    if len(summary.get("views") or []) > 1:
-        click.echo(f"views      {', '.join(summary['views'])}  (featx probe chooses by CV; --view NAME forces one)")
-    if summary.get("train_views"):
-        click.echo(f"augmented  {summary['train_views']} views per training image (featx probe --train-views auto|on|off)")
-    click.echo(f"backbone   {summary['backbone']}  (weights sha256 {str(summary['weights_sha256'])[:12]}, {summary['weights_source']})")
-    click.echo(f"preprocess {summary['preprocess']}")
-    click.echo(f"failed     {summary['failed']}")
-    click.echo(f"size       {format_bytes(summary['size_bytes'])}")
-    click.echo(f"root       {summary['root']}")
-    if stats:
-        if stats.get("embedded") or stats.get("failed_new"):
-            click.echo(
-                f"this run   embedded {stats['embedded']}, reused {stats['reused']}, failed {stats['failed_new']} "
-                f"in {stats['seconds']:.1f}s ({stats['images_per_s']:.1f} images/s on {stats['device']})"
-            )
-        else:
-            click.echo(f"this run   nothing to embed: all {stats['reused']} images reused ({stats['seconds']:.1f}s)")
+    from .report.cache_summary import cache_summary_lines
+
+    for line in cache_summary_lines(summary, stats):
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------- group
@@ -261,10 +240,10 @@ def _print_embedded(fc, s: EmbedSettings) -> None:
 @click.argument("cache", type=click.Path(), required=False)
 @settings_options(InfoSettings)
 def info(cache: str | None, s: InfoSettings) -> None:
-    """Summarise CACHE (default: the newest cache in --cache-dir)."""
-    from .cache.store import FeatureCache, find_cache  # h5py: not imported for --help
+    """Summarise CACHE or a cache set (.multi.json; default: the newest in --cache-dir)."""
+    from .cache.multi import open_cache  # h5py: not imported for --help
 
-    fc = FeatureCache(find_cache(cache, cache_dir=s.cache_dir))
+    fc = open_cache(cache, cache_dir=s.cache_dir)
     summary = fc.summary()
     if s.as_json:
         summary["failed_images"] = [{"path": k, "reason": r} for k, r in fc.failed]

@@ -235,3 +235,21 @@ def test_head_guard_accepts_lite_builders_and_checks_every_member_of_a_set():
                             weights=None, head="h")
     with pytest.raises(FeatxError, match="trained on the set"):
         check_head_backbone({"backbone": "tiny_cnn", "fingerprint_dict": {"members": members}}, weights=None, head="h")
+
+
+def test_info_summarises_a_cache_set_and_finds_it_as_the_newest(cache_set):
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+
+    root, results, cs = cache_set
+    out = CliRunner().invoke(cli, ["info", str(cs.path)])
+    assert out.exit_code == 0, out.output
+    assert "features   32 (tiny_cnn) + 48 (tiny_cnn_b)" in out.output
+    assert "backbones  tiny_cnn+tiny_cnn_b  (a cache set" in out.output
+    for fc in results:
+        assert str(fc.path) in out.output
+    cs.path.touch()  # the set file is the newest thing in the cache folder: `featx info` shows it
+    newest = CliRunner().invoke(cli, ["info", "--cache-dir", str(cs.path.parent), "--json"])
+    assert newest.exit_code == 0, newest.output
+    assert json.loads(newest.output)["members"] == {fc.meta["backbone"]: str(fc.path) for fc in results}

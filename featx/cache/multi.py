@@ -198,6 +198,7 @@ class MultiCache:
                 "weights_source": {n: fc.meta.get("weights_source") for n, fc in self.members.items()},
                 "preprocess": {n: fc.meta.get("preprocess") for n, fc in self.members.items()},
                 "fingerprint": self.fingerprint, "members": {n: str(fc.path) for n, fc in self.members.items()},
+                "dims": {n: fc.summary()["dim"] for n, fc in self.members.items()},
                 "size_bytes": sum(fc.path.stat().st_size for fc in self.members.values())}
 
     def check_compatible(self, fingerprint: dict, *, what: str = "requested settings") -> None:
