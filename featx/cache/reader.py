@@ -211,6 +211,15 @@ class FeatureCache:
                     src_out.append(src[a : a + len(m)][m])
         return np.concatenate(feats), np.concatenate(src_out)
 
+    def augmented_keys(self, rows: np.ndarray | None = None) -> list[str]:
+        """Keys (image key, recipe, view number) of the augmented views of ``rows``, in :meth:`augmented`'s order."""
+        if not self._n_aug:
+            return []
+        with open_h5(self.path) as f:
+            src, keys = f["augmented/source_row"][()], f["augmented/paths"][()]
+        want = np.ones(len(src), bool) if rows is None else np.isin(src, rows)
+        return [decode_key(k) for k, w in zip(keys, want) if w]
+
     # -- arrays
     def features(self, split: str | None = None, *, view: str | None = None, dtype=np.float32) -> np.ndarray:
         """Features of ``split`` (all rows if None) as a [n, dim] array; ``view`` picks a stored view."""

@@ -1,0 +1,208 @@
+"""The ``head`` strategy on features: the frozen trunk runs once per image and view, never per step.
+
+Why: with the backbone frozen, every training step of ``--strategy head`` used to decode an
+image, augment it and run the whole network, only to train one linear layer on its pooled
+output.  The features of an augmented view do not depend on the head, so each epoch's view is
+embedded once, in large batches on featx's embedding runtime (OpenVINO on the CPU when
+installed), and the head trains on the feature rows in well under a second per epoch, with the
+same optimiser, schedule, batch order, early stopping and checkpoints as before.
+
+Where the features come from (``FinetuneResult.features``, shown in the compare report):
+
+- ``cache train views (K=k)``: the cache holds ``--train-views k`` augmented views per training
+  image (:mod:`featx.embedding.augment`, the fine-tune's own augmentation); epoch ``e`` trains on
+  view ``e mod k``, validation and evaluation use the cache's plain features: no network pass at
+  all.
+- ``embedded once per epoch``: epoch ``e``'s view is the augmented view number ``e`` that
+  ``featx embed --train-views`` would store (same recipe, same per-image seed), embedded at the
+  start of the epoch; the validation and evaluation images are embedded once (eval transform).
+- ``trunk every step``: the strategies that train the backbone (``partial``, ``full``), and a
+  ``head`` run whose augmentation differs from the cache's recipe (``min_scale``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..cache.rows import read_rows
+from ..cache.store import AUG_SEP, FeatureCache
+from ..config import defaults
+from ..data.folders import Sample
+from ..embedding import augment
+from ..embedding.engine import feature_batches
+
+log = logging.getLogger(__name__)
+
+TRUNK = "trunk every step"
+EMBEDDED = "embedded once per epoch"
+
+
+def cache_views_label(k: int) -> str:
+    return f"cache train views (K={k})"
+
+
+def plan_source(fc: FeatureCache, settings) -> dict | None:
+    """Where the ``head`` strategy's features come from, as it enters the run's key; None: the trunk every step.
+
+    The cache's views qualify when they were made with the fine-tune's augmentation recipe.
+    """
+    if settings.strategy != "head" or settings.min_scale != augment.MIN_SCALE:
+        return None
+    k = int(getattr(fc, "train_views", 0) or 0)
+    if k and all(_recipe(key) == augment.RECIPE for key in fc.augmented_keys()):
+        return {"source": "cache", "views": k, "recipe": augment.RECIPE}
+    return {"source": "embedded", "recipe": augment.RECIPE}
+
+
+def source_label(plan: dict | None) -> str:
+    if plan is None:
+        return TRUNK
+    return cache_views_label(plan["views"]) if plan["source"] == "cache" else EMBEDDED
+
+
+def _recipe(key: str) -> str:
+    return key.split(AUG_SEP, 1)[1].rsplit(":", 1)[0] if AUG_SEP in key else ""
+
+
+@dataclass
+class Table:
+    """Feature rows of some cache rows; ``ok`` is False where an image did not load (or has no view)."""
+
+    rows: np.ndarray
+    feats: np.ndarray
+    ok: np.ndarray
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self.rows, rows)
+        return self.feats[pos], self.ok[pos]
+
+
+def _sorted(rows: np.ndarray) -> np.ndarray:
+    return np.sort(np.asarray(rows, dtype=np.int64))
+
+
+class CacheViews:
+    """The cache's augmented views (epoch ``e``: view ``e mod K``) and its plain features: no network."""
+
+    def __init__(self, fc: FeatureCache, fit_rows: np.ndarray, k: int) -> None:
+        self.fc, self.k = fc, k
+        self.fit = _sorted(fit_rows)
+        feats, src = fc.augmented(self.fit)
+        view = np.asarray([int(key.rsplit(":", 1)[1]) for key in fc.augmented_keys(self.fit)], dtype=np.int64)
+        self.views = []
+        pos = np.searchsorted(self.fit, src)
+        for v in range(k):
+            t = Table(self.fit, np.zeros((len(self.fit), feats.shape[1]), np.float32), np.zeros(len(self.fit), bool))
+            m = view == v
+            t.feats[pos[m]], t.ok[pos[m]] = feats[m], True
+            if not t.ok.all():
+                log.warning("finetune[head]: %d of %d training images have no cached view %d; that epoch skips them",
+                            int((~t.ok).sum()), len(t.ok), v)
+            self.views.append(t)
+        self.counts = {"network_images": 0}
+
+    def train_view(self, epoch: int) -> Table:
+        return self.views[epoch % self.k]
+
+    def plain(self, rows: np.ndarray) -> Table:
+        rows = _sorted(rows)
+        return Table(rows, read_rows(self.fc, rows, self.fc.split_array()), np.ones(len(rows), bool))
+
+
+class EmbeddedViews:
+    """Each epoch's augmented view embedded once (the view ``featx embed --train-views`` would store)."""
+
+    def __init__(self, fc: FeatureCache, backbone, fit_rows: np.ndarray, *, device: str, num_workers: int) -> None:
+        self.bb, self.device, self.num_workers = backbone, device, num_workers
+        self.paths, self.keys = fc.paths(), fc.keys()
+        self.fit = _sorted(fit_rows)
+        self.current: tuple[int, Table] | None = None
+        self.counts = {"network_images": 0}
+
+    def train_view(self, epoch: int) -> Table:
+        if self.current is None or self.current[0] != epoch:
+            self.current = (epoch, self.embed(self.fit, view=epoch))
+        return self.current[1]
+
+    def plain(self, rows: np.ndarray) -> Table:
+        return self.embed(_sorted(rows), view=None)
+
+    def embed(self, rows: np.ndarray, *, view: int | None) -> Table:
+        """Features of ``rows`` (augmented view number ``view``, or the eval transform), in large batches."""
+        t0 = time.perf_counter()
+        samples = [Sample(self.paths[r], self.keys[r] if view is None else augment.aug_key(self.keys[r], view), 0, "train")
+                   for r in rows]
+        feats: np.ndarray | None = None
+        ok = np.zeros(len(rows), bool)
+        with torch.random.fork_rng(devices=[]):  # the views seed themselves; the trainer's RNG stays as it was
+            for idx, errs, _, _, good, f in feature_batches(
+                samples, self.bb, device=self.device, batch_size=defaults("embed").batch_size,
+                num_workers=self.num_workers, engine="cpu",
+            ):
+                idx = np.asarray(idx, dtype=np.int64)
+                if feats is None:
+                    feats = np.zeros((len(rows), f.shape[1]), np.float32)
+                feats[idx[good]], ok[idx[good]] = f, True
+                for j, e in enumerate(errs):
+                    if e:
+                        log.warning("skipping %s: %s", samples[idx[j]].path, e)
+        self.counts["network_images"] += len(rows)
+        dt = time.perf_counter() - t0
+        log.info("finetune[head]: embedded %s of %d images in %.1f s (%.1f images/s)",
+                 "the eval transform" if view is None else f"augmented view {view}", len(rows), dt, len(rows) / max(dt, 1e-9))
+        if feats is None:
+            feats = np.zeros((len(rows), self.bb.dim), np.float32)
+        return Table(rows, feats, ok)
+
+
+class FeatureBatches:
+    """(features, labels, ok) batches of ``rows`` in their order; the features are made on first iteration."""
+
+    def __init__(self, table: Callable[[], Table], rows: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+        self.table, self.rows, self.labels, self.batch_size = table, np.asarray(rows, np.int64), labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        t = self.table()
+        for a in range(0, len(self.rows), self.batch_size):
+            r = self.rows[a : a + self.batch_size]
+            x, ok = t.take(r)
+            yield torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[r]), torch.from_numpy(ok)
+
+
+class FeatureLoaders:
+    """:class:`featx.finetune.inputs.RowLoaders`' interface over feature rows (a source above)."""
+
+    def __init__(self, source, labels: np.ndarray, *, batch_size: int) -> None:
+        self.source, self.labels, self.batch_size = source, np.asarray(labels, np.int64), batch_size
+        self.plain_tables: dict[bytes, Table] = {}
+
+    def train(self, rows: np.ndarray, *, epoch: int = 0) -> FeatureBatches:
+        return FeatureBatches(lambda: self.source.train_view(epoch), rows, self.labels, self.batch_size)
+
+    def evaluation(self, rows: np.ndarray) -> FeatureBatches:
+        def table() -> Table:  # validation is read every epoch: its features are made once
+            key = _sorted(rows).tobytes()
+            if key not in self.plain_tables:
+                self.plain_tables[key] = self.source.plain(rows)
+            return self.plain_tables[key]
+
+        return FeatureBatches(table, rows, self.labels, 1024)
+
+
+def feature_loaders(fc: FeatureCache, plan: dict, backbone, fit_rows: np.ndarray, labels: np.ndarray, *,
+                    batch_size: int, device: str, num_workers: int) -> FeatureLoaders:
+    """The loaders of a ``head`` run on features from ``plan`` (:func:`plan_source`)."""
+    if plan["source"] == "cache":
+        source = CacheViews(fc, fit_rows, int(plan["views"]))
+    else:
+        source = EmbeddedViews(fc, backbone, fit_rows, device=device, num_workers=num_workers)
+    return FeatureLoaders(source, labels, batch_size=batch_size)
