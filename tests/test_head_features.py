@@ -68,8 +68,18 @@ def test_without_cached_views_each_epoch_embeds_each_image_once(data, tmp_path, 
     fit_keys = {k for k in keys if augment.is_aug(k)}
     assert len(fit_keys) == r.n_train * 4  # every training image, once per epoch, in that epoch's view
     assert {augment.parse(k)[1] for k in fit_keys} == {0, 1, 2, 3}
-    assert len(keys) - len(fit_keys) == r.n_val + r.n_eval  # validation and evaluation images once in all
+    assert len(keys) == len(fit_keys), "validation and evaluation read the cache's features of unchanged files"
     assert r.accuracy >= 0.9 and r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+
+
+def test_a_file_changed_since_embedding_is_embedded_again_for_evaluation(data, tmp_path, trunk_calls):
+    fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
+    changed = fc.paths("val")[0]
+    Path(changed).write_bytes(Path(fc.paths("val")[1]).read_bytes())  # another image now, same name
+    trunk_calls["keys"].clear()
+    r = finetune(fc, epochs=1, out_dir=tmp_path / "runs", **FT)
+    assert [k for k in trunk_calls["keys"] if not augment.is_aug(k)] == [fc.keys("val")[0]]
+    assert r.n_eval == 32 and r.n_eval_failed == 0
 
 
 def test_embedded_views_are_the_views_the_cache_would_store(data, tmp_path):

@@ -257,6 +257,11 @@ class FeatureCache:
         root = self.root
         return [k if os.path.isabs(k) else os.path.join(root, k) for k in self.keys(split)]
 
+    def stamps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mtime_ns, size) of every row's file when it was embedded: a file whose stamp differs changed since."""
+        with open_h5(self.path) as f:
+            return f["mtime_ns"][()].astype(np.int64), f["size"][()].astype(np.int64)
+
     def split_array(self) -> np.ndarray:
         names = json.loads(self.meta["split_names"])
         return np.asarray([names[c] for c in self._codes])

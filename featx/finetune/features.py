@@ -34,8 +34,10 @@ from ..cache.rows import read_rows
 from ..cache.store import AUG_SEP, FeatureCache
 from ..config import defaults
 from ..data.folders import Sample
+from ..data.sources import stamp_of
 from ..embedding import augment
 from ..embedding.engine import feature_batches
+from ..embedding.runtimes import runtime_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,25 @@ def source_label(plan: dict | None) -> str:
     if plan is None:
         return TRUNK
     return cache_views_label(plan["views"]) if plan["source"] == "cache" else EMBEDDED
+
+
+def cache_runtime(fc: FeatureCache) -> str:
+    """The CPU runtime whose features ``fc`` holds: ``openvino-bf16`` for a bf16 cache, else ``auto`` (fp32)."""
+    fp = fc.fingerprint_dict
+    bf16 = runtime_fingerprint("openvino-bf16")
+    return "openvino-bf16" if bf16 and all(fp.get(k) == v for k, v in bf16.items()) else "auto"
+
+
+def unchanged(fc: FeatureCache, rows: np.ndarray, paths: list[str]) -> np.ndarray:
+    """Which of ``rows`` still have the file (mtime, size) they were embedded from."""
+    mtime, size = fc.stamps()
+    out = np.zeros(len(rows), bool)
+    for i, r in enumerate(rows):
+        try:
+            out[i] = stamp_of(paths[int(r)]) == (int(mtime[r]), int(size[r]))
+        except OSError:
+            pass
+    return out
 
 
 def _recipe(key: str) -> str:
@@ -116,12 +137,18 @@ class CacheViews:
 
 
 class EmbeddedViews:
-    """Each epoch's augmented view embedded once (the view ``featx embed --train-views`` would store)."""
+    """Each epoch's augmented view embedded once (the view ``featx embed --train-views`` would store).
+
+    Validation and evaluation rows use the cache's features of the same backbone, except for files
+    changed since they were embedded, which are embedded again (or skipped when they no longer load).
+    The network runs in the cache's runtime precision (fp32, or OpenVINO bf16 for a bf16 cache).
+    """
 
     def __init__(self, fc: FeatureCache, backbone, fit_rows: np.ndarray, *, device: str, num_workers: int) -> None:
-        self.bb, self.device, self.num_workers = backbone, device, num_workers
+        self.fc, self.bb, self.device, self.num_workers = fc, backbone, device, num_workers
         self.paths, self.keys = fc.paths(), fc.keys()
         self.fit = _sorted(fit_rows)
+        self.runtime = cache_runtime(fc)
         self.current: tuple[int, Table] | None = None
         self.counts = {"network_images": 0}
 
@@ -131,7 +158,16 @@ class EmbeddedViews:
         return self.current[1]
 
     def plain(self, rows: np.ndarray) -> Table:
-        return self.embed(_sorted(rows), view=None)
+        rows = _sorted(rows)
+        same = unchanged(self.fc, rows, self.paths)
+        t = Table(rows, np.zeros((len(rows), self.fc.dim), np.float32), same.copy())
+        if same.any():
+            t.feats[same] = read_rows(self.fc, rows[same], self.fc.split_array())
+        if not same.all():
+            log.info("finetune[head]: %d images changed since they were embedded; embedding them again", int((~same).sum()))
+            again = self.embed(rows[~same], view=None)
+            t.feats[~same], t.ok[~same] = again.feats, again.ok
+        return t
 
     def embed(self, rows: np.ndarray, *, view: int | None) -> Table:
         """Features of ``rows`` (augmented view number ``view``, or the eval transform), in large batches."""
@@ -143,7 +179,7 @@ class EmbeddedViews:
         with torch.random.fork_rng(devices=[]):  # the views seed themselves; the trainer's RNG stays as it was
             for idx, errs, _, _, good, f in feature_batches(
                 samples, self.bb, device=self.device, batch_size=defaults("embed").batch_size,
-                num_workers=self.num_workers, engine="cpu",
+                num_workers=self.num_workers, engine="cpu", runtime=self.runtime,
             ):
                 idx = np.asarray(idx, dtype=np.int64)
                 if feats is None:
