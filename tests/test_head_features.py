@@ -123,6 +123,32 @@ def test_interrupted_head_run_resumes_and_ends_like_an_uninterrupted_one(data, t
     assert (r.accuracy, r.macro_f1) == (clean.accuracy, clean.macro_f1)
 
 
+def test_a_run_killed_while_embedding_a_view_resumes_that_view_where_it_stopped(data, tmp_path, monkeypatch):
+    fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
+    clean = finetune(fc, epochs=3, lr=0.05, out_dir=tmp_path / "clean", **FT)
+    batches, seen = head_features.feature_batches, []
+
+    def small_batches_then_ctrl_c(todo, *a, **kw):
+        for i, b in enumerate(batches(todo, *a, **{**kw, "batch_size": 4})):
+            seen.extend(todo[j].key for j in b[0])
+            yield b
+            if kill and augment.parse(todo[0].key)[1] == 1 and i == 1:  # two batches into epoch 2's view
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(head_features, "feature_batches", small_batches_then_ctrl_c)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        finetune(fc, epochs=3, lr=0.05, out_dir=tmp_path / "cut", checkpoint_seconds=1e-6, **FT)
+    assert len(list((tmp_path / "cut").glob("finetune-head-*/view-0001.npz"))) == 1
+    kill, seen[:] = False, []
+    r = finetune(fc, epochs=3, lr=0.05, out_dir=tmp_path / "cut", checkpoint_seconds=1e-6, **FT)
+    view1 = [k for k in seen if augment.parse(k)[1] == 1]
+    assert len(view1) == r.n_train - 8, "the 8 images embedded before the kill are not embedded again"
+    assert r.resumed_from == {"epoch": 1, "step": 0} and r.epochs_run == 3
+    assert [h["train_loss"] for h in r.history] == pytest.approx([h["train_loss"] for h in clean.history], rel=1e-5)
+    assert not list(Path(r.run_dir).glob("view-*.npz")), "the finished run keeps no embedded views"
+
+
 def test_compare_report_names_the_feature_source(data, tmp_path):
     out = tmp_path / "cmp"
     r = featx.compare(data, cache_dir=tmp_path / "cache", backbone="tiny_cnn", weights="random", head="logreg",

@@ -22,14 +22,17 @@ Where the features come from (``FinetuneResult.features``, shown in the compare 
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from ..base.io import atomic_write_bytes
 from ..cache.rows import read_rows
 from ..cache.store import AUG_SEP, FeatureCache
 from ..config import defaults
@@ -126,7 +129,6 @@ class CacheViews:
                 log.warning("finetune[head]: %d of %d training images have no cached view %d; that epoch skips them",
                             int((~t.ok).sum()), len(t.ok), v)
             self.views.append(t)
-        self.counts = {"network_images": 0}
 
     def train_view(self, epoch: int) -> Table:
         return self.views[epoch % self.k]
@@ -142,19 +144,22 @@ class EmbeddedViews:
     Validation and evaluation rows use the cache's features of the same backbone, except for files
     changed since they were embedded, which are embedded again (or skipped when they no longer load).
     The network runs in the cache's runtime precision (fp32, or OpenVINO bf16 for a bf16 cache).
+    The view being embedded is saved in the run folder every ``every`` seconds (and when complete),
+    so a killed run resumes it where it stopped; a finished epoch's view is removed.
     """
 
-    def __init__(self, fc: FeatureCache, backbone, fit_rows: np.ndarray, *, device: str, num_workers: int) -> None:
+    def __init__(self, fc: FeatureCache, backbone, fit_rows: np.ndarray, *, device: str, num_workers: int,
+                 store: Path | None = None, every: float = 0.0) -> None:
         self.fc, self.bb, self.device, self.num_workers = fc, backbone, device, num_workers
         self.paths, self.keys = fc.paths(), fc.keys()
         self.fit = _sorted(fit_rows)
         self.runtime = cache_runtime(fc)
+        self.store, self.every = store, every
         self.current: tuple[int, Table] | None = None
-        self.counts = {"network_images": 0}
 
     def train_view(self, epoch: int) -> Table:
         if self.current is None or self.current[0] != epoch:
-            self.current = (epoch, self.embed(self.fit, view=epoch))
+            self.current = (epoch, self.embed_view(epoch))
         return self.current[1]
 
     def plain(self, rows: np.ndarray) -> Table:
@@ -165,36 +170,74 @@ class EmbeddedViews:
             t.feats[same] = read_rows(self.fc, rows[same], self.fc.split_array())
         if not same.all():
             log.info("finetune[head]: %d images changed since they were embedded; embedding them again", int((~same).sum()))
-            again = self.embed(rows[~same], view=None)
-            t.feats[~same], t.ok[~same] = again.feats, again.ok
+            self.embed(t, np.flatnonzero(~same), view=None)
         return t
 
-    def embed(self, rows: np.ndarray, *, view: int | None) -> Table:
-        """Features of ``rows`` (augmented view number ``view``, or the eval transform), in large batches."""
+    def embed_view(self, epoch: int) -> Table:
+        """Epoch ``epoch``'s view of the training rows, continuing a saved part of it."""
+        t, done = Table(self.fit, np.zeros((len(self.fit), self.fc.dim), np.float32), np.zeros(len(self.fit), bool)), None
+        path = self.store / f"view-{epoch:04d}.npz" if self.store is not None else None
+        if path is not None:
+            for old in self.store.glob("view-*.npz"):  # earlier epochs are in the checkpoint
+                if old != path:
+                    old.unlink(missing_ok=True)
+            done = _load_view(path, t)
+        if done is None:
+            done = np.zeros(len(self.fit), bool)
+        elif done.any():
+            log.info("finetune[head]: resuming view %d: %d of %d images were embedded", epoch, int(done.sum()), len(done))
+        saved = [time.perf_counter()]
+
+        def batch_done(pos: np.ndarray, last: bool) -> None:
+            done[pos] = True
+            if path is not None and (last or (self.every and time.perf_counter() - saved[0] >= self.every)):
+                _save_view(path, t, done)
+                saved[0] = time.perf_counter()
+
+        self.embed(t, np.flatnonzero(~done), view=epoch, on_batch=batch_done)
+        return t
+
+    def embed(self, t: Table, pos: np.ndarray, *, view: int | None, on_batch=None) -> None:
+        """Fill ``t`` at positions ``pos`` (augmented view number ``view``, or the eval transform), in large batches."""
         t0 = time.perf_counter()
+        rows = t.rows[pos]
         samples = [Sample(self.paths[r], self.keys[r] if view is None else augment.aug_key(self.keys[r], view), 0, "train")
                    for r in rows]
-        feats: np.ndarray | None = None
-        ok = np.zeros(len(rows), bool)
         with torch.random.fork_rng(devices=[]):  # the views seed themselves; the trainer's RNG stays as it was
             for idx, errs, _, _, good, f in feature_batches(
                 samples, self.bb, device=self.device, batch_size=defaults("embed").batch_size,
                 num_workers=self.num_workers, engine="cpu", runtime=self.runtime,
             ):
-                idx = np.asarray(idx, dtype=np.int64)
-                if feats is None:
-                    feats = np.zeros((len(rows), f.shape[1]), np.float32)
-                feats[idx[good]], ok[idx[good]] = f, True
+                at = pos[np.asarray(idx, dtype=np.int64)]
+                t.feats[at[good]], t.ok[at[good]] = f, True
                 for j, e in enumerate(errs):
                     if e:
                         log.warning("skipping %s: %s", samples[idx[j]].path, e)
-        self.counts["network_images"] += len(rows)
+                if on_batch is not None:
+                    on_batch(at, False)
+        if on_batch is not None:
+            on_batch(pos[:0], True)
         dt = time.perf_counter() - t0
         log.info("finetune[head]: embedded %s of %d images in %.1f s (%.1f images/s)",
                  "the eval transform" if view is None else f"augmented view {view}", len(rows), dt, len(rows) / max(dt, 1e-9))
-        if feats is None:
-            feats = np.zeros((len(rows), self.bb.dim), np.float32)
-        return Table(rows, feats, ok)
+
+
+def _save_view(path: Path, t: Table, done: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, rows=t.rows, feats=t.feats, ok=t.ok, done=done)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_view(path: Path, t: Table) -> np.ndarray | None:
+    """The saved part of a view into ``t``; its done mask, or None (none saved, or of other rows)."""
+    try:
+        with np.load(path) as z:
+            if not np.array_equal(z["rows"], t.rows) or z["feats"].shape != t.feats.shape:
+                return None
+            t.feats[:], t.ok[:] = z["feats"], z["ok"]
+            return z["done"].astype(bool)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class FeatureBatches:
@@ -242,10 +285,12 @@ class FeatureLoaders:
 
 
 def feature_loaders(fc: FeatureCache, plan: dict, backbone, fit_rows: np.ndarray, labels: np.ndarray, *,
-                    batch_size: int, device: str, num_workers: int) -> FeatureLoaders:
-    """The loaders of a ``head`` run on features from ``plan`` (:func:`plan_source`)."""
+                    batch_size: int, device: str, num_workers: int, store: Path | None = None,
+                    every: float = 0.0) -> FeatureLoaders:
+    """The loaders of a ``head`` run on features from ``plan`` (:func:`plan_source`); ``store``/``every``: where and
+    how often the view being embedded is saved (the run folder, ``checkpoint_seconds``)."""
     if plan["source"] == "cache":
         source = CacheViews(fc, fit_rows, int(plan["views"]))
     else:
-        source = EmbeddedViews(fc, backbone, fit_rows, device=device, num_workers=num_workers)
+        source = EmbeddedViews(fc, backbone, fit_rows, device=device, num_workers=num_workers, store=store, every=every)
     return FeatureLoaders(source, labels, batch_size=batch_size)

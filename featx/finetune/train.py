@@ -186,7 +186,8 @@ class _Job:
         # An embedding pass, not a training loop: the embedding's decode workers unless --workers was given.
         workers = default_workers() if self.options.num_workers is None else self.workers
         return feature_loaders(self.fc, self.features, bb, self.rows.fit, self.rows.labels, batch_size=s.batch_size,
-                               device=self.device, num_workers=workers)
+                               device=self.device, num_workers=workers, store=self.run.path,
+                               every=float(self.options.checkpoint_seconds))
 
     def build(self, started: float) -> tuple[Trainer, dict]:
         """The network on its device and the trainer around it; plus facts for the result."""
@@ -235,6 +236,8 @@ class _Job:
         result = self.result(trainer, facts, metrics(ye[oke], pe[oke]), eval_loss=eval_loss, eval_seconds=eval_seconds,
                              n_eval=int(oke.sum()), n_failed=int((~oke).sum()))
         write_json(self.run.result, result.to_dict())
+        for part in self.run.path.glob("view-*.npz"):  # a resume's partly embedded view (featx.finetune.features)
+            part.unlink(missing_ok=True)
         log.info(
             "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
             self.settings.strategy, result.accuracy, result.balanced_accuracy, result.macro_f1, result.n_eval,
