@@ -15,7 +15,8 @@ Where the features come from (``FinetuneResult.features``, shown in the compare 
   all.
 - ``embedded once per epoch``: epoch ``e``'s view is the augmented view number ``e`` that
   ``featx embed --train-views`` would store (same recipe, same per-image seed), embedded at the
-  start of the epoch; the validation and evaluation images are embedded once (eval transform).
+  start of the epoch (saved in the run folder as it goes, so a kill resumes it); validation and
+  evaluation use the cache's plain features (files changed since embedding are embedded again, once).
 - ``trunk every step``: the strategies that train the backbone (``partial``, ``full``), and a
   ``head`` run whose augmentation differs from the cache's recipe (``min_scale``).
 """
