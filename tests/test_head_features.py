@@ -167,3 +167,13 @@ def test_older_results_read_back_as_the_trunk_every_step(tmp_path):
 
     saved = {f: None for f in FinetuneResult.__dataclass_fields__ if f not in ("reused", "early_stopping", "features")}
     assert FinetuneResult.from_dict(saved).features == "trunk every step"
+
+
+def test_views_are_embedded_in_the_caches_precision():
+    from types import SimpleNamespace
+
+    bf16 = SimpleNamespace(fingerprint_dict={"backbone": "x", "precision": "bf16-openvino"})
+    fp32 = SimpleNamespace(fingerprint_dict={"backbone": "x"})
+    assert head_features.cache_runtime(bf16, "cpu") == "openvino-bf16"
+    assert head_features.cache_runtime(bf16, "cuda:0") == "auto"  # OpenVINO runs on the CPU only
+    assert head_features.cache_runtime(fp32, "cpu") == "auto"

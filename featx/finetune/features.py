@@ -72,11 +72,13 @@ def source_label(plan: dict | None) -> str:
     return cache_views_label(plan["views"]) if plan["source"] == "cache" else EMBEDDED
 
 
-def cache_runtime(fc: FeatureCache) -> str:
-    """The CPU runtime whose features ``fc`` holds: ``openvino-bf16`` for a bf16 cache, else ``auto`` (fp32)."""
+def cache_runtime(fc: FeatureCache, device: str) -> str:
+    """The runtime whose features ``fc`` holds: ``openvino-bf16`` for a bf16 cache on the CPU, else ``auto``
+    (OpenVINO fp32 or torch on the CPU, torch on CUDA)."""
     fp = fc.fingerprint_dict
     bf16 = runtime_fingerprint("openvino-bf16")
-    return "openvino-bf16" if bf16 and all(fp.get(k) == v for k, v in bf16.items()) else "auto"
+    same = bool(bf16) and all(fp.get(k) == v for k, v in bf16.items())
+    return "openvino-bf16" if same and device == "cpu" else "auto"
 
 
 def unchanged(fc: FeatureCache, rows: np.ndarray, paths: list[str]) -> np.ndarray:
@@ -154,7 +156,7 @@ class EmbeddedViews:
         self.fc, self.bb, self.device, self.num_workers = fc, backbone, device, num_workers
         self.paths, self.keys = fc.paths(), fc.keys()
         self.fit = _sorted(fit_rows)
-        self.runtime = cache_runtime(fc)
+        self.runtime = cache_runtime(fc, device)
         self.store, self.every = store, every
         self.current: tuple[int, Table] | None = None
 
