@@ -10,7 +10,6 @@ Each step is a real `featx ...` command, echoed before it runs, with its wall an
 from __future__ import annotations
 
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -41,6 +40,11 @@ def write_digits(root: Path) -> None:
 
 
 def _child_cpu() -> float:
+    """CPU seconds of the finished child processes (0 where the platform has no ``resource``)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
 
