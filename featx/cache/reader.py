@@ -211,6 +211,15 @@ class FeatureCache:
                     src_out.append(src[a : a + len(m)][m])
         return np.concatenate(feats), np.concatenate(src_out)
 
+    def augmented_keys(self, rows: np.ndarray | None = None) -> list[str]:
+        """Keys (image key, recipe, view number) of the augmented views of ``rows``, in :meth:`augmented`'s order."""
+        if not self._n_aug:
+            return []
+        with open_h5(self.path) as f:
+            src, keys = f["augmented/source_row"][()], f["augmented/paths"][()]
+        want = np.ones(len(src), bool) if rows is None else np.isin(src, rows)
+        return [decode_key(k) for k, w in zip(keys, want) if w]
+
     # -- arrays
     def features(self, split: str | None = None, *, view: str | None = None, dtype=np.float32) -> np.ndarray:
         """Features of ``split`` (all rows if None) as a [n, dim] array; ``view`` picks a stored view."""
@@ -247,6 +256,11 @@ class FeatureCache:
         """Absolute paths of the images (root joined with the stored relative paths)."""
         root = self.root
         return [k if os.path.isabs(k) else os.path.join(root, k) for k in self.keys(split)]
+
+    def stamps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mtime_ns, size) of every row's file when it was embedded: a file whose stamp differs changed since."""
+        with open_h5(self.path) as f:
+            return f["mtime_ns"][()].astype(np.int64), f["size"][()].astype(np.int64)
 
     def split_array(self) -> np.ndarray:
         names = json.loads(self.meta["split_names"])

@@ -31,7 +31,8 @@ def predict(net: torch.nn.Module, loader, device: str, cuda: bool) -> tuple[np.n
     with torch.inference_mode():
         for x, y, ok in loader:
             x = x.to(device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
+            if x.ndim == 4:  # images (feature rows are 2-d)
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = net(x)
             logits = logits.float().cpu()

@@ -65,7 +65,8 @@ class RowLoaders:
         self.train_tf = train_transform(pre, min_scale=min_scale)
         self.batch_size, self.num_workers, self.cuda = batch_size, num_workers, cuda
 
-    def train(self, rows: np.ndarray) -> DataLoader:
+    def train(self, rows: np.ndarray, *, epoch: int = 0) -> DataLoader:
+        """The epoch's training images (``epoch`` only matters to :class:`featx.finetune.features.FeatureLoaders`)."""
         ds = ImageRows(self.paths, self.labels, rows, self.train_tf, crop=self.pre.crop, draft=self.pre.resize)
         return make_loader(ds, batch_size=self.batch_size, num_workers=self.num_workers, cuda=self.cuda)
 

@@ -167,7 +167,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> None:
         """The steps of one epoch (from the saved step when resuming), with intra-epoch checkpoints."""
         ctx, st = self.ctx, self.state
-        loader = ctx.loaders.train(self.epoch_rows(epoch))
+        loader = ctx.loaders.train(self.epoch_rows(epoch), epoch=epoch)
         self.set_train_mode()
         t_ep = t_ck = time.perf_counter()
         bar = progress_bar(
@@ -207,7 +207,8 @@ class Trainer:
             return
         x = x.to(self.ctx.device, non_blocking=True)
         y = y.to(self.ctx.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if x.ndim == 4:  # images (feature rows are 2-d)
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             logits = self.ctx.net(x)
         loss = self.criterion(logits.float(), y)

@@ -102,15 +102,21 @@ def frozen_roots(model: nn.Module) -> list[nn.Module]:
 
 
 class Classifier(nn.Module):
-    """The cache's backbone with a new linear classifier on its pooled features."""
+    """The cache's backbone with a new linear classifier on its pooled features.
+
+    ``features_in``: the inputs are already the frozen backbone's features (the ``head``
+    strategy on embedded views, :mod:`featx.finetune.features`), so only the linear layer runs;
+    the state dict keeps the backbone, so checkpoints look the same either way.
+    """
 
     def __init__(self, backbone_model: nn.Module, dim: int, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone_model
         self.head = nn.Linear(dim, n_classes)
+        self.features_in = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(x if self.features_in else self.backbone(x))
 
 
 def training_backbone(fc, weights: str | os.PathLike | None):

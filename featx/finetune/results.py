@@ -51,6 +51,9 @@ class FinetuneResult(ItemAccess):
     key: str
     reused: bool = False
     early_stopping: dict = field(default_factory=dict)
+    # Where the head strategy's features came from (featx.finetune.features): "cache train views (K=8)",
+    # "embedded once per epoch", or "trunk every step" (the strategies that train the backbone, older results).
+    features: str = "trunk every step"
 
     def to_dict(self) -> dict:
         return asdict(self)

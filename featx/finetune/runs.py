@@ -42,8 +42,13 @@ def rows_digest(keys: list[str], labels: np.ndarray, rows: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def run_key(fc, settings: FinetuneSettings, labels: np.ndarray, rows: dict[str, np.ndarray]) -> tuple[str, dict]:
-    """(key, the object it digests) for a fine-tune of cache ``fc`` on ``rows`` (fit, val, eval)."""
+def run_key(fc, settings: FinetuneSettings, labels: np.ndarray, rows: dict[str, np.ndarray],
+            features: dict | None = None) -> tuple[str, dict]:
+    """(key, the object it digests) for a fine-tune of cache ``fc`` on ``rows`` (fit, val, eval).
+
+    ``features``: where the ``head`` strategy's features come from (:mod:`featx.finetune.features`);
+    None for the networks trained on images, whose keys stay those of earlier versions.
+    """
     keys = fc.keys()
     key_obj = {
         "settings": asdict(settings),
@@ -52,6 +57,8 @@ def run_key(fc, settings: FinetuneSettings, labels: np.ndarray, rows: dict[str, 
         **{name: rows_digest(keys, labels, rows[name]) for name in ("fit", "val", "eval")},
         "version": CHECKPOINT_VERSION,
     }
+    if features is not None:
+        key_obj["features"] = features
     return digest(key_obj), key_obj
 
 

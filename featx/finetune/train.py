@@ -53,12 +53,13 @@ import torch
 from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.progress import format_duration
-from ..base.runtime import default_num_workers, keep_heap_buffers, resolve_device
+from ..base.runtime import default_num_workers, default_workers, keep_heap_buffers, resolve_device
 from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
 from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict
+from .features import feature_loaders, plan_source, source_label
 from .inputs import RowLoaders, train_transform
 from .loop import LoopContext, Trainer, TrainState
 from .model import apply_strategy, build_classifier, count_params, find_blocks, training_backbone
@@ -145,7 +146,8 @@ def finetune(
         keep_heap_buffers()  # large activations would otherwise be page-faulted in every layer
     workers = default_num_workers(dev) if options.num_workers is None else int(options.num_workers)
     rows = split_rows(fc, settings)
-    key, key_obj = run_key(fc, settings, rows.labels, {"fit": rows.fit, "val": rows.val, "eval": rows.eval})
+    features = plan_source(fc, settings)  # the head strategy trains on features: where they come from
+    key, key_obj = run_key(fc, settings, rows.labels, {"fit": rows.fit, "val": rows.val, "eval": rows.eval}, features)
     base = Path(options.out_dir) if options.out_dir is not None else Path("runs") / f"compare-{fc.path.stem}"
     run, lock = open_run_dir(base, settings.strategy, key)
     try:
@@ -154,7 +156,8 @@ def finetune(
         if done is not None:
             log.info("finetune[%s]: finished result found in %s; reusing it (--overwrite to retrain)", settings.strategy, run.path)
             return FinetuneResult.from_dict(done | {"reused": True})
-        job = _Job(fc=fc, settings=settings, options=options, rows=rows, run=run, key=key, device=dev, workers=workers)
+        job = _Job(fc=fc, settings=settings, options=options, rows=rows, run=run, key=key, device=dev, workers=workers,
+                   features=features)
         return job.train_and_evaluate(t_start)
     finally:
         lock.release()
@@ -172,6 +175,19 @@ class _Job:
     key: str
     device: str
     workers: int
+    features: dict | None = None  # featx.finetune.features.plan_source; None: the trunk runs every step
+
+    def loaders(self, bb, cuda: bool):
+        """Image loaders (the trunk runs every step), or feature rows for the ``head`` strategy."""
+        s = self.settings
+        if self.features is None:
+            return RowLoaders(self.fc.paths(), self.rows.labels, bb.preprocess, min_scale=s.min_scale,
+                              batch_size=s.batch_size, num_workers=self.workers, cuda=cuda)
+        # An embedding pass, not a training loop: the embedding's decode workers unless --workers was given.
+        workers = default_workers() if self.options.num_workers is None else self.workers
+        return feature_loaders(self.fc, self.features, bb, self.rows.fit, self.rows.labels, batch_size=s.batch_size,
+                               device=self.device, num_workers=workers, store=self.run.path,
+                               every=float(self.options.checkpoint_seconds))
 
     def build(self, started: float) -> tuple[Trainer, dict]:
         """The network on its device and the trainer around it; plus facts for the result."""
@@ -181,25 +197,25 @@ class _Job:
         net, trained_modules = build_classifier(bb, len(self.fc.classes), s)
         # channels_last on the CPU too: 1.2-1.5x faster training and evaluation steps there (oneDNN).
         net = net.to(dev).to(memory_format=torch.channels_last)
+        net.features_in = self.features is not None
         if cuda:
             torch.backends.cudnn.benchmark = True
             torch.cuda.reset_peak_memory_stats(dev)
         plan = StepPlan.make(len(self.rows.fit), batch_size=s.batch_size, epochs=s.epochs, warmup_epochs=s.warmup_epochs)
         rule = EarlyStopping.plan(plan, epochs=s.epochs, patience=s.patience, n_val=len(self.rows.val),
                                   min_val_images=s.min_val_images)
-        loaders = RowLoaders(self.fc.paths(), self.rows.labels, bb.preprocess, min_scale=s.min_scale,
-                             batch_size=s.batch_size, num_workers=self.workers, cuda=cuda)
+        loaders = self.loaders(bb, cuda)
         ctx = LoopContext(net=net, settings=s, plan=plan, rule=rule, loaders=loaders, fit_idx=self.rows.fit,
                           val_idx=self.rows.val, run=self.run, key=self.key, device=dev,
                           checkpoint_seconds=float(self.options.checkpoint_seconds), progress=self.options.progress,
                           started=started)
         n_trainable, n_total = count_params(net)
         facts = {"backbone": bb.name, "trained_modules": trained_modules, "trainable_params": int(n_trainable),
-                 "total_params": int(n_total)}
+                 "total_params": int(n_total), "features": source_label(self.features)}
         log.info(
-            "finetune[%s]: %s on %s, %d train / %d val / %d eval images, %d classes, %d of %d parameters trained%s; "
-            "early stopping: %s",
-            s.strategy, bb.name, dev, len(self.rows.fit), len(self.rows.val), len(self.rows.eval), len(self.fc.classes),
+            "finetune[%s]: %s on %s (features: %s), %d train / %d val / %d eval images, %d classes, %d of %d parameters "
+            "trained%s; early stopping: %s",
+            s.strategy, bb.name, dev, facts["features"], len(self.rows.fit), len(self.rows.val), len(self.rows.eval), len(self.fc.classes),
             n_trainable, n_total, f" (modules {', '.join(trained_modules)})" if s.strategy == "partial" else "",
             "off (fixed schedule, last weights kept)" if rule.mode == "fixed"
             else f"from epoch {rule.first_judged_epoch} on the smoothed val accuracy",
@@ -220,6 +236,8 @@ class _Job:
         result = self.result(trainer, facts, metrics(ye[oke], pe[oke]), eval_loss=eval_loss, eval_seconds=eval_seconds,
                              n_eval=int(oke.sum()), n_failed=int((~oke).sum()))
         write_json(self.run.result, result.to_dict())
+        for part in self.run.path.glob("view-*.npz"):  # a resume's partly embedded view (featx.finetune.features)
+            part.unlink(missing_ok=True)
         log.info(
             "finetune[%s]: eval accuracy %.4f, balanced %.4f, macro-F1 %.4f (%d images), %s in all",
             self.settings.strategy, result.accuracy, result.balanced_accuracy, result.macro_f1, result.n_eval,

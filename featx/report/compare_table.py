@@ -32,8 +32,16 @@ def _view_note(r: dict) -> str:
     return f" [{view}{f' + {aug} aug.' if aug else ''}]"
 
 
+def features_note(rows: Sequence[dict]) -> str:
+    """Which features each fine-tune trained on (``features`` of its row), e.g.
+    ``finetune-head: cache train views (K=8)``; empty when no row says."""
+    said = [f"{r['method']}: {r['features']}" for r in rows if r.get("kind") == "finetune" and r.get("features")]
+    return f"Fine-tune features: {'; '.join(said)}." if said else ""
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The comparison as a Markdown table (the terminal output and ``compare.md``)."""
+    """The comparison as a Markdown table (the terminal output and ``compare.md``), then which
+    features the fine-tunes trained on (:func:`features_note`) when the rows say."""
     probes = [r["accuracy"] for r in rows if r["kind"] == "probe" and not math.isnan(r["accuracy"])]
     best_probe = max(probes) if probes else None
     head = ["method", "accuracy", "vs best probe", "balanced acc.", "macro-F1", "wall time", "images/s", "peak GPU mem"]
@@ -52,4 +60,5 @@ def markdown_table(rows: Sequence[dict]) -> str:
             fmt_mem(r.get("peak_gpu_mem_bytes")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = features_note(rows)
+    return "\n".join(lines + (["", note] if note else []))

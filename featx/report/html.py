@@ -30,6 +30,7 @@ from ..cache.store import FeatureCache
 from . import charts, embedmap
 from .audit import CSS as AUDIT_CSS
 from .audit import section_audit
+from .compare_table import features_note
 from .metrics import is_chosen
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
@@ -274,6 +275,8 @@ def section_compare(compare: dict, run_dir: Path) -> Markup:
               num=range(1, 8))
     parts = [_p("Accuracy on the same evaluation images; whiskers are 95% Wilson intervals: overlapping whiskers mean "
                 "the difference may be chance."), _img(png, "accuracy with 95% intervals per method"), t]
+    if features_note(compare.get("rows") or []):  # which features each fine-tune trained on
+        parts.append(_p(features_note(compare.get("rows") or [])))
     if (run_dir / "compare.png").is_file():
         parts += [tag("h3", "Accuracy against wall time"), _img(run_dir / "compare.png", "accuracy against wall time")]
     notes = compare.get("notes") or {}

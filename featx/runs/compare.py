@@ -158,7 +158,7 @@ def probe_rows(probe_result: dict, fc: FeatureCache) -> list[dict]:
 FINETUNE_ROW_KEYS = (
     "method", "kind", "strategy", "accuracy", "balanced_accuracy", "macro_f1", "wall_seconds", "train_seconds",
     "eval_seconds", "images_per_s", "peak_gpu_mem_bytes", "epochs_run", "best_epoch", "stopped_early",
-    "resumed_from", "trainable_params", "total_params", "device", "run_dir", "reused",
+    "resumed_from", "trainable_params", "total_params", "device", "run_dir", "reused", "features",
 )
 
 
