@@ -46,19 +46,23 @@ class Preprocess:
         return asdict(self)
 
     def pil_transform(self) -> Callable:
-        """A torchvision transform: PIL RGB image -> normalised float tensor [3, crop, crop]."""
-        from torchvision.transforms import v2 as T
+        """PIL RGB image -> normalised float tensor [3, crop, crop] (torchvision v2's resize, centre
+        crop, scale and normalise, bit for bit, in plain torch: :mod:`featx.embedding.eval_ops`)."""
+        from .eval_ops import EvalTransform
 
-        interp = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        return T.Compose(
-            [
-                T.PILToTensor(),
-                T.Resize(self.resize, interpolation=interp, antialias=True),
-                T.CenterCrop(self.crop),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        return EvalTransform(self.uint8_transform(), tuple(self.mean), tuple(self.std))
+
+    def uint8_transform(self) -> Callable:
+        """PIL RGB image -> uint8 [3, crop, crop], resized and cropped, not yet normalised (:meth:`normalize`)."""
+        from .eval_ops import Uint8Transform
+
+        return Uint8Transform(self.resize, self.crop, self.interpolation)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images from :meth:`uint8_transform` -> the network's float input (float input: normalised too)."""
+        from .eval_ops import normalize
+
+        return normalize(x, self.mean, self.std)
 
     def train_transform(self, *, min_scale: float = TRAIN_MIN_SCALE) -> Callable:
         """The training augmentation (random-resized crop + flip) around this preprocessing.
