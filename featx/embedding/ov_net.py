@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..base.errors import FeatxError
+
 log = logging.getLogger(__name__)
 
 
@@ -134,8 +136,6 @@ class OpenVinoNet:
 
 
 def _finished(tag, slot: _Slot) -> tuple[object, np.ndarray]:
-    from ..base.errors import FeatxError
-
     if slot.error:
         raise FeatxError(f"the OpenVINO network failed on a batch ({slot.error}); rerun with --runtime torch")
     return tag, slot.out

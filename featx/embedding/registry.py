@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..base.errors import FeatxError
+from .eval_ops import EvalTransform, Uint8Transform, normalize
 from .views import views_fingerprint
 from .weights import sha256_state
 
@@ -48,20 +49,14 @@ class Preprocess:
     def pil_transform(self) -> Callable:
         """PIL RGB image -> normalised float tensor [3, crop, crop] (torchvision v2's resize, centre
         crop, scale and normalise, bit for bit, in plain torch: :mod:`featx.embedding.eval_ops`)."""
-        from .eval_ops import EvalTransform
-
         return EvalTransform(self.uint8_transform(), tuple(self.mean), tuple(self.std))
 
     def uint8_transform(self) -> Callable:
         """PIL RGB image -> uint8 [3, crop, crop], resized and cropped, not yet normalised (:meth:`normalize`)."""
-        from .eval_ops import Uint8Transform
-
         return Uint8Transform(self.resize, self.crop, self.interpolation)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images from :meth:`uint8_transform` -> the network's float input (float input: normalised too)."""
-        from .eval_ops import normalize
-
         return normalize(x, self.mean, self.std)
 
     def train_transform(self, *, min_scale: float = TRAIN_MIN_SCALE) -> Callable:
