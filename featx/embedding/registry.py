@@ -104,6 +104,11 @@ class Backbone:
         """Width of the model's output: ``dim``, or every part side by side."""
         return sum(self.widths.values())
 
+    @property
+    def model_type(self) -> str:
+        """The network's class name (part of a converted network's name on disk)."""
+        return type(self.model).__name__
+
     def fingerprint(self) -> dict:
         """Everything about the network that changes the features it produces."""
         return {

@@ -229,7 +229,7 @@ def network_digest(backbone) -> str:
     key = {
         "fingerprint": backbone.fingerprint(),
         "crop": backbone.preprocess.crop,
-        "model": type(backbone.model).__name__,
+        "model": backbone.model_type,
         "openvino": openvino.__version__,
         "torch": torch.__version__,
     }
