@@ -51,6 +51,15 @@ def test_card_key_follows_what_the_backbone_is_built_from(tmp_path):
     w.write_bytes(b"other")  # another size (and mtime): another card
     assert k != cards.card_key("resnet18", str(w), "final", "none")
     assert cards.card_key("resnet18", str(tmp_path / "missing.pt"), "final", "none") is None
+    assert cards.card_key("not_registered", None, "final", "none") is None
+
+
+def test_no_card_for_a_builder_registered_outside_featx(monkeypatch):
+    from featx.embedding.registry import REGISTRY
+
+    monkeypatch.setitem(REGISTRY._builders, "mine", lambda w: create_backbone("tiny_cnn", weights="random"))
+    assert cards.card_key("mine", "random", "final", "none") is None
+    assert cards.card_key("tiny_cnn", "random", "final", "none") is not None
 
 
 def test_lazy_backbone_builds_on_use_and_refuses_a_wrong_card():

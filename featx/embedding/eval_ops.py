@@ -81,7 +81,7 @@ class Uint8Transform:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (or already float) ``[..., 3, H, W]`` -> float32 ``(x / 255 - mean) / std``."""
+    """uint8 ``[..., 3, H, W]`` -> float32 ``(x / 255 - mean) / std`` (float input: taken as already in [0, 1])."""
     if x.dtype == torch.uint8:
         x = x.to(torch.float32).mul_(1.0 / 255)
     m = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)

@@ -56,7 +56,7 @@ class Preprocess:
         return Uint8Transform(self.resize, self.crop, self.interpolation)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images from :meth:`uint8_transform` -> the network's float input (float input: normalised too)."""
+        """uint8 images from :meth:`uint8_transform` -> the network's float input."""
         return normalize(x, self.mean, self.std)
 
     def train_transform(self, *, min_scale: float = TRAIN_MIN_SCALE) -> Callable:
