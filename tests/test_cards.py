@@ -12,13 +12,9 @@ from featx.embedding.backbones import create_backbone
 from featx.embedding.runner import embed
 
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
+pytestmark = pytest.mark.usefixtures("fresh_openvino")
 
 
-@pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEATX_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
-    for name in ("_CONVERTED", "_COMPILED", "_FAILED"):
-        monkeypatch.setattr(runtimes, name, {})
 
 
 def _no_build(*_a, **_k):

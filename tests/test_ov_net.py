@@ -12,14 +12,10 @@ from featx.embedding.backbones import create_backbone
 from featx.embedding.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
 
-pytestmark = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
+pytestmark = [pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed"),
+              pytest.mark.usefixtures("fresh_openvino")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEATX_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
-    for name in ("_CONVERTED", "_COMPILED", "_FAILED"):
-        monkeypatch.setattr(runtimes, name, {})
 
 
 def _torch_fp32(bb, x: torch.Tensor) -> np.ndarray:
