@@ -71,4 +71,4 @@ def test_lazy_backbone_builds_on_use_and_refuses_a_wrong_card():
     wrong = cards.LazyBackbone({**card, "weights_sha256": "other"}, lambda: create_backbone("tiny_cnn", weights="random",
                                                                                             views="final,stages"))
     with pytest.raises(FeatxError, match="not the one its card describes"):
-        wrong.model
+        _ = wrong.model
