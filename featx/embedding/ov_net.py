@@ -81,20 +81,31 @@ class OpenVinoNet:
         self._compiled = compiled
         self.out_dim = out_dim
         self._sync: dict[str, object] = {}
+        self._streams: dict[str, int] = {}
+
+    def streams(self, kind: str) -> int:
+        """Requests OpenVINO can run at once (its optimum for the hint: one per stream)."""
+        if kind not in self._streams:
+            try:
+                self._streams[kind] = max(1, int(self._compiled(kind).get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            except Exception:  # noqa: BLE001 - a property an older OpenVINO may not have
+                self._streams[kind] = 1
+        return self._streams[kind]
 
     def requests(self, kind: str) -> int:
-        """Infer requests to keep in flight: OpenVINO's optimum for the hint, at least 2."""
-        try:
-            n = int(self._compiled(kind).get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        except Exception:  # noqa: BLE001 - a property an older OpenVINO may not have
-            n = 1
-        return max(2, n)
+        """Infer requests to keep in flight: one per stream, at least 2 (one runs while one is handed over)."""
+        return max(2, self.streams(kind))
 
     def __call__(self, x) -> np.ndarray:
+        """One batch, split over the streams (a single request would run on one stream's cores only)."""
         arr = _as_array(x)
         if len(arr) == 0:
             return np.zeros((0, self.out_dim), np.float32)
         kind = "u8" if arr.dtype == np.uint8 else "f32"
+        n = min(len(arr), self.streams(kind))
+        if n > 1:
+            parts = np.array_split(arr, n)
+            return np.concatenate([y for _, y in self.run_many(enumerate(parts))])
         if kind not in self._sync:
             self._sync[kind] = self._compiled(kind).create_infer_request()
         out = self._sync[kind].infer({0: arr}, share_inputs=True)[0]
