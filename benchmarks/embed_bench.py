@@ -12,8 +12,10 @@ Generates a set of photographic-looking JPEGs (smooth gradients, shapes, sensor 
   once per network runtime (``--runtimes``, default ``torch,auto``: torch is what a default
   install runs, auto runs OpenVINO fp32 when ``featx[openvino]`` is installed), plus one
   ``cold`` run whose OpenVINO conversion is not yet on disk (what the very first run pays);
-- ``network only`` (per runtime) and ``decode+resize only``: the two halves alone, to show
-  which one limits;
+- ``network only`` (per runtime: featx's network, default views, input dtype and batches in
+  flight, on synthetic input) and ``decode only`` (featx's CPU loader with its default workers,
+  no network; and the GPU engine's decoder run on the CPU): the halves alone, to show which
+  one limits;
 - peak RSS of ``featx.embed`` on N and 10N images (``ru_maxrss`` of a subprocess each).
 
 Prints a table (method, backbone, images, seconds, images/s, ratio to ``plain``, load average
@@ -205,33 +207,71 @@ def run_featx(args) -> dict:
             "runtime": fc.meta.get("runtime", "")}
 
 
+def _embed_views() -> dict:
+    """The feature parts `featx embed` stores by default (its network outputs them all)."""
+    try:
+        from featx.config import defaults
+
+        return {"views": defaults("embed").views}
+    except (ImportError, AttributeError):  # featx versions without views
+        return {}
+
+
 def run_network(args) -> dict:
-    """The network alone on synthetic input, with featx's settings (CPU: its thread layout and
-    forward function; CUDA: bf16 + channels_last at batch 256)."""
+    """The network alone on synthetic input, as featx runs it (CPU: its thread layout, forward
+    function, default views and input dtype — uint8 for OpenVINO, which normalises inside the
+    network — with its batches in flight; CUDA: bf16 + channels_last at batch 256)."""
     import torch
 
     from featx.embedding.backbones import create_backbone
     from featx.embedding.cpu import forward_fn as _forward_fn
 
-    bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     dev = args.device
     cuda = dev.startswith("cuda")
+    bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None,
+                         **({} if cuda else _embed_views()))
     if dev == "cpu":
         ncpu = os.cpu_count() or 1
         torch.set_num_threads(int(os.environ.get("FEATX_CPU_THREADS") or 0) or ncpu)
     bs = 256 if cuda else args.batch_size
     f = _forward_fn(bb, dev, **({} if args.runtime == "default" else {"runtime": args.runtime}))
-    x = torch.randn(bs, 3, bb.preprocess.crop, bb.preprocess.crop)
+    crop = bb.preprocess.crop
+    u8 = str(getattr(f, "runtime", "")).startswith("openvino") and hasattr(f, "run_many")
+    x = torch.randint(0, 256, (bs, 3, crop, crop), dtype=torch.uint8) if u8 else torch.randn(bs, 3, crop, crop)
     if cuda:
         x = x.pin_memory()
     for _ in range(2):
         f(x)
     n = 0
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        f(x)  # returns numpy: includes the copy back, as in embed
-        n += bs
+
+    def batches():
+        while time.perf_counter() - t0 < args.seconds:
+            yield None, x
+
+    for _, _y in (f.run_many(batches()) if hasattr(f, "run_many") else ((None, f(x)) for _ in batches())):
+        n += bs  # features come back as numpy: includes the copy back, as in embed
     return {"images": n, "seconds": time.perf_counter() - t0, "runtime": getattr(f, "runtime", "torch")}
+
+
+def run_loader(args) -> dict:
+    """featx's CPU decode path alone: its DataLoader (default workers), files to the network's
+    input batches (uint8 where the runtime normalises inside the network), no network."""
+    from featx.base.runtime import default_workers
+    from featx.data import discover
+    from featx.embedding.backbones import create_backbone
+    from featx.embedding.cpu import iter_cpu_batches
+
+    bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
+    want = set(_selection(Path(args.data), args.n))
+    samples = [s for s in discover(args.data).samples if s.path in want]
+    workers = args.workers if args.workers is not None else default_workers()
+    kw = {"uint8": True} if "uint8" in iter_cpu_batches.__code__.co_varnames else {}
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds or n == 0:
+        for idx, _x, *_ in iter_cpu_batches(samples, bb, batch_size=args.batch_size, num_workers=workers, pin=False, **kw):
+            n += len(idx)
+    return {"images": n, "seconds": time.perf_counter() - t0}
 
 
 def run_decode(args) -> dict:
@@ -277,7 +317,7 @@ def run_rss(args) -> dict:
 
 
 RUNNERS = {"plain": run_plain, "plain-tuned": run_plain, "featx": run_featx, "network": run_network,
-           "decode": run_decode, "rss": run_rss}
+           "decode": run_decode, "loader": run_loader, "rss": run_rss}
 
 
 def _sub(method: str, args, *, env=None, **over) -> dict:
@@ -322,8 +362,10 @@ def _timed_rows(args, bbn: str, n: int, mach: str) -> list[dict]:
 
     weights = None if bbn == "efficientnet_lite0" else "random"
     plan = _plan(args)
-    if not args.device.startswith("cuda"):  # convert once, untimed: "warm" runs find it on disk
-        _sub("network", args, backbone=bbn, weights=weights, n=n, runtime="auto", seconds=0)
+    if not args.device.startswith("cuda"):  # untimed: "warm" runs find the converted and compiled network on disk
+        for rt in dict.fromkeys(o.get("runtime", "default") for _, m, o in plan if m == "featx" and not o.get("cold")):
+            if rt != "torch":
+                _sub("featx", args, backbone=bbn, weights=weights, n=1, runtime=rt)  # one image per split
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in plan}
     for rep in range(args.repeat):
         for label, m, opt in plan:
@@ -333,7 +375,8 @@ def _timed_rows(args, bbn: str, n: int, mach: str) -> list[dict]:
                                     runtime=opt.get("runtime", "default")))
     halves = [(f"network only ({o['runtime']})" if o["runtime"] != "default" else "network only", "network", o)
               for _, m, o in plan if m == "featx" and not o.get("cold")]
-    for label, m, opt in halves + [("decode+resize only", "decode", {})]:
+    loader = [] if args.device.startswith("cuda") else [("decode only (featx CPU loader, no network)", "loader", {})]
+    for label, m, opt in halves + loader + [("decode+resize only (GPU engine's decoder)", "decode", {})]:
         print(f"... {label} {bbn}", flush=True)
         runs[label] = [_sub(m, args, backbone=bbn, weights=weights, n=n, runtime=opt.get("runtime", "default"))]
     rows, base = [], None

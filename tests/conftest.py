@@ -115,3 +115,13 @@ def kill_mid_run(cmd: list[str], env: dict, cache: Path, *, chunks: int = 2) -> 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return parts
+
+
+@pytest.fixture
+def fresh_openvino(tmp_path, monkeypatch):
+    """A test's own OpenVINO disk cache, and empty per-process caches of converted/compiled networks."""
+    from featx.embedding import runtimes
+
+    monkeypatch.setenv("FEATX_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
+    for name in ("_CONVERTED", "_COMPILED", "_FAILED"):
+        monkeypatch.setattr(runtimes, name, {})

@@ -14,9 +14,11 @@ from .runtimes import Forward, make_forward
 class _ImageDataset:
     """Map-style dataset: index -> (index, tensor, error, mtime_ns, size). Never raises."""
 
-    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None, aug_transform=None) -> None:
+    def __init__(self, samples: Sequence, transform, crop: int, draft_size: int | None, aug_transform=None,
+                 uint8: bool = False) -> None:
         self.samples = samples
         self.transform = transform
+        self.uint8 = uint8  # transform gives uint8 images (no augmented views then)
         self.aug_transform = aug_transform  # for augmented training views (featx.embedding.augment)
         self.crop = crop
         self.draft = draft_size
@@ -45,10 +47,16 @@ class _ImageDataset:
             torch.manual_seed(augment.view_seed(s.key))  # this view is the same in every process and run
             tf = self.aug_transform
         if fetched is not None and fetched.error:
-            return i, blank(self.crop), fetched.error, mtime, size
+            return i, self._blank(blank(self.crop)), fetched.error, mtime, size
         src = s.path if fetched is None else fetched.open()
         x, err = load_or_blank(src, tf, crop=self.crop, draft_size=self.draft)
-        return i, x, err, mtime, size
+        return i, self._blank(x) if err else x, err, mtime, size
+
+    def _blank(self, x):
+        """A failed image's stand-in, of the batch's dtype (uint8 when the network normalises)."""
+        import torch
+
+        return torch.zeros(x.shape, dtype=torch.uint8) if self.uint8 else x
 
 
 def _collate(batch):
@@ -59,14 +67,23 @@ def _collate(batch):
     return idx, x, [b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch]
 
 
-def iter_cpu_batches(samples, backbone, *, batch_size: int, num_workers: int, pin: bool, draft: bool = True):
-    """Yield (indices, images tensor, errors, mtimes, sizes) using a torch DataLoader."""
+def iter_cpu_batches(samples, backbone, *, batch_size: int, num_workers: int, pin: bool, draft: bool = True,
+                     uint8: bool = False):
+    """Yield (indices, images tensor, errors, mtimes, sizes) using a torch DataLoader.
+
+    ``uint8``: resized, cropped uint8 images, not normalised (for a network that normalises them
+    itself: a quarter of the bytes, and the workers skip a third of their work); ignored when
+    ``samples`` hold augmented training views (their transform ends in float).
+    """
     import torch
     from torch.utils.data import DataLoader
 
     pre = backbone.preprocess
-    aug = pre.train_transform(min_scale=augment.MIN_SCALE) if any(augment.is_aug(s.key) for s in samples) else None
-    ds = _ImageDataset(samples, pre.pil_transform(), pre.crop, pre.resize if draft else None, aug)
+    views = any(augment.is_aug(s.key) for s in samples)
+    aug = pre.train_transform(min_scale=augment.MIN_SCALE) if views else None
+    uint8 = uint8 and not views
+    tf = pre.uint8_transform() if uint8 else pre.pil_transform()
+    ds = _ImageDataset(samples, tf, pre.crop, pre.resize if draft else None, aug, uint8=uint8)
     kwargs = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)

@@ -124,13 +124,20 @@ def set_cpu_threads(num_workers: int, threads: int | None = None) -> int:
 def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, runtime: str):
     """The CPU engine as (idx, errs, mtimes, sizes, ok, features) batches, like the GPU engine."""
     fwd = forward_fn(backbone, device, runtime=runtime)
+    # OpenVINO normalises inside the network: the workers send uint8 images (a torch fallback normalises them)
+    uint8 = fwd.runtime.startswith("openvino")
     with device_scope(device):  # the loader's pinning thread takes this thread's device (cuda:N, not cuda:0)
-        for idx, x, errs, mts, szs in iter_cpu_batches(
-            todo, backbone, batch_size=batch_size, num_workers=num_workers, pin=device.startswith("cuda")
-        ):
-            ok = [j for j, e in enumerate(errs) if not e]
-            feats = fwd(rows_to_device(x, ok, device)) if ok else np.zeros((0, backbone.out_dim), np.float32)
-            yield idx, errs, mts, szs, ok, feats
+        batches = iter_cpu_batches(todo, backbone, batch_size=batch_size, num_workers=num_workers,
+                                   pin=device.startswith("cuda"), uint8=uint8)
+        for (idx, errs, mts, szs, ok), feats in fwd.run_many(_loaded_rows(batches, device)):
+            yield idx, errs, mts, szs, ok, feats  # OpenVINO keeps several batches in flight meanwhile
+
+
+def _loaded_rows(batches, device: str) -> Iterator:
+    """(tag, the images that loaded) per batch; tag = (indices, errors, mtimes, sizes, loaded positions)."""
+    for idx, x, errs, mts, szs in batches:
+        ok = [j for j, e in enumerate(errs) if not e]
+        yield (idx, errs, mts, szs, ok), rows_to_device(x, ok, device)
 
 
 def feature_batches(todo: Sequence, backbone, *, device: str, batch_size: int, num_workers: int, engine: str,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..base.errors import FeatxError
+from .eval_ops import EvalTransform, Uint8Transform, normalize
 from .views import views_fingerprint
 from .weights import sha256_state
 
@@ -46,19 +47,17 @@ class Preprocess:
         return asdict(self)
 
     def pil_transform(self) -> Callable:
-        """A torchvision transform: PIL RGB image -> normalised float tensor [3, crop, crop]."""
-        from torchvision.transforms import v2 as T
+        """PIL RGB image -> normalised float tensor [3, crop, crop] (torchvision v2's resize, centre
+        crop, scale and normalise, bit for bit, in plain torch: :mod:`featx.embedding.eval_ops`)."""
+        return EvalTransform(self.uint8_transform(), tuple(self.mean), tuple(self.std))
 
-        interp = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        return T.Compose(
-            [
-                T.PILToTensor(),
-                T.Resize(self.resize, interpolation=interp, antialias=True),
-                T.CenterCrop(self.crop),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+    def uint8_transform(self) -> Callable:
+        """PIL RGB image -> uint8 [3, crop, crop], resized and cropped, not yet normalised (:meth:`normalize`)."""
+        return Uint8Transform(self.resize, self.crop, self.interpolation)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images from :meth:`uint8_transform` -> the network's float input."""
+        return normalize(x, self.mean, self.std)
 
     def train_transform(self, *, min_scale: float = TRAIN_MIN_SCALE) -> Callable:
         """The training augmentation (random-resized crop + flip) around this preprocessing.
@@ -104,6 +103,11 @@ class Backbone:
     def out_dim(self) -> int:
         """Width of the model's output: ``dim``, or every part side by side."""
         return sum(self.widths.values())
+
+    @property
+    def model_type(self) -> str:
+        """The network's class name (part of a converted network's name on disk)."""
+        return type(self.model).__name__
 
     def fingerprint(self) -> dict:
         """Everything about the network that changes the features it produces."""

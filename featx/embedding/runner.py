@@ -42,7 +42,8 @@ from ..config import EmbedSettings
 from ..data.folders import Dataset
 from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
 from . import augment
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone
+from .cards import run_backbone
 from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
 from .ray_executor import import_ray, parse_shard, run_on_ray
 from .runtimes import resolve_runtime
@@ -175,7 +176,9 @@ def plan(root, *, manifest, settings: EngineSettings, cache, cache_dir, limit: i
     ds = discover_any(root, manifest=manifest, options=source)  # folders, URLs, WebDataset, Parquet
     samples = ds.samples if limit is None else limit_per_split(ds.samples, limit)
     samples = augment.add_train_views(samples, settings.train_views or 0)
-    bb = create_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta)
+    openvino = settings.engine == "cpu" and resolve_runtime(settings.runtime, settings.device).startswith("openvino")
+    bb = run_backbone(settings.backbone, weights=settings.weights, views=settings.views, tta=settings.tta,
+                      openvino=openvino)  # an OpenVINO run with a kept card builds no torch network
     fp = cache_fingerprint(bb, settings.dtype, settings.runtime, device=settings.device, engine=settings.engine)
     path = _cache_path(cache, cache_dir, ds, bb, fp, limit)
     return EmbedPlan(path, ds, samples, bb, fp, PartsDir(path, fp), train_views=settings.train_views)

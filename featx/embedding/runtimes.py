@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.runtime import keep_heap_buffers
+from .ov_net import OpenVinoNet, with_uint8_input
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,14 @@ RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")
 # Runtimes that change the features, and the fingerprint entry that keeps their caches apart.
 _FEATURE_CHANGING = {"openvino-bf16": {"precision": "bf16-openvino"}}
 INSTALL_HINT = "pip install 'featx[openvino]'"
-# One synchronous request with all threads: measured faster than THROUGHPUT streams on 2 cores
-# (see benchmarks/embed.md); batches arrive one at a time from the DataLoader anyway.
-OPENVINO_HINT = "LATENCY"
+# Streams (2 of 1 thread on 2 cores), each running a whole batch, with a request per stream in
+# flight: measured 10-30 % faster than one LATENCY request with all threads (BENCHMARKS.md).
+OPENVINO_HINT = "THROUGHPUT"
 # A converted network must reproduce torch fp32 on a probe batch at least this well.
 MIN_COSINE = 0.9999
 
 _CONVERTED: dict[str, object] = {}  # digest -> openvino.Model, per process
-_COMPILED: dict[tuple, object] = {}  # (digest, threads, hint, precision) -> openvino.CompiledModel
+_COMPILED: dict[tuple, object] = {}  # (digest, threads, hint, precision, input kind) -> openvino.CompiledModel
 _CORE: list = []  # one openvino.Core per process
 _FAILED: dict[str, str] = {}  # digest -> why conversion failed (not retried in this process)
 
@@ -116,6 +118,25 @@ class Forward:
             self._impl = self._build()
         return self._impl(x)
 
+    def run_many(self, items: Iterable[tuple[object, object]]) -> Iterator[tuple[object, np.ndarray]]:
+        """``(tag, batch)`` pairs in, ``(tag, features)`` out in the same order; OpenVINO keeps
+        several batches in flight, torch runs them one by one.
+
+        The network is built once the first batch is there (the DataLoader has forked its workers).
+        """
+        it = iter(items)
+        first = next(it, None)
+        if first is None:
+            return
+        if self._impl is None:
+            self._impl = self._build()
+        many = getattr(self._impl, "run_many", None)
+        if many is not None:
+            yield from many(itertools.chain([first], it))
+            return
+        for tag, x in itertools.chain([first], it):
+            yield tag, self._impl(x) if len(x) else np.zeros((0, self.backbone.out_dim), np.float32)
+
     def _build(self) -> Callable:
         if self.runtime.startswith("openvino"):
             precision = "bf16" if self.runtime == "openvino-bf16" else "f32"
@@ -155,6 +176,8 @@ def torch_forward(backbone, device: str) -> Callable:
     converted = []
 
     def f(x):
+        if x.dtype == torch.uint8:  # decoded for OpenVINO, which normalises inside the network
+            x = backbone.preprocess.normalize(x)
         if not converted:
             model.to(memory_format=torch.channels_last)
             converted.append(True)
@@ -170,34 +193,32 @@ def torch_forward(backbone, device: str) -> Callable:
     return f
 
 
-def openvino_forward(backbone, *, model_cache=None, hint: str = OPENVINO_HINT, precision: str = "f32") -> Callable:
+def openvino_forward(backbone, *, model_cache=None, hint: str = OPENVINO_HINT, precision: str = "f32") -> OpenVinoNet:
     """OpenVINO on the CPU, any batch size; raises FeatxError if the network does not convert.
 
     ``precision`` "f32" (torch's features) or "bf16" (faster, other features: opt-in only).
+    The result takes normalised float32 batches or uint8 ones (normalised inside the network)
+    and runs a stream of batches with several requests in flight (:mod:`.ov_net`).
     """
     import torch  # heavy; only to read the thread count the caller chose
 
     keep_heap_buffers()
     digest = network_digest(backbone)
     threads = max(1, torch.get_num_threads())
-    key = (digest, threads, hint, precision)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        core = _core()
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
-        compiled = core.compile_model(converted_model(backbone, model_cache=model_cache), "CPU", config)
-        _COMPILED[key] = compiled
-    request = compiled.create_infer_request()
+    model = converted_model(backbone, model_cache=model_cache)  # converts (or raises) now, not per input kind
 
-    def f(x):
-        arr = np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
-        if len(arr) == 0:
-            return np.zeros((0, backbone.out_dim), np.float32)
-        out = request.infer({0: arr}, share_inputs=True)[0]
-        # The output buffer belongs to the request and is overwritten by the next batch.
-        return np.array(out, dtype=np.float32, copy=True).reshape(len(arr), -1)
+    def compiled(kind: str):
+        key = (digest, threads, hint, precision, kind)
+        if key not in _COMPILED:
+            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+            folder = model_cache_dir(model_cache)
+            if folder is not None:  # compiled blobs, beside the converted networks: loading one is ~3x faster
+                config["CACHE_DIR"] = str(folder.with_name(folder.name + "-compiled"))
+            net = with_uint8_input(model, backbone.preprocess) if kind == "u8" else model
+            _COMPILED[key] = _compile(net, config)
+        return _COMPILED[key]
 
-    return f
+    return OpenVinoNet(compiled, backbone.out_dim)
 
 
 def network_digest(backbone) -> str:
@@ -208,7 +229,7 @@ def network_digest(backbone) -> str:
     key = {
         "fingerprint": backbone.fingerprint(),
         "crop": backbone.preprocess.crop,
-        "model": type(backbone.model).__name__,
+        "model": backbone.model_type,
         "openvino": openvino.__version__,
         "torch": torch.__version__,
     }
@@ -316,6 +337,18 @@ def _save(model, xml: Path) -> None:
                 p.unlink()
             except OSError:
                 pass
+
+
+def _compile(model, config: dict):
+    """Compile for the CPU; a compiled-model cache that cannot be used only costs time."""
+    try:
+        return _core().compile_model(model, "CPU", config)
+    except RuntimeError as exc:
+        if "CACHE_DIR" not in config:
+            raise
+        log.warning("cannot use the compiled-network cache %s (%s); compiling without it", config["CACHE_DIR"],
+                    (str(exc).strip().splitlines() or [""])[0][:200])
+        return _core().compile_model(model, "CPU", {k: v for k, v in config.items() if k != "CACHE_DIR"})
 
 
 def _core():
