@@ -125,11 +125,13 @@ def _cpu_stream(todo: Sequence, backbone, *, device: str, batch_size: int, num_w
     """The CPU engine as (idx, errs, mtimes, sizes, ok, features) batches, like the GPU engine."""
     fwd = forward_fn(backbone, device, runtime=runtime)
     # OpenVINO normalises inside the network: the workers send uint8 images (a torch fallback normalises them)
-    uint8 = fwd.runtime.startswith("openvino")
+    uint8 = getattr(fwd, "runtime", "torch").startswith("openvino")
+    # a plain callable (one batch at a time) runs the batches in order
+    run_many = getattr(fwd, "run_many", None) or (lambda tagged: ((tag, fwd(x)) for tag, x in tagged))
     with device_scope(device):  # the loader's pinning thread takes this thread's device (cuda:N, not cuda:0)
         batches = iter_cpu_batches(todo, backbone, batch_size=batch_size, num_workers=num_workers,
                                    pin=device.startswith("cuda"), uint8=uint8)
-        for (idx, errs, mts, szs, ok), feats in fwd.run_many(_loaded_rows(batches, device)):
+        for (idx, errs, mts, szs, ok), feats in run_many(_loaded_rows(batches, device)):
             yield idx, errs, mts, szs, ok, feats  # OpenVINO keeps several batches in flight meanwhile
 
 
