@@ -90,7 +90,7 @@ def test_solver_choice():
         use_stream("fast", n_train=1, n_eval=1, dim=1, n_classes=2)
 
 
-def test_probe_streams_saves_a_loadable_head_and_refuses_knn(tiny_cache, tmp_path):  # noqa: F811
+def test_probe_streams_saves_a_loadable_head_and_refuses_knn_dino(tiny_cache, tmp_path):  # noqa: F811
     res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
                       plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final")
     entry = res["heads"]["logreg"]
@@ -99,7 +99,7 @@ def test_probe_streams_saves_a_loadable_head_and_refuses_knn(tiny_cache, tmp_pat
     X = tiny_cache.features("val")
     assert np.mean(est.predict(X) == tiny_cache.labels("val")) == entry["accuracy"]
     with pytest.raises(FeatxError, match="--solver memory"):
-        featx.probe(tiny_cache, head="knn", solver="stream", out_dir=tmp_path / "k", n_jobs=1, device="cpu",
+        featx.probe(tiny_cache, head="knn_dino", solver="stream", out_dir=tmp_path / "k", n_jobs=1, device="cpu",
                     plots=False, save=False)
 
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .memory import available_bytes
+from .search import cv_splits
 from .selection import FeatureNorm
 
 # Rows per contiguous read (a storage chunk of the cache is ~1 MiB of rows) and bytes per block
@@ -154,3 +155,20 @@ def holdout_folds(y: np.ndarray, *, fraction: float, max_rows: int, seed: int) -
         k = min(len(idx) - 1, max(1 if len(idx) > 1 else 0, k))
         fold[rng.choice(idx, size=k, replace=False)] = 0
     return fold
+
+
+def selection_folds(y: np.ndarray, *, folds: int, seed: int, kfold_max_rows: int, fraction: float,
+                    max_rows: int) -> tuple[np.ndarray, int]:
+    """(fold of each row, number of folds) for choosing a streamed head's hyperparameters.
+
+    At most ``kfold_max_rows`` rows: the k-fold CV folds of the in-memory heads
+    (:func:`featx.heads.search.cv_splits`, every row in one fold); more: one stratified held-out
+    slice (:func:`holdout_folds`: fold 0, the other rows -1).  A row is scored by heads that did
+    not see its fold.
+    """
+    if len(y) > kfold_max_rows:
+        return holdout_folds(y, fraction=fraction, max_rows=max_rows, seed=seed), 1
+    fold = np.full(len(y), -1, np.int64)
+    for f, (_, va) in enumerate(cv_splits(y, folds, seed)):
+        fold[va] = f
+    return fold, int(fold.max()) + 1
