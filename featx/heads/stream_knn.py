@@ -36,6 +36,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from ..base.errors import FeatxError
 from ..cache.multi import open_cache
 from .grids import resolve_grids
+from .memory import available_bytes
 from .search import cv_summary, score_predictions
 from .stream_source import ArraySource, CacheSource, iter_blocks, prefetch, selection_folds
 
@@ -71,6 +72,12 @@ def knn_backend(backend: str = "auto") -> str:
     return "faiss"
 
 
+def _budget(nbytes: int, share: int) -> int:
+    """``nbytes``, or 1/``share`` of the memory this process may still use when that is less."""
+    free = available_bytes()
+    return nbytes if free is None else min(nbytes, free // share)
+
+
 def l2_rows(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32), as scikit-learn's Normalizer."""
     X = np.asarray(X, dtype=np.float32)
@@ -89,7 +96,7 @@ def _block_topk(Q: np.ndarray, R: np.ndarray, k: int, backend: str) -> tuple[np.
         return s, i.astype(np.int64)
     import torch
 
-    step = max(1, SIM_FLOATS // max(1, len(R)))
+    step = max(1, _budget(SIM_FLOATS * 4, 32) // (4 * max(1, len(R))))
     Rt = torch.from_numpy(np.ascontiguousarray(R))
     out_s, out_i = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
     with torch.no_grad():
@@ -320,7 +327,7 @@ def _neighbours(source, q: np.ndarray | None, fold: np.ndarray | None, k: int, b
     sim = np.full((n_q, k), -np.inf, np.float32)
     nbr = np.full((n_q, k), -1, np.int64)
     ok = np.ones(n_q, bool)
-    per = max(1, QUERY_BYTES // (4 * max(1, source.dim)))
+    per = max(1, _budget(QUERY_BYTES, 8) // (4 * max(1, source.dim)))
     for a in range(0, n_q, per):
         b = min(n_q, a + per)
         if queries is not None:
