@@ -25,7 +25,7 @@ from .selection import FeatureNorm
 # Rows per contiguous read (a storage chunk of the cache is ~1 MiB of rows) and bytes per block
 # (float32): two blocks are in memory at once, the one training and the one being read.
 PIECE_ROWS = 512
-BLOCK_BYTES = 96 << 20
+BLOCK_BYTES = 64 << 20
 
 
 class ArraySource:

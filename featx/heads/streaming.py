@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
-from ..base.runtime import keep_heap_buffers, resolve_device
+from ..base.runtime import resolve_device
 from .linear_path import LOSSES, PathLinearHead, platt
 from .memory import available_bytes, probe_bytes
 from .search import cv_summary, score_predictions
@@ -44,7 +44,7 @@ KFOLD_MAX_ROWS = 20_000
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_MAX_ROWS = 50_000
 # Floats per minibatch in each [rows, heads x classes] array (logits, gradients): bounds their memory.
-BATCH_FLOATS = 32 << 20
+BATCH_FLOATS = 16 << 20
 MIN_STEPS = 300  # small caches get more epochs, so that every head sees enough updates
 SMALL_STEP = 2e8  # multiply-adds of a minibatch's logits below which one CPU thread is faster
 # A head stops early when its held-out score is this far below the best (and 2 standard errors),
@@ -135,8 +135,6 @@ def _threads(run: "_Run"):
     small = run.dev == "cpu" and min(4096, run.n // 8) * (run.d + 1) * len(run.Cs) * run.k * (run.n_cv + 1) < SMALL_STEP
     if small:
         torch.set_num_threads(1)
-    if run.dev == "cpu":  # the logits and gradients of every update: reused heap, not mmapped and faulted in anew
-        keep_heap_buffers()
     try:
         yield
     finally:
