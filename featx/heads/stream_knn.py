@@ -31,14 +31,13 @@ import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
 from ..cache.multi import open_cache
 from .grids import resolve_grids
 from .memory import available_bytes
 from .search import cv_summary, score_predictions
-from .stream_source import ArraySource, CacheSource, iter_blocks, prefetch, selection_folds
+from .stream_source import ArraySource, CacheSource, iter_blocks, prefetch, selection_folds, training_source
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +197,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> "StreamingKNN":
         """Choose (k, weights, metric) on held-out rows or CV folds of (X, y); keep or refer to the reference rows."""
         t0 = time.perf_counter()
-        source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
-        y = np.asarray(y)
-        check_classification_targets(y)
-        if len(y) != source.n:
-            raise ValueError(f"X has {source.n} rows but y has {len(y)}")
-        self.classes_, yi = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"the training labels have {len(self.classes_)} class; a classifier needs at least 2")
+        source, self.classes_, yi = training_source(X, y)
         self.n_features_in_ = source.dim
         self.backend_ = knn_backend(self.backend)
         score_predictions(self.scoring, np.array([0, 1]), np.array([0, 1]))  # an unknown scoring fails first

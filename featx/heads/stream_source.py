@@ -17,6 +17,7 @@ import threading
 from typing import Iterator
 
 import numpy as np
+from sklearn.utils.multiclass import check_classification_targets
 
 from .memory import available_bytes
 from .search import cv_splits
@@ -60,6 +61,19 @@ class CacheSource:
     def close(self) -> None:
         self._read = None
         self._files.close()
+
+
+def training_source(X, y) -> tuple:
+    """(row source, classes, label index of each row) of a streamed head's ``fit(X, y)``: ``X`` a source or an array."""
+    source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
+    y = np.asarray(y)
+    check_classification_targets(y)
+    if len(y) != source.n:
+        raise ValueError(f"X has {source.n} rows but y has {len(y)}")
+    classes, yi = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"the training labels have {len(classes)} class; a classifier needs at least 2")
+    return source, classes, yi
 
 
 def _normalised(X: np.ndarray, norm: str) -> np.ndarray:

@@ -25,7 +25,6 @@ import math
 import time
 
 import numpy as np
-from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
@@ -35,7 +34,7 @@ from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
 from .stream_init import class_sums, hinge_scaled, lda
 from .stream_knn import StreamingKNN
-from .stream_source import ArraySource, CacheSource, block_rows, iter_blocks, prefetch, selection_folds
+from .stream_source import CacheSource, block_rows, iter_blocks, prefetch, selection_folds, training_source
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,7 @@ class StreamingLinearHead(PathLinearHead):
         """Train every C on the streamed rows, choose one on held-out rows (or CV folds)."""
         t0 = time.perf_counter()
         Cs = self._check_settings()
-        source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
-        y = np.asarray(y)
-        check_classification_targets(y)
-        if len(y) != source.n:
-            raise ValueError(f"X has {source.n} rows but y has {len(y)}")
-        self.classes_, yi = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"the training labels have {len(self.classes_)} class; a classifier needs at least 2")
+        source, self.classes_, yi = training_source(X, y)
         self.n_features_in_ = source.dim
         try:
             run = _Run(self, source, yi, Cs)
