@@ -34,6 +34,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..base.errors import FeatxError
 from ..cache.multi import open_cache
+from ..cache.views import l2_rows  # float32 rows stay float32, as scikit-learn's Normalizer
 from .grids import resolve_grids
 from .memory import available_bytes
 from .search import cv_summary, score_predictions
@@ -75,12 +76,6 @@ def _budget(nbytes: int, share: int) -> int:
     """``nbytes``, or 1/``share`` of the memory this process may still use when that is less."""
     free = available_bytes()
     return nbytes if free is None else min(nbytes, free // share)
-
-
-def l2_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32), as scikit-learn's Normalizer."""
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.float32(1e-12))
 
 
 def _block_topk(Q: np.ndarray, R: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
