@@ -234,10 +234,9 @@ class _Run:
         for e in range(self.n_epochs):
             t0 = time.perf_counter()
             for pos, X in prefetch(iter_blocks(self.source, self.rng)):
-                if self.n_splits == self.n_cv:  # held-out selection: its rows train no head
-                    keep = self.fold[pos] < 0
-                    pos, X = pos[keep], X[keep]
-                cuts = np.linspace(0, len(pos), -(-len(pos) // self.batch) + 1).astype(int)  # near-equal updates
+                # Near-equal updates of the same sizes block after block (held-out rows ride along with weight
+                # 0): every new product shape is a new oneDNN primitive kept in its cache (address space).
+                cuts = np.linspace(0, len(pos), -(-len(pos) // self.batch) + 1).astype(int)
                 for a, b in zip(cuts[:-1], cuts[1:]):
                     self._step(pos[a:b], X[a:b])
                     if checks and self.step >= checks[0]:
@@ -263,9 +262,8 @@ class _Run:
         fit = min(self.n // 8, max(BATCH_FLOATS // heads, self.n * epochs // (2 * MIN_STEPS)))  # >= 8 steps per epoch
         self.batch = int(min(4096, 2 ** math.floor(math.log2(max(64, fit)))))
         self.chunk = int(min(self.batch, max(64, BATCH_FLOATS // heads)))
-        used = self.n - (len(self.eval_pos) if self.n_splits == self.n_cv else 0)  # held-out rows train no head
         blocks = math.ceil(self.n / block_rows(self.d))  # each block is cut into near-equal updates
-        steps_per_epoch = max(1, blocks * math.ceil(used / blocks / self.batch))
+        steps_per_epoch = max(1, blocks * math.ceil(self.n / blocks / self.batch))
         self.n_epochs = max(epochs, math.ceil(MIN_STEPS / steps_per_epoch))
         self.total_steps, self.step = self.n_epochs * steps_per_epoch, 0
 
