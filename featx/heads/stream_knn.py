@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -195,6 +196,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         source, self.classes_, yi = training_source(X, y)
         self.n_features_in_ = source.dim
         self.backend_ = knn_backend(self.backend)
+        _LAST.clear()  # votes of this object's former fit are stale
         score_predictions(self.scoring, np.array([0, 1]), np.array([0, 1]))  # an unknown scoring fails first
         try:
             self._select(source, yi)
@@ -272,8 +274,9 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has shape {X.shape}; this kNN head expects {self.n_features_in_} features")
-        key = (id(self), hashlib.blake2b(X.tobytes(), digest_size=16).hexdigest())
-        if _LAST.get("key") == key:  # predict() then predict_proba() on the same rows: one search
+        key = hashlib.blake2b(X.tobytes(), digest_size=16).hexdigest()
+        owner = _LAST.get("owner")
+        if owner is not None and owner() is self and _LAST.get("key") == key:  # predict(), then predict_proba(): one search
             return _LAST["votes"]
         src, labels = self._reference()
         p = self.best_params_
@@ -286,7 +289,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         lab = np.where(nbr >= 0, labels[np.maximum(nbr, 0)], -1)
         v = votes(sim, lab, k=k, weights=p["weights"], metric=p["metric"], n_classes=len(self.classes_))
         _LAST.clear()
-        _LAST.update(key=key, votes=v)
+        _LAST.update(owner=weakref.ref(self), key=key, votes=v)
         return v
 
     def predict_proba(self, X) -> np.ndarray:
