@@ -102,14 +102,17 @@ def run_probe(cache: Path, out: Path, args: list[str]) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", _MEASURED, str(out / "rss.txt"), "probe", str(cache), "--out-dir", str(out),
-           "--no-report", "--no-save", "--quiet", *args]
+           "--no-report", "--no-save", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    before = os.times()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    wall, after = time.perf_counter() - t0, os.times()
+    (out / "probe.log").write_text(done.stderr)  # the streamed heads' log: epochs, pruning, held-out scores
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": int((out / "rss.txt").read_text()) / 1024, "metrics": metrics}
+    return {"wall_s": wall, "peak_rss_mb": int((out / "rss.txt").read_text()) / 1024, "metrics": metrics,
+            "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system)}
 
 
 # The featx CLI in this process, then its own peak RSS (KiB) written to argv[1].
@@ -127,7 +130,7 @@ finally:
 def _row(what: str, res: dict, head: str) -> dict:
     h = res["metrics"]["heads"][head]
     return {"run": what, "train rows": res["metrics"]["split"]["n_train"], "solver": h.get("solver", "memory"),
-            "wall s": res["wall_s"], "fit s": h["fit_seconds"], "peak RSS MB": res["peak_rss_mb"],
+            "wall s": res["wall_s"], "CPU s": res["cpu_s"], "fit s": h["fit_seconds"], "peak RSS MB": res["peak_rss_mb"],
             "accuracy": h["accuracy"], "C": h["params"].get("C"), "selection": h.get("selection", f"{h['cv_folds']}-fold cv")}
 
 
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
         write_cache(cache, rows=a.rows, n_eval=a.eval, dim=a.dim, classes=a.classes, separation=a.separation, like=a.like)
         print(f"wrote {cache} ({cache.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f}s", flush=True)
     common = ["--head", a.head, "--device", a.device] + (["--stream-epochs", str(a.epochs)] if a.epochs else [])
-    rows = []
+    rows, load0 = [], os.getloadavg()
     if not a.skip_full:
         rows.append(_row("full", run_probe(cache, base / "full", common + ["--solver", "stream"]), a.head))
     if a.compare:
@@ -167,8 +170,9 @@ def main(argv=None) -> None:
         for solver in ("memory", "stream"):
             rows.append(_row(f"subset {a.compare:,}", run_probe(cache, base / f"sub-{solver}", common + sub + ["--solver", solver]), a.head))
     load = os.getloadavg()
-    print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
-    print_table(rows, ["run", "train rows", "solver", "wall s", "fit s", "peak RSS MB", "accuracy", "C", "selection"])
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f} at the start, "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end (CPU s: user + system seconds of the probe process)")
+    print_table(rows, ["run", "train rows", "solver", "wall s", "CPU s", "fit s", "peak RSS MB", "accuracy", "C", "selection"])
     save_json(a.json, {"args": vars(a), "rows": rows, "load": load})
 
 

@@ -90,7 +90,7 @@ def test_solver_choice():
         use_stream("fast", n_train=1, n_eval=1, dim=1, n_classes=2)
 
 
-def test_probe_streams_saves_a_loadable_head_and_refuses_knn(tiny_cache, tmp_path):  # noqa: F811
+def test_probe_streams_saves_a_loadable_head_and_refuses_knn_dino(tiny_cache, tmp_path):  # noqa: F811
     res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
                       plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final")
     entry = res["heads"]["logreg"]
@@ -99,36 +99,55 @@ def test_probe_streams_saves_a_loadable_head_and_refuses_knn(tiny_cache, tmp_pat
     X = tiny_cache.features("val")
     assert np.mean(est.predict(X) == tiny_cache.labels("val")) == entry["accuracy"]
     with pytest.raises(FeatxError, match="--solver memory"):
-        featx.probe(tiny_cache, head="knn", solver="stream", out_dir=tmp_path / "k", n_jobs=1, device="cpu",
+        featx.probe(tiny_cache, head="knn_dino", solver="stream", out_dir=tmp_path / "k", n_jobs=1, device="cpu",
                     plots=False, save=False)
 
 
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch  # mapped before the limit: the budget is for the features
+    try:
+        import faiss  # noqa: F401 - likewise, where installed (the streamed kNN's search)
+    except ImportError:
+        pass
     import featx.runs.probe as probing
     from featx.heads.memory import address_space_bytes
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
-    res = probing.probe(sys.argv[1], head="logreg", device="cpu", n_jobs=1, plots=False, out_dir=sys.argv[3],
-                        grids={"logreg": {"C": [0.01, 1.0]}}, stream_epochs=1)
-    h = res["heads"]["logreg"]
-    print(json.dumps({"accuracy": h["accuracy"], "solver": h["solver"], "n_train": res["split"]["n_train"]}))
+    head = sys.argv[4] if len(sys.argv) > 4 else "logreg"
+    import featx.heads.stream_knn as stream_knn
+    stream_knn.HOLDOUT_MAX_ROWS = 2_000  # k chosen on 2,000 held-out queries (10,000 by default): a shorter test
+    grids = {"logreg": {"C": [0.01, 1.0]}} if head == "logreg" else {"knn": {"n_neighbors": [1, 5, 15]}}
+    res = probing.probe(sys.argv[1], head=head, device="cpu", n_jobs=1, plots=False, out_dir=sys.argv[3],
+                        grids=grids, stream_epochs=1)
+    h = res["heads"][head]
+    print(json.dumps({"accuracy": h["accuracy"], "solver": h["solver"], "n_train": res["split"]["n_train"],
+                      "selection": h.get("selection")}))
 """)
+N_TRAIN, DIM, BUDGET_MB = 160_000, 768, 300  # 160,000 x 768 float32 training features = 469 MiB, more than 300 MiB
 
 
-def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(tiny_cache, tmp_path):  # noqa: F811
-    # 160,000 x 768 float32 training features = 469 MiB, more than the 300 MiB the process may add.
-    n_train, dim, budget_mb = 160_000, 768, 300
-    assert n_train * dim * 4 > budget_mb << 20
-    cache = _big_cache(tiny_cache, tmp_path / "big.h5", n_train=n_train, n_eval=300, dim=dim)
-    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
-           "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), str(budget_mb), str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="module")
+def big_cache(tiny_cache, tmp_path_factory):  # noqa: F811
+    return _big_cache(tiny_cache, tmp_path_factory.mktemp("big") / "big.h5", n_train=N_TRAIN, n_eval=300, dim=DIM)
+
+
+def _limited(cache: Path, out: Path, head: str) -> dict:
+    """The probe of ``head`` in a subprocess that may add only BUDGET_MB to its address space."""
     import json
 
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), str(BUDGET_MB), str(out), head],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(big_cache, tmp_path):
+    n_train, dim, budget_mb = N_TRAIN, DIM, BUDGET_MB
+    assert n_train * dim * 4 > budget_mb << 20
+    cache = big_cache
+    got = _limited(cache, tmp_path / "o", "logreg")
     assert got["solver"] == "stream" and got["n_train"] == n_train
     # The same rows in memory (no limit), on a 20,000-row subset: the streamed head is as accurate.
     ref = featx.probe(cache, head="logreg", solver="memory", max_train_rows=20_000, out_dir=tmp_path / "m",
@@ -136,6 +155,18 @@ def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(tiny_ca
     assert got["accuracy"] >= ref["heads"]["logreg"]["accuracy"] - 0.01
     with h5py.File(cache) as f:
         assert f["features"].shape == (n_train + 300, dim)
+
+
+def test_streamed_knn_searches_a_cache_bigger_than_the_address_space_limit(big_cache, tmp_path):
+    got = _limited(big_cache, tmp_path / "o", "knn")
+    assert got["solver"] == "stream" and got["n_train"] == N_TRAIN
+    assert got["selection"].startswith("holdout 1.3% (2,001 of 160,000 training rows")
+    assert (tmp_path / "o" / "predictions_knn.csv").is_file()
+    est, _ = load_head(tmp_path / "o" / "knn.skops")  # 469 MiB of reference rows: the head reads them from the cache
+    assert est.fit_X_ is None and est.reference_["cache"] == str(big_cache)
+    ref = featx.probe(big_cache, head="knn", solver="memory", max_train_rows=20_000, out_dir=tmp_path / "m",
+                      n_jobs=1, device="cpu", plots=False, save=False, grids={"knn": {"n_neighbors": [1, 5, 15]}})
+    assert got["accuracy"] >= ref["heads"]["knn"]["accuracy"] - 0.01
 
 
 def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_path, caplog):  # noqa: F811

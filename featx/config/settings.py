@@ -264,9 +264,9 @@ class ProbeSettings(Settings):
         None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
               "the probe names a value that fits).")
     solver: Literal["auto", "memory", "stream"] = option(
-        "auto", "How logreg / the linear SVM train: memory (the training rows in memory, CV search), stream "
-                "(mini-batch optimisation over rows read block by block, every C in one pass, C chosen on held-out "
-                "rows), auto (stream when the training rows do not fit in memory).")
+        "auto", "How logreg / the linear SVM / knn train: memory (the training rows in memory, CV search), stream "
+                "(rows read block by block: mini-batch optimisation with every C in one pass, kNN by exact blocked "
+                "search; chosen on held-out rows), auto (stream when the training rows do not fit in memory).")
     stream_epochs: int = option(4, "Passes over the training rows when streaming (--solver stream).")
     head_format: HeadFormat = option(
         "skops", "File format of saved heads: skops (safe to share) or joblib (a pickle: loading it can run code; "

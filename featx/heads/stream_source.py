@@ -17,14 +17,16 @@ import threading
 from typing import Iterator
 
 import numpy as np
+from sklearn.utils.multiclass import check_classification_targets
 
 from .memory import available_bytes
+from .search import cv_splits
 from .selection import FeatureNorm
 
 # Rows per contiguous read (a storage chunk of the cache is ~1 MiB of rows) and bytes per block
 # (float32): two blocks are in memory at once, the one training and the one being read.
 PIECE_ROWS = 512
-BLOCK_BYTES = 96 << 20
+BLOCK_BYTES = 64 << 20
 
 
 class ArraySource:
@@ -59,6 +61,19 @@ class CacheSource:
     def close(self) -> None:
         self._read = None
         self._files.close()
+
+
+def training_source(X, y) -> tuple:
+    """(row source, classes, label index of each row) of a streamed head's ``fit(X, y)``: ``X`` a source or an array."""
+    source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
+    y = np.asarray(y)
+    check_classification_targets(y)
+    if len(y) != source.n:
+        raise ValueError(f"X has {source.n} rows but y has {len(y)}")
+    classes, yi = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"the training labels have {len(classes)} class; a classifier needs at least 2")
+    return source, classes, yi
 
 
 def _normalised(X: np.ndarray, norm: str) -> np.ndarray:
@@ -154,3 +169,20 @@ def holdout_folds(y: np.ndarray, *, fraction: float, max_rows: int, seed: int) -
         k = min(len(idx) - 1, max(1 if len(idx) > 1 else 0, k))
         fold[rng.choice(idx, size=k, replace=False)] = 0
     return fold
+
+
+def selection_folds(y: np.ndarray, *, folds: int, seed: int, kfold_max_rows: int, fraction: float,
+                    max_rows: int) -> tuple[np.ndarray, int]:
+    """(fold of each row, number of folds) for choosing a streamed head's hyperparameters.
+
+    At most ``kfold_max_rows`` rows: the k-fold CV folds of the in-memory heads
+    (:func:`featx.heads.search.cv_splits`, every row in one fold); more: one stratified held-out
+    slice (:func:`holdout_folds`: fold 0, the other rows -1).  A row is scored by heads that did
+    not see its fold.
+    """
+    if len(y) > kfold_max_rows:
+        return holdout_folds(y, fraction=fraction, max_rows=max_rows, seed=seed), 1
+    fold = np.full(len(y), -1, np.int64)
+    for f, (_, va) in enumerate(cv_splits(y, folds, seed)):
+        fold[va] = f
+    return fold, int(fold.max()) + 1

@@ -25,15 +25,16 @@ import math
 import time
 
 import numpy as np
-from sklearn.utils.multiclass import check_classification_targets
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
 from .linear_path import LOSSES, PathLinearHead, platt
 from .memory import available_bytes, probe_bytes
-from .search import cv_splits, cv_summary, score_predictions
+from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
-from .stream_source import ArraySource, CacheSource, holdout_folds, iter_blocks, prefetch
+from .stream_init import class_sums, hinge_scaled, lda
+from .stream_knn import StreamingKNN
+from .stream_source import CacheSource, block_rows, iter_blocks, prefetch, selection_folds, training_source
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,17 @@ KFOLD_MAX_ROWS = 20_000
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_MAX_ROWS = 50_000
 # Floats per minibatch in each [rows, heads x classes] array (logits, gradients): bounds their memory.
-BATCH_FLOATS = 32 << 20
-MIN_STEPS = 300
-SMALL_STEP = 2e8  # multiply-adds of a minibatch's logits below which one CPU thread is faster  # small caches get more epochs, so that every head sees enough updates
+BATCH_FLOATS = 16 << 20
+MIN_STEPS = 300  # small caches get more epochs, so that every head sees enough updates
+SMALL_STEP = 2e8  # multiply-adds of a minibatch's logits below which one CPU thread is faster
 # A head stops early when its held-out score is this far below the best (and 2 standard errors),
 # or when its held-out predictions agree with a smaller C's on this share of rows.
 PRUNE_MARGIN = 0.01
 SAME_PREDICTIONS = 0.999
+# Pruning before the first quarter of the updates (at these shares of them; the C values of a large cache
+# mostly differ little, so most heads stop early): "clearly worse" then needs EARLY_MARGIN x PRUNE_MARGIN.
+EARLY_CHECKS = (1 / 16, 1 / 8)
+EARLY_MARGIN = 3.0
 
 
 class StreamingLinearHead(PathLinearHead):
@@ -77,14 +82,7 @@ class StreamingLinearHead(PathLinearHead):
         """Train every C on the streamed rows, choose one on held-out rows (or CV folds)."""
         t0 = time.perf_counter()
         Cs = self._check_settings()
-        source = X if hasattr(X, "read") else ArraySource(np.asarray(X, dtype=np.float32))
-        y = np.asarray(y)
-        check_classification_targets(y)
-        if len(y) != source.n:
-            raise ValueError(f"X has {source.n} rows but y has {len(y)}")
-        self.classes_, yi = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"the training labels have {len(self.classes_)} class; a classifier needs at least 2")
+        source, self.classes_, yi = training_source(X, y)
         self.n_features_in_ = source.dim
         try:
             run = _Run(self, source, yi, Cs)
@@ -176,15 +174,10 @@ class _Run:
 
     # -- selection rows
     def _plan_folds(self) -> None:
-        if self.n <= KFOLD_MAX_ROWS:
-            self.fold = np.full(self.n, -1, np.int64)
-            for f, (_, va) in enumerate(cv_splits(self.yi, self.h.folds, self.h.seed)):
-                self.fold[va] = f
-            self.n_cv = int(self.fold.max()) + 1
-            self.n_splits = self.n_cv + 1  # + the refit head of every C, trained on all rows
-        else:
-            self.fold = holdout_folds(self.yi, fraction=HOLDOUT_FRACTION, max_rows=HOLDOUT_MAX_ROWS, seed=self.h.seed)
-            self.n_cv = self.n_splits = 1
+        self.fold, self.n_cv = selection_folds(self.yi, folds=self.h.folds, seed=self.h.seed, kfold_max_rows=KFOLD_MAX_ROWS,
+                                               fraction=HOLDOUT_FRACTION, max_rows=HOLDOUT_MAX_ROWS)
+        holdout = self.n > KFOLD_MAX_ROWS
+        self.n_splits = self.n_cv + (0 if holdout else 1)  # k-fold CV: + the refit head of every C, on all rows
         self.eval_pos = np.flatnonzero(self.fold >= 0)
         self.y_eval = self.yi[self.eval_pos]
 
@@ -211,7 +204,7 @@ class _Run:
             np.add.at(self.class_counts, (f1, self.yi[pos]), 1)
             for f in np.unique(f1):
                 sel = f1 == f
-                self.class_sums[f] += _class_sums(X[sel], self.yi[pos[sel]], self.k)
+                self.class_sums[f] += class_sums(X[sel], self.yi[pos[sel]], self.k)
                 self.gram[f] += X[sel].T @ X[sel]
             j = np.searchsorted(self.eval_pos, pos)
             hit = (j < len(self.eval_pos)) & (self.eval_pos[np.minimum(j, len(self.eval_pos) - 1)] == pos)
@@ -228,30 +221,51 @@ class _Run:
     def train(self) -> None:
         torch = self.torch
         self._statistics()
-        heads = self.n_splits * len(self.Cs) * self.k
-        fit = min(BATCH_FLOATS // heads, self.n // 8)  # memory bound; at least 8 steps per epoch
-        self.batch = int(min(4096, 2 ** math.floor(math.log2(max(64, fit)))))
-        steps_per_epoch = max(1, math.ceil(self.n / self.batch))
-        epochs = max(int(self.h.epochs), math.ceil(MIN_STEPS / steps_per_epoch))
-        self.total_steps, self.step = epochs * steps_per_epoch, 0
+        self._plan_steps()
         shape = (self.d + 1, self.n_splits, len(self.Cs), self.k)
         self.mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=self.dev)
         self.scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=self.dev)
         self.W = torch.as_tensor(self._warm_start(), dtype=torch.float32, device=self.dev).expand(shape).contiguous()
         self.m, self.v = torch.zeros_like(self.W), torch.zeros_like(self.W)
-        log.info("streaming %s: %d rows x %d features, %d classes, %d C values x %d splits, batch %d, %d epochs, %s",
-                 self.h.loss, self.n, self.d, self.k, len(self.Cs), self.n_splits, self.batch, epochs, self.dtype)
-        for e in range(epochs):
+        log.info("streaming %s: %d rows x %d features, %d classes, %d C values x %d splits, batch %d (in chunks of %d), "
+                 "%d epochs, %s", self.h.loss, self.n, self.d, self.k, len(self.Cs), self.n_splits, self.batch, self.chunk,
+                 self.n_epochs, self.dtype)
+        checks = sorted({max(1, int(self.total_steps * f)) for f in EARLY_CHECKS})
+        for e in range(self.n_epochs):
             t0 = time.perf_counter()
             for pos, X in prefetch(iter_blocks(self.source, self.rng)):
-                for a in range(0, len(pos), self.batch):
-                    self._step(pos[a : a + self.batch], X[a : a + self.batch])
+                # Near-equal updates of the same sizes block after block (held-out rows ride along with weight
+                # 0): every new product shape is a new oneDNN primitive kept in its cache (address space).
+                cuts = np.linspace(0, len(pos), -(-len(pos) // self.batch) + 1).astype(int)
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    self._step(pos[a:b], X[a:b])
+                    if checks and self.step >= checks[0]:
+                        checks = [c for c in checks if c > self.step]
+                        self._score()
+                        self._prune(early=True)
             self.epochs = e + 1
             self._score()
-            log.info("epoch %d/%d (%.1fs): held-out %s per C %s", e + 1, epochs, time.perf_counter() - t0,
+            log.info("epoch %d/%d (%.1fs): held-out %s per C %s", e + 1, self.n_epochs, time.perf_counter() - t0,
                      self.h.scoring, np.round(np.nanmean(self.scores, 1), 4).tolist())
-            if e + 1 < epochs and self.step >= self.total_steps // 4:  # not before a quarter of the updates
+            if e + 1 < self.n_epochs and self.step >= self.total_steps // 4:  # not before a quarter of the updates
                 self._prune()
+
+    def _plan_steps(self) -> None:
+        """Rows per update (``batch``), rows per matrix product (``chunk``: the logits' memory bound), epochs.
+
+        Why: Adam's update touches every weight of every head, so on a large cache bigger updates
+        (up to 4,096 rows, keeping at least :data:`MIN_STEPS` updates over the run) cost less per
+        row; each update's gradient is summed over chunks whose logits fit :data:`BATCH_FLOATS`.
+        """
+        heads = self.n_splits * len(self.Cs) * self.k
+        epochs = int(self.h.epochs)
+        fit = min(self.n // 8, max(BATCH_FLOATS // heads, self.n * epochs // (2 * MIN_STEPS)))  # >= 8 steps per epoch
+        self.batch = int(min(4096, 2 ** math.floor(math.log2(max(64, fit)))))
+        self.chunk = int(min(self.batch, max(64, BATCH_FLOATS // heads)))
+        blocks = math.ceil(self.n / block_rows(self.d))  # each block is cut into near-equal updates
+        steps_per_epoch = max(1, blocks * math.ceil(self.n / blocks / self.batch))
+        self.n_epochs = max(epochs, math.ceil(MIN_STEPS / steps_per_epoch))
+        self.total_steps, self.step = self.n_epochs * steps_per_epoch, 0
 
     def _warm_start(self) -> np.ndarray:
         """[d + 1, splits, 1, classes]: the shared-diagonal-covariance Gaussian classifier of each split's rows.
@@ -267,9 +281,9 @@ class _Run:
             sums = total_s - (self.class_sums[drop] if drop is not None else 0)
             cnt = total_n - (self.class_counts[drop] if drop is not None else 0)
             gram = total_g - (self.gram[drop] if drop is not None else 0)
-            W, b = _lda(sums, cnt, gram, self.mean, self.scale)
+            W, b = lda(sums, cnt, gram, self.mean, self.scale)
             if self.h.loss == "squared_hinge":
-                W, b = _hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
+                W, b = hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
             out[:-1, s, 0], out[-1, s, 0] = W, b
         return out
 
@@ -278,28 +292,25 @@ class _Run:
         Z = (torch.as_tensor(X, device=self.dev, dtype=torch.float32) - self.mean_t) / self.scale_t
         return torch.cat([Z, torch.ones(len(Z), 1, device=self.dev)], 1)
 
-    def _logits(self, Z, W):
-        """[rows, splits, active Cs, classes] scores of ``Z`` under weights ``W`` (fast dtype products)."""
-        n = Z.shape[0]
-        return (Z.to(self.dtype) @ W.reshape(self.d + 1, -1).to(self.dtype)).float().reshape(n, *W.shape[1:])
+    def _logits(self, Z, W, Wf=None):
+        """[rows, splits, active Cs, classes] scores of ``Z`` under weights ``W`` (fast dtype products;
+        ``Wf``: ``W`` already flattened and cast)."""
+        Wf = W.reshape(self.d + 1, -1).to(self.dtype) if Wf is None else Wf
+        return (Z.to(self.dtype) @ Wf).float().reshape(Z.shape[0], *W.shape[1:])
 
     def _step(self, pos: np.ndarray, X: np.ndarray) -> None:
+        """One Adam update on rows ``pos`` (features ``X``): the gradient summed over chunks of rows."""
         torch = self.torch
-        Z = self._design(X)
-        y = torch.as_tensor(self.yi[pos], device=self.dev)
-        S = self._logits(Z, self.W)
-        Y = torch.zeros_like(S[:, 0, 0]).scatter_(1, y[:, None], 1.0)[:, None, None, :]
-        if self.h.loss == "logistic":
-            G = torch.softmax(S, dim=3).sub_(Y)
-        else:
-            sgn = 2 * Y - 1
-            G = (1 - sgn * S).clamp_(min=0).mul_(sgn).mul_(-2)
         fold = torch.as_tensor(self.fold[pos], device=self.dev)
         use = torch.stack([fold != s for s in range(self.n_cv)] +
                           [torch.ones_like(fold, dtype=torch.bool)] * (self.n_splits - self.n_cv), 1).float()
-        use /= use.sum(0).clamp(min=1)
-        G.mul_(use[:, :, None, None])
-        grad = (Z.to(self.dtype).T @ G.reshape(len(Z), -1).to(self.dtype)).float().reshape(self.W.shape)
+        use /= use.sum(0).clamp(min=1)  # [rows, splits]: each split's mean over its own rows
+        Wf = self.W.reshape(self.d + 1, -1).to(self.dtype)
+        grad = None
+        chunk = max(self.chunk, BATCH_FLOATS // (self.n_splits * len(self.active) * self.k))  # more once heads stop
+        for a in range(0, len(pos), chunk):
+            g = self._chunk_grad(pos[a : a + chunk], X[a : a + chunk], use[a : a + chunk], Wf)
+            grad = g if grad is None else grad.add_(g)
         lam = torch.as_tensor(self.lam[:, self.active], dtype=torch.float32, device=self.dev)[None, :, :, None]
         pen = self.W * lam
         if self.h.loss == "logistic":
@@ -307,11 +318,26 @@ class _Run:
         grad.add_(pen)
         self._adam(grad)
 
+    def _chunk_grad(self, pos: np.ndarray, X: np.ndarray, use, Wf):
+        """Gradient of the weighted data loss of rows ``pos`` for every head, shaped like ``W``."""
+        torch = self.torch
+        Z = self._design(X)
+        y = torch.as_tensor(self.yi[pos], device=self.dev)
+        S = self._logits(Z, self.W, Wf)
+        Y = torch.zeros_like(S[:, 0, 0]).scatter_(1, y[:, None], 1.0)[:, None, None, :]
+        if self.h.loss == "logistic":
+            G = torch.softmax(S, dim=3).sub_(Y)
+        else:
+            sgn = 2 * Y - 1
+            G = (1 - sgn * S).clamp_(min=0).mul_(sgn).mul_(-2)
+        G.mul_(use[:, :, None, None])
+        return (Z.to(self.dtype).T @ G.reshape(len(Z), -1).to(self.dtype)).float().reshape(self.W.shape)
+
     def _adam(self, grad, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
         self.step += 1
         warm = max(1, self.total_steps // 20)
         t = self.step
-        lr = self.h.lr * (t / warm if t <= warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, self.total_steps - warm))))
+        lr = self.h.lr * (t / warm if t <= warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / max(1, self.total_steps - warm)))))
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.v / (1 - b2**t)).sqrt_().add_(eps)
@@ -344,7 +370,9 @@ class _Run:
                 self.scores[c, f] = np.mean(yt == yp) if self.h.scoring == "accuracy" else \
                     score_predictions(self.h.scoring, yt, yp)
 
-    def _prune(self) -> None:
+    def _prune(self, *, early: bool = False) -> None:
+        """Stop the heads clearly worse than the best, or predicting as a smaller C does (``early``: within
+        the first quarter of the updates, where only a wider margin counts as clearly worse)."""
         mean = self.scores[self.active].mean(1)
         best = float(mean.max())
         if best < 2.0 / self.k:  # nothing learned yet: no score tells the heads apart
@@ -352,8 +380,8 @@ class _Run:
         se = math.sqrt(max(best * (1 - best), 1e-6) / max(1, len(self.y_eval)))
         keep = []
         for j, c in enumerate(self.active):
-            if mean[j] < best - max(PRUNE_MARGIN, 2 * se):
-                self.pruned[f"{self.Cs[c]:.3g}"] = f"held-out score {mean[j]:.4f} after epoch {self.epochs} (best {best:.4f})"
+            if mean[j] < best - max(PRUNE_MARGIN * (EARLY_MARGIN if early else 1), 2 * se):
+                self.pruned[f"{self.Cs[c]:.3g}"] = f"held-out score {mean[j]:.4f} after {self._when()} (best {best:.4f})"
             elif keep and np.mean(self.preds[:, j] == self.preds[:, keep[-1][0]]) >= SAME_PREDICTIONS:
                 self.pruned[f"{self.Cs[c]:.3g}"] = f"same held-out predictions as C={self.Cs[keep[-1][1]]:.3g}"
             else:
@@ -362,7 +390,10 @@ class _Run:
             idx = [j for j, _ in keep]
             self.W, self.m, self.v = (t[:, :, idx].contiguous() for t in (self.W, self.m, self.v))
             self.active = [c for _, c in keep]
-            log.info("streaming: %d of %d C values continue training", len(self.active), len(self.Cs))
+            log.info("streaming: %d of %d C values continue training after %s", len(self.active), len(self.Cs), self._when())
+
+    def _when(self) -> str:
+        return f"update {self.step:,} of {self.total_steps:,} (epoch {self.step * self.n_epochs / self.total_steps:.2f})"
 
     def best_index(self) -> int:
         """The best held-out (mean CV) score among the heads trained to the end; ties to the smaller C."""
@@ -382,13 +413,15 @@ class _Run:
 
 
 def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: int, device: str, scoring: str,
-                       epochs: int | None = None) -> StreamingLinearHead:
-    """The streaming head for ``name`` (logreg, or the linear SVM); other heads are refused with the fix.
+                       epochs: int | None = None) -> StreamingLinearHead | StreamingKNN:
+    """The streaming head for ``name`` (logreg, the linear SVM, or kNN); other heads are refused with the fix.
 
-    ``epochs``: passes over the rows (None: the head's default)."""
+    ``epochs``: passes over the rows of a linear head (None: the head's default)."""
+    if name == "knn":
+        return StreamingKNN(grid=grid, folds=folds, seed=seed, scoring=scoring)
     if name not in ("logreg", "svm") or kernel != "linear" or set(grid) != {"C"}:
-        raise FeatxError(f"--solver stream trains logreg and the linear SVM; head {name!r} (kernel {kernel}) needs the "
-                         "in-memory solver: use --solver memory with --max-train-rows N")
+        raise FeatxError(f"--solver stream trains logreg, the linear SVM and knn; head {name!r} (kernel {kernel}) needs "
+                         "the in-memory solver: use --solver memory with --max-train-rows N")
     return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),
                                folds=folds, seed=seed, scoring=scoring, device=device,
                                **({} if epochs is None else {"epochs": epochs}))
@@ -438,38 +471,3 @@ def fit_streamed(rows, cand: tuple[str, str, int], plan: SearchPlan, *, refit: b
     row = Candidate(view, norm, 0, int(inner.n_features_in_), float(inner.best_score_), fold_std_err(inner),
                     dict(inner.params_), time.perf_counter() - t0)
     return est, inner, row
-
-
-def _lda(sums: np.ndarray, cnt: np.ndarray, gram: np.ndarray, mean: np.ndarray, scale: np.ndarray):
-    """(W [d, classes], b [classes]) of linear discriminant analysis in standardised units, shrunk covariance."""
-    n = max(1.0, cnt.sum())
-    mu = (sums / np.maximum(cnt, 1)[:, None] - mean) / scale  # class means, standardised [classes, d]
-    m0 = (sums.sum(0) / n - mean) / scale
-    total = (gram / n - np.outer(sums.sum(0) / n, sums.sum(0) / n)) / np.outer(scale, scale)
-    p = cnt / n
-    within = total - (mu - m0).T @ ((mu - m0) * p[:, None])
-    within = 0.9 * within + 0.1 * np.eye(len(within)) * max(1e-6, float(np.trace(within)) / len(within))
-    W = np.linalg.solve(within, mu.T)  # [d, classes]
-    b = -0.5 * (mu.T * W).sum(0) + np.log(np.maximum(p, 1e-12))
-    return W, b
-
-
-def _class_sums(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    """[k, d] sums of the rows of each class (float64)."""
-    out = np.zeros((k, X.shape[1]))
-    order = np.argsort(y, kind="stable")
-    ys = y[order]
-    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
-    out[ys[starts]] = np.add.reduceat(X[order], starts, axis=0, dtype=np.float64)
-    return out
-
-
-def _hinge_scaled(W: np.ndarray, b: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-classifier scores rescaled for one-vs-rest hinge losses: the winner near +1, the others below -1."""
-    if not len(Z):
-        return W * 0, b * 0
-    s = Z[:, :-1] @ W + b
-    top2 = np.sort(s, 1)[:, -2:]
-    t = float(np.median(top2.mean(1)))
-    a = 2.0 / max(1e-6, float(np.median(top2[:, 1] - top2[:, 0])))
-    return W * a, (b - t) * a
