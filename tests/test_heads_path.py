@@ -105,3 +105,18 @@ def test_cpu_rule_picks_the_measured_faster_implementation():
     # Scorers that need probabilities stay with scikit-learn, which supports them all.
     assert isinstance(factory.create_head("logreg", scoring="neg_log_loss", problem=(720, 1280, 12)), HeadSearch)
     assert isinstance(factory.create_head("logreg"), HeadSearch)  # sizes unknown: as before
+
+
+@pytest.mark.parametrize("loss", ["logistic", "squared_hinge"])
+def test_folds_on_threads_give_the_same_head_as_one_thread(loss):
+    """Each fold keeps its own warm start, so solving the folds side by side changes nothing."""
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), 40)
+    X = (rng.normal(size=(len(y), 60)) + 0.4 * np.eye(4)[y] @ rng.normal(size=(4, 60))).astype(np.float32)
+    Cs = tuple(np.logspace(-3, 2, 8))
+    one = PathLinearHead(loss=loss, Cs=Cs, folds=5, n_jobs=None).fit(X, y)
+    two = PathLinearHead(loss=loss, Cs=Cs, folds=5, n_jobs=2).fit(X, y)
+    assert one.best_params_ == two.best_params_ and one.n_iter_ == two.n_iter_
+    np.testing.assert_array_equal(one.cv_results_["mean_test_score"], two.cv_results_["mean_test_score"])
+    np.testing.assert_allclose(one.coef_, two.coef_, rtol=0, atol=0)
+    np.testing.assert_array_equal(one.oof_decision_, two.oof_decision_)

@@ -149,7 +149,8 @@ def create_head(
             log.warning("no GPU implementation of head %r (%s); using scikit-learn on the CPU", name, exc)
     if impl == "path" and set(g) == {"C"}:
         return PathLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(g["C"]), folds=folds,
-                              seed=seed, scoring=scoring, probability=probability, max_iter=max_iter)
+                              seed=seed, scoring=scoring, probability=probability, max_iter=max_iter,
+                              n_jobs=n_jobs)
     param_grid = {f"clf__{p}": list(v) for p, v in g.items()}
     return HeadSearch(
         _sklearn_pipeline(name, kernel, max_iter, seed), param_grid, scoring=scoring, n_jobs=n_jobs,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from joblib import effective_n_jobs
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
@@ -112,11 +114,17 @@ def _reduce(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     n, d1 = Z.shape
     if n >= d1 - 1:
         return Z, None
-    U, S, Vt = np.linalg.svd(Z[:, :-1], full_matrices=False)
+    # The row space from the n x n Gram matrix (eigh: about half an SVD's time), in float64 so that
+    # the squared singular values keep float32's precision; directions with s^2 below 1e-12 of
+    # the largest carry nothing a float32 product could resolve and are left out.
+    A = Z[:, :-1].astype(np.float64)
+    lam, U = np.linalg.eigh(A @ A.T)
+    keep = lam > max(float(lam[-1]), 0.0) * 1e-12
+    U, S = U[:, keep][:, ::-1], np.sqrt(lam[keep][::-1])
     out = np.empty((n, len(S) + 1), np.float32)
     out[:, :-1] = U * S
     out[:, -1] = 1.0
-    return out, Vt.T
+    return out, ((A.T @ U) / S).astype(np.float32)
 
 
 # The folds' standardised designs are kept between C values while all of them together stay
@@ -164,11 +172,14 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
     (values actually fitted), ``coef_``, ``intercept_``, ``classes_``; for the squared hinge
     with ``probability=True``, ``calibration_`` (out-of-fold Platt sigmoids, as
     ``CalibratedClassifierCV(ensemble=False)``) makes ``predict_proba`` available.
+    ``n_jobs``: threads that solve the CV folds of one C value side by side (each fold keeps its
+    own warm start, so the result does not depend on it; -1: one per core, None: 1).
     """
 
     def __init__(
         self, *, loss: str = "logistic", Cs=(1.0,), folds: int = 5, seed: int = 0, scoring: str = "accuracy",
         patience: int | None = 4, tol: float = 1e-4, max_iter: int = 500, probability: bool = True,
+        n_jobs: int | None = None,
     ) -> None:
         self.loss = loss
         self.Cs = Cs
@@ -179,6 +190,7 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.probability = probability
+        self.n_jobs = n_jobs
 
     def _check_settings(self) -> list[float]:
         if self.loss not in LOSSES:
@@ -201,9 +213,13 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         splits = cv_splits(yi, self.folds, self.seed)
         # Small problems: one BLAS thread. Their many small products otherwise spend the time in
         # thread hand-offs (20-60x slower measured on a loaded 2-core machine, benchmarks/heads.md).
-        with threadpool_limits(1 if X.size < SMALL_PROBLEM else None):
+        small = X.size < SMALL_PROBLEM
+        # Folds on threads only where each product runs on one BLAS thread (else they would compete
+        # for the same cores) and the folds' designs are kept (else each thread holds a copy).
+        with threadpool_limits(1 if small else None):
             keep = _can_keep(sum(4 * len(tr) * (X.shape[1] + 1) for tr, _ in splits))
-            folds = [_Fold(X, tr, va, keep=keep) for tr, va in splits]
+            self._threads_ok = small and (keep or all(len(tr) < X.shape[1] for tr, _ in splits))
+            folds = self._map(lambda k, _: _Fold(X, *splits[k], keep=keep), None, len(splits))
             scores, oof, best = self._walk(Cs, folds, yi, n_out)
             self._refit(X, yi, n_out, Cs[: best + 1])
         fitted = int(np.isfinite(scores[:, 0]).sum())
@@ -224,18 +240,20 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         scores = np.full((len(Cs), len(folds)), np.nan)
         oof = best_oof = np.zeros((len(yi), n_out), np.float32)
         best, since, iters = -1, 0, 0
+        def solve_fold(k: int, C: float):
+            f = folds[k]
+            Z, mean, scale, V = f.design()
+            w0 = W[k] if W[k] is not None else np.zeros((Z.shape[1], n_out), np.float32)
+            w, nit = _solve(Z, yi[f.tr], n_out, C, self.loss, w0, tol=self.tol, max_iter=self.max_iter)
+            return w, nit, f.decision(w, mean, scale, V)
+
         for i, C in enumerate(Cs):
             oof = np.zeros_like(oof)
-            for k, f in enumerate(folds):
-                Z, mean, scale, V = f.design()
-                if W[k] is None:
-                    W[k] = np.zeros((Z.shape[1], n_out), np.float32)
-                W[k], nit = _solve(Z, yi[f.tr], n_out, C, self.loss, W[k], tol=self.tol, max_iter=self.max_iter)
-                del Z
+            for k, (w, nit, d) in enumerate(self._map(solve_fold, C, len(folds))):
+                W[k] = w
                 iters += nit
-                d = f.decision(W[k], mean, scale, V)
-                oof[f.va] = d
-                scores[i, k] = score_predictions(self.scoring, yi[f.va], _labels_of(d))
+                oof[folds[k].va] = d
+                scores[i, k] = score_predictions(self.scoring, yi[folds[k].va], _labels_of(d))
             if best < 0 or scores[i].mean() > scores[best].mean() + 1e-12:
                 best, since, best_oof = i, 0, oof
             else:
@@ -245,6 +263,14 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
                     break
         self.n_iter_ = iters
         return scores, best_oof, best
+
+    def _map(self, fn, C: float | None, n: int) -> list:
+        """``fn(k, C)`` for the folds k < n, on up to ``n_jobs`` threads (the products release the GIL)."""
+        jobs = min(n, effective_n_jobs(self.n_jobs)) if self._threads_ok else 1
+        if jobs <= 1:
+            return [fn(k, C) for k in range(n)]
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(fn, range(n), [C] * n))
 
     def _refit(self, X, yi, n_out, path) -> None:
         Z, mean, scale = _design(X, None)
