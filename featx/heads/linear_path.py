@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from joblib import effective_n_jobs
@@ -139,6 +140,14 @@ def _can_keep(nbytes: int) -> bool:
     return nbytes <= KEEP_FOLDS_BYTES and (free is None or nbytes <= free // 2)
 
 
+def _map(fn, n: int, jobs: int) -> list:
+    """``fn(k)`` for k < n, on ``jobs`` threads (the products release the GIL), results in order."""
+    if jobs <= 1:
+        return [fn(k) for k in range(n)]
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(fn, range(n)))
+
+
 class _Fold:
     """One CV fold: its training design, kept if ``keep`` (or reduced, hence small), else rebuilt per use."""
 
@@ -218,9 +227,10 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         # for the same cores) and the folds' designs are kept (else each thread holds a copy).
         with threadpool_limits(1 if small else None):
             keep = _can_keep(sum(4 * len(tr) * (X.shape[1] + 1) for tr, _ in splits))
-            self._threads_ok = small and (keep or all(len(tr) < X.shape[1] for tr, _ in splits))
-            folds = self._map(lambda k, _: _Fold(X, *splits[k], keep=keep), None, len(splits))
-            scores, oof, best = self._walk(Cs, folds, yi, n_out)
+            threads = small and (keep or all(len(tr) < X.shape[1] for tr, _ in splits))
+            jobs = min(len(splits), effective_n_jobs(self.n_jobs)) if threads else 1
+            folds = _map(lambda k: _Fold(X, *splits[k], keep=keep), len(splits), jobs)
+            scores, oof, best = self._walk(Cs, folds, yi, n_out, jobs)
             self._refit(X, yi, n_out, Cs[: best + 1])
         fitted = int(np.isfinite(scores[:, 0]).sum())
         self.cv_results_ = cv_summary([{"C": c} for c in Cs[:fitted]], scores[:fitted])
@@ -234,13 +244,14 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _walk(self, Cs, folds, yi, n_out):
+    def _walk(self, Cs, folds, yi, n_out, jobs: int):
         """CV scores [len(Cs), folds] (NaN where skipped), out-of-fold scores at the best C, its index."""
         W: list = [None] * len(folds)
         scores = np.full((len(Cs), len(folds)), np.nan)
         oof = best_oof = np.zeros((len(yi), n_out), np.float32)
         best, since, iters = -1, 0, 0
-        def solve_fold(k: int, C: float):
+
+        def solve_fold(C: float, k: int):
             f = folds[k]
             Z, mean, scale, V = f.design()
             w0 = W[k] if W[k] is not None else np.zeros((Z.shape[1], n_out), np.float32)
@@ -249,7 +260,7 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
 
         for i, C in enumerate(Cs):
             oof = np.zeros_like(oof)
-            for k, (w, nit, d) in enumerate(self._map(solve_fold, C, len(folds))):
+            for k, (w, nit, d) in enumerate(_map(partial(solve_fold, C), len(folds), jobs)):
                 W[k] = w
                 iters += nit
                 oof[folds[k].va] = d
@@ -263,14 +274,6 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
                     break
         self.n_iter_ = iters
         return scores, best_oof, best
-
-    def _map(self, fn, C: float | None, n: int) -> list:
-        """``fn(k, C)`` for the folds k < n, on up to ``n_jobs`` threads (the products release the GIL)."""
-        jobs = min(n, effective_n_jobs(self.n_jobs)) if self._threads_ok else 1
-        if jobs <= 1:
-            return [fn(k, C) for k in range(n)]
-        with ThreadPoolExecutor(jobs) as pool:
-            return list(pool.map(fn, range(n), [C] * n))
 
     def _refit(self, X, yi, n_out, path) -> None:
         Z, mean, scale = _design(X, None)
