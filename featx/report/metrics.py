@@ -235,6 +235,6 @@ def plot_confusion(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the wrapped title is laid out only when drawn
     plt.close(fig)
     return path
