@@ -101,15 +101,16 @@ def run_probe(cache: Path, out: Path, args: list[str]) -> dict:
     """One ``featx probe`` in a fresh process: wall seconds, peak RSS (MiB) and the head's metrics."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", _MEASURED, str(out / "rss.txt"), "probe", str(cache), "--out-dir", str(out),
+    cmd = [sys.executable, "-c", _MEASURED, str(out / "rss.txt"), "-vv", "probe", str(cache), "--out-dir", str(out),
            "--no-report", "--no-save", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     before = os.times()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = out / "probe.log"  # the heads' log as it goes: epochs, pruning, held-out scores, C path
+    with log.open("w") as err:
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     wall, after = time.perf_counter() - t0, os.times()
-    (out / "probe.log").write_text(done.stderr)  # the streamed heads' log: epochs, pruning, held-out scores
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall_s": wall, "peak_rss_mb": int((out / "rss.txt").read_text()) / 1024, "metrics": metrics,
             "cpu_s": (after.children_user - before.children_user) + (after.children_system - before.children_system)}
@@ -146,6 +147,7 @@ def _args(argv):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=None, help="--stream-epochs for the probe")
     ap.add_argument("--compare", type=int, default=0, help="also probe an N-row subset in memory and streamed")
+    ap.add_argument("--folds", type=int, default=None, help="CV folds of the in-memory --compare run (default: the probe's)")
     ap.add_argument("--skip-full", action="store_true", help="only the --compare runs")
     ap.add_argument("--dir", default="/tmp/featx-heads-scale", help="where the cache and runs go (kept)")
     ap.add_argument("--json", default=None)
@@ -167,8 +169,9 @@ def main(argv=None) -> None:
         rows.append(_row("full", run_probe(cache, base / "full", common + ["--solver", "stream"]), a.head))
     if a.compare:
         sub = ["--max-train-rows", str(a.compare)]
-        for solver in ("memory", "stream"):
-            rows.append(_row(f"subset {a.compare:,}", run_probe(cache, base / f"sub-{solver}", common + sub + ["--solver", solver]), a.head))
+        for solver in ("stream", "memory"):  # the quick one first
+            extra = ["--folds", str(a.folds)] if solver == "memory" and a.folds else []
+            rows.append(_row(f"subset {a.compare:,}", run_probe(cache, base / f"sub-{solver}", common + sub + extra + ["--solver", solver]), a.head))
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} cores, load average {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f} at the start, "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end (CPU s: user + system seconds of the probe process)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,45 @@ def test_chunk_file_that_reads_other_files_is_embedded_again(built, tmp_path, ca
     with caplog.at_level("WARNING"):
         assert parts.read_index() == {}
     assert "another file" in caplog.text and cf.with_suffix(".damaged").exists()
+
+
+def _vlen_array_attr(f: h5py.File) -> None:
+    # 10,000 variable-length strings that could all point at one large heap object: refused by shape.
+    f.attrs.create("notes", data=np.array(["x" * 100] * 10_000, dtype=object), dtype=h5py.string_dtype())
+
+
+def _huge_attr(f: h5py.File) -> None:
+    f.attrs.create("blob", data=np.void(b"\0" * (2 << 20)))  # one 2 MiB scalar
+
+
+def _add_attr(path: Path, make) -> None:
+    """Copy ``path`` into a file whose root may hold large (dense) attributes, then add one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(path, "r") as src, h5py.File(tmp, "w", libver="latest") as dst:
+        for name in src:
+            src.copy(name, dst)
+        dst.attrs.update(src.attrs)
+        make(dst)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("make,says", [(_vlen_array_attr, "attribute 'notes' of '/' is an array of shape (10000,)"),
+                                       (_huge_attr, "attribute 'blob' of '/' stores 2097152 bytes")])
+def test_attributes_are_checked_before_they_are_read(built, tmp_path, make, says):
+    fc, _, _ = built
+    path = _copy(fc, tmp_path)
+    _add_attr(path, make)
+    with pytest.raises(FeatxError, match=re.escape(says)):
+        FeatureCache(path)
+    r = CliRunner().invoke(cli, ["info", str(path)])
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
+    from featx.cache.store import Chunk, PartsDir
+
+    parts = PartsDir(tmp_path / "c.h5", {"x": 1})
+    parts.ensure()
+    cf = parts.write_chunk(Chunk(["a.png"], np.ones((1, 4), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64)))
+    _add_attr(cf, make)
+    assert parts.total_seconds() == 0.0 and parts.read_index() == {}  # the chunk is embedded again
 
 
 # --------------------------------------------------------------------------- 5. declared shapes
@@ -604,6 +644,7 @@ SECURITY_TESTS = {
                "test_security.py::test_cache_module_never_decodes_code",
                "test_hostile.py::test_cache_that_reads_other_files_is_refused_naming_the_dataset",
                "test_hostile.py::test_declared_shapes_must_be_backed_by_the_file",
+               "test_hostile.py::test_attributes_are_checked_before_they_are_read",
                "test_hostile.py::test_inconsistent_row_datasets_are_one_line_errors",
                "test_hostile.py::test_chunk_file_that_reads_other_files_is_embedded_again"],
     "Damage": ["test_hostile.py::test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun",

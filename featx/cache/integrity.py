@@ -28,6 +28,8 @@ MAX_DEPTH = 8  # featx files nest 3 deep; a hard-link cycle would otherwise recu
 MAX_OBJECTS = 10000
 log = logging.getLogger(__name__)
 COMPRESSION_RATIO = 100  # a filtered (compressed) dataset may declare at most this many times its storage
+MAX_ATTRS = 256  # featx writes about 30 attributes on a cache, 1 on a chunk file
+MAX_ATTR_BYTES = 1 << 20  # featx's largest attribute (fingerprint_json) is a few KB
 
 
 class CacheDamagedError(FeatxError):
@@ -77,6 +79,7 @@ def check_file(f: h5py.File) -> None:
     dataset declaring more bytes than it stores (unwritten storage reads as zeros without end);
     storage that adds up to more than the file (chunks pointing at the same bytes).
     """
+    check_attrs(f)
     total = 0
     for name, d in _walk(f, "", 0, []):
         if d.external:
@@ -92,6 +95,27 @@ def check_file(f: h5py.File) -> None:
     size = f.id.get_filesize()
     if total > size:
         raise ValueError(f"its datasets claim {total} bytes of storage, more than the file's {size} bytes")
+
+
+def check_attrs(obj: h5py.Group | h5py.Dataset) -> None:
+    """Raise ValueError naming the attribute unless ``obj``'s attributes are few, scalar and small.
+
+    Why: reading attributes (``dict(f.attrs)``) loads them whole, and it happens before any
+    dataset check.  featx writes only scalar numbers and strings, so an array attribute (whose
+    variable-length elements could all point at one large heap object) or a huge one is refused
+    before it is read.
+    """
+    names = list(obj.attrs)
+    if len(names) > MAX_ATTRS:
+        raise ValueError(f"{obj.name!r} has {len(names)} attributes (featx writes at most {MAX_ATTRS})")
+    for name in names:
+        a = obj.attrs.get_id(name)
+        if a.shape != ():
+            raise ValueError(f"attribute {name!r} of {obj.name!r} is an array of shape {a.shape} "
+                             "(featx writes single values)")
+        size = max(int(a.get_storage_size()), int(a.get_type().get_size()))
+        if size > MAX_ATTR_BYTES:
+            raise ValueError(f"attribute {name!r} of {obj.name!r} stores {size} bytes (at most {MAX_ATTR_BYTES})")
 
 
 def check_rows(labels: np.ndarray, codes: np.ndarray, n_classes: int, split_names: list[str]) -> None:

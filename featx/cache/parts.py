@@ -110,6 +110,7 @@ class PartsDir:
         for cf in self.chunk_files():
             try:
                 with h5py.File(cf, "r") as f:
+                    integrity.check_attrs(f)
                     total += float(f.attrs.get("seconds", 0.0))
             except (OSError, ValueError, TypeError):  # a damaged chunk is re-embedded by read_index
                 continue

@@ -97,6 +97,7 @@ class FeatureCache:
         self.stats = None
         with open_h5(self.path) as f:
             try:
+                integrity.check_attrs(f)  # attributes are read whole: few, scalar and small first
                 attrs = dict(f.attrs)
                 layout = int(attrs.get("featx_cache_layout", 0))
                 if layout != LAYOUT_VERSION:

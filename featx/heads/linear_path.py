@@ -265,6 +265,7 @@ class PathLinearHead(ClassifierMixin, BaseEstimator):
                 iters += nit
                 oof[folds[k].va] = d
                 scores[i, k] = score_predictions(self.scoring, yi[folds[k].va], _labels_of(d))
+            log.debug("C path: C=%.3g, mean CV score %.4f (%d L-BFGS iterations so far)", C, scores[i].mean(), iters)
             if best < 0 or scores[i].mean() > scores[best].mean() + 1e-12:
                 best, since, best_oof = i, 0, oof
             else:
