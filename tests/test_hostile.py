@@ -316,6 +316,30 @@ def test_tall_png_and_fifo_are_recorded_not_fatal(tmp_path, alarm):
     assert "aspect ratio" in failed["train/cats/tall.png"] and len(fc) == 16
 
 
+def test_file_swapped_for_a_fifo_after_discovery_never_blocks_a_reader(tmp_path, alarm, monkeypatch):
+    """Both readers (the PIL loader and the device engine's byte reader) refuse a FIFO at the open itself."""
+    from PIL import Image
+
+    from featx.data import guards
+    from featx.data.images import ImageLoadError, load_image
+    from featx.embedding.backbones import Preprocess
+    from featx.embedding.gpu import _BytesDataset
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(guards, "file_reason", lambda path: None)  # the moment between the check and the open
+    with pytest.raises(ImageLoadError, match="not an image file"):
+        load_image(fifo)
+    monkeypatch.undo()
+    tall = tmp_path / "tall.jpg"
+    Image.new("RGB", (8, 1600)).save(tall)  # 12,800 pixels, but 200:1
+    samples = [type("S", (), {"path": str(p)})() for p in (fifo, tall)]
+    ds = _BytesDataset(samples, Preprocess(resize=36, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3))
+    items = [ds[0], ds[1]]
+    assert [it.kind for it in items] == ["fail", "fail"]
+    assert "FIFO" in items[0].error and "aspect ratio" in items[1].error
+
+
 def test_manifest_row_naming_a_fifo_is_skipped(tmp_path, alarm):
     from featx.data.folders import discover
 
@@ -664,6 +688,7 @@ SECURITY_TESTS = {
                 "test_report_html.py::test_class_names_are_escaped"],
     "Data root rule": ["test_hostile.py::test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here"],
     "Data folders": ["test_hostile.py::test_tall_png_and_fifo_are_recorded_not_fatal",
+                     "test_hostile.py::test_file_swapped_for_a_fifo_after_discovery_never_blocks_a_reader",
                      "test_hostile.py::test_manifest_row_naming_a_fifo_is_skipped"],
     "Config files": ["test_hostile.py::test_hostile_config_files_are_one_line_errors"],
     "Terminal": ["test_hostile.py::test_control_characters_from_files_are_escaped_in_everything_printed",

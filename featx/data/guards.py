@@ -8,6 +8,7 @@ and the file is recorded as failed (or skipped by discovery), never fatal.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -28,6 +29,30 @@ def file_reason(path: str | os.PathLike) -> str | None:
     kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
     return f"not an image file: {kind}; only regular files (and symlinks to them) are read"
+
+
+class IrregularFileError(OSError):
+    """The path was a regular file when it was listed, and is something else when it is opened."""
+
+
+def open_regular(path: str | os.PathLike):
+    """Open ``path`` for reading in binary mode, refusing anything but a regular file at the open itself.
+
+    Why: a check before the open (:func:`file_reason`) leaves a moment in which the file can be
+    replaced by a FIFO, whose blocking open would hang a worker forever.  ``O_NONBLOCK`` makes
+    that open return at once, and ``fstat`` of the opened descriptor says what was opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise IrregularFileError(file_reason(path) or "not an image file: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def size_reason(size: tuple[int, int]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -72,9 +73,10 @@ def load_image(path: str | os.PathLike | io.BytesIO, *, draft_size: int | None =
     if why:
         raise ImageLoadError(why)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            src = path if isinstance(path, io.BytesIO) else stack.enter_context(guards.open_regular(path))
+            with Image.open(src) as im:
                 why = guards.size_reason(im.size)  # from the header, before any pixel is decoded
                 if why:
                     raise ImageLoadError(why)
@@ -102,6 +104,8 @@ def load_image(path: str | os.PathLike | io.BytesIO, *, draft_size: int | None =
         raise ImageLoadError("permission denied (cannot read the file)") from None
     except IsADirectoryError:
         raise ImageLoadError("is a directory") from None
+    except guards.IrregularFileError as exc:  # replaced by a FIFO or device after the check above
+        raise ImageLoadError(str(exc)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ImageLoadError("symlink loop (too many levels of symbolic links)") from None

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..base.cuda import device_scope, drain_stream, is_oom, record_event
 from ..base.runtime import worker_init
+from ..data import guards
 from ..data.images import load_or_blank
 from .gpu_batches import Item, pack_items, pixel_groups, unpack
 from .tensor_images import TensorPreprocess, apply_exif_orientation
@@ -107,7 +108,7 @@ class _BytesDataset:
         except OSError:
             return self._cpu_item(i, path, 0, -1)  # load_or_blank words the reason
         try:
-            with open(path, "rb") as fh:
+            with guards.open_regular(path) as fh:  # a FIFO swapped in after discovery must not hang a worker
                 data = fh.read()
         except OSError:
             return self._cpu_item(i, path, mtime, size)
@@ -127,6 +128,7 @@ class _BytesDataset:
             or progressive
             or mode not in ("RGB", "L")
             or w * h > min(self.max_pixels, Image.MAX_IMAGE_PIXELS or self.max_pixels)
+            or guards.size_reason((w, h))  # the PIL loader words the reason
         ):
             return self._cpu_item(i, path, mtime, size)
         if orientation not in range(1, 9):
