@@ -65,3 +65,43 @@ def test_out_of_memory_retries_with_fewer_c_values(monkeypatch, caplog):
     assert any("out of memory" in r.getMessage() for r in caplog.records)
     assert got.best_params_ == want.best_params_
     np.testing.assert_allclose(got.coef_, want.coef_, rtol=1e-4, atol=1e-5)
+
+
+def _knn_data(n=300, d=16, k=4):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, k, n)
+    return (rng.normal(0, 1, (k, d))[y] + rng.normal(0, 0.8, (n, d))).astype(np.float32), y
+
+
+def test_knn_query_blocks_fit_the_free_memory_and_halve_on_out_of_memory(monkeypatch, caplog):
+    from featx.heads.torch_heads import TorchKNN
+
+    X, y = _knn_data()
+    grid = {"n_neighbors": [1, 5, 15], "weights": ["uniform", "distance"]}
+    want = TorchKNN(grid=grid, folds=3).fit(X, y)
+    real_topk, blocks = torch.topk, []
+
+    def topk(sim, k, **kw):
+        blocks.append(sim.shape[0])
+        if sim.shape[0] > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return real_topk(sim, k, **kw)
+
+    # Free memory for 40 query rows against a 200-row CV training fold: blocks of 40, halved by
+    # out-of-memory to 20 and then 10 (fewer for the 300 rows of the final head).
+    monkeypatch.setattr(device_memory, "free_bytes", lambda dev: int(40 * 3 * 4 * 200 / device_memory.USE_FRACTION))
+    monkeypatch.setattr(torch, "topk", topk)
+    with caplog.at_level("WARNING"):
+        got = TorchKNN(grid=grid, folds=3).fit(X, y)
+        proba = got.predict_proba(X[:50])
+    assert blocks[:3] == [40, 20, 10] and max(blocks) == 40
+    assert "retrying 10 query rows at a time" in caplog.text
+    assert got.best_params_ == want.best_params_
+    np.testing.assert_allclose(got.cv_results_["mean_test_score"], want.cv_results_["mean_test_score"])
+    np.testing.assert_allclose(proba, want.predict_proba(X[:50]))
+
+
+def test_knn_blocks_off_cuda_stay_within_the_host_budget(monkeypatch):
+    assert device_memory.block_rows(12 * 1_000_000, torch.device("cpu"), most=4096) == (256 << 20) // 12_000_000
+    assert device_memory.block_rows(12, torch.device("cpu"), most=4096) == 4096
+    assert device_memory.block_rows(10**12, torch.device("cpu"), most=4096) == 1

@@ -37,6 +37,18 @@ def c_group_size(n: int, d: int, k: int, n_c: int, dev) -> int:
     return size
 
 
+# Host bytes one kNN block of similarities may take (off CUDA, where no free-memory figure exists).
+HOST_BLOCK_BYTES = 256 << 20
+
+
+def block_rows(bytes_per_row: int, dev, *, most: int) -> int:
+    """Rows of a block whose temporaries take ``bytes_per_row`` each: within ``USE_FRACTION`` of the
+    device's free memory on CUDA, ``HOST_BLOCK_BYTES`` elsewhere; at least 1, at most ``most``."""
+    free = free_bytes(dev)
+    budget = HOST_BLOCK_BYTES if free is None else free * USE_FRACTION
+    return max(1, min(most, int(budget // max(1, bytes_per_row))))
+
+
 def run_in_groups(run: Callable[[list], tuple], values: Sequence, size: int) -> list[tuple]:
     """``run(group)`` on consecutive groups of ``values`` of at most ``size``; a group that runs out
     of device memory is halved and retried (a single value that does not fit re-raises)."""

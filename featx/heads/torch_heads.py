@@ -31,7 +31,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..base.cuda import is_oom
 from ..base.errors import FeatxError
+from . import device_memory
 from .device_memory import c_group_size, run_in_groups
 from .grids import resolve_grids
 from .scores import softmax_of_scores
@@ -346,15 +348,27 @@ class TorchKNN(_TorchHead):
         return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _neighbours(self, Q, K, kmax: int):
-        """Top-``kmax`` (similarity, index) of each query row among key rows, in chunks."""
+        """Top-``kmax`` (similarity, index) of each query row among key rows, in blocks of query rows.
+
+        A block's similarities (and top-k's workspace) take 3 floats per key row per query row; the
+        block fits the free GPU memory (or 256 MiB off CUDA), and one that still runs out of device
+        memory is halved (a million training rows would otherwise need 16 GB per 4,096 queries)."""
         import torch
 
-        sims, idxs = [], []
-        for s in range(0, Q.shape[0], self.chunk_rows):
-            sim = Q[s : s + self.chunk_rows] @ K.T
-            v, i = torch.topk(sim, kmax, dim=1, largest=True, sorted=True)
+        rows = device_memory.block_rows(3 * 4 * K.shape[0], Q.device, most=self.chunk_rows)
+        sims, idxs, s = [], [], 0
+        while s < Q.shape[0]:
+            try:
+                v, i = torch.topk(Q[s : s + rows] @ K.T, kmax, dim=1, largest=True, sorted=True)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_oom(exc) or rows < 2:
+                    raise
+                rows //= 2
+                log.warning("GPU out of memory in the kNN search; retrying %d query rows at a time", rows)
+                continue
             sims.append(v)
             idxs.append(i)
+            s += len(v)
         return torch.cat(sims), torch.cat(idxs)
 
     @staticmethod
