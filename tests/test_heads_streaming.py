@@ -90,6 +90,18 @@ def test_solver_choice():
         use_stream("fast", n_train=1, n_eval=1, dim=1, n_classes=2)
 
 
+def test_auto_names_the_streaming_solver_when_the_in_memory_search_would_take_hours(monkeypatch, caplog):
+    from featx.heads import streaming
+
+    monkeypatch.setattr(streaming, "available_bytes", lambda: 1 << 40)  # fits: auto keeps it in memory
+    with caplog.at_level("WARNING"):
+        assert not use_stream("auto", n_train=1437, n_eval=360, dim=1712, n_classes=10)  # the demo
+        assert not caplog.text
+        assert not use_stream("auto", n_train=100_000, n_eval=10_000, dim=1280, n_classes=1000)
+    assert "100,000 rows x 1,280 features x 1,000 classes can take hours" in caplog.text
+    assert "--solver stream" in caplog.text
+
+
 def test_probe_streams_saves_a_loadable_head_and_refuses_knn_dino(tiny_cache, tmp_path):  # noqa: F811
     res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
                       plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final")

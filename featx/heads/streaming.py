@@ -428,6 +428,9 @@ def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: 
 
 
 SOLVERS = ("auto", "memory", "stream")
+# rows x features x classes above which the in-memory C search is slow on a few CPU cores: every
+# L-BFGS step multiplies all three (100,000 x 1,280 x 1,000 walked C = 0.01 .. 0.03 in 10 min on 2 cores).
+SLOW_IN_MEMORY = 2e10
 
 
 def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: int) -> bool:
@@ -441,7 +444,12 @@ def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: i
     if solver != "auto":
         return solver == "stream"
     avail = available_bytes()
-    return avail is not None and probe_bytes(n_train, n_eval, dim, n_classes) > 0.9 * avail
+    stream = avail is not None and probe_bytes(n_train, n_eval, dim, n_classes) > 0.9 * avail
+    if not stream and float(n_train) * dim * n_classes > SLOW_IN_MEMORY:
+        log.warning("the in-memory C search on %s rows x %s features x %s classes can take hours on a few CPU "
+                    "cores; --solver stream trains every C value in a few passes over the rows", f"{n_train:,}",
+                    f"{dim:,}", f"{n_classes:,}")
+    return stream
 
 
 def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
