@@ -4,7 +4,8 @@
 # (batch 256, 16 workers, under `ulimit -n 1024`) and on the CPU, compares the two caches' features
 # (cosine min/mean: flowers12 is all 4:2:0 JPEG, which nvJPEG upsamples by nearest neighbour) and
 # fingerprints, probes both with every head, runs a one-epoch compare on hymenoptera on CUDA, and
-# the embedding and heads benchmarks at a size that fits the 5 minutes.
+# the embedding and heads benchmarks at a size that fits the 5 minutes; then the heads scale
+# benchmark (1M x 1,280 x 1,000 streamed, and the 100k in-memory comparison), which may take longer.
 #
 #   bash benchmarks/gpu_smoke.sh              # on a GPU machine (PYTHON=..., DATA=... to override)
 #   bash benchmarks/gpu_smoke.sh --dry-run    # anywhere: checks every command's options, runs the
@@ -122,4 +123,7 @@ echo "== benchmarks (sizes that fit the 5 minutes)"
 bench_step benchmarks/embed_bench.py --device cuda --images 2000 --backbones efficientnet_lite0 --batch-size 256 \
   --rss 0 --seconds 5 --no-cold
 bench_step benchmarks/heads_bench.py --device cuda --n 20000 --dim 1280 --classes 100 --skip-sklearn
+echo "== the scale benchmark on CUDA (last: the longest step; its figures go beside the CPU rows)"
+bench_step benchmarks/heads_scale.py --device cuda --rows 1000000 --dim 1280 --classes 1000 --compare 100000 \
+  --folds 2 --dir "$OUT/scale"
 echo "== done"
