@@ -8,9 +8,11 @@ trained in the same pass, as DINOv2's linear evaluation trains many heads on one
 features: one matrix product per minibatch gives the logits of all heads.
 
 The model is the in-memory one (standardise, then multinomial logistic regression or
-one-vs-rest squared-hinge SVM, objective mean loss + ||W||^2 / (2 C n)), minimised by Adam
-with a cosine learning rate, in bfloat16 matrix products with float32 weights where the CPU
-supports them (or on CUDA).  C is chosen on a stratified held-out slice of the training rows
+one-vs-rest squared-hinge SVM, objective mean loss + ||W||^2 / (2 C n)), minimised from a
+Gaussian-classifier warm start by momentum steps preconditioned by a curvature bound: in the
+eigenbasis of the features' covariance (from the statistics pass) each weight's step is its
+gradient over (bound x eigenvalue + 1 / (C n)), warmed up then cosine-annealed; bfloat16 matrix
+products with float32 weights where the CPU supports them (or on CUDA).  C is chosen on a stratified held-out slice of the training rows
 (large caches; the chosen head is the one trained on the other rows) or, for small caches,
 by k-fold CV with one more head per C trained on all rows (the refit).  After each epoch but
 the last, heads clearly worse than the best on the held-out rows, and heads whose held-out
@@ -54,19 +56,22 @@ SAME_PREDICTIONS = 0.999
 # mostly differ little, so most heads stop early): "clearly worse" then needs EARLY_MARGIN x PRUNE_MARGIN.
 EARLY_CHECKS = (1 / 16, 1 / 8)
 EARLY_MARGIN = 3.0
+# Smallest eigenvalue of the standardised features' covariance the step trusts (their mean is 1).
+CURVATURE_FLOOR = 0.1
 
 
 class StreamingLinearHead(PathLinearHead):
     """Standardise + L2 linear classifier, every C of ``Cs`` trained in one streamed pass.
 
     ``fit(X, y)``: ``X`` an array or a row source (:class:`~featx.heads.stream_source.CacheSource`).
+    ``lr``: the share of the majorise-minimise step taken at the peak of the schedule (1: the whole step).
     After ``fit``: ``coef_``, ``intercept_``, ``classes_``, ``best_params_``, ``best_score_``,
     ``cv_results_`` and ``selection_`` (how C was chosen, e.g. ``holdout 10% (5,000 rows)``);
     prediction is :class:`~featx.heads.linear_path.PathLinearHead`'s.
     """
 
     def __init__(self, *, loss: str = "logistic", Cs=(1.0,), folds: int = 5, seed: int = 0,
-                 scoring: str = "accuracy", epochs: int = 4, lr: float = 1e-3, device: str = "cpu",
+                 scoring: str = "accuracy", epochs: int = 4, lr: float = 0.5, device: str = "cpu",
                  probability: bool = True) -> None:
         self.loss = loss
         self.Cs = Cs
@@ -225,8 +230,9 @@ class _Run:
         shape = (self.d + 1, self.n_splits, len(self.Cs), self.k)
         self.mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=self.dev)
         self.scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=self.dev)
+        self._basis()
         self.W = torch.as_tensor(self._warm_start(), dtype=torch.float32, device=self.dev).expand(shape).contiguous()
-        self.m, self.v = torch.zeros_like(self.W), torch.zeros_like(self.W)
+        self.m = torch.zeros_like(self.W)
         log.info("streaming %s: %d rows x %d features, %d classes, %d C values x %d splits, batch %d (in chunks of %d), "
                  "%d epochs, %s", self.h.loss, self.n, self.d, self.k, len(self.Cs), self.n_splits, self.batch, self.chunk,
                  self.n_epochs, self.dtype)
@@ -253,7 +259,7 @@ class _Run:
     def _plan_steps(self) -> None:
         """Rows per update (``batch``), rows per matrix product (``chunk``: the logits' memory bound), epochs.
 
-        Why: Adam's update touches every weight of every head, so on a large cache bigger updates
+        Why: each update touches every weight of every head, so on a large cache bigger updates
         (up to 4,096 rows, keeping at least :data:`MIN_STEPS` updates over the run) cost less per
         row; each update's gradient is summed over chunks whose logits fit :data:`BATCH_FLOATS`.
         """
@@ -282,15 +288,43 @@ class _Run:
             cnt = total_n - (self.class_counts[drop] if drop is not None else 0)
             gram = total_g - (self.gram[drop] if drop is not None else 0)
             W, b = lda(sums, cnt, gram, self.mean, self.scale)
+            W = self.U.T @ W  # in the rotated basis the heads train in
             if self.h.loss == "squared_hinge":
                 W, b = hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
             out[:-1, s, 0], out[-1, s, 0] = W, b
         return out
 
+    def _basis(self) -> None:
+        """The eigenbasis ``U`` of the standardised features' covariance (from the statistics pass) and
+        each weight's curvature bound there: the heads train on rotated features ``Z U``.
+
+        Why: in that basis the data part of the Hessian is bounded by a diagonal (Böhning's bound:
+        the softmax's curvature is at most 1/2, the squared hinge's 2, times the covariance's
+        eigenvalue), so a step ``-g / (bound + 1 / (C n))`` is a majorise-minimise step for every
+        head, whatever the scale and correlation of the features and whatever C.  Adam's per-weight
+        gradient normalisation instead moved every weight by about the learning rate per update
+        even where the gradient was noise, and left each head short of its own optimum.
+        """
+        torch = self.torch
+        m = max(1.0, float(self.class_counts.sum()))
+        G = self.gram.sum(0) / m
+        cov = (G - np.outer(self.mean, self.mean)) / np.outer(self.scale, self.scale)
+        ev, U = np.linalg.eigh((cov + cov.T) / 2)
+        self.U = U
+        self.U_t = torch.as_tensor(U, dtype=torch.float32, device=self.dev)
+        bound = 0.5 if self.h.loss == "logistic" else 2.0
+        # [d + 1]; the intercept's feature is the constant 1.  Directions of almost no variance get the floor:
+        # a minibatch's gradient there is mostly noise, which the exact bound would amplify without limit.
+        curv = bound * np.r_[np.maximum(ev, CURVATURE_FLOOR), 1.0]
+        inv = 1.0 / (curv[:, None, None] + self.lam[None, :, :])  # [d + 1, splits, Cs]
+        if self.h.loss == "logistic":
+            inv[-1] = 1.0 / curv[-1]  # the intercept is not penalised
+        self.inv_curv = torch.as_tensor(inv, dtype=torch.float32, device=self.dev)[..., None]
+
     def _design(self, X: np.ndarray):
         torch = self.torch
         Z = (torch.as_tensor(X, device=self.dev, dtype=torch.float32) - self.mean_t) / self.scale_t
-        return torch.cat([Z, torch.ones(len(Z), 1, device=self.dev)], 1)
+        return torch.cat([Z @ self.U_t, torch.ones(len(Z), 1, device=self.dev)], 1)
 
     def _logits(self, Z, W, Wf=None):
         """[rows, splits, active Cs, classes] scores of ``Z`` under weights ``W`` (fast dtype products;
@@ -299,7 +333,7 @@ class _Run:
         return (Z.to(self.dtype) @ Wf).float().reshape(Z.shape[0], *W.shape[1:])
 
     def _step(self, pos: np.ndarray, X: np.ndarray) -> None:
-        """One Adam update on rows ``pos`` (features ``X``): the gradient summed over chunks of rows."""
+        """One update on rows ``pos`` (features ``X``): the gradient summed over chunks of rows."""
         torch = self.torch
         fold = torch.as_tensor(self.fold[pos], device=self.dev)
         use = torch.stack([fold != s for s in range(self.n_cv)] +
@@ -316,7 +350,7 @@ class _Run:
         if self.h.loss == "logistic":
             pen[-1] = 0  # intercept not penalised (LogisticRegression); LinearSVC penalises it
         grad.add_(pen)
-        self._adam(grad)
+        self._update(grad)
 
     def _chunk_grad(self, pos: np.ndarray, X: np.ndarray, use, Wf):
         """Gradient of the weighted data loss of rows ``pos`` for every head, shaped like ``W``."""
@@ -333,15 +367,16 @@ class _Run:
         G.mul_(use[:, :, None, None])
         return (Z.to(self.dtype).T @ G.reshape(len(Z), -1).to(self.dtype)).float().reshape(self.W.shape)
 
-    def _adam(self, grad, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+    def _update(self, grad, b1: float = 0.9) -> None:
+        """W -= lr * momentum(grad) / (curvature bound + 1 / (C n)): a damped majorise-minimise step
+        per head (``lr`` 1 is the full step), warmed up then cosine-annealed over the run."""
         self.step += 1
         warm = max(1, self.total_steps // 20)
         t = self.step
         lr = self.h.lr * (t / warm if t <= warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / max(1, self.total_steps - warm)))))
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2**t)).sqrt_().add_(eps)
-        self.W.addcdiv_(self.m, denom, value=-lr / (1 - b1**t))
+        idx = self.torch.as_tensor(self.active, device=self.dev)
+        self.W.addcmul_(self.m / (1 - b1**t), self.inv_curv.index_select(2, idx), value=-lr)
 
     # -- scoring and pruning
     def _eval_scores(self, W) -> np.ndarray:
@@ -388,7 +423,7 @@ class _Run:
                 keep.append((j, c))
         if len(keep) < len(self.active):
             idx = [j for j, _ in keep]
-            self.W, self.m, self.v = (t[:, :, idx].contiguous() for t in (self.W, self.m, self.v))
+            self.W, self.m = (t[:, :, idx].contiguous() for t in (self.W, self.m))
             self.active = [c for _, c in keep]
             log.info("streaming: %d of %d C values continue training after %s", len(self.active), len(self.Cs), self._when())
 
@@ -402,8 +437,8 @@ class _Run:
 
     def weights(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """(coef [classes, d], intercept [classes]) of C value ``c`` (its refit head with CV), in raw features."""
-        W = self.W[:, -1, self.active.index(c)].cpu().numpy().astype(np.float64)  # [d + 1, classes]
-        coef = W[:-1] / self.scale[:, None]
+        W = self.W[:, -1, self.active.index(c)].cpu().numpy().astype(np.float64)  # [d + 1, classes], rotated
+        coef = (self.U @ W[:-1]) / self.scale[:, None]
         return coef.T.astype(np.float32), (W[-1] - self.mean @ coef).astype(np.float32)
 
     def held_out_decision(self, c: int) -> np.ndarray:
