@@ -91,9 +91,9 @@ def test_solver_choice():
 
 
 def test_auto_names_the_streaming_solver_when_the_in_memory_search_would_take_hours(monkeypatch, caplog):
-    from featx.heads import streaming
+    from featx.heads import solver_choice
 
-    monkeypatch.setattr(streaming, "available_bytes", lambda: 1 << 40)  # fits: auto keeps it in memory
+    monkeypatch.setattr(solver_choice, "available_bytes", lambda: 1 << 40)  # fits: auto keeps it in memory
     with caplog.at_level("WARNING"):
         assert not use_stream("auto", n_train=1437, n_eval=360, dim=1712, n_classes=10)  # the demo
         assert not caplog.text

@@ -31,9 +31,9 @@ import numpy as np
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
 from .linear_path import LOSSES, PathLinearHead, platt
-from .memory import available_bytes, probe_bytes
 from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
+from .solver_choice import SOLVERS, use_stream  # noqa: F401 - re-exported
 from .stream_init import class_sums, hinge_scaled, lda
 from .stream_knn import StreamingKNN
 from .stream_source import CacheSource, block_rows, iter_blocks, prefetch, selection_folds, training_source
@@ -460,31 +460,6 @@ def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: 
     return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),
                                folds=folds, seed=seed, scoring=scoring, device=device,
                                **({} if epochs is None else {"epochs": epochs}))
-
-
-SOLVERS = ("auto", "memory", "stream")
-# rows x features x classes above which the in-memory C search is slow on a few CPU cores: every
-# L-BFGS step multiplies all three (100,000 x 1,280 x 1,000 walked C = 0.01 .. 0.03 in 10 min on 2 cores).
-SLOW_IN_MEMORY = 2e10
-
-
-def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: int) -> bool:
-    """Whether the probe streams its training rows: asked (``stream``), or ``auto`` and they do not fit.
-
-    The test is :func:`featx.heads.memory.probe_bytes` (the in-memory search's estimate) against
-    the memory this process may still use.
-    """
-    if solver not in SOLVERS:
-        raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
-    if solver != "auto":
-        return solver == "stream"
-    avail = available_bytes()
-    stream = avail is not None and probe_bytes(n_train, n_eval, dim, n_classes) > 0.9 * avail
-    if not stream and float(n_train) * dim * n_classes > SLOW_IN_MEMORY:
-        log.warning("the in-memory C search on %s rows x %s features x %s classes can take hours on a few CPU "
-                    "cores; --solver stream trains every C value in a few passes over the rows", f"{n_train:,}",
-                    f"{dim:,}", f"{n_classes:,}")
-    return stream
 
 
 def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:

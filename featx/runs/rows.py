@@ -17,7 +17,7 @@ from ..cache.store import FeatureCache
 from ..data.splits import train_eval_split
 from ..heads.memory import check_memory, stratified_subset
 from ..heads.search import GroupedViewFolds
-from ..heads.streaming import use_stream
+from ..heads.solver_choice import use_stream
 
 log = logging.getLogger(__name__)
 
