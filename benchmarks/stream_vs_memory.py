@@ -47,14 +47,14 @@ def main(argv=None) -> None:
             continue
         fc = featx.embed(path, cache_dir=Path(a.cache_dir), progress=False)
         for head in a.heads.split(","):
-            row = {"set": name, "head": head, "train rows": int((fc.split_array() == 0).sum())}
+            row = {"set": name, "head": head, "rows": len(fc)}
             for solver in ("memory", "stream"):
                 acc, sec, c = _probe(fc, head, solver, Path(a.cache_dir) / "runs")
                 row.update({f"{solver} acc": acc, f"{solver} s": sec, f"{solver} C": c})
             row["stream - memory (pt)"] = 100 * (row["stream acc"] - row["memory acc"])
             rows.append(row)
             print(row, flush=True)
-    cols = ["set", "head", "train rows", "memory acc", "stream acc", "stream - memory (pt)", "memory C", "stream C",
+    cols = ["set", "head", "rows", "memory acc", "stream acc", "stream - memory (pt)", "memory C", "stream C",
             "memory s", "stream s"]
     print_table(rows, cols)
     if rows:
