@@ -34,7 +34,7 @@ from .linear_path import LOSSES, PathLinearHead, platt
 from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
 from .solver_choice import SOLVERS, use_stream  # noqa: F401 - re-exported
-from .stream_init import class_sums, hinge_scaled, lda
+from .stream_init import class_sums, hinge_scaled, lda, softmax_temperature
 from .stream_knn import StreamingKNN
 from .stream_source import CacheSource, block_rows, iter_blocks, prefetch, selection_folds, training_source
 
@@ -282,6 +282,7 @@ class _Run:
         """
         out = np.zeros((self.d + 1, self.n_splits, 1, self.k))
         total_s, total_n, total_g = self.class_sums.sum(0), self.class_counts.sum(0), self.gram.sum(0)
+        temps: list[float] = []
         for s in range(self.n_splits):
             drop = s + 1 if s < self.n_cv else None  # the refit split uses every row
             sums = total_s - (self.class_sums[drop] if drop is not None else 0)
@@ -291,6 +292,13 @@ class _Run:
             W = self.U.T @ W  # in the rotated basis the heads train in
             if self.h.loss == "squared_hinge":
                 W, b = hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
+            elif s < self.n_cv:  # scaled on this split's own held-out rows (the refit split: the folds' median)
+                rows = np.flatnonzero(self.eval_fold == s)[:2048]
+                Z = self._design(self.X_eval[rows]).cpu().numpy().astype(np.float64)
+                temps.append(softmax_temperature(Z[:, :-1] @ W + b, self.y_eval[rows]))
+                W, b = W * temps[-1], b * temps[-1]
+            else:
+                W, b = W * float(np.median(temps)), b * float(np.median(temps))
             out[:-1, s, 0], out[-1, s, 0] = W, b
         return out
 
