@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Streamed vs in-memory linear heads on the shared data sets: the same features, the same rows.
 
-Why: the streamed solver (``--solver stream``: mini-batch Adam over rows read block by block)
-must reach the in-memory solver's accuracy (``--solver memory``: L-BFGS along the C path), not
-only on the synthetic scale cache (``heads_scale.py --compare``) but on real features, whose
+Why: the streamed solver (``--solver stream``: curvature-scaled minibatch steps over rows read
+block by block) must reach the in-memory solver's accuracy (``--solver memory``: L-BFGS along
+the C path), not only on the synthetic scale cache (``heads_scale.py --compare``) but on real features, whose
 class structure the Gaussian warm start does not already solve.  Each set is embedded once with
 the default backbone (``--cache-dir``), then probed on the final features with both solvers:
 

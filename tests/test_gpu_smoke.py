@@ -20,7 +20,7 @@ def test_gpu_smoke_dry_run_checks_its_commands_and_skips_cuda_steps(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     skipped = [ln for ln in out.splitlines() if ln.startswith("skip (dry run, no GPU): ")]
-    # nvidia-smi, GPU embed, GPU-vs-CPU comparison, GPU probe, CUDA compare, two benchmarks: one line each
-    assert len(skipped) == 7, skipped
+    # nvidia-smi, GPU embed, GPU-vs-CPU comparison, GPU probe, CUDA compare, three benchmarks: one line each
+    assert len(skipped) == 8, skipped
     assert "cosine min 1.00000" in out and "== done" in out
     assert "FAILED" not in out

@@ -221,7 +221,8 @@ def refuse_reading(monkeypatch, path: Path) -> None:
     real_open = Image.open
 
     def guarded(fp, *a, **k):
-        if os.fspath(fp) == str(path):
+        name = getattr(fp, "name", fp)  # featx opens the file itself and hands Pillow the file object
+        if isinstance(name, (str, bytes, os.PathLike)) and os.fsdecode(name) == str(path):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(fp, *a, **k)
 

@@ -42,16 +42,17 @@ def open_regular(path: str | os.PathLike):
     replaced by a FIFO, whose blocking open would hang a worker forever.  ``O_NONBLOCK`` makes
     that open return at once, and ``fstat`` of the opened descriptor says what was opened.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | flags))
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(f.fileno()).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(mode):
             raise IrregularFileError(file_reason(path) or "not an image file: not a regular file")
-        return os.fdopen(fd, "rb")
+        return f  # its name is the path, as for a plain open(), so messages and Pillow see the path
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
 
 

@@ -33,8 +33,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..base.cuda import is_oom
 from ..base.errors import FeatxError
-from . import device_memory
-from .device_memory import c_group_size, run_in_groups
+from .device_memory import block_rows, c_group_size, run_in_groups
 from .grids import resolve_grids
 from .scores import softmax_of_scores
 from .search import cv_summary, score_predictions
@@ -355,7 +354,7 @@ class TorchKNN(_TorchHead):
         memory is halved (a million training rows would otherwise need 16 GB per 4,096 queries)."""
         import torch
 
-        rows = device_memory.block_rows(3 * 4 * K.shape[0], Q.device, most=self.chunk_rows)
+        rows = block_rows(3 * 4 * K.shape[0], Q.device, most=self.chunk_rows)
         sims, idxs, s = [], [], 0
         while s < Q.shape[0]:
             try:
