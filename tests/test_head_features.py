@@ -72,6 +72,24 @@ def test_without_cached_views_each_epoch_embeds_each_image_once(data, tmp_path, 
     assert r.accuracy >= 0.9 and r.history[-1]["train_loss"] < r.history[0]["train_loss"]
 
 
+def test_each_epochs_view_is_embedded_before_its_step_bar_starts(data, tmp_path, trunk_calls, monkeypatch):
+    """The bar's rate and ETA time the steps only: embedding a view inside its first step read 0.1 step/s, 7 min."""
+    from featx.finetune import loop
+
+    made_before_bar = []
+    bar = loop.progress_bar
+
+    def recording_bar(*a, **kw):
+        made_before_bar.append(len(trunk_calls["keys"]))
+        return bar(*a, **kw)
+
+    monkeypatch.setattr(loop, "progress_bar", recording_bar)
+    fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
+    trunk_calls["keys"].clear()
+    r = finetune(fc, epochs=2, lr=0.05, out_dir=tmp_path / "runs", **FT)
+    assert made_before_bar == [r.n_train, 2 * r.n_train]
+
+
 def test_a_file_changed_since_embedding_is_embedded_again_for_evaluation(data, tmp_path, trunk_calls):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     changed = fc.paths("val")[0]

@@ -170,6 +170,7 @@ class Trainer:
         loader = ctx.loaders.train(self.epoch_rows(epoch), epoch=epoch)
         self.set_train_mode()
         t_ep = t_ck = time.perf_counter()
+        getattr(loader, "prepare", lambda: None)()  # a head run on features embeds its view here, before the bar
         bar = progress_bar(
             total=ctx.plan.steps_per_epoch, initial=st.step, unit="step", disable=not ctx.progress, leave=False,
             desc=f"finetune[{ctx.settings.strategy}] epoch {epoch + 1}/{ctx.settings.epochs}",
