@@ -154,3 +154,18 @@ def test_compare_with_the_real_probe(data, tmp_path):
     assert [row["method"] for row in r["rows"]] == ["probe-logreg", "finetune-head"]
     assert r["probe"]["split"]["n_eval"] == r["finetune"]["head"]["n_eval"] == r["split"]["n_eval"]
     assert r["rows"][0]["wall_seconds"] >= r["rows"][0]["embed_seconds"] > 0
+
+
+def test_chart_of_accuracies_near_100_has_no_tick_above_100(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from featx.report.compare_chart import plot_chart
+
+    ticks = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (ticks.extend(fig.axes[0].get_yticks()),
+                                                                 save(fig, *a, **k)))
+    rows = [dict(method="probe-logreg", kind="probe", accuracy=0.993, wall_seconds=23.5),
+            dict(method="finetune-head", kind="finetune", accuracy=0.991, wall_seconds=134.0)]
+    assert plot_chart(rows, tmp_path / "c.png", title="t").stat().st_size > 0
+    assert ticks and max(ticks) == 100.0  # room above 100 % for the labels, but no 100.5 % tick

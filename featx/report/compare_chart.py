@@ -69,6 +69,8 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
         lo, hi = min(accs), max(accs)
         pad = max(2.0, 0.15 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) + (1.0 if hi + pad >= 100 else 0.0))
+        bottom, top = ax.get_ylim()  # the room above 100 % is for labels: no tick says 100.5 %
+        ax.set_yticks([t for t in ax.get_yticks() if bottom <= t <= min(top, 100.0)])
         ax.set_xlim(min(times) * (0.5 if ax.get_xscale() == "log" else 0.0), max(times) * (2.0 if ax.get_xscale() == "log" else 1.25))
     ax.set_xlabel("wall time (seconds" + (", log scale" if ax.get_xscale() == "log" else "") + ")")
     ax.set_ylabel("evaluation accuracy (%)")
