@@ -202,3 +202,15 @@ def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_pa
         src.read(0, 4)
     src.close()
     assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text
+
+
+def test_report_says_a_streamed_head_chose_on_a_held_out_slice_not_by_cv(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
+    from featx.report.metrics import markdown_table
+
+    monkeypatch.setattr(streaming, "KFOLD_MAX_ROWS", 10)
+    res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
+                      plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final", report=True)
+    selection = res["heads"]["logreg"]["selection"]
+    assert selection.startswith("holdout")
+    for text in (markdown_table(res.to_dict()), (tmp_path / "report.html").read_text()):
+        assert f"logreg: {selection}" in text and "fold CV" not in text

@@ -31,7 +31,7 @@ from . import charts, embedmap
 from .audit import CSS as AUDIT_CSS
 from .audit import section_audit
 from .compare_table import features_note
-from .metrics import is_chosen
+from .metrics import is_chosen, selection_note
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
 from .runfiles import RunFiles, load_run, open_cache
@@ -143,7 +143,7 @@ def section_heads(metrics: dict, best: str | None) -> Markup:
         rows.append(r)
     num = [i for i, c in enumerate(cols) if c not in ("head", "view", "chosen hyperparameters")]
     split, cv = metrics.get("split") or {}, metrics.get("cv") or {}
-    ctx = (f"Trained on {split.get('n_train')} images ({cv.get('used')}-fold CV on training rows only), evaluated on "
+    ctx = (f"Trained on {split.get('n_train')} images ({selection_note(heads, cv)}), evaluated on "
            f"{split.get('n_eval')} images of {split.get('eval_split')}.")
     if split.get("kind") == "holdout":
         ctx += f" Stratified hold-out: test_size={split.get('test_size')}, seed={split.get('seed')}."

@@ -136,11 +136,26 @@ def markdown_table(result: dict) -> str:
     ctx = (
         f"{cache.get('backbone')} features ({cache.get('dim')}-dim, fingerprint {str(cache.get('fingerprint'))[:10]}), "
         f"{len(cache.get('classes', []))} classes; trained on {split.get('n_train')} rows "
-        f"({cv.get('used')}-fold CV), evaluated on {split.get('n_eval')} rows of {split.get('eval_split')}"
+        f"({selection_note(heads, cv)}), evaluated on {split.get('n_eval')} rows of {split.get('eval_split')}"
     )
     if split.get("kind") == "holdout":
         ctx += f" (stratified hold-out, test_size={split.get('test_size')}, seed={split.get('seed')})"
     return "\n".join(lines) + "\n\n" + ctx + "." + view_tables(heads)
+
+
+def selection_note(heads: dict, cv: dict) -> str:
+    """How the hyperparameters were chosen, on training rows only: k-fold CV, or what each streamed head used.
+
+    Why: a streamed head on a large cache chooses C (or k) on a held-out slice of the training rows,
+    not by the probe's k-fold CV; the report must not say CV for it."""
+    own = {name: h["selection"] for name, h in heads.items() if h.get("selection")}
+    if not own:
+        return f"{cv.get('used')}-fold CV on training rows only"
+    parts = [f"{name}: {sel}" for name, sel in own.items()]
+    rest = [name for name in heads if name not in own]
+    if rest:
+        parts.append(f"{', '.join(rest)}: {cv.get('used')}-fold CV")
+    return "chosen on training rows only; " + "; ".join(parts)
 
 
 def is_chosen(candidate: dict, head: dict) -> bool:
