@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import print_table, save_json  # noqa: F401 - also puts the repo on sys.path
+from common import print_table, save_json  # common also puts the repo on sys.path
 
 import featx
 

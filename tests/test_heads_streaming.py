@@ -17,8 +17,9 @@ from featx.base.errors import FeatxError
 from featx.heads import streaming
 from featx.heads.linear_path import PathLinearHead
 from featx.heads.persist import load_head
+from featx.heads.solver_choice import use_stream
 from featx.heads.stream_source import ArraySource, holdout_folds, iter_blocks, prefetch
-from featx.heads.streaming import StreamingLinearHead, use_stream
+from featx.heads.streaming import StreamingLinearHead
 
 ROOT = Path(__file__).resolve().parents[1]
 CS = tuple(np.logspace(-3, 1, 5))
@@ -44,6 +45,40 @@ def test_streamed_head_matches_the_in_memory_path(loss):
     assert s.best_params_["C"] in CS and len(s.cv_results_["params"]) == len(CS)
     proba = s.predict_proba(Xe)
     assert proba.shape == (800, 4) and np.allclose(proba.sum(1), 1)
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_streamed_logreg_reaches_the_regularised_optimum(C):
+    """At one C the streamed head ends at scikit-learn's objective: a small C is its own (poor) optimum, not a
+    drifted warm start, so the C chosen on held-out rows means what it says."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _problem(2000, classes=3)
+    X = X @ np.random.default_rng(1).normal(0, 1, (16, 16)).astype(np.float32)  # correlated features
+    scale = X.std(0)
+
+    def objective(coef, b):  # mean log loss + the L2 penalty in standardised units, as scikit-learn's
+        z = X @ coef.T + b
+        z = z - z.max(1, keepdims=True)
+        nll = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+        return nll + 0.5 * np.sum((coef * scale) ** 2) / (C * len(y))
+
+    ref = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(StandardScaler().fit_transform(X), y)
+    ref_obj = objective(ref.coef_ / scale, ref.intercept_ - (ref.coef_ / scale) @ X.mean(0))
+    s = StreamingLinearHead(loss="logistic", Cs=(C,), epochs=4).fit(X, y)
+    assert objective(s.coef_, s.intercept_) <= ref_obj * 1.002 + 1e-4
+
+
+def test_softmax_temperature_undoes_overconfident_scores():
+    from featx.heads.stream_init import softmax_temperature
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 1, (4000, 5))
+    p = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])  # labels drawn from softmax(scores): temperature 1 is best
+    assert softmax_temperature(20 * scores, y) == pytest.approx(1 / 20, rel=0.15)
+    assert softmax_temperature(scores[:0], y[:0]) == 1.0
 
 
 def test_large_sets_select_on_a_stratified_held_out_slice(monkeypatch):
@@ -100,6 +135,10 @@ def test_auto_names_the_streaming_solver_when_the_in_memory_search_would_take_ho
         assert not use_stream("auto", n_train=100_000, n_eval=10_000, dim=1280, n_classes=1000)
     assert "100,000 rows x 1,280 features x 1,000 classes can take hours" in caplog.text
     assert "--solver stream" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # kNN alone runs no C search, and --solver stream would not train it faster
+        assert not use_stream("auto", n_train=100_000, n_eval=10_000, dim=1280, n_classes=1000, linear=False)
+    assert not caplog.text
 
 
 def test_probe_streams_saves_a_loadable_head_and_refuses_knn_dino(tiny_cache, tmp_path):  # noqa: F811

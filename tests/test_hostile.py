@@ -128,6 +128,10 @@ def _huge_attr(f: h5py.File) -> None:
     f.attrs.create("blob", data=np.void(b"\0" * (2 << 20)))  # one 2 MiB scalar
 
 
+def _huge_vlen_attr(f: h5py.File) -> None:
+    f.attrs["note"] = "x" * (3 << 20)  # one 3 MiB variable-length string: HDF5 reports its pointer's 16 bytes
+
+
 def _add_attr(path: Path, make) -> None:
     """Copy ``path`` into a file whose root may hold large (dense) attributes, then add one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -140,7 +144,8 @@ def _add_attr(path: Path, make) -> None:
 
 
 @pytest.mark.parametrize("make,says", [(_vlen_array_attr, "attribute 'notes' of '/' is an array of shape (10000,)"),
-                                       (_huge_attr, "attribute 'blob' of '/' stores 2097152 bytes")])
+                                       (_huge_attr, "attribute 'blob' of '/' stores 2097152 bytes"),
+                                       (_huge_vlen_attr, "attribute 'note' of '/' stores 3145728 bytes")])
 def test_attributes_are_checked_before_they_are_read(built, tmp_path, make, says):
     fc, _, _ = built
     path = _copy(fc, tmp_path)
@@ -338,6 +343,26 @@ def test_file_swapped_for_a_fifo_after_discovery_never_blocks_a_reader(tmp_path,
     items = [ds[0], ds[1]]
     assert [it.kind for it in items] == ["fail", "fail"]
     assert "FIFO" in items[0].error and "aspect ratio" in items[1].error
+
+
+def test_file_swapped_for_a_socket_after_discovery_is_named_as_a_socket(tmp_path, monkeypatch):
+    import socket
+
+    from featx.data import guards
+    from featx.data.images import ImageLoadError, load_image
+
+    path = tmp_path / "sock.jpg"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        real, calls = guards.file_reason, []
+
+        def first_check_passes(p):  # the check before the open saw the regular file; the open meets the socket
+            calls.append(p)
+            return None if len(calls) == 1 else real(p)
+
+        monkeypatch.setattr(guards, "file_reason", first_check_passes)
+        with pytest.raises(ImageLoadError, match="not an image file: a socket"):
+            load_image(path)
 
 
 def test_manifest_row_naming_a_fifo_is_skipped(tmp_path, alarm):

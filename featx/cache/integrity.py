@@ -113,7 +113,10 @@ def check_attrs(obj: h5py.Group | h5py.Dataset) -> None:
         if a.shape != ():
             raise ValueError(f"attribute {name!r} of {obj.name!r} is an array of shape {a.shape} "
                              "(featx writes single values)")
-        size = max(int(a.get_storage_size()), int(a.get_type().get_size()))
+        t = a.get_type()
+        size = max(int(a.get_storage_size()), int(t.get_size()))
+        if isinstance(t, h5py.h5t.TypeStringID) and t.is_variable_str():  # the sizes above are of its pointer
+            size = max(size, len(obj.attrs[name]))  # one string: no larger than the file, read once to measure
         if size > MAX_ATTR_BYTES:
             raise ValueError(f"attribute {name!r} of {obj.name!r} stores {size} bytes (at most {MAX_ATTR_BYTES})")
 

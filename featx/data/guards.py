@@ -43,7 +43,12 @@ def open_regular(path: str | os.PathLike):
     that open return at once, and ``fstat`` of the opened descriptor says what was opened.
     """
     flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | flags))
+    try:
+        f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | flags))
+    except OSError as exc:  # a socket cannot be opened at all (ENXIO): say what it is, as for a FIFO
+        if exc.errno == errno.ENXIO and file_reason(path):
+            raise IrregularFileError(file_reason(path)) from None
+        raise
     try:
         mode = os.fstat(f.fileno()).st_mode
         if stat.S_ISDIR(mode):

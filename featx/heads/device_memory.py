@@ -1,10 +1,12 @@
-"""GPU memory of the batched C search: how many C values to train at once, and retrying smaller.
+"""Device memory of the torch heads: how many C values to train at once, how many kNN queries to
+search at once, and retrying smaller.
 
 Why: the batched L-BFGS holds logits of n x (C values) x K floats, several times over (scores,
 probabilities, their gradient, a line-search candidate): for one ImageNet-1k fold with 17 C values
-that is tens of GB.  :mod:`featx.heads.memory` budgets host RAM only; here the C values are cut
-into groups that fit the device's free memory (``torch.cuda.mem_get_info``), and a group that
-still runs out of memory is halved.
+that is tens of GB; a kNN query block holds block x training-rows similarities.
+:mod:`featx.heads.memory` budgets host RAM only; here the C values (:func:`c_group_size`) and the
+query blocks (:func:`block_rows`; 256 MiB off CUDA) are cut to fit the device's free memory
+(``torch.cuda.mem_get_info``), and a group or block that still runs out of memory is halved.
 """
 
 from __future__ import annotations

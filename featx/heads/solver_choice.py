@@ -19,11 +19,12 @@ SOLVERS = ("auto", "memory", "stream")
 SLOW_IN_MEMORY = 2e10
 
 
-def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: int) -> bool:
+def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: int, linear: bool = True) -> bool:
     """Whether the probe streams its training rows: asked (``stream``), or ``auto`` and they do not fit.
 
     The test is :func:`featx.heads.memory.probe_bytes` (the in-memory search's estimate) against
-    the memory this process may still use.
+    the memory this process may still use.  ``linear``: the probe trains logreg or the SVM, whose
+    in-memory C search a large problem makes slow (a warning then names ``--solver stream``).
     """
     if solver not in SOLVERS:
         raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
@@ -31,7 +32,7 @@ def use_stream(solver: str, *, n_train: int, n_eval: int, dim: int, n_classes: i
         return solver == "stream"
     avail = available_bytes()
     stream = avail is not None and probe_bytes(n_train, n_eval, dim, n_classes) > 0.9 * avail
-    if not stream and float(n_train) * dim * n_classes > SLOW_IN_MEMORY:
+    if linear and not stream and float(n_train) * dim * n_classes > SLOW_IN_MEMORY:
         log.warning("the in-memory C search on %s rows x %s features x %s classes can take hours on a few CPU "
                     "cores; --solver stream trains every C value in a few passes over the rows", f"{n_train:,}",
                     f"{dim:,}", f"{n_classes:,}")

@@ -33,8 +33,7 @@ from ..base.runtime import resolve_device
 from .linear_path import LOSSES, PathLinearHead, platt
 from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
-from .solver_choice import SOLVERS, use_stream  # noqa: F401 - re-exported
-from .stream_init import class_sums, hinge_scaled, lda, softmax_temperature
+from .stream_init import calibration_rows, class_sums, hinge_scaled, lda, softmax_temperature
 from .stream_knn import StreamingKNN
 from .stream_source import CacheSource, block_rows, iter_blocks, prefetch, selection_folds, training_source
 
@@ -274,11 +273,12 @@ class _Run:
         self.total_steps, self.step = self.n_epochs * steps_per_epoch, 0
 
     def _warm_start(self) -> np.ndarray:
-        """[d + 1, splits, 1, classes]: the shared-diagonal-covariance Gaussian classifier of each split's rows.
+        """[d + 1, splits, 1, classes]: linear discriminant analysis (shrunk covariance) of each split's rows.
 
         Why: from zero, a thousand classes need many passes before the logits mean anything; the
         class means (in standardised units, from the statistics pass) give a classifier that the
-        optimisation only refines.  Each split's start uses only its own training rows.
+        optimisation only refines.  Each split's start is fitted on its own training rows and scaled
+        (one factor, :func:`softmax_temperature`) on a sample of its held-out rows.
         """
         out = np.zeros((self.d + 1, self.n_splits, 1, self.k))
         total_s, total_n, total_g = self.class_sums.sum(0), self.class_counts.sum(0), self.gram.sum(0)
@@ -291,9 +291,10 @@ class _Run:
             W, b = lda(sums, cnt, gram, self.mean, self.scale)
             W = self.U.T @ W  # in the rotated basis the heads train in
             if self.h.loss == "squared_hinge":
-                W, b = hinge_scaled(W, b, self._design(self.X_eval[:2048]).cpu().numpy().astype(np.float64))
+                rows = calibration_rows(np.arange(len(self.X_eval)), seed=self.h.seed)
+                W, b = hinge_scaled(W, b, self._design(self.X_eval[rows]).cpu().numpy().astype(np.float64))
             elif s < self.n_cv:  # scaled on this split's own held-out rows (the refit split: the folds' median)
-                rows = np.flatnonzero(self.eval_fold == s)[:2048]
+                rows = calibration_rows(np.flatnonzero(self.eval_fold == s), seed=self.h.seed)
                 Z = self._design(self.X_eval[rows]).cpu().numpy().astype(np.float64)
                 temps.append(softmax_temperature(Z[:, :-1] @ W + b, self.y_eval[rows]))
                 W, b = W * temps[-1], b * temps[-1]
@@ -308,10 +309,10 @@ class _Run:
 
         Why: in that basis the data part of the Hessian is bounded by a diagonal (Böhning's bound:
         the softmax's curvature is at most 1/2, the squared hinge's 2, times the covariance's
-        eigenvalue), so a step ``-g / (bound + 1 / (C n))`` is a majorise-minimise step for every
-        head, whatever the scale and correlation of the features and whatever C.  Adam's per-weight
-        gradient normalisation instead moved every weight by about the learning rate per update
-        even where the gradient was noise, and left each head short of its own optimum.
+        eigenvalue), so a step ``-g / (bound * eigenvalue + 1 / (C n))`` is a majorise-minimise step
+        for the full-data objective (a split's or a minibatch's Gram is only nearly diagonal there),
+        whatever the scale and correlation of the features and whatever C.  (Adam moved every weight
+        by about its learning rate even where the gradient was noise: BENCHMARKS.md, 2 Dec.)
         """
         torch = self.torch
         m = max(1.0, float(self.class_counts.sum()))

@@ -94,7 +94,7 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
 
 
 def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
-              exclude: dict | None = None, solver: str = "memory") -> Rows:
+              exclude: dict | None = None, solver: str = "memory", linear: bool = True) -> Rows:
     """Split, leave out ``exclude`` rows, subset (``max_train_rows``), check memory, then read block by block.
 
     With a streaming solver (asked, or ``auto`` and the training rows do not fit) only the
@@ -115,7 +115,7 @@ def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: 
                       "stratified": True, "seed": seed}
             log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
         tr = kept
-    stream = use_stream(solver, n_train=len(tr), n_eval=len(ev), dim=dim, n_classes=len(fc.classes))
+    stream = use_stream(solver, n_train=len(tr), n_eval=len(ev), dim=dim, n_classes=len(fc.classes), linear=linear)
     mem = check_memory(0 if stream else len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
     log.info("probe memory: about %.0f MiB needed%s", mem["needed_bytes"] / 2**20,
              f" (streaming {len(tr):,} training rows)" if stream else "")
