@@ -22,7 +22,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
 from .dino_knn import DinoKNNClassifier
-from .grids import HEAD_NAMES, KERNELS, expand_values, resolve_grids, validate_heads_section
+from .grids import HEAD_NAMES, KERNELS, LINEAR_HEADS, expand_values, resolve_grids, validate_heads_section
 from .linear_path import PathLinearHead
 from .search import SCORERS, AdaptiveStratifiedKFold, HeadSearch
 from .torch_heads import create_torch_head
@@ -75,7 +75,7 @@ def cpu_implementation(name: str, kernel: str, scoring: str, problem: tuple[int,
     if problem is None or scoring not in SCORERS:
         return "sklearn"
     rows, features, _ = problem
-    if name in ("logreg", "svm") and kernel == "linear":
+    if name in LINEAR_HEADS and kernel == "linear":
         return "path"
     if name == "knn" and float(rows) * rows * features >= TORCH_KNN_MIN_WORK:
         return "torch"

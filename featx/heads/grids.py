@@ -11,6 +11,8 @@ from ..config.grids import GRID_PARAMS, SCALAR_KEYS, expand_values, validate_hea
 HEAD_NAMES = ("logreg", "svm", "knn", "knn_dino")
 # What ``--head all`` trains (knn_dino is asked for by name: on full training sets it scores like knn).
 ALL_HEADS = ("logreg", "svm", "knn")
+# The linear heads (the SVM with kernel="linear"): a warm-started C path in memory, or streamed.
+LINEAR_HEADS = ("logreg", "svm")
 KERNELS = ("linear", "rbf")
 # Feature-matrix cells below which the search runs in-process with one BLAS thread per fit
 # (e.g. 3,000 images x 1,280 features); larger problems use n_jobs worker processes.

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.runtime import resolve_device
+from .grids import LINEAR_HEADS
 from .linear_path import LOSSES, PathLinearHead, platt
 from .search import cv_summary, score_predictions
 from .selection import Candidate, SearchPlan, fold_std_err, with_norm
@@ -275,10 +276,9 @@ class _Run:
     def _warm_start(self) -> np.ndarray:
         """[d + 1, splits, 1, classes]: linear discriminant analysis (shrunk covariance) of each split's rows.
 
-        Why: from zero, a thousand classes need many passes before the logits mean anything; the
-        class means (in standardised units, from the statistics pass) give a classifier that the
-        optimisation only refines.  Each split's start is fitted on its own training rows and scaled
-        (one factor, :func:`softmax_temperature`) on a sample of its held-out rows.
+        Why: from zero, a thousand classes need many passes before the logits mean anything; the class means
+        (in standardised units, from the statistics pass) give a classifier that the optimisation only refines.
+        Each split's start is fitted on its own training rows, scaled on a sample of its held-out rows.
         """
         out = np.zeros((self.d + 1, self.n_splits, 1, self.k))
         total_s, total_n, total_g = self.class_sums.sum(0), self.class_counts.sum(0), self.gram.sum(0)
@@ -463,7 +463,7 @@ def create_stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: 
     ``epochs``: passes over the rows of a linear head (None: the head's default)."""
     if name == "knn":
         return StreamingKNN(grid=grid, folds=folds, seed=seed, scoring=scoring)
-    if name not in ("logreg", "svm") or kernel != "linear" or set(grid) != {"C"}:
+    if name not in LINEAR_HEADS or kernel != "linear" or set(grid) != {"C"}:
         raise FeatxError(f"--solver stream trains logreg, the linear SVM and knn; head {name!r} (kernel {kernel}) needs "
                          "the in-memory solver: use --solver memory with --max-train-rows N")
     return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),

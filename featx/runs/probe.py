@@ -30,7 +30,7 @@ from ..cache.store import FeatureCache
 from ..config import ProbeSettings
 from ..data.splits import plan_folds
 from ..heads.factory import check_head_name, grid_key
-from ..heads.grids import ALL_HEADS, KERNELS, resolve_grids
+from ..heads.grids import ALL_HEADS, KERNELS, LINEAR_HEADS, resolve_grids
 from ..heads.persist import HEAD_FORMATS, save_head
 from ..heads.repeated_cv import select_repeated
 from ..heads.scores import scores_of
@@ -307,7 +307,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     cands = candidates(s.view, s.norm, fc.views, cache_name=fc.path.name, train_views=s.train_views,
                        stored_views=fc.train_views)
     rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands),
-                     exclude=x["exclude_rows"], solver=s.solver, linear=bool({"logreg", "svm"} & set(names)))
+                     exclude=x["exclude_rows"], solver=s.solver, linear=any(n in LINEAR_HEADS for n in names))
     if rows.stream:  # a streamed probe scores the plain rows only (featx.heads.streaming)
         cands = stream_candidates(cands)
     folds_plan = plan_folds(rows.y_tr, s.folds)
