@@ -46,8 +46,9 @@ def open_regular(path: str | os.PathLike):
     try:
         f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | flags))
     except OSError as exc:  # a socket cannot be opened at all (ENXIO): say what it is, as for a FIFO
-        if exc.errno == errno.ENXIO and file_reason(path):
-            raise IrregularFileError(file_reason(path)) from None
+        why = file_reason(path) if exc.errno == errno.ENXIO else None
+        if why:
+            raise IrregularFileError(why) from None
         raise
     try:
         mode = os.fstat(f.fileno()).st_mode
