@@ -27,9 +27,9 @@ import h5py
 import numpy as np
 from common import machine, peak_rss_mb
 
+from featx.audit.finders import nearest_in_class, similar_pairs
 from featx.cache.store import Chunk, FeatureCache, PartsDir, fingerprint_digest, write_final
 from featx.data.folders import Sample
-from featx.heads.audit import nearest_in_class, similar_pairs
 
 PER_CLASS = 1000
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 import featx
-from featx.heads.audit import nearest_in_class
+from featx.audit.finders import nearest_in_class
 
 EXTS = {".jpg", ".jpeg", ".png"}
 

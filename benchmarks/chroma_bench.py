@@ -50,7 +50,7 @@ def main() -> None:
     import torchvision.io as tvio
 
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.tensor_images import TensorPreprocess
+    from featx.embedding.engines.tensor_images import TensorPreprocess
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, help="a folder of JPEGs (searched recursively)")

@@ -224,7 +224,7 @@ def run_network(args) -> dict:
     import torch
 
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.cpu import forward_fn as _forward_fn
+    from featx.embedding.engines.cpu import forward_fn as _forward_fn
 
     dev = args.device
     cuda = dev.startswith("cuda")
@@ -260,7 +260,7 @@ def run_loader(args) -> dict:
     from featx.base.runtime import default_workers
     from featx.data import discover
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.cpu import iter_cpu_batches
+    from featx.embedding.engines.cpu import iter_cpu_batches
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     want = set(_selection(Path(args.data), args.n))
@@ -279,7 +279,7 @@ def run_decode(args) -> dict:
     import torch
 
     from featx.embedding.backbones import create_backbone
-    from featx.embedding.gpu import _BytesDataset, _Preparer
+    from featx.embedding.engines.gpu import _BytesDataset, _Preparer
 
     bb = create_backbone(args.backbone, weights="random" if args.backbone != "efficientnet_lite0" else None)
     paths = _selection(Path(args.data), min(args.n, 4096))

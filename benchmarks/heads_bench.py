@@ -1,7 +1,7 @@
 """Heads: scikit-learn's grid vs the CPU C path vs the torch heads, same features, grids and folds.
 
 For each head (logreg, linear SVM, kNN) each implementation (``--impls``: ``sklearn`` = the
-GridSearchCV heads, ``path`` = the warm-started C path of featx.heads.linear_path, ``torch``
+GridSearchCV heads, ``path`` = the warm-started C path of featx.heads.estimators.linear_path, ``torch``
 = the batched torch heads, ``auto`` = what ``featx probe`` picks for this size) runs featx's
 hyperparameter search (the grids of :func:`featx.heads.resolve_grids`, 5-fold stratified CV)
 on the same training rows; the table shows search+refit seconds (wall and CPU), CV score,
@@ -74,9 +74,9 @@ def _args(argv):
 
 
 def _make(name: str, impl: str, g: dict, folds: int, dev: str, problem: tuple):
-    from featx.heads.factory import create_head
-    from featx.heads.linear_path import PathLinearHead
-    from featx.heads.torch_heads import create_torch_head
+    from featx.heads.estimators.linear_path import PathLinearHead
+    from featx.heads.estimators.torch_heads import create_torch_head
+    from featx.heads.tuning.factory import create_head
 
     if impl == "sklearn":
         return create_head(name, grid=None, folds=folds, seed=0, n_jobs=-1, device="cpu")
@@ -105,8 +105,8 @@ def main(argv=None) -> None:
     args = _args(argv)
     import torch
 
-    from featx.heads.factory import grid_key
-    from featx.heads.grids import resolve_grids
+    from featx.heads.tuning.factory import grid_key
+    from featx.heads.tuning.grids import resolve_grids
 
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     q = args.cpu_quick

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featx.cache.store import Chunk, FeatureCache, PartsDir, write_final  # noqa: E402
-from featx.cache.verify import verify_cache  # noqa: E402
+from featx.cache.trust.verify import verify_cache  # noqa: E402
 from featx.data.folders import Sample  # noqa: E402
 
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "ProbeResult": "runs.probe",
     "compare": "runs.compare",
     "CompareResult": "finetune.results",
-    "create_head": "heads.factory",
+    "create_head": "heads.tuning.factory",
     "FeatureExtractor": "embedding.extractor",
     "fewshot": "runs.fewshot",
     "FewShotResult": "runs.fewshot",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "write_report": "report.html",
     "export_cache": "cache.export",
     "log_run": "report.tracking",
-    "DinoKNNClassifier": "heads.dino_knn",
+    "DinoKNNClassifier": "heads.estimators.dino_knn",
 }
 
 __all__ = ["__version__", "FeatxError", "CacheMismatchError", "CacheLockedError", *_EXPORTS]

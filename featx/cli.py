@@ -266,7 +266,7 @@ def info(cache: str | None, s: InfoSettings) -> None:
 def verify(cache: str | None, s: VerifySettings) -> None:
     """Check CACHE (default: the newest in --cache-dir) in full: structure, every checksum, NaN/inf rows."""
     from .cache.store import find_cache  # h5py: not imported for --help
-    from .cache.verify import verify_cache
+    from .cache.trust.verify import verify_cache
 
     res = verify_cache(find_cache(cache, cache_dir=s.cache_dir))
     if s.as_json:

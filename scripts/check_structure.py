@@ -9,7 +9,9 @@
 - the base layer (``featx.base``) imports nothing else from featx;
 - packages import only packages to their left in ``PACKAGE_ORDER`` (function-level imports count);
 - no module longer than ``MAX_MODULE_LINES`` lines;
-- no function with more than ``MAX_PARAMS`` parameters (settings dataclasses carry the rest).
+- no function with more than ``MAX_PARAMS`` parameters (settings dataclasses carry the rest);
+- no class longer than ``MAX_CLASS_LINES`` lines (its methods count as functions too);
+- no package with more than ``MAX_PACKAGE_MODULES`` modules directly inside it (split it along its seams).
 
 ``python scripts/check_structure.py`` exits 1 and lists every violation; ``--report`` also prints module sizes,
 the longest functions and the widest signatures.
@@ -26,6 +28,8 @@ from pathlib import Path
 MAX_LINES = 80
 MAX_MODULE_LINES = 500
 MAX_PARAMS = 10
+MAX_CLASS_LINES = 250
+MAX_PACKAGE_MODULES = 12  # modules directly inside one package folder, __init__ not counted
 
 # The layers, lowest first: a package imports only packages of a lower rank (its left in
 # ARCHITECTURE.md's ``base < config, data, cache < embedding, heads < finetune, report < runs < cli``).
@@ -34,7 +38,7 @@ PACKAGE_ORDER: dict[str, int] = {
     "base": 0,
     "config": 1, "data": 1, "cache": 1,
     "embedding": 2, "heads": 2,
-    "finetune": 3, "report": 3,
+    "audit": 3, "finetune": 3, "report": 3,
     "runs": 4,
     "cli": 5, "": 5, "errors": 5,
 }
@@ -44,7 +48,7 @@ ALLOWED_LONG: dict[str, str] = {}
 
 # Functions allowed more than MAX_PARAMS parameters: "module:qualified.name" -> reason.
 ALLOWED_WIDE: dict[str, str] = {
-    "featx.heads.search:HeadSearch.__init__": "scikit-learn estimator contract: every hyperparameter is an "
+    "featx.heads.tuning.cv:HeadSearch.__init__": "scikit-learn estimator contract: every hyperparameter is an "
     "__init__ keyword (get_params, clone)",
 }
 
@@ -197,7 +201,7 @@ def check_imports(mods: dict[str, Module], package: str) -> list[str]:
 
 
 def _package_of(name: str, package: str) -> str:
-    """``featx.heads.search`` -> ``heads``; ``featx`` -> ``""``."""
+    """``featx.heads.tuning.cv`` -> ``heads``; ``featx`` -> ``""``."""
     parts = name.split(".")
     return parts[1] if parts[0] == package and len(parts) > 1 else ""
 
@@ -258,6 +262,22 @@ def check_sizes(mods: dict[str, Module]) -> list[str]:
             for m in mods.values() if m.lines > MAX_MODULE_LINES]
 
 
+def check_classes(mods: dict[str, Module]) -> list[str]:
+    return [f"{m.path}:{node.lineno}: class {node.name} is {node.end_lineno - node.lineno + 1} lines "
+            f"(max {MAX_CLASS_LINES}); break it along its seams into plain functions"
+            for m in mods.values() for node in ast.walk(m.tree)
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
+
+
+def check_packages(mods: dict[str, Module]) -> list[str]:
+    per_dir: dict[Path, int] = {}
+    for m in mods.values():
+        if m.path.name != "__init__.py":
+            per_dir[m.path.parent] = per_dir.get(m.path.parent, 0) + 1
+    return [f"{d}: {n} modules in one package (max {MAX_PACKAGE_MODULES}); split it into sub-packages by job"
+            for d, n in sorted(per_dir.items()) if n > MAX_PACKAGE_MODULES]
+
+
 def import_graph(mods: dict[str, Module], package: str) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in mods}
     for m in mods.values():
@@ -310,7 +330,7 @@ def check(root: Path) -> list[str]:
     mods = load_modules(root)
     package = root.name
     problems = (check_long(mods) + check_imports(mods, package) + check_order(mods, package) + check_params(mods)
-                + check_sizes(mods))
+                + check_sizes(mods) + check_classes(mods) + check_packages(mods))
     for comp in cycles(import_graph(mods, package)):
         problems.append(f"import cycle between featx modules: {' <-> '.join(comp)}")
     return problems

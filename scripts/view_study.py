@@ -32,7 +32,7 @@ from featx.base.io import write_json  # noqa: E402
 from featx.data.folders import discover  # noqa: E402
 from featx.data.splits import train_eval_split  # noqa: E402
 from featx.embedding.backbones import create_backbone  # noqa: E402
-from featx.embedding.cpu import iter_cpu_batches  # noqa: E402
+from featx.embedding.engines.cpu import iter_cpu_batches  # noqa: E402
 from featx.runs.fewshot import fewshot  # noqa: E402
 
 log = logging.getLogger("view_study")
@@ -40,7 +40,7 @@ log = logging.getLogger("view_study")
 GEM_P = 3.0
 STAGES = (3, 4)  # timm feature_info stages of tf_efficientnet_lite0: blocks.4 (112 ch, /16), blocks.6 (320 ch, /32)
 NORMS = ("standardise", "none", "l2", "power")  # "standardise" first: today's pipeline wins CV ties
-C_GRID = [float(c) for c in np.logspace(-5, 3, 17)]  # today's logreg grid (featx.heads.grids)
+C_GRID = [float(c) for c in np.logspace(-5, 3, 17)]  # today's logreg grid (featx.heads.tuning.grids)
 
 
 def _pool(t, prefix: str, out: dict, *, gem: bool) -> None:
@@ -186,7 +186,7 @@ def study(npz: str, *, shots: int = 5, seeds: int = 5) -> dict:
 
 
 def _few(z, tr, ev, *, shots: int, seeds: int) -> dict:
-    """``shots``-shot logreg per view (featx.heads.fewshot, C by CV in each draw), two heads:
+    """``shots``-shot logreg per view (featx.heads.estimators.fewshot, C by CV in each draw), two heads:
     "today" = the probe's StandardScaler + LR; "cv-scale" = fewshot's default (standardise or L2 by CV)."""
     labels = z["labels"]
     out = {}

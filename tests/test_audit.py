@@ -19,8 +19,8 @@ from PIL import Image
 pytest.importorskip("cleanlab")
 
 from featx.base.errors import FeatxError  # noqa: E402
-from featx.cache.roots import sign_root  # noqa: E402
 from featx.cache.store import Chunk, FeatureCache, PartsDir, fingerprint_digest, write_final  # noqa: E402
+from featx.cache.trust.roots import sign_root  # noqa: E402
 from featx.cli import cli  # noqa: E402
 from featx.config.settings import AuditSettings, ProbeSettings  # noqa: E402
 from featx.data.folders import Sample  # noqa: E402

@@ -51,7 +51,7 @@ def test_card_key_follows_what_the_backbone_is_built_from(tmp_path):
 
 
 def test_no_card_for_a_builder_registered_outside_featx(monkeypatch):
-    from featx.embedding.registry import REGISTRY
+    from featx.embedding.networks.registry import REGISTRY
 
     monkeypatch.setitem(REGISTRY._builders, "mine", lambda w: create_backbone("tiny_cnn", weights="random"))
     assert cards.card_key("mine", "random", "final", "none") is None

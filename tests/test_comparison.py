@@ -159,7 +159,7 @@ def test_compare_with_the_real_probe(data, tmp_path):
 def test_chart_of_accuracies_near_100_has_no_tick_above_100(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from featx.report.compare_chart import plot_chart
+    from featx.report.plots.compare_chart import plot_chart
 
     ticks = []
     save = Figure.savefig

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from featx.heads import device_memory, torch_heads
-from featx.heads.torch_heads import TorchLinearSVC, TorchLogisticRegression
+from featx.heads.estimators.torch_heads import TorchLinearSVC, TorchLogisticRegression
 
 CS = [0.01, 0.1, 1.0, 10.0, 100.0]
 
@@ -74,7 +74,7 @@ def _knn_data(n=300, d=16, k=4):
 
 
 def test_knn_query_blocks_fit_the_free_memory_and_halve_on_out_of_memory(monkeypatch, caplog):
-    from featx.heads.torch_heads import TorchKNN
+    from featx.heads.estimators.torch_heads import TorchKNN
 
     X, y = _knn_data()
     grid = {"n_neighbors": [1, 5, 15], "weights": ["uniform", "distance"]}

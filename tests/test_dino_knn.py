@@ -10,7 +10,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from featx.base.errors import FeatxError
-from featx.heads.dino_knn import DINO_KNN_GRID, DinoKNNClassifier, dino_knn_search, l2_normalise
+from featx.heads.estimators.dino_knn import DINO_KNN_GRID, DinoKNNClassifier, dino_knn_search, l2_normalise
 
 # Four training rows on the unit circle (the first one given at length 3: cosine ignores scale).
 X_TRAIN = np.array([[3.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])

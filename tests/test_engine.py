@@ -8,7 +8,7 @@ import featx
 from featx import __version__
 from featx.cache.store import fingerprint_digest
 from featx.embedding.backbones import create_backbone
-from featx.embedding.engine import DECODE_VERSION, EngineSettings, cache_fingerprint
+from featx.embedding.engines.chunks import DECODE_VERSION, EngineSettings, cache_fingerprint
 from featx.embedding.runner import plan, read_done
 from featx.errors import CacheMismatchError
 

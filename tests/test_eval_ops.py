@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from featx.embedding.backbones import Preprocess
-from featx.embedding.eval_ops import center_crop, resized_size
+from featx.embedding.networks.eval_ops import center_crop, resized_size
 
 T = pytest.importorskip("torchvision.transforms.v2")
 

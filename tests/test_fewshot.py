@@ -9,7 +9,7 @@ import pytest
 
 import featx
 from featx.base.errors import FeatxError
-from featx.heads.fewshot import FALLBACK_PARAMS, draw_shots, fit_in_draw, t_interval
+from featx.heads.estimators.fewshot import FALLBACK_PARAMS, draw_shots, fit_in_draw, t_interval
 from featx.runs.fewshot import fewshot
 from tests.conftest import write_image_folder
 

@@ -13,9 +13,9 @@ from PIL import Image
 from featx.data import Sample, load_image
 from featx.embedding import gpu
 from featx.embedding.backbones import Preprocess, create_backbone
-from featx.embedding.cpu import iter_cpu_batches
-from featx.embedding.engine import iter_chunks
-from featx.embedding.gpu import (
+from featx.embedding.engines.chunks import iter_chunks
+from featx.embedding.engines.cpu import iter_cpu_batches
+from featx.embedding.engines.gpu import (
     TensorPreprocess,
     _BytesDataset,
     _forward_to_host,
@@ -287,7 +287,7 @@ def test_out_of_memory_halves_the_group_then_uses_pillow(mixed_folder, monkeypat
         return real(self, imgs)
 
     monkeypatch.setattr(gpu.TensorPreprocess, "__call__", tight)
-    with caplog.at_level("WARNING", logger="featx.embedding.gpu"):
+    with caplog.at_level("WARNING", logger="featx.embedding.engines.gpu"):
         got = _features(todo, bb, batch_size=16)
     assert set(got) == set(want)
     assert min(_cosine(got[i], want[i]) for i in want) >= 0.98  # the 200x150 one by Pillow (draft decode)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featx.embedding.gpu_batches import Item, pack_items, pixel_groups, unpack
+from featx.embedding.engines.gpu_batches import Item, pack_items, pixel_groups, unpack
 
 
 def test_pack_then_unpack_gives_the_items_back():
@@ -41,7 +41,7 @@ from pathlib import Path
 resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
 from featx.data import Sample
 from featx.embedding.backbones import create_backbone
-from featx.embedding.gpu import iter_gpu_features
+from featx.embedding.engines.gpu import iter_gpu_features
 paths = sorted(Path(sys.argv[1]).glob("*.jpg"))
 todo = [Sample(str(p), p.name, 0, "train") for p in paths]
 n = 0

@@ -10,7 +10,7 @@ import torch
 
 import featx
 from featx.embedding import augment
-from featx.embedding.stages import TinyCNN
+from featx.embedding.networks.stages import TinyCNN
 from featx.finetune import features as head_features
 from featx.finetune import train as ft_train
 from featx.finetune.loop import Trainer

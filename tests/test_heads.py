@@ -22,7 +22,7 @@ from featx.data.splits import plan_folds
 from featx.errors import FeatxError
 from featx.heads import factory, grids
 from featx.heads import factory as heads
-from featx.heads.persist import load_head
+from featx.heads.saved.persist import load_head
 from featx.runs.predict import predict
 
 from conftest import tiny_embed, write_image_folder
@@ -97,7 +97,7 @@ def test_cuda_without_torch_head_falls_back_to_sklearn(monkeypatch, caplog):
 
     monkeypatch.setattr(factory, "wants_cuda", lambda device: True)
     monkeypatch.setattr(factory, "create_torch_head", unavailable)
-    with caplog.at_level(logging.WARNING, logger="featx.heads.factory"):
+    with caplog.at_level(logging.WARNING, logger="featx.heads.tuning.factory"):
         est = heads.create_head("svm", device="cuda")
     assert isinstance(est, heads.HeadSearch)
     assert "no GPU implementation of head 'svm'" in caplog.text

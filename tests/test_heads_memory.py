@@ -58,7 +58,7 @@ def _big_cache(template: FeatureCache, path: Path, *, n_train: int, n_eval: int,
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import featx.runs.probe as probing
-    from featx.heads.memory import address_space_bytes
+    from featx.heads.tuning.memory import address_space_bytes
     # Cap the address space at what is mapped now plus a budget: the cache's features do not fit.
     budget = int(sys.argv[2]) << 20
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + budget, resource.RLIM_INFINITY))

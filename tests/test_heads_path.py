@@ -11,8 +11,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from featx.heads import factory
-from featx.heads.linear_path import PathLinearHead
-from featx.heads.search import HeadSearch
+from featx.heads.estimators.linear_path import PathLinearHead
+from featx.heads.tuning.cv import HeadSearch
 
 
 def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
@@ -95,7 +95,7 @@ def test_path_head_passes_sklearn_check_estimator(loss):
 
 
 def test_cpu_rule_picks_the_measured_faster_implementation():
-    from featx.heads.torch_heads import TorchKNN
+    from featx.heads.estimators.torch_heads import TorchKNN
 
     assert isinstance(factory.create_head("logreg", problem=(720, 1280, 12)), PathLinearHead)
     assert isinstance(factory.create_head("svm", problem=(720, 1280, 12)), PathLinearHead)

@@ -15,11 +15,11 @@ from test_heads_memory import _big_cache, tiny_cache  # noqa: F401 - fixture
 import featx
 from featx.base.errors import FeatxError
 from featx.heads import streaming
-from featx.heads.linear_path import PathLinearHead
-from featx.heads.persist import load_head
-from featx.heads.solver_choice import use_stream
-from featx.heads.stream_source import ArraySource, holdout_folds, iter_blocks, prefetch
-from featx.heads.streaming import StreamingLinearHead
+from featx.heads.estimators.linear_path import PathLinearHead
+from featx.heads.saved.persist import load_head
+from featx.heads.stream.linear import StreamingLinearHead
+from featx.heads.stream.source import ArraySource, holdout_folds, iter_blocks, prefetch
+from featx.heads.tuning.solver_choice import use_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 CS = tuple(np.logspace(-3, 1, 5))
@@ -71,7 +71,7 @@ def test_streamed_logreg_reaches_the_regularised_optimum(C):
 
 
 def test_softmax_temperature_undoes_overconfident_scores():
-    from featx.heads.stream_init import softmax_temperature
+    from featx.heads.stream.init import softmax_temperature
 
     rng = np.random.default_rng(0)
     scores = rng.normal(0, 1, (4000, 5))
@@ -162,10 +162,10 @@ SCRIPT = textwrap.dedent("""
     except ImportError:
         pass
     import featx.runs.probe as probing
-    from featx.heads.memory import address_space_bytes
+    from featx.heads.tuning.memory import address_space_bytes
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
     head = sys.argv[4] if len(sys.argv) > 4 else "logreg"
-    import featx.heads.stream_knn as stream_knn
+    import featx.heads.stream.knn as stream_knn
     stream_knn.HOLDOUT_MAX_ROWS = 2_000  # k chosen on 2,000 held-out queries (10,000 by default): a shorter test
     grids = {"logreg": {"C": [0.01, 1.0]}} if head == "logreg" else {"knn": {"n_neighbors": [1, 5, 15]}}
     res = probing.probe(sys.argv[1], head=head, device="cpu", n_jobs=1, plots=False, out_dir=sys.argv[3],
@@ -224,7 +224,7 @@ def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_pa
     import shutil
 
     from featx.cache.store import FeatureCache
-    from featx.heads.stream_source import CacheSource
+    from featx.heads.stream.source import CacheSource
 
     path = tmp_path / "damaged.h5"
     shutil.copy(tiny_cache.path, path)
@@ -237,7 +237,7 @@ def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_pa
         fh.write(np.full(d.shape[1], 2.4e38, np.float32).astype(d.dtype).tobytes())
     fc = FeatureCache(path)
     src = CacheSource(fc, np.arange(4))
-    with caplog.at_level("WARNING", logger="featx.cache.integrity"):
+    with caplog.at_level("WARNING", logger="featx.cache.trust.integrity"):
         src.read(0, 4)
     src.close()
     assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text

@@ -230,7 +230,7 @@ def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_p
                       num_workers=0, batch_size=16)
     good = fc2.features()
     _corrupt_features(fc2.path)
-    with caplog.at_level("WARNING", logger="featx.cache.integrity"):
+    with caplog.at_level("WARNING", logger="featx.cache.trust.integrity"):
         FeatureCache(fc2.path).features()
     assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text and "featx embed" in caplog.text
     r = CliRunner().invoke(cli, ["probe", str(fc2.path), "--out-dir", str(tmp_path / "run"), "--head", "knn"])
@@ -328,7 +328,7 @@ def test_file_swapped_for_a_fifo_after_discovery_never_blocks_a_reader(tmp_path,
     from featx.data import guards
     from featx.data.images import ImageLoadError, load_image
     from featx.embedding.backbones import Preprocess
-    from featx.embedding.gpu import _BytesDataset
+    from featx.embedding.engines.gpu import _BytesDataset
 
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
@@ -414,7 +414,7 @@ def _forge(head: Path, tmp_path: Path, data: bytes | None = None, **fields) -> P
     """A copy of ``head`` (or ``data``) with a sidecar that matches it byte for byte, ``fields`` changed."""
     import hashlib
 
-    from featx.heads.persist import sidecar_path
+    from featx.heads.saved.persist import sidecar_path
 
     out = tmp_path / "h.skops"
     out.write_bytes(data if data is not None else head.read_bytes())
@@ -448,7 +448,7 @@ def test_sidecar_cannot_choose_what_predict_builds_or_downloads(built, head, tmp
 def test_no_downloads_while_a_heads_backbone_is_built(monkeypatch):
     import torch.hub
 
-    from featx.embedding.head_guard import no_downloads
+    from featx.embedding.networks.head_guard import no_downloads
 
     with no_downloads():
         assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -468,7 +468,7 @@ def test_sidecar_fields_of_the_wrong_type_are_one_line_errors(built, head, tmp_p
 
 
 def test_deeply_nested_sidecar_is_a_one_line_error(head, tmp_path):
-    from featx.heads.persist import load_head, sidecar_path
+    from featx.heads.saved.persist import load_head, sidecar_path
 
     forged = _forge(head, tmp_path)
     sidecar_path(forged).write_text("[" * 100000 + "]" * 100000)
@@ -480,7 +480,7 @@ def test_head_that_is_not_a_classifier_is_refused(head, tmp_path):
     import skops.io as sio
     from sklearn.preprocessing import StandardScaler
 
-    from featx.heads.persist import load_head
+    from featx.heads.saved.persist import load_head
 
     forged = _forge(head, tmp_path, data=sio.dumps(StandardScaler().fit(np.eye(3))))
     with pytest.raises(FeatxError, match="not a classifier"):
@@ -488,7 +488,7 @@ def test_head_that_is_not_a_classifier_is_refused(head, tmp_path):
 
 
 def test_types_skops_does_not_trust_stay_untrusted():
-    from featx.heads.persist import is_trusted_type
+    from featx.heads.saved.persist import is_trusted_type
 
     assert not is_trusted_type("sklearn.metrics._dist_metrics.MahalanobisDistance32")
     assert not is_trusted_type("sklearn.metrics._dist_metrics.DistanceMetric")
@@ -502,8 +502,8 @@ def test_skops_entries_shared_by_many_references_are_counted_each_time(head, tmp
     import skops.io as sio
     from sklearn.linear_model import LogisticRegression
 
-    import featx.heads.persist as persist
-    from featx.heads.persist import load_head
+    import featx.heads.saved.persist as persist
+    from featx.heads.saved.persist import load_head
 
     monkeypatch.setattr(persist, "MAX_UNPACKED_BYTES", 1 << 20)  # 1 GiB in real life
     est = LogisticRegression().fit(np.eye(4), [0, 1, 0, 1])
@@ -624,7 +624,7 @@ def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(bui
     res = featx.probe(str(path), head="knn", out_dir=run, n_jobs=1, device="cpu", folds=2, plots=False, report=True)
     html = Path(res["report_path"]).read_text(encoding="utf-8")
     assert "data:image/jpeg" not in html and not list((run / "thumbs").glob("*.jpg"))
-    from featx.cache.roots import sign_root
+    from featx.cache.trust.roots import sign_root
 
     assert fc.meta["root_mac"] == sign_root(fc.root, fc.fingerprint)
     # Another user's key (or an edited root) does not verify.

@@ -15,7 +15,7 @@ from featx.base.errors import FeatxError
 from featx.cache.multi import MultiCache, write_set
 from featx.cache.store import FeatureCache
 from featx.embedding.multi import embed_backbones
-from featx.heads.repeated_cv import Spec, choose
+from featx.heads.tuning.repeated_cv import Spec, choose
 from featx.runs.probe import probe
 
 from conftest import write_image_folder
@@ -222,7 +222,7 @@ def test_several_backbones_embed_by_shards_then_assemble(tmp_path):
 
 def test_head_guard_accepts_lite_builders_and_checks_every_member_of_a_set():
     """predict's guard (before anything is built) knows the offline lite1/lite2 builders and a set's members."""
-    from featx.embedding.head_guard import check_head_backbone
+    from featx.embedding.networks.head_guard import check_head_backbone
 
     for name in ("efficientnet_lite1", "efficientnet_lite2"):
         check_head_backbone({"backbone": name, "fingerprint_dict": {"backbone": name}}, weights=None, head="h")

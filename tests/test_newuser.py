@@ -102,7 +102,7 @@ def test_probe_logs_each_fit_once_and_says_when_it_refits(monkeypatch, caplog):
     plan = selection.SearchPlan(name="logreg", kernel="linear", grid={"C": [0.1, 1.0]}, scoring="accuracy",
                                 max_iter=200, folds=2, folds_used=2, seed=0, n_jobs=1, device="cpu",
                                 candidates=(("final", "none", 0), ("final", "l2", 0), ("final", "power", 0)))
-    with caplog.at_level(logging.INFO, logger="featx.heads.selection"):
+    with caplog.at_level(logging.INFO, logger="featx.heads.tuning.selection"):
         sel = selection.select(_Rows(), plan)
     msgs = [r.getMessage() for r in caplog.records]
     for norm in ("none", "l2", "power"):

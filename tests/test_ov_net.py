@@ -9,7 +9,7 @@ import torch
 from featx.data.folders import discover
 from featx.embedding import runtimes
 from featx.embedding.backbones import create_backbone
-from featx.embedding.cpu import forward_fn, iter_cpu_batches
+from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
 
 pytestmark = [pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed"),

@@ -127,7 +127,7 @@ def test_per_class_rows_worst_first_and_escaping():
 
 
 def test_fewshot_series_reads_several_layouts():
-    from featx.report.charts import compare_intervals, fewshot_series
+    from featx.report.plots.charts import compare_intervals, fewshot_series
 
     rows = {"rows": [{"head": "logreg", "shots": 5, "mean": 0.8, "ci95": [0.7, 0.9]},
                      {"head": "logreg", "shots": 1, "mean": 0.5, "ci95": [0.4, 0.6]}]}

@@ -13,7 +13,7 @@ from featx.base.errors import FeatxError
 from featx.data.folders import discover
 from featx.embedding import runtimes
 from featx.embedding.backbones import Backbone, Preprocess, create_backbone
-from featx.embedding.cpu import forward_fn, iter_cpu_batches
+from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
 
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
@@ -195,7 +195,7 @@ def test_auto_falls_back_to_torch_when_conversion_gives_other_features(caplog):
     bb = _branching_backbone()
     f = forward_fn(bb, "cpu")
     assert f.runtime == "openvino"  # intended before the first batch
-    with caplog.at_level(logging.WARNING, logger="featx.embedding.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="featx.embedding.runtimes.forward"):
         out = f(_images(3, 16))
     assert f.runtime == "torch"
     assert "gives other features than torch" in caplog.text and "embedding with torch instead" in caplog.text
@@ -215,7 +215,7 @@ def test_auto_falls_back_when_the_converter_fails(monkeypatch, caplog):
     monkeypatch.setattr(ov, "convert_model", broken)
     bb = create_backbone("tiny_cnn", weights="random")
     x = _images(2, bb.preprocess.crop)
-    with caplog.at_level(logging.WARNING, logger="featx.embedding.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="featx.embedding.runtimes.forward"):
         f = forward_fn(bb, "cpu")
         got = f(x)
     assert f.runtime == "torch" and "does not convert to OpenVINO" in caplog.text and "aten::magic" in caplog.text

@@ -26,7 +26,7 @@ from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 from featx.data.folders import discover
-from featx.heads.persist import is_trusted_type, load_head, save_head, sidecar_path
+from featx.heads.saved.persist import is_trusted_type, load_head, save_head, sidecar_path
 from featx.runs.predict import predict
 
 from conftest import write_image_folder
@@ -120,7 +120,7 @@ def test_joblib_head_needs_trust_and_then_predicts_the_same(trained, tmp_path, c
     with pytest.raises(FeatxError, match="is a pickle"):
         predict(jl, [str(fc.path)], out=tmp_path / "refused.csv")
     assert not (tmp_path / "refused.csv").exists()
-    with caplog.at_level(logging.WARNING, logger="featx.heads.persist"):
+    with caplog.at_level(logging.WARNING, logger="featx.heads.saved.persist"):
         est2, _ = load_head(jl, trust=True)
     assert "unpickling runs any code" in caplog.text
     X = fc.features("val")
@@ -157,7 +157,7 @@ def test_pickle_that_would_run_code_is_never_executed(trained, tmp_path, caplog)
     assert not marker.exists()
     # The payload is live: trusting it runs it (which is exactly what --trust means).
     _forge_sidecar(evil)
-    with caplog.at_level(logging.WARNING, logger="featx.heads.persist"):
+    with caplog.at_level(logging.WARNING, logger="featx.heads.saved.persist"):
         load_head(evil, trust=True)
     assert marker.read_text() == "code ran" and "unpickling runs any code" in caplog.text
     marker.unlink()
@@ -208,7 +208,7 @@ def _torch_heads_are_estimators() -> bool:
                    reason="torch heads are not yet sklearn BaseEstimator subclasses (the heads helper's refactor)")
 @pytest.mark.parametrize("name", ["logreg", "svm", "knn"])
 def test_torch_heads_save_as_skops_with_arrays_only(name, tmp_path):
-    from featx.heads.torch_heads import create_torch_head
+    from featx.heads.estimators.torch_heads import create_torch_head
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 20)
@@ -223,7 +223,7 @@ def test_torch_heads_save_as_skops_with_arrays_only(name, tmp_path):
 
 
 def test_skops_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
-    import featx.heads.persist as persist
+    import featx.heads.saved.persist as persist
 
     monkeypatch.setattr(persist, "MAX_UNPACKED_BYTES", 1 << 20)  # 1 GiB in real life; 1 MiB keeps the test small
     path = tmp_path / "bomb.skops"
@@ -237,19 +237,19 @@ def test_skops_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
 
 def test_allow_list_follows_types_not_names():
     for name in (
-        "featx.heads.factory.HeadSearch", "featx.heads.factory.AdaptiveStratifiedKFold",
+        "featx.heads.tuning.factory.HeadSearch", "featx.heads.tuning.factory.AdaptiveStratifiedKFold",
         "sklearn.metrics._scorer._Scorer", "sklearn.metrics._classification.accuracy_score",
         "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
     ):
         assert is_trusted_type(name), name
     for name in (
         "builtins.eval", "builtins.exec", "posix.system", "os.system", "subprocess.Popen", "test_security.Foreign",
-        "featx.heads.persist.Path",  # pathlib.Path re-exported in featx.heads: not a featx head type
-        "featx.heads.persist.load_head",  # a featx.heads function, not an estimator
-        "featx.heads.factory.np.ndarray", "featx.heads.factory.HeadSearch.__base__",
+        "featx.heads.saved.persist.Path",  # pathlib.Path re-exported in featx.heads: not a featx head type
+        "featx.heads.saved.persist.load_head",  # a featx.heads function, not an estimator
+        "featx.heads.tuning.factory.np.ndarray", "featx.heads.tuning.factory.HeadSearch.__base__",
         "featx.heads.no_such_module.Head", "featx.base.errors.FeatxError",
         "sklearn.datasets.fetch_openml", "sklearn.utils._testing.TempMemmap", "sklearn.metrics.os.system",
-        "featx.heads.factory.HeadSearch;import os", "",
+        "featx.heads.tuning.factory.HeadSearch;import os", "",
     ):
         assert not is_trusted_type(name), name
 

@@ -18,7 +18,7 @@ from PIL import Image
 import featx
 from featx.base.errors import CacheLockedError, FeatxError
 from featx.cache.store import FeatureCache, PartsLock, acquire_lock
-from featx.embedding.engine import EngineSettings
+from featx.embedding.engines.chunks import EngineSettings
 from featx.embedding.ray_executor import parse_shard
 from featx.embedding.runner import ShardResult, check_options, plan, read_done, shard_share
 

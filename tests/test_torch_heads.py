@@ -8,7 +8,13 @@ import joblib
 import numpy as np
 import pytest
 
-from featx.heads.torch_heads import TorchKNN, TorchLinearSVC, TorchLogisticRegression, batched_lbfgs, create_torch_head
+from featx.heads.estimators.torch_heads import (
+    TorchKNN,
+    TorchLinearSVC,
+    TorchLogisticRegression,
+    batched_lbfgs,
+    create_torch_head,
+)
 
 
 def _blobs(n=240, d=12, k=3, seed=0, spread=1.6):
@@ -187,7 +193,7 @@ def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.heads.search import cv_splits
+    from featx.heads.tuning.cv import cv_splits
 
     expect = np.mean([
         balanced_accuracy_score(y[va], make_pipeline(StandardScaler(), LogisticRegression(C=0.01)).fit(X[tr], y[tr]).predict(X[va]))
@@ -200,7 +206,7 @@ def test_knn_grid_has_one_source_for_both_families():
     """Bug: the torch kNN grid ([1, 3, 5, 10, 20, 50]) differed from the scikit-learn one."""
     from sklearn.model_selection import ParameterGrid
 
-    from featx.heads.grids import resolve_grids
+    from featx.heads.tuning.grids import resolve_grids
 
     X, y = _blobs(n=300)
     est = create_torch_head("knn", grid=None, folds=3, seed=0, device="cpu").fit(X, y)
@@ -234,7 +240,7 @@ def test_cuda_fits_use_full_fp32_matmuls():
     """TF32 would blur the objective values the line search compares and kNN's zero distances."""
     import torch
 
-    from featx.heads.torch_ops import fast_matmul as _fast_matmul
+    from featx.heads.estimators.torch_ops import fast_matmul as _fast_matmul
 
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # what a fine-tune or the user may have set

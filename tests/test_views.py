@@ -15,7 +15,7 @@ from featx.cache.store import FeatureCache
 from featx.cache.views import available_views, compose, parts_for
 from featx.embedding.backbones import create_backbone
 from featx.embedding.runner import embed
-from featx.heads.selection import FeatureNorm, candidates
+from featx.heads.tuning.selection import FeatureNorm, candidates
 from featx.runs.probe import probe
 
 from conftest import write_image_folder
@@ -100,7 +100,7 @@ def test_feature_norms_and_candidates():
 
 
 def test_choice_is_the_first_candidate_within_one_standard_error():
-    from featx.heads.selection import Candidate, best_index
+    from featx.heads.tuning.selection import Candidate, best_index
 
     row = lambda score, se: Candidate("final", "none", 0, 4, score, se, {}, 0.0)  # noqa: E731
     assert best_index([row(0.90, 0.02), row(0.91, 0.02), row(0.95, 0.01)]) == 2  # 0.90, 0.91 < 0.95 - 0.01
@@ -190,7 +190,7 @@ def test_train_views_are_stored_seeded_and_dropped_when_not_asked(tmp_path):
 
 
 def test_grouped_view_folds_keep_every_view_of_a_validation_image_out():
-    from featx.heads.search import GroupedViewFolds, cv_splits
+    from featx.heads.tuning.cv import GroupedViewFolds, cv_splits
 
     y = np.repeat([0, 1, 2], 6)
     src = np.repeat(np.arange(18), 3)  # 3 views per image

@@ -1,4 +1,4 @@
-"""Lazy re-exports for package ``__init__`` files: ``import featx.heads.grids`` must not import torch."""
+"""Lazy re-exports for package ``__init__`` files: ``import featx.heads.tuning.grids`` must not import torch."""
 
 from __future__ import annotations
 

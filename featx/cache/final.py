@@ -9,10 +9,10 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from . import integrity
 from .keys import AUG_SEP, BYTES_DTYPE, LAYOUT_VERSION, SPLITS, STR_DTYPE, decode_key, image_key, key_array, part_path
 from .parts import atomic_h5
 from .reader import FeatureCache, open_h5
+from .trust import integrity
 
 
 def read_final_index(fc: FeatureCache) -> dict[str, tuple]:
@@ -91,7 +91,7 @@ def write_final(
             ga.create_dataset("mtime_ns", data=np.asarray([index[s.key][-2] for s in aug], dtype=np.int64))
             ga.create_dataset("size", data=np.asarray([index[s.key][-1] for s in aug], dtype=np.int64))
             alive.append(_write_table(f, "augmented/", aug, index, widths, dtype, path, block_rows))
-        integrity.write_checksums(f)  # one per feature row (featx.cache.integrity)
+        integrity.write_checksums(f)  # one per feature row (featx.cache.trust.integrity)
         if len(widths) > 1:
             f.attrs["parts_json"] = json.dumps([[k, w] for k, w in widths.items() if k != "features"])
         for k, v in attrs.items():

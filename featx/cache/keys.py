@@ -16,7 +16,7 @@ LAYOUT_VERSION = 1
 SPLITS = ("train", "val", "test")
 STR_DTYPE = h5py.string_dtype("utf-8")
 # Keys of augmented training views: the image's key, this separator, the recipe and view number
-# (featx.embedding.augment); such rows are kept in the finished cache's augmented/ group.
+# (featx.embedding.engines.augment); such rows are kept in the finished cache's augmented/ group.
 AUG_SEP = "\x00aug:"
 
 

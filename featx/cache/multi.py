@@ -154,7 +154,7 @@ class MultiCache:
         return sum(self.members[n].view_dim(base) for n in names)
 
     def view_layout(self, view: str | None) -> list[tuple[tuple, float, tuple[int, int]]]:
-        """Gram blocks (key, weight, columns) of ``view``: see :mod:`featx.heads.repeated_cv`."""
+        """Gram blocks (key, weight, columns) of ``view``: see :mod:`featx.heads.tuning.repeated_cv`."""
         base, names = split_view(self._check(view))
         out, at = [], 0
         for n in names:

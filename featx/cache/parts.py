@@ -19,8 +19,8 @@ import numpy as np
 
 from ..base.errors import CacheMismatchError, CacheWriteError, FeatxError
 from ..base.io import atomic_commit
-from . import integrity
 from .keys import BYTES_DTYPE, STR_DTYPE, decode_key, key_array, part_path
+from .trust import integrity
 
 log = logging.getLogger(__name__)
 

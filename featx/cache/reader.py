@@ -31,9 +31,9 @@ import h5py
 import numpy as np
 
 from ..base.errors import CacheMismatchError, FeatxError
-from . import integrity
 from .keys import LAYOUT_VERSION, SPLITS, decode_key, part_path
 from .parts import settings_diff
+from .trust import integrity
 from .views import available_views, check_view, compose, view_dim
 
 log = logging.getLogger(__name__)

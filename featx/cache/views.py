@@ -2,7 +2,7 @@
 
 A cache always stores ``features`` (the final pooled features); caches embedded with
 ``--views stages`` / ``gem`` / ``--tta flip`` also store the parts of
-:mod:`featx.embedding.views`.  Views are built from them when read, so one cache serves every
+:mod:`featx.embedding.networks.views`.  Views are built from them when read, so one cache serves every
 view and the probe can choose among them by cross-validation:
 
 - ``final``: the final pooled features (the only view of caches written before views existed);

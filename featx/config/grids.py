@@ -1,7 +1,7 @@
 """The ``heads:`` config section: which grid keys and parameters exist, and the check of their values.
 
 It lives in config, beside the typed defaults (``DEFAULT_GRIDS``), so that reading any config file checks
-it without importing the heads (scikit-learn); :mod:`featx.heads.grids` resolves the grids from it.
+it without importing the heads (scikit-learn); :mod:`featx.heads.tuning.grids` resolves the grids from it.
 """
 
 from __future__ import annotations

@@ -28,16 +28,16 @@ import difflib
 import os
 
 from ..base.errors import FeatxError
-from .builders import (  # noqa: F401 - re-exported
+from .networks.builders import (  # noqa: F401 - re-exported
     LITE_SIZES,
     TORCHVISION_MODELS,
     efficientnet_lite0_imagenet,
     efficientnet_lite_imagenet,
     timm_backbone,
 )
-from .registry import DEFAULT_BACKBONE, REGISTRY, TRAIN_MIN_SCALE, Backbone, Preprocess, list_backbones  # noqa: F401 - re-exported: the public names of a backbone
-from .stages import TinyCNN  # noqa: F401 - re-exported
-from .views import with_views
+from .networks.registry import DEFAULT_BACKBONE, REGISTRY, TRAIN_MIN_SCALE, Backbone, Preprocess, list_backbones  # noqa: F401 - re-exported: the public names of a backbone
+from .networks.stages import TinyCNN  # noqa: F401 - re-exported
+from .networks.views import with_views
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike | None = None,
@@ -46,7 +46,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike 
 
     ``weights``: ``None`` (default pretrained), ``"random"`` or a local state-dict file.
     ``views``/``tta``: extra parts its model outputs beside the final features
-    (:func:`featx.embedding.views.with_views`); the default is the plain backbone.
+    (:func:`featx.embedding.networks.views.with_views`); the default is the plain backbone.
     """
     bb = _build(name, None if weights is None else str(weights))
     return with_views(bb, views, tta)

@@ -33,8 +33,8 @@ from ..cache.store import FeatureCache, fingerprint_digest
 from ..cache.views import available_views, check_view, compose_from, parts_for, view_dim
 from ..data.folders import Sample
 from .backbones import Backbone, create_backbone
-from .cpu import forward_fn, iter_cpu_batches
-from .engine import cache_fingerprint, default_engine, split_parts
+from .engines.chunks import cache_fingerprint, default_engine, split_parts
+from .engines.cpu import forward_fn, iter_cpu_batches
 from .multi import embed_files_multi
 from .runner import embed
 

@@ -29,7 +29,7 @@ from ..cache.store import PartsDir
 from ..data.folders import Sample
 from ..data.sources import SourceOptions, configure, current_options
 from .backbones import create_backbone
-from .engine import EngineSettings, cache_fingerprint, default_engine, iter_chunks
+from .engines.chunks import EngineSettings, cache_fingerprint, default_engine, iter_chunks
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..base.version import __version__
-from ..cache.roots import sign_root
 from ..cache.store import (
     FeatureCache,
     PartsDir,
@@ -37,17 +36,18 @@ from ..cache.store import (
     read_final_index,
     write_final,
 )
-from ..cache.verify import forget_damaged
+from ..cache.trust.roots import sign_root
+from ..cache.trust.verify import forget_damaged
 from ..config import EmbedSettings
 from ..data.folders import Dataset
 from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
-from . import augment
 from .backbones import Backbone
-from .cards import run_backbone
-from .engine import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
+from .engines import augment
+from .engines.chunks import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
+from .networks.views import check_tta, parse_parts
 from .ray_executor import import_ray, parse_shard, run_on_ray
-from .runtimes import resolve_runtime
-from .views import check_tta, parse_parts
+from .runtimes.cards import run_backbone
+from .runtimes.forward import resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,9 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
     chunks and returns a :class:`ShardResult` without writing the finished cache: run every
     shard (at the same time, anywhere the cache folder is shared), then a plain ``embed``.
     ``views`` (``final``, ``stages``, ``gem``) and ``tta`` (``flip``) store extra feature parts
-    that the probe can choose among (:mod:`featx.embedding.views`); ``views="final"`` writes the
+    that the probe can choose among (:mod:`featx.embedding.networks.views`); ``views="final"`` writes the
     plain cache of earlier featx versions.  ``train_views`` also stores that many augmented views
-    of each training image (:mod:`featx.embedding.augment`) in the cache's ``augmented/`` group;
+    of each training image (:mod:`featx.embedding.engines.augment`) in the cache's ``augmented/`` group;
     None keeps what the cache already stores, 0 removes them.
 
     ``settings``: the options of ``featx embed`` (:class:`featx.config.EmbedSettings`, default its

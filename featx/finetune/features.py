@@ -10,7 +10,7 @@ same optimiser, schedule, batch order, early stopping and checkpoints as before.
 Where the features come from (``FinetuneResult.features``, shown in the compare report):
 
 - ``cache train views (K=k)``: the cache holds ``--train-views k`` augmented views per training
-  image (:mod:`featx.embedding.augment`, the fine-tune's own augmentation); epoch ``e`` trains on
+  image (:mod:`featx.embedding.engines.augment`, the fine-tune's own augmentation); epoch ``e`` trains on
   view ``e mod k``, validation and evaluation use the cache's plain features: no network pass at
   all.
 - ``embedded once per epoch``: epoch ``e``'s view is the augmented view number ``e`` that
@@ -39,9 +39,9 @@ from ..cache.store import AUG_SEP, FeatureCache
 from ..config import defaults
 from ..data.folders import Sample
 from ..data.sources import stamp_of
-from ..embedding import augment
-from ..embedding.engine import feature_batches
-from ..embedding.runtimes import runtime_fingerprint
+from ..embedding.engines import augment
+from ..embedding.engines.chunks import feature_batches
+from ..embedding.runtimes.forward import runtime_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -54,8 +54,8 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.progress import format_duration
 from ..base.runtime import default_num_workers, default_workers, keep_heap_buffers, resolve_device
-from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
+from ..cache.trust.roots import trusted_root
 from ..data.splits import carve_validation, train_eval_split
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict

@@ -6,21 +6,21 @@ Estimators and their search only; the probe and few-shot runs that drive them ar
 from ..base.lazy import lazy_exports
 
 _EXPORTS = {
-    "HEAD_NAMES": "grids",
-    "KERNELS": "grids",
-    "resolve_grids": "grids",
-    "check_head_compatible": "persist",
-    "load_head": "persist",
-    "save_head": "persist",
-    "create_head": "factory",
-    "grid_key": "factory",
-    "cv_splits": "search",
-    "HeadSearch": "search",
-    "PathLinearHead": "linear_path",
-    "scores_of": "scores",
-    "draw_shots": "fewshot",
-    "fit_in_draw": "fewshot",
-    "DinoKNNClassifier": "dino_knn",
+    "HEAD_NAMES": "tuning.grids",
+    "KERNELS": "tuning.grids",
+    "resolve_grids": "tuning.grids",
+    "check_head_compatible": "saved.persist",
+    "load_head": "saved.persist",
+    "save_head": "saved.persist",
+    "create_head": "tuning.factory",
+    "grid_key": "tuning.factory",
+    "cv_splits": "tuning.cv",
+    "HeadSearch": "tuning.cv",
+    "PathLinearHead": "estimators.linear_path",
+    "scores_of": "estimators.scores",
+    "draw_shots": "estimators.fewshot",
+    "fit_in_draw": "estimators.fewshot",
+    "DinoKNNClassifier": "estimators.dino_knn",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

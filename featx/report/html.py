@@ -25,13 +25,13 @@ from PIL import Image
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
 from ..base.version import __version__
-from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache
-from . import charts, embedmap
+from ..cache.trust.roots import trusted_root
 from .audit import CSS as AUDIT_CSS
 from .audit import section_audit
 from .compare_table import features_note
 from .metrics import is_chosen, selection_note
+from .plots import charts, embedmap
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
 from .runfiles import RunFiles, load_run, open_cache

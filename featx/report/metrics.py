@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .mpl import pyplot
+from .plots.mpl import pyplot
 
 # Above this many classes the JSON keeps per-class numbers but not the full matrix.
 MAX_JSON_MATRIX = 50
@@ -174,7 +174,7 @@ def view_tables(heads: dict) -> str:
              "", "| head | view | norm | aug. views | dim | CV score | ± s.e. | chosen hyperparameters | fit s |",
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     paired = any(c.get("paired_margin") is not None for _, c in rows)
-    if paired:  # repeated paired CV (featx.heads.repeated_cv): the margin of every row to the choice
+    if paired:  # repeated paired CV (featx.heads.tuning.repeated_cv): the margin of every row to the choice
         lines[2] = ("CV score per feature view (training rows only; the evaluation split was not used to choose), "
                     "repeated and paired: the simplest row is kept unless the best beats it by more than the "
                     "standard error of their paired fold differences (± s.e.: of each row's difference to the first).")

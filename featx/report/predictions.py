@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..base.io import atomic_write_bytes
-from ..heads.scores import as_probabilities
+from ..heads.estimators.scores import as_probabilities
 
 COLUMNS = ("row", "path", "split", "true", "pred", "confidence", "p_true")
 

@@ -2,7 +2,7 @@
 
 Why: runs written before ``predictions_<head>.csv`` existed (or by a probe that does not write
 it) still deserve the misclassified-images section.  The head is loaded through
-:func:`featx.heads.persist.load_head` (checksum verified), the evaluation rows are rebuilt
+:func:`featx.heads.saved.persist.load_head` (checksum verified), the evaluation rows are rebuilt
 with the run's ``test_size``/``seed`` exactly as the probe drew them, and the result is
 written beside the run's JSON so it is computed only once.
 """
@@ -20,7 +20,7 @@ from ..base.errors import FeatxError
 from ..cache.multi import open_cache
 from ..cache.store import FeatureCache
 from ..data.splits import train_eval_split
-from ..heads.persist import load_head
+from ..heads.saved.persist import load_head
 from .predictions import Prediction, make_predictions, predictions_path, write_predictions
 
 log = logging.getLogger(__name__)

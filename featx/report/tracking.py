@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..base.errors import FeatxError
-from .charts import fewshot_series
+from .plots.charts import fewshot_series
 from .runfiles import RunFiles, load_run
 
 log = logging.getLogger(__name__)

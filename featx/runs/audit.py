@@ -1,7 +1,7 @@
 """``featx audit``: what is wrong with a data set — label errors, duplicates, train/test leakage, outliers.
 
 Reads a finished cache (and hashes the image files under the data root), runs the finders of
-:mod:`featx.heads.audit` on the probe's split, folds and features, and writes
+:mod:`featx.audit.finders` on the probe's split, folds and features, and writes
 ``label_issues.csv``, ``duplicates.csv``, ``outliers.csv`` and ``audit.json`` (and
 ``report.html``) into the run folder.  Nothing the audit decides about a training row depends
 on an evaluation label: the training rows' probabilities are out-of-fold over training rows,
@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from ..audit import finders
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
 from ..base.version import __version__
-from ..cache.roots import trusted_root
 from ..cache.store import FeatureCache, find_cache
+from ..cache.trust.roots import trusted_root
 from ..config.settings import AuditSettings
 from ..data.splits import train_eval_split
-from ..heads import audit as finders
-from ..heads.grids import resolve_grids
+from ..heads.tuning.grids import resolve_grids
 from ..report.thumbs import inside_root
 from .publish import publish_run
 

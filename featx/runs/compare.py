@@ -40,9 +40,9 @@ from ..embedding.runner import embed
 from ..finetune.results import CompareResult, FinetuneResult
 from ..finetune.settings import STRATEGIES, FinetuneSettings, RunOptions
 from ..finetune.train import finetune as run_finetune
-from ..heads.grids import KERNELS
-from ..report.compare_chart import plot_chart
+from ..heads.tuning.grids import KERNELS
 from ..report.compare_table import markdown_table
+from ..report.plots.compare_chart import plot_chart
 from .probe import probe
 from .publish import publish_run
 

@@ -4,7 +4,7 @@ Why: "how many labelled images do I need?" is the first question of a new user, 
 CLIP_benchmark / DINOv2 protocol answers it: for each shot count k and seed, draw k training
 images per class, choose hyperparameters by CV *within the draw* (never on the evaluation
 split), evaluate on the full evaluation split, and report mean, 95% CI and per-seed values.
-The estimators, draws and intervals live in :mod:`featx.heads.fewshot`.
+The estimators, draws and intervals live in :mod:`featx.heads.estimators.fewshot`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ from ..cache.rows import read_rows
 from ..cache.store import FeatureCache, find_cache
 from ..config import FewshotSettings
 from ..data.splits import train_eval_split
-from ..heads.fewshot import FALLBACK_PARAMS, FEWSHOT_GRIDS, FEWSHOT_HEADS, draw_shots, fit_in_draw, t_interval
-from ..report.charts import fewshot_series, plot_fewshot
+from ..heads.estimators.fewshot import (
+    FALLBACK_PARAMS,
+    FEWSHOT_GRIDS,
+    FEWSHOT_HEADS,
+    draw_shots,
+    fit_in_draw,
+    t_interval,
+)
+from ..report.plots.charts import fewshot_series, plot_fewshot
 from .publish import publish_run
 
 log = logging.getLogger(__name__)
@@ -176,7 +183,7 @@ def fewshot(source=None, *, settings: FewshotSettings | None = None, **overrides
     ``overrides`` replace single fields, by field name or the library's name for it (``heads`` for
     ``head``, ``cap`` for ``cap_shots``, ``split_seed`` for ``seed``); an unknown name is a TypeError.
     ``shots``: a comma list or a sequence of ints.  Library-only keywords: ``grids`` (overrides
-    :data:`featx.heads.fewshot.FEWSHOT_GRIDS` per head), ``max_iter``, ``plot`` and ``report``
+    :data:`featx.heads.estimators.fewshot.FEWSHOT_GRIDS` per head), ``max_iter``, ``plot`` and ``report``
     (``report.html``; default: what a ``settings`` object says, else none, as :func:`featx.probe`).
 
     ``source``: a cache path, a :class:`FeatureCache`, None (newest cache in ``cache_dir``) or

@@ -16,9 +16,9 @@ from ..base.io import write_json
 from ..cache.multi import MULTI_SUFFIX, is_multi_view, open_cache, split_view
 from ..data.folders import is_image_name
 from ..embedding.extractor import embed_files, resolve_weights
-from ..embedding.head_guard import check_head_backbone, no_downloads
-from ..heads.persist import check_head_compatible, load_head
-from ..heads.scores import scores_of
+from ..embedding.networks.head_guard import check_head_backbone, no_downloads
+from ..heads.estimators.scores import scores_of
+from ..heads.saved.persist import check_head_compatible, load_head
 
 log = logging.getLogger(__name__)
 

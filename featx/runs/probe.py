@@ -1,13 +1,13 @@
 """``probe``: train heads on a cache's training rows, evaluate them, write the run's files.
 
 Hyperparameters are only ever chosen by cross-validation on the training rows (the search
-lives in :mod:`featx.heads.search`, :mod:`featx.heads.linear_path` and
-:mod:`featx.heads.torch_heads`; :func:`featx.heads.factory.create_head` picks one).  The
+lives in :mod:`featx.heads.tuning.cv`, :mod:`featx.heads.estimators.linear_path` and
+:mod:`featx.heads.estimators.torch_heads`; :func:`featx.heads.tuning.factory.create_head` picks one).  The
 evaluation rows are the cache's ``val``/``test`` split or a seeded stratified hold-out
 (:func:`featx.data.train_eval_split`).  Writes ``metrics.json``, a Markdown table, confusion
 matrices and the fitted heads (``save_head``: model file + JSON sidecar with sha256).
 ``solver="stream"`` (or ``auto`` when the training rows do not fit in memory) trains logreg and the
-linear SVM on rows streamed from the cache, ``stream_epochs`` passes (:mod:`featx.heads.streaming`).
+linear SVM on rows streamed from the cache, ``stream_epochs`` passes (:mod:`featx.heads.stream.linear`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from ..base.writable import writable_dir
 from ..cache.store import FeatureCache
 from ..config import ProbeSettings
 from ..data.splits import plan_folds
-from ..heads.factory import check_head_name, grid_key
-from ..heads.grids import ALL_HEADS, KERNELS, LINEAR_HEADS, resolve_grids
-from ..heads.persist import HEAD_FORMATS, save_head
-from ..heads.repeated_cv import select_repeated
-from ..heads.scores import scores_of
-from ..heads.selection import SearchPlan, candidates, select
-from ..heads.streaming import fit_streamed, stream_candidates
+from ..heads.estimators.scores import scores_of
+from ..heads.saved.persist import HEAD_FORMATS, save_head
+from ..heads.stream.linear import fit_streamed, stream_candidates
+from ..heads.tuning.factory import check_head_name, grid_key
+from ..heads.tuning.grids import ALL_HEADS, KERNELS, LINEAR_HEADS, resolve_grids
+from ..heads.tuning.repeated_cv import select_repeated
+from ..heads.tuning.selection import SearchPlan, candidates, select
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
 from .publish import publish_run
@@ -277,7 +277,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     ``cache``: a path, a :class:`FeatureCache`, a cache set of several backbones (``.multi.json``,
     :class:`featx.cache.multi.MultiCache`), or None for the newest cache (or set) in ``cache_dir``.
     ``cv_repeats``: with several candidate views, they are chosen by a repeated paired CV
-    (:mod:`featx.heads.repeated_cv`); 1 = one full search per candidate.
+    (:mod:`featx.heads.tuning.repeated_cv`); 1 = one full search per candidate.
     Hyperparameters are chosen by CV on the training rows only; the evaluation rows are the
     cache's val/test split or a seeded stratified hold-out (``test_size``).  ``max_train_rows``
     trains on a stratified, seeded subset of the training rows (for caches bigger than memory:
@@ -291,7 +291,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     rendering it (thumbnails, embedding map) costs more than a small probe; ``featx report RUN_DIR``
     builds it later.  ``mlflow`` logs the run to MLflow.  ``view``/``norm``: ``auto`` chooses,
     per head and by the same CV, among every feature view the cache stores and the normalisations
-    (:mod:`featx.heads.selection`); a name (or comma list) forces (or limits) the choice.
+    (:mod:`featx.heads.tuning.selection`); a name (or comma list) forces (or limits) the choice.
     ``train_views``: ``auto`` also tries training on the cache's augmented views of the training
     images (``featx embed --train-views K``; CV folds grouped by image), ``on``/``off`` force it.
     ``exclude_rows`` (library only): {"train": rows, "eval": rows} of the cache left out
@@ -308,7 +308,7 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
                        stored_views=fc.train_views)
     rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands),
                      exclude=x["exclude_rows"], solver=s.solver, linear=any(n in LINEAR_HEADS for n in names))
-    if rows.stream:  # a streamed probe scores the plain rows only (featx.heads.streaming)
+    if rows.stream:  # a streamed probe scores the plain rows only (featx.heads.stream.linear)
         cands = stream_candidates(cands)
     folds_plan = plan_folds(rows.y_tr, s.folds)
     _warn_about_data(rows, folds_plan, fc)

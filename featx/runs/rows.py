@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..base.errors import FeatxError
-from ..cache.integrity import rows_text
 from ..cache.multi import open_cache as open_any_cache
 from ..cache.rows import read_rows
 from ..cache.store import FeatureCache
+from ..cache.trust.integrity import rows_text
 from ..data.splits import train_eval_split
-from ..heads.memory import check_memory, stratified_subset
-from ..heads.search import GroupedViewFolds
-from ..heads.solver_choice import use_stream
+from ..heads.tuning.cv import GroupedViewFolds
+from ..heads.tuning.memory import check_memory, stratified_subset
+from ..heads.tuning.solver_choice import use_stream
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Rows:
     load_seconds: float
     subset: dict | None
     fc: FeatureCache | None = None
-    stream: bool = False  # training rows are not held: heads read them block by block (featx.heads.streaming)
+    stream: bool = False  # training rows are not held: heads read them block by block (featx.heads.stream.linear)
     # The last other view (or augmented rows) read: at most one is held beside the final features,
     # so choosing among views needs memory for two, not for all of them.
     by_view: dict = field(default_factory=dict)
@@ -57,7 +57,7 @@ class Rows:
 
     def training(self, name: str, train_views: int, *, folds: int, seed: int):
         """(X, y, folds) to fit on: the plain training rows, plus their augmented views with
-        folds grouped by image (:class:`featx.heads.search.GroupedViewFolds`) when asked."""
+        folds grouped by image (:class:`featx.heads.tuning.cv.GroupedViewFolds`) when asked."""
         X_tr = self.view(name)[0]
         if not train_views:
             return X_tr, self.y_tr, folds

@@ -1,0 +1,1 @@
+"""Stage 3, audit: label errors, duplicates and outliers found on cached features, as pure functions over arrays."""
