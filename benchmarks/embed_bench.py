@@ -183,7 +183,8 @@ def _runtime_kwargs(args, fn) -> dict:
     takes = "runtime" in params or "settings" in params
     if args.runtime == "default" or takes:
         return {} if args.runtime == "default" else {"runtime": args.runtime}
-    from featx.embedding import cpu, runner
+    from featx.embedding import runner
+    from featx.embedding.engines import cpu
 
     runner.forward_fn = functools.partial(cpu.forward_fn, runtime=args.runtime)
     return {}

@@ -120,7 +120,7 @@ def kill_mid_run(cmd: list[str], env: dict, cache: Path, *, chunks: int = 2) -> 
 @pytest.fixture
 def fresh_openvino(tmp_path, monkeypatch):
     """A test's own OpenVINO disk cache, and empty per-process caches of converted/compiled networks."""
-    from featx.embedding import runtimes
+    from featx.embedding.runtimes import forward as runtimes
 
     monkeypatch.setenv("FEATX_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
     for name in ("_CONVERTED", "_COMPILED", "_FAILED"):

@@ -18,13 +18,13 @@ from PIL import Image
 
 pytest.importorskip("cleanlab")
 
+from featx.audit import finders  # noqa: E402
 from featx.base.errors import FeatxError  # noqa: E402
 from featx.cache.store import Chunk, FeatureCache, PartsDir, fingerprint_digest, write_final  # noqa: E402
 from featx.cache.trust.roots import sign_root  # noqa: E402
 from featx.cli import cli  # noqa: E402
 from featx.config.settings import AuditSettings, ProbeSettings  # noqa: E402
 from featx.data.folders import Sample  # noqa: E402
-from featx.heads import audit as finders  # noqa: E402
 from featx.report.html import write_report  # noqa: E402
 from featx.runs.audit import audit  # noqa: E402
 from featx.runs.audit_probe import parse_drop, probe_audited  # noqa: E402

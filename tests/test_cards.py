@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from featx.base.errors import FeatxError
-from featx.embedding import cards, runtimes
 from featx.embedding.backbones import create_backbone
 from featx.embedding.runner import embed
+from featx.embedding.runtimes import cards
+from featx.embedding.runtimes import forward as runtimes
 
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
 pytestmark = pytest.mark.usefixtures("fresh_openvino")

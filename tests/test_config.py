@@ -122,7 +122,7 @@ def test_finetune_defaults_are_compare_defaults():
 
 
 def test_grids_have_one_definition():
-    from featx.heads import grids
+    from featx.heads.tuning import grids
 
     assert grids.DEFAULT_GRIDS == DEFAULT_GRIDS == defaults("heads").grids()
     assert grids.resolve_grids()["scoring"] == defaults("heads").scoring

@@ -8,8 +8,8 @@ import torch
 
 from featx.base.errors import FeatxError
 from featx.base.runtime import resolve_device
-from featx.embedding import engine
 from featx.embedding.backbones import create_backbone
+from featx.embedding.engines import chunks as engine
 from featx.embedding.engines.chunks import EngineSettings, cache_fingerprint
 from featx.embedding.ray_executor import ChunkEmbedder
 from featx.embedding.runner import check_options

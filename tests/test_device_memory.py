@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featx.heads import device_memory, torch_heads
+from featx.heads.estimators import device_memory, torch_heads
 from featx.heads.estimators.torch_heads import TorchLinearSVC, TorchLogisticRegression
 
 CS = [0.01, 0.1, 1.0, 10.0, 100.0]

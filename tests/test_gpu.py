@@ -11,8 +11,8 @@ from fake_cuda import FakeCuda
 from PIL import Image
 
 from featx.data import Sample, load_image
-from featx.embedding import gpu
 from featx.embedding.backbones import Preprocess, create_backbone
+from featx.embedding.engines import gpu
 from featx.embedding.engines.chunks import iter_chunks
 from featx.embedding.engines.cpu import iter_cpu_batches
 from featx.embedding.engines.gpu import (

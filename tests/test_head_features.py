@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import featx
-from featx.embedding import augment
+from featx.embedding.engines import augment
 from featx.embedding.networks.stages import TinyCNN
 from featx.finetune import features as head_features
 from featx.finetune import train as ft_train

@@ -20,9 +20,9 @@ from featx.cli import cli
 from featx.data import train_eval_split
 from featx.data.splits import plan_folds
 from featx.errors import FeatxError
-from featx.heads import factory, grids
-from featx.heads import factory as heads
 from featx.heads.saved.persist import load_head
+from featx.heads.tuning import factory, grids
+from featx.heads.tuning import factory as heads
 from featx.runs.predict import predict
 
 from conftest import tiny_embed, write_image_folder

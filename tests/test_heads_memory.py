@@ -16,7 +16,7 @@ import featx
 from featx.base.errors import FeatxError
 from featx.cache.rows import read_rows
 from featx.cache.store import FeatureCache
-from featx.heads import memory
+from featx.heads.tuning import memory
 
 from conftest import make_tiny_cache
 

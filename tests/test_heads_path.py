@@ -10,8 +10,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from featx.heads import factory
 from featx.heads.estimators.linear_path import PathLinearHead
+from featx.heads.tuning import factory
 from featx.heads.tuning.cv import HeadSearch
 
 

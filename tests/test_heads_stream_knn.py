@@ -13,9 +13,10 @@ from test_heads_memory import tiny_cache  # noqa: F401 - fixture
 
 import featx
 from featx.base.errors import FeatxError
-from featx.heads import stream_knn, stream_source
 from featx.heads.estimators.torch_heads import TorchKNN
 from featx.heads.saved.persist import load_head
+from featx.heads.stream import knn as stream_knn
+from featx.heads.stream import source as stream_source
 from featx.heads.stream.knn import StreamingKNN, merge_topk
 
 BACKENDS = ["torch"] + (["faiss"] if stream_knn.knn_backend() == "faiss" else [])

@@ -14,9 +14,9 @@ from test_heads_memory import _big_cache, tiny_cache  # noqa: F401 - fixture
 
 import featx
 from featx.base.errors import FeatxError
-from featx.heads import streaming
 from featx.heads.estimators.linear_path import PathLinearHead
 from featx.heads.saved.persist import load_head
+from featx.heads.stream import linear as streaming
 from featx.heads.stream.linear import StreamingLinearHead
 from featx.heads.stream.source import ArraySource, holdout_folds, iter_blocks, prefetch
 from featx.heads.tuning.solver_choice import use_stream
@@ -126,7 +126,7 @@ def test_solver_choice():
 
 
 def test_auto_names_the_streaming_solver_when_the_in_memory_search_would_take_hours(monkeypatch, caplog):
-    from featx.heads import solver_choice
+    from featx.heads.tuning import solver_choice
 
     monkeypatch.setattr(solver_choice, "available_bytes", lambda: 1 << 40)  # fits: auto keeps it in memory
     with caplog.at_level("WARNING"):

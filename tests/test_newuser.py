@@ -94,7 +94,7 @@ class _Rows:
 def test_probe_logs_each_fit_once_and_says_when_it_refits(monkeypatch, caplog):
     import logging
 
-    from featx.heads import selection
+    from featx.heads.tuning import selection
 
     # The one-standard-error choice moves back to a candidate whose fit was already dropped: it is refitted.
     picks = iter([0, 1, 1, 0])

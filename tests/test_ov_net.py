@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from featx.data.folders import discover
-from featx.embedding import runtimes
 from featx.embedding.backbones import create_backbone
 from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
+from featx.embedding.runtimes import forward as runtimes
 
 pytestmark = [pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed"),
               pytest.mark.usefixtures("fresh_openvino")]

@@ -11,10 +11,10 @@ from torch import nn
 
 from featx.base.errors import FeatxError
 from featx.data.folders import discover
-from featx.embedding import runtimes
 from featx.embedding.backbones import Backbone, Preprocess, create_backbone
 from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
+from featx.embedding.runtimes import forward as runtimes
 
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
 

@@ -198,7 +198,7 @@ def test_skops_file_naming_a_foreign_type_is_refused_naming_it(trained, tmp_path
 def _torch_heads_are_estimators() -> bool:
     from sklearn.base import BaseEstimator
 
-    from featx.heads import torch_heads
+    from featx.heads.estimators import torch_heads
 
     return all(issubclass(getattr(torch_heads, n), BaseEstimator)
                for n in ("TorchLogisticRegression", "TorchLinearSVC", "TorchKNN"))

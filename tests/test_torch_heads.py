@@ -179,7 +179,7 @@ def test_torch_and_sklearn_searches_use_the_same_folds_with_a_one_image_class():
 
 def test_create_head_passes_scoring_to_the_torch_head(monkeypatch):
     """Bug: create_torch_head never received heads.scoring, so CUDA searches always optimised accuracy."""
-    from featx.heads import factory
+    from featx.heads.tuning import factory
 
     monkeypatch.setattr(factory, "wants_cuda", lambda device: True)
     est = factory.create_head("logreg", device="cuda", scoring="balanced_accuracy")

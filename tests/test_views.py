@@ -246,7 +246,8 @@ def test_report_lists_the_views_each_head_tried(view_caches, tmp_path):
 def test_gpu_engine_sends_augmented_views_through_the_cpu_decoder(monkeypatch):
     """On CUDA the GPU decoder gets the plain images only; augmented views keep their positions."""
     from featx.data.folders import Sample
-    from featx.embedding import augment, engine
+    from featx.embedding.engines import augment
+    from featx.embedding.engines import chunks as engine
 
     todo = [Sample(f"/x/{i}.jpg", f"{i}.jpg", 0, "train") for i in range(3)]
     todo = augment.add_train_views(todo, 2)  # 3 plain, then 6 views
