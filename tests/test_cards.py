@@ -12,6 +12,8 @@ from featx.embedding.runner import embed
 from featx.embedding.runtimes import cards
 from featx.embedding.runtimes import forward as runtimes
 
+from conftest import TINY_KW
+
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
 pytestmark = pytest.mark.usefixtures("fresh_openvino")
 
@@ -24,8 +26,7 @@ def _no_build(*_a, **_k):
 
 @needs_openvino
 def test_second_openvino_run_uses_the_card_and_gives_the_same_cache(image_folder, tmp_path, monkeypatch):
-    kw = dict(backbone="tiny_cnn", weights="random", num_workers=0, batch_size=5, progress=False, device="cpu",
-              runtime="openvino")
+    kw = dict(TINY_KW, batch_size=5, device="cpu", runtime="openvino")
     first = embed(image_folder, cache_dir=tmp_path / "a", **kw)
     assert list((tmp_path / "ov-cache-compiled" / "cards").glob("backbone-*.json"))
     monkeypatch.setattr(runtimes, "_COMPILED", {})

@@ -14,8 +14,9 @@ from featx.embedding.engines.chunks import EngineSettings, cache_fingerprint
 from featx.embedding.ray_executor import ChunkEmbedder
 from featx.embedding.runner import check_options
 
-OPTS = dict(backbone="tiny_cnn", weights="random", engine="auto", batch_size=4, num_workers=0, dtype="float32",
-            chunk_size=8)
+from conftest import TINY_BACKBONE
+
+OPTS = dict(TINY_BACKBONE, engine="auto", batch_size=4, num_workers=0, dtype="float32", chunk_size=8)
 
 
 def test_cuda_ordinal_is_checked_against_the_gpus_present(fake_cuda):

@@ -16,7 +16,7 @@ import featx
 from featx.cache.store import FeatureCache
 from featx.errors import CacheMismatchError, FeatxError
 
-from conftest import TINY_KW, fault_env, kill_mid_run, write_image_folder
+from conftest import TINY_CLI, TINY_KW, fault_env, kill_mid_run, write_image_folder
 
 # Pinned to the CPU: with device="auto" these tests would take the GPU path on a GPU host
 # (its own variants are in tests/test_embed_cuda.py).
@@ -120,8 +120,8 @@ def test_bad_options_are_clear_errors(image_folder, tmp_path):
 
 
 def _embed_cmd(data, cache, chunk=4):
-    return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), "--backbone", "tiny_cnn",
-            "--weights", "random", "--workers", "0", "--batch-size", "2", "--chunk-size", str(chunk), "--quiet", "--device", "cpu"]
+    return [sys.executable, "-m", "featx.cli", "embed", str(data), "--cache", str(cache), *TINY_CLI,
+            "--batch-size", "2", "--chunk-size", str(chunk), "--quiet", "--device", "cpu"]
 
 
 def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):

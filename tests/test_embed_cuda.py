@@ -16,11 +16,11 @@ from click.testing import CliRunner
 import featx
 from featx.cli import cli
 
-from conftest import write_image_folder
+from conftest import TINY_BACKBONE, write_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = dict(backbone="tiny_cnn", weights="random", num_workers=2, progress=False, batch_size=8, views="final")
+TINY = dict(TINY_BACKBONE, num_workers=2, progress=False, batch_size=8, views="final")
 
 
 @pytest.fixture

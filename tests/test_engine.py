@@ -12,6 +12,8 @@ from featx.embedding.engines.chunks import DECODE_VERSION, EngineSettings, cache
 from featx.embedding.runner import plan, read_done
 from featx.errors import CacheMismatchError
 
+from conftest import TINY_KW
+
 
 def _settings(device: str, engine: str) -> EngineSettings:
     return EngineSettings("tiny_cnn", "random", device, engine, 4, 0, "float32", 8, device_request=device,
@@ -40,8 +42,7 @@ def test_gpu_rows_get_their_own_fingerprint_and_file(image_folder, tmp_path):
 
 def test_a_cpu_cache_refuses_gpu_rows(image_folder, tmp_path):
     target = tmp_path / "c.h5"
-    featx.embed(image_folder, cache=target, backbone="tiny_cnn", weights="random", num_workers=0, progress=False,
-                device="cpu", views="final")
+    featx.embed(image_folder, cache=target, **TINY_KW, device="cpu", views="final")
     p = plan(image_folder, manifest=None, settings=_settings("cuda", "gpu"), cache=target, cache_dir=tmp_path,
              limit=None)
     with pytest.raises(CacheMismatchError, match="engine|autocast|decode"):

@@ -16,7 +16,7 @@ import featx
 from featx.embedding.extractor import FeatureExtractor, embed_files
 from featx.errors import FeatxError
 
-from conftest import write_image_folder
+from conftest import TINY_KW, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_features_match_the_embed_cache(paths_labels, tmp_path):
     from featx.cache.store import FeatureCache
 
     root = Path(paths_labels["train"][0][0]).parents[2]
-    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path, progress=False, num_workers=0)
+    fc = featx.embed(root, cache_dir=tmp_path, **TINY_KW)
     F = _fx().fit().transform(fc.paths("val"))
     np.testing.assert_allclose(F, fc.features("val"), rtol=1e-4, atol=1e-5)
     # Cache mode goes through featx.embed and gives the same numbers.

@@ -16,7 +16,7 @@ from featx.finetune import train as ft_train
 from featx.finetune.loop import Trainer
 from featx.finetune.train import finetune
 
-from conftest import tiny_embed, write_image_folder
+from conftest import TINY_BACKBONE, tiny_embed, write_image_folder
 
 FT = dict(strategy="head", batch_size=8, num_workers=0, progress=False, device="cpu")
 
@@ -169,7 +169,7 @@ def test_a_run_killed_while_embedding_a_view_resumes_that_view_where_it_stopped(
 
 def test_compare_report_names_the_feature_source(data, tmp_path):
     out = tmp_path / "cmp"
-    r = featx.compare(data, cache_dir=tmp_path / "cache", backbone="tiny_cnn", weights="random", head="logreg",
+    r = featx.compare(data, cache_dir=tmp_path / "cache", **TINY_BACKBONE, head="logreg",
                       folds=2, n_jobs=1, finetune=True, strategy="head", epochs=2, batch_size=8, workers=0,
                       device="cpu", out_dir=out, progress=False, report=True)
     note = "Fine-tune features: finetune-head: embedded once per epoch."

@@ -12,6 +12,8 @@ from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
 from featx.embedding.runtimes import forward as runtimes
 
+from conftest import TINY_BACKBONE
+
 pytestmark = [pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed"),
               pytest.mark.usefixtures("fresh_openvino")]
 
@@ -53,8 +55,8 @@ def test_run_many_stopped_early_waits_for_the_requests_in_flight():
 
 def test_uint8_loader_with_a_broken_image_gives_torch_features(image_folder, tmp_path):
     (image_folder / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
-    fc = embed(image_folder, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "c", num_workers=1,
-               batch_size=4, progress=False, device="cpu", runtime="openvino")
+    fc = embed(image_folder, **TINY_BACKBONE, cache_dir=tmp_path / "c", num_workers=1, batch_size=4, progress=False,
+               device="cpu", runtime="openvino")
     assert [k for k, _ in fc.failed] == ["train/cats/broken.jpg"]
     bb = create_backbone("tiny_cnn", weights="random")
     samples = [s for s in discover(image_folder).samples if "broken" not in s.key]

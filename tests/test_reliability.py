@@ -442,8 +442,7 @@ def tiny_data(tmp_path_factory) -> Path:
     ids=["unknown-backbone", "close-match", "batch-size-0", "chunk-size", "workers", "limit", "device", "weights"],
 )
 def test_bad_embed_options(tiny_data: Path, tmp_path: Path, args: list[str], needles: list[str]) -> None:
-    res = run_cli("embed", tiny_data, "--cache-dir", tmp_path, "--backbone", "tiny_cnn", "--weights", "random",
-                  "--workers", "0", *args)
+    res = run_cli("embed", tiny_data, "--cache-dir", tmp_path, *conftest.TINY_CLI, *args)
     assert_clean_error(res, *needles)
     assert not list(tmp_path.glob("*.h5"))
 

@@ -16,6 +16,8 @@ from featx.embedding.engines.cpu import forward_fn, iter_cpu_batches
 from featx.embedding.runner import embed
 from featx.embedding.runtimes import forward as runtimes
 
+from conftest import TINY_BACKBONE
+
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_available(), reason="openvino is not installed")
 
 
@@ -230,8 +232,8 @@ def test_auto_falls_back_when_the_converter_fails(monkeypatch, caplog):
 @needs_openvino
 def test_embed_default_runtime_gives_torch_features_with_workers(image_folder, tmp_path):
     """The runner's default path (auto -> OpenVINO, one decode worker forked) equals torch fp32."""
-    fc = embed(image_folder, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "c", num_workers=1,
-               batch_size=5, progress=False, device="cpu")
+    fc = embed(image_folder, **TINY_BACKBONE, cache_dir=tmp_path / "c", num_workers=1, batch_size=5, progress=False,
+               device="cpu")
     got = fc.features()
     bb = create_backbone("tiny_cnn", weights="random")
     samples = discover(image_folder).samples

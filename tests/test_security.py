@@ -29,7 +29,7 @@ from featx.data.folders import discover
 from featx.heads.saved.persist import is_trusted_type, load_head, save_head, sidecar_path
 from featx.runs.predict import predict
 
-from conftest import write_image_folder
+from conftest import tiny_embed, write_image_folder
 
 
 class RunsCode:
@@ -85,8 +85,7 @@ def trained(tmp_path_factory):
     """A tiny cache and the three heads probe saves for it (skops, the default)."""
     tmp = tmp_path_factory.mktemp("security")
     root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=8)
-    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
-                     num_workers=0, batch_size=16)
+    fc = tiny_embed(root, tmp / "cache")
     res = featx.probe(fc, head="all", out_dir=tmp / "run", n_jobs=1, device="cpu", folds=3, plots=False)
     return fc, res
 
@@ -382,14 +381,12 @@ def test_symlinks_out_of_the_data_folder_are_read_never_written(tmp_path):
     (root / "train" / "cats" / "link.png").symlink_to(outside / "files" / "img_000.png")
     (root / "train" / "dogs" / "more").symlink_to(outside / "linked_dir", target_is_directory=True)
     before_out, before_data = _snapshot(outside), _snapshot(root)
-    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
-                     num_workers=0, batch_size=16)
+    fc = tiny_embed(root, tmp_path / "cache")
     keys = fc.keys("train")
     assert "train/cats/link.png" in keys and {f"train/dogs/more/img_00{i}.png" for i in range(3)} <= set(keys)
     assert not fc.failed
     # Embedding again (the incremental path) and predicting on the folder write nothing there either.
-    featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
-                num_workers=0, batch_size=16)
+    tiny_embed(root, tmp_path / "cache")
     res = featx.probe(fc, head="knn", out_dir=tmp_path / "run", n_jobs=1, device="cpu", folds=2, plots=False)
     predict(res["heads"]["knn"]["model_path"], [str(root)], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc",
             progress=False, num_workers=0)

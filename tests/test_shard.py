@@ -23,7 +23,7 @@ from featx.embedding.ray_executor import parse_shard
 from featx.embedding.runner import ShardResult, check_options, plan, read_done, shard_share
 
 import conftest
-from conftest import assert_same_cache
+from conftest import TINY_BACKBONE, assert_same_cache
 
 TINY_KW = dict(conftest.TINY_KW, batch_size=2, device="cpu", chunk_size=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def test_bad_shard_is_a_clear_error(bad) -> None:
 
 def test_shares_cover_the_pending_images_once_and_do_not_move(data, tmp_path: Path) -> None:
     root, _ = data
-    s = check_options(backbone="tiny_cnn", weights="random", device="cpu", engine="auto", batch_size=2,
-                      num_workers=0, dtype="float32", chunk_size=4)
+    s = check_options(**TINY_BACKBONE, device="cpu", engine="auto", batch_size=2, num_workers=0, dtype="float32",
+                      chunk_size=4)
     assert isinstance(s, EngineSettings)
     p = read_done(plan(root, manifest=None, settings=s, cache=tmp_path / "c.h5", cache_dir=None, limit=None))
     shares = [shard_share(p, (i, 3), 4) for i in range(3)]

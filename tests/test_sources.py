@@ -17,10 +17,9 @@ from featx.data.folders import discover
 from featx.data.sources import SourceOptions, discover_any, make_locator, parse_locator
 from featx.data.webdataset import expand_braces, member_key, split_from_name
 
-from conftest import write_image_folder
+from conftest import TINY_KW, write_image_folder
 
-TINY = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4, device="cpu",
-            chunk_size=8)
+TINY = dict(TINY_KW, batch_size=4, device="cpu", chunk_size=8)
 
 
 def write_shards(folder: Path, out: Path, *, shards: int = 2, label: str = "cls") -> str:

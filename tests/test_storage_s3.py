@@ -25,14 +25,13 @@ import featx
 from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 
-from conftest import fault_env, kill_mid_run, write_image_folder
+from conftest import TINY_CLI, TINY_KW, fault_env, kill_mid_run, write_image_folder
 
 s3fs = pytest.importorskip("s3fs", reason="the storage extra (pip install 'featx[storage]') is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (featx[storage-test]) is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(backbone="tiny_cnn", weights="random", num_workers=0, progress=False, batch_size=4, device="cpu",
-            chunk_size=4)
+TINY = dict(TINY_KW, batch_size=4, device="cpu", chunk_size=4)
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_EC2_METADATA_DISABLED": "true"}
 
@@ -158,8 +157,8 @@ def test_sigkill_mid_run_resumes_to_the_identical_cache(s3, tmp_path):
     url = upload(fs, folder, "killed")
     clean = featx.embed(url, cache=tmp_path / "clean.h5", **TINY)
     cache = tmp_path / "killed.h5"
-    cmd = [sys.executable, "-m", "featx.cli", "embed", url, "--cache", str(cache), "--backbone", "tiny_cnn",
-           "--weights", "random", "--workers", "0", "--device", "cpu", "--batch-size", "4", "--chunk-size", "4", "-q"]
+    cmd = [sys.executable, "-m", "featx.cli", "embed", url, "--cache", str(cache), *TINY_CLI,
+           "--device", "cpu", "--batch-size", "4", "--chunk-size", "4", "-q"]
     env = fault_env(FEATX_TEST_CHUNK_DELAY="0.3")
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(REPO)])
     parts = kill_mid_run(cmd, env, cache)
@@ -260,8 +259,7 @@ def test_cli_passes_repeated_storage_options_and_refuses_in_one_line(s3, tmp_pat
     fs, _, endpoint = s3
     folder = write_image_folder(tmp_path / "data", splits=(), per_class=2)
     url = upload(fs, folder, "clibucket")
-    args = ["--cache-dir", str(tmp_path / "c"), "--backbone", "tiny_cnn", "--weights", "random", "--workers", "0",
-            "--device", "cpu", "-q"]
+    args = ["--cache-dir", str(tmp_path / "c"), *TINY_CLI, "--device", "cpu", "-q"]
     r = CliRunner().invoke(cli, ["embed", url, "--storage-option", f"endpoint_url={endpoint}",
                                  "--storage-option", 'config_kwargs={"read_timeout": 30}', *args])
     assert r.exit_code == 0, r.output

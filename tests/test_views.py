@@ -18,7 +18,7 @@ from featx.embedding.runner import embed
 from featx.heads.tuning.selection import FeatureNorm, candidates
 from featx.runs.probe import probe
 
-from conftest import write_image_folder
+from conftest import TINY_BACKBONE, TINY_KW, write_image_folder
 
 # One registered backbone per family: featx's own, timm (efficientnet_lite0, timm:<name>), torchvision.
 FAMILIES = ["tiny_cnn", "efficientnet_lite0", "timm:resnet18", "resnet18"]
@@ -55,7 +55,7 @@ def test_bad_view_options_name_the_choices():
 @pytest.fixture(scope="module")
 def view_caches(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("views") / "data", classes=("a", "b", "c"), per_class=8)
-    kw = dict(backbone="tiny_cnn", weights="random", device="cpu", num_workers=0, progress=False, runtime="torch")
+    kw = dict(TINY_KW, device="cpu", runtime="torch")
     cdir = root.parent / "cache"
     rich = embed(root, cache_dir=cdir, views="final,stages,gem", tta="flip", **kw)
     plain = embed(root, cache_dir=cdir, views="final", **kw)
@@ -168,7 +168,7 @@ def test_predict_applies_the_heads_view_to_new_images(view_caches, tmp_path):
 def test_train_views_are_stored_seeded_and_dropped_when_not_asked(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=5)
     (root / "train" / "a" / "broken.png").write_bytes(b"not an image")
-    kw = dict(backbone="tiny_cnn", weights="random", device="cpu", progress=False, runtime="torch", views="final")
+    kw = dict(TINY_BACKBONE, device="cpu", progress=False, runtime="torch", views="final")
     fc = embed(root, cache_dir=tmp_path / "c1", train_views=2, num_workers=0, **kw)
     n_train = len(fc.labels("train"))
     X, src = fc.augmented()
@@ -205,7 +205,7 @@ def test_grouped_view_folds_keep_every_view_of_a_validation_image_out():
 
 def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=6)
-    kw = dict(backbone="tiny_cnn", weights="random", device="cpu", num_workers=0, progress=False, runtime="torch")
+    kw = dict(TINY_KW, device="cpu", runtime="torch")
     fc = embed(root, cache_dir=tmp_path / "c", train_views=2, views="final", **kw)
     res = probe(fc, head="logreg", out_dir=tmp_path / "on", train_views="on", n_jobs=1, plots=False)
     h = res["heads"]["logreg"]
@@ -269,8 +269,7 @@ def test_gpu_engine_sends_augmented_views_through_the_cpu_decoder(monkeypatch):
 
 def test_augmented_rows_read_in_blocks_equal_a_whole_read(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4)
-    fc = embed(root, cache_dir=tmp_path / "c", backbone="tiny_cnn", weights="random", device="cpu", num_workers=0,
-               progress=False, runtime="torch", train_views=3)
+    fc = embed(root, cache_dir=tmp_path / "c", **TINY_KW, device="cpu", runtime="torch", train_views=3)
     X, src = fc.augmented(view="multi3")
     Xb, srcb = fc.augmented(view="multi3", block_rows=5)
     np.testing.assert_array_equal(X, Xb) and np.testing.assert_array_equal(src, srcb)
