@@ -22,7 +22,7 @@ from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 
-from conftest import write_image_folder
+from conftest import tiny_embed, write_image_folder
 
 SECRET = b"root:x:0:0:SECRET-LINE:/root:/bin/bash\n" * 4
 
@@ -32,8 +32,7 @@ def built(tmp_path_factory):
     """A tiny cache (two views: features + parts) and its data folder."""
     tmp = tmp_path_factory.mktemp("hostile")
     root = write_image_folder(tmp / "data", classes=("cats", "dogs", "owls"), per_class=6)
-    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp / "cache", progress=False,
-                     num_workers=0, batch_size=16)
+    fc = tiny_embed(root, tmp / "cache")
     return fc, root, tmp
 
 
@@ -226,8 +225,7 @@ def _corrupt_features(path: Path, dataset: str = "features", row: int = 1) -> No
 def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_path, caplog):
     fc, root, _ = built
     cache_dir = tmp_path / "cache"
-    fc2 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
-                      num_workers=0, batch_size=16)
+    fc2 = tiny_embed(root, cache_dir)
     good = fc2.features()
     _corrupt_features(fc2.path)
     with caplog.at_level("WARNING", logger="featx.cache.trust.integrity"):
@@ -238,8 +236,7 @@ def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_p
     r = CliRunner().invoke(cli, ["verify", str(fc2.path)])
     assert r.exit_code == 2 and "damaged" in r.output and "features rows 1 do not match" in r.output
     # The rerun notices, embeds the damaged rows again and ends with the undamaged cache.
-    fc3 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
-                      num_workers=0, batch_size=16)
+    fc3 = tiny_embed(root, cache_dir)
     assert fc3.stats.embedded > 0
     np.testing.assert_allclose(fc3.features(), good, atol=1e-5)
     r = CliRunner().invoke(cli, ["verify", str(fc3.path)])
@@ -253,16 +250,14 @@ def test_corrupted_chunk_is_embedded_again(built, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     kept = {}
     monkeypatch.setattr(runner.PartsDir, "remove", lambda self: kept.setdefault("dir", self.dir))
-    fc2 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
-                      num_workers=0, batch_size=16, chunk_size=8)
+    fc2 = tiny_embed(root, cache_dir, chunk_size=8)
     good = fc2.features()
     chunks = sorted(kept["dir"].glob("chunk-*.h5"))
     assert len(chunks) > 1
     _corrupt_features(chunks[0], row=0)
     fc2.path.unlink()  # as if killed before the final file: the chunks are all there is
     monkeypatch.undo()
-    fc3 = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=cache_dir, progress=False,
-                      num_workers=0, batch_size=16, chunk_size=8)
+    fc3 = tiny_embed(root, cache_dir, chunk_size=8)
     assert 0 < fc3.stats.embedded < len(good) and not list(kept["dir"].parent.glob("*.parts"))
     np.testing.assert_allclose(fc3.features(), good, atol=1e-5)
 
@@ -315,8 +310,7 @@ def test_tall_png_and_fifo_are_recorded_not_fatal(tmp_path, alarm):
     ds = discover(root)
     skipped = dict(ds.skipped)
     assert "FIFO" in skipped[str(fifo)] and "FIFO" in skipped[str(fifo.with_name("link.jpg"))]
-    fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
-                     num_workers=0, batch_size=16)
+    fc = tiny_embed(root, tmp_path / "cache")
     failed = dict(fc.failed)
     assert "aspect ratio" in failed["train/cats/tall.png"] and len(fc) == 16
 
@@ -641,8 +635,7 @@ def test_control_characters_from_files_are_escaped_in_everything_printed(built, 
     (root.parent / "bad").mkdir(exist_ok=True)
     data = write_image_folder(tmp_path / "data", classes=("cats", "dogs\x1b[31m"), per_class=3)
     (data / "train" / "cats" / evil).write_bytes(b"not an image")
-    fc2 = featx.embed(data, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False,
-                      num_workers=0, batch_size=16)
+    fc2 = tiny_embed(data, tmp_path / "cache")
     with h5py.File(fc2.path, "a") as f:
         f.attrs["preprocess"] = "resize\x1b]0;title\x07"
     r = CliRunner().invoke(cli, ["info", "--failed", str(fc2.path)])
