@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.featx-installed
 
-.PHONY: venv browser demo test bench clean
+.PHONY: venv browser demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ test: $(STAMP) browser
 	$(PY) scripts/check_structure.py
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The quick lane while working: the same set-up and checks, then every test not marked slow (@pytest.mark.slow:
+# about a second or more each). At most 90 s of tests on 2 cores; `make test` (and CI) still run everything.
+test-fast: $(STAMP) browser
+	$(PY) scripts/check_structure.py
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/embed_bench.py --cpu-quick
