@@ -10,7 +10,9 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from featx.base.errors import FeatxError
-from featx.heads.estimators.dino_knn import DINO_KNN_GRID, DinoKNNClassifier, dino_knn_search, l2_normalise
+from featx.cache.views import l2_rows
+from featx.heads.estimators.dino_knn import DINO_KNN_GRID, DinoKNNClassifier
+from featx.heads.tuning.factory import create_head
 
 # Four training rows on the unit circle (the first one given at length 3: cosine ignores scale).
 X_TRAIN = np.array([[3.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
@@ -65,8 +67,12 @@ def test_sklearn_conventions_and_bad_params():
 
 
 def test_l2_normalise_keeps_zero_rows():
-    out = l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    # The one L2 row normaliser (featx.cache.views.l2_rows), which the DINO kNN uses on float32 rows.
+    out = l2_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+    est = DinoKNNClassifier(n_neighbors=1).fit(np.array([[3.0, 4.0], [0.0, 0.0]]), [0, 1])
+    assert est.train_.dtype == np.float32
+    np.testing.assert_allclose(est.train_, [[0.6, 0.8], [0.0, 0.0]])
 
 
 def test_search_picks_by_cv_on_training_rows():
@@ -74,13 +80,15 @@ def test_search_picks_by_cv_on_training_rows():
     centres = rng.normal(size=(3, 16))
     y = np.repeat([0, 1, 2], 20)
     X = centres[y] + 0.3 * rng.normal(size=(60, 16))
-    search = dino_knn_search(folds=4, seed=1)
+    # The search every head has: create_head's (stratified, seeded folds; the DINO grid of the heads: config).
+    search = create_head("knn_dino", folds=4, seed=1, n_jobs=None)
     assert isinstance(search, GridSearchCV)
+    assert search.cv.get_n_splits(X, y) == 4
     search.fit(X, y)
-    assert set(search.best_params_) == {"n_neighbors", "temperature"}
-    assert search.best_params_["n_neighbors"] in DINO_KNN_GRID["n_neighbors"]
+    assert set(search.params_) == {"n_neighbors", "temperature"}
+    assert search.params_["n_neighbors"] in DINO_KNN_GRID["n_neighbors"]
     assert len(search.cv_results_["params"]) == 6
     Xq = centres[[0, 1, 2]] + 0.3 * rng.normal(size=(3, 16))
     assert list(search.predict(Xq)) == [0, 1, 2]
     with pytest.raises(FeatxError, match="unknown parameter"):
-        dino_knn_search(grid={"k": [1]})
+        create_head("knn_dino", grid={"k": [1]})

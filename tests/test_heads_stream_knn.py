@@ -17,9 +17,10 @@ from featx.heads.estimators.torch_heads import TorchKNN
 from featx.heads.saved.persist import load_head
 from featx.heads.stream import knn as stream_knn
 from featx.heads.stream import source as stream_source
-from featx.heads.stream.knn import StreamingKNN, merge_topk
+from featx.heads.stream.knn import StreamingKNN
+from featx.heads.stream.topk import merge_topk, search_backend
 
-BACKENDS = ["torch"] + (["faiss"] if stream_knn.knn_backend() == "faiss" else [])
+BACKENDS = ["torch"] + (["faiss"] if search_backend() == "faiss" else [])
 
 
 def _problem(n: int, dim: int = 16, classes: int = 4, seed: int = 0):
@@ -62,8 +63,8 @@ def test_cv_choice_and_scores_equal_the_in_memory_knns(small_blocks):
 
 
 def test_large_sets_choose_k_on_a_held_out_slice(monkeypatch):
-    monkeypatch.setattr(stream_knn, "KFOLD_MAX_ROWS", 100)
-    monkeypatch.setattr(stream_knn, "HOLDOUT_MAX_ROWS", 80)
+    monkeypatch.setattr(stream_source, "KFOLD_MAX_ROWS", 100)
+    monkeypatch.setattr(stream_knn, "HOLDOUT_MAX_QUERIES", 80)
     X, y = _problem(1500)
     est = StreamingKNN(grid={"n_neighbors": [1, 9, 31]}).fit(X[:1000], y[:1000])
     assert est.selection_.startswith("holdout 8.1% (81 of 1,000 training rows")  # 8% of each class, rounded

@@ -16,7 +16,7 @@ import featx
 from featx.base.errors import FeatxError
 from featx.heads.estimators.linear_path import PathLinearHead
 from featx.heads.saved.persist import load_head
-from featx.heads.stream import linear as streaming
+from featx.heads.stream import source as stream_source
 from featx.heads.stream.linear import StreamingLinearHead
 from featx.heads.stream.source import ArraySource, holdout_folds, iter_blocks, prefetch
 from featx.heads.tuning.solver_choice import use_stream
@@ -82,7 +82,7 @@ def test_softmax_temperature_undoes_overconfident_scores():
 
 
 def test_large_sets_select_on_a_stratified_held_out_slice(monkeypatch):
-    monkeypatch.setattr(streaming, "KFOLD_MAX_ROWS", 100)
+    monkeypatch.setattr(stream_source, "KFOLD_MAX_ROWS", 100)
     X, y = _problem(3000, classes=2)
     s = StreamingLinearHead(loss="logistic", Cs=CS, epochs=2).fit(X[:2500], y[:2500])
     assert s.selection_.startswith("holdout 10% (250 of 2,500")
@@ -166,7 +166,7 @@ SCRIPT = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + (int(sys.argv[2]) << 20), resource.RLIM_INFINITY))
     head = sys.argv[4] if len(sys.argv) > 4 else "logreg"
     import featx.heads.stream.knn as stream_knn
-    stream_knn.HOLDOUT_MAX_ROWS = 2_000  # k chosen on 2,000 held-out queries (10,000 by default): a shorter test
+    stream_knn.HOLDOUT_MAX_QUERIES = 2_000  # k chosen on 2,000 held-out queries (10,000 by default): a shorter test
     grids = {"logreg": {"C": [0.01, 1.0]}} if head == "logreg" else {"knn": {"n_neighbors": [1, 5, 15]}}
     res = probing.probe(sys.argv[1], head=head, device="cpu", n_jobs=1, plots=False, out_dir=sys.argv[3],
                         grids=grids, stream_epochs=1)
@@ -246,7 +246,7 @@ def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_pa
 def test_report_says_a_streamed_head_chose_on_a_held_out_slice_not_by_cv(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
     from featx.report.metrics import markdown_table
 
-    monkeypatch.setattr(streaming, "KFOLD_MAX_ROWS", 10)
+    monkeypatch.setattr(stream_source, "KFOLD_MAX_ROWS", 10)
     res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
                       plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final", report=True)
     selection = res["heads"]["logreg"]["selection"]

@@ -10,8 +10,9 @@ calls these and writes the CSVs.
 * :func:`label_issues` — cleanlab's ``find_label_issues`` and ``get_label_quality_scores`` on
   those probabilities (the ranking is cleanlab's, not ours).
 * :func:`similar_pairs` / :func:`nearest_in_class` — exact cosine neighbour search in blocks
-  (torch matrix products, or faiss when installed and asked), so memory is one block of
-  similarities, whatever the number of rows.
+  (torch matrix products, or faiss when installed and asked: :func:`featx.heads.stream.topk.search_backend`),
+  so memory is one block of similarities, whatever the number of rows; the nearest rows are the
+  streamed kNN's top-k search (:mod:`featx.heads.stream.topk`).
 * :func:`hash_groups` — byte-identical files from their hashes.
 * :func:`outlier_scores` — distance to the k nearest training rows of the row's own class,
   as a robust z-score within that class.
@@ -25,15 +26,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..base.errors import FeatxError
+from ..cache.views import l2_rows
 from ..heads.estimators.linear_path import PathLinearHead
+from ..heads.stream.topk import nearest_others, search_backend
 from ..heads.tuning.cv import softmax_of_scores
 
 log = logging.getLogger(__name__)
 
 # Rows of a block: a [block x block] float32 similarity matrix is 64 MiB at 4096.
 DEFAULT_BLOCK = 4096
-BACKENDS = ("torch", "faiss")
 
 
 # --------------------------------------------------------------------------- label issues
@@ -111,23 +112,9 @@ def _renormalised(p: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- neighbours
 
 
-def _normalised(block: np.ndarray):
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
-    return torch.nn.functional.normalize(torch.nan_to_num(t), dim=1)
-
-
-def _use_faiss(backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise FeatxError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        raise FeatxError("--backend faiss: faiss is not installed; pip install 'featx[faiss]' or use --backend torch") from None
-    return True
+def _unit(block: np.ndarray) -> np.ndarray:
+    """Rows at unit length as float32 (NaN/inf features as numbers first: such a row is still placed)."""
+    return l2_rows(np.nan_to_num(np.asarray(block, dtype=np.float32)))
 
 
 Rows = Callable[[int, int], np.ndarray]
@@ -151,16 +138,16 @@ def similar_pairs(X, *, threshold: float, block: int = DEFAULT_BLOCK, max_pairs:
     kept (the most similar); a log line says when more were found.
     """
     read, n = _rows_of(X)
-    if _use_faiss(backend):
+    if search_backend(backend, option="--backend") == "faiss":
         return _faiss_pairs(read, n, threshold=threshold, block=block, max_pairs=max_pairs)
     import torch
 
     found_i, found_j, found_s = [], [], []
     kept, dropped = 0, 0
     for qa in range(0, n, block):
-        Q = _normalised(read(qa, min(n, qa + block)))
+        Q = torch.from_numpy(_unit(read(qa, min(n, qa + block))))
         for ka in range(qa, n, block):
-            K = Q if ka == qa else _normalised(read(ka, min(n, ka + block)))
+            K = Q if ka == qa else torch.from_numpy(_unit(read(ka, min(n, ka + block))))
             S = Q @ K.T
             if ka == qa:  # the upper triangle only: each pair once, never a row with itself
                 S.masked_fill_(torch.ones(S.shape, dtype=torch.bool).tril(), -2.0)
@@ -202,11 +189,11 @@ def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs:
     first = read(0, min(n, 1))
     index = faiss.IndexFlatIP(int(first.shape[1]))
     for a in range(0, n, block):
-        index.add(_normalised(read(a, min(n, a + block))).numpy())
+        index.add(_unit(read(a, min(n, a + block))))
     fi, fj, fs = [], [], []
     dropped = 0
     for qa in range(0, n, block):
-        lims, D, nbr = index.range_search(_normalised(read(qa, min(n, qa + block))).numpy(), float(threshold))
+        lims, D, nbr = index.range_search(_unit(read(qa, min(n, qa + block))), float(threshold))
         lims = lims.astype(np.int64)
         q = np.repeat(np.arange(len(lims) - 1), np.diff(lims)) + qa
         keep = nbr > q
@@ -219,39 +206,31 @@ def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs:
 
 
 def nearest_in_class(X: np.ndarray, labels: np.ndarray, ref: np.ndarray, *, k: int,
-                     block: int = DEFAULT_BLOCK) -> np.ndarray:
+                     block: int = DEFAULT_BLOCK, backend: str = "torch") -> np.ndarray:
     """Mean cosine similarity of every row of ``X`` to its ``k`` nearest rows of the same label among ``ref``.
 
     ``ref``: positions (into ``X``) of the reference rows, the training rows: a row is never its
     own neighbour.  Rows whose class has no other reference row get NaN.  Blocked per class, over
-    queries and references alike (memory: one [block x block] similarity matrix and the top k).
+    queries and references alike (memory: one block of similarities and the top k), by the
+    streamed kNN's exact search (:func:`featx.heads.stream.topk.nearest_others`).
     """
     labels = np.asarray(labels)
     ref = np.asarray(ref, dtype=np.int64)
     out = np.full(len(X), np.nan)
+    found = search_backend(backend, option="--backend")
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
         keys = ref[labels[ref] == c]
         kk = min(k, len(keys) - 1)  # one reference row may be the query itself
         if kk >= 1:
             for a in range(0, len(rows), block):
-                out[rows[a:a + block]] = _top_mean(X, rows[a:a + block], keys, kk, block)
+                q = rows[a:a + block]
+                blocks = ((keys[b:b + block], _unit(X[keys[b:b + block]]), np.full(len(keys[b:b + block]), -2))
+                          for b in range(0, len(keys), block))
+                top = nearest_others(_unit(X[q]), q, blocks, kk, found).astype(np.float64)
+                top[~np.isfinite(top)] = np.nan
+                out[q] = np.nanmean(top, axis=1)
     return out
-
-
-def _top_mean(X: np.ndarray, q: np.ndarray, keys: np.ndarray, k: int, block: int) -> np.ndarray:
-    import torch
-
-    Q = _normalised(X[q])
-    best = torch.full((len(q), k), -2.0)
-    for a in range(0, len(keys), block):
-        kb = keys[a:a + block]
-        S = Q @ _normalised(X[kb]).T
-        S.masked_fill_(torch.from_numpy(q[:, None] == kb[None, :]), -2.0)  # not its own neighbour
-        best = torch.topk(torch.cat([best, S], dim=1), k, dim=1).values
-    top = best.numpy().astype(np.float64)
-    top[top <= -2.0] = np.nan
-    return np.nanmean(top, axis=1)
 
 
 # --------------------------------------------------------------------------- hashes, outliers

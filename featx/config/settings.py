@@ -24,6 +24,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
+# The sets of choices: each option's Literal type below is derived from its tuple there.
+from . import choices
+
 # Keyword the library call receives for each field, when it differs (see ``lib=``).
 _SAME = object()
 
@@ -86,8 +89,6 @@ _LIMIT_HELP = "At most this many images per split (quick runs)."
 _MANIFEST_HELP = "CSV with columns path,label[,split] instead of a folder."
 _CACHE_DIR_HELP = "Folder that holds the caches."
 _NEWEST_HELP = "Where to look for the newest cache when CACHE is not given."
-Kernel = Literal["linear", "rbf"]
-HeadFormat = Literal["skops", "joblib"]
 
 
 class Settings:
@@ -170,17 +171,17 @@ class EmbedSettings(Settings):
     batch_size: int = option(64, "Images per forward pass.")
     workers: Optional[int] = _workers()
     device: str = _device()
-    dtype: Literal["float32", "float16"] = option("float32", "Feature type in the cache (float16 halves its size).")
+    dtype: Literal[choices.DTYPES] = option("float32", "Feature type in the cache (float16 halves its size).")
     chunk_size: int = option(1024, "Images per committed chunk.")
-    engine: Literal["auto", "cpu", "gpu"] = option("auto", "gpu: decode JPEGs on the GPU (CUDA only).")
-    runtime: Literal["auto", "torch", "openvino", "openvino-bf16"] = option(
+    engine: Literal[choices.ENGINES] = option("auto", "gpu: decode JPEGs on the GPU (CUDA only).")
+    runtime: Literal[choices.RUNTIMES] = option(
         "auto", "Network runtime on the CPU: auto = OpenVINO fp32 when installed (pip install 'featx[openvino]'; "
                 "same features, several times faster), else torch; openvino-bf16 is faster still but changes the "
                 "features (its own cache).")
     views: str = option("final,stages", "Feature parts stored per image: final (always), stages (the two stages "
                         "before the final map: the probe's multi2/multi3 views, +34% cache size), gem (GeM pooling, "
                         "+100%). 'final' writes the plain cache of earlier versions.")
-    tta: Literal["none", "flip"] = option("none", "flip: also store every part averaged over the image and its "
+    tta: Literal[choices.TTAS] = option("none", "flip: also store every part averaged over the image and its "
                                           "mirror (+flip views; a second network pass).")
     train_views: Optional[int] = option(
         None, "Also store K augmented views (random-resized crop + flip, seeded) of each training image; the probe can "
@@ -197,16 +198,10 @@ class EmbedSettings(Settings):
     image_column: str = option("image", "Parquet input: the column of encoded images (or {bytes, path} structs).")
     label_column: str = option("label", "Parquet input: the label column (class names, or ints).")
     split_column: Optional[str] = option(None, "Parquet input: a column of train/val/test (default: all --split).")
-    split: Optional[Literal["train", "val", "test"]] = option(
+    split: Optional[Literal[choices.SPLITS]] = option(
         None, "WebDataset/Parquet input: the split of every sample (default: from a train/val/test part of the "
               "shard name, else train).", file=False)
-    data_root: Optional[str] = option(
-        None, "Parquet/Arrow input: the folder that image paths without bytes (datasets' to_parquet of image files) "
-              "are relative to (default: the table's folder).", path="dir", file=False)
-    class_names: Optional[str] = option(
-        None, "WebDataset input: classes.txt (one name per line) or classes.json naming the cls numbers (default: "
-              "such a file beside the shards).", path="file", file=False)
-    executor: Literal["local", "ray"] = option(
+    executor: Literal[choices.EXECUTORS] = option(
         "local", "ray: embed on a Ray Data actor pool (one actor per GPU, else per CPU); needs featx[ray].")
     ray_address: Optional[str] = option(
         None, "Join this Ray cluster (HEAD_IP:6379, or auto); default: a private Ray on this machine.", file=False)
@@ -247,7 +242,7 @@ class ProbeSettings(Settings):
     also: ClassVar[tuple[str, ...]] = ("heads",)
     cache_dir: str = _cache_dir(_NEWEST_HELP)
     head: str = option("svm", "logreg, svm, knn, all, or a comma list.")
-    kernel: Kernel = option("linear", "SVM kernel (rbf searches C and gamma).")
+    kernel: Literal[choices.KERNELS] = option("linear", "SVM kernel (rbf searches C and gamma).")
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split.")
     folds: int = option(5, "Cross-validation folds for the hyperparameter search.")
     seed: int = option(0, "Seed of the hold-out split and the CV folds.")
@@ -261,7 +256,7 @@ class ProbeSettings(Settings):
                        "or VIEW@A+B, the concatenation) or a comma list to choose among.")
     norm: str = option("auto", "Feature normalisation before the head: none, l2, power, or a comma list to choose "
                        "among by CV; auto = none (the head's own scaling; power measured no gain, ACCURACY.md).")
-    train_views: Literal["auto", "on", "off"] = option(
+    train_views: Literal[choices.TRAIN_VIEWS] = option(
         "auto", "Train on the cache's augmented views of the training images (featx embed --train-views K; CV "
                 "grouped by image): auto = with and without, chosen by CV; on; off.")
     cv_repeats: int = option(3, "Repeats of the stratified CV that chooses among several views/backbones (paired "
@@ -269,12 +264,12 @@ class ProbeSettings(Settings):
     max_train_rows: Optional[int] = option(
         None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
               "the probe names a value that fits).")
-    solver: Literal["auto", "memory", "stream"] = option(
+    solver: Literal[choices.SOLVERS] = option(
         "auto", "How logreg / the linear SVM / knn train: memory (the training rows in memory, CV search), stream "
                 "(rows read block by block: mini-batch optimisation with every C in one pass, kNN by exact blocked "
                 "search; chosen on held-out rows), auto (stream when the training rows do not fit in memory).")
     stream_epochs: int = option(4, "Passes over the training rows when streaming (--solver stream).")
-    head_format: HeadFormat = option(
+    head_format: Literal[choices.HEAD_FORMATS] = option(
         "skops", "File format of saved heads: skops (safe to share) or joblib (a pickle: loading it can run code; "
                  "predict needs --trust).", flags=("--format",))
     # lib=None: the library writes no report unless asked (tests and scripts call probe() often).
@@ -316,7 +311,7 @@ class AuditSettings(Settings):
                               "from which an image is an outlier.")
     max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
     block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
-    backend: Literal["torch", "faiss"] = option(
+    backend: Literal[choices.SEARCH_BACKENDS] = option(
         "torch", "Neighbour search: exact, in blocks: torch matrix products, or faiss's flat index (pip install "
                  "'featx[faiss]').")
     report: bool = option(True, "Write report.html beside audit.json.", flags=("--report/--no-report",))
@@ -339,7 +334,7 @@ class CompareSettings(Settings):
     weights: Optional[str] = _weights()
     limit: Optional[int] = option(None, _LIMIT_HELP)
     head: str = option("all", "Probe heads: all, or a comma list (logreg,svm,knn).")
-    kernel: Kernel = option("linear", "SVM kernel for the probe.")
+    kernel: Literal[choices.KERNELS] = option("linear", "SVM kernel for the probe.")
     folds: int = option(5, "Cross-validation folds of the probe's search.")
     test_size: float = option(
         0.2, "Hold-out fraction when the data has no val/test split (shared by probe and fine-tune).")
@@ -434,7 +429,7 @@ class ExportSettings(Settings):
 
     section: ClassVar[str] = "export"
     cache_dir: str = option("cache", _NEWEST_HELP, path="dir", lib=None)
-    fmt: Literal["parquet", "npy", "csv"] = option("parquet", "Output format.", flags=("--format",))
+    fmt: Literal[choices.EXPORT_FORMATS] = option("parquet", "Output format.", flags=("--format",))
     out: Optional[str] = option(None, "File to write.", path="file", required=True, file=False)
     view: Optional[str] = option(None, "Feature view to export (default: the cache's features).", file=False)
     chunk_rows: int = option(8192, "Rows per block: memory stays constant whatever the cache size.")

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ...base.errors import FeatxError
+from ...cache.views import FLIP_PREFIX
+from ...config.choices import TTAS
 
 PARTS = ("final", "stages", "gem")
-TTAS = ("none", "flip")
 GEM_P = 3.0
-FLIP_PREFIX = "flip_"
 
 
 def parse_parts(views: str | Sequence[str] | None) -> tuple[str, ...]:

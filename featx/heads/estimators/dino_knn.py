@@ -3,20 +3,19 @@
 This is the kNN protocol of DINO (Caron et al. 2021, ``eval_knn.py``) and DINOv2: neighbours
 that are much closer than the rest dominate the vote, which makes k far less critical than in
 a uniform-vote kNN and often helps on CNN features too.  A plain scikit-learn estimator so that
-``GridSearchCV``, ``Pipeline``, ``clone`` and joblib work on it unchanged.
+``GridSearchCV``, ``Pipeline``, ``clone`` and joblib work on it unchanged; its CV search is the one
+every head has (:func:`featx.heads.tuning.factory.create_head` with ``knn_dino``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ...base.errors import FeatxError
+from ...cache.views import l2_rows
 from ...config import DEFAULT_GRIDS
 
 # A small grid: DINO uses k=20, T=0.07; k matters little once votes are similarity-weighted.
@@ -26,11 +25,9 @@ DINO_KNN_GRID: dict[str, list] = DEFAULT_GRIDS["knn_dino"]
 _BLOCK = 2048
 
 
-def l2_normalise(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero), as float32."""
-    X = np.asarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.maximum(norms, 1e-12)
+def _unit_rows(X) -> np.ndarray:
+    """Rows at unit L2 length (all-zero rows stay zero), as float32."""
+    return l2_rows(np.asarray(X, dtype=np.float32))
 
 
 class DinoKNNClassifier(ClassifierMixin, BaseEstimator):
@@ -53,13 +50,13 @@ class DinoKNNClassifier(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, self.y_idx_ = np.unique(y, return_inverse=True)
-        self.train_ = l2_normalise(X)
+        self.train_ = _unit_rows(X)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
         """Normalised similarity-weighted votes, columns in the order of ``classes_``."""
         check_is_fitted(self, "train_")
-        X = l2_normalise(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
+        X = _unit_rows(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
         k = min(int(self.n_neighbors), len(self.train_))
         n_cls = len(self.classes_)
         out = np.zeros((len(X), n_cls), dtype=np.float64)
@@ -79,24 +76,3 @@ class DinoKNNClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-
-def dino_knn_search(
-    *,
-    grid: dict[str, Sequence] | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    n_jobs: int | None = None,
-    scoring: str = "accuracy",
-) -> GridSearchCV:
-    """An unfitted ``GridSearchCV`` over ``DINO_KNN_GRID`` (or ``grid``) with stratified, seeded folds.
-
-    The search sees only the rows passed to ``fit`` (the training rows), never the evaluation split.
-    """
-    if folds < 2:
-        raise FeatxError(f"--folds must be at least 2 for the DINO kNN search, got {folds}")
-    params = {k: list(v) for k, v in (grid or DINO_KNN_GRID).items()}
-    unknown = set(params) - {"n_neighbors", "temperature"}
-    if unknown:
-        raise FeatxError(f"DINO kNN grid: unknown parameter(s) {sorted(unknown)}; it searches n_neighbors, temperature")
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return GridSearchCV(DinoKNNClassifier(), params, cv=cv, scoring=scoring, n_jobs=n_jobs, refit=True)

@@ -18,14 +18,13 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from ...base.errors import FeatxError
-from .dino_knn import DINO_KNN_GRID, DinoKNNClassifier
+from ..tuning.factory import head_pipeline
+from .dino_knn import DINO_KNN_GRID
 
 FEWSHOT_HEADS = ("logreg", "knn", "knn_dino")
 # Every other value of the probe's logreg grid (1e-5 .. 1e3): a few-shot draw cannot tell
@@ -69,14 +68,12 @@ def _plain_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_head(name: str, *, max_iter: int = 2000) -> Pipeline:
-    """The unfitted pipeline of a few-shot head (same preprocessing as the probe's heads)."""
-    if name == "logreg":
-        return Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=max_iter))])
-    if name == "knn":
-        return Pipeline([("norm", Normalizer()), ("clf", KNeighborsClassifier(algorithm="brute", metric="cosine"))])
-    if name == "knn_dino":
-        return Pipeline([("clf", DinoKNNClassifier())])
-    raise FeatxError(f"--head {name!r}: few-shot heads are {', '.join(FEWSHOT_HEADS)}")
+    """The unfitted pipeline of a few-shot head: the probe's (:func:`featx.heads.tuning.factory.head_pipeline`),
+    kNN on cosine distance (the probe's grid names the metric; the few-shot grid does not)."""
+    if name not in FEWSHOT_HEADS:
+        raise FeatxError(f"--head {name!r}: few-shot heads are {', '.join(FEWSHOT_HEADS)}")
+    pipe = head_pipeline(name, max_iter=max_iter)
+    return pipe.set_params(clf__metric="cosine") if name == "knn" else pipe
 
 
 def draw_shots(y: np.ndarray, shots: int, seed: int, *, cap: bool = False) -> tuple[np.ndarray, dict[int, int]]:

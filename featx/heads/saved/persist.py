@@ -29,6 +29,7 @@ from typing import Any
 from ...base.errors import FeatxError
 from ...base.io import atomic_write_bytes, sha256_file, write_json
 from ...base.version import __version__
+from ...config.choices import HEAD_FORMATS
 from .skops_guard import SKLEARN_HELPERS, check_archive, check_classifier, check_sidecar_fields
 
 # "precision" is set only by feature-changing runtimes (openvino-bf16); absent on both sides it matches.
@@ -37,7 +38,6 @@ FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess", "precision")
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "featx-head/1"
-HEAD_FORMATS = ("skops", "joblib")
 HEAD_SUFFIXES = {"skops": ".skops", "joblib": ".joblib"}
 MAX_UNPACKED_BYTES = 1 << 30  # a skops head bigger than its file by more than this (and 100x) is refused
 

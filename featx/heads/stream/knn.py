@@ -5,14 +5,14 @@ hold the normalised training matrix and its CV copies, so a cache bigger than me
 be probed on a subset.  Here the training rows are read block by block from the cache
 (:mod:`featx.heads.stream.source`, the next block read on a thread while the current one is
 searched); each block of reference rows is searched for a group of query rows held in memory,
-and every query keeps a running top-k (the block's top-k merged with the best so far).  The
-search is exact (float32 inner products of L2-normalised rows): faiss's flat index when faiss is
+and every query keeps a running top-k (the block's top-k merged with the best so far:
+:mod:`featx.heads.stream.topk`, the search the audit uses too).  The search is exact (float32 inner products of L2-normalised rows): faiss's flat index when faiss is
 installed (``pip install 'featx[faiss]'``), else torch matrix products and ``topk``.
 
 ``n_neighbors``, ``weights`` and ``metric`` are chosen as the streamed linear heads choose C
 (:func:`featx.heads.stream.source.selection_folds`): by k-fold CV while the cache is small (every
 row a query against the rows of the other folds, in the same single pass), else on a stratified
-held-out slice of the training rows (at most :data:`HOLDOUT_MAX_ROWS` queries against the other
+held-out slice of the training rows (at most :data:`HOLDOUT_MAX_QUERIES` queries against the other
 rows; ``selection_`` says which).  One search for the largest k scores every candidate.
 
 What the fitted head keeps (and a saved ``.skops`` head holds): the normalised reference rows when
@@ -38,98 +38,20 @@ from ...cache.multi import open_cache
 from ...cache.views import l2_rows  # float32 rows stay float32, as scikit-learn's Normalizer
 from ..tuning.cv import cv_summary, score_predictions
 from ..tuning.grids import resolve_grids
-from ..tuning.memory import available_bytes
-from .source import ArraySource, CacheSource, iter_blocks, prefetch, selection_folds, training_source
+from .source import ArraySource, CacheSource, iter_blocks, prefetch, selection_folds, training_source, uses_kfold
+from .topk import budget, search, search_backend
 
 log = logging.getLogger(__name__)
 
-# Selection as the streamed linear heads (featx.heads.stream.linear): k-fold CV up to this many rows.
-KFOLD_MAX_ROWS = 20_000
-HOLDOUT_FRACTION = 0.1
-# Held-out queries when the cache is large: each costs a pass of inner products over every training row.
-HOLDOUT_MAX_ROWS = 10_000
+# Held-out queries at most when the cache is large (featx.heads.stream.source.selection_folds chooses as for
+# the linear heads otherwise): each costs a pass of inner products over every training row, so fewer than the
+# linear heads' HOLDOUT_MAX_ROWS held-out rows, which cost one product per C.
+HOLDOUT_MAX_QUERIES = 10_000
 # Query rows held at once (float32 bytes); more queries take another pass over the reference rows.
 QUERY_BYTES = 128 << 20
-# Similarities computed at once (query rows x reference rows of one product).
-SIM_FLOATS = 16 << 20
 # Reference rows (float32, normalised) kept inside the fitted head at most; beyond, it refers to the cache.
 HOLD_BYTES = 256 << 20
-BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("cosine", "euclidean")
-
-
-def knn_backend(backend: str = "auto") -> str:
-    """"faiss" when asked or (``auto``) installed, else "torch"."""
-    if backend not in BACKENDS:
-        raise FeatxError(f"kNN backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return "torch"
-    try:
-        import faiss  # noqa: F401 - optional: the flat index's kernels
-    except ImportError:
-        if backend == "faiss":
-            raise FeatxError("kNN backend faiss: faiss is not installed; pip install 'featx[faiss]'") from None
-        return "torch"
-    return "faiss"
-
-
-def _budget(nbytes: int, share: int) -> int:
-    """``nbytes``, or 1/``share`` of the memory this process may still use when that is less."""
-    free = available_bytes()
-    return nbytes if free is None else min(nbytes, free // share)
-
-
-def _block_topk(Q: np.ndarray, R: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """(similarity, row in ``R``) of the ``k`` most similar rows of ``R`` for each row of ``Q``, best first."""
-    k = min(k, len(R))
-    if backend == "faiss":
-        import faiss
-
-        index = faiss.IndexFlatIP(R.shape[1])
-        index.add(np.ascontiguousarray(R))
-        s, i = index.search(np.ascontiguousarray(Q), k)
-        return s, i.astype(np.int64)
-    import torch
-
-    step = max(1, _budget(SIM_FLOATS * 4, 32) // (4 * max(1, len(R))))
-    Rt = torch.from_numpy(np.ascontiguousarray(R))
-    out_s, out_i = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
-    with torch.no_grad():
-        for a in range(0, len(Q), step):
-            v, i = torch.topk(torch.from_numpy(Q[a : a + step]) @ Rt.T, k, dim=1, largest=True, sorted=True)
-            out_s[a : a + step], out_i[a : a + step] = v.numpy(), i.numpy()
-    return out_s, out_i
-
-
-def merge_topk(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray) -> None:
-    """Keep in ``best_s``/``best_i`` (in place) the best of both neighbour lists, best first."""
-    k = best_s.shape[1]
-    cs, ci = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-    order = np.argsort(-cs, axis=1, kind="stable")[:, :k]  # ties: the earlier (lower) reference row first
-    best_s[:], best_i[:] = np.take_along_axis(cs, order, 1), np.take_along_axis(ci, order, 1)
-
-
-def search(Q: np.ndarray, q_fold: np.ndarray, blocks, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """(similarity, reference position) of each query's ``k`` nearest reference rows, best first.
-
-    ``Q``: normalised query rows; ``blocks``: (positions, normalised rows, folds) of the reference, read
-    one at a time.  A query of fold f only sees reference rows of other folds (CV; -1 everywhere: all).
-    Missing neighbours have position -1 and similarity -inf.
-    """
-    best_s = np.full((len(Q), k), -np.inf, np.float32)
-    best_i = np.full((len(Q), k), -1, np.int64)
-    for pos, R, r_fold in blocks:
-        for f in np.unique(q_fold):
-            qs, rs = np.flatnonzero(q_fold == f), np.flatnonzero(r_fold != f) if f >= 0 else np.arange(len(R))
-            if not len(rs):
-                continue
-            s, i = _block_topk(Q if len(qs) == len(Q) else Q[qs], R if len(rs) == len(R) else R[rs], k, backend)
-            i = np.where(i >= 0, pos[rs][np.maximum(i, 0)], -1)
-            s = np.where(i >= 0, s, -np.inf).astype(np.float32)
-            bs, bi = best_s[qs], best_i[qs]
-            merge_topk(bs, bi, s, i)
-            best_s[qs], best_i[qs] = bs, bi
-    return best_s, best_i
 
 
 def votes(sim: np.ndarray, labels: np.ndarray, *, k: int, weights: str, metric: str, n_classes: int) -> np.ndarray:
@@ -195,7 +117,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         source, self.classes_, yi = training_source(X, y)
         self.n_features_in_ = source.dim
-        self.backend_ = knn_backend(self.backend)
+        self.backend_ = search_backend(self.backend)
         _LAST.clear()  # votes of this object's former fit are stale
         score_predictions(self.scoring, np.array([0, 1]), np.array([0, 1]))  # an unknown scoring fails first
         try:
@@ -208,8 +130,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         return self
 
     def _select(self, source, yi: np.ndarray) -> None:
-        fold, n_cv = selection_folds(yi, folds=self.folds, seed=self.seed, kfold_max_rows=KFOLD_MAX_ROWS,
-                                     fraction=HOLDOUT_FRACTION, max_rows=HOLDOUT_MAX_ROWS)
+        fold, n_cv = selection_folds(yi, folds=self.folds, seed=self.seed, max_rows=HOLDOUT_MAX_QUERIES)
         refs = [int(np.sum(fold != f)) for f in range(n_cv)]
         g = dict(resolve_grids()["knn"], **(self.grid or {}))
         cands = knn_candidates(g, min(refs))
@@ -231,7 +152,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         self.best_score_ = float(self.cv_results_["mean_test_score"][best])
         self.n_candidates_, self.n_splits_ = len(cands), n_cv
         n = len(yi)
-        self.selection_ = (f"{n_cv}-fold cv (streamed search, {n:,} rows)" if n <= KFOLD_MAX_ROWS else
+        self.selection_ = (f"{n_cv}-fold cv (streamed search, {n:,} rows)" if uses_kfold(n) else
                            f"holdout {len(q) / n:.1%} ({len(q):,} of {n:,} training rows, stratified; searched among "
                            f"the others; predictions use all of them)")
         log.info("streamed kNN (%s): %s, %s %.4f", self.backend_, self.selection_, self.best_params_, self.best_score_)
@@ -317,7 +238,7 @@ def _neighbours(source, q: np.ndarray | None, fold: np.ndarray | None, k: int, b
     sim = np.full((n_q, k), -np.inf, np.float32)
     nbr = np.full((n_q, k), -1, np.int64)
     ok = np.ones(n_q, bool)
-    per = max(1, _budget(QUERY_BYTES, 8) // (4 * max(1, source.dim)))
+    per = max(1, budget(QUERY_BYTES, 8) // (4 * max(1, source.dim)))
     for a in range(0, n_q, per):
         b = min(n_q, a + per)
         if queries is not None:

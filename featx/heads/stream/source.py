@@ -19,14 +19,21 @@ from typing import Iterator
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
+from ..estimators.norms import FeatureNorm
 from ..tuning.cv import cv_splits
 from ..tuning.memory import available_bytes
-from ..tuning.selection import FeatureNorm
 
 # Rows per contiguous read (a storage chunk of the cache is ~1 MiB of rows) and bytes per block
 # (float32): two blocks are in memory at once, the one training and the one being read.
 PIECE_ROWS = 512
 BLOCK_BYTES = 64 << 20
+# How every streamed head (the linear heads' C, kNN's k) is chosen: k-fold CV up to KFOLD_MAX_ROWS training
+# rows (plus a refit on all rows), above it a stratified held-out slice of HOLDOUT_FRACTION of them, at most
+# HOLDOUT_MAX_ROWS rows (a held-out row costs a linear head one product per C; the kNN caps its held-out
+# queries lower, at featx.heads.stream.knn.HOLDOUT_MAX_QUERIES, as each query is a pass over every row).
+KFOLD_MAX_ROWS = 20_000
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX_ROWS = 50_000
 
 
 class ArraySource:
@@ -171,17 +178,22 @@ def holdout_folds(y: np.ndarray, *, fraction: float, max_rows: int, seed: int) -
     return fold
 
 
-def selection_folds(y: np.ndarray, *, folds: int, seed: int, kfold_max_rows: int, fraction: float,
-                    max_rows: int) -> tuple[np.ndarray, int]:
+def uses_kfold(n: int) -> bool:
+    """Whether a streamed head of ``n`` training rows is chosen by k-fold CV (else on a held-out slice)."""
+    return n <= KFOLD_MAX_ROWS
+
+
+def selection_folds(y: np.ndarray, *, folds: int, seed: int, max_rows: int | None = None) -> tuple[np.ndarray, int]:
     """(fold of each row, number of folds) for choosing a streamed head's hyperparameters.
 
-    At most ``kfold_max_rows`` rows: the k-fold CV folds of the in-memory heads
+    At most :data:`KFOLD_MAX_ROWS` rows: the k-fold CV folds of the in-memory heads
     (:func:`featx.heads.tuning.cv.cv_splits`, every row in one fold); more: one stratified held-out
-    slice (:func:`holdout_folds`: fold 0, the other rows -1).  A row is scored by heads that did
-    not see its fold.
+    slice (:func:`holdout_folds`: fold 0, the other rows -1) of :data:`HOLDOUT_FRACTION` of the rows, at
+    most ``max_rows`` (None: :data:`HOLDOUT_MAX_ROWS`).  A row is scored by heads that did not see its fold.
     """
-    if len(y) > kfold_max_rows:
-        return holdout_folds(y, fraction=fraction, max_rows=max_rows, seed=seed), 1
+    if not uses_kfold(len(y)):
+        cap = HOLDOUT_MAX_ROWS if max_rows is None else max_rows
+        return holdout_folds(y, fraction=HOLDOUT_FRACTION, max_rows=cap, seed=seed), 1
     fold = np.full(len(y), -1, np.int64)
     for f, (_, va) in enumerate(cv_splits(y, folds, seed)):
         fold[va] = f

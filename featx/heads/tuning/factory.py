@@ -1,9 +1,12 @@
-"""``create_head``: the right implementation of a head for the device and the problem size.
+"""``create_head``: the one factory of heads, the right implementation for the device, the problem size and
+the solver.
 
 scikit-learn (:class:`~featx.heads.tuning.cv.HeadSearch`), the warm-started C path on the CPU
 (:class:`~featx.heads.estimators.linear_path.PathLinearHead`) or the batched torch heads (CUDA, or the
 CPU where they measured faster) all choose hyperparameters by CV on the same folds
-(:func:`featx.heads.tuning.cv.cv_splits`).
+(:func:`featx.heads.tuning.cv.cv_splits`); with ``solver="stream"`` the streamed heads
+(:mod:`featx.heads.stream`) choose on held-out rows or the same folds.  The few-shot heads
+(:mod:`featx.heads.estimators.fewshot`) use the same pipelines (:func:`head_pipeline`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import os
 import sys
 from typing import Any
 
-import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
@@ -24,6 +26,8 @@ from ...base.runtime import resolve_device
 from ..estimators.dino_knn import DinoKNNClassifier
 from ..estimators.linear_path import PathLinearHead
 from ..estimators.torch_heads import create_torch_head
+from ..stream.knn import StreamingKNN
+from ..stream.linear_head import StreamingLinearHead
 from .cv import SCORERS, AdaptiveStratifiedKFold, HeadSearch
 from .grids import HEAD_NAMES, KERNELS, LINEAR_HEADS, expand_values, resolve_grids, validate_heads_section
 
@@ -82,7 +86,8 @@ def cpu_implementation(name: str, kernel: str, scoring: str, problem: tuple[int,
     return "sklearn"
 
 
-def _sklearn_pipeline(name: str, kernel: str, max_iter: int, seed: int) -> Pipeline:
+def head_pipeline(name: str, kernel: str = "linear", max_iter: int = 2000, seed: int = 0) -> Pipeline:
+    """The unfitted scikit-learn pipeline of head ``name`` (scaling + estimator), without its search."""
     if name == "logreg":
         from sklearn.linear_model import LogisticRegression
 
@@ -122,10 +127,12 @@ def create_head(
     replaces its default grid parameter by parameter.  On CUDA (``device`` "cuda" or "auto" with
     a GPU) the torch implementation is used when present.  On the CPU, ``problem`` = (training
     rows, features, classes) lets :func:`cpu_implementation` pick the faster search.  ``search``:
-    ``scoring`` and ``max_iter`` (default: the ``heads:`` config) and ``probability`` (default True:
-    heads without ``predict_proba`` get out-of-fold calibrated probabilities).
+    ``scoring`` and ``max_iter`` (default: the ``heads:`` config), ``probability`` (default True:
+    heads without ``predict_proba`` get out-of-fold calibrated probabilities), ``solver`` ("memory", the
+    default, or "stream": the heads trained on rows read block by block, :func:`stream_head`) and
+    ``epochs`` (passes of a streamed linear head; None: its default).
     """
-    unknown = sorted(set(search) - {"scoring", "max_iter", "probability"})
+    unknown = sorted(set(search) - {"scoring", "max_iter", "probability", "solver", "epochs"})
     if unknown:
         raise TypeError(f"create_head() got unexpected keyword argument(s) {', '.join(unknown)}")
     scoring, max_iter, probability = search.get("scoring"), search.get("max_iter"), search.get("probability", True)
@@ -140,6 +147,12 @@ def create_head(
         g.update({p: expand_values(v, where=f"grid.{p}") for p, v in grid.items()})
     scoring = scoring or resolved["scoring"]
     max_iter = int(max_iter or resolved["max_iter"])
+    solver = search.get("solver", "memory")
+    if solver == "stream":
+        return stream_head(name, kernel=kernel, grid=g, folds=folds, seed=seed, device=device, scoring=scoring,
+                           epochs=search.get("epochs"))
+    if solver != "memory":
+        raise FeatxError(f"create_head(solver={solver!r}): expected memory or stream (the probe resolves auto)")
     impl = "cuda" if wants_cuda(device) else cpu_implementation(name, kernel, scoring, problem)
     if impl in ("cuda", "torch"):
         try:
@@ -153,12 +166,22 @@ def create_head(
                               n_jobs=n_jobs)
     param_grid = {f"clf__{p}": list(v) for p, v in g.items()}
     return HeadSearch(
-        _sklearn_pipeline(name, kernel, max_iter, seed), param_grid, scoring=scoring, n_jobs=n_jobs,
+        head_pipeline(name, kernel, max_iter, seed), param_grid, scoring=scoring, n_jobs=n_jobs,
         cv=folds if hasattr(folds, "split") else AdaptiveStratifiedKFold(folds, random_state=seed),
         probability=probability,
     )
 
 
-def default_problem(X: np.ndarray, y: np.ndarray) -> tuple[int, int, int]:
-    """(rows, features, classes) of a training set, for :func:`cpu_implementation`."""
-    return int(X.shape[0]), int(X.shape[1]), int(len(np.unique(y)))
+def stream_head(name: str, *, kernel: str, grid: dict, folds: int, seed: int, device: str, scoring: str,
+                epochs: int | None = None) -> StreamingLinearHead | StreamingKNN:
+    """The streamed head for ``name`` (logreg, the linear SVM, or kNN); other heads are refused with the fix.
+
+    ``grid``: the head's resolved grid; ``epochs``: passes over the rows of a linear head (None: its default)."""
+    if name == "knn":
+        return StreamingKNN(grid=grid, folds=folds, seed=seed, scoring=scoring)
+    if name not in LINEAR_HEADS or kernel != "linear" or set(grid) != {"C"}:
+        raise FeatxError(f"--solver stream trains logreg, the linear SVM and knn; head {name!r} (kernel {kernel}) needs "
+                         "the in-memory solver: use --solver memory with --max-train-rows N")
+    return StreamingLinearHead(loss="logistic" if name == "logreg" else "squared_hinge", Cs=tuple(grid["C"]),
+                               folds=folds, seed=seed, scoring=scoring, device=device,
+                               **({} if epochs is None else {"epochs": epochs}))

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from ...config import DEFAULT_GRIDS, DEFAULT_SCALARS, load_config, section
+from ...config.choices import KERNELS  # noqa: F401 - re-exported: the heads' kernels
 from ...config.grids import GRID_PARAMS, SCALAR_KEYS, expand_values, validate_heads_section  # noqa: F401 - re-exported
 
 HEAD_NAMES = ("logreg", "svm", "knn", "knn_dino")
@@ -13,7 +14,6 @@ HEAD_NAMES = ("logreg", "svm", "knn", "knn_dino")
 ALL_HEADS = ("logreg", "svm", "knn")
 # The linear heads (the SVM with kernel="linear"): a warm-started C path in memory, or streamed.
 LINEAR_HEADS = ("logreg", "svm")
-KERNELS = ("linear", "rbf")
 # Feature-matrix cells below which the search runs in-process with one BLAS thread per fit
 # (e.g. 3,000 images x 1,280 features); larger problems use n_jobs worker processes.
 SMALL_PROBLEM = 4_000_000

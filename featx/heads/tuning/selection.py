@@ -27,41 +27,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
 from ...base.errors import FeatxError
+from ...config.choices import TRAIN_VIEWS
+from ..estimators.norms import NORMS, FeatureNorm  # noqa: F401 - FeatureNorm: saved heads name it here
 from .cv import plain
 from .factory import create_head
 
 log = logging.getLogger(__name__)
 
-NORMS = ("none", "l2", "power")
 # --norm auto: only the head's own scaling.  Power-norm measured no gain for logreg/SVM on
 # flowers12 and hymenoptera with the full training set, and CV picked it for kNN on flowers12
 # (+1.0 pt CV) where it lost 1.7 pt on the test split (ACCURACY.md); --norm none,l2,power lets CV choose.
 AUTO_NORMS = ("none",)
-
-
-class FeatureNorm(TransformerMixin, BaseEstimator):
-    """Row-wise normalisation ``kind`` (none, l2, power); nothing is learned from the data."""
-
-    def __init__(self, kind: str = "none") -> None:
-        self.kind = kind
-
-    def fit(self, X, y=None) -> "FeatureNorm":
-        if self.kind not in NORMS:
-            raise FeatxError(f"--norm {self.kind!r}: expected one of {', '.join(NORMS)} or auto")
-        self.n_features_in_ = np.asarray(X).shape[1]
-        return self
-
-    def transform(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32)
-        if self.kind == "none":
-            return X
-        if self.kind == "power":
-            X = np.sign(X) * np.sqrt(np.abs(X))
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 def with_norm(est, kind: str):
@@ -76,9 +55,6 @@ def _names(value: str | Sequence[str] | None, auto: Sequence[str]) -> list[str]:
         return list(auto)
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v and v.strip()]
     return list(dict.fromkeys(names))
-
-
-TRAIN_VIEWS = ("auto", "on", "off")
 
 
 def candidates(view: str | Sequence[str] | None, norm: str | Sequence[str] | None, available: Sequence[str],

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 
 from ...base.errors import FeatxError
+from ...config.choices import SOLVERS
 from .memory import available_bytes, probe_bytes
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("auto", "memory", "stream")
 # rows x features x classes above which the in-memory C search is slow on a few CPU cores: every
 # L-BFGS step multiplies all three (100,000 x 1,280 x 1,000 walked C = 0.01 .. 0.03 in 10 min on 2 cores).
 SLOW_IN_MEMORY = 2e10
