@@ -199,14 +199,18 @@ def _print_shard(res, *, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("data", type=click.Path(), required=False)
+@click.argument("data", type=click.Path(), nargs=-1)
 @settings_options(EmbedSettings)
-def embed(data: str | None, s: EmbedSettings) -> None:
-    """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache."""
+def embed(data: tuple[str, ...], s: EmbedSettings) -> None:
+    """Embed the images under DATA (DATA/<split>/<class>/* or DATA/<class>/*) into a cache.
+
+    DATA may also be several Parquet/Arrow tables or WebDataset shard patterns (globs, {a,b} and {000..009}
+    braces, table folders), all into one cache."""
     from .embedding.multi import embed_backbones  # torch: not imported for --help
 
-    if data is None and s.manifest is None:
+    if not data and s.manifest is None:
         raise click.UsageError("give a dataset folder DATA, or --manifest FILE.csv")
+    data = (data[0] if len(data) == 1 else list(data)) if data else None
     # strict is checked below, after the failures are listed.
     results, cache_set = embed_backbones(data, settings=s, strict=False, progress=not s.quiet)
     for fc in results:

@@ -201,6 +201,12 @@ class EmbedSettings(Settings):
     split: Optional[Literal[choices.SPLITS]] = option(
         None, "WebDataset/Parquet input: the split of every sample (default: from a train/val/test part of the "
               "shard name, else train).", file=False)
+    data_root: Optional[str] = option(
+        None, "Parquet/Arrow input: the folder that image paths without bytes (datasets' to_parquet of image files) "
+              "are relative to (default: the table's folder).", path="dir", file=False)
+    class_names: Optional[str] = option(
+        None, "WebDataset input: classes.txt (one name per line) or classes.json naming the cls numbers (default: "
+              "such a file beside the shards).", path="file", file=False)
     executor: Literal[choices.EXECUTORS] = option(
         "local", "ray: embed on a Ray Data actor pool (one actor per GPU, else per CPU); needs featx[ray].")
     ray_address: Optional[str] = option(

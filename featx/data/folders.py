@@ -22,6 +22,7 @@ from PIL import ImageFile
 
 from ..base.errors import FeatxError
 from . import guards
+from .splits import canonical_split
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,9 @@ def discover(root: str | os.PathLike, *, manifest: str | os.PathLike | None = No
     rootp = _checked_root(rootp)
     skipped: list[tuple[str, str]] = []
     subdirs = _visible_subdirs(rootp, skipped)
-    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
+    split_dirs = [d for d in subdirs if canonical_split(d.name)]
     if split_dirs:
-        others = [d.name for d in subdirs if d.name.lower() not in SPLIT_NAMES]
+        others = [d.name for d in subdirs if not canonical_split(d.name)]
         if others:
             log.warning("ignoring folders %s beside the split folders in %s", others, rootp)
         classes, samples = _split_layout(split_dirs, skipped)
@@ -239,7 +240,7 @@ def _split_layout(split_dirs: list[Path], skipped: list[tuple[str, str]]) -> tup
     per_split: dict[str, list[tuple[str, str, str]]] = {}
     class_splits: dict[str, set[str]] = {}
     for sd in split_dirs:
-        split = sd.name.lower()
+        split = canonical_split(sd.name)
         for cd in _visible_subdirs(sd, skipped):
             files = _walk_images(str(cd), f"{sd.name}/{cd.name}", skipped)
             cname = class_name(cd.name)
@@ -358,10 +359,11 @@ def _manifest_row(row: list[str], where: tuple, header: list[str], manifest: Pat
         p, lab = row[ip].strip(), row[il].strip()
     except IndexError:
         raise FeatxError(f"{manifest}:{lineno}: expected columns {','.join(header)}, got {','.join(row)}") from None
-    sp = row[isp].strip().lower() if isp is not None and isp < len(row) else ""
-    sp = sp or "train"
-    if sp not in SPLIT_NAMES:
-        raise FeatxError(f"{manifest}:{lineno}: split {sp!r} is not one of {', '.join(SPLIT_NAMES)}; fix that row")
+    raw = row[isp].strip() if isp is not None and isp < len(row) else ""
+    sp = canonical_split(raw or "train")
+    if sp is None:
+        raise FeatxError(f"{manifest}:{lineno}: split {raw!r} is not one of {', '.join(SPLIT_NAMES)} (or training, "
+                         "valid, validation, testing); fix that row")
     if not p or not lab:
         raise FeatxError(f"{manifest}:{lineno}: empty path or label; fix or delete that row")
     return p, lab, sp, lineno

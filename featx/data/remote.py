@@ -15,14 +15,17 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Callable
+from urllib.parse import urlsplit
 
 from ..base.errors import FeatxError
 from .folders import SPLIT_NAMES, Dataset, Sample, class_name, is_image_name, parse_manifest
+from .splits import canonical_split
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,15 @@ def refusal(url: str, exc: BaseException) -> FeatxError:
     """The one-line error for a URL that cannot be listed or opened at discovery."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
+    endpoint = _endpoint(url)
+    dead = _unreachable(endpoint) if endpoint and ("credential" in low or "unable to locate" in low
+                                                     or "connect" in low or "endpoint" in low) else ""
+    if dead:
+        return FeatxError(f"{url}: the endpoint {endpoint} cannot be reached ({dead}); start the server or fix "
+                          "AWS_ENDPOINT_URL / --storage-option endpoint_url")
+    if "could not connect" in low or "connection refused" in low or "endpointconnectionerror" in low:
+        return FeatxError(f"{url}: the storage endpoint cannot be reached ({text.splitlines()[0][:200]}); check the "
+                          "network and the endpoint (AWS_ENDPOINT_URL, --storage-option endpoint_url)")
     if "credential" in low or "nocredentials" in low or "unable to locate" in low:
         return FeatxError(f"{url}: no credentials found; set them as the storage library expects (for S3: "
                           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), or pass --storage-option "
@@ -114,6 +126,28 @@ def refusal(url: str, exc: BaseException) -> FeatxError:
                           "S3-compatible server)")
     return FeatxError(f"{url}: cannot list it ({text.splitlines()[0]}); check the URL, the endpoint and "
                       "--storage-option values")
+
+
+def _endpoint(url: str) -> str:
+    """The endpoint URL configured for an S3 URL (storage options, then AWS_ENDPOINT_URL[_S3]), or ""."""
+    if url.split("://", 1)[0].lower() not in ("s3", "s3a"):
+        return ""
+    opts = _STORAGE.get("client_kwargs") or {}
+    return str(_STORAGE.get("endpoint_url") or (opts.get("endpoint_url") if isinstance(opts, dict) else "")
+               or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str:
+    """Why a TCP connection to the endpoint's host and port fails ("" when it connects)."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return ""
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def list_objects(url: str) -> tuple[object, str, dict[str, dict]]:
@@ -139,17 +173,17 @@ def layout_from_keys(keys: list[str], skipped: list) -> tuple[str, list[str], li
     ``<split>/<class>/…`` when split folders exist, else ``<class>/…``; the same order as a folder walk."""
     keys = sorted((k for k in keys if is_image_name(k.rsplit("/", 1)[-1]) and
                    not any(c.startswith(".") for c in k.split("/"))), key=lambda k: k.split("/"))
-    split_layout = any("/" in k and k.split("/", 1)[0].lower() in SPLIT_NAMES for k in keys)
+    split_layout = any("/" in k and canonical_split(k.split("/", 1)[0]) for k in keys)
     rows = []
     for k in keys:
         parts = k.split("/")
         if split_layout:
-            if parts[0].lower() not in SPLIT_NAMES:
+            if not canonical_split(parts[0]):
                 continue
             if len(parts) < 3:
                 skipped.append((k, f"image directly in split folder {parts[0]!r}, not in a class folder"))
                 continue
-            rows.append((k, class_name(parts[1]), parts[0].lower()))
+            rows.append((k, class_name(parts[1]), canonical_split(parts[0])))
         elif len(parts) < 2:
             skipped.append((k, "image directly in the dataset root, not in a class folder"))
         else:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from ..base.errors import FeatxError
-from . import parquet, remote, webdataset
+from . import inputs, parquet, remote, webdataset
 from .folders import Dataset, discover
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class SourceOptions:
     storage_options: tuple[str, ...] = ()  # KEY=VALUE pairs passed to fsspec
     split_column: str | None = None
     split: str | None = None  # split of every WebDataset/Parquet sample (default: from names / "train")
+    data_root: str | None = None  # folder that path-only image cells of a table are relative to
+    class_names: str | None = None  # classes.txt / classes.json naming WebDataset cls numbers
 
     def fs_options(self) -> dict:
         return remote.parse_storage_options(self.storage_options)
@@ -101,39 +105,48 @@ def current_options() -> SourceOptions | None:
     return _OPTIONS
 
 
-def kind_of(root: str | os.PathLike | None, manifest) -> str:
-    """"folder", "remote", "webdataset" or "parquet" for the data argument (and ``--manifest``)."""
+def kind_of(root, manifest) -> str:
+    """"folder", "remote", "webdataset", "parquet" or "several" for the data argument(s) (and ``--manifest``)."""
     if manifest is not None:
         return "remote" if remote.is_url(str(manifest)) else "folder"
+    if isinstance(root, (list, tuple)):
+        if len(root) != 1:
+            return "several"
+        root = root[0]
     text = os.fspath(root)
-    low = text.lower().rstrip("/")
-    if low.endswith((".parquet", ".pq")):
-        return "parquet"
-    if webdataset.is_shard_pattern(low):
-        return "webdataset"
+    if inputs.table_kind(text) or inputs.has_pattern(text) or inputs.is_table_dir(text):
+        return "several"  # expanded by featx.data.inputs: tables, shards, globs, brace patterns, table folders
     if remote.is_url(text):
         return "remote"
     return "folder"
 
 
 def discover_any(root, *, manifest=None, options: SourceOptions | None = None) -> Dataset:
-    """:func:`featx.data.discover` for every input kind; fails before any work on a bad URL or credentials."""
+    """:func:`featx.data.discover` for every input kind; fails before any work on a bad URL or credentials.
+
+    ``root`` is one data argument or several (tables or shards, expanded by :mod:`featx.data.inputs`)."""
     configure(options)
     opts = options
     kind = kind_of(root if root is not None else manifest, manifest)
+    if kind == "several":
+        args = [os.fspath(r) for r in (root if isinstance(root, (list, tuple)) else [root])]
+        found = inputs.expand_inputs(args)
+        kind = found.kind
+    check_kind_options(kind, opts)
     if opts is None and kind == "parquet":
         raise FeatxError(f"{root}: a Parquet input needs its image and label columns (--image-column, --label-column)")
-    check_kind_options(kind, opts)
     if kind == "folder":
         if opts is not None and opts.split is not None:
             log.warning("--split applies to WebDataset shards and Parquet tables; ignored for the folder %s",
                         root if root is not None else manifest)
         return discover(root if root is not None else manifest, manifest=manifest)
     if kind == "parquet":
-        return parquet.discover_table(str(root), image_column=opts.image_column, label_column=opts.label_column,
-                                      split_column=opts.split_column, split=opts.split, locator=make_locator)
+        return parquet.discover_tables(found.files, root=found.root, image_column=opts.image_column,
+                                       label_column=opts.label_column, split_column=opts.split_column,
+                                       split=opts.split, data_root=opts.data_root, locator=make_locator)
     if kind == "webdataset":
-        return webdataset.discover_shards(str(root), split=opts.split if opts else None, locator=make_locator)
+        return webdataset.discover_shards(found.files, split=opts.split if opts else None, locator=make_locator,
+                                          root=found.root, class_names=opts.class_names if opts else None)
     if manifest is not None:
         return remote.discover_manifest(str(manifest), locator=make_locator)
     return remote.discover_folder(str(root), locator=make_locator)
@@ -196,6 +209,12 @@ def check_kind_options(kind: str, options: SourceOptions | None) -> None:
         return
     if kind != "parquet" and options.split_column is not None:
         raise FeatxError("--split-column names a column of a Parquet table; drop it for this input")
+    if kind != "parquet" and options.data_root is not None:
+        raise FeatxError("--data-root is the folder of the image paths in a Parquet or Arrow table; drop it for "
+                         "this input")
+    if kind != "webdataset" and options.class_names is not None:
+        raise FeatxError("--class-names names the class numbers of WebDataset shards; drop it for this input "
+                         "(a table's names come from its ClassLabel feature)")
     if options.read_concurrency < 1:
         raise FeatxError(f"--read-concurrency must be a positive integer, got {options.read_concurrency}")
 
@@ -205,3 +224,26 @@ def blank(crop: int):
     import torch  # heavy: only the engines call this, and they have loaded torch already
 
     return torch.zeros(3, crop, crop)
+
+
+def _reason_kind(reason: str) -> str:
+    """A failure reason without the parts that name one file (quoted paths, parentheses, numbers)."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|\([^()]*\)|\S*/\S*|\d+", "", reason)
+    return re.sub(r"\s+", " ", text).strip(" :;,.") or reason
+
+
+def dominant_failure(failed: list[tuple[str, str]], rows: int) -> str | None:
+    """One line naming why a run must not pass as done: no row embedded, or more than half of the images
+    failed for the same reason; else None.  ``failed``: (key, reason); ``rows``: the rows embedded."""
+    if not failed:
+        return None
+    total = rows + len(failed)
+    kind, n = Counter(_reason_kind(r) for _, r in failed).most_common(1)[0]
+    key, reason = next((k, r) for k, r in failed if _reason_kind(r) == kind)
+    if rows == 0:
+        head = f"none of the {total} images could be embedded"
+    elif 2 * n > total:
+        head = f"{n} of the {total} images could not be embedded"
+    else:
+        return None
+    return f"{head}: {n} failed with \"{kind}\" (e.g. {key}: {reason})"

@@ -14,6 +14,15 @@ log = logging.getLogger(__name__)
 # The fine-tune's early-stopping slice never needs more images than this (accuracy +-1%).
 VAL_MAX = 10_000
 
+# Names of a split that every input kind (folders, manifests, WebDataset, Parquet, datasets) accepts, lower case.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def canonical_split(name) -> str | None:
+    """``train``, ``val`` or ``test`` for a split name or alias (any case, surrounding blanks), else None."""
+    return SPLIT_ALIASES.get(str(name).strip().lower()) if name is not None else None
+
 
 def train_eval_split(
     labels: np.ndarray,

@@ -12,51 +12,28 @@ name, else ``train``.  Only uncompressed ``.tar`` shards can be read by range.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import tarfile
 from typing import Callable
 
 from ..base.errors import FeatxError
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, Dataset, Sample
+from .inputs import expand_braces, split_from_name  # noqa: F401 - expand_braces: the former home
 from .remote import filesystem, is_url, refusal, stamp_of_info
+from .splits import canonical_split
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS)) + ("ppm", "pgm")
 _PREFERRED = ("jpg", "jpeg", "png", "webp")  # the image used when a sample has several
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
-_SPLIT_IN_NAME = re.compile(r"(?<![a-z])(train|val|valid|validation|test)(?![a-z])")
-_SPLIT_ALIAS = {"valid": "val", "validation": "val"}
 _READ_BLOCK = 8 * 1024 * 1024  # streaming block size for remote shards (headers are read in passing)
 
 
 def is_shard_pattern(text: str) -> bool:
     """Does the data argument name tar shards (``x.tar``, ``x-{000..009}.tar``, a comma-free list)?"""
     return text.endswith(".tar") or text.endswith((".tar.gz", ".tgz"))
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """webdataset's brace patterns: ``{000..099}`` (zero-padded ranges) and ``{a,b}`` alternatives, nested."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
-    rng = _RANGE.match(body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [x for opt in options for x in expand_braces(head + opt + tail)]
-
-
-def split_from_name(shard: str) -> str | None:
-    m = _SPLIT_IN_NAME.findall(os.path.basename(shard).lower())
-    return _SPLIT_ALIAS.get(m[-1], m[-1]) if m else None
 
 
 def member_key(name: str) -> tuple[str, str]:
@@ -122,33 +99,94 @@ def _sample(shard: str, key: str, g: dict, skipped: list):
     return name, label, offset, size, kind
 
 
-def discover_shards(pattern: str, *, split: str | None, locator: Callable) -> Dataset:
-    """Every sample of the shards ``pattern`` names, in shard order; refuses a shard that does not exist."""
-    if pattern.endswith((".tar.gz", ".tgz")):
-        raise FeatxError(f"{pattern}: compressed shards cannot be read image by image; repack them as plain .tar")
-    if split is not None and split not in SPLIT_NAMES:
+def class_names_file(path: str) -> list[str]:
+    """Class names from ``classes.txt`` (one per line, line i names class i) or ``classes.json`` (a list, or
+    a mapping of names to numbers or numbers to names)."""
+    try:
+        if is_url(path):
+            fs, p = filesystem(path)
+            with fs.open(p, "rb") as fh:
+                text = fh.read().decode("utf-8-sig")
+        else:
+            with open(path, encoding="utf-8-sig") as fh:
+                text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatxError(f"class names file {path!r} cannot be read ({exc}); pass a classes.txt or classes.json") from None
+    if not path.lower().endswith(".json"):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            pairs = [(int(v), str(k)) if not str(k).lstrip("-").isdigit() else (int(k), str(v))
+                     for k, v in data.items()]
+            data = [n for _, n in sorted(pairs)]
+        return [str(n) for n in data]
+    except (ValueError, TypeError) as exc:
+        raise FeatxError(f"{path}: expected a JSON list of class names or a mapping name -> number ({exc})") from None
+
+
+def _beside(shards: list[str]) -> list[str] | None:
+    """The names in a classes.txt or classes.json in the folder of the first shard, if there is one."""
+    folder = shards[0].rsplit("/", 1)[0] if "/" in shards[0] else "."
+    for name in ("classes.txt", "classes.json"):
+        path = f"{folder}/{name}"
+        try:
+            exists = filesystem(path)[0].exists(filesystem(path)[1]) if is_url(path) else os.path.isfile(path)
+        except Exception:  # noqa: BLE001 - no names file then
+            exists = False
+        if exists:
+            log.info("class names from %s", path)
+            return class_names_file(path)
+    return None
+
+
+def _named(label: str, kind: str, names: list[str] | None, where: str) -> str:
+    if names is None or kind != "cls":
+        return label
+    try:
+        return names[int(label)]
+    except (ValueError, IndexError):
+        raise FeatxError(f"{where}: class number {label!r} has no name in the class names file ({len(names)} names); "
+                         "fix the file or --class-names") from None
+
+
+def discover_shards(pattern, *, split: str | None, locator: Callable, root: str | None = None,
+                    class_names: str | None = None) -> Dataset:
+    """Every sample of the shards named (a pattern, or a list of (shard, split from its name)), in shard order."""
+    files = [(f, split_from_name(f)) for f in expand_braces(pattern)] if isinstance(pattern, str) else list(pattern)
+    if any(f.endswith((".tar.gz", ".tgz")) for f, _ in files):
+        raise FeatxError(f"{files[0][0]}: compressed shards cannot be read image by image; repack them as plain .tar")
+    if split is not None and canonical_split(split) is None:
         raise FeatxError(f"--split {split!r}: expected one of {', '.join(SPLIT_NAMES)}")
-    shards = expand_braces(pattern)
+    names = class_names_file(class_names) if class_names else _beside([f for f, _ in files])
     skipped: list[tuple[str, str]] = []
     rows, seen = [], {}
-    for shard in shards:
-        shard_split = split or split_from_name(shard) or "train"
+    for shard, name_split in files:
+        shard_split = canonical_split(split) if split else name_split or "train"
         url = shard if is_url(shard) else os.path.abspath(shard)
         stamp, found = scan_shard(shard, skipped)
         for name, label, offset, size, kind in found:
-            if name in seen:
-                skipped.append((f"{shard}:{name}", f"duplicate key (also in {seen[name]}); only the first is used"))
+            key = name
+            if key in seen and seen[key][1] != shard_split:  # splits written with the same keys (sample000000, ...)
+                key = f"{shard_split}/{name}"
+            if key in seen:
+                skipped.append((f"{shard}:{name}", f"duplicate key (also in {seen[key][0]}); only the first is used"))
                 continue
-            seen[name] = shard
-            rows.append((locator("rng", url, stamp, size, offset), name, label, kind, shard_split))
+            seen[key] = (shard, shard_split)
+            rows.append((locator("rng", url, stamp, size, offset), key, _named(label, kind, names, f"{shard}:{name}"),
+                         kind, shard_split))
+    where = pattern if isinstance(pattern, str) else " ".join(f for f, _ in files[:3])
     if not rows:
-        raise FeatxError(f"no labelled images found in the shards {pattern}; a sample needs an image member "
+        raise FeatxError(f"no labelled images found in the shards {where}; a sample needs an image member "
                          "(jpg, png, webp, ...) and a cls or txt label")
     for p, reason in skipped:
         log.warning("skipped %s: %s", p, reason)
-    classes = sorted({r[2] for r in rows}, key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
+    present = {r[2] for r in rows}
+    classes = sorted(present, key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
+    if names:
+        classes = [c for c in dict.fromkeys(names) if c in present] + [c for c in classes if c not in names]
     index = {c: i for i, c in enumerate(classes)}
     order = {s: i for i, s in enumerate(SPLIT_NAMES)}
     samples = [Sample(loc, name, index[label], sp) for loc, name, label, _, sp in rows]
     samples.sort(key=lambda s: order[s.split])  # stable: shard order within a split
-    return Dataset(pattern, classes, samples, "webdataset", skipped)
+    return Dataset(root or (pattern if isinstance(pattern, str) else where), classes, samples, "webdataset", skipped)

@@ -40,7 +40,7 @@ from ..cache.trust.roots import sign_root
 from ..cache.trust.verify import forget_damaged
 from ..config import EmbedSettings
 from ..data.folders import Dataset
-from ..data.sources import SourceOptions, discover_any, is_local, stamp_of
+from ..data.sources import SourceOptions, discover_any, dominant_failure, is_local, stamp_of
 from .backbones import Backbone
 from .engines import augment
 from .engines.chunks import DECODE_VERSION, DTYPES, EngineSettings, cache_fingerprint, default_engine, iter_chunks  # noqa: F401 - DECODE_VERSION re-exported
@@ -347,7 +347,8 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
     progress, wait = x["progress"], x["wait"] and not s.no_wait
     settings = check_options(s)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
-    src = SourceOptions(s.image_column, s.label_column, s.read_concurrency, tuple(s.storage_option), s.split_column, s.split)
+    src = SourceOptions(s.image_column, s.label_column, s.read_concurrency, tuple(s.storage_option), s.split_column, s.split,
+                        s.data_root, s.class_names)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
@@ -356,12 +357,13 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
     try:
         with PartsLock(p.path).acquire(shared=False, wait=wait):
             read_done(p, overwrite=overwrite)
-            stats.reused = len(p.samples) - len(p.todo)
+            stats.reused = _reused(p)
             if is_up_to_date(p):
                 stats.seconds = time.perf_counter() - t0
                 log.info("cache %s is complete and up to date (%d images); nothing to embed", p.path, len(p.samples))
                 p.old.stats = stats
                 _check_strict(p.old, strict)
+                _check_failures(p.old)
                 return p.old
             if p.todo:
                 _run_pending(p, settings, stats, executor=executor, ray_address=ray_address, num_actors=num_actors,
@@ -372,6 +374,7 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
         log.info("wrote %s: %d rows, %d failed, %.1fs (%.1f images/s embedding)",
                  p.path, len(fc), len(fc.failed), stats.seconds, stats.images_per_s)
         _check_strict(fc, strict)
+        _check_failures(fc)
         return fc
     finally:
         lock.release()
@@ -417,7 +420,7 @@ def _embed_shard(p: EmbedPlan, s: EngineSettings, shard: tuple[int, int], *, t0:
     with PartsLock(p.path).acquire(shared=True, wait=wait):
         read_done(p)
         mine = shard_share(p, shard, s.chunk_size)
-        stats.reused = len(p.samples) - len(p.todo)
+        stats.reused = _reused(p)
         label = f"{shard[0]}/{shard[1]}"
         if mine:
             p.parts.ensure()
@@ -444,6 +447,19 @@ def _readable(path: str) -> bool:
         return not isinstance(exc, (PermissionError, FileNotFoundError)) and exc.errno is None
     except Exception:  # noqa: BLE001 - readable now (if broken, the retry records the new reason)
         return True
+
+
+def _reused(p: EmbedPlan) -> int:
+    """Images whose stored row is used as it is (a stored failure is not a reused image)."""
+    todo = {s.key for s in p.todo}
+    return sum(1 for s in p.samples if s.key not in todo and (p.index.get(s.key) or ("",))[0] != "failed")
+
+
+def _check_failures(fc) -> None:
+    """Exit non-zero when no row was embedded, or more than half of the images failed for one reason."""
+    why = dominant_failure(fc.failed, len(fc))
+    if why:
+        raise FeatxError(f"{why}; the cache {fc.path} records every failure (featx info {fc.path} --failed)")
 
 
 def _check_strict(fc, strict: bool) -> None:
