@@ -34,6 +34,7 @@ _EXPORTS = {
     "export_cache": "cache.export",
     "log_run": "report.tracking",
     "DinoKNNClassifier": "heads.estimators.dino_knn",
+    "export_model": "runs.export_model",
 }
 
 __all__ = ["__version__", "FeatxError", "CacheMismatchError", "CacheLockedError", *_EXPORTS]

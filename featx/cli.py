@@ -51,7 +51,7 @@ from .config import (
     render_yaml,
 )
 from .config.options import command_line_values, settings_options
-from .config.settings import AuditSettings, VerifySettings
+from .config.settings import AuditSettings, ExportModelSettings, VerifySettings
 
 log = logging.getLogger("featx")
 _ENTRY_POINT = False  # True when running as the `featx` program (not inside a test's CliRunner)
@@ -464,6 +464,23 @@ def export(cache: str | None, s: ExportSettings) -> None:
         if str(extra) != str(info["out"]):
             click.echo(f"  also   {extra}")
 
+
+
+@cli.command("export-model")
+@settings_options(ExportModelSettings)
+def export_model(s: ExportModelSettings) -> None:
+    """Write --out (one ONNX graph: uint8 images -> probabilities, label) and preprocess.py, checked against predict."""
+    from .runs.export_model import export_model as run_export  # torch, onnx: not imported for --help
+
+    res = run_export(s.head_path, settings=s)
+    if s.as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2, default=str))
+        return
+    click.echo(f"model    {res.model} ({res.size_mb:.1f} MB, input uint8 {res.input_shape}, {len(res.classes)} classes)")
+    click.echo(f"prepare  {res.preprocess} (numpy + Pillow: resize and centre crop)")
+    if res.verified_images:
+        click.echo(f"checked  {res.verified_images} images in onnxruntime: top-1 identical to featx predict, "
+                   f"max |dp| {res.max_abs_diff:.1e}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -442,6 +442,28 @@ class ExportSettings(Settings):
     as_json: bool = _json("Print what was written as JSON (default: one summary line).")
 
 
+@dataclass(frozen=True)
+class ExportModelSettings(Settings):
+    """`featx export-model --head FILE --out model.onnx`: one ONNX graph (network, view, head) + preprocess.py."""
+
+    section: ClassVar[str] = "export_model"
+    head_path: Optional[str] = option(
+        None, "A .skops head (or, with --trust, a .joblib head) written by `featx probe`.",
+        flags=("--head",), path="file", required=True, lib=None, file=False)
+    out: Optional[str] = option(None, "The .onnx file to write (preprocess.py is written beside it).", path="file",
+                                required=True, file=False)
+    fmt: Literal["onnx"] = option("onnx", "Model format.", flags=("--format",))
+    max_model_mb: float = option(512.0, "Refuse to write a model bigger than this (a kNN head carries its rows).")
+    verify: int = option(64, "Evaluation images of the head's cache run in onnxruntime and compared with `featx "
+                         "predict` before the model is written (0: no check).")
+    images: Optional[str] = option(None, "A folder of images to verify on instead of the cache's evaluation images.",
+                                   path="dir", file=False)
+    weights: Optional[str] = option(None, "Backbone weights file if the head's cannot be found here.", file=False)
+    cache_dir: str = _cache_dir("`featx predict`'s features for the check are cached under <cache-dir>/predict/.")
+    trust: bool = flag("Load a joblib/pickle head (pickles can run code; .skops heads never need it).")
+    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = _json("Print the result as JSON.")
+
 def _grid(name: str) -> Any:
     return lambda: copy.deepcopy(DEFAULT_GRIDS[name])
 
@@ -475,7 +497,7 @@ class HeadsSettings(Settings):
 SETTINGS: dict[str, type[Settings]] = {
     cls.section: cls
     for cls in (EmbedSettings, InfoSettings, ProbeSettings, AuditSettings, CompareSettings, PredictSettings,
-                FewshotSettings, ReportSettings, ExportSettings, HeadsSettings, VerifySettings)
+                FewshotSettings, ReportSettings, ExportSettings, ExportModelSettings, HeadsSettings, VerifySettings)
 }
 
 
