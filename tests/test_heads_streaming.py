@@ -70,17 +70,6 @@ def test_streamed_logreg_reaches_the_regularised_optimum(C):
     assert objective(s.coef_, s.intercept_) <= ref_obj * 1.002 + 1e-4
 
 
-def test_softmax_temperature_undoes_overconfident_scores():
-    from featx.heads.stream.init import softmax_temperature
-
-    rng = np.random.default_rng(0)
-    scores = rng.normal(0, 1, (4000, 5))
-    p = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
-    y = np.array([rng.choice(5, p=row) for row in p])  # labels drawn from softmax(scores): temperature 1 is best
-    assert softmax_temperature(20 * scores, y) == pytest.approx(1 / 20, rel=0.15)
-    assert softmax_temperature(scores[:0], y[:0]) == 1.0
-
-
 def test_large_sets_select_on_a_stratified_held_out_slice(monkeypatch):
     monkeypatch.setattr(stream_source, "KFOLD_MAX_ROWS", 100)
     X, y = _problem(3000, classes=2)
