@@ -23,21 +23,26 @@ TINY = dict(TINY_BACKBONE, device="cpu", progress=False)
 FT = dict(epochs=1, batch_size=8, num_workers=0)
 
 
-def _stub_probe(calls: list):
-    def probe(fc, **kw):
-        calls.append(kw)
-        return {
-            "load_seconds": 0.25,
-            "split": {"n_eval": 24},
-            "heads": {
-                "logreg": {"accuracy": 0.9, "balanced_accuracy": 0.875, "macro_f1": 0.88, "fit_seconds": 2.0,
-                           "predict_seconds": 0.5, "params": {"C": 1.0}},
-                "knn": {"accuracy": 0.7, "balanced_accuracy": 0.7, "macro_f1": 0.69, "fit_seconds": 0.1,
-                        "predict_seconds": 0.1, "params": {"n_neighbors": 5}},
-            },
-        }
+# A real tiny probe: two heads, 2-fold CV, one job.
+PROBE = dict(head="logreg,knn", folds=2, n_jobs=1)
 
-    return probe
+
+def _spy(monkeypatch) -> dict:
+    """Record the Split object handed to the probe and to each fine-tune (both sides must get the same one)."""
+    seen: dict = {"probe": [], "finetune": []}
+    real_probe, real_ft = comparison.probe, comparison.run_finetune
+
+    def probe(fc, **kw):
+        seen["probe"].append(kw)
+        return real_probe(fc, **kw)
+
+    def finetune(fc, **kw):
+        seen["finetune"].append(kw)
+        return real_ft(fc, **kw)
+
+    monkeypatch.setattr(comparison, "probe", probe)
+    monkeypatch.setattr(comparison, "run_finetune", finetune)
+    return seen
 
 
 @pytest.fixture
@@ -46,23 +51,26 @@ def data(tmp_path):
 
 
 def test_compare_with_finetune_writes_table_json_and_chart(data, tmp_path, monkeypatch):
-    calls: list = []
-    monkeypatch.setattr(comparison, "_run_probe", _stub_probe(calls))
+    seen = _spy(monkeypatch)
     out = tmp_path / "cmp"
     r = featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="head,partial", out_dir=out,
-                      seed=3, test_size=0.3, **TINY, **FT)
+                      seed=3, test_size=0.3, **PROBE, **TINY, **FT)
 
-    # The probe was asked for the same split settings as the fine-tune used.
-    assert calls[0]["seed"] == 3 and calls[0]["test_size"] == 0.3
+    # One split object, handed to the probe and to every fine-tune; the probe ran with the same split settings.
+    split = seen["probe"][0]["split"]
+    assert all(kw["split"] is split for kw in seen["finetune"]) and len(seen["finetune"]) == 2
+    assert seen["probe"][0]["settings"].seed == 3 and seen["probe"][0]["settings"].test_size == 0.3
+    assert r["probe"]["settings"]["seed"] == 3 and r["probe"]["settings"]["test_size"] == 0.3
     methods = [row["method"] for row in r["rows"]]
     assert methods == ["probe-logreg", "probe-knn", "finetune-head", "finetune-partial"]
     fc = featx.FeatureCache(r["cache"]["path"])
     embed_s = float(fc.meta["embed_seconds"])
-    logreg = r["rows"][0]
-    assert logreg["wall_seconds"] == pytest.approx(embed_s + 0.25 + 2.0 + 0.5)  # embedding counted for the probe
+    logreg, head = r["rows"][0], r["probe"]["heads"]["logreg"]
+    assert logreg["wall_seconds"] == pytest.approx(  # embedding counted for the probe
+        embed_s + r["probe"]["load_seconds"] + head["fit_seconds"] + head["predict_seconds"])
     assert logreg["images_per_s"] == pytest.approx(len(fc) / embed_s)
     _, eval_idx, _ = train_eval_split(fc.labels(), fc.split_array(), test_size=0.3, seed=3)
-    assert r["split"]["n_eval"] == len(eval_idx)
+    assert r["split"]["n_eval"] == len(eval_idx) == r["probe"]["split"]["n_eval"]
     for row in r["rows"][2:]:
         assert 0 <= row["accuracy"] <= 1 and row["wall_seconds"] > 0 and row["images_per_s"] > 0
         assert row["peak_gpu_mem_bytes"] is None
@@ -74,44 +82,51 @@ def test_compare_with_finetune_writes_table_json_and_chart(data, tmp_path, monke
     saved = json.loads(Path(r["paths"]["json"]).read_text())
     assert [row["method"] for row in saved["rows"]] == methods and saved["settings"]["strategy"] == ["head", "partial"]
     md = Path(r["paths"]["markdown"]).read_text()
-    assert "| probe-logreg | 90.0% | +0.0 pts | 87.5% | 88.0% |" in md and "finetune-partial" in md
+    acc = f"{100 * head['accuracy']:.1f}%"
+    assert f"| probe-logreg | {acc} |" in md and "finetune-partial" in md
     with Image.open(r["paths"]["chart"]) as im:
         assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 400
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
 
     # A rerun reuses the finished fine-tunes (and the cache) instead of training again.
     again = featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="head,partial", out_dir=out,
-                          seed=3, test_size=0.3, **TINY, **FT)
+                          seed=3, test_size=0.3, **PROBE, **TINY, **FT)
     assert all(row["reused"] for row in again["rows"][2:])
     assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in r["rows"]]
 
 
-def test_compare_without_finetune_lists_probe_heads_only(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
-    r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", **TINY)
+def test_compare_passes_the_users_probe_settings(data, tmp_path):
+    r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", view="final", norm="l2",
+                      solver="stream", cv_repeats=1, stream_epochs=2, head="logreg", folds=2, n_jobs=1, **TINY)
+    ps = r["probe"]["settings"]
+    assert (ps["view"], ps["norm"], ps["solver"], ps["cv_repeats"]) == ("final", "l2", "stream", 1)
+    assert r["probe"]["heads"]["logreg"]["solver"] == "stream" and r["probe"]["heads"]["logreg"]["norm"] == "l2"
+
+
+def test_compare_without_finetune_lists_probe_heads_only(data, tmp_path):
+    r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", **PROBE, **TINY)
     assert [row["kind"] for row in r["rows"]] == ["probe", "probe"] and r["finetune"] == {}
     assert Path(r["paths"]["chart"]).is_file()
     # An existing cache can be compared without the dataset argument.
-    r2 = featx.compare(cache=r["cache"]["path"], out_dir=tmp_path / "cmp2", progress=False)
+    r2 = featx.compare(cache=r["cache"]["path"], out_dir=tmp_path / "cmp2", progress=False, **PROBE)
     assert [row["method"] for row in r2["rows"]] == ["probe-logreg", "probe-knn"]
 
 
-def test_bad_strategy_is_a_clear_error(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+def test_bad_strategy_is_a_clear_error(data, tmp_path):
     with pytest.raises(FeatxError, match="--strategy 'fastest'"):
         featx.compare(data, cache_dir=tmp_path / "cache", finetune=True, strategy="fastest", **TINY)
     with pytest.raises(FeatxError, match="featx embed DATA"):
         featx.compare(cache_dir=tmp_path / "no-caches-here")
 
 
-def test_bad_kernel_is_refused_before_any_work(data, tmp_path, monkeypatch):
+def test_bad_kernel_is_refused_before_any_work(data, tmp_path):
     # As `featx probe --kernel` does: checked before embedding, whatever the heads.
-    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
     with pytest.raises(FeatxError, match="--kernel 'poly': expected one of linear, rbf"):
         featx.compare(data, cache_dir=tmp_path / "cache", kernel="poly", head="logreg", **TINY)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
-    r = featx.compare(data, cache_dir=tmp_path / "cache", kernel="rbf", out_dir=tmp_path / "cmp", **TINY)
-    assert r["settings"]["kernel"] == "rbf"
+    r = featx.compare(data, cache_dir=tmp_path / "cache", kernel="rbf", out_dir=tmp_path / "cmp",
+                      head="svm", folds=2, n_jobs=1, **TINY)
+    assert r["settings"]["kernel"] == "rbf" and r["probe"]["heads"]["svm"]["params"]["kernel"] == "rbf"
 
 
 def test_markdown_table_formats_every_column():
@@ -129,13 +144,12 @@ def test_markdown_table_formats_every_column():
     assert markdown_table(rows).splitlines()[2].startswith("| probe-svm [multi2 + 8 aug.] | 80.0% |")
 
 
-def test_cli_compare_finetune_prints_the_table(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(comparison, "_run_probe", _stub_probe([]))
+def test_cli_compare_finetune_prints_the_table(data, tmp_path):
     out = tmp_path / "cmp"
     res = CliRunner().invoke(cli, [
         "compare", str(data), "--backbone", "tiny_cnn", "--weights", "random", "--cache-dir", str(tmp_path / "cache"),
         "--finetune", "--strategy", "head", "--epochs", "1", "--limit", "8", "--batch-size", "4", "--workers", "0",
-        "--device", "cpu", "--out-dir", str(out), "--quiet",
+        "--device", "cpu", "--out-dir", str(out), "--quiet", "--head", "logreg,knn", "--folds", "2", "--n-jobs", "1",
     ])
     assert res.exit_code == 0, res.output
     assert "| finetune-head |" in res.output and "| probe-logreg |" in res.output

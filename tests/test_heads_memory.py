@@ -132,7 +132,7 @@ def test_probe_result_is_a_dataclass_with_the_metrics_json_keys(tiny_cache, tmp_
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert list(on_disk) == list(res.to_dict()) == [
         "featx_version", "created", "cache", "backbone", "fingerprint", "split", "cv", "settings", "load_seconds",
-        "heads", "seconds", "out_dir", "table", "metrics_path", "train_subset",
+        "heads", "seconds", "out_dir", "table", "metrics_path", "train_subset", "identity", "run_key",
     ]
     assert res["split"]["n_train"] == 15 and res.train_subset["n_available"] == 30
     assert np.bincount(tiny_cache.labels("train")).tolist() == [10, 10, 10]

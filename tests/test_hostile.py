@@ -570,7 +570,7 @@ def test_nan_features_are_named_and_never_reach_a_head(built, head, tmp_path, ca
     with h5py.File(path, "a") as f:
         f["features"][0] = np.nan
         del f["checksums"]
-    with caplog.at_level("WARNING", logger="featx.runs.rows"):
+    with caplog.at_level("WARNING", logger="featx.heads.tuning.rows"):
         featx.probe(str(path), head="knn", out_dir=tmp_path / "o", n_jobs=1, device="cpu", plots=False, save=False)
     assert "cache rows 0" in caplog.text
     out = tmp_path / "p.csv"  # last: the CLI reconfigures logging

@@ -18,6 +18,8 @@ STR_DTYPE = h5py.string_dtype("utf-8")
 # Keys of augmented training views: the image's key, this separator, the recipe and view number
 # (featx.embedding.engines.augment); such rows are kept in the finished cache's augmented/ group.
 AUG_SEP = "\x00aug:"
+# The file of a set of several backbones' caches of one data set (featx.cache.multi).
+MULTI_SUFFIX = ".multi.json"
 
 
 def image_key(key: str) -> str:

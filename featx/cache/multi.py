@@ -25,11 +25,11 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from .keys import fingerprint_digest
+from .identity import CacheIdentity, identity_of
+from .keys import MULTI_SUFFIX, fingerprint_digest  # noqa: F401 - MULTI_SUFFIX re-exported
 from .reader import FeatureCache, find_cache
 from .views import l2_rows, view_blocks
 
-MULTI_SUFFIX = ".multi.json"
 AT, JOIN = "@", "+"
 SET_VERSION = 1
 
@@ -129,12 +129,20 @@ class MultiCache:
         return self.first.failed
 
     @property
-    def fingerprint(self) -> str:
-        return fingerprint_digest(self.fingerprint_dict)
+    def embedding_settings(self) -> str:
+        return fingerprint_digest(self.embedding_settings_dict)
 
     @property
-    def fingerprint_dict(self) -> dict:
-        return {"members": {n: fc.fingerprint_dict for n, fc in self.members.items()}}
+    def embedding_settings_dict(self) -> dict:
+        return {"members": {n: fc.embedding_settings_dict for n, fc in self.members.items()}}
+
+    fingerprint = embedding_settings  # the older names
+    fingerprint_dict = embedding_settings_dict
+
+    @property
+    def identity(self) -> CacheIdentity:
+        """The members' shared rows (checked aligned) and the set's embedding settings."""
+        return identity_of(self)
 
     @property
     def views(self) -> list[str]:
@@ -197,7 +205,8 @@ class MultiCache:
         return {**s, "path": str(self.path), "backbone": self.backbone, "views": self.views,
                 "weights_source": {n: fc.meta.get("weights_source") for n, fc in self.members.items()},
                 "preprocess": {n: fc.meta.get("preprocess") for n, fc in self.members.items()},
-                "fingerprint": self.fingerprint, "members": {n: str(fc.path) for n, fc in self.members.items()},
+                "fingerprint": self.fingerprint, "embedding_settings": self.embedding_settings,
+                "identity": self.identity.to_dict(), "members": {n: str(fc.path) for n, fc in self.members.items()},
                 "dims": {n: fc.summary()["dim"] for n, fc in self.members.items()},
                 "size_bytes": sum(fc.path.stat().st_size for fc in self.members.values())}
 
@@ -218,20 +227,18 @@ def view_layout(fc, view: str) -> list[tuple[tuple, float, tuple[int, int]]]:
 
 
 def open_cache(cache, *, cache_dir: str | os.PathLike = "cache"):
-    """A FeatureCache or MultiCache: ``cache`` itself, a path to either, or the newest in ``cache_dir``."""
+    """A FeatureCache or MultiCache: ``cache`` itself, a path to either, or the newest of both in ``cache_dir``."""
     if isinstance(cache, (FeatureCache, MultiCache)):
         return cache
-    if cache is None:
-        d = Path(cache_dir)
-        sets = sorted(d.glob("*" + MULTI_SUFFIX), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
-        try:
-            newest = find_cache(None, cache_dir=cache_dir)
-        except FeatxError:
-            if not sets:
-                raise
-            return MultiCache(sets[-1])
-        if sets and sets[-1].stat().st_mtime >= newest.stat().st_mtime:
-            return MultiCache(sets[-1])
-        return FeatureCache(newest)
     p = find_cache(cache, cache_dir=cache_dir)
     return MultiCache(p) if p.name.endswith(MULTI_SUFFIX) else FeatureCache(p)
+
+
+def open_single_cache(cache, *, cache_dir: str | os.PathLike = "cache", what: str) -> FeatureCache:
+    """One backbone's cache for ``what`` (fine-tuning, the audit...): a cache set is refused with its members named."""
+    fc = open_cache(cache, cache_dir=cache_dir)
+    if isinstance(fc, MultiCache):
+        members = ", ".join(str(m.path) for m in fc.members.values())
+        raise FeatxError(f"{what} reads one backbone's cache, and {fc.path.name} is a cache set of several; "
+                         f"pass one of its members instead: {members}")
+    return fc

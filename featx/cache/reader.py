@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 
 from ..base.errors import CacheMismatchError, FeatxError
-from .keys import LAYOUT_VERSION, SPLITS, decode_key, part_path
+from .identity import CacheIdentity, identity_of
+from .keys import LAYOUT_VERSION, MULTI_SUFFIX, SPLITS, decode_key, part_path
 from .parts import settings_diff
 from .trust import integrity
 from .views import available_views, check_view, compose, view_dim
@@ -152,12 +153,22 @@ class FeatureCache:
         return [s for s in SPLITS if s in self._ranges]
 
     @property
-    def fingerprint(self) -> str:
+    def embedding_settings(self) -> str:
+        """Digest of the settings that made the features (backbone, weights, preprocessing...): not the data."""
         return str(self.meta["fingerprint"])
 
     @property
-    def fingerprint_dict(self) -> dict:
+    def embedding_settings_dict(self) -> dict:
         return json.loads(self.meta["fingerprint_json"])
+
+    # The older names of the embedding settings (the HDF5 attributes keep them).
+    fingerprint = embedding_settings
+    fingerprint_dict = embedding_settings_dict
+
+    @property
+    def identity(self) -> CacheIdentity:
+        """The data this cache holds and its embedding settings (:mod:`featx.cache.identity`)."""
+        return identity_of(self)
 
     @property
     def root(self) -> str:
@@ -292,6 +303,8 @@ class FeatureCache:
             "weights_source": self.meta.get("weights_source"),
             "preprocess": self.meta.get("preprocess"),
             "fingerprint": self.fingerprint,
+            "embedding_settings": self.embedding_settings,
+            "identity": self.identity.to_dict(),
             "root": self.root,
             "failed": len(self.failed),
             "created": self.meta.get("created"),
@@ -314,15 +327,12 @@ class FeatureCache:
 # --------------------------------------------------------------------------- finalize
 
 
-def find_cache(cache: str | os.PathLike | None, *, cache_dir: str | os.PathLike = "cache") -> Path:
-    """``cache`` itself, or the most recently written finished cache in ``cache_dir``."""
-    if cache is not None:
-        p = Path(cache)
-        if not p.exists():
-            raise FeatxError(f"cache {str(p)!r} does not exist; create one with `featx embed DATA_DIR`")
-        return p
+def newest_cache(cache_dir: str | os.PathLike = "cache") -> Path:
+    """The one rule for "the newest cache": the most recently written finished cache or cache set
+    (``*.h5`` or ``*.multi.json``) in ``cache_dir``; a set is written after its members, so it wins."""
     d = Path(cache_dir)
-    found = sorted(d.glob("*.h5"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
+    found = sorted((p for pat in ("*.h5", "*" + MULTI_SUFFIX) for p in d.glob(pat)),
+                   key=lambda p: (p.stat().st_mtime, p.name.endswith(MULTI_SUFFIX))) if d.is_dir() else []
     if not found:
         raise FeatxError(
             f"no cache in {str(d)!r}; run `featx embed DATA_DIR` first, or pass a cache file (or --cache-dir)"
@@ -330,3 +340,13 @@ def find_cache(cache: str | os.PathLike | None, *, cache_dir: str | os.PathLike 
     if len(found) > 1:
         log.info("using the newest cache in %s: %s (pass a path to choose another)", d, found[-1].name)
     return found[-1]
+
+
+def find_cache(cache: str | os.PathLike | None, *, cache_dir: str | os.PathLike = "cache") -> Path:
+    """``cache`` itself, or the newest finished cache or cache set in ``cache_dir`` (:func:`newest_cache`)."""
+    if cache is not None:
+        p = Path(cache)
+        if not p.exists():
+            raise FeatxError(f"cache {str(p)!r} does not exist; create one with `featx embed DATA_DIR`")
+        return p
+    return newest_cache(cache_dir)

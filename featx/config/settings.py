@@ -21,14 +21,33 @@ import copy
 import dataclasses
 import functools
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional
 
 # The sets of choices: each option's Literal type below is derived from its tuple there.
 from . import choices
-
-# Keyword the library call receives for each field, when it differs (see ``lib=``).
-_SAME = object()
+from .fields import (  # noqa: F401 - option and flag: the public way to declare a field
+    CACHE_DIR_HELP,
+    LIMIT_HELP,
+    MANIFEST_HELP,
+    NEWEST_HELP,
+    SAME,
+    flag,
+    option,
+    probe_cv_repeats,
+    probe_max_train_rows,
+    probe_norm,
+    probe_solver,
+    probe_stream_epochs,
+    probe_train_views,
+    probe_view,
+    shared_cache_dir,
+    shared_device,
+    shared_json,
+    shared_quiet,
+    shared_weights,
+    shared_workers,
+)
 
 # Hyperparameter grids searched by CV.  A value is a list, or ``{"logspace": [start, stop, num]}``
 # (powers of ten).  Grid keys: a head name, or "svm_rbf" for ``svm`` with ``kernel="rbf"``.
@@ -46,51 +65,6 @@ DEFAULT_GRIDS: dict[str, dict[str, Any]] = {
 DEFAULT_SCALARS: dict[str, Any] = {"scoring": "accuracy", "max_iter": 2000}
 
 
-def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), path: str | None = None,
-           required: bool = False, lib: Any = _SAME, file: bool = True, factory: Any = None) -> Any:
-    """A dataclass field that is also a command-line option and a config-file key."""
-    meta = {"help": help, "flags": tuple(flags), "path": path, "required": required, "lib": lib, "file": file}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def flag(help: str = "", *, flags: tuple[str, ...] = (), lib: Any = _SAME, file: bool = False) -> Any:
-    """A boolean switch, off by default (``--overwrite``); ``flags=("--a/--no-a",)`` for a pair."""
-    return option(False, help, flags=flags, lib=lib, file=file)
-
-
-# Options shared by several commands: one definition each, so their defaults cannot drift.
-def _cache_dir(help: str = "") -> Any:
-    return option("cache", help, path="dir")
-
-
-def _device(help: str = "auto, cpu, cuda or cuda:N.") -> Any:
-    return option("auto", help)
-
-
-def _workers(help: str = "DataLoader workers (default: one per core, at most 16).") -> Any:
-    return option(None, help, lib="num_workers")
-
-
-def _weights() -> Any:
-    return option(None, "Local state-dict file, or 'random'. Default: pretrained weights.")
-
-
-def _quiet(help: str) -> Any:
-    return flag(help, flags=("--quiet", "-q"), lib=None)
-
-
-def _json(help: str = "") -> Any:
-    return flag(help, flags=("--json",), lib=None)
-
-
-_LIMIT_HELP = "At most this many images per split (quick runs)."
-_MANIFEST_HELP = "CSV with columns path,label[,split] instead of a folder."
-_CACHE_DIR_HELP = "Folder that holds the caches."
-_NEWEST_HELP = "Where to look for the newest cache when CACHE is not given."
-
-
 class Settings:
     """Behaviour shared by the per-command dataclasses."""
 
@@ -105,9 +79,9 @@ class Settings:
         """Keyword arguments of the command's library call, named as the library names them."""
         out = {}
         for f in dataclasses.fields(self):
-            lib = f.metadata.get("lib", _SAME)
+            lib = f.metadata.get("lib", SAME)
             if lib is not None:
-                out[f.name if lib is _SAME else lib] = getattr(self, f.name)
+                out[f.name if lib is SAME else lib] = getattr(self, f.name)
         return out
 
     @classmethod
@@ -115,8 +89,8 @@ class Settings:
         """Library keyword -> field name, for the fields whose keyword differs (``num_workers`` -> ``workers``)."""
         out = {}
         for f in dataclasses.fields(cls):
-            lib = f.metadata.get("lib", _SAME)
-            if lib is not _SAME and lib is not None:
+            lib = f.metadata.get("lib", SAME)
+            if lib is not SAME and lib is not None:
                 out[lib] = f.name
         return out
 
@@ -161,16 +135,16 @@ class EmbedSettings(Settings):
     """`featx embed DATA`: embed an image folder with a frozen CNN into a crash-safe cache."""
 
     section: ClassVar[str] = "embed"
-    manifest: Optional[str] = option(None, _MANIFEST_HELP, path="file", file=False)
+    manifest: Optional[str] = option(None, MANIFEST_HELP, path="file", file=False)
     backbone: str = option("efficientnet_lite0", "Registered backbone, torchvision model name, or timm:<name>.",
                            flags=("--backbone", "-b"))
-    weights: Optional[str] = _weights()
-    cache_dir: str = _cache_dir(_CACHE_DIR_HELP)
+    weights: Optional[str] = shared_weights()
+    cache_dir: str = shared_cache_dir(CACHE_DIR_HELP)
     cache_path: Optional[str] = option(None, "Exact cache file path.", flags=("--cache",), path="file", lib="cache",
                                        file=False)
     batch_size: int = option(64, "Images per forward pass.")
-    workers: Optional[int] = _workers()
-    device: str = _device()
+    workers: Optional[int] = shared_workers()
+    device: str = shared_device()
     dtype: Literal[choices.DTYPES] = option("float32", "Feature type in the cache (float16 halves its size).")
     chunk_size: int = option(1024, "Images per committed chunk.")
     engine: Literal[choices.ENGINES] = option("auto", "gpu: decode JPEGs on the GPU (CUDA only).")
@@ -187,7 +161,7 @@ class EmbedSettings(Settings):
         None, "Also store K augmented views (random-resized crop + flip, seeded) of each training image; the probe can "
               "train on them (CV grouped by image). K extra passes over the training split. Default: keep what the "
               "cache already stores (none for a new cache); 0 removes them.")
-    limit: Optional[int] = option(None, _LIMIT_HELP)
+    limit: Optional[int] = option(None, LIMIT_HELP)
     overwrite: bool = flag("Discard an existing cache (or unfinished work) for these settings.")
     storage_option: tuple[str, ...] = option(
         (), "KEY=VALUE passed to fsspec for URL inputs (repeatable; VALUE may be JSON), e.g. anon=true or "
@@ -217,8 +191,8 @@ class EmbedSettings(Settings):
               "once more without --shard to assemble.", file=False)
     strict: bool = flag("Exit non-zero if any image fails to load.", lib=None, file=True)
     no_wait: bool = flag("Fail at once if another process is writing this cache.", lib=None, file=True)
-    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
-    as_json: bool = _json("Print the cache summary as JSON.")
+    quiet: bool = shared_quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = shared_json("Print the cache summary as JSON.")
 
 
 @dataclass(frozen=True)
@@ -226,9 +200,9 @@ class InfoSettings(Settings):
     """`featx info [CACHE]`: summarise a cache."""
 
     section: ClassVar[str] = "info"
-    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    cache_dir: str = shared_cache_dir(NEWEST_HELP)
     show_failed: bool = flag("List every image that failed to load.", flags=("--failed",), lib=None)
-    as_json: bool = _json()
+    as_json: bool = shared_json()
 
 
 @dataclass(frozen=True)
@@ -236,8 +210,8 @@ class VerifySettings(Settings):
     """`featx verify [CACHE]`: read a whole cache against its checksums (and for NaN/inf)."""
 
     section: ClassVar[str] = "verify"
-    cache_dir: str = _cache_dir(_NEWEST_HELP)
-    as_json: bool = _json()
+    cache_dir: str = shared_cache_dir(NEWEST_HELP)
+    as_json: bool = shared_json()
 
 
 @dataclass(frozen=True)
@@ -246,35 +220,24 @@ class ProbeSettings(Settings):
 
     section: ClassVar[str] = "probe"
     also: ClassVar[tuple[str, ...]] = ("heads",)
-    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    cache_dir: str = shared_cache_dir(NEWEST_HELP)
     head: str = option("svm", "logreg, svm, knn, all, or a comma list.")
     kernel: Literal[choices.KERNELS] = option("linear", "SVM kernel (rbf searches C and gamma).")
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split.")
     folds: int = option(5, "Cross-validation folds for the hyperparameter search.")
     seed: int = option(0, "Seed of the hold-out split and the CV folds.")
-    device: str = _device("auto, cpu or cuda (GPU heads when available).")
+    device: str = shared_device("auto, cpu or cuda (GPU heads when available).")
     n_jobs: int = option(-1, "CPU jobs for the search (-1: all cores).")
     out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).",
                                     path="dir", file=False)
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
-    view: str = option("auto", "Feature view: auto (choose per head by CV among the cache's views), a name "
-                       "(final, multi2, multi3, gem, <view>+flip; on a cache set of several backbones VIEW@BACKBONE "
-                       "or VIEW@A+B, the concatenation) or a comma list to choose among.")
-    norm: str = option("auto", "Feature normalisation before the head: none, l2, power, or a comma list to choose "
-                       "among by CV; auto = none (the head's own scaling; power measured no gain, ACCURACY.md).")
-    train_views: Literal[choices.TRAIN_VIEWS] = option(
-        "auto", "Train on the cache's augmented views of the training images (featx embed --train-views K; CV "
-                "grouped by image): auto = with and without, chosen by CV; on; off.")
-    cv_repeats: int = option(3, "Repeats of the stratified CV that chooses among several views/backbones (paired "
-                                "folds, successive halving); 1 = one full search per candidate as before.")
-    max_train_rows: Optional[int] = option(
-        None, "Train on at most N training rows: a stratified, seeded subset (for caches bigger than memory; "
-              "the probe names a value that fits).")
-    solver: Literal[choices.SOLVERS] = option(
-        "auto", "How logreg / the linear SVM / knn train: memory (the training rows in memory, CV search), stream "
-                "(rows read block by block: mini-batch optimisation with every C in one pass, kNN by exact blocked "
-                "search; chosen on held-out rows), auto (stream when the training rows do not fit in memory).")
-    stream_epochs: int = option(4, "Passes over the training rows when streaming (--solver stream).")
+    view: str = probe_view()
+    norm: str = probe_norm()
+    train_views: Literal[choices.TRAIN_VIEWS] = probe_train_views()
+    cv_repeats: int = probe_cv_repeats()
+    max_train_rows: Optional[int] = probe_max_train_rows()
+    solver: Literal[choices.SOLVERS] = probe_solver()
+    stream_epochs: int = probe_stream_epochs()
     head_format: Literal[choices.HEAD_FORMATS] = option(
         "skops", "File format of saved heads: skops (safe to share) or joblib (a pickle: loading it can run code; "
                  "predict needs --trust).", flags=("--format",))
@@ -289,8 +252,8 @@ class ProbeSettings(Settings):
         None, "leakage, labels or leakage,labels: probe again without the flagged training rows (labels) and the "
               "leaked evaluation rows (leakage), and report both results side by side; no file is touched.",
         lib=None, file=False)
-    quiet: bool = _quiet("No log lines; only the table.")
-    as_json: bool = _json("Print the whole result as JSON.")
+    quiet: bool = shared_quiet("No log lines; only the table.")
+    as_json: bool = shared_json("Print the whole result as JSON.")
 
 
 @dataclass(frozen=True)
@@ -299,7 +262,7 @@ class AuditSettings(Settings):
 
     section: ClassVar[str] = "audit"
     also: ClassVar[tuple[str, ...]] = ("heads",)
-    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    cache_dir: str = shared_cache_dir(NEWEST_HELP)
     data_root: Optional[str] = option(
         None, "Folder whose image files are hashed for exact duplicates and shown as thumbnails (default: the root "
               "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
@@ -321,8 +284,8 @@ class AuditSettings(Settings):
         "torch", "Neighbour search: exact, in blocks: torch matrix products, or faiss's flat index (pip install "
                  "'featx[faiss]').")
     report: bool = option(True, "Write report.html beside audit.json.", flags=("--report/--no-report",))
-    quiet: bool = _quiet("No log lines; only the summary.")
-    as_json: bool = _json("Print audit.json.")
+    quiet: bool = shared_quiet("No log lines; only the summary.")
+    as_json: bool = shared_json("Print audit.json.")
 
 
 @dataclass(frozen=True)
@@ -334,17 +297,24 @@ class CompareSettings(Settings):
     cache_path: Optional[str] = option(
         None, "Exact cache file (embedded from DATA if missing; used as is when DATA is omitted).",
         flags=("--cache",), path="file", lib="cache", file=False)
-    cache_dir: str = _cache_dir(_CACHE_DIR_HELP)
-    manifest: Optional[str] = option(None, _MANIFEST_HELP, path="file", file=False)
+    cache_dir: str = shared_cache_dir(CACHE_DIR_HELP)
+    manifest: Optional[str] = option(None, MANIFEST_HELP, path="file", file=False)
     backbone: str = option("efficientnet_lite0", "Backbone of the cache.", flags=("--backbone", "-b"))
-    weights: Optional[str] = _weights()
-    limit: Optional[int] = option(None, _LIMIT_HELP)
+    weights: Optional[str] = shared_weights()
+    limit: Optional[int] = option(None, LIMIT_HELP)
     head: str = option("all", "Probe heads: all, or a comma list (logreg,svm,knn).")
     kernel: Literal[choices.KERNELS] = option("linear", "SVM kernel for the probe.")
     folds: int = option(5, "Cross-validation folds of the probe's search.")
     test_size: float = option(
         0.2, "Hold-out fraction when the data has no val/test split (shared by probe and fine-tune).")
     seed: int = option(0, "Seed of the hold-out split, the CV folds and the fine-tunes.")
+    view: str = probe_view()
+    norm: str = probe_norm()
+    train_views: Literal[choices.TRAIN_VIEWS] = probe_train_views()
+    cv_repeats: int = probe_cv_repeats()
+    max_train_rows: Optional[int] = probe_max_train_rows()
+    solver: Literal[choices.SOLVERS] = probe_solver()
+    stream_epochs: int = probe_stream_epochs()
     finetune: bool = option(False, "Also fine-tune the backbone end to end and compare.",
                             flags=("--finetune/--no-finetune",))
     strategy: str = option("all", "Fine-tune strategies: all, or a comma list of full, partial, head.")
@@ -361,8 +331,8 @@ class CompareSettings(Settings):
     patience: int = option(3, "Early-stopping patience in epochs.")
     min_val_images: int = option(100, "Validation slices smaller than this do not early-stop: the fixed schedule "
                                       "runs to the end and keeps its last weights.")
-    device: str = _device()
-    workers: Optional[int] = _workers("Fine-tune DataLoader workers (default: per device).")
+    device: str = shared_device()
+    workers: Optional[int] = shared_workers("Fine-tune DataLoader workers (default: per device).")
     n_jobs: int = option(-1, "CPU jobs for the probe's search.")
     out_dir: Optional[str] = option(None, "Where the report and checkpoints go (default runs/compare-<cache name>).",
                                     path="dir", file=False)
@@ -370,8 +340,8 @@ class CompareSettings(Settings):
     overwrite: bool = flag("Retrain fine-tunes instead of resuming or reusing finished ones.")
     report: bool = option(True, "Write report.html beside compare.json.", flags=("--report/--no-report",), lib=None)
     mlflow: bool = flag("Log settings, metrics, report and heads to MLflow.", file=True, lib=None)
-    quiet: bool = _quiet("No progress bars or log lines; only the table.")
-    as_json: bool = _json("Print the whole result as JSON.")
+    quiet: bool = shared_quiet("No progress bars or log lines; only the table.")
+    as_json: bool = shared_json("Print the whole result as JSON.")
 
 
 @dataclass(frozen=True)
@@ -385,14 +355,14 @@ class PredictSettings(Settings):
         flags=("--head",), path="file", required=True, lib=None, file=False)
     out: Optional[str] = option(None, "CSV to write (default: runs/predict-<head>.csv).", path="file", file=False)
     weights: Optional[str] = option(None, "Backbone weights file if the head's cannot be found here.", file=False)
-    cache_dir: str = _cache_dir("Image features are cached under <cache-dir>/predict/.")
-    device: str = _device()
+    cache_dir: str = shared_cache_dir("Image features are cached under <cache-dir>/predict/.")
+    device: str = shared_device()
     batch_size: int = option(64, "Images per forward pass.")
-    workers: Optional[int] = _workers()
+    workers: Optional[int] = shared_workers()
     trust: bool = flag("Load a joblib/pickle head; pickles can run code when loaded, so only for heads from a source "
                        "you trust (.skops heads never need it).")
-    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
-    as_json: bool = _json("Print the result as JSON.")
+    quiet: bool = shared_quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = shared_json("Print the result as JSON.")
 
 
 @dataclass(frozen=True)
@@ -400,7 +370,7 @@ class FewshotSettings(Settings):
     """`featx fewshot [CACHE]`: accuracy vs training images per class, k drawn per class and seed."""
 
     section: ClassVar[str] = "fewshot"
-    cache_dir: str = _cache_dir(_NEWEST_HELP)
+    cache_dir: str = shared_cache_dir(NEWEST_HELP)
     shots: str = option("1,2,5,10,20", "Training images per class, a comma list.", lib=None)
     seeds: int = option(5, "Draws per shot count.")
     head: str = option("logreg,knn", "Heads: logreg, knn, knn_dino (comma list).", lib="heads")
@@ -414,8 +384,8 @@ class FewshotSettings(Settings):
     seed: int = option(0, "Seed of the hold-out split.", lib="split_seed")
     report: bool = option(True, "Write report.html beside fewshot.json.", flags=("--report/--no-report",), lib=None)
     mlflow: bool = flag("Log the curve and its settings to MLflow.", file=True, lib=None)
-    quiet: bool = _quiet("No log lines; only the table.")
-    as_json: bool = _json("Print the whole result as JSON.")
+    quiet: bool = shared_quiet("No log lines; only the table.")
+    as_json: bool = shared_json("Print the whole result as JSON.")
 
 
 @dataclass(frozen=True)
@@ -434,12 +404,12 @@ class ExportSettings(Settings):
     """`featx export [CACHE] --out FILE`: one row per image (path, label, split, features) for other tools."""
 
     section: ClassVar[str] = "export"
-    cache_dir: str = option("cache", _NEWEST_HELP, path="dir", lib=None)
+    cache_dir: str = option("cache", NEWEST_HELP, path="dir", lib=None)
     fmt: Literal[choices.EXPORT_FORMATS] = option("parquet", "Output format.", flags=("--format",))
     out: Optional[str] = option(None, "File to write.", path="file", required=True, file=False)
     view: Optional[str] = option(None, "Feature view to export (default: the cache's features).", file=False)
     chunk_rows: int = option(8192, "Rows per block: memory stays constant whatever the cache size.")
-    as_json: bool = _json("Print what was written as JSON (default: one summary line).")
+    as_json: bool = shared_json("Print what was written as JSON (default: one summary line).")
 
 
 @dataclass(frozen=True)
@@ -459,10 +429,10 @@ class ExportModelSettings(Settings):
     images: Optional[str] = option(None, "A folder of images to verify on instead of the cache's evaluation images.",
                                    path="dir", file=False)
     weights: Optional[str] = option(None, "Backbone weights file if the head's cannot be found here.", file=False)
-    cache_dir: str = _cache_dir("`featx predict`'s features for the check are cached under <cache-dir>/predict/.")
+    cache_dir: str = shared_cache_dir("`featx predict`'s features for the check are cached under <cache-dir>/predict/.")
     trust: bool = flag("Load a joblib/pickle head (pickles can run code; .skops heads never need it).")
-    quiet: bool = _quiet("No progress bar or log lines; only the summary.")
-    as_json: bool = _json("Print the result as JSON.")
+    quiet: bool = shared_quiet("No progress bar or log lines; only the summary.")
+    as_json: bool = shared_json("Print the result as JSON.")
 
 def _grid(name: str) -> Any:
     return lambda: copy.deepcopy(DEFAULT_GRIDS[name])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -164,3 +165,48 @@ def carve_validation(train_idx: np.ndarray, labels: np.ndarray, *, fraction: flo
     stratify = y if counts[counts > 0].min() >= 2 and n_val >= present and len(train_idx) - n_val >= present else None
     fit, val = train_test_split(train_idx, test_size=n_val, random_state=seed, stratify=stratify)
     return np.sort(fit), np.sort(val)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The train/evaluation rows of one run, computed once and handed to every stage that trains or scores.
+
+    Why a type: ``featx compare`` used to compute the split three times (the run, the probe, each
+    fine-tune) and only warned when they differed; now the run makes one ``Split`` and the probe, the
+    fine-tunes and the audit read the same object.  ``test_size``/``seed`` say how it was drawn, so a
+    stage given a split can check it against its own settings.
+    """
+
+    train: np.ndarray
+    eval: np.ndarray
+    desc: dict
+    test_size: float
+    seed: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray, splits: np.ndarray, *, test_size: float = 0.2, seed: int = 0) -> "Split":
+        """The split :func:`train_eval_split` draws for these rows."""
+        tr, ev, desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
+        return cls(tr, ev, desc, float(test_size), int(seed))
+
+    @classmethod
+    def of_cache(cls, fc, *, test_size: float = 0.2, seed: int = 0) -> "Split":
+        return cls.of(fc.labels(), fc.split_array(), test_size=test_size, seed=seed)
+
+    def check_matches(self, *, test_size: float, seed: int, n_rows: int, what: str) -> None:
+        """Refuse a split drawn with other settings (or for another cache) than ``what`` asks for."""
+        held_out = self.desc.get("kind") == "holdout"
+        if held_out and (float(test_size) != self.test_size or int(seed) != self.seed):
+            raise FeatxError(f"{what}: the split given was drawn with test_size={self.test_size}, seed={self.seed}, "
+                             f"not test_size={test_size}, seed={seed}; pass the same settings, or no split")
+        self.check_rows(n_rows, what=what)
+
+    def check_rows(self, n_rows: int, *, what: str) -> None:
+        """Refuse a split that names rows the cache does not have (a split of another cache)."""
+        top = max(int(self.train.max(initial=-1)), int(self.eval.max(initial=-1)))
+        if top >= n_rows:
+            raise FeatxError(f"{what}: the split given names row {top}, but the cache has {n_rows} rows; "
+                             "compute the split from this cache (Split.of_cache)")
+
+    def to_dict(self) -> dict:
+        return dict(self.desc, n_train=int(len(self.train)), n_eval=int(len(self.eval)))

@@ -56,7 +56,7 @@ from ..base.progress import format_duration
 from ..base.runtime import default_num_workers, default_workers, keep_heap_buffers, resolve_device
 from ..cache.store import FeatureCache
 from ..cache.trust.roots import trusted_root
-from ..data.splits import carve_validation, train_eval_split
+from ..data.splits import Split, carve_validation
 from .checkpoint import load_best_weights, seed_everything
 from .evaluate import metrics, predict
 from .features import feature_loaders, plan_source, source_label
@@ -88,10 +88,14 @@ class SplitRows:
     desc: dict
 
 
-def split_rows(fc: FeatureCache, settings: FinetuneSettings) -> SplitRows:
-    """Exactly the probe's split, plus the validation slice carved from its training rows."""
+def split_rows(fc: FeatureCache, settings: FinetuneSettings, split: Split | None = None) -> SplitRows:
+    """Exactly the probe's split (``split``, the run's own, or drawn the same way), plus the validation
+    slice carved from its training rows."""
     labels = fc.labels()
-    train_idx, eval_idx, desc = train_eval_split(labels, fc.split_array(), test_size=settings.test_size, seed=settings.seed)
+    if split is None:
+        split = Split.of(labels, fc.split_array(), test_size=settings.test_size, seed=settings.seed)
+    split.check_matches(test_size=settings.test_size, seed=settings.seed, n_rows=len(labels), what="finetune")
+    train_idx, eval_idx, desc = split.train, split.eval, dict(split.desc)
     fit_idx, val_idx = carve_validation(train_idx, labels, fraction=settings.val_fraction, seed=settings.seed)
     if len(fit_idx) == 0:
         raise FeatxError(f"cache {fc.path} has no training rows to fine-tune on; add images under train/<class>/")
@@ -128,6 +132,7 @@ def finetune(
     *,
     settings: FinetuneSettings | None = None,
     options: RunOptions | None = None,
+    split: Split | None = None,
     **values,
 ) -> FinetuneResult:
     """Fine-tune the backbone of ``cache`` with ``settings`` and evaluate it on the probe's split.
@@ -135,6 +140,8 @@ def finetune(
     ``cache`` is a :class:`featx.cache.FeatureCache` or a path to one; its images must still be
     on disk.  ``values`` override single fields of ``settings`` (:class:`FinetuneSettings`) or
     ``options`` (:class:`RunOptions`), e.g. ``finetune(fc, strategy="head", epochs=3)``.
+    ``split``: the run's :class:`featx.data.splits.Split` (``featx compare`` hands the probe's); None draws
+    the same split from ``test_size``/``seed``.
     Returns a :class:`FinetuneResult` (also ``result.json`` in the run folder).  Rerunning the
     same call resumes an interrupted run, or returns the finished result.
     """
@@ -145,7 +152,7 @@ def finetune(
     if dev == "cpu":
         keep_heap_buffers()  # large activations would otherwise be page-faulted in every layer
     workers = default_num_workers(dev) if options.num_workers is None else int(options.num_workers)
-    rows = split_rows(fc, settings)
+    rows = split_rows(fc, settings, split)
     features = plan_source(fc, settings)  # the head strategy trains on features: where they come from
     key, key_obj = run_key(fc, settings, rows.labels, {"fit": rows.fit, "val": rows.val, "eval": rows.eval}, features)
     base = Path(options.out_dir) if options.out_dir is not None else Path("runs") / f"compare-{fc.path.stem}"

@@ -25,6 +25,7 @@ from PIL import Image
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes
 from ..base.version import __version__
+from ..cache.identity import CacheIdentity
 from ..cache.store import FeatureCache
 from ..cache.trust.roots import trusted_root
 from .audit import CSS as AUDIT_CSS
@@ -297,7 +298,10 @@ def section_fewshot(fewshot: dict, run_dir: Path, source: Path | None = None) ->
     seeds = fewshot.get("seeds") or (fewshot.get("settings") or {}).get("seeds")
     note = "Mean over seeds" + (f" ({seeds})" if seeds else "") + "; band and interval: 95% CI."
     if source is not None and source != run_dir:
-        note += f" From the few-shot run {source.name} on the same cache."
+        ident = CacheIdentity.from_record(fewshot)
+        cache = Path(str((fewshot.get("source") or {}).get("path") or "?")).name
+        note += (f" From the few-shot run {source.name} on cache {cache}, the same data (identity "
+                 f"{ident.short if ident else '?'}) and embedding settings as this run.")
     return _section("fewshot", "Few-shot curve", join([_p(note), _img(png, "few-shot curve"),
                                                        table(["head", "shots per class", "accuracy", "95% CI"], rows, num=(1, 2, 3))]))
 
@@ -322,13 +326,24 @@ def _predictions(run: RunFiles, head: str, fc: FeatureCache | None) -> tuple[lis
         return None, str(exc)
 
 
+def _identity_text(src: dict, info: dict) -> Markup:
+    """The run's data identity and embedding settings, as recorded (older runs: the settings only)."""
+    ident = CacheIdentity.from_record(src) or CacheIdentity.from_record({"identity": info.get("identity")})
+    if ident is None:
+        return Markup(f"embedding settings <code>{esc(str(info.get('fingerprint') or '')[:12])}</code> "
+                      "(no data identity: written by an older featx)")
+    return Markup(f"data <code>{esc(ident.data[:12])}</code> · embedding settings "
+                  f"<code>{esc(ident.embedding_settings[:12])}</code>")
+
+
 def _header(run: RunFiles, sections: list[tuple[str, str]]) -> Markup:
     info = run.cache_info
     src = run.metrics or run.compare or run.fewshot or run.audit or {}
     dataset = Path(str(info.get("root") or "")).name or run.run_dir.name
     nav = join((Markup(f'<a href="#{esc(sid)}">{esc(title)}</a>') for sid, title in sections), " ")
     meta = (f"run <span class=\"path\">{esc(run.run_dir)}</span> · created {esc(src.get('created', '?'))} · "
-            f"backbone {esc(info.get('backbone'))} · cache fingerprint <code>{esc(str(info.get('fingerprint') or '')[:12])}</code>"
+            f"cache <span class=\"path\">{esc(Path(str(info.get('path') or '?')).name)}</span> · "
+            f"backbone {esc(info.get('backbone'))} · {_identity_text(src, info)}"
             f" · featx {esc(src.get('featx_version') or __version__)}")
     return Markup(f"<header><h1>featx report: {esc(dataset)}</h1><p class=\"meta\">{meta}</p><nav>{nav}</nav></header>")
 

@@ -110,6 +110,14 @@ def _fmt_params(p: dict) -> str:
     return ", ".join(parts)
 
 
+def probed_widths(heads: dict, cache: dict) -> str:
+    """What the heads were trained on and its real width: ``final@a+b: 2560-dim`` (a view per head may differ)."""
+    widths = {str(h.get("view") or "final"): h.get("view_dim") for h in heads.values() if h.get("view_dim")}
+    if not widths:  # a run written before view_dim was recorded
+        return f"{cache.get('dim')}-dim"
+    return ", ".join(f"{v}: {d}-dim" for v, d in widths.items())
+
+
 def markdown_table(result: dict) -> str:
     """One Markdown table comparing the heads of a probe result, with a line of context."""
     heads = result.get("heads", {})
@@ -134,7 +142,8 @@ def markdown_table(result: dict) -> str:
     cache = result.get("cache", {})
     cv = result.get("cv", {})
     ctx = (
-        f"{cache.get('backbone')} features ({cache.get('dim')}-dim, fingerprint {str(cache.get('fingerprint'))[:10]}), "
+        f"{cache.get('backbone')} features ({probed_widths(heads, cache)}, embedding settings "
+        f"{str(cache.get('fingerprint'))[:10]}), "
         f"{len(cache.get('classes', []))} classes; trained on {split.get('n_train')} rows "
         f"({selection_note(heads, cv)}), evaluated on {split.get('n_eval')} rows of {split.get('eval_split')}"
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import FeatxError
+from ..cache.identity import same_source
 from ..cache.multi import MultiCache
 from ..cache.multi import open_cache as open_any_cache
 from ..cache.store import FeatureCache
@@ -76,7 +77,7 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
             run.metrics, run.probe_dir = m, d
             break
     if run.fewshot is None and run.metrics is not None:
-        run.fewshot_dir = sibling_fewshot(run_dir, run.metrics.get("fingerprint"))
+        run.fewshot_dir = sibling_fewshot(run_dir, run.metrics)
         run.fewshot = _read_json(run.fewshot_dir / "fewshot.json") if run.fewshot_dir else None
     if run.metrics is None and run.compare is None and run.fewshot is None and run.audit is None:
         raise FeatxError(
@@ -86,19 +87,21 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     return run
 
 
-def sibling_fewshot(run_dir: Path, fingerprint: str | None) -> Path | None:
-    """The newest few-shot run beside ``run_dir`` on the cache of ``fingerprint`` (its curve joins the report)."""
-    if not fingerprint or not run_dir.parent.is_dir():
+def sibling_fewshot(run_dir: Path, record: dict | None) -> Path | None:
+    """The newest few-shot run beside ``run_dir`` on the same cache as ``record`` (the probe's metrics.json):
+    the same data *and* embedding settings (:func:`featx.cache.identity.same_source`).  A run that
+    records no identity (older featx) is never joined, since its data cannot be told apart."""
+    if not isinstance(record, dict) or not run_dir.parent.is_dir():
         return None
     found = []
     for sub in run_dir.parent.iterdir():
         f = sub / "fewshot.json"
         if sub != run_dir and f.is_file():
             try:
-                source = json.loads(f.read_text(encoding="utf-8")).get("source") or {}
-            except (OSError, ValueError, AttributeError):
+                doc = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
                 continue
-            if source.get("fingerprint") == fingerprint:
+            if same_source(record, doc):
                 found.append((f.stat().st_mtime, sub))
     return max(found)[1] if found else None
 

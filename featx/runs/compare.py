@@ -26,16 +26,17 @@ import logging
 import math
 import os
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
+from ..base.writable import default_run_dir, run_key
 from ..cache.store import FeatureCache, find_cache
-from ..config import CompareSettings
-from ..data.splits import train_eval_split
+from ..config import CompareSettings, ProbeSettings
+from ..data.splits import Split
 from ..embedding.runner import embed
 from ..finetune.results import CompareResult, FinetuneResult
 from ..finetune.settings import STRATEGIES, FinetuneSettings, RunOptions
@@ -120,12 +121,6 @@ def parse_strategies(strategies) -> list[str]:
     return out
 
 
-def _run_probe(fc, **kwargs) -> dict:
-    """The probe stage (a seam so tests can stand in a small result)."""
-    result = probe(fc, **kwargs)
-    return result.to_dict() if hasattr(result, "to_dict") else result
-
-
 def probe_rows(probe_result: dict, fc: FeatureCache) -> list[dict]:
     """One table row per probe head; its wall time includes embedding the cache."""
     embed_s = fc.meta.get("embed_seconds")
@@ -198,40 +193,50 @@ def compare(root: str | os.PathLike | None = None, *, settings: CompareSettings 
     t0 = time.perf_counter()
     cfg, x = CompareSettings.with_overrides(settings, overrides, call="compare", extras=_EXTRAS)
     report = x["report"] if x["report"] is not None else (settings is not None and cfg.report)
-    mlflow = cfg.mlflow
     strategies = check_settings(cfg)
     fc = open_cache(root, cfg, progress=x["progress"])
-    train_idx, eval_idx, split_desc = train_eval_split(fc.labels(), fc.split_array(), test_size=cfg.test_size, seed=cfg.seed)
-    base = Path(cfg.out_dir) if cfg.out_dir is not None else Path("runs") / f"compare-{fc.path.stem}"
+    split = Split.of_cache(fc, test_size=cfg.test_size, seed=cfg.seed)  # the one split of both sides
+    base = Path(cfg.out_dir) if cfg.out_dir is not None else default_run_dir("compare", fc.path.stem, compare_run_key(fc, cfg, split))
     base.mkdir(parents=True, exist_ok=True)
-
-    log.info("compare: probe heads %s on %s (%d train / %d eval rows)", probe_heads(cfg), fc.path.name, len(train_idx),
-             len(eval_idx))
-    probe_result = _run_probe(
-        fc, head=probe_heads(cfg), kernel=cfg.kernel, test_size=cfg.test_size, folds=cfg.folds, seed=cfg.seed,
-        device=cfg.device, n_jobs=cfg.n_jobs, grids=x["grids"], out_dir=base / "probe", save=True,
-    )
-    rows = probe_rows(probe_result, fc)
-    n_eval_probe = probe_result.get("n_eval") or (probe_result.get("split") or {}).get("n_eval")
-    if n_eval_probe is not None and int(n_eval_probe) != len(eval_idx):
-        log.warning("the probe evaluated %s rows but the shared split has %d; the comparison may be unfair",
-                    n_eval_probe, len(eval_idx))
+    log.info("compare: probe heads %s on %s (%d train / %d eval rows)", probe_heads(cfg), fc.path.name,
+             len(split.train), len(split.eval))
+    probe_result = probe(fc, settings=probe_settings(cfg, base / "probe"), grids=x["grids"], save=True, split=split)
+    rows = probe_rows(probe_result.to_dict(), fc)
     ft_results: dict[str, FinetuneResult] = {}
     for s in strategies:
-        ft_results[s] = run_finetune(fc, settings=finetune_settings(cfg, s), options=run_options(cfg, base, progress=x["progress"]))
+        ft_results[s] = run_finetune(fc, settings=finetune_settings(cfg, s), split=split,
+                                     options=run_options(cfg, base, progress=x["progress"]))
         rows.append(finetune_row(ft_results[s]))
-    split = split_desc | {"n_train": int(len(train_idx)), "n_eval": int(len(eval_idx))}
     result = CompareResult(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cache={k: v for k, v in fc.summary().items() if k not in ("classes",)} | {"classes": fc.classes},
-        split=split, settings=settings_dict(cfg, root=root, fc=fc, strategies=strategies, out_dir=base), rows=rows,
+        split=split.to_dict(), settings=settings_dict(cfg, root=root, fc=fc, strategies=strategies, out_dir=base),
+        rows=rows, table=markdown_table(rows), notes=dict(NOTES), probe=probe_result.to_dict(), finetune=ft_results,
         best=max(rows, key=lambda r: (-1 if math.isnan(r["accuracy"]) else r["accuracy"], -r["wall_seconds"]))["method"],
-        table=markdown_table(rows), notes=dict(NOTES), probe=probe_result, finetune=ft_results, seconds=0.0, paths={},
+        seconds=0.0, paths={},
     )
     write_compare_files(result, fc, base, started=t0)
-    if report or mlflow:
-        result.paths["report"] = publish_run(base, cache=fc, report=report, mlflow=mlflow)["report"]
+    if report or cfg.mlflow:
+        result.paths["report"] = publish_run(base, cache=fc, report=report, mlflow=cfg.mlflow)["report"]
     return result
+
+
+# The probe's settings that `featx compare` passes through as the user set them.
+PROBE_PASSED = ("kernel", "folds", "test_size", "seed", "device", "n_jobs", "view", "norm", "train_views",
+                "cv_repeats", "max_train_rows", "solver", "stream_epochs", "cache_dir")
+
+
+def probe_settings(cfg: CompareSettings, out_dir: Path) -> ProbeSettings:
+    """The probe inside compare: the user's probe settings, its heads, its folder under the compare run's."""
+    return ProbeSettings(head=probe_heads(cfg), out_dir=str(out_dir), report=False,
+                                **{n: getattr(cfg, n) for n in PROBE_PASSED})
+
+
+def compare_run_key(fc, cfg: CompareSettings, split: Split) -> str:
+    """What the compare reads and every setting that changes its results (names its default folder)."""
+    doc = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "report", "mlflow", "quiet", "as_json",
+                                                              "n_jobs", "workers", "overwrite", "checkpoint_seconds")}
+    return run_key("compare", fc.identity.digest, doc, split.to_dict())
 
 
 def write_compare_files(result: CompareResult, fc: FeatureCache, base: Path, *, started: float) -> None:

@@ -23,10 +23,11 @@ from threadpoolctl import threadpool_limits
 from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.version import __version__
+from ..base.writable import default_run_dir, run_key, staged_dir
+from ..cache.multi import open_cache
 from ..cache.rows import read_rows
-from ..cache.store import FeatureCache, find_cache
 from ..config import FewshotSettings
-from ..data.splits import train_eval_split
+from ..data.splits import Split
 from ..heads.estimators.fewshot import (
     FALLBACK_PARAMS,
     FEWSHOT_GRIDS,
@@ -100,9 +101,10 @@ def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir:
         return {"X_train": np.asarray(d["X_train"], np.float32), "y_train": np.asarray(d["y_train"]),
                 "X_eval": np.asarray(d["X_eval"], np.float32), "y_eval": np.asarray(d["y_eval"]),
                 "classes": classes, "split": {"kind": "arrays"}, "source": {"kind": "arrays"}, "name": "arrays"}
-    fc = source if isinstance(source, FeatureCache) else FeatureCache(find_cache(source, cache_dir=cache_dir))
+    fc = open_cache(source, cache_dir=cache_dir)
     labels, splits = fc.labels(), fc.split_array()
-    tr, ev, desc = train_eval_split(labels, splits, test_size=test_size, seed=split_seed)
+    split = Split.of(labels, splits, test_size=test_size, seed=split_seed)
+    tr, ev, desc = split.train, split.eval, split.desc
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
     # train_eval_split returns sorted rows, the order read_rows reads them in (block by block).
@@ -115,7 +117,7 @@ def load_data(source, *, test_size: float = 0.2, split_seed: int = 0, cache_dir:
     return {"X_train": X_tr[keep_tr], "y_train": labels[tr][keep_tr], "X_eval": X_ev[keep_ev], "y_eval": labels[ev][keep_ev],
             "classes": list(fc.classes), "split": dict(desc, n_train=int(keep_tr.sum()), n_eval=int(keep_ev.sum())),
             "source": {"kind": "cache", "path": str(fc.path), "backbone": summary.get("backbone"),
-                       "fingerprint": fc.fingerprint}, "name": fc.path.stem}
+                       "fingerprint": fc.fingerprint, "identity": fc.identity.to_dict()}, "name": fc.path.stem}
 
 
 def _check_options(shots: str | Sequence[int], seeds: int | Sequence[int], heads: Sequence[str] | str) -> tuple[list, list, list]:
@@ -225,15 +227,22 @@ def fewshot(source=None, *, settings: FewshotSettings | None = None, **overrides
     result = FewShotResult(settings=settings, classes=data["classes"], split=dict(data["split"]), heads=table,
                            notes=notes, source=data["source"],
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    out = Path(out_dir) if out_dir is not None else Path("runs") / f"fewshot-{data['name']}"
-    out.mkdir(parents=True, exist_ok=True)
-    if x["plot"]:
-        title = " / ".join(str(v) for v in (data["name"].split("__")[0], data["source"].get("backbone")) if v)
-        result.png_path = str(plot_fewshot(fewshot_series(result.to_dict()), out / "fewshot.png", title=title,
-                                            n_seeds=len(seeds_l)))
-    result.json_path = str(out / "fewshot.json")
-    result.seconds = time.perf_counter() - t_start
-    write_json(result.json_path, result.to_dict())
+    key = run_key("fewshot", (data["source"].get("identity") or {}).get("digest"), settings, data["split"])
+    out = Path(out_dir) if out_dir is not None else default_run_dir("fewshot", data["name"], key)
+    with staged_dir(out, option="--out-dir") as work:
+        _write_files(result, data, work, out, n_seeds=len(seeds_l), plot=x["plot"], started=t_start)
     if report or mlflow:
         publish_run(out, report=report, mlflow=mlflow)
     return result
+
+
+def _write_files(result: FewShotResult, data: dict, work: Path, out: Path, *, n_seeds: int, plot: bool,
+                 started: float) -> None:
+    """fewshot.png and fewshot.json into the staging folder ``work`` (paths recorded as in ``out``)."""
+    if plot:
+        title = " / ".join(str(v) for v in (data["name"].split("__")[0], data["source"].get("backbone")) if v)
+        plot_fewshot(fewshot_series(result.to_dict()), work / "fewshot.png", title=title, n_seeds=n_seeds)
+        result.png_path = str(out / "fewshot.png")
+    result.json_path = str(out / "fewshot.json")
+    result.seconds = time.perf_counter() - started
+    write_json(work / "fewshot.json", result.to_dict())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,26 +25,28 @@ from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.records import ItemAccess
 from ..base.version import __version__
-from ..base.writable import writable_dir
+from ..base.writable import default_run_dir, run_key, staged_dir
+from ..cache.multi import open_cache
 from ..cache.store import FeatureCache
 from ..config import ProbeSettings
-from ..data.splits import plan_folds
+from ..data.splits import Split, plan_folds
 from ..heads.estimators.scores import scores_of
 from ..heads.saved.persist import HEAD_FORMATS, save_head
 from ..heads.stream.linear import fit_streamed, stream_candidates
 from ..heads.tuning.factory import check_head_name, grid_key
 from ..heads.tuning.grids import ALL_HEADS, KERNELS, LINEAR_HEADS, resolve_grids
 from ..heads.tuning.repeated_cv import select_repeated
+from ..heads.tuning.rows import TrainingRows, held_dim, load_rows
 from ..heads.tuning.selection import SearchPlan, candidates, select
 from ..report.metrics import compute_metrics, markdown_table, plot_confusion
 from ..report.predictions import make_predictions, predictions_path, write_predictions
 from .publish import publish_run
-from .rows import Rows, held_dim, load_rows, open_cache
 
 log = logging.getLogger(__name__)
 
 # Fields filled at the end of a probe (or only with a subset): left out of metrics.json until set.
-_LATE = ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path", "audit", "drop_flagged")
+_LATE = ("seconds", "out_dir", "table", "metrics_path", "train_subset", "report_path", "audit", "drop_flagged",
+         "identity", "run_key")
 
 
 @dataclass(eq=False)
@@ -73,6 +75,8 @@ class ProbeResult(ItemAccess):
     train_subset: dict | None = None  # only when max_train_rows drew a subset
     audit: dict | None = None  # only with --audit (featx.runs.audit_probe)
     drop_flagged: dict | None = None  # only with --drop-flagged
+    identity: dict | None = None  # the cache's data + embedding settings (featx.cache.identity): what joins runs
+    run_key: str | None = None  # names the default folder: the identity and the settings that change results
 
     def _unset(self, name: str, value: Any) -> bool:
         return value is None and name in _LATE
@@ -114,7 +118,7 @@ def _probabilities(est) -> str:
     return "native" if hasattr(est, "predict_proba") else "none"
 
 
-def _fit_and_score(rows: Rows, fc: FeatureCache, plan: SearchPlan):
+def _fit_and_score(rows: TrainingRows, fc: FeatureCache, plan: SearchPlan):
     """Choose and fit the head on the training rows, score it on the evaluation rows: (entry, metrics, classes, est)."""
     # Streamed rows are never all in memory: one search per candidate; else a repeated paired CV among them.
     sel = select(rows, plan, fit=fit_streamed) if rows.stream else select_repeated(rows, plan)
@@ -167,7 +171,7 @@ def _view_choice(sel) -> str:
     return "cv (first within one standard error of the best)"
 
 
-def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: Rows, split_info: dict) -> dict:
+def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict, rows: TrainingRows, split_info: dict) -> dict:
     summary = fc.summary()
     return {
         "head": name,
@@ -179,6 +183,7 @@ def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict,
         "preprocess": summary.get("preprocess"),
         "fingerprint": fc.fingerprint,
         "fingerprint_dict": fc.fingerprint_dict,
+        "identity": fc.identity.to_dict(),
         "dim": fc.view_dim(entry["view"]),
         "view": entry["view"],
         "norm": entry["norm"],
@@ -191,9 +196,10 @@ def _sidecar(name: str, kernel: str, fc: FeatureCache, est_classes, entry: dict,
     }
 
 
-def _run_head(rows: Rows, fc: FeatureCache, result: ProbeResult, plan: SearchPlan, s: ProbeSettings, *,
-              out: Path, plots: bool, save: bool) -> dict:
-    """Search, fit, evaluate, plot and save one head; returns its metrics.json entry."""
+def _run_head(rows: TrainingRows, fc: FeatureCache, result: ProbeResult, plan: SearchPlan, s: ProbeSettings, *,
+              out: Path, final: Path, plots: bool, save: bool) -> dict:
+    """Search, fit, evaluate, plot and save one head into ``out`` (the run's staging folder, which becomes
+    ``final``: the paths recorded name ``final``); returns its metrics.json entry."""
     name, kernel = plan.name, plan.kernel
     key = grid_key(name, kernel)
     entry, m, est_classes, est = _fit_and_score(rows, fc, plan)
@@ -206,7 +212,7 @@ def _run_head(rows: Rows, fc: FeatureCache, result: ProbeResult, plan: SearchPla
         )
     if "confusion_matrix" in m:
         entry["confusion_matrix"] = m["confusion_matrix"]
-    entry["predictions_csv"] = str(write_predictions(predictions_path(out, name), entry.pop("predictions")))
+    entry["predictions_csv"] = str(final / write_predictions(predictions_path(out, name), entry.pop("predictions")).name)
     if plots:
         png = out / f"confusion_{name}.png"
         plot_confusion(
@@ -214,10 +220,11 @@ def _run_head(rows: Rows, fc: FeatureCache, result: ProbeResult, plan: SearchPla
             title=f"{name} on {result.backbone} features: {result.split['eval_split']} "
             f"(n={len(rows.ev)}, accuracy {m['accuracy']:.3f})",
         )
-        entry["confusion_png"] = str(png)
+        entry["confusion_png"] = str(final / png.name)
     if save:
         sidecar = _sidecar(name, kernel, fc, est_classes, entry, rows, result.split)
-        entry["model_path"] = str(save_head(est, out / f"{name}.{s.head_format}", sidecar=sidecar, format=s.head_format))
+        entry["model_path"] = str(final / save_head(est, out / f"{name}.{s.head_format}", sidecar=sidecar,
+                                                    format=s.head_format).name)
     log.info("%s: view %s, norm %s, accuracy %.4f (cv %.4f, %s) in %.1fs", name, entry["view"], entry["norm"],
              entry["accuracy"], entry["cv_score"], entry["params"], entry["fit_seconds"])
     return entry
@@ -234,7 +241,7 @@ def _check_args(kernel: str, folds: int | None, head_format: str, cv_repeats: in
         raise FeatxError(f"--folds must be at least 2, got {folds}")
 
 
-def _warn_about_data(rows: Rows, plan: dict, fc: FeatureCache) -> None:
+def _warn_about_data(rows: TrainingRows, plan: dict, fc: FeatureCache) -> None:
     if plan["note"]:
         log.warning("%s", plan["note"])
     missing = sorted(set(np.unique(rows.y_ev)) - set(np.unique(rows.y_tr)))
@@ -262,7 +269,17 @@ def _settings_doc(s: ProbeSettings, names: list[str], resolved: dict, cands: lis
 
 
 # Keywords of probe() that are not options of `featx probe`, with their library defaults.
-_EXTRAS = {"grids": None, "plots": True, "save": None, "report": None, "exclude_rows": None}
+_EXTRAS = {"grids": None, "plots": True, "save": None, "report": None, "exclude_rows": None, "split": None}
+
+# Settings that change where and how a probe is reported, not what it finds: left out of its run key.
+_NOT_RESULTS = ("out_dir", "report", "mlflow", "n_jobs", "cache_dir", "cache_path", "audit")
+
+
+def probe_run_key(fc, s: ProbeSettings, names: list[str], resolved: dict, split: Split, exclude) -> str:
+    """The identity of what the probe reads and of every setting that changes its results."""
+    doc = {k: v for k, v in asdict(s).items() if k not in _NOT_RESULTS}
+    return run_key("probe", fc.identity.digest, doc, names, {n: resolved[grid_key(n, s.kernel)] for n in names},
+                   split.to_dict(), exclude)
 
 
 def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any) -> ProbeResult:
@@ -302,41 +319,56 @@ def probe(cache=None, *, settings: ProbeSettings | None = None, **overrides: Any
     save = x["save"] if x["save"] is not None else not s.no_save
     names = _heads_list(s.head)
     _check_args(s.kernel, s.folds, s.head_format, s.cv_repeats)
-    fc = open_cache(cache, s.cache_dir)
+    fc = open_cache(cache, cache_dir=s.cache_dir)
     resolved = resolve_grids(x["grids"])
     cands = candidates(s.view, s.norm, fc.views, cache_name=fc.path.name, train_views=s.train_views,
                        stored_views=fc.train_views)
-    rows = load_rows(fc, test_size=s.test_size, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands),
-                     exclude=x["exclude_rows"], solver=s.solver, linear=any(n in LINEAR_HEADS for n in names))
-    if rows.stream:  # a streamed probe scores the plain rows only (featx.heads.stream.linear)
-        cands = stream_candidates(cands)
-    folds_plan = plan_folds(rows.y_tr, s.folds)
-    _warn_about_data(rows, folds_plan, fc)
-    out = Path(s.out_dir) if s.out_dir is not None else Path("runs") / f"probe-{fc.path.stem}"
-    writable_dir(out, option="--out-dir")  # before any head is trained
-    summary = fc.summary()
-    result = ProbeResult(
-        featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
-        backbone=summary.get("backbone"), fingerprint=fc.fingerprint,
-        split=dict(rows.split_desc, n_train=int(len(rows.tr)), n_eval=int(len(rows.ev))), cv=folds_plan,
-        settings=_settings_doc(s, names, resolved, cands), load_seconds=rows.load_seconds, train_subset=rows.subset,
-    )
-    t0, memo = time.perf_counter(), {}  # memo: the paired CV's proxy scores, shared by the heads
-    for name in names:
-        plan = SearchPlan(
-            name=name, kernel=s.kernel, grid=resolved[grid_key(name, s.kernel)], scoring=resolved["scoring"],
-            max_iter=resolved["max_iter"], folds=s.folds, folds_used=folds_plan["used"], seed=s.seed, n_jobs=s.n_jobs,
-            device="cpu" if (s.device or "cpu").lower() == "cpu" else s.device, candidates=tuple(cands),
-            stream_epochs=s.stream_epochs, cv_repeats=int(s.cv_repeats), memo=memo)
-        result.heads[name] = _run_head(rows, fc, result, plan, s, out=out, plots=x["plots"], save=save)
-    result.seconds = rows.load_seconds + time.perf_counter() - t0
-    result.out_dir = str(out)
-    result.table = markdown_table(result.to_dict())
-    (out / "report.md").write_text(result.table + "\n", encoding="utf-8")
-    result.metrics_path = str(out / "metrics.json")
-    write_json(out / "metrics.json", result.to_dict())
+    split = x["split"] if x["split"] is not None else Split.of_cache(fc, test_size=s.test_size, seed=s.seed)
+    split.check_matches(test_size=s.test_size, seed=s.seed, n_rows=len(fc), what="probe")
+    key = probe_run_key(fc, s, names, resolved, split, x["exclude_rows"])
+    out = Path(s.out_dir) if s.out_dir is not None else default_run_dir("probe", fc.path.stem, key)
+    with staged_dir(out, option="--out-dir") as work:  # before any head is trained: proven writable
+        rows = load_rows(fc, split, seed=s.seed, max_train_rows=s.max_train_rows, dim=held_dim(fc, cands),
+                         exclude=x["exclude_rows"], solver=s.solver, linear=any(n in LINEAR_HEADS for n in names))
+        if rows.stream:  # a streamed probe scores the plain rows only (featx.heads.stream.linear)
+            cands = stream_candidates(cands)
+        result = _new_result(fc, rows, s, settings_doc=_settings_doc(s, names, resolved, cands), key=key)
+        _run_heads(rows, fc, result, s, names=names, resolved=resolved, cands=cands, x=x, save=save, dirs=(work, out))
     if report or s.mlflow:
         result.report_path = publish_run(out, cache=fc, report=report, mlflow=s.mlflow)["report"]
         if result.report_path:
             write_json(out / "metrics.json", result.to_dict())
     return result
+
+
+def _new_result(fc, rows: TrainingRows, s: ProbeSettings, *, settings_doc: dict, key: str) -> ProbeResult:
+    summary = fc.summary()
+    return ProbeResult(
+        featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), cache=summary,
+        backbone=summary.get("backbone"), fingerprint=fc.fingerprint,
+        split=dict(rows.split_desc, n_train=int(len(rows.tr)), n_eval=int(len(rows.ev))), cv=plan_folds(rows.y_tr, s.folds),
+        settings=settings_doc, load_seconds=rows.load_seconds, train_subset=rows.subset,
+        identity=fc.identity.to_dict(), run_key=key,
+    )
+
+
+def _run_heads(rows: TrainingRows, fc, result: ProbeResult, s: ProbeSettings, *, names: list[str], resolved: dict,
+               cands: list, x: dict, save: bool, dirs: tuple[Path, Path]) -> None:
+    """Every head, then metrics.json and report.md, into the staging folder ``dirs[0]`` (becomes ``dirs[1]``)."""
+    work, out = dirs
+    _warn_about_data(rows, result.cv, fc)
+    t0, memo = time.perf_counter(), {}  # memo: the paired CV's proxy scores, shared by the heads
+    for name in names:
+        plan = SearchPlan(
+            name=name, kernel=s.kernel, grid=resolved[grid_key(name, s.kernel)], scoring=resolved["scoring"],
+            max_iter=resolved["max_iter"], folds=s.folds, folds_used=result.cv["used"], seed=s.seed, n_jobs=s.n_jobs,
+            device="cpu" if (s.device or "cpu").lower() == "cpu" else s.device, candidates=tuple(cands),
+            stream_epochs=s.stream_epochs, cv_repeats=int(s.cv_repeats), memo=memo)
+        result.heads[name] = _run_head(rows, fc, result, plan, s, out=work, final=out, plots=x["plots"], save=save)
+        result.heads[name]["view_dim"] = int(fc.view_dim(result.heads[name]["view"]))
+    result.seconds = rows.load_seconds + time.perf_counter() - t0
+    result.out_dir = str(out)
+    result.table = markdown_table(result.to_dict())
+    (work / "report.md").write_text(result.table + "\n", encoding="utf-8")
+    result.metrics_path = str(out / "metrics.json")
+    write_json(work / "metrics.json", result.to_dict())

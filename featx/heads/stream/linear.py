@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..tuning.factory import create_head
+from ..tuning.rows import TrainingRows
 from ..tuning.selection import Candidate, SearchPlan, fold_std_err, with_norm
 from .linear_head import StreamingLinearHead  # noqa: F401 - saved heads name it here (LEGACY_MODULES)
 from .source import CacheSource
@@ -29,7 +30,7 @@ def stream_candidates(cands: list[tuple[str, str, int]]) -> list[tuple[str, str,
     return plain
 
 
-def fit_streamed(rows, cand: tuple[str, str, int], plan: SearchPlan, *, refit: bool = False):
+def fit_streamed(rows: TrainingRows, cand: tuple[str, str, int], plan: SearchPlan, *, refit: bool = False):
     """(fitted head, its streaming search, Candidate row) of one (view, norm) on streamed training rows.
 
     :func:`featx.heads.tuning.selection.fit_candidate`'s contract for ``select(..., fit=fit_streamed)``; ``rows``

@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 from ...cache.multi import view_layout
 from ...cache.views import l2_rows
 from .cv import AdaptiveStratifiedKFold
+from .rows import TrainingRows
 from .selection import (
     Candidate,
     FeatureNorm,
@@ -287,7 +288,7 @@ def choose(specs: Sequence[Spec], y: np.ndarray, *, head: str, folds: int, repea
     return Choice(rows, chosen, time.perf_counter() - t0, len(run.plan[0]), len(run.plan), proxy)
 
 
-def choose_plain(rows, plain: Sequence[tuple[str, str, int]], *, head: str, folds: int, repeats: int, seed: int,
+def choose_plain(rows: TrainingRows, plain: Sequence[tuple[str, str, int]], *, head: str, folds: int, repeats: int, seed: int,
                  memo: dict | None = None) -> tuple[list[Candidate], int, Choice]:
     """Candidate rows (proxy scores) for the probe's plain (view, norm) candidates and the index chosen.
 
@@ -305,7 +306,7 @@ def choose_plain(rows, plain: Sequence[tuple[str, str, int]], *, head: str, fold
     return out
 
 
-def _choose_plain(rows, plain, *, head: str, folds: int, repeats: int, seed: int):
+def _choose_plain(rows: TrainingRows, plain, *, head: str, folds: int, repeats: int, seed: int):
     sub = _subset(np.arange(len(rows.y_tr)), rows.y_tr, PROXY_MAX_ROWS, seed)
     specs = []
     for view, norm, _ in plain:
@@ -323,7 +324,7 @@ def _choose_plain(rows, plain, *, head: str, folds: int, repeats: int, seed: int
     return table, choice.chosen, choice
 
 
-def select_repeated(rows, plan: SearchPlan) -> Selection:
+def select_repeated(rows: TrainingRows, plan: SearchPlan) -> Selection:
     """:func:`featx.heads.tuning.selection.select`, except that several plain candidates (with ``plan.cv_repeats`` > 1)
     are chosen by :func:`choose_plain` (a cheap proxy on repeated paired folds); then only the choice is
     fitted by the head's own search.  Augmented views, if any, are tried on that choice and kept when their

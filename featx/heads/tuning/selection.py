@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -34,6 +34,7 @@ from ...config.choices import TRAIN_VIEWS
 from ..estimators.norms import NORMS, FeatureNorm  # noqa: F401 - FeatureNorm: saved heads name it here
 from .cv import plain
 from .factory import create_head
+from .rows import TrainingRows
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,6 @@ class Selection:
     @property
     def row(self) -> Candidate:
         return self.table[self.chosen]
-
-
-class TrainingRows(Protocol):
-    def training(self, name: str, train_views: int, *, folds: int, seed: int) -> tuple: ...
 
 
 def chosen_params(name: str, inner, kernel: str) -> dict:

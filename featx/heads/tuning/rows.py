@@ -1,30 +1,37 @@
-"""The probe's training and evaluation rows: split, subset, memory check, then read block by block."""
+"""The probe's training and evaluation rows: a typed object that owns the subset, the memory/solver
+decision and the reads, and offers what selection, repeated CV and streaming need.
+
+Why in heads: the searches read views of the training rows on demand (:meth:`TrainingRows.view`);
+with the rows object defined here, nothing in heads calls up into the runs that drive it.  The
+split itself is a :class:`featx.data.splits.Split`, computed once by the run.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..base.errors import FeatxError
-from ..cache.multi import open_cache as open_any_cache
-from ..cache.rows import read_rows
-from ..cache.store import FeatureCache
-from ..cache.trust.integrity import rows_text
-from ..data.splits import train_eval_split
-from ..heads.tuning.cv import GroupedViewFolds
-from ..heads.tuning.memory import check_memory, stratified_subset
-from ..heads.tuning.solver_choice import use_stream
+from ...base.errors import FeatxError
+from ...cache.rows import read_rows
+from ...cache.store import FeatureCache
+from ...cache.trust.integrity import rows_text
+from ...data.splits import Split
+from .cv import GroupedViewFolds
+from .memory import check_memory, stratified_subset
+from .solver_choice import use_stream
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Rows:
-    """Training and evaluation features read from a cache, with where they came from."""
+class TrainingRows:
+    """Training and evaluation features read from a cache, with where they came from.
+
+    ``tr``/``ev``: cache rows (sorted); ``X_tr``/``X_ev`` their final features (``X_tr`` None when
+    streaming); ``split``: the run's :class:`Split` they were taken from."""
 
     X_tr: np.ndarray | None  # None when streaming (the heads read the training rows themselves)
     y_tr: np.ndarray
@@ -36,7 +43,8 @@ class Rows:
     load_seconds: float
     subset: dict | None
     fc: FeatureCache | None = None
-    stream: bool = False  # training rows are not held: heads read them block by block (featx.heads.stream.linear)
+    stream: bool = False
+    split: Split | None = None  # training rows are not held: heads read them block by block (featx.heads.stream.linear)
     # The last other view (or augmented rows) read: at most one is held beside the final features,
     # so choosing among views needs memory for two, not for all of them.
     by_view: dict = field(default_factory=dict)
@@ -77,11 +85,6 @@ class Rows:
         return self._held(name, read)
 
 
-def open_cache(cache, cache_dir: str | os.PathLike) -> FeatureCache:
-    """A cache, or a set of several backbones' caches (:class:`featx.cache.multi.MultiCache`)."""
-    return open_any_cache(cache, cache_dir=cache_dir)
-
-
 def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, name: str):
     bad = ~np.isfinite(X).all(axis=1)
     if not bad.any():
@@ -93,28 +96,33 @@ def _drop_non_finite(X: np.ndarray, y: np.ndarray, idx: np.ndarray, what: str, n
     return X[~bad], y[~bad], idx[~bad]
 
 
-def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: int | None, dim: int,
-              exclude: dict | None = None, solver: str = "memory", linear: bool = True) -> Rows:
-    """Split, leave out ``exclude`` rows, subset (``max_train_rows``), check memory, then read block by block.
+def _subset(tr: np.ndarray, labels: np.ndarray, max_train_rows: int | None, seed: int) -> tuple[np.ndarray, dict | None]:
+    if max_train_rows is None:
+        return tr, None
+    kept = stratified_subset(tr, labels[tr], int(max_train_rows), seed=seed)
+    if len(kept) == len(tr):
+        return tr, None
+    log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
+    return kept, {"max_train_rows": int(max_train_rows), "n_available": int(len(tr)), "n_used": int(len(kept)),
+                  "stratified": True, "seed": seed}
+
+
+def load_rows(fc: FeatureCache, split: Split, *, max_train_rows: int | None, dim: int, seed: int = 0,
+              exclude: dict | None = None, solver: str = "memory", linear: bool = True) -> TrainingRows:
+    """Leave out ``exclude`` rows of ``split``, subset (``max_train_rows``), check memory, then read block by block.
 
     With a streaming solver (asked, or ``auto`` and the training rows do not fit) only the
     evaluation rows are read; the heads stream the training rows themselves."""
     t0 = time.perf_counter()
     labels, splits = fc.labels(), fc.split_array()
-    tr, ev, split_desc = train_eval_split(labels, splits, test_size=test_size, seed=seed)
+    split.check_rows(len(labels), what=f"cache {fc.path.name}")
+    tr, ev, split_desc = split.train, split.eval, dict(split.desc)
     if exclude:  # featx probe --drop-flagged: rows the audit flagged (the split itself is unchanged)
         tr, ev = np.setdiff1d(tr, exclude.get("train", [])), np.setdiff1d(ev, exclude.get("eval", []))
         split_desc = dict(split_desc, excluded={k: int(len(v)) for k, v in exclude.items()})
     if not len(ev):
         raise FeatxError(f"cache {fc.path.name} leaves no rows to evaluate on; add a val/ split or raise --test-size")
-    subset = None
-    if max_train_rows is not None:
-        kept = stratified_subset(tr, labels[tr], int(max_train_rows), seed=seed)
-        if len(kept) < len(tr):
-            subset = {"max_train_rows": int(max_train_rows), "n_available": int(len(tr)), "n_used": int(len(kept)),
-                      "stratified": True, "seed": seed}
-            log.info("training on a stratified subset of %d of %d training rows", len(kept), len(tr))
-        tr = kept
+    tr, subset = _subset(tr, labels, max_train_rows, seed)
     stream = use_stream(solver, n_train=len(tr), n_eval=len(ev), dim=dim, n_classes=len(fc.classes), linear=linear)
     mem = check_memory(0 if stream else len(tr), len(ev), dim, len(fc.classes), cache_name=fc.path.name)
     log.info("probe memory: about %.0f MiB needed%s", mem["needed_bytes"] / 2**20,
@@ -124,7 +132,7 @@ def load_rows(fc: FeatureCache, *, test_size: float, seed: int, max_train_rows: 
     else:
         X_tr, y_tr, tr = _drop_non_finite(read_rows(fc, tr, splits), labels[tr], tr, "training", fc.path.name)
     X_ev, y_ev, ev = _drop_non_finite(read_rows(fc, ev, splits), labels[ev], ev, "evaluation", fc.path.name)
-    return Rows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc, stream)
+    return TrainingRows(X_tr, y_tr, tr, X_ev, y_ev, ev, split_desc, time.perf_counter() - t0, subset, fc, stream, split=split)
 
 
 def held_dim(fc: FeatureCache, cands: list) -> int:
