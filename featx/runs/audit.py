@@ -27,10 +27,12 @@ from ..audit import finders
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, sha256_file, write_json
 from ..base.version import __version__
-from ..cache.store import FeatureCache, find_cache
+from ..base.writable import default_run_dir, run_key, staged_dir
+from ..cache.multi import open_single_cache
+from ..cache.store import FeatureCache
 from ..cache.trust.roots import trusted_root
 from ..config.settings import AuditSettings
-from ..data.splits import train_eval_split
+from ..data.splits import Split
 from ..heads.tuning.grids import resolve_grids
 from ..report.thumbs import inside_root
 from .publish import publish_run
@@ -54,6 +56,7 @@ class AuditResult:
     fingerprint: str
     settings: dict
     data_root: str
+    identity: dict | None
     split: dict
     counts: dict
     hashing: dict
@@ -83,9 +86,9 @@ class _Data:
     split_desc: dict
 
 
-def _read(fc: FeatureCache, s: AuditSettings) -> _Data:
+def _read(fc: FeatureCache, s: AuditSettings, split: Split) -> _Data:
     labels, splits = fc.labels(), fc.split_array()
-    tr, ev, desc = train_eval_split(labels, splits, test_size=s.test_size, seed=s.seed)
+    tr, ev, desc = split.train, split.eval, split.desc
     shown = splits.astype(object).copy()
     if desc.get("kind") == "holdout":
         shown[ev] = "holdout"
@@ -232,29 +235,47 @@ def _check(s: AuditSettings) -> None:
 
 
 def audit(cache: FeatureCache | str | os.PathLike | None = None, settings: AuditSettings | None = None, *,
-          grids: dict | None = None, mlflow: bool = False) -> AuditResult:
+          grids: dict | None = None, mlflow: bool = False, split: Split | None = None) -> AuditResult:
     """Audit a cache (default: the newest in ``settings.cache_dir``); writes the run folder, returns audit.json.
 
     ``settings``: :class:`featx.config.settings.AuditSettings` (defaults when None); ``grids``: the
-    heads' grids (the logistic regression's C grid is the probe's).
+    heads' grids (the logistic regression's C grid is the probe's); ``split``: the run's
+    :class:`featx.data.splits.Split` (None: drawn from ``test_size``/``seed`` as the probe draws it).
+    The folder is written whole (:func:`featx.base.writable.staged_dir`).
     """
     s = settings or AuditSettings()
     _check(s)
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache(find_cache(cache, cache_dir=s.cache_dir))
-    out = Path(s.out_dir) if s.out_dir else Path("runs") / f"audit-{fc.path.stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    fc = open_single_cache(cache, cache_dir=s.cache_dir, what="featx audit")
+    split = split if split is not None else Split.of_cache(fc, test_size=s.test_size, seed=s.seed)
+    split.check_matches(test_size=s.test_size, seed=s.seed, n_rows=len(fc), what="audit")
+    key = run_key("audit", fc.identity.digest, {k: v for k, v in s.to_dict().items() if k not in ("out_dir", "report")})
+    out = Path(s.out_dir) if s.out_dir else default_run_dir("audit", fc.path.stem, key)
+    with staged_dir(out, option="--out-dir") as work:
+        result = audit_into(fc, s, split, dirs=(work, out), grids=grids)
+    if s.report or mlflow:
+        result.report_path = publish_run(out, cache=fc, report=s.report, mlflow=mlflow)["report"]
+        result.summary = _summary(result.counts, result.report_path, out)
+        write_json(out / "audit.json", result.to_dict())
+    log.debug("audit: %s", result.summary)  # the CLI prints it
+    return result
+
+
+def audit_into(fc: FeatureCache, s: AuditSettings, split: Split, *, dirs: tuple[Path, Path],
+               grids: dict | None) -> AuditResult:
+    """Find, write the CSVs and audit.json into ``dirs[0]`` (paths recorded as in ``dirs[1]``); no report."""
+    work, out = dirs
     # Image files are read only under a root the user gave here (--data-root, or the root `featx embed` signed).
     root = s.data_root or trusted_root(fc.meta, what=f"hashing the images of {fc.path.name}")
     seconds: dict[str, float] = {}
-    d = _timed(seconds, "read", _read, fc, s)
+    d = _timed(seconds, "read", _read, fc, s, split)
     labels_csv, logreg, flagged_tr = _timed(seconds, "label_issues", _label_findings, d, s, grids)
     hashes, hashing = _timed(seconds, "hash_files", _hashes, d, root)
     dup_csv, dup_counts, leaked = _timed(seconds, "duplicates", _duplicate_findings, d, s, hashes)
     out_csv, notes = _timed(seconds, "outliers", _outlier_findings, d, s)
-    files = {"label_issues": str(_csv(out / "label_issues.csv", ["path", "split", "given", "suggested", "score"], labels_csv)),
-             "duplicates": str(_csv(out / "duplicates.csv",
-                                    ["path_a", "path_b", "split_a", "split_b", "similarity", "kind"], dup_csv)),
-             "outliers": str(_csv(out / "outliers.csv", ["path", "split", "label", "score", "knn_similarity"], out_csv))}
+    _csv(work / "label_issues.csv", ["path", "split", "given", "suggested", "score"], labels_csv)
+    _csv(work / "duplicates.csv", ["path_a", "path_b", "split_a", "split_b", "similarity", "kind"], dup_csv)
+    _csv(work / "outliers.csv", ["path", "split", "label", "score", "knn_similarity"], out_csv)
+    files = {k: str(out / f"{k}.csv") for k in ("label_issues", "duplicates", "outliers")}
     n_tr_flag = len(flagged_tr)
     counts = {"rows": len(d.y), "train_rows": len(d.tr), "eval_rows": len(d.ev), "label_issues": len(labels_csv),
               "label_issues_train": n_tr_flag, "label_issues_eval": len(labels_csv) - n_tr_flag, **dup_counts,
@@ -262,20 +283,16 @@ def audit(cache: FeatureCache | str | os.PathLike | None = None, settings: Audit
     result = AuditResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cache=fc.summary(), fingerprint=fc.fingerprint, settings=s.to_dict(), data_root=str(root),
-        split=dict(d.split_desc, n_train=len(d.tr), n_eval=len(d.ev)), counts=counts, hashing=hashing,
-        logreg=logreg, seconds=seconds, files=files, notes=notes, drop={"labels": flagged_tr, "leakage": leaked})
+        identity=fc.identity.to_dict(), split=dict(d.split_desc, n_train=len(d.tr), n_eval=len(d.ev)), counts=counts,
+        hashing=hashing, logreg=logreg, seconds=seconds, files=files, notes=notes,
+        drop={"labels": flagged_tr, "leakage": leaked})
     result.summary = _summary(counts, None, out)
-    write_json(out / "audit.json", result.to_dict())
-    if s.report or mlflow:
-        result.report_path = publish_run(out, cache=fc, report=s.report, mlflow=mlflow)["report"]
-        result.summary = _summary(counts, result.report_path, out)
-        write_json(out / "audit.json", result.to_dict())
-    log.debug("audit: %s", result.summary)  # the CLI prints it
+    write_json(work / "audit.json", result.to_dict())
     return result
 
 
-def audit_for_probe(fc: FeatureCache, settings: AuditSettings, *, out_dir: str | os.PathLike, test_size: float,
-                    folds: int, seed: int, grids: dict | None) -> AuditResult:
-    """The audit of a probe run: the probe's split, folds and seed, files into the probe's folder, no report yet."""
-    s = replace(settings, out_dir=str(out_dir), test_size=test_size, folds=folds, seed=seed, report=False)
-    return audit(fc, s, grids=grids)
+def audit_for_probe(fc: FeatureCache, settings: AuditSettings, *, out_dir: str | os.PathLike, split: Split,
+                    folds: int, grids: dict | None) -> AuditResult:
+    """The audit of a probe run: the probe's split, folds and seed, files into the probe's (finished) folder."""
+    s = replace(settings, out_dir=str(out_dir), test_size=split.test_size, folds=folds, seed=split.seed, report=False)
+    return audit_into(fc, s, split, dirs=(Path(out_dir), Path(out_dir)), grids=grids)

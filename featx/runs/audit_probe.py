@@ -19,8 +19,10 @@ import numpy as np
 
 from ..base.errors import FeatxError
 from ..base.io import write_json
-from ..cache.store import FeatureCache, find_cache
+from ..cache.multi import open_single_cache
+from ..cache.store import FeatureCache
 from ..config.settings import AuditSettings, ProbeSettings
+from ..data.splits import Split
 from .audit import audit_for_probe
 from .probe import ProbeResult, probe
 from .publish import publish_run
@@ -68,18 +70,18 @@ def probe_audited(cache: FeatureCache | str | os.PathLike | None, settings: Prob
     """
     kinds = parse_drop(settings.drop_flagged)
     s = replace(settings, mlflow=False)
-    fc = cache if isinstance(cache, FeatureCache) else FeatureCache(find_cache(cache, cache_dir=s.cache_dir))
-    result = probe(fc, settings=s, grids=grids, report=False)
+    fc = open_single_cache(cache, cache_dir=s.cache_dir, what="featx probe --audit")
+    split = Split.of_cache(fc, test_size=s.test_size, seed=s.seed)  # one split: the probe's, the audit's, the re-probe's
+    result = probe(fc, settings=s, grids=grids, report=False, split=split)
     out = Path(result.out_dir)
-    aud = audit_for_probe(fc, audit_settings or AuditSettings(), out_dir=out, test_size=s.test_size, folds=s.folds,
-                          seed=s.seed, grids=grids)
+    aud = audit_for_probe(fc, audit_settings or AuditSettings(), out_dir=out, split=split, folds=s.folds, grids=grids)
     result.audit = aud.to_dict()
     if kinds:
         empty = np.zeros(0, np.int64)
         exclude = {"train": aud.drop["labels"] if "labels" in kinds else empty,
                    "eval": aud.drop["leakage"] if "leakage" in kinds else empty}
         dropped = probe(fc, settings=replace(s, out_dir=str(out / "drop-flagged")), grids=grids, save=False,
-                        plots=False, report=False, exclude_rows=exclude)
+                        plots=False, report=False, exclude_rows=exclude, split=split)
         result.drop_flagged = _side_by_side(result, dropped, exclude, kinds)
         write_json(out / DROP_NAME, result.drop_flagged)
     if settings.report or settings.mlflow:
