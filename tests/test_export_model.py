@@ -1,0 +1,109 @@
+"""featx export-model: the ONNX graph predicts what `featx predict` does (tiny backbone, generated images)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featx
+from featx.base.errors import FeatxError
+from featx.embedding.multi import embed_backbones
+
+from conftest import make_tiny_cache, write_image_folder
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _probe(fc, out: Path, **kw) -> Path:
+    featx.probe(fc, out_dir=out, quiet=True, report=False, **kw)
+    return out
+
+
+def _check(head: Path, tmp: Path, cache_dir: Path) -> featx.runs.export_model.ExportModelResult:
+    res = featx.export_model(head, tmp / f"{head.stem}.onnx", cache_dir=cache_dir)
+    assert res.verified_images == res.top1_agree == 30  # every evaluation image: same class as featx predict
+    assert res.max_abs_diff <= 1e-4
+    model = onnx.load(res.model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == ["cats", "dogs", "owls"]
+    assert meta["featx_version"] == featx.__version__ and meta["cache_identity"]
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "label"]
+    return res
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_tiny_cache(tmp_path_factory.mktemp("export"))
+
+
+def test_every_head_exports_and_matches_predict(cache, tmp_path):
+    runs = _probe(cache, tmp_path / "runs", head="all")
+    dino = _probe(cache, tmp_path / "dino", head="knn_dino")
+    for name in ("logreg", "svm", "knn"):
+        _check(runs / f"{name}.skops", tmp_path, cache.path.parent)
+    _check(dino / "knn_dino.skops", tmp_path, cache.path.parent)
+
+
+def test_view_norm_and_streamed_heads(cache, tmp_path):
+    runs = _probe(cache, tmp_path / "r1", head="logreg", view="multi3", norm="power")
+    res = _check(runs / "logreg.skops", tmp_path, cache.path.parent)
+    assert res.view == "multi3"
+    runs = _probe(cache, tmp_path / "r2", head="all", solver="stream")
+    for name in ("logreg", "svm", "knn"):
+        _check(runs / f"{name}.skops", tmp_path, cache.path.parent)
+
+
+def test_cache_set_head_exports_both_networks(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("cats", "dogs", "owls"), per_class=10)
+    _, cs = embed_backbones(root, backbone="tiny_cnn,tiny_cnn_b", cache_dir=tmp_path / "cache", weights="random",
+                            device="cpu", num_workers=0, progress=False)
+    runs = _probe(cs, tmp_path / "runs", head="logreg", view="final@tiny_cnn+tiny_cnn_b")
+    res = _check(runs / "logreg.skops", tmp_path, tmp_path / "cache")
+    assert res.view == "final@tiny_cnn+tiny_cnn_b"
+
+
+def test_knn_over_the_size_limit_is_refused_and_nothing_written(cache, tmp_path):
+    runs = _probe(cache, tmp_path / "runs", head="knn")
+    with pytest.raises(FeatxError, match="max-model-mb"):
+        featx.export_model(runs / "knn.skops", tmp_path / "m.onnx", max_model_mb=0.001, cache_dir=cache.path.parent)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "preprocess.py").exists()
+
+
+def test_preprocess_py_is_bit_identical_to_featx(tmp_path):
+    from PIL import Image
+
+    from featx.embedding.export_preprocess import preprocess_source
+    from featx.embedding.networks.registry import Preprocess
+
+    rng = np.random.default_rng(0)
+    for resize, crop, interp in [(36, 32, "bilinear"), (256, 224, "bicubic"), (298, 260, "bicubic")]:
+        pre = Preprocess(resize, crop, (0.5,) * 3, (0.5,) * 3, interp)
+        src = preprocess_source(pre)
+        assert len(src.splitlines()) <= 30 and "torch" not in src
+        (tmp_path / "preprocess.py").write_text(src)
+        spec = importlib.util.spec_from_file_location("pp", tmp_path / "preprocess.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for size in [(40, 30), (500, 333), (224, 224), (97, 300), (20, 20)]:
+            im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            want = pre.uint8_transform()(im).permute(1, 2, 0).numpy()[None]
+            assert np.array_equal(mod.preprocess(im), want), (resize, interp, size)
+
+
+def test_cli_export_model(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+
+    runs = _probe(cache, tmp_path / "runs", head="logreg")
+    out = tmp_path / "cli" / "model.onnx"
+    r = CliRunner().invoke(cli, ["export-model", "--head", str(runs / "logreg.skops"), "--out", str(out),
+                                 "--cache-dir", str(cache.path.parent), "--verify", "8"])
+    assert r.exit_code == 0, r.output
+    assert "checked  8 images" in r.output and out.is_file() and (out.parent / "preprocess.py").is_file()
