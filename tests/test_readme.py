@@ -42,6 +42,7 @@ def test_readme_serving_example_runs_without_torch(tmp_path):
 
     pytest.importorskip("onnxruntime")
     import featx
+
     from conftest import make_tiny_cache
 
     code = re.findall(r"^```python serve\n(.*?)^```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S | re.M)
