@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from featx.base.choices import SOLVERS
 from featx.base.errors import FeatxError
-from featx.config.choices import SOLVERS
 from featx.heads.tuning import solver_choice
 from featx.heads.tuning.solver_choice import use_stream
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from ..base.choices import EXPORT_FORMATS
 from ..base.errors import FeatxError
 from ..base.io import atomic_commit
 from .keys import decode_key
@@ -28,7 +29,7 @@ from .reader import FeatureCache
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("parquet", "npy", "csv")
+FORMATS = EXPORT_FORMATS
 CHUNK_ROWS = 8192
 
 

@@ -12,8 +12,9 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from ..base.choices import SPLITS  # noqa: F401 - the cache's split names, re-exported
+
 LAYOUT_VERSION = 1
-SPLITS = ("train", "val", "test")
 STR_DTYPE = h5py.string_dtype("utf-8")
 # Keys of augmented training views: the image's key, this separator, the recipe and view number
 # (featx.embedding.engines.augment); such rows are kept in the finished cache's augmented/ group.

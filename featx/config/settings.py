@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional
 
 # The sets of choices: each option's Literal type below is derived from its tuple there.
-from . import choices
+from ..base import choices
 from .fields import (  # noqa: F401 - option and flag: the public way to declare a field
     CACHE_DIR_HELP,
     LIMIT_HELP,

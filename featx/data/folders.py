@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import ImageFile
 
+from ..base.choices import SPLITS
 from ..base.errors import FeatxError
 from . import guards
 from .splits import canonical_split
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 )
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = SPLITS
 # Files that are never images and never worth a warning.
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 

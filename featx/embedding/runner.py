@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..base.choices import EXECUTORS  # noqa: F401 - re-exported
 from ..base.errors import FeatxError
 from ..base.runtime import default_workers, resolve_device
 from ..base.version import __version__
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 # Failures that can be fixed without changing the file's mtime or size: retried on every run.
 _RETRY_REASONS = ("permission denied", "broken symlink", "file not found", "symlink loop", "cannot read")
-EXECUTORS = ("local", "ray")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..base.choices import KERNELS
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..base.writable import default_run_dir, run_key
@@ -41,7 +42,6 @@ from ..embedding.runner import embed
 from ..finetune.results import CompareResult, FinetuneResult
 from ..finetune.settings import STRATEGIES, FinetuneSettings, RunOptions
 from ..finetune.train import finetune as run_finetune
-from ..heads.tuning.grids import KERNELS
 from ..report.compare_table import markdown_table
 from ..report.plots.compare_chart import plot_chart
 from .probe import probe

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..base.choices import HEAD_FORMATS, KERNELS
 from ..base.errors import FeatxError
 from ..base.io import write_json
 from ..base.records import ItemAccess
@@ -31,10 +32,10 @@ from ..cache.store import FeatureCache
 from ..config import ProbeSettings
 from ..data.splits import Split, plan_folds
 from ..heads.estimators.scores import scores_of
-from ..heads.saved.persist import HEAD_FORMATS, save_head
+from ..heads.saved.persist import save_head
 from ..heads.stream.linear import fit_streamed, stream_candidates
 from ..heads.tuning.factory import check_head_name, grid_key
-from ..heads.tuning.grids import ALL_HEADS, KERNELS, LINEAR_HEADS, resolve_grids
+from ..heads.tuning.grids import ALL_HEADS, LINEAR_HEADS, resolve_grids
 from ..heads.tuning.repeated_cv import select_repeated
 from ..heads.tuning.rows import TrainingRows, held_dim, load_rows
 from ..heads.tuning.selection import SearchPlan, candidates, select

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ...base.choices import DTYPES  # noqa: F401 - re-exported
 from ...base.cuda import device_scope, rows_to_device
 from ...base.progress import progress_bar
 from ...base.version import __version__
@@ -29,7 +30,6 @@ from .gpu import iter_gpu_features
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "float16")
 _E = defaults("embed")  # the typed defaults of `featx embed`
 # How images are decoded before the backbone's preprocessing (JPEG draft at >= 2x the resize).
 DECODE_VERSION = "pil-draft2x"

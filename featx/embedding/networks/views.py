@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ...base.choices import TTAS
 from ...base.errors import FeatxError
 from ...cache.views import FLIP_PREFIX
-from ...config.choices import TTAS
 
 PARTS = ("final", "stages", "gem")
 GEM_P = 3.0

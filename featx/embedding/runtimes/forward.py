@@ -38,13 +38,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ...base.choices import RUNTIMES  # noqa: F401 - re-exported
 from ...base.errors import FeatxError
 from ...base.runtime import keep_heap_buffers
 from .ov_net import OpenVinoNet, with_uint8_input
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")
 # Runtimes that change the features, and the fingerprint entry that keeps their caches apart.
 _FEATURE_CHANGING = {"openvino-bf16": {"precision": "bf16-openvino"}}
 INSTALL_HINT = "pip install 'featx[openvino]'"

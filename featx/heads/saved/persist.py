@@ -26,10 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ...base.choices import HEAD_FORMATS
 from ...base.errors import FeatxError
 from ...base.io import atomic_write_bytes, sha256_file, write_json
 from ...base.version import __version__
-from ...config.choices import HEAD_FORMATS
 from .skops_guard import SKLEARN_HELPERS, check_archive, check_classifier, check_sidecar_fields
 
 # "precision" is set only by feature-changing runtimes (openvino-bf16); absent on both sides it matches.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...base.choices import SEARCH_BACKENDS
 from ...base.errors import FeatxError
-from ...config.choices import SEARCH_BACKENDS
 from ..tuning.memory import available_bytes
 
 # Similarities computed at once (query rows x reference rows of one product).

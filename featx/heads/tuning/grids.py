@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ...base.choices import KERNELS  # noqa: F401 - re-exported: the heads' kernels
 from ...config import DEFAULT_GRIDS, DEFAULT_SCALARS, load_config, section
-from ...config.choices import KERNELS  # noqa: F401 - re-exported: the heads' kernels
 from ...config.grids import GRID_PARAMS, SCALAR_KEYS, expand_values, validate_heads_section  # noqa: F401 - re-exported
 
 HEAD_NAMES = ("logreg", "svm", "knn", "knn_dino")

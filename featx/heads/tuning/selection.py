@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from ...base.choices import TRAIN_VIEWS
 from ...base.errors import FeatxError
-from ...config.choices import TRAIN_VIEWS
 from ..estimators.norms import NORMS, FeatureNorm  # noqa: F401 - FeatureNorm: saved heads name it here
 from .cv import plain
 from .factory import create_head

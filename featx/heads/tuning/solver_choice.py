@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from ...base.choices import SOLVERS
 from ...base.errors import FeatxError
-from ...config.choices import SOLVERS
 from .memory import available_bytes, probe_bytes
 
 log = logging.getLogger(__name__)
