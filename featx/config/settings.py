@@ -228,7 +228,7 @@ class ProbeSettings(Settings):
     seed: int = option(0, "Seed of the hold-out split and the CV folds.")
     device: str = shared_device("auto, cpu or cuda (GPU heads when available).")
     n_jobs: int = option(-1, "CPU jobs for the search (-1: all cores).")
-    out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>/).",
+    out_dir: Optional[str] = option(None, "Where metrics.json, plots and heads go (default: runs/probe-<cache name>-<run key>/, the key naming the cache's identity and the settings that change results; the folder is replaced whole when the run completes).",
                                     path="dir", file=False)
     no_save: bool = flag("Do not write the fitted heads.", lib=None, file=True)
     view: str = probe_view()
@@ -267,7 +267,7 @@ class AuditSettings(Settings):
         None, "Folder whose image files are hashed for exact duplicates and shown as thumbnails (default: the root "
               "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
     out_dir: Optional[str] = option(None, "Where the CSVs, audit.json and report.html go (default: "
-                                    "runs/audit-<cache name>/).", path="dir", file=False)
+                                    "runs/audit-<cache name>-<run key>/).", path="dir", file=False)
     view: str = option("final", "Feature view for the logistic regression, the neighbours and the outliers.")
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
     folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
@@ -334,7 +334,7 @@ class CompareSettings(Settings):
     device: str = shared_device()
     workers: Optional[int] = shared_workers("Fine-tune DataLoader workers (default: per device).")
     n_jobs: int = option(-1, "CPU jobs for the probe's search.")
-    out_dir: Optional[str] = option(None, "Where the report and checkpoints go (default runs/compare-<cache name>).",
+    out_dir: Optional[str] = option(None, "Where the report and checkpoints go (default runs/compare-<cache name>-<run key>).",
                                     path="dir", file=False)
     checkpoint_seconds: float = option(600.0, "Also checkpoint within an epoch this often (0: only at epoch ends).")
     overwrite: bool = flag("Retrain fine-tunes instead of resuming or reusing finished ones.")
@@ -376,7 +376,7 @@ class FewshotSettings(Settings):
     head: str = option("logreg,knn", "Heads: logreg, knn, knn_dino (comma list).", lib="heads")
     view: str = option("final", "Feature view(s) of the cache: final, multi2, multi3, gem, <view>+flip; a comma list "
                        "draws one curve per head and view (head@view) on the same draws.")
-    out_dir: Optional[str] = option(None, "Where fewshot.json and fewshot.png go (default: runs/fewshot-<cache name>/).",
+    out_dir: Optional[str] = option(None, "Where fewshot.json and fewshot.png go (default: runs/fewshot-<cache name>-<run key>/).",
                                     path="dir", file=False)
     cap_shots: bool = option(False, "Take all images of classes with fewer than k instead of stopping.",
                              flags=("--cap-shots/--no-cap-shots",), lib="cap")
