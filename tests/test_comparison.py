@@ -50,6 +50,7 @@ def data(tmp_path):
     return write_image_folder(tmp_path / "data", per_class=12)  # train 24, val 24
 
 
+@pytest.mark.slow
 def test_compare_with_finetune_writes_table_json_and_chart(data, tmp_path, monkeypatch):
     seen = _spy(monkeypatch)
     out = tmp_path / "cmp"

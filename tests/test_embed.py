@@ -124,6 +124,7 @@ def _embed_cmd(data, cache, chunk=4):
             "--batch-size", "2", "--chunk-size", str(chunk), "--quiet", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_equals_a_clean_run(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=10)
     clean = featx.embed(data, cache=tmp_path / "clean.h5", **TINY)

@@ -79,6 +79,7 @@ def test_t_interval():
     assert t_interval([0.5]) == (None, None)
 
 
+@pytest.mark.slow
 def test_fewshot_on_arrays_json_shape_png_and_reproducible(tmp_path):
     data = _arrays()
     res = fewshot(data, shots=(1, 2, 5), seeds=2, heads=("logreg", "knn", "knn_dino"), out_dir=tmp_path / "a")

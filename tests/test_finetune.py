@@ -177,6 +177,7 @@ def _wait_for(path_glob, out: Path, proc, timeout=300):  # generous: CI machines
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_killed_finetune_resumes_from_its_checkpoint(tiny_cache, tmp_path):
     out = tmp_path / "runs"
     proc = _start(tmp_path, tiny_cache.path, out, delay="0.4")  # ~5 steps per epoch, 0.4 s each
@@ -212,6 +213,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tiny_cache, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_stops(tiny_cache, tmp_path):
     out = tmp_path / "runs"
     proc = _start(tmp_path, tiny_cache.path, out, delay="0.4")

@@ -166,6 +166,7 @@ def test_embed_chunks_with_gpu_engine(mixed_folder):
     assert all(c.features.dtype == np.float16 and len(c.features) == len(c.keys) for c in chunks)
 
 
+@pytest.mark.slow
 def test_real_photos_match_cpu_path(hymenoptera):
     """Real JPEGs with the default backbone: the engine's features match the PIL path's."""
     from featx.data import discover

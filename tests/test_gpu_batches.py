@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -53,6 +54,7 @@ print("embedded", n)
 """
 
 
+@pytest.mark.slow
 def test_loader_stays_under_a_low_descriptor_limit(tmp_path):
     """2 workers x prefetch 4 x batch 96 files sent one tensor each need ~800 descriptors; the
     packed batch needs a few per batch.  (The failing layout: "received 0 items of ancdata".)"""

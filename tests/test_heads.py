@@ -204,6 +204,7 @@ def test_load_head_refuses_tampered_or_unverifiable_files(tiny_cache, tmp_path):
         load_head(path)
 
 
+@pytest.mark.slow
 def test_head_from_one_backbone_is_refused_on_another(tiny_cache, tmp_path):
     res = featx.probe(tiny_cache, head="svm", out_dir=tmp_path / "run", n_jobs=1, device="cpu", plots=False)
     head = res["heads"]["svm"]["model_path"]

@@ -84,6 +84,7 @@ def _run_limited(cache: Path, budget_mb: int, max_rows, out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_probe_under_a_memory_limit_names_the_need_then_fits_a_subset(tiny_cache, tmp_path):
     # 120,000 x 768 float32 training features = 352 MiB, more than the 300 MiB allowed.
     n_train, dim, budget_mb = 120_000, 768, 300

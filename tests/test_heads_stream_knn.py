@@ -40,6 +40,7 @@ def small_blocks(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.slow
 def test_predictions_equal_scikit_learns(backend, weights, small_blocks):
     X, y = _problem(700)
     Xt, yt, Xe = X[:500], y[:500], X[500:]

@@ -183,6 +183,7 @@ def _limited(cache: Path, out: Path, head: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(big_cache, tmp_path):
     n_train, dim, budget_mb = N_TRAIN, DIM, BUDGET_MB
     assert n_train * dim * 4 > budget_mb << 20
@@ -197,6 +198,7 @@ def test_streaming_trains_on_a_cache_bigger_than_the_address_space_limit(big_cac
         assert f["features"].shape == (n_train + 300, dim)
 
 
+@pytest.mark.slow
 def test_streamed_knn_searches_a_cache_bigger_than_the_address_space_limit(big_cache, tmp_path):
     got = _limited(big_cache, tmp_path / "o", "knn")
     assert got["solver"] == "stream" and got["n_train"] == N_TRAIN

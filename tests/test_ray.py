@@ -76,6 +76,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return root, ref
 
 
+@pytest.mark.slow
 def test_two_node_cluster_gives_the_local_cache(cluster, data, tmp_path: Path) -> None:
     root, ref = data
     assert len(ray.nodes()) == 2
@@ -88,6 +89,7 @@ def test_two_node_cluster_gives_the_local_cache(cluster, data, tmp_path: Path) -
     assert again.stats.embedded == 0 and not again.stats.rebuilt
 
 
+@pytest.mark.slow
 def test_ray_embeds_views_and_augmented_training_views_like_a_local_run(cluster, data, tmp_path: Path) -> None:
     root, _ = data
     kw = dict(TINY_KW, views="final,stages,gem", tta="flip", train_views=2)
@@ -101,6 +103,7 @@ def test_ray_embeds_views_and_augmented_training_views_like_a_local_run(cluster,
     np.testing.assert_allclose(Xa, Xb, atol=1e-5)  # seeded per image and view, wherever it runs
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_chunk_is_retried_and_the_cache_is_identical(cluster, data, tmp_path: Path) -> None:
     _, kill = cluster
     root, ref = data
@@ -111,6 +114,7 @@ def test_actor_killed_mid_chunk_is_retried_and_the_cache_is_identical(cluster, d
     assert fc.stats.embedded == 18 and fc.stats.failed_new == 1
 
 
+@pytest.mark.slow
 def test_ray_run_reuses_chunks_committed_by_a_shard(cluster, data, tmp_path: Path) -> None:
     """Chunks committed elsewhere (a --shard run, a stopped local run) are reused by a Ray run."""
     root, ref = data

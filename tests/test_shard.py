@@ -94,6 +94,7 @@ def test_shares_cover_the_pending_images_once_and_do_not_move(data, tmp_path: Pa
     assert shard_share(p2, (0, 3), 4) == []
 
 
+@pytest.mark.slow
 def test_two_concurrent_shards_then_a_plain_embed_only_assembles(data, tmp_path: Path) -> None:
     root, ref = data
     cache = tmp_path / "s.h5"
@@ -129,6 +130,7 @@ def test_shard_does_not_need_the_writer_lock(data, tmp_path: Path) -> None:
         held.release()
 
 
+@pytest.mark.slow
 def test_finalising_run_refuses_or_waits_while_a_shard_writes(data, tmp_path: Path) -> None:
     root, ref = data
     cache = tmp_path / "f.h5"

@@ -107,6 +107,7 @@ def upload(fs, folder: Path, bucket: str, prefix: str = "data") -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+@pytest.mark.slow
 def test_bucket_equals_disk_and_a_changed_object_is_the_only_one_embedded_again(s3, tmp_path):
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=5)
@@ -151,6 +152,7 @@ def test_shards_of_a_bucket_assemble_to_the_one_process_cache(s3, tmp_path):
     np.testing.assert_allclose(fc.features(), whole.features(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_identical_cache(s3, tmp_path):
     fs, _, endpoint = s3
     folder = write_image_folder(tmp_path / "data", per_class=8)
@@ -184,6 +186,7 @@ def test_webdataset_shards_and_parquet_in_the_bucket_equal_the_folder(s3, tmp_pa
     assert_same_rows(table, ref)
 
 
+@pytest.mark.slow
 def test_faults_are_recorded_retried_and_never_fatal(s3, tmp_path):
     fs, faults, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=4)
@@ -222,6 +225,7 @@ def test_missing_bucket_and_missing_credentials_are_refused_before_any_work(s3, 
         featx.embed("s3://equal/data", cache=tmp_path / "z.h5", storage_options=["anon"], **TINY)
 
 
+@pytest.mark.slow
 def test_ray_actors_read_from_the_bucket(s3, tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="the ray extra (pip install 'featx[ray]') is not installed")
     fs, _, _ = s3

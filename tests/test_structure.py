@@ -25,6 +25,7 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_featx_follows_the_rules():
     assert check_structure.check(ROOT / "featx") == []
 

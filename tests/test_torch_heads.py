@@ -99,6 +99,7 @@ def test_knn_matches_sklearn(weights):
     assert np.allclose(head.predict_proba(Xq), sk.predict_proba(normalize(Xq)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_search_mirrors_sklearn_heads_on_the_same_folds():
     """Same grid, same folds: the chosen C and the held-out accuracy agree with featx.heads."""
     from featx.heads import create_head
@@ -116,6 +117,7 @@ def test_search_mirrors_sklearn_heads_on_the_same_folds():
         assert th.best_params_["C"] in grid["C"]
 
 
+@pytest.mark.slow
 def test_estimator_contract_labels_pickle(tmp_path):
     X, y = _blobs(n=150, k=3)
     labels = np.array(["ant", "bee", "wasp"])[y]
@@ -220,6 +222,7 @@ def test_knn_grid_has_one_source_for_both_families():
     lambda: TorchLinearSVC(grid={"C": [0.1, 1.0]}, folds=3),
     lambda: TorchKNN(grid={"n_neighbors": [1, 3]}, folds=3),
 ], ids=["logreg", "svm", "knn"])
+@pytest.mark.slow
 def test_torch_heads_pass_sklearn_check_estimator(make):
     import warnings
 

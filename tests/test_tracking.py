@@ -56,6 +56,7 @@ def _check(uri: str, res: dict) -> None:
     assert {"report.html", "confusion_logreg.png", "logreg.joblib", "logreg.json", "metrics.json", "fewshot.json"} <= names
 
 
+@pytest.mark.slow
 def test_log_run_to_a_local_sqlite_store(run_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the default store is ./mlruns

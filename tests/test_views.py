@@ -25,6 +25,7 @@ FAMILIES = ["tiny_cnn", "efficientnet_lite0", "timm:resnet18", "resnet18"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.slow
 def test_view_parts_for_every_backbone_family(name):
     plain = create_backbone(name, weights="random")
     bb = create_backbone(name, weights="random", views="final,stages,gem", tta="flip")
@@ -149,6 +150,7 @@ def test_selection_never_reads_the_evaluation_rows(view_caches, tmp_path):
         assert (a["heads"][name]["view"], a["heads"][name]["norm"]) == (b["heads"][name]["view"], b["heads"][name]["norm"])
 
 
+@pytest.mark.slow
 def test_predict_applies_the_heads_view_to_new_images(view_caches, tmp_path):
     from featx.runs.predict import predict
 
