@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - export_model names the extra to instal
 from ..base.errors import FeatxError
 from ..base.io import atomic_write_bytes, write_json
 from ..base.version import __version__
+from ..cache.identity import CacheIdentity
 from ..cache.multi import is_multi_view, open_cache, split_view
 from ..config.settings import ExportModelSettings
 from ..data.folders import is_image_name
@@ -130,11 +131,10 @@ def _with_metadata(data: bytes, props: dict[str, str]) -> bytes:
 
 
 def _identity(meta: dict) -> str:
-    """The cache's identity the head names: a data identity when the sidecar has one, else its fingerprint."""
-    for key in ("data_identity", "cache_identity", "identity"):
-        if meta.get(key):
-            return json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]
-    return str(meta.get("fingerprint") or "")
+    """The identity of the cache the head was trained on (JSON: digest, data, embedding settings), as its
+    sidecar records it (:mod:`featx.cache.identity`); a head saved by an older featx: its embedding settings."""
+    ident = CacheIdentity.from_record(meta)
+    return json.dumps(ident.to_dict()) if ident is not None else str(meta.get("fingerprint") or "")
 
 
 def _check_images(meta: dict, images, n: int) -> list[str]:
