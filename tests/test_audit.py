@@ -94,6 +94,7 @@ def audited(planted):
             "outliers": _csv(out / "outliers.csv")}
 
 
+@pytest.mark.slow
 def test_label_issues_find_the_flipped_labels(planted, audited):
     rows = audited["labels"]
     assert list(rows[0]) == ["path", "split", "given", "suggested", "score"]
@@ -142,6 +143,7 @@ def test_audit_json_and_summary(audited):
                     doc["summary"])
 
 
+@pytest.mark.slow
 def test_evaluation_labels_never_choose_anything_for_training_rows(planted, audited, tmp_path):
     """Same features, the evaluation labels shuffled: every finding about a training row is unchanged."""
     y2 = planted["y"].copy()
@@ -163,6 +165,7 @@ def _snapshot(root: Path) -> dict:
             for p in paths}
 
 
+@pytest.mark.slow
 def test_drop_flagged_reports_both_and_never_touches_files(planted, tmp_path):
     before, cache_before = _snapshot(planted["root"]), _snapshot(planted["fc"].path)
     kw = {"head": "logreg", "out_dir": str(tmp_path / "p"), "device": "cpu", "n_jobs": 1, "folds": 3, "save": False,
@@ -196,6 +199,7 @@ def test_parse_drop_and_settings_errors(planted, tmp_path):
         audit(planted["fc"], AuditSettings(out_dir=str(tmp_path), block_rows=0))
 
 
+@pytest.mark.slow
 def test_files_outside_the_data_root_are_skipped_and_counted(planted, tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -257,6 +261,7 @@ def test_faiss_backend(monkeypatch):
 # --------------------------------------------------------------------------- command line, report, browser
 
 
+@pytest.mark.slow
 def test_cli_audit_prints_the_summary_and_writes_the_report(planted, tmp_path):
     out = tmp_path / "cli"
     r = CliRunner().invoke(cli, ["audit", str(planted["fc"].path), "--out-dir", str(out), "--folds", "3"])
@@ -285,6 +290,7 @@ def _browser() -> str | None:
 
 
 @pytest.mark.skipif(_browser() is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
+@pytest.mark.slow
 def test_audit_section_renders_in_headless_chromium(planted, tmp_path):
     s = ProbeSettings(head="logreg", out_dir=str(tmp_path / "p"), device="cpu", n_jobs=1, folds=3, no_save=True,
                       drop_flagged="leakage", report=True)

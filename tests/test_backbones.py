@@ -22,6 +22,7 @@ EXPECTED_DIMS = {
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DIMS))
+@pytest.mark.slow
 def test_each_backbone_builds_with_its_feature_dim(name):
     bb = create_backbone(name, weights="random")
     assert bb.dim == EXPECTED_DIMS[name]
@@ -56,6 +57,7 @@ def test_unknown_timm_model_is_a_clear_error():
         create_backbone("timm:resnet_eighteen", weights="random")
 
 
+@pytest.mark.slow
 def test_weights_file_that_does_not_fit_is_refused(tmp_path):
     other = create_backbone("resnet18", weights="random")
     f = tmp_path / "resnet18.pth"
@@ -104,6 +106,7 @@ def test_preprocessing_comes_from_the_backbone():
     assert lite.describe() != r18.describe()
 
 
+@pytest.mark.slow
 def test_offline_default_weights_recognise_ants_and_bees(hymenoptera):
     """The shipped ImageNet weights must classify real ant/bee photos as ImageNet ant (310) / bee (309)."""
     from featx.data import load_image

@@ -25,6 +25,7 @@ def _no_build(*_a, **_k):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_second_openvino_run_uses_the_card_and_gives_the_same_cache(image_folder, tmp_path, monkeypatch):
     kw = dict(TINY_KW, batch_size=5, device="cpu", runtime="openvino")
     first = embed(image_folder, cache_dir=tmp_path / "a", **kw)
@@ -60,6 +61,7 @@ def test_no_card_for_a_builder_registered_outside_featx(monkeypatch):
     assert cards.card_key("tiny_cnn", "random", "final", "none") is not None
 
 
+@pytest.mark.slow
 def test_lazy_backbone_builds_on_use_and_refuses_a_wrong_card():
     bb = create_backbone("tiny_cnn", weights="random", views="final,stages")
     card = cards.to_card(bb)

@@ -21,6 +21,7 @@ def runner():
     return CliRunner()
 
 
+@pytest.mark.slow
 def test_embed_then_info(runner, image_folder, tmp_path):
     cache_dir = tmp_path / "cache"
     r = runner.invoke(cli, ["embed", str(image_folder), "--cache-dir", str(cache_dir), *TINY])

@@ -96,6 +96,7 @@ def test_compare_with_finetune_writes_table_json_and_chart(data, tmp_path, monke
     assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in r["rows"]]
 
 
+@pytest.mark.slow
 def test_compare_passes_the_users_probe_settings(data, tmp_path):
     r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", view="final", norm="l2",
                       solver="stream", cv_repeats=1, stream_epochs=2, head="logreg", folds=2, n_jobs=1, **TINY)
@@ -104,6 +105,7 @@ def test_compare_passes_the_users_probe_settings(data, tmp_path):
     assert r["probe"]["heads"]["logreg"]["solver"] == "stream" and r["probe"]["heads"]["logreg"]["norm"] == "l2"
 
 
+@pytest.mark.slow
 def test_compare_without_finetune_lists_probe_heads_only(data, tmp_path):
     r = featx.compare(data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "cmp", **PROBE, **TINY)
     assert [row["kind"] for row in r["rows"]] == ["probe", "probe"] and r["finetune"] == {}
@@ -120,6 +122,7 @@ def test_bad_strategy_is_a_clear_error(data, tmp_path):
         featx.compare(cache_dir=tmp_path / "no-caches-here")
 
 
+@pytest.mark.slow
 def test_bad_kernel_is_refused_before_any_work(data, tmp_path):
     # As `featx probe --kernel` does: checked before embedding, whatever the heads.
     with pytest.raises(FeatxError, match="--kernel 'poly': expected one of linear, rbf"):
@@ -145,6 +148,7 @@ def test_markdown_table_formats_every_column():
     assert markdown_table(rows).splitlines()[2].startswith("| probe-svm [multi2 + 8 aug.] | 80.0% |")
 
 
+@pytest.mark.slow
 def test_cli_compare_finetune_prints_the_table(data, tmp_path):
     out = tmp_path / "cmp"
     res = CliRunner().invoke(cli, [
@@ -163,6 +167,7 @@ def test_cli_compare_finetune_prints_the_table(data, tmp_path):
     assert bad.exit_code == 2 and "--strategy 'nope'" in bad.output
 
 
+@pytest.mark.slow
 def test_compare_with_the_real_probe(data, tmp_path):
     r = featx.compare(data, cache_dir=tmp_path / "cache", head="logreg", folds=2, finetune=True, strategy="head",
                       out_dir=tmp_path / "cmp", n_jobs=1, **TINY, **FT)

@@ -273,6 +273,7 @@ def test_help_does_not_import_torch_or_sklearn(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_the_package_alone_has_the_defaults(tmp_path):
     # As an installed wheel: only the featx package, no checkout (no configs/) around it.
     site = tmp_path / "site"

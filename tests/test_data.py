@@ -454,6 +454,7 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("factor", [1.1, 2.1], ids=["above-limit", "above-twice-limit"])
+@pytest.mark.slow
 def test_decompression_bomb(tmp_path: Path, factor: float) -> None:
     with pytest.raises(ImageLoadError, match="decompression-bomb limit"):
         load_image(_bomb(tmp_path, factor))

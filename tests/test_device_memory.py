@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from featx.heads.estimators import device_memory, torch_heads
@@ -42,6 +43,7 @@ def test_group_size_follows_free_gpu_memory(fake_cuda):
     assert device_memory.c_group_size(10**9, 2048, 1000, 17, torch.device("cpu")) == 17
 
 
+@pytest.mark.slow
 def test_c_values_are_grouped_by_free_memory(monkeypatch):
     X, y = _data()
     want = TorchLogisticRegression(grid={"C": CS}, folds=3).fit(X, y)
@@ -55,6 +57,7 @@ def test_c_values_are_grouped_by_free_memory(monkeypatch):
     np.testing.assert_allclose(got.coef_, want.coef_, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_with_fewer_c_values(monkeypatch, caplog):
     X, y = _data()
     want = TorchLinearSVC(grid={"C": CS}, folds=3).fit(X, y)

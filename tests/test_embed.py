@@ -76,6 +76,7 @@ def test_changed_image_is_embedded_again(image_folder, tmp_path):
     assert b.stats.embedded == 1
 
 
+@pytest.mark.slow
 def test_mismatched_cache_is_refused_and_overwrite_rebuilds(image_folder, tmp_path):
     target = tmp_path / "my.h5"
     featx.embed(image_folder, cache=target, **TINY)

@@ -52,6 +52,7 @@ def test_resize_rule_and_crop_padding():
     assert y.shape == (3, 16, 16) and int(y.sum()) == 3 * 10 * 16  # 3 zero rows above, 3 below
 
 
+@pytest.mark.slow
 def test_embedding_path_does_not_import_torchvision():
     """Start-up: torchvision imports torch._dynamo (about a second on a small CPU)."""
     code = ("import sys; from featx.embedding.backbones import Preprocess; "

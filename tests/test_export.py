@@ -86,6 +86,7 @@ def test_npy_and_csv_round_trip(small_cache, tmp_path):
     assert [row[1] for row in r[1:]] == [fc.classes[i] for i in fc.labels()]
 
 
+@pytest.mark.slow
 def test_export_streams_in_constant_memory(tmp_path):
     fc = synthetic_cache(tmp_path / "big.h5", 20000, 128, seed=1)  # 10 MB of features
     tracemalloc.start()

@@ -42,6 +42,7 @@ def cache(tmp_path_factory):
     return make_tiny_cache(tmp_path_factory.mktemp("export"))
 
 
+@pytest.mark.slow
 def test_every_head_exports_and_matches_predict(cache, tmp_path):
     runs = _probe(cache, tmp_path / "runs", head="all")
     dino = _probe(cache, tmp_path / "dino", head="knn_dino")
@@ -50,6 +51,7 @@ def test_every_head_exports_and_matches_predict(cache, tmp_path):
     _check(dino / "knn_dino.skops", tmp_path, cache.path.parent)
 
 
+@pytest.mark.slow
 def test_view_norm_and_streamed_heads(cache, tmp_path):
     runs = _probe(cache, tmp_path / "r1", head="logreg", view="multi3", norm="power")
     res = _check(runs / "logreg.skops", tmp_path, cache.path.parent)
@@ -59,6 +61,7 @@ def test_view_norm_and_streamed_heads(cache, tmp_path):
         _check(runs / f"{name}.skops", tmp_path, cache.path.parent)
 
 
+@pytest.mark.slow
 def test_cache_set_head_exports_both_networks(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("cats", "dogs", "owls"), per_class=10)
     _, cs = embed_backbones(root, backbone="tiny_cnn,tiny_cnn_b", cache_dir=tmp_path / "cache", weights="random",
@@ -68,6 +71,7 @@ def test_cache_set_head_exports_both_networks(tmp_path):
     assert res.view == "final@tiny_cnn+tiny_cnn_b"
 
 
+@pytest.mark.slow
 def test_knn_over_the_size_limit_is_refused_and_nothing_written(cache, tmp_path):
     runs = _probe(cache, tmp_path / "runs", head="knn")
     with pytest.raises(FeatxError, match="max-model-mb"):
@@ -75,6 +79,7 @@ def test_knn_over_the_size_limit_is_refused_and_nothing_written(cache, tmp_path)
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "preprocess.py").exists()
 
 
+@pytest.mark.slow
 def test_preprocess_py_is_bit_identical_to_featx(tmp_path):
     from PIL import Image
 
@@ -96,6 +101,7 @@ def test_preprocess_py_is_bit_identical_to_featx(tmp_path):
             assert np.array_equal(mod.preprocess(im), want), (resize, interp, size)
 
 
+@pytest.mark.slow
 def test_cli_export_model(cache, tmp_path):
     from click.testing import CliRunner
 

@@ -50,6 +50,7 @@ def test_draw_too_few_images_errors_with_fix_or_caps():
     assert taken == {0: 5, 1: 3} and np.bincount(y[rows]).tolist() == [5, 3]
 
 
+@pytest.mark.slow
 def test_one_shot_falls_back_and_more_shots_cross_validate():
     X, y = _blobs(10)
     rows, _ = draw_shots(y, 1, seed=0)
@@ -121,6 +122,7 @@ def test_fewshot_options_are_checked():
         fewshot({"X_train": data["X_train"]}, shots=(1,), seeds=1)
 
 
+@pytest.mark.slow
 def test_fewshot_on_a_cache_uses_the_probe_split(tmp_path):
     root = write_image_folder(tmp_path / "data", splits=(), classes=("r", "g", "b"), per_class=8)
     fc = featx.embed(root, backbone="tiny_cnn", weights="random", cache_dir=tmp_path / "cache", progress=False)

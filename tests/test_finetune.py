@@ -46,6 +46,7 @@ def _backbone_state(model_state: dict) -> dict:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.slow
 def test_each_strategy_trains_exactly_its_layers(tiny_cache, tmp_path, strategy):
     out = tmp_path / "runs"
     r = finetune(tiny_cache, strategy=strategy, out_dir=out, **TINY_FT)
@@ -78,6 +79,7 @@ def test_each_strategy_trains_exactly_its_layers(tiny_cache, tmp_path, strategy)
     assert best["head.weight"].shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_result_and_other_settings_start_fresh(tiny_cache, tmp_path):
     out = tmp_path / "runs"
     a = finetune(tiny_cache, strategy="head", out_dir=out, **TINY_FT)
@@ -265,6 +267,7 @@ def test_images_broken_after_embedding_are_skipped_not_fatal(tiny_cache, tmp_pat
     assert any(bad_eval in m for m in caplog.messages)
 
 
+@pytest.mark.slow
 def test_fine_tuned_head_learns_separable_data_well_above_chance(tmp_path):
     # Red vs green images: a linear layer on the frozen random tiny_cnn separates them easily.
     data = write_image_folder(tmp_path / "data", per_class=16)
@@ -321,6 +324,7 @@ def test_early_stopping_never_stops_before_the_anneal():
     assert rule.score(_history([0.5, 0.9])) == (pytest.approx(0.7), 1.0)
 
 
+@pytest.mark.slow
 def test_small_validation_slice_runs_the_fixed_schedule(tiny_cache, tmp_path):
     from featx.finetune.schedule import EarlyStopping, StepPlan
 

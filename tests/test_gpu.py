@@ -123,6 +123,7 @@ def test_worker_routes_files(mixed_folder):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.slow
 def test_engine_matches_pil_path_and_fails_alike(mixed_folder, workers):
     bb = create_backbone("tiny_cnn")
     todo = _samples(mixed_folder)

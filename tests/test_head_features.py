@@ -47,6 +47,7 @@ def trunk_calls(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_cached_train_views_train_the_head_without_any_network_pass(data, tmp_path, trunk_calls):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8, train_views=3)
     trunk_calls["forward"] = 0  # the embedding above ran the network; the fine-tune must not
@@ -58,6 +59,7 @@ def test_cached_train_views_train_the_head_without_any_network_pass(data, tmp_pa
     assert best["head.weight"].shape == (2, 32) and "backbone.blocks.0.weight" in best  # same checkpoint layout
 
 
+@pytest.mark.slow
 def test_without_cached_views_each_epoch_embeds_each_image_once(data, tmp_path, trunk_calls):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     trunk_calls["keys"].clear()
@@ -72,6 +74,7 @@ def test_without_cached_views_each_epoch_embeds_each_image_once(data, tmp_path, 
     assert r.accuracy >= 0.9 and r.history[-1]["train_loss"] < r.history[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_each_epochs_view_is_embedded_before_its_step_bar_starts(data, tmp_path, trunk_calls, monkeypatch):
     """The bar's rate and ETA time the steps only: embedding a view inside its first step read 0.1 step/s, 7 min."""
     from featx.finetune import loop
@@ -90,6 +93,7 @@ def test_each_epochs_view_is_embedded_before_its_step_bar_starts(data, tmp_path,
     assert made_before_bar == [r.n_train, 2 * r.n_train]
 
 
+@pytest.mark.slow
 def test_a_file_changed_since_embedding_is_embedded_again_for_evaluation(data, tmp_path, trunk_calls):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     changed = fc.paths("val")[0]
@@ -100,6 +104,7 @@ def test_a_file_changed_since_embedding_is_embedded_again_for_evaluation(data, t
     assert r.n_eval == 32 and r.n_eval_failed == 0
 
 
+@pytest.mark.slow
 def test_embedded_views_are_the_views_the_cache_would_store(data, tmp_path):
     # Epoch e trains on augmented view e in both paths: the same features, so the same losses.
     plain = tiny_embed(data, tmp_path / "c0", batch_size=8)
@@ -111,6 +116,7 @@ def test_embedded_views_are_the_views_the_cache_would_store(data, tmp_path):
     assert a.accuracy == b.accuracy
 
 
+@pytest.mark.slow
 def test_fast_head_matches_the_trunk_every_step(data, tmp_path, monkeypatch):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     fast = finetune(fc, epochs=6, lr=0.05, out_dir=tmp_path / "fast", **FT)
@@ -121,6 +127,7 @@ def test_fast_head_matches_the_trunk_every_step(data, tmp_path, monkeypatch):
     assert Path(fast.run_dir).name != Path(slow.run_dir).name, "the run key changes with the feature source"
 
 
+@pytest.mark.slow
 def test_interrupted_head_run_resumes_and_ends_like_an_uninterrupted_one(data, tmp_path, monkeypatch):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     clean = finetune(fc, epochs=4, lr=0.05, out_dir=tmp_path / "clean", **FT)
@@ -141,6 +148,7 @@ def test_interrupted_head_run_resumes_and_ends_like_an_uninterrupted_one(data, t
     assert (r.accuracy, r.macro_f1) == (clean.accuracy, clean.macro_f1)
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_embedding_a_view_resumes_that_view_where_it_stopped(data, tmp_path, monkeypatch):
     fc = tiny_embed(data, tmp_path / "cache", batch_size=8)
     clean = finetune(fc, epochs=3, lr=0.05, out_dir=tmp_path / "clean", **FT)
@@ -167,6 +175,7 @@ def test_a_run_killed_while_embedding_a_view_resumes_that_view_where_it_stopped(
     assert not list(Path(r.run_dir).glob("view-*.npz")), "the finished run keeps no embedded views"
 
 
+@pytest.mark.slow
 def test_compare_report_names_the_feature_source(data, tmp_path):
     out = tmp_path / "cmp"
     r = featx.compare(data, cache_dir=tmp_path / "cache", **TINY_BACKBONE, head="logreg",

@@ -44,6 +44,7 @@ def _cache(root: Path, cache_dir: Path, *, weights="random") -> FeatureCache:
 
 
 @pytest.mark.parametrize("name,kernel", [("logreg", "linear"), ("svm", "linear"), ("svm", "rbf"), ("knn", "linear")])
+@pytest.mark.slow
 def test_each_head_learns_and_gives_probabilities(name, kernel):
     X, y = _blobs()
     Xt, yt = _blobs(n_per=20, seed=0)  # same centres, fresh noise
@@ -60,6 +61,7 @@ def test_each_head_learns_and_gives_probabilities(name, kernel):
     assert 0.9 < est.best_score_ <= 1.0
 
 
+@pytest.mark.slow
 def test_cv_chooses_different_c_when_the_data_demands_it():
     rng = np.random.default_rng(0)
     # Few rows, 300 noisy features, weak signal spread over 5 of them: strong regularisation wins.
@@ -103,6 +105,7 @@ def test_cuda_without_torch_head_falls_back_to_sklearn(monkeypatch, caplog):
     assert "no GPU implementation of head 'svm'" in caplog.text
 
 
+@pytest.mark.slow
 def test_head_search_pickles():
     X, y = _blobs(k=2)
     est = heads.create_head("svm", n_jobs=1).fit(X, y)
@@ -125,6 +128,7 @@ def test_plan_folds_fallbacks():
 
 
 @pytest.mark.parametrize("counts", [(12, 3), (12, 1)])
+@pytest.mark.slow
 def test_tiny_classes_never_crash(counts):
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], counts)
@@ -139,6 +143,7 @@ def test_tiny_classes_never_crash(counts):
         assert est.predict_proba(X).shape == (len(y), 2)
 
 
+@pytest.mark.slow
 def test_probe_holdout_split_matches_train_eval_split(tmp_path):
     root = write_image_folder(tmp_path / "flat", splits=(), classes=("a", "b"), per_class=10)
     fc = _cache(root, tmp_path / "cache")
@@ -151,6 +156,7 @@ def test_probe_holdout_split_matches_train_eval_split(tmp_path):
     assert "hold-out" in res["table"]
 
 
+@pytest.mark.slow
 def test_probe_small_class_uses_fewer_folds(tmp_path, caplog):
     root = tmp_path / "data"
     write_image_folder(root, classes=("big",), per_class=8)
@@ -166,6 +172,7 @@ def test_probe_small_class_uses_fewer_folds(tmp_path, caplog):
 # --------------------------------------------------------------------------- probe / save / load / refuse
 
 
+@pytest.mark.slow
 def test_probe_all_writes_report_and_heads(tiny_cache, tmp_path):
     out = tmp_path / "run"
     res = featx.probe(tiny_cache, head="all", out_dir=out, n_jobs=1, device="cpu", folds=3)
@@ -225,6 +232,7 @@ def test_head_from_one_backbone_is_refused_on_another(tiny_cache, tmp_path):
     assert not (tmp_path / "c3").exists()
 
 
+@pytest.mark.slow
 def test_predict_images_csv_matches_report_and_lists_bad_images(tiny_cache, tmp_path):
     res = featx.probe(tiny_cache, head="logreg", out_dir=tmp_path / "run", n_jobs=1, device="cpu", plots=False)
     head = res["heads"]["logreg"]["model_path"]
@@ -265,6 +273,7 @@ def test_heads_config_section_is_validated(tmp_path):
     assert r.exit_code == 2 and "heads.svm.C" in r.output
 
 
+@pytest.mark.slow
 def test_cli_probe_newest_cache_and_config_grid(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cache").mkdir()
@@ -280,6 +289,7 @@ def test_cli_probe_newest_cache_and_config_grid(tiny_cache, tmp_path, monkeypatc
     assert m["heads"]["svm"]["params"]["C"] == 0.5 and m["settings"]["folds"] == 3
 
 
+@pytest.mark.slow
 def test_probe_many_classes_reports_top5_and_cli_predict(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=tuple(f"k{i}" for i in range(7)), per_class=4, size=(36, 36))
     fc = _cache(root, tmp_path / "cache")
@@ -297,6 +307,7 @@ def test_probe_many_classes_reports_top5_and_cli_predict(tmp_path):
     assert acc == pytest.approx(h["accuracy"])
 
 
+@pytest.mark.slow
 def test_probe_leaves_out_rows_with_nan_features(tiny_cache, tmp_path, caplog):
     import shutil
 

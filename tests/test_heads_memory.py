@@ -124,6 +124,7 @@ def test_read_rows_in_blocks_equals_whole_split_reads(tiny_cache, monkeypatch):
     np.testing.assert_array_equal(got, tiny_cache.features("val")[rows - start])
 
 
+@pytest.mark.slow
 def test_probe_result_is_a_dataclass_with_the_metrics_json_keys(tiny_cache, tmp_path):
     import dataclasses
 

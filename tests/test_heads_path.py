@@ -47,6 +47,7 @@ def test_squared_hinge_path_matches_liblinear_and_reduces_exactly_when_rows_are_
 
 
 @pytest.mark.parametrize("name", ["logreg", "svm"])
+@pytest.mark.slow
 def test_path_search_chooses_what_the_full_sklearn_grid_chooses(name):
     X, y = _blobs(n=400, d=30, k=4, spread=2.5)
     grid = {"C": [float(c) for c in np.logspace(-4, 2, 13)]}
@@ -61,6 +62,7 @@ def test_path_search_chooses_what_the_full_sklearn_grid_chooses(name):
     assert abs(np.log10(path.params_["C"]) - np.log10(full.params_["C"])) <= 1.0
 
 
+@pytest.mark.slow
 def test_path_stops_after_patience_and_without_it_fits_every_c():
     X, y = _blobs(n=300)
     Cs = tuple(np.logspace(-4, 4, 17))
@@ -82,6 +84,7 @@ def test_calibrated_svm_probabilities_and_string_labels():
 
 
 @pytest.mark.parametrize("loss", ["logistic", "squared_hinge"])
+@pytest.mark.slow
 def test_path_head_passes_sklearn_check_estimator(loss):
     from sklearn.utils.estimator_checks import check_estimator
 
@@ -108,6 +111,7 @@ def test_cpu_rule_picks_the_measured_faster_implementation():
 
 
 @pytest.mark.parametrize("loss", ["logistic", "squared_hinge"])
+@pytest.mark.slow
 def test_folds_on_threads_give_the_same_head_as_one_thread(loss):
     """Each fold keeps its own warm start, so solving the folds side by side changes nothing."""
     rng = np.random.default_rng(3)

@@ -53,6 +53,7 @@ def test_predictions_equal_scikit_learns(backend, weights, small_blocks):
         assert np.allclose(ours.predict_proba(Xe), ref.predict_proba(Xe), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cv_choice_and_scores_equal_the_in_memory_knns(small_blocks):
     X, y = _problem(600)
     grid = {"n_neighbors": [1, 3, 7, 15], "weights": ["uniform", "distance"], "metric": ["cosine"]}
@@ -79,6 +80,7 @@ def test_merge_keeps_the_best_of_both_lists():
     assert s.tolist() == [[pytest.approx(0.9), pytest.approx(0.7), pytest.approx(0.6)]] and i.tolist() == [[4, 1, 2]]
 
 
+@pytest.mark.slow
 def test_probe_streams_knn_and_saves_a_head_that_predicts(tiny_cache, tmp_path):  # noqa: F811
     res = featx.probe(tiny_cache, head="knn", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu", plots=False,
                       view="final")
@@ -90,6 +92,7 @@ def test_probe_streams_knn_and_saves_a_head_that_predicts(tiny_cache, tmp_path):
     assert np.mean(est.predict(tiny_cache.features("val")) == tiny_cache.labels("val")) == entry["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_large_reference_stays_in_the_cache(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(stream_knn, "HOLD_BYTES", 0)
     cache = tmp_path / "c.h5"

@@ -34,6 +34,7 @@ def _problem(n: int, dim: int = 16, classes: int = 4, *, noise: float = 1.5, see
 
 
 @pytest.mark.parametrize("loss", ["logistic", "squared_hinge"])
+@pytest.mark.slow
 def test_streamed_head_matches_the_in_memory_path(loss):
     X, y = _problem(2000)
     Xt, yt, Xe, ye = X[:1200], y[:1200], X[1200:], y[1200:]
@@ -48,6 +49,7 @@ def test_streamed_head_matches_the_in_memory_path(loss):
 
 
 @pytest.mark.parametrize("C", [0.01, 1.0])
+@pytest.mark.slow
 def test_streamed_logreg_reaches_the_regularised_optimum(C):
     """At one C the streamed head ends at scikit-learn's objective: a small C is its own (poor) optimum, not a
     drifted warm start, so the C chosen on held-out rows means what it says."""
@@ -70,6 +72,7 @@ def test_streamed_logreg_reaches_the_regularised_optimum(C):
     assert objective(s.coef_, s.intercept_) <= ref_obj * 1.002 + 1e-4
 
 
+@pytest.mark.slow
 def test_large_sets_select_on_a_stratified_held_out_slice(monkeypatch):
     monkeypatch.setattr(stream_source, "KFOLD_MAX_ROWS", 100)
     X, y = _problem(3000, classes=2)
@@ -130,6 +133,7 @@ def test_auto_names_the_streaming_solver_when_the_in_memory_search_would_take_ho
     assert not caplog.text
 
 
+@pytest.mark.slow
 def test_probe_streams_saves_a_loadable_head_and_refuses_knn_dino(tiny_cache, tmp_path):  # noqa: F811
     res = featx.probe(tiny_cache, head="logreg", solver="stream", out_dir=tmp_path, n_jobs=1, device="cpu",
                       plots=False, grids={"logreg": {"C": [0.01, 1.0]}}, view="final")
@@ -234,6 +238,7 @@ def test_streamed_reads_are_checked_against_the_row_checksums(tiny_cache, tmp_pa
     assert "rows 1 of dataset 'features' do not match their checksums" in caplog.text
 
 
+@pytest.mark.slow
 def test_report_says_a_streamed_head_chose_on_a_held_out_slice_not_by_cv(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
     from featx.report.metrics import markdown_table
 

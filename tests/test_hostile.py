@@ -222,6 +222,7 @@ def _corrupt_features(path: Path, dataset: str = "features", row: int = 1) -> No
         fh.write(np.full(d.shape[1], 2.4e38, np.float32).astype(d.dtype).tobytes())
 
 
+@pytest.mark.slow
 def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_path, caplog):
     fc, root, _ = built
     cache_dir = tmp_path / "cache"
@@ -243,6 +244,7 @@ def test_corrupted_finished_cache_is_reported_and_healed_by_a_rerun(built, tmp_p
     assert r.exit_code == 0 and "checksums  verified" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_corrupted_chunk_is_embedded_again(built, tmp_path, monkeypatch):
     from featx.embedding import runner
 
@@ -373,6 +375,7 @@ def test_manifest_row_naming_a_fifo_is_skipped(tmp_path, alarm):
 # --------------------------------------------------------------------------- 9. degenerate data
 
 
+@pytest.mark.slow
 def test_constant_features_give_a_report_with_a_note_not_a_crash(built, tmp_path):
     import subprocess
     import sys
@@ -418,6 +421,7 @@ def _forge(head: Path, tmp_path: Path, data: bytes | None = None, **fields) -> P
     return out
 
 
+@pytest.mark.slow
 def test_sidecar_cannot_choose_what_predict_builds_or_downloads(built, head, tmp_path, monkeypatch):
     import socket
 
@@ -547,6 +551,7 @@ BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (b"probe:\n  head: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
     (b"probe:\n  head: [" + b"1, " * 5000 + b"1]\n", "is not a valid"),
 ])
+@pytest.mark.slow
 def test_hostile_config_files_are_one_line_errors(tmp_path, content, says):
     import time
 
@@ -562,6 +567,7 @@ def test_hostile_config_files_are_one_line_errors(tmp_path, content, says):
 # --------------------------------------------------------------------------- NaN features reach no head
 
 
+@pytest.mark.slow
 def test_nan_features_are_named_and_never_reach_a_head(built, head, tmp_path, caplog):
     import csv
 
@@ -591,6 +597,7 @@ def _flip_labels(path: Path) -> None:
         f["labels"][...] = y
 
 
+@pytest.mark.slow
 def test_a_cache_cannot_make_the_report_read_files_outside_a_root_given_here(built, tmp_path, monkeypatch):
     from PIL import Image
 

@@ -7,6 +7,8 @@ import logging
 import os
 import time
 
+import pytest
+
 import featx
 from featx.cache.identity import CacheIdentity, data_digest, same_source
 from featx.cache.multi import MultiCache, open_cache
@@ -41,6 +43,7 @@ def test_two_data_sets_with_one_backbone_share_settings_not_identity(tmp_path):
     assert CacheIdentity.from_record({"identity": {"data": 1}}) is None
 
 
+@pytest.mark.slow
 def test_report_never_shows_another_data_sets_fewshot_curve(tmp_path, monkeypatch):
     """The reproduction of issue 30: few-shot on flowers, probe on cats, one --cache-dir, one runs/ folder."""
     monkeypatch.chdir(tmp_path)
@@ -63,6 +66,7 @@ def test_report_never_shows_another_data_sets_fewshot_curve(tmp_path, monkeypatc
     assert f"data <code>{cats.identity.data[:12]}</code>" in html
 
 
+@pytest.mark.slow
 def test_old_runs_without_identity_still_open_and_never_join(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fc = tiny_embed(write_image_folder(tmp_path / "d", per_class=8), tmp_path / "cache")
@@ -79,6 +83,7 @@ def test_old_runs_without_identity_still_open_and_never_join(tmp_path, monkeypat
     assert "no data identity" in write_report(probe.out_dir).read_text()
 
 
+@pytest.mark.slow
 def test_newest_covers_caches_and_sets_and_the_summary_says_the_real_width(tmp_path, caplog):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8)
     _, cs = embed_backbones(root, backbone="tiny_cnn,tiny_cnn_b", cache_dir=tmp_path / "cache",

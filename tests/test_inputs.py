@@ -107,6 +107,7 @@ def _write_order(written, sp):
     return [f"{sp}/{c}/{f}" for _, _, c, f in _rows(written / "data", sp)]
 
 
+@pytest.mark.slow
 def test_path_only_parquet_of_datasets_reads_the_files(written, folder_cache, tmp_path):
     fc = featx.embed([str(written / "hfpq" / "train.parquet"), str(written / "hfpq" / "test.parquet")],
                      cache_dir=tmp_path, **KW)

@@ -75,6 +75,7 @@ def _set_features(cs: MultiCache, out: Path, make) -> MultiCache:
     return MultiCache(write_set(members))
 
 
+@pytest.mark.slow
 def test_probe_chooses_the_better_backbone_and_keeps_the_simpler_when_equal(cache_set, tmp_path):
     _, _, cs = cache_set
     y_all = cs.labels()
@@ -97,6 +98,7 @@ def test_probe_chooses_the_better_backbone_and_keeps_the_simpler_when_equal(cach
     assert len(y_all) == len(cs)
 
 
+@pytest.mark.slow
 def test_choice_never_reads_the_evaluation_rows_of_a_set(cache_set, tmp_path):
     _, _, cs = cache_set
 
@@ -146,6 +148,7 @@ def test_predict_with_a_two_backbone_head_on_images_equals_the_cache(cache_set, 
         predict(model, [str(cs.members["tiny_cnn"].path)], out=tmp_path / "x.csv", progress=False)
 
 
+@pytest.mark.slow
 def test_predict_with_a_head_on_one_member_of_a_set_embeds_with_that_member(cache_set, tmp_path):
     from featx.runs.predict import predict
 
@@ -159,6 +162,7 @@ def test_predict_with_a_head_on_one_member_of_a_set_embeds_with_that_member(cach
     assert [r[:2] for r in _rows(on_files["csv"])] == [r[:2] for r in _rows(on_cache["csv"])]
 
 
+@pytest.mark.slow
 def test_feature_extractor_and_export_give_the_set_views(cache_set, tmp_path):
     from featx.cache.export import export_cache
     from featx.embedding.extractor import FeatureExtractor
@@ -209,6 +213,7 @@ def test_lite1_lite2_weights_recognise_ants_and_bees(hymenoptera, variant):
     assert float((pred == np.array([t for _, t in files])).mean()) >= 0.5  # chance is 0.1 %
 
 
+@pytest.mark.slow
 def test_several_backbones_embed_by_shards_then_assemble(tmp_path):
     from featx.embedding.runner import ShardResult
 

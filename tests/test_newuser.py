@@ -49,6 +49,7 @@ def test_export_prints_a_summary_not_json_unless_asked(cache, tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["rows"] == len(cache)
 
 
+@pytest.mark.slow
 def test_fewshot_says_what_the_brackets_are(cache, tmp_path):
     r = CliRunner().invoke(cli, ["fewshot", str(cache.path), "--shots", "1,2", "--seeds", "2", "--head", "knn",
                                  "--out-dir", str(tmp_path / "fs"), "--no-report", "-q"])
@@ -113,6 +114,7 @@ def test_probe_logs_each_fit_once_and_says_when_it_refits(monkeypatch, caplog):
     assert sel.chosen == 0 and sel.row.norm == "none"
 
 
+@pytest.mark.slow
 def test_report_after_fewshot_is_the_probes_with_the_curve(cache, tmp_path):
     runs = tmp_path / "runs"
     featx.probe(cache, head="logreg", folds=2, n_jobs=1, device="cpu", out_dir=runs / "probe-x", plots=False,
@@ -125,6 +127,7 @@ def test_report_after_fewshot_is_the_probes_with_the_curve(cache, tmp_path):
     assert 'id="fewshot"' in page and "fewshot-x" in page
 
 
+@pytest.mark.slow
 def test_library_probe_writes_the_report_like_the_cli_when_given_its_settings(cache, tmp_path):
     from featx.config import ProbeSettings
 

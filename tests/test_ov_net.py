@@ -46,6 +46,7 @@ def test_run_many_keeps_order_and_matches_one_by_one():
     np.testing.assert_allclose(out[3][1], out[2][1], rtol=1e-4, atol=1e-5)  # uint8 and its float twin
 
 
+@pytest.mark.slow
 def test_run_many_stopped_early_waits_for_the_requests_in_flight():
     bb = create_backbone("tiny_cnn", weights="random")
     x = torch.zeros(4, 3, bb.preprocess.crop, bb.preprocess.crop, dtype=torch.uint8)

@@ -125,6 +125,7 @@ def test_ray_run_reuses_chunks_committed_by_a_shard(cluster, data, tmp_path: Pat
     assert_same_cache(cache, ref)
 
 
+@pytest.mark.slow
 def test_missing_ray_is_a_one_line_error(data, tmp_path: Path, monkeypatch) -> None:
     root, _ = data
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed

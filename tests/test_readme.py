@@ -34,6 +34,7 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()  # the examples print what they show
 
 
+@pytest.mark.slow
 def test_readme_serving_example_runs_without_torch(tmp_path):
     """The README's onnxruntime block serves an exported model in a process where torch cannot be imported."""
     import shutil

@@ -229,6 +229,7 @@ def refuse_reading(monkeypatch, path: Path) -> None:
     monkeypatch.setattr(Image, "open", guarded)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monkeypatch) -> None:
     data = tmp_path / "scraped"
     ok, locked = make_bad_input_folder(data)
@@ -270,6 +271,7 @@ def test_bad_inputs_are_reported_and_good_ones_all_embedded(tmp_path: Path, monk
     assert "train/bad/zero.jpg" in fc.keys() and "train/bad/zero.jpg" not in dict(fc.failed)
 
 
+@pytest.mark.slow
 def test_fixing_permissions_of_a_failed_file_is_noticed(tmp_path: Path, monkeypatch) -> None:
     data = small_dataset(tmp_path / "d", per_class=3)
     locked = data / "train" / "a" / "001.png"
@@ -295,6 +297,7 @@ def test_empty_folder_and_folder_without_images(tmp_path: Path) -> None:
     assert_clean_error(run_cli("embed", tmp_path / "junk", "--cache-dir", tmp_path / "c", *TINY), "no images found")
 
 
+@pytest.mark.slow
 def test_one_class_only_embeds_and_warns(tmp_path: Path) -> None:
     data = small_dataset(tmp_path / "d", classes=("only",), per_class=5)
     res = run_cli("embed", data, "--cache", tmp_path / "c.h5", *TINY)
@@ -304,6 +307,7 @@ def test_one_class_only_embeds_and_warns(tmp_path: Path) -> None:
     assert fc.classes == ["only"] and len(fc) == 5
 
 
+@pytest.mark.slow
 def test_class_with_one_image_and_class_missing_from_train(tmp_path: Path) -> None:
     data = small_dataset(tmp_path / "d", classes=("a", "b"), per_class=4, val=2)
     (data / "train" / "single").mkdir()
@@ -389,6 +393,7 @@ def test_thousands_of_classes(tmp_path: Path) -> None:
     assert len(fc.classes) == n and fc.labels().tolist() == list(range(n))
 
 
+@pytest.mark.slow
 def test_five_thousand_files_in_one_folder_discovery(tmp_path: Path) -> None:
     d = tmp_path / "flat" / "cls"
     d.mkdir(parents=True)
@@ -403,6 +408,7 @@ def test_five_thousand_files_in_one_folder_discovery(tmp_path: Path) -> None:
     assert [s.key for s in ds.samples] == [f"cls/img{i:05d}.jpg" for i in range(n)]
 
 
+@pytest.mark.slow
 def test_manifest_paths_relative_to_manifest_and_missing_reported(tmp_path: Path, monkeypatch) -> None:
     data = small_dataset(tmp_path / "imgs", per_class=3)
     lists = tmp_path / "lists"
@@ -616,6 +622,7 @@ def _parts_only(data: Path, cache: Path, monkeypatch) -> None:
     assert not cache.exists() and parts_chunks(cache)
 
 
+@pytest.mark.slow
 def test_kill_during_final_write_leaves_a_partial_tmp_that_is_ignored(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "f.h5"
@@ -626,6 +633,7 @@ def test_kill_during_final_write_leaves_a_partial_tmp_that_is_ignored(kill_data,
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_kill_between_final_rename_and_parts_removal(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "r.h5"
@@ -736,6 +744,7 @@ def _not_featx(cache: Path) -> None:
     [_garbage, _truncated, _zeroed_tail, _old_layout, _not_featx],
     ids=["garbage", "truncated", "zeroed-middle", "older-layout", "other-hdf5"],
 )
+@pytest.mark.slow
 def test_damaged_cache_is_detected_and_overwrite_rebuilds(built, damage) -> None:
     data, cache, pristine = built
     damage(cache)
@@ -759,6 +768,7 @@ def _drop_failed_group(cache: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_drop_dataset, _drop_failed_group], ids=["missing-paths", "missing-failed"])
+@pytest.mark.slow
 def test_partly_damaged_cache_is_detected(built, damage) -> None:
     data, cache, pristine = built
     damage(cache)
@@ -768,6 +778,7 @@ def test_partly_damaged_cache_is_detected(built, damage) -> None:
     assert_same_cache(cache, pristine)
 
 
+@pytest.mark.slow
 def test_damaged_chunk_file_is_set_aside_and_redone(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "p.h5"
@@ -783,6 +794,7 @@ def test_damaged_chunk_file_is_set_aside_and_redone(kill_data, tmp_path: Path, m
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_damaged_parts_metadata_is_a_clear_error(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "m.h5"
@@ -811,6 +823,7 @@ def _enospc_on(monkeypatch, nth_chunk: int | None = None, final: Path | None = N
     monkeypatch.setattr(fcache, "atomic_commit", commit)
 
 
+@pytest.mark.slow
 def test_disk_full_while_committing_a_chunk(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "full.h5"
@@ -827,6 +840,7 @@ def test_disk_full_while_committing_a_chunk(kill_data, tmp_path: Path, monkeypat
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_final_file(kill_data, tmp_path: Path, monkeypatch) -> None:
     data, clean = kill_data
     cache = tmp_path / "full.h5"
@@ -896,6 +910,7 @@ def test_real_write_failure_keeps_every_chunk(real_full_disk) -> None:
     no_leftovers(cache)
 
 
+@pytest.mark.slow
 def test_real_write_failure_is_a_clear_error(real_full_disk) -> None:
     data, clean, cache, res = real_full_disk
     assert "Traceback" not in res.stderr

@@ -75,6 +75,7 @@ def test_markdown_table_compares_heads():
     assert "hold-out" in t and "tiny_cnn" in t
 
 
+@pytest.mark.slow
 def test_confusion_png_small_and_large(tmp_path):
     cm = np.array([[8, 2], [1, 9]])
     p = report.plot_confusion(cm, ["ants", "bees"], tmp_path / "cm.png", title="t")

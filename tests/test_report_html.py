@@ -57,6 +57,7 @@ def test_report_has_every_section_and_no_network_or_script(probe_run):
     assert "Content-Security-Policy" in page
 
 
+@pytest.mark.slow
 def test_class_names_are_escaped(probe_run):
     page = probe_run["html"]
     assert XSS not in page
@@ -89,6 +90,7 @@ def test_predictions_match_the_metrics(probe_run):
     assert all(p.confidence is not None and 0 < p.confidence <= 1 for p in preds)
 
 
+@pytest.mark.slow
 def test_mistakes_shown_worst_first_as_small_thumbnails(probe_run):
     run, page = probe_run["run"], probe_run["html"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -113,6 +115,7 @@ def test_mistakes_shown_worst_first_as_small_thumbnails(probe_run):
     assert {t: t.stat().st_mtime_ns for t in thumbs} == stamps
 
 
+@pytest.mark.slow
 def test_no_thumbnail_from_outside_the_data_root(probe_run, tmp_path):
     root = probe_run["root"]
     secret = root.parent / "secret.png"
@@ -166,6 +169,7 @@ def test_newest_run_and_errors(probe_run, tmp_path):
         find_run(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_compare_and_fewshot_sections(probe_run, tmp_path):
     run = tmp_path / "cmp"
     shutil.copytree(probe_run["run"], run / "probe")
@@ -234,6 +238,7 @@ _CHECK = ("<script>addEventListener('load',function(){var b=0,i=document.images;
 
 
 @needs_browser
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(probe_run, tmp_path):
     browser = _browser()
     page = probe_run["html"]
@@ -272,6 +277,7 @@ _NARROW = ("<script>addEventListener('load',function(){var w=innerWidth,bad=[],c
 
 
 @needs_browser
+@pytest.mark.slow
 def test_tables_at_390_px_scroll_visibly_and_the_confusion_matrix_fits(probe_run, tmp_path):
     browser = _browser()
     check = _with_script(probe_run["html"], _NARROW, tmp_path / "narrow.html")

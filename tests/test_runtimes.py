@@ -213,6 +213,7 @@ def test_auto_falls_back_to_torch_when_conversion_gives_other_features(caplog):
 
 
 @needs_openvino
+@pytest.mark.slow
 def test_auto_falls_back_when_the_converter_fails(monkeypatch, caplog):
     import openvino as ov
 

@@ -107,6 +107,7 @@ def test_probe_saves_skops_heads_that_load_without_trust(trained):
         assert load_head(sidecar_path(path))[1]["sha256"] == meta["sha256"]  # the sidecar names its head
 
 
+@pytest.mark.slow
 def test_joblib_head_needs_trust_and_then_predicts_the_same(trained, tmp_path, caplog):
     fc, res = trained
     est, meta = load_head(res["heads"]["svm"]["model_path"])
@@ -377,6 +378,7 @@ def test_manifest_paths_outside_its_folder_are_logged(tmp_path, caplog):
     assert lines and "list.csv" in lines[0].getMessage() and "2" in lines[0].getMessage()
 
 
+@pytest.mark.slow
 def test_symlinks_out_of_the_data_folder_are_read_never_written(tmp_path):
     outside = write_image_folder(tmp_path / "outside", splits=(), classes=("linked_dir", "files"), per_class=3, seed=1)
     root = write_image_folder(tmp_path / "data", classes=("cats", "dogs"), per_class=3)

@@ -74,6 +74,7 @@ def test_bad_shard_is_a_clear_error(bad) -> None:
         parse_shard(bad)
 
 
+@pytest.mark.slow
 def test_shares_cover_the_pending_images_once_and_do_not_move(data, tmp_path: Path) -> None:
     root, _ = data
     s = check_options(**TINY_BACKBONE, device="cpu", engine="auto", batch_size=2, num_workers=0, dtype="float32",
@@ -166,6 +167,7 @@ def test_shard_waits_or_refuses_while_a_run_assembles(data, tmp_path: Path) -> N
             featx.embed(root, cache=cache, shard="0/2", wait=False, **TINY_KW)
 
 
+@pytest.mark.slow
 def test_shard_option_conflicts(data, tmp_path: Path) -> None:
     root, _ = data
     with pytest.raises(FeatxError, match="--overwrite cannot be combined with --shard"):

@@ -78,6 +78,7 @@ def test_brace_patterns_keys_and_split_names():
     assert parse_locator(loc).args == ("2", "7", "im|a:ge") and parse_locator(loc).url == "s3://b/t.parquet"
 
 
+@pytest.mark.slow
 def test_webdataset_shards_equal_the_folder(tmp_path):
     folder = write_image_folder(tmp_path / "data", per_class=6)
     ref = featx.embed(folder, cache=tmp_path / "folder.h5", **TINY)
@@ -136,6 +137,7 @@ def test_parquet_bad_cells_are_recorded_and_bad_columns_refused(tmp_path):
         featx.embed(tmp_path / "missing.parquet", cache=tmp_path / "v.h5", **TINY)
 
 
+@pytest.mark.slow
 def test_file_url_root_equals_the_folder(tmp_path):
     pytest.importorskip("fsspec")
     folder = write_image_folder(tmp_path / "data", per_class=4)

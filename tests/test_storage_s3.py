@@ -126,6 +126,7 @@ def test_bucket_equals_disk_and_a_changed_object_is_the_only_one_embedded_again(
     np.testing.assert_allclose(again.features()[row], again.features()[src], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_manifest_in_the_bucket_equals_the_local_manifest(s3, tmp_path):
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", splits=(), per_class=3)
@@ -139,6 +140,7 @@ def test_manifest_in_the_bucket_equals_the_local_manifest(s3, tmp_path):
     np.testing.assert_allclose(fc.features(), local.features(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shards_of_a_bucket_assemble_to_the_one_process_cache(s3, tmp_path):
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=4)
@@ -173,6 +175,7 @@ def test_sigkill_mid_run_resumes_to_the_identical_cache(s3, tmp_path):
     np.testing.assert_allclose(resumed.features(), clean.features(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_webdataset_shards_and_parquet_in_the_bucket_equal_the_folder(s3, tmp_path):
     fs, _, _ = s3
     folder = write_image_folder(tmp_path / "data", per_class=5)
@@ -255,6 +258,7 @@ def test_a_fault_that_persists_is_recorded_after_the_retries(monkeypatch):
     assert len(calls) == remote.TRIES
 
 
+@pytest.mark.slow
 def test_cli_passes_repeated_storage_options_and_refuses_in_one_line(s3, tmp_path):
     from click.testing import CliRunner
 

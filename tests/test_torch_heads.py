@@ -279,6 +279,7 @@ class _SyncCounter:
         return Mode()
 
 
+@pytest.mark.slow
 def test_batched_lbfgs_syncs_once_per_line_search_trial():
     import torch
 

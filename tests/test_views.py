@@ -63,6 +63,7 @@ def view_caches(tmp_path_factory):
     return rich, plain
 
 
+@pytest.mark.slow
 def test_cache_stores_views_and_old_style_caches_still_read(view_caches):
     rich, plain = view_caches
     assert rich.path != plain.path  # views are part of the fingerprint, so of the file name
@@ -109,6 +110,7 @@ def test_choice_is_the_first_candidate_within_one_standard_error():
     assert best_index([row(float("nan"), 0.0), row(0.5, float("nan"))]) == 1
 
 
+@pytest.mark.slow
 def test_probe_reports_the_view_table_and_forced_view(view_caches, tmp_path):
     rich, _ = view_caches
     res = probe(rich, head="logreg,knn", out_dir=tmp_path / "auto", view="final,multi3+flip", norm="none,l2",
@@ -129,6 +131,7 @@ def test_probe_reports_the_view_table_and_forced_view(view_caches, tmp_path):
     assert sidecar["view"] == "multi2" and sidecar["dim"] == rich.view_dim("multi2")
 
 
+@pytest.mark.slow
 def test_selection_never_reads_the_evaluation_rows(view_caches, tmp_path):
     """Replacing every evaluation row of every part with noise changes no CV score and no choice."""
     rich, _ = view_caches
@@ -167,6 +170,7 @@ def test_predict_applies_the_heads_view_to_new_images(view_caches, tmp_path):
 # --------------------------------------------------------------------------- augmented training views
 
 
+@pytest.mark.slow
 def test_train_views_are_stored_seeded_and_dropped_when_not_asked(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=5)
     (root / "train" / "a" / "broken.png").write_bytes(b"not an image")
@@ -205,6 +209,7 @@ def test_grouped_view_folds_keep_every_view_of_a_validation_image_out():
         assert len(tr) == len(ptr) * 4
 
 
+@pytest.mark.slow
 def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=6)
     kw = dict(TINY_KW, device="cpu", runtime="torch")
@@ -227,6 +232,7 @@ def test_probe_trains_on_views_only_when_the_cache_has_them(tmp_path):
         probe(bare, head="logreg", out_dir=tmp_path / "x", train_views="on", n_jobs=1, plots=False)
 
 
+@pytest.mark.slow
 def test_fewshot_draws_one_curve_per_view_on_the_same_draws(view_caches, tmp_path):
     from featx.runs.fewshot import fewshot
 
@@ -238,6 +244,7 @@ def test_fewshot_draws_one_curve_per_view_on_the_same_draws(view_caches, tmp_pat
     assert alone.heads["logreg"]["2"]["per_seed"] == res.heads["logreg@multi3"]["2"]["per_seed"]
 
 
+@pytest.mark.slow
 def test_report_lists_the_views_each_head_tried(view_caches, tmp_path):
     rich, _ = view_caches
     res = probe(rich, head="knn", view="final,multi3", norm="none", out_dir=tmp_path, n_jobs=1, report=True)
@@ -269,6 +276,7 @@ def test_gpu_engine_sends_augmented_views_through_the_cpu_decoder(monkeypatch):
     assert augment.parse(todo[4].key) == ("0.jpg", 1)
 
 
+@pytest.mark.slow
 def test_augmented_rows_read_in_blocks_equal_a_whole_read(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4)
     fc = embed(root, cache_dir=tmp_path / "c", **TINY_KW, device="cpu", runtime="torch", train_views=3)

@@ -56,6 +56,7 @@ def cache(tmp_path):
     return tiny_embed(write_image_folder(tmp_path / "data", per_class=8), tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_a_narrower_probe_leaves_no_stale_heads(cache, tmp_path):
     """The reproduction of issue 30: `probe --head logreg` after `--head all` into the same folder."""
     out = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_a_narrower_probe_leaves_no_stale_heads(cache, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
 
 
+@pytest.mark.slow
 def test_probe_killed_midway_keeps_the_previous_run(cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     featx.probe(cache.path, head="logreg", folds=2, n_jobs=1, out_dir=out)
@@ -83,6 +85,7 @@ def test_probe_killed_midway_keeps_the_previous_run(cache, tmp_path, monkeypatch
     assert (out / "metrics.json").read_bytes() == before and (out / "logreg.skops").is_file()
 
 
+@pytest.mark.slow
 def test_default_folders_differ_by_data_and_settings(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = featx.probe(cache.path, head="logreg", folds=2, n_jobs=1, plots=False)
