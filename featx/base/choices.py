@@ -19,3 +19,5 @@ RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")  # the network runtime
 EXECUTORS = ("local", "ray")  # where the embedding's chunks run
 SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("parquet", "npy", "csv")
+MODEL_FORMATS = ("onnx", "openvino")  # featx export-model: one ONNX graph, or OpenVINO IR (.xml + .bin)
+QUANTIZE = ("none", "int8")  # export-model --quantize: int8 by NNCF post-training quantisation (OpenVINO IR)

@@ -420,9 +420,18 @@ class ExportModelSettings(Settings):
     head_path: Optional[str] = option(
         None, "A .skops head (or, with --trust, a .joblib head) written by `featx probe`.",
         flags=("--head",), path="file", required=True, lib=None, file=False)
-    out: Optional[str] = option(None, "The .onnx file to write (preprocess.py is written beside it).", path="file",
-                                required=True, file=False)
-    fmt: Literal["onnx"] = option("onnx", "Model format.", flags=("--format",))
+    out: Optional[str] = option(None, "The .onnx file to write (--format openvino: the .xml, its .bin beside it); "
+                                "preprocess.py is written beside it.", path="file", required=True, file=False)
+    fmt: Literal[choices.MODEL_FORMATS] = option(
+        "onnx", "Model format: onnx, or openvino (OpenVINO IR converted from the checked ONNX graph, checked "
+        "again in OpenVINO's runtime).", flags=("--format",))
+    quantize: Literal[choices.QUANTIZE] = option(
+        "none", "int8: NNCF post-training quantisation of the network (with --format openvino), calibrated on "
+        "training images of the head's cache; refused if its accuracy on the evaluation images falls by more "
+        "than --max-accuracy-drop.")
+    calibration: int = option(300, "--quantize int8: training images of the head's cache it is calibrated on.")
+    max_accuracy_drop: float = option(1.0, "--quantize int8: the most accuracy (points, paired on the evaluation "
+                                      "images) the int8 model may lose against the float model.")
     max_model_mb: float = option(512.0, "Refuse to write a model bigger than this (a kNN head carries its rows).")
     verify: int = option(64, "Evaluation images of the head's cache run in onnxruntime and compared with `featx "
                          "predict` before the model is written (0: no check).")

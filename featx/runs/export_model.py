@@ -45,6 +45,7 @@ from ..embedding.networks.head_guard import check_head_backbone, no_downloads
 from ..heads.estimators.scores import as_probabilities
 from ..heads.saved.onnx_heads import head_net, reference_bytes
 from ..heads.saved.persist import load_head
+from .export_openvino import check_request, int8_model, ov_runner, save_ir, to_openvino
 from .predict import predict
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class ExportModelResult:
     top1_agree: int
     max_abs_diff: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    fmt: str = "onnx"
+    int8: dict[str, Any] | None = None  # --quantize int8: the paired accuracy study (export_openvino.paired_study)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,37 +174,64 @@ def _predicted(csv_path: str) -> dict[str, tuple[str, np.ndarray, bool]]:
     return out
 
 
-def _verify(onnx_bytes: bytes, pre_path: Path, head: str, paths: list[str], names: list[str], s, draft: int) -> dict:
-    """Run the graph in onnxruntime and `featx predict` on ``paths``; refuse on any difference beyond tolerance."""
+def _preprocess_module(pre_path: Path):
+    """The written preprocess.py, imported."""
     spec = importlib.util.spec_from_file_location("featx_export_preprocess", pre_path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _verify(runs: dict, pre_path: Path, head: str, paths: list[str], names: list[str], s, draft: int) -> dict:
+    """Run the model in each runtime of ``runs`` ({name: batch -> (probabilities, label)}) and `featx predict`
+    on ``paths``; refuse on any difference beyond tolerance."""
+    mod = _preprocess_module(pre_path)
     with tempfile.TemporaryDirectory(prefix="featx-export-") as tmp:
         res = predict(head, paths, out=Path(tmp) / "check.csv", weights=s.weights, cache_dir=s.cache_dir,
                       device="cpu", progress=False, trust=s.trust, num_workers=0)
         ref = _predicted(res["csv"])
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     worst, agree, n = 0.0, 0, 0
     for p in paths:
         key = os.path.abspath(p)
         if key not in ref:
             continue
         x = mod.preprocess(load_image(p, draft_size=draft))
-        prob, label = sess.run(["probabilities", "label"], {"image": x})
         pred, scores, is_p = ref[key]
         want = scores if is_p else as_probabilities(scores[None])[0]
-        worst = max(worst, float(np.abs(prob[0].astype(np.float64) - want).max()))
-        agree += int(names[int(label[0])] == pred)
         n += 1
-        if names[int(label[0])] != pred or worst > TOLERANCE:
-            raise FeatxError(
-                f"export-model: the exported graph disagrees with `featx predict` on {p} (onnxruntime: "
-                f"{names[int(label[0])]}, featx predict: {pred}; largest probability difference {worst:.2e}, "
-                f"tolerance {TOLERANCE:g}); nothing was written. Please report it with the head's sidecar"
-            )
+        for rt, run in runs.items():
+            prob, label = run(x)
+            worst = max(worst, float(np.abs(prob[0].astype(np.float64) - want).max()))
+            if names[int(label[0])] != pred or worst > TOLERANCE:
+                raise FeatxError(
+                    f"export-model: the exported graph disagrees with `featx predict` on {p} ({rt}: "
+                    f"{names[int(label[0])]}, featx predict: {pred}; largest probability difference {worst:.2e}, "
+                    f"tolerance {TOLERANCE:g}); nothing was written. Please report it with the head's sidecar"
+                )
+        agree += 1
     if n == 0:
         raise FeatxError("export-model: `featx predict` could read none of the check images; pass --images FOLDER")
     return {"n": n, "agree": agree, "max_abs_diff": worst}
+
+
+def _check(data: bytes, ov_model, pre_text: str, head: str, meta: dict, names: list[str], s, draft: int):
+    """(verification, the model to write: ``ov_model`` or its int8 version, the int8 study): ``data`` and
+    ``ov_model`` checked against `featx predict`, then quantised when ``s.quantize`` asks."""
+    check, int8 = {"n": 0, "agree": 0, "max_abs_diff": None}, None
+    with tempfile.TemporaryDirectory(prefix="featx-export-") as tmp:
+        tmp_pre = Path(tmp) / "preprocess.py"
+        tmp_pre.write_text(pre_text, encoding="utf-8")
+        if s.verify > 0:
+            sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            runs = {"onnxruntime": lambda x: sess.run(["probabilities", "label"], {"image": x})}
+            if ov_model is not None:
+                runs["OpenVINO"] = ov_runner(ov_model)
+            check = _verify(runs, tmp_pre, head, _check_images(meta, s.images, s.verify), names, s, draft)
+        else:
+            log.warning("export-model: --verify 0: the model was not checked against `featx predict`")
+        if s.quantize == "int8":
+            ov_model, int8 = int8_model(ov_model, meta, _preprocess_module(tmp_pre).preprocess, names, s, draft)
+    return check, ov_model, int8
 
 
 def export_model(head: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -218,6 +248,7 @@ def export_model(head: str | os.PathLike, out: str | os.PathLike | None = None, 
         raise FeatxError("export-model needs --out FILE.onnx")
     if onnx is None or ort is None:
         raise FeatxError("export-model needs onnx and onnxruntime: pip install 'featx[deploy]'")
+    check_request(s.fmt, s.quantize, s.out)
     t0 = time.perf_counter()
     est, meta = load_head(head, trust=s.trust)
     ref_mb = reference_bytes(est) / 2**20
@@ -248,22 +279,20 @@ def export_model(head: str | os.PathLike, out: str | os.PathLike | None = None, 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pre_path = out_path.with_name("preprocess.py")
     pre_text = preprocess_source(pre)
-    check = {"n": 0, "agree": 0, "max_abs_diff": None}
     t1 = time.perf_counter()
-    if s.verify > 0:
-        with tempfile.TemporaryDirectory(prefix="featx-export-") as tmp:
-            tmp_pre = Path(tmp) / "preprocess.py"
-            tmp_pre.write_text(pre_text, encoding="utf-8")
-            check = _verify(data, tmp_pre, str(head), _check_images(meta, s.images, s.verify), names, s, pre.resize)
-    else:
-        log.warning("export-model: --verify 0: the model was not checked against `featx predict`")
+    ov_model = to_openvino(data, props) if s.fmt == "openvino" else None
+    check, ov_model, int8 = _check(data, ov_model, pre_text, str(head), meta, names, s, pre.resize)
     atomic_write_bytes(pre_path, pre_text.encode("utf-8"))
-    atomic_write_bytes(out_path, data)
+    if ov_model is None:
+        atomic_write_bytes(out_path, data)
+    else:
+        size_mb = save_ir(ov_model, out_path)
     res = ExportModelResult(
         model=str(out_path), preprocess=str(pre_path), size_mb=size_mb, head=str(head), view=props["view"],
         classes=names, input_shape=["N", pre.crop, pre.crop, 3], verified_images=check["n"],
         top1_agree=check["agree"], max_abs_diff=check["max_abs_diff"],
         seconds={"export": t_export, "verify": time.perf_counter() - t1, "total": time.perf_counter() - t0},
+        fmt=s.fmt, int8=int8,
     )
     write_json(out_path.with_suffix(".export.json"), res.to_dict())
     log.info("exported %s (%.1f MB); %d images checked against featx predict", out_path, size_mb, check["n"])
