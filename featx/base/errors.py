@@ -15,3 +15,9 @@ class CacheLockedError(FeatxError):
 
 class CacheWriteError(FeatxError):
     """Writing the cache failed (disk full, quota, file-size limit); committed work is kept."""
+
+
+class FileWriteError(FeatxError, OSError):
+    """A file could not be written (disk full, quota, permissions): the message names it and the fix.
+
+    Also an OSError, so code that handles a failed write as an OSError still does."""

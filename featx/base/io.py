@@ -6,15 +6,20 @@ fsync and rename, so a kill or a full disk at any instant never leaves a half-wr
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
+
+from .errors import FileWriteError
+from .text import csv_row, csv_value
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -91,7 +96,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         tmp.write_bytes(data)
         atomic_commit(tmp, path)
+    except OSError as exc:  # a full disk, a quota, a read-only folder: one line naming the file, no temporary left
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, FileWriteError):
+            raise
+        raise FileWriteError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); free disk space or "
+                             "choose a folder you can write, then run the command again") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# CSV files featx writes are opened by people in spreadsheets: every text cell goes through
+# featx.base.text.csv_cell (never run as a formula), and file names that are not UTF-8 are kept byte
+# for byte (surrogateescape), so a path read back names the same file.
+CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def csv_text(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
+    """The text of a CSV file: ``header``, then ``rows``, every text cell through csv_cell."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(csv_row(header))
+    w.writerows(csv_row(r) for r in rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> Path:
+    """Write a CSV atomically (see :func:`csv_text`); a full disk is a FileWriteError naming the file."""
+    return atomic_write_bytes(path, csv_text(header, rows).encode(CSV_ENCODING["encoding"], CSV_ENCODING["errors"]))
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV written by :func:`write_csv`, as dicts of the values that were written."""
+    with open(path, newline="", **CSV_ENCODING) as fh:
+        return [{k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()} for r in csv.DictReader(fh)]

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..base.choices import EXPORT_FORMATS
 from ..base.errors import FeatxError
-from ..base.io import atomic_commit
+from ..base.io import CSV_ENCODING, atomic_commit
+from ..base.text import csv_row
 from .keys import decode_key
 from .multi import open_cache
 from .reader import FeatureCache
@@ -49,6 +50,32 @@ def _blocks(fc: FeatureCache, *, kw: dict, chunk_rows: int) -> Iterator[tuple[np
             keys = [decode_key(k) for k in f["paths"][start:stop]]
             yield feats, keys, f["labels"][start:stop].astype(np.int64), f["split"][start:stop]
             start = stop
+
+
+def _finite(blocks, left_out: list[str]):
+    """The blocks without rows whose features are NaN/inf (a damaged cache); their keys go to ``left_out``."""
+    for feats, keys, labels, codes in blocks:
+        ok = np.isfinite(feats).all(axis=1)
+        if not ok.all():
+            left_out += [k for k, good in zip(keys, ok) if not good]
+            feats, labels, codes, keys = feats[ok], labels[ok], codes[ok], [k for k, good in zip(keys, ok) if good]
+        yield feats, keys, labels, codes
+
+
+def _shortened(path: Path, n: int) -> None:
+    """The .npy matrix at ``path`` cut to its first ``n`` rows (rows were left out), copied block by block."""
+    src = np.load(path, mmap_mode="r")
+    short = path.with_name(path.name + ".short")
+    try:
+        dst = np.lib.format.open_memmap(short, mode="w+", dtype=np.float32, shape=(n, src.shape[1]))
+        for a in range(0, n, CHUNK_ROWS):
+            b = min(n, a + CHUNK_ROWS)
+            dst[a:b] = src[a:b]
+        dst.flush()
+        del dst, src
+        os.replace(short, path)
+    finally:
+        short.unlink(missing_ok=True)
 
 
 def _utf8(key: str) -> str:
@@ -101,16 +128,18 @@ def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim
     tmp = _tmp_for(out)
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(fc), dim))
     pos = 0
-    with open(_tmp_for(rows_csv), "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    with open(_tmp_for(rows_csv), "w", newline="", **CSV_ENCODING) as fh:  # file names byte for byte
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["row", "path", "label", "label_index", "split"])
         for feats, keys, labels, codes in blocks:
             arr[pos : pos + len(feats)] = feats
-            for i, k in enumerate(keys):
-                w.writerow([pos + i, k, fc.classes[labels[i]], int(labels[i]), split_names[codes[i]]])
+            for i, k in enumerate(keys):  # names never run as formulas in a spreadsheet
+                w.writerow(csv_row([pos + i, k, fc.classes[labels[i]], int(labels[i]), split_names[codes[i]]]))
             pos += len(feats)
     arr.flush()
     del arr
+    if pos < len(fc):  # rows with NaN/inf features were left out
+        _shortened(tmp, pos)
     _tmp_for(meta_json).write_text(json.dumps(cache_metadata(fc), indent=1), encoding="utf-8")
     for final in (out, rows_csv, meta_json):
         atomic_commit(_tmp_for(final), final)
@@ -119,12 +148,12 @@ def _export_npy(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim
 
 def _export_csv(fc: FeatureCache, out: Path, blocks, split_names: list[str], dim: int) -> None:
     tmp = _tmp_for(out)
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # file names byte for byte
+    with open(tmp, "w", newline="", **CSV_ENCODING) as fh:  # file names byte for byte
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["path", "label", "label_index", "split"] + [f"f{j}" for j in range(dim)])
         for feats, keys, labels, codes in blocks:
-            for i, k in enumerate(keys):
-                w.writerow([k, fc.classes[labels[i]], int(labels[i]), split_names[codes[i]]]
+            for i, k in enumerate(keys):  # names never run as formulas in a spreadsheet
+                w.writerow(csv_row([k, fc.classes[labels[i]], int(labels[i]), split_names[codes[i]]])
                            + [format(float(x), ".7g") for x in feats[i]])
     atomic_commit(tmp, out)
 
@@ -155,7 +184,8 @@ def export_cache(
         raise FeatxError(f"--out {str(out)!r} is a folder; give a file name such as {out / (fc.path.stem + '.' + fmt)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     split_names = json.loads(fc.meta["split_names"])
-    blocks = _blocks(fc, kw=_view_kwargs(fc, view), chunk_rows=chunk_rows)
+    left_out: list[str] = []  # rows of a damaged cache whose features are NaN/inf are never exported
+    blocks = _finite(_blocks(fc, kw=_view_kwargs(fc, view), chunk_rows=chunk_rows), left_out)
     dim = fc.view_dim(view)
     try:
         if fmt == "parquet":
@@ -172,6 +202,11 @@ def export_cache(
         if isinstance(exc, OSError):
             raise FeatxError(f"could not write {out} ({exc}); free disk space or choose another --out") from exc
         raise
-    log.info("export: %d rows x %d features (view %s) -> %s", len(fc), dim, view or "final", ", ".join(map(str, files)))
-    return {"out": str(out), "files": [str(f) for f in files], "rows": len(fc), "dim": dim, "format": fmt,
-            "view": view or "final"}
+    if left_out:
+        log.warning("export: %d row(s) of %s have NaN/inf features and were left out (e.g. %s); the cache is damaged: "
+                    "`featx verify %s` lists them, and `featx embed DATA` embeds them again", len(left_out),
+                    fc.path.name, left_out[0], fc.path)
+    rows = len(fc) - len(left_out)
+    log.info("export: %d rows x %d features (view %s) -> %s", rows, dim, view or "final", ", ".join(map(str, files)))
+    return {"out": str(out), "files": [str(f) for f in files], "rows": rows, "dim": dim, "format": fmt,
+            "view": view or "final", "left_out": left_out}

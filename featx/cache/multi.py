@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..base.errors import FeatxError
+from ..base.files import open_regular
 from ..base.io import write_json
 from .identity import CacheIdentity, identity_of
 from .keys import MULTI_SUFFIX, fingerprint_digest  # noqa: F401 - MULTI_SUFFIX re-exported
@@ -32,6 +33,10 @@ from .views import l2_rows, view_blocks
 
 AT, JOIN = "@", "+"
 SET_VERSION = 1
+# A set file names a few backbones (each member is a whole cache opened and checked); a stranger's file
+# naming thousands would take minutes to open, and one of megabytes is no set file featx wrote.
+MAX_MEMBERS = 16
+MAX_SET_BYTES = 1 << 20
 
 
 def is_multi_view(view: str | None) -> bool:
@@ -75,17 +80,45 @@ def write_set(members: list[FeatureCache]) -> Path:
     return path
 
 
+def read_members(path: Path) -> list[tuple[str, str, str]]:
+    """(backbone, cache path relative to the set file, fingerprint) of each member, checked before any is opened:
+    1 to :data:`MAX_MEMBERS` entries of three strings, distinct names; anything else is one line naming the file."""
+    def refuse(why: str) -> FeatxError:
+        return FeatxError(f"cache set {str(path)!r} cannot be read ({why}); rerun `featx embed DATA --backbone A,B` "
+                          "to write it again")
+
+    try:
+        with open_regular(path) as fh:  # a FIFO would block the open for ever
+            raw = fh.read(MAX_SET_BYTES + 1)
+        if len(raw) > MAX_SET_BYTES:
+            raise refuse(f"larger than {MAX_SET_BYTES >> 20} MiB; a set file names a few member caches")
+        doc = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise refuse(str(exc)) from None
+    except RecursionError:
+        raise refuse("nested too deeply to be a set file") from None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(members, list) or not members:
+        raise refuse('no "members" list, or an empty one')
+    if len(members) > MAX_MEMBERS:
+        raise refuse(f"{len(members)} members; a set holds at most {MAX_MEMBERS}")
+    keys = ("backbone", "cache", "fingerprint")
+    bad = next((i for i, m in enumerate(members)
+                if not (isinstance(m, dict) and all(isinstance(m.get(k), str) and m.get(k) for k in keys))), None)
+    if bad is not None:
+        raise refuse(f"member {bad} is not a mapping of {', '.join(keys)} (non-empty strings)")
+    names = [m["backbone"] for m in members]
+    if len(set(names)) != len(names):
+        raise refuse("a backbone is named twice")
+    return [(m["backbone"], m["cache"], m["fingerprint"]) for m in members]
+
+
 class MultiCache:
     """Read access to a set of member caches as one cache (the probe, predict and export use it)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            entries = [(m["backbone"], m["cache"], m["fingerprint"]) for m in doc["members"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FeatxError(f"cache set {str(self.path)!r} cannot be read ({exc}); rerun "
-                             "`featx embed DATA --backbone A,B` to write it again") from None
+        entries = read_members(self.path)
         self.members: dict[str, FeatureCache] = {}
         for name, rel, fp in entries:
             fc = FeatureCache(self.path.parent / rel)

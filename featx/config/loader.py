@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from ..base.errors import FeatxError
+from ..base.files import open_regular
 from .grids import validate_heads_section
 from .safe_yaml import load_plain, shown
 from .settings import SETTINGS, Settings, field_types
@@ -32,13 +33,20 @@ EXTRA_SECTIONS: dict[str, Callable[[dict, str], None]] = {"heads": validate_head
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"
+# A featx config is a few KB; PyYAML reads about 0.6 MB/s, so a 20 MB string took 34 s and 200 MB never ended.
+MAX_CONFIG_BYTES = 256 << 10
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, dict]:
     """The sections of a YAML file, unchecked except for their shape."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as fh:  # a FIFO would block the open for ever
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise FeatxError(f"--config {str(path)!r}: larger than {MAX_CONFIG_BYTES >> 10} KiB, which no featx config "
+                             "needs (a few KB); pass the config file itself, with plain values")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise FeatxError(f"--config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:

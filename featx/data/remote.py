@@ -24,6 +24,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from ..base.errors import FeatxError
+from . import guards
 from .folders import SPLIT_NAMES, Dataset, Sample, class_name, is_image_name, parse_manifest
 from .splits import canonical_split
 
@@ -210,8 +211,34 @@ def discover_folder(url: str, *, locator: Callable) -> Dataset:
     return Dataset(root, classes, samples, layout, skipped)
 
 
-def discover_manifest(url: str, *, locator: Callable) -> Dataset:
-    """A ``path,label[,split]`` CSV at a URL; relative paths are relative to its folder, absolute ones are URLs."""
+def store_of(url: str) -> tuple[str, str]:
+    """(scheme, bucket) of a URL: ``s3://b/k`` -> ("s3", "b"); a local ``file:///x`` has no bucket ("")."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc
+
+
+def foreign_row(row_url: str, manifest_url: str, *, allow_other_buckets: bool = False) -> str | None:
+    """Why a manifest row must not be read, or None: a row stays on the manifest's own store.
+
+    Why: the manifest comes from whoever wrote the bucket.  A row ``file:///home/me/secret.jpg`` in
+    ``s3://their-bucket/list.csv`` would make featx read a local file (and one in another bucket, objects
+    the user's credentials reach but the manifest's owner should not choose).  So a row uses the
+    manifest's scheme, never a chained URL (``a::b``), and stays in its bucket unless ``--allow-other-buckets``.
+    """
+    scheme, bucket = store_of(manifest_url)
+    row_scheme, row_bucket = store_of(row_url)
+    if "::" in row_url or row_scheme != scheme:
+        return (f"names another kind of store ({row_scheme or 'no scheme'}://, the manifest is on {scheme}://); "
+                "rows of a manifest are read from its own store only")
+    if row_bucket != bucket and not allow_other_buckets:
+        return (f"is in bucket {row_bucket!r}, not the manifest's {bucket!r}; pass --allow-other-buckets to read "
+                "other buckets of the same store")
+    return None
+
+
+def discover_manifest(url: str, *, locator: Callable, allow_other_buckets: bool = False) -> Dataset:
+    """A ``path,label[,split]`` CSV at a URL; relative paths are relative to its folder, absolute ones are URLs
+    on the manifest's own store (:func:`foreign_row`)."""
     fs, path = filesystem(url)
     try:
         with fs.open(path, "rt", encoding="utf-8-sig", newline="") as fh:
@@ -233,9 +260,14 @@ def discover_manifest(url: str, *, locator: Callable) -> Dataset:
     for p, lab, sp, lineno in rows:
         full = p if is_url(p) else f"{base}/{p.lstrip('/')}"
         key = full[len(base) + 1:] if full.startswith(base + "/") else full
-        info = listed.get(full) or _info(fs, full)
-        if info is None:
+        foreign = foreign_row(full, url, allow_other_buckets=allow_other_buckets)
+        info = None if foreign else listed.get(full) or _info(fs, full)
+        if foreign:
+            skipped.append((full, f"listed in {url} line {lineno} {foreign}"))
+        elif info is None:
             skipped.append((full, f"listed in {url} line {lineno} but missing"))
+        elif info.get("type", "file") != "file":  # a FIFO, socket or device (of a file:// store): never opened
+            skipped.append((full, f"listed in {url} line {lineno}: not an image file: not a regular file"))
         elif key in seen:
             skipped.append((full, f"listed in {url} line {lineno} is a duplicate; only the first is used"))
         else:
@@ -289,17 +321,35 @@ def read_one(url: str, start: int | None = None, size: int | None = None) -> tup
     for attempt in range(TRIES):
         try:
             fs, path = filesystem(url)
+            if _is_local(fs):  # a file:// URL: the device guard of local files (a FIFO never blocks a read)
+                return _read_local(path, start, size), ""
             if start is None or not size or size < 0:
                 return fs.cat_file(path), ""
             return fs.cat_file(path, start=start, end=start + size), ""
         except FeatxError as exc:
             return None, f"cannot read: {exc}"
+        except guards.IrregularFileError as exc:
+            return None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a fault on one object must never stop the run
             if not is_transient(exc) or attempt == TRIES - 1:
                 return None, failure_reason(exc, attempt + 1)
             log.debug("retrying %s after %s", url, exc)
             time.sleep(BACKOFF_S * 2**attempt)
     return None, "cannot read: no attempt made"
+
+
+def _is_local(fs) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in proto or "local" in proto
+
+
+def _read_local(path: str, start: int | None, size: int | None) -> bytes:
+    """A local file's bytes (or ``size`` of them from ``start``), opened only if it is a regular file."""
+    with guards.open_regular(path) as fh:
+        if start is None or not size or size < 0:
+            return fh.read()
+        fh.seek(start)
+        return fh.read(size)
 
 
 def read_ranges(items: list[tuple[str, int, int]], *, concurrency: int) -> list[tuple[bytes | None, str]]:

@@ -142,6 +142,10 @@ def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_s
     real = {p: Path(p).resolve().as_posix() for p in paths}
     failed: list[tuple[str, str]] = [(p, "file not found") for p in paths if not os.path.exists(p)]
     present = [p for p in paths if os.path.exists(p)]
+    # The file list below is a UTF-8 manifest: a name that is not UTF-8 (café.jpg saved as Latin-1) is failed.
+    failed += [(p, "file name is not UTF-8 text; rename the file (e.g. `convmv -f latin1 -t utf-8`) to predict on it")
+               for p in present if not _is_utf8(real[p])]
+    present = [p for p in present if _is_utf8(real[p])]
     if not present:
         return {"features": np.zeros((0, view_dim(view, bb.widths)), np.float32), "ok": [],
                 "failed": failed, "fingerprint": fp, "cache": None}
@@ -177,6 +181,14 @@ def _embed_via_cache(paths, bb, fp, *, weights, cache_dir: Path, device, batch_s
             failed.append((p, "not embedded (skipped by discovery)"))
     return {"features": X[rows] if rows else np.zeros((0, X.shape[1]), np.float32), "ok": ok_idx, "failed": failed,
             "fingerprint": fp, "cache": str(cache_path)}
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a file name's undecodable bytes, kept as surrogates
+        return False
 
 
 def _as_paths(X) -> list[str]:

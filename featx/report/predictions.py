@@ -12,7 +12,6 @@ class, empty when the head gives no scores), ``p_true`` (probability of the true
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..base.io import atomic_write_bytes
+from ..base.io import CSV_ENCODING, read_csv, write_csv
 from ..heads.estimators.scores import as_probabilities
 
 COLUMNS = ("row", "path", "split", "true", "pred", "confidence", "p_true")
@@ -82,15 +81,11 @@ def make_predictions(
 
 
 def write_predictions(path: str | os.PathLike, predictions: Sequence[Prediction]) -> Path:
-    """Write the CSV atomically (a report never reads half a file)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for p in predictions:
-        w.writerow([p.row, p.path, p.split, p.true, p.pred,
-                    "" if p.confidence is None else f"{p.confidence:.6f}",
-                    "" if p.p_true is None else f"{p.p_true:.6f}"])
-    return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    """Write the CSV atomically (a report never reads half a file); names and paths are written as
+    :func:`featx.base.io.write_csv` writes them (never a formula, file names byte for byte)."""
+    return write_csv(path, COLUMNS, ([p.row, p.path, p.split, p.true, p.pred,
+                                      "" if p.confidence is None else f"{p.confidence:.6f}",
+                                      "" if p.p_true is None else f"{p.p_true:.6f}"] for p in predictions))
 
 
 def _opt_float(s: str) -> float | None:
@@ -102,16 +97,13 @@ def _opt_float(s: str) -> float | None:
 
 def read_predictions(path: str | os.PathLike) -> list[Prediction]:
     """Read a predictions CSV written by :func:`write_predictions` (extra columns are ignored)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {', '.join(missing)}")
-        return [
-            Prediction(int(r["row"]), r["path"], r["split"], r["true"], r["pred"],
-                       _opt_float(r["confidence"]), _opt_float(r["p_true"]))
-            for r in reader
-        ]
+    with open(path, newline="", **CSV_ENCODING) as fh:
+        header = csv.DictReader(fh).fieldnames or []
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing columns {', '.join(missing)}")
+    return [Prediction(int(r["row"]), r["path"], r["split"], r["true"], r["pred"], _opt_float(r["confidence"]),
+                       _opt_float(r["p_true"])) for r in read_csv(path)]
 
 
 def worst_first(predictions: Sequence[Prediction], *, limit: int | None = None) -> list[Prediction]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -12,7 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..base.errors import FeatxError
-from ..base.io import write_json
+from ..base.io import write_csv, write_json
 from ..cache.multi import MULTI_SUFFIX, is_multi_view, open_cache, split_view
 from ..data.folders import is_image_name
 from ..embedding.extractor import embed_files, resolve_weights
@@ -78,11 +77,9 @@ def _for_view(meta: dict) -> dict:
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    """Atomically; names never run as formulas, file names byte for byte (:func:`featx.base.io.write_csv`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
+    write_csv(path, header, rows)
 
 
 def predict(

@@ -28,12 +28,21 @@ SEED = 0
 RECIPE = f"rrc{MIN_SCALE:g}-flip-s{SEED}"
 
 
+# Views per training image at most, and augmented rows in all: checked before any list is built (10^8 views
+# per image once ran 66 s into a MemoryError).  Each view is a pass over the training split.
+MAX_TRAIN_VIEWS = 100
+MAX_VIEW_ROWS = 20_000_000
+
+
 def check_train_views(k: int | None) -> int | None:
-    """``k`` as an int (None: keep what the cache stores), or a FeatxError for a negative count."""
+    """``k`` as an int (None: keep what the cache stores), or a FeatxError for a negative or huge count."""
     if k is None:
         return None
     if int(k) < 0:
         raise FeatxError(f"--train-views must be 0 (none) or a positive number of views per training image, got {k}")
+    if int(k) > MAX_TRAIN_VIEWS:
+        raise FeatxError(f"--train-views {k}: at most {MAX_TRAIN_VIEWS} views per training image (each is another pass "
+                         "over the training split); pass a smaller number, e.g. --train-views 8")
     return int(k)
 
 
@@ -59,6 +68,10 @@ def view_seed(key: str) -> int:
 
 def add_train_views(samples: Sequence, k: int) -> list:
     """``samples`` followed by ``k`` augmented views of each training sample."""
+    n_train = sum(1 for s in samples if s.split == "train")
+    if n_train * k > MAX_VIEW_ROWS:
+        raise FeatxError(f"--train-views {k}: {n_train:,} training images x {k} views = {n_train * k:,} rows, more than "
+                         f"{MAX_VIEW_ROWS:,}; pass a smaller --train-views")
     extra = [replace(s, key=aug_key(s.key, i)) for s in samples if s.split == "train" for i in range(k)]
     return list(samples) + extra
 

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from ...base.errors import FeatxError
-from ...cache.multi import open_cache
 from ...cache.views import l2_rows
 from ..estimators.dino_knn import DinoKNNClassifier
 from ..estimators.linear_path import PathLinearHead
 from ..estimators.torch_heads import TorchKNN, TorchLinearSVC, TorchLogisticRegression
 from ..stream.knn import StreamingKNN
-from ..stream.source import CacheSource, iter_blocks
+from ..stream.source import iter_blocks
 from ..tuning.cv import HeadSearch
 from ..tuning.selection import FeatureNorm
 
@@ -138,12 +137,7 @@ def _streamed_reference(est: StreamingKNN) -> np.ndarray:
     """The unit reference rows of a streamed kNN head: held in the head, or read from the cache it names."""
     if est.reference_ is None:
         return np.asarray(est.fit_X_, np.float32)
-    ref = est.reference_
-    fc = open_cache(ref["cache"])
-    if str(fc.fingerprint) != ref["fingerprint"]:
-        raise FeatxError(f"this kNN head reads its reference rows from cache {ref['cache']}, whose fingerprint has "
-                         "changed since the head was trained; re-create the head with `featx probe`")
-    src = CacheSource(fc, est.reference_rows_, view=ref["view"], norm=ref["norm"])
+    src, _ = est.reference_source()  # the cache it names, refused unless it has the identity the head was trained on
     try:
         pos, rows = zip(*[(p, l2_rows(x)) for p, x in iter_blocks(src, None)])
     finally:

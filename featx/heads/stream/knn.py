@@ -17,9 +17,10 @@ rows; ``selection_`` says which).  One search for the largest k scores every can
 
 What the fitted head keeps (and a saved ``.skops`` head holds): the normalised reference rows when
 they take at most :data:`HOLD_BYTES` (the head is self-contained, as the in-memory kNN heads are),
-else a reference to the cache (its path, fingerprint, view, normalisation and the training rows'
-row numbers): predicting then reads the reference rows from that cache block by block, and refuses
-with a one-line error when the cache is missing or its fingerprint differs.  A kNN head over a
+else a reference to the cache (its absolute path, identity (:mod:`featx.cache.identity`), view,
+normalisation and the training rows' row numbers): predicting then reads the reference rows from that
+cache block by block, and refuses with a one-line error when the cache is missing or its identity
+differs (another data set's cache with the same embedding settings is not the same rows).  A kNN head over a
 million rows thus stays a few megabytes instead of gigabytes, at the price of needing its cache.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import weakref
 
@@ -34,6 +36,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ...base.errors import FeatxError
+from ...cache.identity import identity_of
 from ...cache.multi import open_cache
 from ...cache.views import l2_rows  # float32 rows stay float32, as scikit-learn's Normalizer
 from ..tuning.cv import cv_summary, score_predictions
@@ -170,14 +173,17 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         fc = source.fc
         self.fit_X_ = None
         self.fit_y_ = yi.astype(np.int64)
-        self.reference_ = {"cache": str(fc.path), "fingerprint": str(fc.fingerprint), "view": source.view,
-                           "norm": source.norm}
+        # The cache's absolute path (featx predict may run in another folder) and its identity: the same rows
+        # embedded with the same settings, not merely any file with the same embedding settings.
+        self.reference_ = {"cache": os.path.abspath(fc.path), "fingerprint": str(fc.fingerprint),
+                           "identity": identity_of(fc).digest, "view": source.view, "norm": source.norm}
         self.reference_rows_ = np.asarray(source.rows, np.int64)
         log.info("streamed kNN: %d reference rows (%.0f MiB) stay in %s; the saved head refers to it",
                  source.n, source.n * source.dim * 4 / 2**20, fc.path.name)
 
-    def _reference(self):
-        """(source, labels by source position) of the reference rows."""
+    def reference_source(self):
+        """(source, labels by source position) of the reference rows: the head's own, or its cache's (checked:
+        the cache must have the identity the head was trained on)."""
         if self.reference_ is None:
             return ArraySource(self.fit_X_), self.fit_y_
         ref = self.reference_
@@ -186,9 +192,12 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         except FeatxError as exc:
             raise FeatxError(f"this kNN head reads its {len(self.fit_y_):,} reference rows from cache {ref['cache']}, "
                              f"which cannot be opened ({exc}); re-create the head with `featx probe`") from None
-        if str(fc.fingerprint) != ref["fingerprint"]:
-            raise FeatxError(f"this kNN head reads its reference rows from cache {ref['cache']}, whose fingerprint has "
-                             "changed since the head was trained; re-create the head with `featx probe`")
+        if str(fc.fingerprint) != ref["fingerprint"] or identity_of(fc).digest != ref.get("identity"):
+            why = ("the head was saved by an older featx that did not record the cache's identity"
+                   if not ref.get("identity") else "its rows or embedding settings have changed since the head was "
+                   "trained (another cache, or one embedded again)")
+            raise FeatxError(f"this kNN head reads its reference rows from cache {ref['cache']}, but {why}; "
+                             "re-create the head with `featx probe`")
         return CacheSource(fc, self.reference_rows_, view=ref["view"], norm=ref["norm"]), self.fit_y_
 
     def _votes(self, X) -> np.ndarray:
@@ -199,7 +208,7 @@ class StreamingKNN(ClassifierMixin, BaseEstimator):
         owner = _LAST.get("owner")
         if owner is not None and owner() is self and _LAST.get("key") == key:  # predict(), then predict_proba(): one search
             return _LAST["votes"]
-        src, labels = self._reference()
+        src, labels = self.reference_source()
         p = self.best_params_
         k = min(int(p["n_neighbors"]), len(labels))
         try:
