@@ -169,6 +169,8 @@ class EmbedSettings(Settings):
         lib="storage_options", file=False)
     read_concurrency: int = option(16, "Concurrent object reads per decode worker for URL, WebDataset and Parquet "
                                    "inputs.")
+    allow_other_buckets: bool = flag("A manifest in a bucket may name objects in other buckets of its store (by "
+                                     "default its rows stay in its own bucket; other schemes are never read).")
     image_column: str = option("image", "Parquet input: the column of encoded images (or {bytes, path} structs).")
     label_column: str = option("label", "Parquet input: the label column (class names, or ints).")
     split_column: Optional[str] = option(None, "Parquet input: a column of train/val/test (default: all --split).")

@@ -48,6 +48,7 @@ class SourceOptions:
     split: str | None = None  # split of every WebDataset/Parquet sample (default: from names / "train")
     data_root: str | None = None  # folder that path-only image cells of a table are relative to
     class_names: str | None = None  # classes.txt / classes.json naming WebDataset cls numbers
+    allow_other_buckets: bool = False  # rows of a manifest in a bucket may name other buckets of its store
 
     def fs_options(self) -> dict:
         return remote.parse_storage_options(self.storage_options)
@@ -148,7 +149,8 @@ def discover_any(root, *, manifest=None, options: SourceOptions | None = None) -
         return webdataset.discover_shards(found.files, split=opts.split if opts else None, locator=make_locator,
                                           root=found.root, class_names=opts.class_names if opts else None)
     if manifest is not None:
-        return remote.discover_manifest(str(manifest), locator=make_locator)
+        return remote.discover_manifest(str(manifest), locator=make_locator,
+                                        allow_other_buckets=bool(opts and opts.allow_other_buckets))
     return remote.discover_folder(str(root), locator=make_locator)
 
 

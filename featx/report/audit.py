@@ -9,13 +9,13 @@ the audit was given, never from outside it (:func:`featx.report.thumbs.make_thum
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
 
 from PIL import Image
 
+from ..base.io import read_csv
 from .tables import Markup, esc, join, pct, table, tag
 from .thumbs import data_uri, make_thumbnail
 
@@ -38,8 +38,7 @@ def _rows(path: Path, limit: int) -> tuple[list[dict], int]:
     """The first ``limit`` rows of a CSV and how many it has (([], 0) when it is missing)."""
     if not path.is_file():
         return [], 0
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(path)  # the values written (a leading ' that kept a name from running as a formula removed)
     return rows[:limit], len(rows)
 
 

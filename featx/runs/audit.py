@@ -25,7 +25,8 @@ import numpy as np
 
 from ..audit import finders
 from ..base.errors import FeatxError
-from ..base.io import atomic_write_bytes, sha256_file, write_json
+from ..base.io import CSV_ENCODING, atomic_write_bytes, sha256_file, write_json
+from ..base.text import csv_row
 from ..base.version import __version__
 from ..base.writable import default_run_dir, run_key, staged_dir
 from ..cache.multi import open_single_cache
@@ -100,8 +101,8 @@ def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    w.writerows(rows)
-    return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    w.writerows(csv_row(r) for r in rows)  # names never run as formulas in a spreadsheet
+    return atomic_write_bytes(path, buf.getvalue().encode(**CSV_ENCODING))  # file names byte for byte
 
 
 # --------------------------------------------------------------------------- findings

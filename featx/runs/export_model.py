@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - export_model names the extra to instal
     onnx = ort = None
 
 from ..base.errors import FeatxError
-from ..base.io import atomic_write_bytes, write_json
+from ..base.io import CSV_ENCODING, atomic_write_bytes, write_json
+from ..base.text import csv_value
 from ..base.version import __version__
 from ..cache.identity import CacheIdentity
 from ..cache.multi import is_multi_view, open_cache, split_view
@@ -166,8 +167,8 @@ def _check_images(meta: dict, images, n: int) -> list[str]:
 def _predicted(csv_path: str) -> dict[str, tuple[str, np.ndarray, bool]]:
     """{path: (predicted class, scores, scores are probabilities)} from a `featx predict` CSV."""
     out = {}
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    with open(csv_path, newline="", **CSV_ENCODING) as fh:
+        rows = [[csv_value(c) for c in r] for r in csv.reader(fh)]  # as written: see featx.base.io.write_csv
     head = rows[0]
     for r in rows[1:]:
         out[r[0]] = (r[1], np.asarray([float(v) for v in r[3:]], np.float64), head[3].startswith("p_"))

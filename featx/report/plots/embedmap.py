@@ -8,6 +8,7 @@ are subsampled per class (all misclassified evaluation rows kept); the coordinat
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from importlib.util import find_spec
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...base.io import atomic_write_bytes
 from ...cache.store import FeatureCache
 from .mpl import pyplot
 
@@ -104,9 +106,12 @@ def map_coordinates(fc: FeatureCache, run_dir: str | os.PathLike, *, keep: Seque
     ok = np.isfinite(feats).all(axis=1)
     rows, feats = rows[ok], feats[ok]
     xy, method = project(feats, seed=seed)
-    tmp = path.with_name(".embedmap.tmp.npz")
-    np.savez(tmp, rows=rows, xy=xy, method=method, fingerprint=fc.fingerprint, n=len(fc))
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, rows=rows, xy=xy, method=method, fingerprint=fc.fingerprint, n=len(fc))
+    try:  # only a saved computation: a full disk leaves no temporary file and costs the next report the time
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        log.warning("report: the embedding map's coordinates were not saved (%s)", exc)
     return {"rows": rows, "xy": xy, "method": method}
 
 
@@ -150,6 +155,7 @@ def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())  # complete or absent; a full disk is one line naming it
