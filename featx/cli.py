@@ -50,6 +50,7 @@ from .config import (
     read_config,
     render_yaml,
 )
+from .config.early import CheckedCommand
 from .config.options import command_line_values, settings_options
 from .config.settings import AuditSettings, ExportModelSettings, VerifySettings
 
@@ -86,16 +87,36 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so the user is told how to resume."""
 
 
+_STOPPING: list[bool] = []  # a SIGTERM arrived: whatever goes wrong while the run unwinds is part of the stop
+
+
+def _quiet(*_args) -> None:
+    return None
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001
+    import signal
+
+    if _STOPPING:  # a second SIGTERM while stopping: already on the way out
+        return
+    _STOPPING.append(True)
+    # SIGTERM to the process group (SLURM, `timeout`) ends the DataLoader workers too: their deaths must not raise
+    # a second error (torch's SIGCHLD handler) while this one unwinds, and errors of clean-up code (__del__,
+    # weakref callbacks) are not printed over the one line that says how to resume.
+    signal.signal(signal.SIGCHLD, _quiet)
+    sys.unraisablehook = _quiet
     raise _Terminated()
 
 
 class _Group(click.Group):
+    command_class = CheckedCommand  # missing paths and impossible sizes refused before torch loads
     def invoke(self, ctx: click.Context):
         try:
             with escaped_stdout():  # names from files never reach the terminal raw
                 return super().invoke(ctx)
         except FeatxError as exc:
+            if _STOPPING:  # raised while the run unwinds after a SIGTERM: the stop is what happened
+                _stopped(ctx, _Terminated())
             click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
             if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
                 # After a failed write HDF5 keeps the broken file open and can crash while shutting
@@ -104,13 +125,20 @@ class _Group(click.Group):
                 sys.stderr.flush()
                 os._exit(2)
             ctx.exit(2)
+        except Exception:
+            if not _STOPPING:
+                raise
+            _stopped(ctx, _Terminated())  # a worker's death seen before the SIGTERM itself: the same stop
         except KeyboardInterrupt as exc:
-            what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-            click.secho(
-                f"{what}: finished work is saved; rerun the same command to resume where it stopped.",
-                fg="yellow", err=True,
-            )
-            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
+            _stopped(ctx, exc)
+
+
+def _stopped(ctx: click.Context, exc: KeyboardInterrupt) -> None:
+    """The one line of a run stopped by Ctrl-C or SIGTERM, and its exit status (130, 143)."""
+    what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+    click.secho(f"{what}: finished work is saved; rerun the same command to resume where it stopped.",
+                fg="yellow", err=True)
+    ctx.exit(143 if isinstance(exc, _Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from ..base.errors import CacheMismatchError, CacheWriteError, FeatxError
+from ..base.files import irregular_kind, read_regular
 from ..base.io import atomic_commit
 from .keys import BYTES_DTYPE, STR_DTYPE, decode_key, key_array, part_path
 from .trust import integrity
@@ -54,7 +55,7 @@ class PartsDir:
         meta = self.dir / "meta.json"
         if meta.exists():
             try:
-                found = json.loads(meta.read_text())
+                found = json.loads(read_regular(meta, "work-in-progress file"))
             except (OSError, ValueError):
                 found = None
             if found != self.fingerprint:
@@ -77,7 +78,8 @@ class PartsDir:
             ) from exc
 
     def chunk_files(self) -> list[Path]:
-        return sorted(self.dir.glob("chunk-*.h5")) if self.exists() else []
+        # a FIFO or device named like a chunk file is never opened (HDF5's open would block for ever)
+        return sorted(p for p in self.dir.glob("chunk-*.h5") if not irregular_kind(p)) if self.exists() else []
 
     def write_chunk(self, chunk: Chunk, *, worker: str = "0") -> Path:
         """Commit one chunk atomically; returns its final path."""

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ..base.errors import CacheMismatchError, FeatxError
+from ..base.files import check_regular, irregular_kind
 from .identity import CacheIdentity, identity_of
 from .keys import LAYOUT_VERSION, MULTI_SUFFIX, SPLITS, decode_key, part_path
 from .parts import settings_diff
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def open_h5(path: Path) -> h5py.File:
+    check_regular(path, "cache")  # HDF5's own open of a FIFO would block for ever
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -327,11 +329,19 @@ class FeatureCache:
 # --------------------------------------------------------------------------- finalize
 
 
+def _irregular(path: Path) -> bool:
+    """A FIFO, socket or device named like a cache is never a candidate (it would hang the open); logged."""
+    kind = irregular_kind(path)
+    if kind:
+        log.warning("%s is %s, not a cache; it is left out of the newest-cache choice", path, kind)
+    return bool(kind)
+
+
 def newest_cache(cache_dir: str | os.PathLike = "cache") -> Path:
     """The one rule for "the newest cache": the most recently written finished cache or cache set
     (``*.h5`` or ``*.multi.json``) in ``cache_dir``; a set is written after its members, so it wins."""
     d = Path(cache_dir)
-    found = sorted((p for pat in ("*.h5", "*" + MULTI_SUFFIX) for p in d.glob(pat)),
+    found = sorted((p for pat in ("*.h5", "*" + MULTI_SUFFIX) for p in d.glob(pat) if not _irregular(p)),
                    key=lambda p: (p.stat().st_mtime, p.name.endswith(MULTI_SUFFIX))) if d.is_dir() else []
     if not found:
         raise FeatxError(

@@ -13,6 +13,7 @@ reported in :attr:`Dataset.skipped`), and every decode failure becomes an ``Imag
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from PIL import ImageFile
 
 from ..base.choices import SPLITS
 from ..base.errors import FeatxError
+from ..base.files import check_regular
 from . import guards
 from .splits import canonical_split
 
@@ -282,6 +284,7 @@ def _flat_layout(rootp: Path, subdirs: list[Path], skipped: list[tuple[str, str]
 
 def _discover_manifest(manifest: Path) -> Dataset:
     """Rows of a ``path,label[,split]`` CSV; relative paths are relative to the manifest itself."""
+    check_regular(manifest, "manifest")
     if not manifest.is_file():
         raise FeatxError(f"manifest {str(manifest)!r} does not exist; pass a CSV with columns path,label[,split]")
     base = manifest.resolve().parent
@@ -321,8 +324,8 @@ def _read_manifest_rows(manifest: Path) -> list[tuple[str, str, str, int]]:
     """(path, label, split, line number) of every non-empty row, or an error naming the line to fix."""
     try:
         # utf-8-sig: spreadsheet programs save a byte-order mark before the header.
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            return parse_manifest(fh, manifest)
+        with io.TextIOWrapper(guards.open_regular(manifest), encoding="utf-8-sig", newline="") as fh:
+            return parse_manifest(fh, manifest)  # open_regular: a FIFO as the manifest never blocks
     except UnicodeDecodeError as exc:
         raise FeatxError(
             f"manifest {str(manifest)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"

@@ -8,11 +8,12 @@ and the file is recorded as failed (or skipped by discovery), never fatal.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 
 from PIL import Image
+
+from ..base import files
+from ..base.files import ONLY_REGULAR, IrregularFileError, irregular_kind  # noqa: F401 - IrregularFileError: its former home
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own bomb limit: decoded pixels of one image
 MAX_ASPECT = 100  # long side / short side; a 224 px short side then resizes to at most 22,400 px
@@ -20,46 +21,18 @@ MAX_ASPECT = 100  # long side / short side; a 224 px short side then resizes to 
 
 def file_reason(path: str | os.PathLike) -> str | None:
     """Why ``path`` (symlinks followed) is not a regular file, or None (missing files are the caller's concern)."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    return f"not an image file: {kind}; only regular files (and symlinks to them) are read"
-
-
-class IrregularFileError(OSError):
-    """The path was a regular file when it was listed, and is something else when it is opened."""
+    kind = irregular_kind(path)
+    return f"not an image file: {kind}; {ONLY_REGULAR}" if kind else None
 
 
 def open_regular(path: str | os.PathLike):
     """Open ``path`` for reading in binary mode, refusing anything but a regular file at the open itself.
 
     Why: a check before the open (:func:`file_reason`) leaves a moment in which the file can be
-    replaced by a FIFO, whose blocking open would hang a worker forever.  ``O_NONBLOCK`` makes
-    that open return at once, and ``fstat`` of the opened descriptor says what was opened.
+    replaced by a FIFO, whose blocking open would hang a worker forever (:func:`featx.base.files.open_regular`:
+    ``O_NONBLOCK``, then ``fstat`` of what was opened).
     """
-    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        f = open(path, "rb", opener=lambda p, fl: os.open(p, fl | flags))
-    except OSError as exc:  # a socket cannot be opened at all (ENXIO): say what it is, as for a FIFO
-        why = file_reason(path) if exc.errno == errno.ENXIO else None
-        if why:
-            raise IrregularFileError(why) from None
-        raise
-    try:
-        mode = os.fstat(f.fileno()).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-        if not stat.S_ISREG(mode):
-            raise IrregularFileError(file_reason(path) or "not an image file: not a regular file")
-        return f  # its name is the path, as for a plain open(), so messages and Pillow see the path
-    except BaseException:
-        f.close()
-        raise
+    return files.open_regular(path, refused="not an image file")
 
 
 def size_reason(size: tuple[int, int]) -> str | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from ..base.errors import FeatxError
-from . import inputs, parquet, remote, webdataset
+from . import guards, inputs, parquet, remote, webdataset
 from .folders import Dataset, discover
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def read_bytes(path: str) -> Fetched:
     """One sample's bytes (a local file, or any locator)."""
     if is_local(path):
         try:
-            with open(path, "rb") as fh:
+            with guards.open_regular(path) as fh:  # a FIFO swapped in after discovery never blocks
                 return Fetched(fh.read())
         except OSError as exc:
             return Fetched(None, f"cannot read: {exc.strerror or exc}")

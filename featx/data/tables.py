@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 
 from ..base.errors import FeatxError
+from ..base.files import check_regular
 from .remote import filesystem, is_url, refusal, stamp_of_info
 
 KEEP_ROW_GROUPS = 2  # image columns of groups kept per process (a batch often spans two)
@@ -45,6 +46,7 @@ class Table:
             fh = fs.open(path, "rb")
             source = pa.BufferReader(fh.read()) if self.arrow else fh
         else:
+            check_regular(url, "table")  # pyarrow's open of a FIFO would block for ever
             st = os.stat(url)
             self.stamp, self.size = st.st_mtime_ns, st.st_size
             source = pa.memory_map(url) if self.arrow else url

@@ -19,6 +19,7 @@ import tarfile
 from typing import Callable
 
 from ..base.errors import FeatxError
+from ..base.files import open_regular
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, Dataset, Sample
 from .inputs import expand_braces, split_from_name  # noqa: F401 - expand_braces: the former home
 from .remote import filesystem, is_url, refusal, stamp_of_info
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS)) + ("ppm", "pgm")
 _PREFERRED = ("jpg", "jpeg", "png", "webp")  # the image used when a sample has several
 _READ_BLOCK = 8 * 1024 * 1024  # streaming block size for remote shards (headers are read in passing)
+MAX_NAMES_BYTES = 16 << 20  # a classes.txt / classes.json (a million names fit)
 
 
 def is_shard_pattern(text: str) -> bool:
@@ -47,8 +49,9 @@ def _open(shard: str):
     """(binary file object, (stamp, size)) of a shard, or the one-line refusal."""
     if not is_url(shard):
         try:
-            st = os.stat(shard)
-            return open(shard, "rb"), (st.st_mtime_ns, st.st_size)
+            fh = open_regular(shard)  # a FIFO named like a shard never blocks the scan
+            st = os.fstat(fh.fileno())
+            return fh, (st.st_mtime_ns, st.st_size)
         except OSError as exc:
             raise FeatxError(f"shard {shard!r} cannot be read ({exc.strerror or exc}); check the pattern") from None
     fs, path = filesystem(shard)
@@ -106,12 +109,15 @@ def class_names_file(path: str) -> list[str]:
         if is_url(path):
             fs, p = filesystem(path)
             with fs.open(p, "rb") as fh:
-                text = fh.read().decode("utf-8-sig")
+                text = fh.read(MAX_NAMES_BYTES + 1).decode("utf-8-sig")
         else:
-            with open(path, encoding="utf-8-sig") as fh:
-                text = fh.read()
+            with open_regular(path) as fh:
+                text = fh.read(MAX_NAMES_BYTES + 1).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise FeatxError(f"class names file {path!r} cannot be read ({exc}); pass a classes.txt or classes.json") from None
+    if len(text) > MAX_NAMES_BYTES:
+        raise FeatxError(f"class names file {path!r} is larger than {MAX_NAMES_BYTES >> 20} MiB; pass a classes.txt "
+                         "with one class name a line")
     if not path.lower().endswith(".json"):
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:

@@ -28,6 +28,7 @@ from typing import Any
 
 from ...base.choices import HEAD_FORMATS
 from ...base.errors import FeatxError
+from ...base.files import check_regular, read_regular
 from ...base.io import atomic_write_bytes, sha256_file, write_json
 from ...base.version import __version__
 from .skops_guard import SKLEARN_HELPERS, check_archive, check_classifier, check_sidecar_fields
@@ -235,7 +236,7 @@ def _verified_sidecar(path: Path, data: bytes) -> dict:
             "Re-create it with `featx probe`"
         )
     try:
-        meta = json.loads(sc.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular(sc, "head sidecar").decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
         raise FeatxError(f"head sidecar {str(sc)!r} is unreadable ({exc}); re-create the head with `featx probe`") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "sha256" not in meta:
@@ -296,10 +297,11 @@ def load_head(path: str | os.PathLike, *, trust: bool = False) -> tuple[Any, dic
     import sklearn  # heavy: only when a head is loaded
 
     path = _head_file(Path(path))
+    check_regular(path, "head file")  # a FIFO would block the read for ever
     if not path.is_file():
         raise FeatxError(f"head file {str(path)!r} does not exist; pass a .skops or .joblib file written by `featx probe`")
     try:
-        data = path.read_bytes()  # hashed and loaded from the same bytes: no swap in between
+        data = read_regular(path, "head file")  # hashed and loaded from the same bytes: no swap in between
     except OSError as exc:
         raise FeatxError(f"head file {str(path)!r} cannot be read ({exc.strerror or exc}); check its permissions") from None
     meta = _verified_sidecar(path, data)
