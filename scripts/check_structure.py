@@ -32,7 +32,7 @@ MAX_CLASS_LINES = 250
 MAX_PACKAGE_MODULES = 12  # modules directly inside one package folder, __init__ not counted
 
 # The layers, lowest first: a package imports only packages of a lower rank (its left in
-# ARCHITECTURE.md's ``base < config, data, cache < embedding, heads < finetune, report < runs < cli``).
+# ARCHITECTURE.md's ``base < config, data, cache < embedding, heads < audit, finetune, report < runs < cli``).
 # ``featx`` itself (``__init__``: lazy re-exports, ``errors``: an alias) sits with the CLI on top.
 PACKAGE_ORDER: dict[str, int] = {
     "base": 0,

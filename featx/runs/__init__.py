@@ -1,7 +1,10 @@
-"""Runs: the commands that drive several stages (probe, few-shot, predict, compare) and publish their results.
+"""Runs: the commands that drive several stages (probe, few-shot, audit, predict, compare, export-model) and
+publish their results.
 
-Each run reads a cache or images through the stages below it, writes its run folder (JSON first, so a
-failing report never loses results) and returns one result dataclass.  Only ``featx.cli`` sits above.
+Each run reads a cache or images through the stages below it and writes its run folder whole (staged, then
+swapped in; JSON first, so a failing report never loses results).  probe, fewshot, compare and audit return
+a result dataclass with ``to_dict()``; predict and the publish functions return plain dicts.  Only
+``featx.cli`` sits above.
 """
 
 from ..base.lazy import lazy_exports
