@@ -135,3 +135,55 @@ def test_sigterm_to_the_process_group_during_embed_is_one_line_and_resumes(tmp_p
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)["run"]
     assert run["reused"] >= 2 * 2 and run["embedded"] + run["reused"] == run["total"] == 2 * 2 * 8
+
+
+# --------------------------------------------------------------------------- 4. a shared-heap bomb in a dataset
+
+
+def _shared_heap_bomb(src: Path, dst: Path, *, n: int, big: int) -> Path:
+    """A copy of cache ``src`` whose ``failed/`` datasets hold ``n`` rows, every ``failed/reasons`` element pointing
+    at one heap object of ``big`` bytes (its heap IDs rewritten in place): n * big bytes to read, a small file."""
+    import shutil
+    import struct
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        del f["failed"]
+        g = f.create_group("failed")
+        g.create_dataset("paths", data=[np.frombuffer(f"x{i}".encode(), np.uint8) for i in range(n)],
+                         dtype=h5py.vlen_dtype(np.uint8))
+        g.create_dataset("reasons", data=["r" * big] + ["r"] * (n - 1), dtype=h5py.string_dtype("utf-8"))
+        g.create_dataset("mtime_ns", data=np.zeros(n, np.int64))
+        g.create_dataset("size", data=np.zeros(n, np.int64))
+        offset, size = g["reasons"].id.get_offset(), g["reasons"].id.get_storage_size()
+    with open(dst, "r+b") as fh:
+        fh.seek(offset)
+        raw = fh.read(size)
+        assert struct.unpack("<I", raw[:4])[0] == big
+        fh.seek(offset)
+        fh.write(raw[:16] * n)  # every element: (length big, the first element's heap object)
+    return dst
+
+
+@pytest.mark.slow
+def test_a_shared_heap_bomb_in_a_dataset_is_refused_before_it_is_read(tmp_path):
+    made = make_tiny_cache(tmp_path / "m", per_class=3)
+    bomb = _shared_heap_bomb(made.path, tmp_path / "bomb.h5", n=3000, big=1 << 20)  # 3 GB to read, a 1 MB file
+    assert bomb.stat().st_size < 2 << 20
+    with pytest.raises(FeatxError, match=r"'failed/reasons' holds 3145728000 bytes of variable-length values.*share "
+                                         r"heap objects"):
+        featx.FeatureCache(bomb)
+    # info, verify and probe: one line each, in bounded memory
+    proc = run_isolated(f"""
+        from click.testing import CliRunner
+        from featx.cli import cli
+        for args in (["info"], ["verify"], ["probe", "--head", "logreg", "--out-dir", "run"]):
+            r = CliRunner().invoke(cli, [*args, {str(bomb)!r}])
+            print(args[0], r.exit_code, " ".join(r.output.split())[:300], type(r.exception).__name__)
+    """, memory=3 << 30, cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 3, proc.stderr[-2000:]
+    for line in lines:
+        assert " 2 error: cache" in line and "share heap objects" in line and "SystemExit" in line, line
+    # featx's own caches pass: their elements are stored once each
+    featx.FeatureCache(made.path)

@@ -128,6 +128,7 @@ class PartsDir:
         for cf in self.chunk_files():
             try:
                 with h5py.File(cf, "r") as f:
+                    integrity.verify_chunk(f)  # self-contained, sizes real, features match checksums: before any read
                     keys = [decode_key(k) for k in f["paths"][()]]
                     mt = f["mtime_ns"][()]
                     sz = f["size"][()]
@@ -135,7 +136,6 @@ class PartsDir:
                     freasons = [r.decode() if isinstance(r, bytes) else r for r in f["failed_reasons"][()]]
                     fmt = f["failed_mtime_ns"][()]
                     fsz = f["failed_size"][()]
-                    integrity.verify_chunk(f)  # self-contained, and its features match their checksums
             except Exception as exc:  # noqa: BLE001 - any damage means: redo that chunk
                 log.warning("chunk file %s is unreadable (%s); its images will be embedded again", cf, exc)
                 os.replace(cf, cf.with_suffix(".damaged"))

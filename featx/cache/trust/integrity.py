@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from ...base.errors import FeatxError
+from ...base.files import open_regular
 
 CHECKSUM_GROUP = "checksums"
 MAX_DEPTH = 8  # featx files nest 3 deep; a hard-link cycle would otherwise recurse forever
@@ -86,6 +87,11 @@ def check_file(f: h5py.File) -> None:
             raise ValueError(f"dataset {name!r} stores its data in another file ({d.external[0][0]!r})")
         if d.is_virtual:
             raise ValueError(f"dataset {name!r} is a virtual dataset (it reads other files)")
+        if d.dtype.hasobject:  # variable-length values: what a read allocates is their lengths, not 16 bytes each
+            vlen = vlen_bytes(f, name, d)
+            if vlen > f.id.get_filesize() + (1 << 20):
+                raise ValueError(f"dataset {name!r} holds {vlen} bytes of variable-length values, more than the "
+                                 f"file's {f.id.get_filesize()} bytes (its elements share heap objects)")
         declared, stored = _declared_bytes(d), int(d.id.get_storage_size())
         filtered = d.id.get_create_plist().get_nfilters() > 0
         if (stored < declared and not filtered) or declared > COMPRESSION_RATIO * stored + (1 << 20):
@@ -95,6 +101,54 @@ def check_file(f: h5py.File) -> None:
     size = f.id.get_filesize()
     if total > size:
         raise ValueError(f"its datasets claim {total} bytes of storage, more than the file's {size} bytes")
+
+
+def _raw_blocks(f: h5py.File, name: str, d: h5py.Dataset, block: int = 16 << 20) -> Iterator[bytes]:
+    """The stored bytes of an unfiltered dataset, as they are on disk (for variable-length values: heap IDs)."""
+    plist = d.id.get_create_plist()
+    if plist.get_nfilters():
+        raise ValueError(f"dataset {name!r} stores variable-length values compressed (featx writes them plain)")
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        for i in range(d.id.get_num_chunks()):
+            yield d.id.read_direct_chunk(d.id.get_chunk_info(i).chunk_offset)[1]
+        return
+    if layout != h5py.h5d.CONTIGUOUS:
+        raise ValueError(f"dataset {name!r} stores variable-length values in a compact or virtual layout "
+                         "(featx writes them contiguous)")
+    offset, size = d.id.get_offset(), int(d.id.get_storage_size())
+    if offset is None or not size:
+        return
+    with open_regular(f.filename) as fh:
+        fh.seek(offset)
+        for _ in range(0, size, block):
+            data = fh.read(min(block, size))
+            size -= len(data)
+            if not data:
+                return
+            yield data
+
+
+def vlen_bytes(f: h5py.File, name: str, d: h5py.Dataset) -> int:
+    """The bytes a read of the variable-length dataset ``d`` allocates: the sum of its elements' lengths, taken
+    from the heap IDs stored in the dataset (length, heap collection address, object index) without reading
+    the heap.  Why: 200,000 elements can all point at one 10 MB heap object, and a read copies it for each.
+    """
+    t = d.id.get_type()
+    if isinstance(t, h5py.h5t.TypeStringID) and t.is_variable_str():
+        unit = 1
+    elif isinstance(t, h5py.h5t.TypeVlenID) and not t.get_super().detect_class(h5py.h5t.VLEN):
+        unit = int(t.get_super().get_size())
+    else:
+        raise ValueError(f"dataset {name!r} holds variable-length values or references inside {d.dtype} "
+                         "(featx writes only plain texts and byte strings)")
+    record = 8 + int(f.id.get_create_plist().get_sizes()[0])  # 4 bytes of length, the address, 4 of index
+    total = 0
+    for raw in _raw_blocks(f, name, d):
+        n = len(raw) // record
+        lengths = np.frombuffer(raw, np.uint8, n * record).reshape(n, record)[:, :4].copy().view("<u4")
+        total += int(lengths.sum(dtype=np.int64)) * unit
+    return total
 
 
 def check_attrs(obj: h5py.Group | h5py.Dataset) -> None:
