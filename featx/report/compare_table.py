@@ -32,6 +32,43 @@ def _view_note(r: dict) -> str:
     return f" [{view}{f' + {aug} aug.' if aug else ''}]"
 
 
+# What each fine-tune strategy trains (featx.finetune.model): the words every output uses for it.
+STRATEGY_WORDS = {
+    "full": "end to end: every layer of the network trains",
+    "partial": "the last blocks of the network and a new linear layer train",
+    "head": "head only: a new linear layer on the frozen network's features (the network does not train)",
+}
+STRATEGY_SHORT = {"full": "end to end", "partial": "last blocks + new layer", "head": "new linear layer only, network frozen"}
+
+
+def params_text(r: dict) -> str:
+    """``15,372 of 3.39 M parameters trained`` from a fine-tune row (empty when it does not say)."""
+    tp, total = r.get("trainable_params"), r.get("total_params")
+    if not isinstance(tp, int) or not isinstance(total, int) or total <= 0:
+        return ""
+    return f"{tp:,} of {total / 1e6:.2f} M parameters trained"
+
+
+def strategy_note(rows: Sequence[dict]) -> str:
+    """What each fine-tune trained, e.g. ``finetune-head: head only: a new linear layer ... (15,372 of 3.39 M
+    parameters trained)``; empty without fine-tunes.  A head-only fine-tune is not "end to end"."""
+    said = []
+    for r in rows:
+        if r.get("kind") != "finetune":
+            continue
+        what = STRATEGY_WORDS.get(str(r.get("strategy")), f"strategy {r.get('strategy')}")
+        extra = params_text(r)
+        said.append(f"{r['method']}: {what}" + (f" ({extra})" if extra else ""))
+    return f"What each fine-tune trained: {'; '.join(said)}." if said else ""
+
+
+def finetune_label(rows: Sequence[dict]) -> str:
+    """The chart legend's words for the fine-tune points: their one strategy, or "see each label"."""
+    kinds = {str(r.get("strategy")) for r in rows if r.get("kind") == "finetune"}
+    what = STRATEGY_SHORT.get(next(iter(kinds)), "fine-tune") if len(kinds) == 1 else "strategy in each label"
+    return f"fine-tune, {what} (time: all epochs + eval)"
+
+
 def features_note(rows: Sequence[dict]) -> str:
     """Which features each fine-tune trained on (``features`` of its row), e.g.
     ``finetune-head: cache train views (K=8)``; empty when no row says."""
@@ -40,8 +77,8 @@ def features_note(rows: Sequence[dict]) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The comparison as a Markdown table (the terminal output and ``compare.md``), then which
-    features the fine-tunes trained on (:func:`features_note`) when the rows say."""
+    """The comparison as a Markdown table (the terminal output and ``compare.md``), then what each fine-tune
+    trained (:func:`strategy_note`) and which features it trained on (:func:`features_note`) when the rows say."""
     probes = [r["accuracy"] for r in rows if r["kind"] == "probe" and not math.isnan(r["accuracy"])]
     best_probe = max(probes) if probes else None
     head = ["method", "accuracy", "vs best probe", "balanced acc.", "macro-F1", "wall time", "images/s", "peak GPU mem"]
@@ -60,5 +97,5 @@ def markdown_table(rows: Sequence[dict]) -> str:
             fmt_mem(r.get("peak_gpu_mem_bytes")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    note = features_note(rows)
-    return "\n".join(lines + (["", note] if note else []))
+    notes = [n for n in (strategy_note(rows), features_note(rows)) if n]
+    return "\n".join(lines + (["", *notes] if notes else []))

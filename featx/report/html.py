@@ -1,11 +1,13 @@
 """``report.html``: one self-contained page a person opens to see where the model is wrong.
 
 Why: metrics.json is for machines; a reader first wants the mistakes (which images, confused
-with what), then the numbers.  :func:`write_report` builds the page from a run folder's JSON
-and the cache: the data set, the heads table, the confusion matrix (colour only past 20
-classes) and the most confused pairs, per-class precision/recall worst first, the
-misclassified evaluation images as thumbnails, a 2-D map of the embeddings, and — when the run
-has them — the fine-tune vs probe chart with 95 % intervals and the few-shot curve.  Inline
+with what), after the summary that says how good the model is.  :func:`write_report` builds the page
+from a run folder's JSON and the cache: the heads table, the confusion matrix (colour only past 20
+classes) and the most confused pairs, the misclassified evaluation images as thumbnails (the
+first 24, the rest behind a "show all" ``<details>``), per-class precision/recall worst first, a 2-D
+map of the embeddings, and — when the run has them — the fine-tune vs probe chart with 95 % intervals
+and the few-shot curve, then the data set.  It reads on a phone: wide tables become cards below
+600 px, and a class name wraps only between its words (:func:`featx.report.tables.words`).  Inline
 CSS, images as ``data:`` URIs, no JavaScript and no network; every text from the file system is
 escaped (:mod:`featx.report.tables`).
 """
@@ -30,18 +32,33 @@ from ..cache.store import FeatureCache
 from ..cache.trust.roots import trusted_root
 from .audit import CSS as AUDIT_CSS
 from .audit import section_audit
-from .compare_table import features_note
+from .compare_table import features_note, strategy_note
 from .metrics import is_chosen, selection_note
 from .plots import charts, embedmap
 from .predictions import Prediction, predictions_path, read_predictions, worst_first
 from .recompute import recompute_predictions
 from .runfiles import RunFiles, load_run, open_cache
-from .tables import Markup, bar, confusion_html, esc, fmt, join, most_confused_pairs, pct, per_class_rows, table, tag
+from .tables import (
+    Markup,
+    bar,
+    confusion_html,
+    esc,
+    fmt,
+    join,
+    most_confused_pairs,
+    name_words,
+    pct,
+    per_class_rows,
+    table,
+    tag,
+    words,
+)
 from .thumbs import data_uri, make_thumbnail
 
 log = logging.getLogger(__name__)
 
-MAX_THUMBS = 60
+MAX_THUMBS = 240  # mistake cards in all (the most confidently wrong); each thumbnail is ~3 kB
+FIRST_THUMBS = 24  # shown at once; the rest behind a "show all" <details> that needs no JavaScript
 MAX_FAILED_LISTED = 200
 REPORT_NAME = "report.html"
 
@@ -54,11 +71,12 @@ nav a{margin-right:.8em;white-space:nowrap}code,.path{font-family:ui-monospace,M
 .scroll{overflow-x:auto;max-width:100%;background:linear-gradient(to right,#fff 30%,rgba(255,255,255,0)) left/32px 100% no-repeat local,linear-gradient(to left,#fff 30%,rgba(255,255,255,0)) right/32px 100% no-repeat local,radial-gradient(farthest-side at 0 50%,rgba(0,0,0,.22),transparent) left/12px 100% no-repeat scroll,radial-gradient(farthest-side at 100% 50%,rgba(0,0,0,.22),transparent) right/12px 100% no-repeat scroll}
 .scroll::-webkit-scrollbar{height:8px}.scroll::-webkit-scrollbar-thumb{background:#c3cad4;border-radius:4px}.scroll{scrollbar-width:thin;scrollbar-color:#c3cad4 transparent}
 table{border-collapse:collapse;margin:.4em 0;font-size:.9em}
-th,td{padding:3px 8px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th,td{padding:3px 8px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}td.n{white-space:nowrap}
 .bar{display:inline-block;height:9px;background:#4a7fd4;border-radius:2px;vertical-align:middle}
 img.fig{max-width:100%;height:auto;display:block;margin:.4em 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(132px,1fr));gap:10px}
-figure.thumb{margin:0;background:#fafbfc;border:1px solid #e3e7ec;border-radius:6px;padding:6px;font-size:.8em;overflow-wrap:anywhere}
+figure.thumb{margin:0;background:#fafbfc;border:1px solid #e3e7ec;border-radius:6px;padding:6px;font-size:.8em}figure.thumb b{display:inline-block}.w{white-space:nowrap}
+details.more{margin-top:10px}details.more>summary{cursor:pointer;font-weight:600;padding:6px 0}details.more .grid{margin-top:6px}
 figure.thumb img{display:block;margin:0 auto 4px;max-width:100%;height:auto}figure.thumb .none{height:72px;display:flex;align-items:center;justify-content:center;color:#889;background:#eef0f3}
 .t{color:#1b7a3a}.p{color:#b3261e}
 table.cm td{text-align:center;min-width:2.2em;border:1px solid #fff}table.cm th.row{white-space:nowrap;font-weight:normal}
@@ -68,7 +86,14 @@ td.q0{background:#fff}td.q1{background:#eef4fb}td.q2{background:#d9e7f6}td.q3{ba
 td.q5{background:#6fa2d6;color:#fff}td.q6{background:#4b86c6;color:#fff}td.q7{background:#2f69b0;color:#fff}td.q8{background:#1d4f92;color:#fff}td.q9{background:#0f3470;color:#fff}
 table.cm td.diag{outline:1px solid #1b7a3a;outline-offset:-1px}
 @media (max-width:600px){main{padding:8px}section{padding:2px 10px 10px}body{font-size:14px}.grid{grid-template-columns:repeat(auto-fill,minmax(110px,1fr))}
-th,td{padding:3px 5px}table.cm{font-size:.8em}table.cm th.row{white-space:normal;overflow-wrap:anywhere;max-width:6.5em}table.cm td{min-width:1.6em;padding:2px 1px}table.cm th.corner{font-size:.85em;max-width:5em}}
+th,td{padding:3px 5px}table.cm{font-size:.8em}table.cm th.row{white-space:normal;max-width:7em}table.cm td{min-width:1.6em;padding:2px 1px}table.cm th.corner{font-size:.85em;max-width:5em}
+.bar{display:none}table.cards,table.cards tbody,table.cards tr,table.cards td{display:block;width:100%}table.cards thead{display:none}
+table.cards tr{border:1px solid #e3e7ec;border-radius:6px;margin:0 0 8px;padding:4px 8px}
+table.cards td{display:grid;grid-template-columns:minmax(7.5em,40%) 1fr;gap:8px;border:0;padding:2px 0;text-align:left;white-space:normal;overflow-wrap:break-word}
+table.cards td::before{content:attr(data-label);color:#556}table.cards td:first-child{font-weight:600}
+table.compact tr{display:grid;grid-template-columns:repeat(auto-fit,minmax(4.6em,1fr));column-gap:8px}
+table.compact td{display:block}table.compact td::before{display:block;font-size:.8em}table.compact td:first-child{grid-column:1/-1}
+table.compact td:first-child::before{display:none}}
 """
 
 
@@ -152,23 +177,42 @@ def section_heads(metrics: dict, best: str | None) -> Markup:
     if isinstance(n, int) and n > 0:
         half = 100 * 1.96 * math.sqrt(0.25 / n)
         ctx += f" With {n} images a 95% interval is up to ±{half:.1f} points wide."
-    return _section("heads", "Heads", join([table(cols, rows, num=num), _p(ctx), _view_table(heads)]))
+    return _section("heads", "Heads", join([table(cols, rows, num=num, class_="heads", cards=True), _p(ctx), _view_table(heads)]))
 
 
 def _view_table(heads: dict) -> Markup:
-    """Every (view, normalisation, augmented views) each head tried, with its CV score on the training rows."""
-    rows = []
+    """Every (view, normalisation, augmented views) each head tried, with its CV score on the training rows.
+
+    The summary counts what ran: candidates scored by the cheap proxy of repeated paired CV (their
+    params name the ``proxy``) are not fits of the head; only the head's own searches are."""
+    rows, fits, proxies = [], 0, 0
     for name, h in heads.items():
         for c in h.get("views") or []:
+            proxy = "proxy" in (c.get("params") or {})
+            fits, proxies = fits + (not proxy), proxies + proxy
             rows.append([name, c["view"], c["norm"], c.get("train_views", 0), pct(c.get("cv_score")),
-                         pct(c.get("cv_std_err")), "chosen" if is_chosen(c, h) else ""])
+                         pct(c.get("cv_std_err")), "proxy score" if proxy else "head's search",
+                         "chosen" if is_chosen(c, h) else ""])
     if len(rows) <= len(heads):
         return join([])
-    note = _p("CV score of every candidate on the training rows; each head uses the first one within one standard "
-              "error of the best (the evaluation split plays no part in the choice).")
-    return Markup(f"<details><summary>Feature views tried ({len(rows)} fits)</summary>"
-                  f"{table(['head', 'view', 'norm', 'aug. views', 'CV score', '± s.e.', ''], rows, num=[3, 4, 5])}"
-                  f"{note}</details>")
+    what = f"{fits} fit{'s' if fits != 1 else ''} of the heads" + (f", {proxies} proxy scores" if proxies else "")
+    note = _p(choice_rule(proxies > 0))
+    cols = ["head", "view", "norm", "aug. views", "CV score", "± s.e.", "scored by", ""]
+    return Markup(f"<details><summary>Feature views tried ({len(rows)} candidates: {what})</summary>"
+                  f"{table(cols, rows, num=[3, 4, 5], cards=True)}{note}</details>")
+
+
+def choice_rule(repeated: bool) -> str:
+    """The rule the heads' view choice followed, in the words of featx.heads.tuning (selection.py, repeated_cv.py)."""
+    if repeated:
+        return ("Plain candidates are scored by a cheap proxy of the head on the same repeated, paired CV folds of the "
+                "training rows; the head uses the first (simplest) one whose mean is within s.e. of the best, where s.e. "
+                "is the standard error of the paired fold differences between the best and the simplest candidate (the "
+                "best row's ± s.e.; other rows show theirs against the simplest). Only that one gets the head's own "
+                "search. The evaluation split plays no part in the choice.")
+    return ("CV score of every candidate's own search on the training rows; each head uses the first (simplest) one "
+            "whose mean is within one standard error (of the best candidate's fold scores) of the best. The "
+            "evaluation split plays no part in the choice.")
 
 
 def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[Prediction] | None) -> Markup:
@@ -190,7 +234,7 @@ def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[
     if pairs:
         parts.append(tag("h3", "Most confused pairs"))
         parts.append(table(["true class", "predicted as", "images", "share of true class"],
-                           [[t, p_, c, pct(s)] for t, p_, c, s in pairs], num=(2, 3)))
+                           [[words(t), words(p_), c, pct(s)] for t, p_, c, s in pairs], num=(2, 3), cards=True))
     else:
         parts.append(_p("No confusions: every evaluation image is classified correctly."))
     return _section("confusion", f"Confusion matrix ({head})", join(parts))
@@ -198,9 +242,9 @@ def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[
 
 def section_per_class(metrics: dict, head: str) -> Markup:
     rows = per_class_rows(metrics["heads"][head].get("per_class") or {})
-    body = [[c, Markup(f"{esc(pct(p))} {bar(p)}"), Markup(f"{esc(pct(r))} {bar(r)}"), pct(f), s] for c, p, r, f, s in rows]
+    body = [[words(c), Markup(f"{esc(pct(p))} {bar(p)}"), Markup(f"{esc(pct(r))} {bar(r)}"), pct(f), s] for c, p, r, f, s in rows]
     return _section("classes", f"Per-class precision and recall ({head}, worst first)",
-                    table(["class", "precision", "recall", "F1", "images"], body, num=(3, 4)))
+                    table(["class", "precision", "recall", "F1", "images"], body, num=(3, 4), compact=True))
 
 
 def section_mistakes(preds: list[Prediction] | None, head: str, root: str, thumbs_dir: Path, why: str = "") -> Markup:
@@ -211,27 +255,37 @@ def section_mistakes(preds: list[Prediction] | None, head: str, root: str, thumb
     if not wrong:
         return _section("mistakes", title, _p(f"None: all {len(preds)} evaluation images are classified correctly."))
     shown = wrong[:MAX_THUMBS]
-    cards = []
-    for p in shown:
-        th = make_thumbnail(root, p.path, thumbs_dir) if root else None
-        if th is not None:
-            with Image.open(th) as im:
-                w, h = im.size
-            pic = f'<img src="{data_uri(th, "image/jpeg")}" width="{w}" height="{h}" alt="{esc(p.path)}">'
-        else:
-            pic = '<div class="none">no thumbnail</div>'
-        conf = f" ({pct(p.confidence, 0)})" if p.confidence is not None else ""
-        cards.append(f'<figure class="thumb">{pic}<figcaption>true <b class="t">{esc(p.true)}</b><br>'
-                     f'predicted <b class="p">{esc(p.pred)}</b>{esc(conf)}<br><span class="path">{esc(p.path)}</span>'
-                     f'</figcaption></figure>')
+    cards = [_mistake_card(p, root, thumbs_dir) for p in shown]
     note = (f"{len(wrong)} of {len(preds)} evaluation images are misclassified"
-            + (f"; the {len(shown)} most confidently wrong are shown" if len(wrong) > len(shown) else "")
+            + (f"; the {len(shown)} most confidently wrong have a card" if len(wrong) > len(shown) else "")
             + f". Most confident mistakes first; the percentage is {head}'s probability for the predicted class"
             + f" ({head} is the head with the best accuracy).")
-    return _section("mistakes", title, join([_p(note), Markup(f'<div class="grid">{"".join(cards)}</div>')]))
+    longest = max((len(w) for p in shown for name in (p.true, p.pred) for w in name_words(name)), default=0)
+    style = f' style="grid-template-columns:repeat(auto-fill,minmax(min(100%,{max(132, 7 * longest + 20)}px),1fr))"'
+    grid = lambda part: f'<div class="grid"{style}>{"".join(part)}</div>'  # noqa: E731
+    parts = [_p(note), Markup(grid(cards[:FIRST_THUMBS]))]
+    if len(cards) > FIRST_THUMBS:
+        parts.append(Markup(f'<details class="more"><summary>show all {len(cards)} mistake cards '
+                            f'({len(cards) - FIRST_THUMBS} more)</summary>{grid(cards[FIRST_THUMBS:])}</details>'))
+    return _section("mistakes", title, join(parts))
 
 
-def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir: Path) -> Markup:
+def _mistake_card(p: Prediction, root: str, thumbs_dir: Path) -> str:
+    """One misclassified image: its thumbnail, true and predicted class (wrapping only between words), its path."""
+    th = make_thumbnail(root, p.path, thumbs_dir) if root else None
+    if th is not None:
+        with Image.open(th) as im:
+            w, h = im.size
+        pic = f'<img src="{data_uri(th, "image/jpeg")}" width="{w}" height="{h}" alt="{esc(p.path)}">'
+    else:
+        pic = '<div class="none">no thumbnail</div>'
+    conf = f" ({pct(p.confidence, 0)})" if p.confidence is not None else ""
+    return (f'<figure class="thumb">{pic}<figcaption>true <b class="t">{words(p.true)}</b><br>'
+            f'predicted <b class="p">{words(p.pred)}</b>{esc(conf)}<br><span class="path">{esc(p.path)}</span>'
+            f'</figcaption></figure>')
+
+
+def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir: Path, metrics: dict | None = None) -> Markup:
     if fc is None:
         return _section("map", "Embedding map", _p("The cache is not available here.", "warn"))
     if len(fc) < 3:
@@ -246,12 +300,23 @@ def section_map(fc: FeatureCache | None, preds: list[Prediction] | None, run_dir
     method = {"pca+tsne": "PCA to 50 dimensions, then t-SNE", "pca+umap": "PCA, then UMAP", "pca": "PCA"}[coords["method"]]
     png = embedmap.plot_map(coords, fc.labels(), fc.classes, run_dir / "report_map.png", eval_rows=eval_rows,
                             wrong_rows=wrong, title=f"{len(coords['rows'])} of {len(fc)} images, {method}")
-    note = (f"Each point is an image's final pooled features ({method}; distances between far-apart clusters mean "
-            "little), whatever view the heads chose. Small points: training images; ringed points: evaluation "
-            "images; crosses: misclassified.")
+    note = (f"Each point is one image, placed by {method} of its final pooled features (the view final; "
+            "distances between far-apart clusters mean little). " + _heads_views(metrics)
+            + "Small points: training images; ringed points: evaluation images; crosses: misclassified"
+            + (f" by {_best_head(metrics)}." if wrong else "."))
     if len(fc.classes) > 20:
         note += " With more than 20 classes the colours are not listed."
     return _section("map", "Embedding map", join([_p(note), _img(png, "2-D map of the embeddings")]))
+
+
+def _heads_views(metrics: dict | None) -> str:
+    """Which features the heads were trained on, when any differs from the map's ``final`` view."""
+    used = {n: (h.get("view") or "final") + (f" + {h['train_views']} aug." if h.get("train_views") else "")
+            for n, h in ((metrics or {}).get("heads") or {}).items()}
+    if not used or set(used.values()) == {"final"}:
+        return "The heads were trained on these same features. " if used else ""
+    return ("The heads were trained on other views: " + ", ".join(f"{n} on {v}" for n, v in used.items())
+            + "; the map shows the final features whatever view a head used. ")
 
 
 def section_compare(compare: dict, run_dir: Path) -> Markup:
@@ -273,11 +338,12 @@ def section_compare(compare: dict, run_dir: Path) -> Markup:
                      pct(r.get("balanced_accuracy")), pct(r.get("macro_f1")), "–" if wall is None else f"{wall:.1f} s",
                      "–" if ips is None else f"{ips:.1f}"])
     t = table(["method", "accuracy", "95% CI", "vs best probe", "balanced acc.", "macro-F1", "wall time", "images/s"], body,
-              num=range(1, 8))
+              num=range(1, 8), cards=True)
     parts = [_p("Accuracy on the same evaluation images; whiskers are 95% Wilson intervals: overlapping whiskers mean "
                 "the difference may be chance."), _img(png, "accuracy with 95% intervals per method"), t]
-    if features_note(compare.get("rows") or []):  # which features each fine-tune trained on
-        parts.append(_p(features_note(compare.get("rows") or [])))
+    for note in (strategy_note(rows), features_note(rows)):  # what each fine-tune trained, and on which features
+        if note:
+            parts.append(_p(note))
     if (run_dir / "compare.png").is_file():
         parts += [tag("h3", "Accuracy against wall time"), _img(run_dir / "compare.png", "accuracy against wall time")]
     notes = compare.get("notes") or {}
@@ -349,7 +415,7 @@ def _header(run: RunFiles, sections: list[tuple[str, str]]) -> Markup:
 
 
 def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
-    """Every section this run has data for, in reading order (mistakes before numbers)."""
+    """Every section this run has data for, in reading order: the summary (heads, confusion), then the mistakes."""
     out: list[Markup] = []
     metrics = run.metrics
     best = _best_head(metrics)
@@ -358,18 +424,19 @@ def build_sections(run: RunFiles, fc: FeatureCache | None) -> list[Markup]:
         classes = list(fc.classes if fc is not None else run.cache_info.get("classes") or [])
         preds, why = _predictions(run, best, fc)
         root = trusted_root(fc.meta, what=f"report of {run.run_dir}") if fc is not None else ""
-        out.append(section_mistakes(preds, best, root, run.run_dir / "thumbs", why))
         out.append(section_heads(metrics, best))
         out.append(section_confusion(metrics, best, classes, preds))
+        out.append(section_mistakes(preds, best, root, run.run_dir / "thumbs", why))
         out.append(section_per_class(metrics, best))
-    if run.audit:
-        out.insert(2 if best is not None else 0, section_audit(run.run_dir, run.audit, fc.root if fc is not None else ""))
+    if run.audit:  # thumbnails only under a root this user gave on this machine (signed), never a file's claim
+        aroot = (root if best is not None else trusted_root(fc.meta, what=f"report of {run.run_dir}")) if fc is not None else ""
+        out.insert(2 if best is not None else 0, section_audit(run.run_dir, run.audit, aroot))
     if run.compare:
         out.append(section_compare(run.compare, run.run_dir))
     if run.fewshot:
         out.append(section_fewshot(run.fewshot, run.run_dir, run.fewshot_dir))
     if metrics is not None or fc is not None:
-        out.append(section_map(fc, preds, run.run_dir))
+        out.append(section_map(fc, preds, run.run_dir, metrics))
     out.append(section_dataset(run, fc))
     return out
 

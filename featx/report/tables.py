@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -52,15 +53,42 @@ def pct(v: Any, nd: int = 1) -> str:
     return f"{100 * float(v):.{nd}f}%"
 
 
-def table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], *, num: Sequence[int] = (), class_: str = "") -> Markup:
-    """A table; columns whose index is in ``num`` are right-aligned numbers."""
+def table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], *, num: Sequence[int] = (), class_: str = "",
+          cards: bool = False, compact: bool = False) -> Markup:
+    """A table; columns whose index is in ``num`` are right-aligned numbers.
+
+    ``cards``: on a narrow screen each row becomes a card of "header: value" lines (CSS ``table.cards``:
+    every cell carries its column's name in ``data-label``), so a wide table is read without scrolling sideways.
+    ``compact``: the same, but a card is the first cell on one line and the numbers side by side below it (for
+    long tables of a name and a few numbers: per class, most confused pairs).
+    """
+    cards = cards or compact
     right = ' class="n"'
     head = "".join(f"<th{right if i in num else ''}>{esc(h)}</th>" for i, h in enumerate(headers))
+    labels = [f' data-label="{esc(h)}"' if cards else "" for h in headers]
     body = []
     for r in rows:
-        body.append("<tr>" + "".join(f"<td{right if i in num else ''}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>")
+        cells = (f"<span>{esc(c)}</span>" if cards else esc(c) for c in r)  # one grid item per card line
+        body.append("<tr>" + "".join(f"<td{right if i in num else ''}{labels[i] if i < len(labels) else ''}>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
+    class_ = " ".join(c for c in (class_, "cards" if cards else "", "compact" if compact else "") if c)
     cls = f' class="{esc(class_)}"' if class_ else ""
     return Markup(f'<div class="scroll"><table{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+
+
+_WORD_END = re.compile(r"(?<=[_\-./ ])")  # a class name may break after these, never inside a word
+
+
+def name_words(name: Any) -> list[str]:
+    """The unbreakable pieces of a class name: ``American_Shorthair`` -> ``American_``, ``Shorthair``."""
+    return [w for w in _WORD_END.split("" if name is None else str(name)) if w]
+
+
+def words(name: Any) -> Markup:
+    """A class name that wraps only between its words: each piece in ``<span class="w">`` (no wrapping
+    inside), a ``<wbr>`` after each ``_ - . /`` so ``American_Shorthair`` breaks after the underscore
+    (or not at all), never as ``American_Shorthai`` / ``r``."""
+    return Markup("<wbr>".join(f'<span class="w">{esc(w)}</span>' for w in name_words(name)))
 
 
 def bar(value: float | None, *, width: int = 80) -> Markup:
@@ -113,7 +141,7 @@ def confusion_html(cm: np.ndarray, classes: Sequence[str], *, numbers_up_to: int
             text = str(int(cm[i, j])) if small else ""
             extra = " diag" if i == j else ""
             cells.append(f'<td class="q{q}{extra}" title="{esc(title)}">{text}</td>')
-        rows.append(f'<tr><th class="row">{esc(classes[i])} <small>({int(support[i])})</small></th>{"".join(cells)}</tr>')
+        rows.append(f'<tr><th class="row">{words(classes[i])} <small>({int(support[i])})</small></th>{"".join(cells)}</tr>')
     return Markup(f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
 
 

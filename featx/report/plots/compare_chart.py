@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..compare_table import finetune_label
 from .mpl import pyplot
 
 
@@ -55,7 +56,8 @@ def plot_chart(rows: Sequence[dict], path: str | os.PathLike, *, title: str) -> 
 
     pts = [r for r in rows if r["wall_seconds"] and not math.isnan(r["accuracy"])]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {"probe": ("o", "#1f77b4", "probe on cached embeddings (time: embed + fit)"), "finetune": ("s", "#d62728", "fine-tune end to end (time: all epochs + eval)")}
+    styles = {"probe": ("o", "#1f77b4", "probe on cached embeddings (time: embed + fit)"),
+              "finetune": ("s", "#d62728", finetune_label(pts))}
     for kind, (marker, color, label) in styles.items():
         sel = [r for r in pts if r["kind"] == kind]
         if sel:

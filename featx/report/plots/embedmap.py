@@ -23,6 +23,8 @@ from .mpl import pyplot
 
 log = logging.getLogger(__name__)
 
+LEGEND_PT = 13  # legend text: 18 px in the 640 px wide image, ~10 px where a phone shows it 352 px wide
+MAP_INCHES = (6.4, 6.0)  # at 100 dpi: about the width report.html gives it on a laptop, so it is not shrunk there
 MAX_POINTS = 2000  # t-SNE on 2,000 points takes seconds; beyond that a sample shows the same picture
 
 
@@ -132,7 +134,7 @@ def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str
         colors = plt.get_cmap("tab20")(np.r_[np.arange(0, 20, 2), np.arange(1, 20, 2)][:n_cls])
     else:
         colors = plt.get_cmap("turbo")(np.linspace(0, 1, n_cls))
-    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=100)
+    fig, ax = plt.subplots(figsize=MAP_INCHES, dpi=100)
     is_eval = np.isin(rows, np.asarray(eval_rows, dtype=np.int64))
     size = 9 if len(rows) > 1000 else 16
     for c in range(n_cls):
@@ -147,15 +149,22 @@ def plot_map(coords: dict, labels: np.ndarray, classes: Sequence[str], path: str
     if wrong.any():
         ax.scatter(xy[wrong, 0], xy[wrong, 1], s=70, marker="x", color="black", linewidths=1.6,
                    label=f"misclassified ({int(wrong.sum())})")
-    if n_cls <= 20 or wrong.any():
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, markerscale=1.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(_mpl_text(title), fontsize=10)
+    ax.set_title(_mpl_text(title), fontsize=12)
     fig.tight_layout()
+    extra = []
+    if n_cls <= 20 or wrong.any():  # below the map, in columns: the text stays big enough to read on a phone
+        labels = [str(c) for c in classes] if n_cls <= 20 else []
+        longest = max([len(s) for s in labels] + [len("misclassified (000)")])
+        ncol = max(1, min(4, 52 // (longest + 5), len(labels) + int(wrong.any())))
+        leg = ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=LEGEND_PT, frameon=False,
+                        markerscale=2, ncol=ncol, columnspacing=1.2, handletextpad=0.3)
+        leg.set_in_layout(False)  # the map keeps its size; the legend's rows are added below it when saved
+        extra.append(leg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", bbox_extra_artists=extra)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())  # complete or absent; a full disk is one line naming it
