@@ -144,3 +144,21 @@ def test_lock_files_left_after_a_run_are_explained(cache):
     assert Path(str(cache.path) + ".lock").exists()  # kept on purpose: see the README
     readme = (ROOT / "README.md").read_text()
     assert "`NAME.h5.lock`" in readme and "stay after a run on purpose" in readme
+
+
+def test_a_folder_named_featx_beside_a_script_fails_as_the_readme_says(tmp_path):
+    """Issue 34 point 5: a script beside a folder named featx (the clone, one folder up) imports that folder as a
+    namespace package under the editable install; featx's own code never runs then, so the README says what
+    happens and what to do."""
+    (tmp_path / "featx").mkdir()
+    (tmp_path / "script.py").write_text("import featx\nprint(list(featx.__path__))\nfeatx.embed\n")
+    r = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "**A folder named `featx` next to your script**" in readme
+    assert "`print(featx.__path__)` names the folder" in readme
+    if r.returncode == 0:  # a regular (non-editable) install: the package wins over the folder
+        assert str(tmp_path / "featx") not in r.stdout
+        return
+    assert "module 'featx' has no attribute 'embed'" in r.stderr
+    assert f'with "module \'featx\' has no attribute \'embed\'"' in readme
+    assert str(tmp_path / "featx") in r.stdout  # what the README's check shows
