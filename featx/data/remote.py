@@ -339,7 +339,8 @@ def read_one(url: str, start: int | None = None, size: int | None = None) -> tup
 
 
 def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    proto = getattr(fs, "protocol", ())
+    proto = proto if isinstance(proto, (tuple, list)) else (proto,)
     return "file" in proto or "local" in proto
 
 
