@@ -30,6 +30,7 @@ import sys
 import click
 
 from .base.errors import CacheWriteError, FeatxError
+from .base.runtime import STOPPING, Terminated, on_sigterm
 from .base.text import EscapingFormatter, escape_controls, escaped_stdout
 from .base.version import __version__
 from .config import (
@@ -83,31 +84,6 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
 # --------------------------------------------------------------------------- group
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so the user is told how to resume."""
-
-
-_STOPPING: list[bool] = []  # a SIGTERM arrived: whatever goes wrong while the run unwinds is part of the stop
-
-
-def _quiet(*_args) -> None:
-    return None
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    import signal
-
-    if _STOPPING:  # a second SIGTERM while stopping: already on the way out
-        return
-    _STOPPING.append(True)
-    # SIGTERM to the process group (SLURM, `timeout`) ends the DataLoader workers too: their deaths must not raise
-    # a second error (torch's SIGCHLD handler) while this one unwinds, and errors of clean-up code (__del__,
-    # weakref callbacks) are not printed over the one line that says how to resume.
-    signal.signal(signal.SIGCHLD, _quiet)
-    sys.unraisablehook = _quiet
-    raise _Terminated()
-
-
 class _Group(click.Group):
     command_class = CheckedCommand  # missing paths and impossible sizes refused before torch loads
     def invoke(self, ctx: click.Context):
@@ -115,8 +91,8 @@ class _Group(click.Group):
             with escaped_stdout():  # names from files never reach the terminal raw
                 return super().invoke(ctx)
         except FeatxError as exc:
-            if _STOPPING:  # raised while the run unwinds after a SIGTERM: the stop is what happened
-                _stopped(ctx, _Terminated())
+            if STOPPING:  # raised while the run unwinds after a SIGTERM: the stop is what happened
+                _stopped(ctx, Terminated())
             click.secho(f"error: {escape_controls(str(exc))}", fg="red", err=True)
             if isinstance(exc, CacheWriteError) and _ENTRY_POINT:
                 # After a failed write HDF5 keeps the broken file open and can crash while shutting
@@ -125,20 +101,17 @@ class _Group(click.Group):
                 sys.stderr.flush()
                 os._exit(2)
             ctx.exit(2)
-        except Exception:
-            if not _STOPPING:
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (STOPPING or isinstance(exc, KeyboardInterrupt)):
                 raise
-            _stopped(ctx, _Terminated())  # a worker's death seen before the SIGTERM itself: the same stop
-        except KeyboardInterrupt as exc:
-            _stopped(ctx, exc)
+            _stopped(ctx, exc if isinstance(exc, KeyboardInterrupt) else Terminated())  # any error while stopping
 
 
 def _stopped(ctx: click.Context, exc: KeyboardInterrupt) -> None:
-    """The one line of a run stopped by Ctrl-C or SIGTERM, and its exit status (130, 143)."""
-    what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
     click.secho(f"{what}: finished work is saved; rerun the same command to resume where it stopped.",
                 fg="yellow", err=True)
-    ctx.exit(143 if isinstance(exc, _Terminated) else 130)
+    ctx.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -522,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     _ENTRY_POINT = True
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     cli.main(args=argv, prog_name="featx")
 
 

@@ -187,3 +187,161 @@ def test_a_shared_heap_bomb_in_a_dataset_is_refused_before_it_is_read(tmp_path):
         assert " 2 error: cache" in line and "share heap objects" in line and "SystemExit" in line, line
     # featx's own caches pass: their elements are stored once each
     featx.FeatureCache(made.path)
+
+
+# --------------------------------------------------------------------------- 6. tar and Parquet sizes
+
+
+def _png(color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _shard_with_huge_header(path: Path, kind: bytes, size: int) -> Path:
+    """Two good samples, then a PAX header (``x``) or GNU long name (``L``) that says it is ``size`` bytes long; the
+    file is extended sparsely to hold it, so a reader that trusts the size reads ``size`` bytes of zeros."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(2):
+            _member(tf, f"s{i}.png", _png())
+            _member(tf, f"s{i}.cls", b"1")
+    with tarfile.open(path) as tf:  # the crafted header goes where the end-of-archive blocks were
+        last = tf.getmembers()[-1]
+        end = last.offset_data + 512
+    info = tarfile.TarInfo("././@LongLink" if kind == b"L" else "pax")
+    info.type, info.size = kind, size
+    with open(path, "r+b") as fh:
+        fh.seek(end)
+        fh.write(info.tobuf(format=tarfile.USTAR_FORMAT) if kind == b"x" else info.tobuf(format=tarfile.GNU_FORMAT))
+        fh.truncate(end + 512 + size + 1024)  # sparse: nothing of it is written
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,size", [(b"x", 3 << 30), (b"L", 2 << 30)], ids=["pax-3GB", "gnu-long-name-2GB"])
+def test_a_huge_tar_extended_header_is_refused_unread_and_the_samples_before_it_kept(tmp_path, kind, size):
+    shard = _shard_with_huge_header(tmp_path / "train-000.tar", kind, size)
+    proc = run_isolated(f"""
+        from featx.data.sources import SourceOptions, discover_any, make_locator
+        ds = discover_any([{str(shard)!r}], options=SourceOptions("image", "label", 1))
+        print(len(ds.samples), "|", ds.skipped)
+    """, memory=1 << 30)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    n, skipped = proc.stdout.strip().split(" | ", 1)
+    assert n == "2" and "extended header" in skipped and str(size) in skipped, proc.stdout
+
+
+@pytest.mark.slow
+def test_tar_members_and_objects_above_the_image_bound_are_failed_never_read(tmp_path, monkeypatch):
+    """A tar member whose header says 100 MB (a sparse file) is recorded as failed, no byte of it read."""
+    from featx.data import remote
+
+    def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for name, data in members:
+                _member(tf, name, data)
+        return buf.getvalue()
+
+    good = tar_bytes([m for i, label in enumerate("010101") for m in
+                      ((f"ok{i}.png", _png((40 * i, 90, 20))), (f"ok{i}.cls", label.encode()))])
+    good = good[: good.rstrip(b"\0").__len__() + (-len(good.rstrip(b"\0"))) % 512]  # without the end blocks
+    big = tarfile.TarInfo("big.png")
+    big.size = 100 << 20
+    shard = tmp_path / "train-000.tar"
+    with open(shard, "wb") as fh:
+        fh.write(good + big.tobuf(format=tarfile.USTAR_FORMAT))
+        fh.seek(big.size, os.SEEK_CUR)  # the member's data: a sparse hole
+        fh.write(tar_bytes([("big.cls", b"0")]))
+    reads = []
+    real = remote.read_one
+    monkeypatch.setattr(remote, "read_one", lambda u, a, n: reads.append(n) or real(u, a, n))
+    fc = featx.embed([str(shard)], cache_dir=tmp_path / "cache", max_image_bytes=1 << 20, **TINY_KW)
+    assert len(fc) == 6 and max(reads) < 1 << 20
+    reason = dict(fc.failed)["big.png"]
+    assert "104857600 bytes is larger than --max-image-bytes 1048576" in reason and "not read" in reason
+
+
+@pytest.mark.slow
+def test_a_parquet_cell_above_the_image_bound_is_failed_and_the_good_rows_embed(tmp_path):
+    """A small Parquet file whose one zero cell decompresses to 64 MB (a 1.2 GB one in the issue): that row is
+    failed, the six good images are embedded."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    cells = [_png((30 * i, 100, 50)) for i in range(6)] + [bytes(64 << 20)]
+    table = pa.table({"image": cells, "label": ["a", "b"] * 3 + ["a"]})
+    pq.write_table(table, tmp_path / "train.parquet", compression="zstd")
+    del cells, table
+    assert (tmp_path / "train.parquet").stat().st_size < 1 << 20
+    fc = featx.embed([str(tmp_path / "train.parquet")], cache_dir=tmp_path / "cache", max_image_bytes=1 << 20,
+                     **TINY_KW)
+    assert len(fc) == 6
+    [(key, reason)] = fc.failed
+    assert key == "row-000006" and "67108864 bytes is larger than --max-image-bytes" in reason
+
+
+def test_the_image_bound_must_be_positive(tmp_path):
+    with pytest.raises(FeatxError, match="--max-image-bytes must be a positive"):
+        featx.embed([str(tmp_path / "x.tar")], cache_dir=tmp_path / "c", max_image_bytes=0, **TINY_KW)
+
+
+# --------------------------------------------------------------------------- labels and patterns
+
+
+@pytest.mark.slow
+def test_a_classlabel_of_minus_one_is_an_unlabelled_row_left_out(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = write_image_folder(tmp_path / "data", splits=(), classes=("a", "b"), per_class=3)
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    labels = [0, 1, -1, 0, 1, -1]
+    datasets.Dataset.from_dict({"image": files, "label": labels}, features=feats).cast_column(
+        "image", datasets.Image(decode=True)).to_parquet(str(tmp_path / "train.parquet"))
+    from featx.data.sources import SourceOptions, discover_any
+
+    ds = discover_any([str(tmp_path / "train.parquet")], options=SourceOptions("image", "label", 1))
+    assert ds.classes == ["a", "b"] and len(ds.samples) == 4
+    assert sum("unlabelled (ClassLabel -1)" in why for _, why in ds.skipped) == 2
+
+
+@pytest.mark.parametrize("label", ["²", "9" * 1000, "9" * 5000, "٣"])
+def test_odd_webdataset_labels_are_class_names_or_one_line_refusals(tmp_path, label):
+    shard = tmp_path / "train-000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, lab in enumerate(["0", label, "1"]):
+            _member(tf, f"s{i}.png", _png())
+            _member(tf, f"s{i}.cls", lab.encode())
+    from featx.data.sources import SourceOptions, discover_any
+
+    ds = discover_any([str(shard)], options=SourceOptions("image", "label", 1))
+    if len(label.encode()) > 1024:  # not a label at all: that sample is skipped, naming the member
+        assert ds.classes == ["0", "1"] and "label member of 5000 bytes" in dict(ds.skipped)[f"{shard}:s1.cls"]
+    else:
+        assert ds.classes == ["0", "1", label]
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    if len(label.encode()) <= 1024:
+        with pytest.raises(FeatxError, match=r"s1.png: class number .* has no name in the class names file"):
+            discover_any([str(shard)], options=SourceOptions("image", "label", 1))
+
+
+def test_a_brace_pattern_of_a_billion_names_is_refused_at_once():
+    proc = run_isolated("""
+        import time
+        from featx.base.errors import FeatxError
+        from featx.data.sources import SourceOptions, discover_any
+        t0 = time.perf_counter()
+        try:
+            discover_any(["x-{000000000..999999999}.tar"], options=SourceOptions("image", "label", 1))
+        except FeatxError as exc:
+            print(f"{time.perf_counter() - t0:.3f} | {exc}")
+    """, memory=1 << 30, timeout=60)
+    seconds, message = proc.stdout.strip().split(" | ", 1)
+    assert float(seconds) < 1 and "names 1,000,000,000 files, more than 1,000,000" in message, proc.stderr[-1000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from .cuda import check_ordinal, parse_cuda
 from .errors import FeatxError
@@ -67,3 +68,23 @@ def default_num_workers(device: str) -> int:
     if device.startswith("cuda"):
         return max(1, min(n, 16))
     return 0 if n <= 2 else min(4, n // 4)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, job schedulers) unwinds like Ctrl-C, so the user is told how to resume."""
+
+
+STOPPING: list[bool] = []  # a SIGTERM arrived: whatever goes wrong while the run unwinds is part of the stop
+
+
+def on_sigterm(signum, frame) -> None:  # noqa: ARG001
+    """The CLI's SIGTERM handler: raise :class:`Terminated` once.  SIGTERM to the process group (SLURM,
+    ``timeout``) also ends the DataLoader workers: their deaths (torch's SIGCHLD handler) and errors of clean-up
+    code (``__del__``, weakref callbacks) must not print over the one line that says how to resume."""
+    import signal
+
+    if not STOPPING:
+        STOPPING.append(True)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sys.unraisablehook = lambda *_: None
+        raise Terminated()

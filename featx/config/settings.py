@@ -171,6 +171,8 @@ class EmbedSettings(Settings):
                                    "inputs.")
     allow_other_buckets: bool = flag("A manifest in a bucket may name objects in other buckets of its store (by "
                                      "default its rows stay in its own bucket; other schemes are never read).")
+    max_image_bytes: int = option(32 << 20, "WebDataset/Parquet/URL input: the largest encoded image read, in "
+                                  "bytes; a larger tar member, table cell or object is recorded as failed, never read.")
     image_column: str = option("image", "Parquet input: the column of encoded images (or {bytes, path} structs).")
     label_column: str = option("label", "Parquet input: the label column (class names, or ints).")
     split_column: Optional[str] = option(None, "Parquet input: a column of train/val/test (default: all --split).")
@@ -270,7 +272,8 @@ class AuditSettings(Settings):
               "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
     out_dir: Optional[str] = option(None, "Where the CSVs, audit.json and report.html go (default: "
                                     "runs/audit-<cache name>-<run key>/).", path="dir", file=False)
-    view: str = option("final", "Feature view for the logistic regression, the neighbours and the outliers.")
+    view: str = option("auto", "Feature view of the audit; auto = the probe's choice for logreg (its repeated "
+                       "paired CV; probe --audit: its head's view).")
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
     folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
     seed: int = option(0, "Seed of the hold-out split and the CV folds (as the probe's).")
@@ -280,6 +283,10 @@ class AuditSettings(Settings):
     neighbours: int = option(5, "Nearest training images of the same class that the outlier score averages over.")
     outlier_z: float = option(4.0, "Robust z-score (median, MAD of the class's training rows) of the kNN distance "
                               "from which an image is an outlier.")
+    min_accuracy: float = option(0.8, "Label probe's out-of-fold accuracy below which flags are 'for review'.")
+    max_ece: float = option(0.15, "Label probe's calibration error (ECE) above which flags are 'for review'.")
+    max_confusable: float = option(0.5, "Share of flags between classes the probe mixes up anyway above which ditto.")
+    confusable: float = option(0.1, "Mean probability one class's rows give another: from it the two are mixed up.")
     max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
     block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
     backend: Literal[choices.SEARCH_BACKENDS] = option(

@@ -27,6 +27,7 @@ _SPLIT_IN_NAME = re.compile(r"(?<![a-z])(" + "|".join(sorted(SPLIT_ALIASES, key=
 _GLOB = re.compile(r"[*?\[]")
 _HF_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_BRACE_NAMES = 1_000_000  # names one brace pattern may make (x-{000000000..999999999}.tar was 5 GB)
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,25 @@ class Inputs:
 
 def expand_braces(pattern: str) -> list[str]:
     """webdataset's brace patterns: ``{000..099}`` (zero-padded ranges) and ``{a,b}`` alternatives, nested;
-    each name once, in first-seen order."""
+    each name once, in first-seen order; more than :data:`MAX_BRACE_NAMES` names are refused before any is made."""
+    n = brace_count(pattern)
+    if n > MAX_BRACE_NAMES:
+        raise FeatxError(f"{pattern[:200]}: this brace pattern names {n:,} files, more than {MAX_BRACE_NAMES:,}; "
+                         "check the ranges (one {000000..000099} per shard number), or use a glob")
     return list(dict.fromkeys(_expand(pattern)))
+
+
+def brace_count(pattern: str) -> int:
+    """How many names :func:`_expand` makes of ``pattern``, counted without making them (an option holds no
+    brace, so every option of a group leaves the same groups to expand)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return 1
+    body = m.group(1)
+    rng = _RANGE.match(body)
+    n = max(0, int(rng.group(2)) - int(rng.group(1)) + 1) if rng else len(body.split(","))
+    first = rng.group(1) if rng else body.split(",")[0]
+    return n * brace_count(pattern[: m.start()] + first + pattern[m.end():]) if n else 0
 
 
 def _expand(pattern: str) -> list[str]:
@@ -57,6 +75,18 @@ def _expand(pattern: str) -> list[str]:
     else:
         options = body.split(",")
     return [x for opt in options for x in _expand(head + opt + tail)]
+
+
+MAX_CLASS_DIGITS = 18  # a class number (cls label) fits in 64 bits; longer digit strings are names
+
+
+def class_sort_key(name: str) -> tuple[int, int, str]:
+    """Class numbers (``-1``, ``7``: ASCII digits, at most :data:`MAX_CLASS_DIGITS`) in numeric order first, then
+    names; ``²`` or 5,000 nines are names (``int()`` refused them with a ValueError)."""
+    digits = name[1:] if name.startswith("-") else name
+    if digits.isascii() and digits.isdigit() and len(digits) <= MAX_CLASS_DIGITS:
+        return (0, int(name), name)
+    return (1, 0, name)
 
 
 def split_from_name(path: str) -> str | None:

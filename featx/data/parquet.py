@@ -22,9 +22,10 @@ from typing import Callable
 
 from ..base.errors import FeatxError
 from .folders import SPLIT_NAMES, Dataset, Sample
+from .inputs import class_sort_key
 from .remote import is_url
 from .splits import canonical_split
-from .tables import Table, label_names, open_table, read_cell  # noqa: F401 - read_cell: the sources' reader
+from .tables import MAX_CELL_BYTES, Table, label_names, open_table, read_cell  # noqa: F401 - the sources' reader
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,12 @@ def _scan_table(tab: Table, found: _Rows, opts: dict, default_split: str, locato
             if lab is None or str(lab).strip() == "":
                 found.skipped.append((where, f"missing label (column {label_column!r})"))
                 continue
-            name = names[lab] if names and isinstance(lab, int) and 0 <= lab < len(names) else str(lab).strip()
+            if names and isinstance(lab, int) and not 0 <= lab < len(names):  # -1: the datasets' "no label"
+                why = "unlabelled (ClassLabel -1)" if lab == -1 else f"label {lab} is outside the {len(names)} " \
+                                                                     "ClassLabel names"
+                found.skipped.append((where, f"{why}; the row is left out (give it a label to embed it)"))
+                continue
+            name = names[lab] if names and isinstance(lab, int) else str(lab).strip()
             split = _split_of(sp, default_split, where)
             if nulls[r] and path:
                 full = found.local_file(tab, str(path), where)
@@ -196,9 +202,10 @@ def discover_tables(files: list[tuple[str, str | None]], *, root: str, image_col
         why = found.skipped[0][1] if found.skipped else "no rows"
         raise FeatxError(f"{files[0][0]}{' and the other tables' if len(files) > 1 else ''}: no row with an image "
                          f"and a label in column {label_column!r} ({why})")
-    classes = sorted({r[2] for r in rows}, key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
-    if names:
-        classes = [c for c in names if c in {r[2] for r in rows}]
+    present = {r[2] for r in rows}
+    classes = sorted(present, key=class_sort_key)
+    if names:  # the ClassLabel's order; a label that is no ClassLabel name (a string column) after them
+        classes = [c for c in dict.fromkeys(names) if c in present] + [c for c in classes if c not in names]
     index = {c: i for i, c in enumerate(classes)}
     order = {s: i for i, s in enumerate(SPLIT_NAMES)}
     samples = sorted((Sample(loc, key, index[lab], sp) for loc, key, lab, sp in rows), key=lambda s: order[s.split])

@@ -49,6 +49,7 @@ class SourceOptions:
     data_root: str | None = None  # folder that path-only image cells of a table are relative to
     class_names: str | None = None  # classes.txt / classes.json naming WebDataset cls numbers
     allow_other_buckets: bool = False  # rows of a manifest in a bucket may name other buckets of its store
+    max_image_bytes: int = parquet.MAX_CELL_BYTES  # a larger tar member, object or table cell is failed, not read
 
     def fs_options(self) -> dict:
         return remote.parse_storage_options(self.storage_options)
@@ -176,6 +177,12 @@ def fetch_many(paths: list[str]) -> list[Fetched | None]:
             locs[i] = parse_locator(p)
             groups.setdefault(locs[i].kind, []).append(i)
     conc = max(1, _OPTIONS.read_concurrency) if _OPTIONS else 1
+    cap = _OPTIONS.max_image_bytes if _OPTIONS else parquet.MAX_CELL_BYTES
+    for kind in ("obj", "rng"):  # the size listed at discovery (a tar header, a listing) is checked before any read
+        for i in [i for i in groups.get(kind, []) if locs[i].size > cap]:
+            groups[kind].remove(i)
+            out[i] = Fetched(None, f"image of {locs[i].size} bytes is larger than --max-image-bytes {cap}; not read "
+                                   "(raise --max-image-bytes if it is a real image)")
     # A whole object is read as the range of the size listed at discovery: one GET, no HEAD first.
     idx = groups.get("obj", []) + groups.get("rng", [])
     if idx:
@@ -185,7 +192,7 @@ def fetch_many(paths: list[str]) -> list[Fetched | None]:
             out[i] = Fetched(*r)
     for i in groups.get("pq", []):
         loc = locs[i]
-        out[i] = Fetched(*parquet.read_cell(loc.url, int(loc.args[0]), int(loc.args[1]), loc.args[2]))
+        out[i] = Fetched(*parquet.read_cell(loc.url, int(loc.args[0]), int(loc.args[1]), loc.args[2], cap))
     for f in out:
         if f is not None and f.data is not None and not f.data and not f.error:
             f.data, f.error = None, "empty file (0 bytes)"
@@ -217,6 +224,8 @@ def check_kind_options(kind: str, options: SourceOptions | None) -> None:
     if kind != "webdataset" and options.class_names is not None:
         raise FeatxError("--class-names names the class numbers of WebDataset shards; drop it for this input "
                          "(a table's names come from its ClassLabel feature)")
+    if options.max_image_bytes < 1:
+        raise FeatxError(f"--max-image-bytes must be a positive number of bytes, got {options.max_image_bytes}")
     if options.read_concurrency < 1:
         raise FeatxError(f"--read-concurrency must be a positive integer, got {options.read_concurrency}")
 

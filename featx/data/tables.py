@@ -18,6 +18,9 @@ from ..base.files import check_regular
 from .remote import filesystem, is_url, refusal, stamp_of_info
 
 KEEP_ROW_GROUPS = 2  # image columns of groups kept per process (a batch often spans two)
+MAX_CELL_BYTES = 32 << 20  # the largest image cell read (--max-image-bytes); a larger one is recorded as failed
+GROUP_FACTOR = 16  # a Parquet group's image column above this many largest cells is streamed, never read whole
+STREAM_ROWS = 16  # rows per batch of a streamed group
 ARROW_SUFFIXES = (".arrow",)
 TABLE_SUFFIXES = (".parquet", ".pq") + ARROW_SUFFIXES
 _CACHE: OrderedDict = OrderedDict()
@@ -128,35 +131,91 @@ def label_names(schema, column: str) -> list[str] | None:
         return None
 
 
-def _group_values(url: str, rg: int, column: str) -> list:
-    """The column's values in one group, from this process's small cache of recent groups."""
+def column_bytes(tab: Table, i: int, column: str) -> int | None:
+    """Uncompressed bytes of ``column`` (all its leaves) in Parquet row group ``i``, from the metadata alone;
+    None for an Arrow file (memory-mapped: a cell is measured without being copied)."""
+    if tab.arrow:
+        return None
+    md = tab._pf.metadata.row_group(i)
+    return sum(md.column(c).total_uncompressed_size for c in range(md.num_columns)
+               if md.column(c).path_in_schema == column or md.column(c).path_in_schema.startswith(column + "."))
+
+
+def _group_cells(url: str, rg: int, row: int, column: str, max_bytes: int):
+    """The pyarrow cell ``row`` of ``column`` in group ``rg`` (nothing copied to Python), from this process's small
+    cache of recent groups.  A Parquet group whose column is larger than :data:`GROUP_FACTOR` cells of
+    ``max_bytes`` is not read whole: it is streamed in batches of :data:`STREAM_ROWS` rows, the stream kept for
+    the next row."""
     key = (os.getpid(), url, rg, column)
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
-            return _CACHE[key]
-        values = open_table(url).group(rg, [column]).column(0).to_pylist()
-        _CACHE[key] = values
-        while len(_CACHE) > KEEP_ROW_GROUPS:
-            _CACHE.popitem(last=False)
-        return values
+            cells = _CACHE[key]
+        else:
+            tab = open_table(url)
+            size = column_bytes(tab, rg, column)
+            cells = tab.group(rg, [column]).column(0) if size is None or size <= GROUP_FACTOR * max_bytes \
+                else _Stream(tab, rg, column)
+            _CACHE[key] = cells
+            while len(_CACHE) > KEEP_ROW_GROUPS:
+                _CACHE.popitem(last=False)
+        return cells.cell(row) if isinstance(cells, _Stream) else cells[row]
 
 
-def read_cell(url: str, rg: int, row: int, column: str) -> tuple[bytes | None, str]:
-    """The image bytes of one cell, or (None, reason).  Never raises."""
+class _Stream:
+    """A Parquet row group's column read in batches, forward; a row behind the last batch starts it again."""
+
+    def __init__(self, tab: Table, rg: int, column: str):
+        self.tab, self.rg, self.column = tab, rg, column
+        self._restart()
+
+    def _restart(self) -> None:
+        self._it = self.tab._pf.iter_batches(batch_size=STREAM_ROWS, row_groups=[self.rg], columns=[self.column])
+        self._start, self._batch = 0, None
+
+    def cell(self, row: int):
+        if self._batch is not None and row < self._start:
+            self._restart()
+        while self._batch is None or row >= self._start + self._batch.num_rows:
+            if self._batch is not None:
+                self._start += self._batch.num_rows
+            self._batch = next(self._it)  # StopIteration past the end: recorded as the row's failure
+        return self._batch.column(0)[row - self._start]
+
+
+def _cell_bytes(cell) -> tuple[object, int]:
+    """(the scalar holding the image bytes or None, its size in bytes) of a binary or {bytes, path} cell."""
+    if hasattr(cell, "keys") and "bytes" in cell.keys():
+        if not cell.is_valid:
+            return None, 0
+        cell = cell["bytes"]
+    if not cell.is_valid or not hasattr(cell, "as_buffer"):
+        return cell, 0
+    return cell, cell.as_buffer().size
+
+
+def read_cell(url: str, rg: int, row: int, column: str, max_bytes: int = MAX_CELL_BYTES) -> tuple[bytes | None, str]:
+    """The image bytes of one cell, or (None, reason); a cell larger than ``max_bytes`` is refused without being
+    copied or decoded.  Never raises."""
     try:
-        value = _group_values(url, rg, column)[row]
+        cell = _group_cells(url, rg, row, column, max_bytes)
+        data, size = _cell_bytes(cell)
     except FeatxError as exc:
         return None, f"cannot read: {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged row group is recorded for its rows
         return None, f"cannot read: {type(exc).__name__}: {str(exc)[:200]}"
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data is None:
-            where = f" (only a path: {value.get('path')!r}; featx reads it from there when it exists)" \
-                if value.get("path") else ""
+    if size > max_bytes:
+        return None, (f"image cell of {size} bytes is larger than --max-image-bytes {max_bytes}; not read (raise "
+                      "--max-image-bytes if it is a real image)")
+    value = cell.as_py() if not (hasattr(cell, "keys") and "bytes" in cell.keys()) else None
+    if hasattr(cell, "keys") and "bytes" in cell.keys():
+        if not cell.is_valid:
+            return None, "sample without an image (empty cell)"
+        if not data.is_valid:
+            path = cell["path"].as_py() if "path" in cell.keys() else None
+            where = f" (only a path: {path!r}; featx reads it from there when it exists)" if path else ""
             return None, f"image cell has no bytes{where}"
-        value = data
+        value = data.as_py()
     if value is None:
         return None, "sample without an image (empty cell)"
     if not isinstance(value, (bytes, bytearray)):

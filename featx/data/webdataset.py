@@ -21,7 +21,7 @@ from typing import Callable
 from ..base.errors import FeatxError
 from ..base.files import open_regular
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, Dataset, Sample
-from .inputs import expand_braces, split_from_name  # noqa: F401 - expand_braces: the former home
+from .inputs import class_sort_key, expand_braces, split_from_name  # noqa: F401 - expand_braces: the former home
 from .remote import filesystem, is_url, refusal, stamp_of_info
 from .splits import canonical_split
 
@@ -31,6 +31,23 @@ IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS)) + ("ppm", "p
 _PREFERRED = ("jpg", "jpeg", "png", "webp")  # the image used when a sample has several
 _READ_BLOCK = 8 * 1024 * 1024  # streaming block size for remote shards (headers are read in passing)
 MAX_NAMES_BYTES = 16 << 20  # a classes.txt / classes.json (a million names fit)
+MAX_HEADER_BYTES = 1 << 20  # a PAX header or GNU long name (a path is at most a few KB)
+MAX_LABEL_BYTES = 1024  # a cls or txt member: a class number or name
+_LONG_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended header (PAX, GNU long name) is refused past :data:`MAX_HEADER_BYTES` before
+    tarfile reads it whole (a 3 GB PAX header was a MemoryError)."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _LONG_HEADERS and info.size > MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(
+                f"an extended header (PAX or GNU long name) of {info.size} bytes, more than {MAX_HEADER_BYTES}")
+        return info
 
 
 def is_shard_pattern(text: str) -> bool:
@@ -70,7 +87,7 @@ def scan_shard(shard: str, skipped: list) -> tuple[int, list[tuple[str, str, int
     order: list[str] = []
     with fh:
         try:
-            with tarfile.open(fileobj=fh, mode="r:") as tf:
+            with tarfile.open(fileobj=fh, mode="r:", tarinfo=_BoundedTarInfo) as tf:
                 for m in tf:
                     if not m.isfile():
                         continue
@@ -79,7 +96,11 @@ def scan_shard(shard: str, skipped: list) -> tuple[int, list[tuple[str, str, int
                         groups[key] = {}
                         order.append(key)
                     g = groups[key]
-                    if ext in ("cls", "txt") and ext not in g:
+                    if ext in ("cls", "txt") and ext not in g and m.size > MAX_LABEL_BYTES:
+                        skipped.append((f"{shard}:{m.name}", f"label member of {m.size} bytes (a label is a class "
+                                                             f"number or name of at most {MAX_LABEL_BYTES} bytes)"))
+                        g["oversized"] = True
+                    elif ext in ("cls", "txt") and ext not in g:
                         raw = tf.extractfile(m).read()
                         g[ext] = raw.decode("utf-8", "replace").strip()
                     elif ext in IMAGE_EXTS:
@@ -92,6 +113,8 @@ def scan_shard(shard: str, skipped: list) -> tuple[int, list[tuple[str, str, int
 def _sample(shard: str, key: str, g: dict, skipped: list):
     images = sorted(g.get("images", []), key=lambda t: _PREFERRED.index(t[0]) if t[0] in _PREFERRED else 99)
     label, kind = (g["cls"], "cls") if g.get("cls") else (g.get("txt", ""), "txt")
+    if g.get("oversized"):  # its label member was refused (skipped, with the reason)
+        return None
     if not images:
         skipped.append((f"{shard}:{key}", "sample without an image"))
         return None
@@ -149,11 +172,10 @@ def _beside(shards: list[str]) -> list[str] | None:
 def _named(label: str, kind: str, names: list[str] | None, where: str) -> str:
     if names is None or kind != "cls":
         return label
-    try:
-        return names[int(label)]
-    except (ValueError, IndexError):
-        raise FeatxError(f"{where}: class number {label!r} has no name in the class names file ({len(names)} names); "
-                         "fix the file or --class-names") from None
+    if class_sort_key(label)[0] != 0 or not 0 <= int(label) < len(names):  # ², 9 x 5000, -1: no class number
+        raise FeatxError(f"{where}: class number {label[:40]!r} has no name in the class names file ({len(names)} "
+                         "names); fix the file or --class-names")
+    return names[int(label)]
 
 
 def discover_shards(pattern, *, split: str | None, locator: Callable, root: str | None = None,
@@ -188,7 +210,7 @@ def discover_shards(pattern, *, split: str | None, locator: Callable, root: str 
     for p, reason in skipped:
         log.warning("skipped %s: %s", p, reason)
     present = {r[2] for r in rows}
-    classes = sorted(present, key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
+    classes = sorted(present, key=class_sort_key)
     if names:
         classes = [c for c in dict.fromkeys(names) if c in present] + [c for c in classes if c not in names]
     index = {c: i for i, c in enumerate(classes)}

@@ -348,7 +348,8 @@ def embed(root: str | os.PathLike | None = None, *, settings: EmbedSettings | No
     settings = check_options(s)
     sh = _check_scale_options(executor, shard, overwrite, num_actors)
     src = SourceOptions(s.image_column, s.label_column, s.read_concurrency, tuple(s.storage_option), s.split_column, s.split,
-                        s.data_root, s.class_names, allow_other_buckets=s.allow_other_buckets)
+                        s.data_root, s.class_names, allow_other_buckets=s.allow_other_buckets,
+                        max_image_bytes=s.max_image_bytes)
     p = plan(root, manifest=manifest, settings=settings, cache=cache, cache_dir=cache_dir, limit=limit, source=src)
     if sh is not None:
         return _embed_shard(p, settings, sh, t0=t0, progress=progress, wait=wait)
