@@ -160,5 +160,5 @@ def test_a_folder_named_featx_beside_a_script_fails_as_the_readme_says(tmp_path)
         assert str(tmp_path / "featx") not in r.stdout
         return
     assert "module 'featx' has no attribute 'embed'" in r.stderr
-    assert f'with "module \'featx\' has no attribute \'embed\'"' in readme
+    assert 'with "module \'featx\' has no attribute \'embed\'"' in readme
     assert str(tmp_path / "featx") in r.stdout  # what the README's check shows

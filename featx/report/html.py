@@ -91,9 +91,9 @@ th,td{padding:3px 5px}table.cm{font-size:.8em}table.cm th.row{white-space:normal
 table.cards tr{border:1px solid #e3e7ec;border-radius:6px;margin:0 0 8px;padding:4px 8px}
 table.cards td{display:grid;grid-template-columns:minmax(7.5em,40%) 1fr;gap:8px;border:0;padding:2px 0;text-align:left;white-space:normal;overflow-wrap:break-word}
 table.cards td::before{content:attr(data-label);color:#556}table.cards td:first-child{font-weight:600}
-table.compact tr{display:grid;grid-template-columns:repeat(auto-fit,minmax(4.6em,1fr));column-gap:8px}
-table.compact td{display:block}table.compact td::before{display:block;font-size:.8em}table.compact td:first-child{grid-column:1/-1}
-table.compact td:first-child::before{display:none}}
+table.compact tr{display:flex;flex-wrap:wrap;column-gap:12px}
+table.compact td{display:block;width:auto;flex:1 0 auto;min-width:4.6em}table.compact td::before{display:block;font-size:.8em}table.compact td:first-child{flex-basis:100%}
+table.compact td:first-child::before{display:inline;margin-right:.5em}}
 """
 
 
@@ -209,7 +209,8 @@ def choice_rule(repeated: bool) -> str:
                 "training rows; the head uses the first (simplest) one whose mean is within s.e. of the best, where s.e. "
                 "is the standard error of the paired fold differences between the best and the simplest candidate (the "
                 "best row's ± s.e.; other rows show theirs against the simplest). Only that one gets the head's own "
-                "search. The evaluation split plays no part in the choice.")
+                "search; augmented views, if any, are then searched on it and kept unless its search is within one "
+                "standard error of theirs. The evaluation split plays no part in the choice.")
     return ("CV score of every candidate's own search on the training rows; each head uses the first (simplest) one "
             "whose mean is within one standard error (of the best candidate's fold scores) of the best. The "
             "evaluation split plays no part in the choice.")
@@ -234,7 +235,7 @@ def section_confusion(metrics: dict, head: str, classes: list[str], preds: list[
     if pairs:
         parts.append(tag("h3", "Most confused pairs"))
         parts.append(table(["true class", "predicted as", "images", "share of true class"],
-                           [[words(t), words(p_), c, pct(s)] for t, p_, c, s in pairs], num=(2, 3), cards=True))
+                           [[words(t), words(p_), c, pct(s)] for t, p_, c, s in pairs], num=(2, 3), compact=True))
     else:
         parts.append(_p("No confusions: every evaluation image is classified correctly."))
     return _section("confusion", f"Confusion matrix ({head})", join(parts))
