@@ -54,7 +54,7 @@ def strategy_note(rows: Sequence[dict]) -> str:
     parameters trained)``; empty without fine-tunes.  A head-only fine-tune is not "end to end"."""
     said = []
     for r in rows:
-        if r.get("kind") != "finetune":
+        if r.get("kind") != "finetune" or not r.get("strategy"):  # rows that do not say are left out
             continue
         what = STRATEGY_WORDS.get(str(r.get("strategy")), f"strategy {r.get('strategy')}")
         extra = params_text(r)

@@ -195,7 +195,8 @@ def _view_table(heads: dict) -> Markup:
                          "chosen" if is_chosen(c, h) else ""])
     if len(rows) <= len(heads):
         return join([])
-    what = f"{fits} fit{'s' if fits != 1 else ''} of the heads" + (f", {proxies} proxy scores" if proxies else "")
+    what = f"{fits} fit{'s' if fits != 1 else ''} of the heads" + (f", {proxies} proxy score{'s' if proxies != 1 else ''}"
+                                                                     if proxies else "")
     note = _p(choice_rule(proxies > 0))
     cols = ["head", "view", "norm", "aug. views", "CV score", "± s.e.", "scored by", ""]
     return Markup(f"<details><summary>Feature views tried ({len(rows)} candidates: {what})</summary>"
