@@ -345,3 +345,69 @@ def test_a_brace_pattern_of_a_billion_names_is_refused_at_once():
     """, memory=1 << 30, timeout=60)
     seconds, message = proc.stdout.strip().split(" | ", 1)
     assert float(seconds) < 1 and "names 1,000,000,000 files, more than 1,000,000" in message, proc.stderr[-1000:]
+
+
+# --------------------------------------------------------------------------- HDF5 metadata corruption
+
+
+def _heap_addresses(path: Path) -> list[int]:
+    """File offsets of the global heap collections that the cache's text datasets point into."""
+    import struct
+
+    addrs = set()
+    with h5py.File(path, "r") as f:
+        for name in ("paths", "classes", "failed/paths", "failed/reasons"):
+            d = f[name]
+            if d.id.get_offset() is None:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(d.id.get_offset())
+                raw = fh.read(d.id.get_storage_size())
+            addrs |= {struct.unpack("<Q", raw[i + 4 : i + 12])[0] for i in range(0, len(raw), 16)}
+    return sorted(a for a in addrs if a)
+
+
+@pytest.mark.slow
+def test_verify_reads_everything_a_probe_reads_under_seeded_metadata_corruption(tmp_path):
+    """Random bytes written into the heaps and other metadata (seeded): whenever `featx verify` passes a cache,
+    a probe on it works; whenever a probe cannot read it, it says so in one line (never a traceback)."""
+    made = make_tiny_cache(tmp_path / "m", per_class=4)
+    heaps = _heap_addresses(made.path)
+    rng = np.random.default_rng(31)
+    files = []
+    for seed in range(16):
+        p = tmp_path / f"c{seed}.h5"
+        p.write_bytes(made.path.read_bytes())
+        off = int(heaps[seed % len(heaps)] + rng.integers(0, 256))
+        with open(p, "r+b") as fh:
+            fh.seek(off)
+            fh.write(rng.integers(0, 256, int(rng.choice([1, 4, 16])), dtype=np.uint8).tobytes())
+        files.append(str(p))
+    proc = run_isolated(f"""
+        import contextlib, io, logging
+        logging.disable(logging.CRITICAL)
+        import featx
+        from featx.base.errors import FeatxError
+        from featx.cache.trust.verify import verify_cache
+
+        def outcome(call):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    r = call()
+                return "ok" if getattr(r, "ok", True) else "damaged"
+            except FeatxError:
+                return "refused"
+            except Exception as exc:
+                return "traceback:" + type(exc).__name__
+
+        for i, p in enumerate({files!r}):
+            v = outcome(lambda: verify_cache(p))
+            pr = outcome(lambda: featx.probe(p, head="logreg", out_dir=f"run{{i}}", n_jobs=1, device="cpu",
+                                             plots=False))
+            print(p, v, pr)
+    """, timeout=300, cwd=tmp_path)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("/")]
+    assert len(rows) == 16, proc.stderr[-2000:]
+    assert not [r for r in rows if r[2].startswith("traceback")], rows
+    assert not [r for r in rows if r[1] == "ok" and r[2] != "ok"], rows  # verify passed what a probe cannot read
+    assert sum(r[1] != "ok" for r in rows) >= 4  # the corruption did hit what featx reads

@@ -215,7 +215,7 @@ class FeatureCache:
         """
         feats, src_out = [np.zeros((0, self.view_dim(view)), np.float32)], [np.zeros(0, np.int64)]
         with open_h5(self.path) as f:
-            src = f["augmented/source_row"][()] if self._n_aug else np.zeros(0, np.int64)
+            src = self._read(f, "augmented/source_row") if self._n_aug else np.zeros(0, np.int64)
             want = np.ones(len(src), bool) if rows is None else np.isin(src, rows)
             for a in range(0, len(src), block_rows):
                 m = want[a : a + block_rows]
@@ -230,11 +230,16 @@ class FeatureCache:
         if not self._n_aug:
             return []
         with open_h5(self.path) as f:
-            src, keys = f["augmented/source_row"][()], f["augmented/paths"][()]
+            src, keys = self._read(f, "augmented/source_row"), self._read(f, "augmented/paths")
         want = np.ones(len(src), bool) if rows is None else np.isin(src, rows)
         return [decode_key(k) for k, w in zip(keys, want) if w]
 
     # -- arrays
+    def _read(self, f: h5py.File, name: str, rows=()) -> np.ndarray:
+        """``f[name][rows]``; HDF5 failing to read it (damaged metadata, a broken heap) is one line naming the
+        cache and the fix (integrity.read_or_refuse)."""
+        return integrity.read_or_refuse(f, name, rows, self.path)
+
     def features(self, split: str | None = None, *, view: str | None = None, dtype=np.float32) -> np.ndarray:
         """Features of ``split`` (all rows if None) as a [n, dim] array; ``view`` picks a stored view."""
         with open_h5(self.path) as f:
@@ -259,12 +264,12 @@ class FeatureCache:
 
     def labels(self, split: str | None = None) -> np.ndarray:
         with open_h5(self.path) as f:
-            return f["labels"][self._slice(split)].astype(np.int64)
+            return self._read(f, "labels", self._slice(split)).astype(np.int64)
 
     def keys(self, split: str | None = None) -> list[str]:
         """Paths relative to the dataset root."""
         with open_h5(self.path) as f:
-            return [decode_key(k) for k in f["paths"][self._slice(split)]]
+            return [decode_key(k) for k in self._read(f, "paths", self._slice(split))]
 
     def paths(self, split: str | None = None) -> list[str]:
         """Absolute paths of the images (root joined with the stored relative paths)."""
@@ -274,7 +279,7 @@ class FeatureCache:
     def stamps(self) -> tuple[np.ndarray, np.ndarray]:
         """(mtime_ns, size) of every row's file when it was embedded: a file whose stamp differs changed since."""
         with open_h5(self.path) as f:
-            return f["mtime_ns"][()].astype(np.int64), f["size"][()].astype(np.int64)
+            return self._read(f, "mtime_ns").astype(np.int64), self._read(f, "size").astype(np.int64)
 
     def split_array(self) -> np.ndarray:
         names = json.loads(self.meta["split_names"])
@@ -283,10 +288,9 @@ class FeatureCache:
     @property
     def failed(self) -> list[tuple[str, str]]:
         with open_h5(self.path) as f:
-            g = f["failed"]
             return [
                 (decode_key(k), r.decode() if isinstance(r, bytes) else r)
-                for k, r in zip(g["paths"][()], g["reasons"][()])
+                for k, r in zip(self._read(f, "failed/paths"), self._read(f, "failed/reasons"))
             ]
 
     def summary(self) -> dict:

@@ -274,6 +274,27 @@ def read_verified(f: h5py.File, dataset: str, rows: slice, path) -> np.ndarray:
     return raw
 
 
+def read_or_refuse(f: h5py.File, name: str, rows, path) -> np.ndarray:
+    """``f[name][rows]``, or CacheDamagedError naming the cache, the dataset and the fix when HDF5 cannot read it
+    (a corrupted heap or B-tree: an OSError deep in HDF5 that was a traceback)."""
+    try:
+        return f[name][rows]
+    except (OSError, ValueError, KeyError, UnicodeError) as exc:
+        raise CacheDamagedError(
+            f"cache {str(path)!r} is damaged: HDF5 cannot read dataset {name!r} ({' '.join(str(exc).split())[:200]}); "
+            "delete it and rebuild it with `featx embed DATA` (or `featx embed DATA --overwrite`)") from None
+
+
+def read_everything(f: h5py.File, path, block_rows: int = 65536) -> None:
+    """Read every dataset of ``f`` in blocks of rows (what any command may read), raising CacheDamagedError for
+    the first that HDF5 cannot read; variable-length values are bounded by :func:`check_file` first."""
+    check_file(f)
+    for name, d in _walk(f, "", 0, []):
+        n = int(d.shape[0]) if d.shape else 1
+        for a in range(0, max(n, 1), block_rows):
+            read_or_refuse(f, name, slice(a, a + block_rows) if d.shape else (), path)
+
+
 def damage_message(path, dataset: str, rows: np.ndarray) -> str:
     return (f"cache {str(path)!r} is damaged: rows {rows_text(rows)} of dataset {dataset!r} do not match their "
             "checksums (modified or corrupted on disk); rerun `featx embed DATA` to embed those rows again, or "

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ..store import FeatureCache
-from .integrity import checksum_table, damage_message, feature_datasets, rows_text, scan_damage
+from .integrity import checksum_table, damage_message, feature_datasets, read_everything, rows_text, scan_damage
 
 BLOCK_ROWS = 65536
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def verify_cache(path: str | os.PathLike) -> VerifyResult:
     """Check ``path`` in full (structure, shapes, every checksum, NaN/inf); raises FeatxError if it cannot open."""
     fc = FeatureCache(path)  # refuses external storage, links, virtual datasets, inconsistent shapes
     with h5py.File(fc.path, "r") as f:
+        read_everything(f, fc.path)  # everything any command reads (keys, failures, labels, ...): HDF5 can read it
         names = feature_datasets(f)
         have = [checksum_table(f, n) is not None for n in names]
         damage = scan_damage(f, block_rows=BLOCK_ROWS)
