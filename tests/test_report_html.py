@@ -245,6 +245,7 @@ def test_feature_views_tried_counts_real_fits_only():
     assert "standard error of the paired fold differences between the best and the simplest candidate" in page
 
 
+@pytest.mark.slow
 def test_compare_words_say_what_the_fine_tune_trained(tmp_path):
     """A head-only fine-tune is never called "end to end": the chart legend, compare.md and the report say what
     trained, with its parameter count."""

@@ -33,6 +33,7 @@ _MISSING = {
 }
 _POSITIVE = ("batch_size", "chunk_size")  # the library's check_options refuses these below 1 with these words
 _CACHE_SUFFIXES = ("*.h5", "*.multi.json")  # what cache.reader.newest_cache looks for
+_TABLE_SUFFIXES = (".parquet", ".arrow", ".tar")  # data arguments that name files, not folders
 
 
 def _local(value: Any) -> bool:
@@ -46,7 +47,10 @@ def missing_paths(params: dict) -> Iterable[str]:
         values = params.get(name)
         for v in values if isinstance(values, (list, tuple)) else [values]:
             if v is not None and str(v) != "" and _local(v) and not os.path.exists(v):
-                yield f"{what} {str(v)!r} does not exist; {fix}"
+                if name == "data" and Path(str(v)).suffix.lower() in _TABLE_SUFFIXES:  # a table or a shard
+                    yield f"input {str(v)!r} does not exist; pass existing Parquet/Arrow tables or WebDataset .tar shards"
+                else:
+                    yield f"{what} {str(v)!r} does not exist; {fix}"
     weights = params.get("weights")
     if weights not in (None, "", "random") and _local(weights) and not os.path.exists(weights):
         yield f"--weights {weights!r}: file not found; pass a local state-dict file (.pth/.pt/.safetensors)"
