@@ -3,21 +3,8 @@
 Only this module prints; every library error (:class:`featx.FeatxError`) is shown as one line
 with its fix (exit 2).  Options are not written here: each command's options are the fields of
 its dataclass in :mod:`featx.config.settings` (type, default, help), which also define the
-``--config FILE`` schema, ``configs/default.yaml`` and ``featx config``.
-
-Adding an option is adding one field, e.g. to ``ProbeSettings``::
-
-    max_train_rows: Optional[int] = option(None, "Train on at most this many rows (stratified).")
-
-``@settings_options(ProbeSettings)`` turns it into ``--max-train-rows INTEGER``, a config key
-``probe.max_train_rows`` is accepted (type-checked), and ``s.library_kwargs()`` passes it to the
-library call as ``max_train_rows=`` (``lib="other_name"`` renames it; ``lib=None`` keeps it for
-the CLI alone, e.g. ``--json``).  Then regenerate the defaults file, which a test compares:
-``featx config --yaml > configs/default.yaml``.  ``flags=("--x", "-x")`` sets the spellings,
-``path="file"``/``"dir"`` makes it a path, a ``Literal[...]`` type makes it a choice,
-``flag(...)`` makes a switch, and ``file=False`` leaves it out of the rendered defaults (per-run
-paths and terminal switches).  A new command: a new ``Settings`` dataclass with its ``section``,
-added to ``SETTINGS``, and ``@settings_options(NewSettings)`` on its function below.
+``--config FILE`` schema, ``configs/default.yaml`` and ``featx config``; ARCHITECTURE.md ("Where
+new code goes") says how to add an option or a command.
 """
 
 from __future__ import annotations
@@ -86,6 +73,7 @@ def _print_cache_summary(summary: dict, stats: dict | None = None) -> None:
 
 class _Group(click.Group):
     command_class = CheckedCommand  # missing paths and impossible sizes refused before torch loads
+
     def invoke(self, ctx: click.Context):
         try:
             with escaped_stdout():  # names from files never reach the terminal raw
