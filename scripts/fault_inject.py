@@ -18,11 +18,19 @@ loading, chunks and the final write are all hit; ``chunk``: just after the k-th 
 chunk; ``final``: as soon as the final ``.h5.tmp`` appears; ``twice``: two random kills before
 the rerun; ``rename``: as soon as the finished file is renamed into place, before the chunk
 folder is removed).  Extra ``sigint`` trials send Ctrl-C's SIGINT at a random moment instead and
-also require exit 130 with a message saying how to resume, and no traceback.  ``--corrupt-trials``
+also require exit 130 with a message saying how to resume, and no traceback. ``sigterm`` trials send SIGTERM to the
+whole process group (DataLoader workers included, as SLURM and ``timeout`` do) and require exit 143 and that
+one line.  ``--metadata-trials`` write 1 to 32 random bytes anywhere in a finished cache but its feature rows
+and checksums: ``featx verify`` must refuse every cache that a probe cannot read, and neither may give a
+traceback.  ``--corrupt-trials``
 write 2000 random bytes into a committed chunk (after a kill) or into the finished cache, then
 rerun: the rerun must end with the identical cache (damaged rows found by their checksums and
 embedded again) or, when the finished file's structure is hit, with a one-line "damaged" error
-and its fix; exit 0 with other features (silent corruption) or a traceback fails the trial.  The table at the end counts the phase each kill actually landed in, as seen on
+and its fix; exit 0 with other features (silent corruption) or a traceback fails the trial.
+``--disk-full-trials`` run ``featx embed`` (a new cache and a new signing key) or ``featx audit`` with every
+file limited to a random size (RLIMIT_FSIZE: a write past it fails, as on a full disk): the run must end with
+exit 0 or a one-line error (no traceback), leave no temporary file and no short signing key, and a rerun with
+space must exit 0 (embed: with the cache identical to the clean run).  The table at the end counts the phase each kill actually landed in, as seen on
 disk and in its log.  It also times discovery of 100,000 files in one folder.
 
     python scripts/fault_inject.py                 # 20 trials + 100k-file discovery timing
@@ -36,6 +44,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -207,12 +216,13 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
         at_signal, log_at_signal = disk_state(cache), log_text
     phase = "run had already finished" if finished_first else phase_of_kill(before, at_signal, log_at_signal)
     log_path.unlink()
-    if sig == signal.SIGINT and not finished_first and problem is None:
-        if "Traceback" in log_text:
-            problem = "traceback on Ctrl-C: " + log_text.strip().splitlines()[-1]
-        elif proc.returncode == 130 and "rerun the same command to resume" in log_text:
+    stop_code = {signal.SIGINT: 130, signal.SIGTERM: 143}.get(sig)
+    if stop_code and not finished_first and problem is None:
+        if "Traceback" in log_text or "Exception ignored" in log_text:
+            problem = f"traceback on {signal.Signals(sig).name}: " + log_text.strip().splitlines()[-1]
+        elif proc.returncode == stop_code and "rerun the same command to resume" in log_text:
             pass
-        elif phase.startswith("after completion") and proc.returncode in (0, 130, -signal.SIGINT):
+        elif phase.startswith("after completion") and proc.returncode in (0, stop_code, -sig):
             pass  # the work was finished and saved; Ctrl-C only cut the interpreter's exit short
         elif proc.returncode != 0:
             problem = f"Ctrl-C gave exit {proc.returncode} without the resume message"
@@ -222,14 +232,15 @@ def kill_once(data: Path, cache: Path, strategy: str, run_seconds: float, rng: r
         if diff is not None:
             problem = f"finished file after kill is not complete: {diff}"
     return {"target": target, "killed_at_s": round(t_kill, 3), "phase": phase, "problem": problem,
-            "finished_at_s": finished_at, "signal": "SIGINT" if sig == signal.SIGINT else "SIGKILL",
+            "finished_at_s": finished_at, "signal": signal.Signals(sig).name,
             "exit": proc.returncode}
 
 
 REF_CACHE: Path = Path()
 
 
-def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: int = 0) -> list[dict]:
+def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: int = 0,
+               sigterm_trials: int = 0) -> list[dict]:
     global REF_CACHE
     REF_CACHE = work / "reference.h5"
     t = time.perf_counter()
@@ -246,17 +257,18 @@ def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: in
     est = run_seconds  # duration of a full delayed run; adapts when runs finish before their kill
     strategies = ["random", "chunk", "final", "twice", "rename"]
     results = []
-    for i in range(trials + sigint_trials):
-        strategy = strategies[i % len(strategies)] if i < trials else "sigint"
+    for i in range(trials + sigint_trials + sigterm_trials):
+        strategy = strategies[i % len(strategies)] if i < trials else "sigint" if i < trials + sigint_trials \
+            else "sigterm"  # SIGTERM to the process group, as SLURM and `timeout` send: exit 143, one line
         workers = rng.choice([0, 2])
         cache = work / f"trial{i:03d}" / "c.h5"
         cache.parent.mkdir(parents=True)
-        first = "random" if strategy in ("twice", "sigint") else strategy
-        sig = signal.SIGINT if strategy == "sigint" else signal.SIGKILL
+        first = "random" if strategy in ("twice", "sigint", "sigterm") else strategy
+        sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}.get(strategy, signal.SIGKILL)
         for _attempt in range(4):
             # twice: kills early enough that the second run still has work left
             k = kill_once(data, cache, first, est * (0.7 if strategy == "twice" else 1.0), rng, workers, sig)
-            if k["finished_at_s"] is None or strategy not in ("random", "twice", "sigint"):
+            if k["finished_at_s"] is None or strategy not in ("random", "twice", "sigint", "sigterm"):
                 break
             # The machine got faster than the estimate: learn it, start from scratch, draw again.
             est = 0.95 * k["finished_at_s"]
@@ -283,7 +295,7 @@ def run_trials(work: Path, data: Path, trials: int, seed: int, sigint_trials: in
         results.append(r)
         print(f"trial {i:2d} {strategy:6s} workers={workers} "
               + " | ".join(f"{k['signal']} {k['target']} -> {k['phase']}"
-                           + (f" (exit {k['exit']})" if k["signal"] == "SIGINT" else "") for k in kills)
+                           + (f" (exit {k['exit']})" if k["signal"] != "SIGKILL" else "") for k in kills)
               + f" | rerun {rerun_s:.1f}s: {'identical' if not problems else 'FAIL ' + '; '.join(problems)}",
               flush=True)
         shutil.rmtree(cache.parent, ignore_errors=True)
@@ -361,6 +373,128 @@ def run_corrupt_trials(work: Path, data: Path, trials: int, seed: int, first: in
     return results
 
 
+FULL_DISK_LIMITS = (16, 600, 6_000, 60_000)  # bytes per file: below the signing key, a chunk, the cache, a run's files
+
+
+def _file_size_limit(n_bytes: int):
+    """A subprocess's preexec_fn: every write past ``n_bytes`` of one file fails (EFBIG), as on a full disk."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit
+
+
+def disk_full_once(data: Path, trial: Path, command: str, limit: int, workers: int) -> dict:
+    """``featx embed`` or ``featx audit`` on a 'full disk', then again with space; the problems found (see the docstring)."""
+    key, cache = trial / "key" / "local.key", trial / "c.h5"
+    env = {**os.environ, "FEATX_KEY_FILE": str(key)}
+    if command == "embed":
+        cmd = embed_cmd(data, cache, workers)
+    else:
+        shutil.copy(REF_CACHE, cache)
+        cmd = [sys.executable, "-m", "featx.cli", "audit", str(cache), "--out-dir", str(trial / "audit"), "--folds", "2"]
+    full = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(limit), timeout=300)
+    err = full.stderr.strip().splitlines()
+    problems = []
+    if "Traceback" in full.stderr:
+        problems.append("traceback: " + err[-1])
+    elif full.returncode not in (0, 2) or (full.returncode == 2 and not (err and err[-1].startswith("error:"))):
+        problems.append(f"exit {full.returncode} without a one-line error: {err[-2:]}")
+    tmp = [str(f.relative_to(trial)) for f in trial.rglob("*") if ".tmp" in f.name]
+    if tmp:
+        problems.append(f"temporary files left: {tmp[:3]}")
+    if key.exists() and len(key.read_bytes()) < 32:
+        problems.append(f"a signing key of {len(key.read_bytes())} bytes")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if again.returncode != 0:
+        problems.append(f"the run with space exits {again.returncode}: {again.stderr.strip().splitlines()[-1:]}")
+    elif command == "embed" and compare(cache, REF_CACHE):
+        problems.append(f"the run with space: {compare(cache, REF_CACHE)}")
+    outcome = "completed" if full.returncode == 0 else "refused: " + (err[-1][:100] if err else "")
+    return {"kills": [], "limit": limit, "command": command, "outcome": outcome, "problems": problems,
+            "ok": not problems}
+
+
+def run_disk_full_trials(work: Path, data: Path, trials: int, seed: int, first: int) -> list[dict]:
+    """``trials`` full-disk trials, alternating embed and audit, the file-size limit drawn from FULL_DISK_LIMITS."""
+    global REF_CACHE
+    if trials and not REF_CACHE.is_file():
+        REF_CACHE = work / "reference.h5"
+        subprocess.run(embed_cmd(data, REF_CACHE, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(seed + 2)
+    results = []
+    for j in range(trials):
+        command, limit = ("embed", "audit")[j % 2], rng.choice(FULL_DISK_LIMITS)
+        trial = work / f"diskfull{j:03d}"
+        trial.mkdir(parents=True)
+        # No DataLoader workers: RLIMIT_FSIZE would also limit their shared-memory files (/dev/shm), which a full
+        # disk leaves alone, and a worker that cannot write one leaves torch's loader waiting (seen: a 900 s hang).
+        r = disk_full_once(data, trial, command, limit, 0)
+        r.update(trial=first + j, strategy=f"disk-full-{command}", workers=0)
+        results.append(r)
+        print(f"trial {first + j:2d} disk-full {command:5s} files <= {limit:>6,} B -> "
+              f"{r['outcome'] if r['ok'] else 'FAIL ' + '; '.join(r['problems'])}", flush=True)
+        shutil.rmtree(trial, ignore_errors=True)
+    return results
+
+
+_METADATA_CHECK = """
+import contextlib, io, json, logging, sys
+logging.disable(logging.CRITICAL)
+import featx
+from featx.base.errors import FeatxError
+from featx.cache.trust.verify import verify_cache
+def outcome(call):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            r = call()
+        return "ok" if getattr(r, "ok", True) else "damaged"
+    except FeatxError:
+        return "refused"
+    except Exception as exc:
+        return "traceback: " + type(exc).__name__ + " " + str(exc)[:120]
+p, out = sys.argv[1], sys.argv[2]
+print(json.dumps([outcome(lambda: verify_cache(p)),
+                  outcome(lambda: featx.probe(p, head="logreg", out_dir=out, n_jobs=1, device="cpu", plots=False))]))
+"""
+
+
+def run_metadata_trials(work: Path, data: Path, trials: int, seed: int, first: int) -> list[dict]:
+    """Random bytes (1 to 32) anywhere in a finished cache but its feature rows and checksums: `featx verify` must
+    refuse (or report damaged) every cache a probe cannot read, and neither may end in a traceback."""
+    if not trials:
+        return []
+    import h5py
+
+    ref = work / "metadata-ref.h5"
+    subprocess.run(embed_cmd(data, ref, 0), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    with h5py.File(ref, "r") as f:  # the bytes that checksums guard are left alone: metadata is the target
+        f.visititems(lambda n, o: rows.append((o.id.get_offset(), o.id.get_storage_size()))
+                     if isinstance(o, h5py.Dataset) and (o.dtype.kind == "f" or n.startswith("checksums"))
+                     and o.id.get_offset() is not None else None)
+    rng, size, results = random.Random(seed + 31), ref.stat().st_size, []
+    for i in range(trials):
+        off = next(o for o in iter(lambda: rng.randrange(size), None) if not any(a <= o < a + n for a, n in rows))
+        victim = work / f"metadata{i:03d}.h5"
+        shutil.copy(ref, victim)
+        with open(victim, "r+b") as fh:
+            fh.seek(off)
+            fh.write(bytes(rng.randrange(256) for _ in range(rng.choice([1, 2, 4, 8, 16, 32]))))
+        done = subprocess.run([sys.executable, "-c", _METADATA_CHECK, str(victim), str(work / f"mrun{i}")],
+                              capture_output=True, text=True, timeout=300)
+        verify, probe = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else ("crash", "")
+        problems = [x for x in (verify, probe) if x.startswith(("traceback", "crash"))]
+        if verify == "ok" and probe != "ok":
+            problems.append(f"verify passed a cache the probe cannot read ({probe})")
+        results.append({"trial": first + i, "strategy": "metadata", "kills": [], "ok": not problems,
+                        "problems": problems, "target": f"bytes at {off}", "verify": verify, "probe": probe})
+        print(f"trial {first + i:2d} metadata  bytes at {off}: verify {verify}, probe {probe}"
+              + (f" FAIL {problems}" if problems else ""), flush=True)
+        victim.unlink()
+    return results
+
+
 def time_discovery(work: Path, n: int) -> dict:
     folder = work / "many" / "one_class"
     folder.mkdir(parents=True)
@@ -397,7 +531,10 @@ def summarize(results: list[dict]) -> str:
     lines += ["", "strategy   trials  ok  failed", "-" * 30]
     for s, c in by_strategy.items():
         lines.append(f"{s:9s} {c['trials']:7d} {c['ok']:3d} {c['failed']:7d}")
-    sigkill = [r for r in results if r["strategy"] != "sigint" and not r["strategy"].startswith("corrupt")]
+    sigkill = [r for r in results if r["strategy"] not in ("sigint", "sigterm", "metadata")
+               and not r["strategy"].startswith(("corrupt", "disk-full"))]
+    sigterm, metadata = ([r for r in results if r["strategy"] == s] for s in ("sigterm", "metadata"))
+    disk_full = [r for r in results if r["strategy"].startswith("disk-full")]
     corrupt = [r for r in results if r["strategy"].startswith("corrupt")]
     sigint = [r for r in results if r["strategy"] == "sigint"]
     kills = sum(len(r["kills"]) for r in sigkill)
@@ -407,10 +544,20 @@ def summarize(results: list[dict]) -> str:
     if sigint:
         lines.append(f"{sum(r['ok'] for r in sigint)}/{len(sigint)} Ctrl-C (SIGINT) trials stopped cleanly (exit 130, "
                      "resume message, no traceback) and resumed to the identical cache")
+    if sigterm:
+        lines.append(f"{sum(r['ok'] for r in sigterm)}/{len(sigterm)} SIGTERM trials (to the process group, DataLoader "
+                     "workers included) stopped cleanly (exit 143, one line) and resumed to the identical cache")
+    if metadata:
+        lines.append(f"{sum(r['ok'] for r in metadata)}/{len(metadata)} metadata-corruption trials: verify refused "
+                     "every cache the probe could not read, and neither gave a traceback")
     if corrupt:
         outcomes = Counter(r.get("outcome") or "FAILED" for r in corrupt)
         lines.append(f"{sum(r['ok'] for r in corrupt)}/{len(corrupt)} corruption trials ({CORRUPT_BYTES} random bytes in a "
                      f"chunk or the finished file) ended soundly: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
+    if disk_full:
+        lines.append(f"{sum(r['ok'] for r in disk_full)}/{len(disk_full)} full-disk trials (embed and audit with every "
+                     "file size-limited) ended with exit 0 or a one-line error, no temporary file, no short key, and a "
+                     "clean rerun")
     return "\n".join(lines)
 
 
@@ -418,8 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20, help="SIGKILL trials")
     ap.add_argument("--sigint-trials", type=int, default=5, help="Ctrl-C (SIGINT to the process group) trials")
+    ap.add_argument("--sigterm-trials", type=int, default=3, help="SIGTERM to the process group (SLURM, timeout)")
+    ap.add_argument("--metadata-trials", type=int, default=20,
+                    help="random bytes in a finished cache's heaps and metadata: verify must refuse what probe cannot read")
     ap.add_argument("--corrupt-trials", type=int, default=6,
                     help="trials writing 2000 random bytes into a committed chunk or the finished cache")
+    ap.add_argument("--disk-full-trials", type=int, default=4,
+                    help="trials running embed or audit with every file size-limited (a full disk), then again")
     ap.add_argument("--per-class", type=int, default=40, help="train images per class (3 classes, + val)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--discovery-files", type=int, default=100_000, help="0 to skip the discovery timing")
@@ -439,9 +591,11 @@ def main(argv: list[str] | None = None) -> int:
             report["discovery"] = d
         data = work / "data"
         make_dataset(data, args.per_class, args.seed)
-        results = run_trials(work, data, args.trials, args.seed, args.sigint_trials) \
-            if args.trials + args.sigint_trials + args.corrupt_trials else []
+        results = run_trials(work, data, args.trials, args.seed, args.sigint_trials, args.sigterm_trials) \
+            if args.trials + args.sigint_trials + args.sigterm_trials + args.corrupt_trials else []
         results += run_corrupt_trials(work, data, args.corrupt_trials, args.seed, len(results))
+        results += run_disk_full_trials(work, data, args.disk_full_trials, args.seed, len(results))
+        results += run_metadata_trials(work, data, args.metadata_trials, args.seed, len(results))
         report["trials"] = results
         text = summarize(results)
         print(text)
