@@ -11,7 +11,12 @@ matrix, whatever ``--n``):
 * ``nearest_in_class`` (the outlier score: k nearest training rows of the same class) over all rows;
 * ``similar_pairs`` (near duplicates, exact all-pairs) over the first ``--pairs-rows`` rows — it
   is quadratic in the rows, so the time at ``--n`` is extrapolated as (n / pairs_rows)^2 and
-  printed as such, unless ``--pairs-rows`` equals ``--n``.
+  printed as such, unless ``--pairs-rows`` equals ``--n``;
+* with ``--approx``, the same through the faiss IVF index the audit uses from
+  ``APPROX_ABOVE`` rows, and with ``--recall-rows 50000`` its recall against exact search
+  (pairs above ``--threshold``).
+
+    python benchmarks/audit_bench.py --n 1000000 --dim 256 --approx --pairs-rows 1000000 --recall-rows 50000
 
 Prints a Markdown row with seconds and the peak resident memory.
 """
@@ -70,6 +75,10 @@ def main() -> None:
     ap.add_argument("--pairs-rows", type=int, default=100_000)
     ap.add_argument("--block", type=int, default=4096)
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--approx", action="store_true", help="near duplicates by the faiss IVF index (the audit's choice "
+                    "from featx.heads.stream.topk.APPROX_ABOVE rows)")
+    ap.add_argument("--recall-rows", type=int, default=0, help="also measure the IVF index's recall against exact "
+                    "search on this many rows (e.g. 50000)")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -77,10 +86,28 @@ def main() -> None:
     write_s = time.perf_counter() - t0
     with h5py.File(fc.path, "r") as f:
         feats = f["features"]
+        read = (lambda lo, hi: feats[lo:hi])  # noqa: E731
         m = min(a.pairs_rows, a.n)
+        recall = None
+        if a.recall_rows:  # the approximate index against exact search, pairs above the threshold
+            r = min(a.recall_rows, a.n)
+            t0 = time.perf_counter()
+            ei, ej, _ = similar_pairs((read, r), threshold=a.threshold, block=a.block, backend="torch", approximate=False)
+            exact_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ai, aj, _ = similar_pairs((read, r), threshold=a.threshold, block=a.block, approximate=True)
+            approx_s = time.perf_counter() - t0
+            exact, approx = set(zip(ei.tolist(), ej.tolist())), set(zip(ai.tolist(), aj.tolist()))
+            recall = len(exact & approx) / max(1, len(exact))
+            print(f"recall of the IVF index at {r:,} rows: {recall:.4f} ({len(exact & approx)} of {len(exact)} exact "
+                  f"pairs >= {a.threshold}; {len(approx - exact)} extra); exact {exact_s:.1f} s, IVF {approx_s:.1f} s",
+                  flush=True)
         t0 = time.perf_counter()
-        i, _, _ = similar_pairs((lambda lo, hi: feats[lo:hi], m), threshold=a.threshold, block=a.block, backend="torch")
+        i, _, _ = similar_pairs((read, m), threshold=a.threshold, block=a.block, backend="torch",
+                                approximate=a.approx if a.approx else False)
         pairs_s = time.perf_counter() - t0
+        print(f"near-duplicate pairs of {m:,} rows ({'IVF' if a.approx else 'exact'}): {len(i)} in {pairs_s:.1f} s, "
+              f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
     X = fc.features()  # the outlier score holds the features (as the audit does)
     y, tr = fc.labels(), np.flatnonzero(fc.split_array() == "train")
     t0 = time.perf_counter()
@@ -89,10 +116,11 @@ def main() -> None:
     extrap = pairs_s * (a.n / m) ** 2
     print(f"machine: {machine()}")
     print("| rows | dim | cache write s | kNN in class (outliers), all rows s | near-duplicate pairs: rows searched "
-          "| pairs found | s | s at all rows | peak RSS MB |")
-    print(f"| {a.n:,} | {a.dim} | {write_s:.0f} | {knn_s:.1f} | {m:,} | {len(i)} | {pairs_s:.1f} | "
-          f"{'%.0f (extrapolated, quadratic)' % extrap if m < a.n else '%.1f' % pairs_s} | {peak_rss_mb():.0f} |")
-
+          "| search | pairs found | s | s at all rows | IVF recall | peak RSS MB |")
+    at_all = ('%.0f (extrapolated, quadratic)' % extrap if m < a.n and not a.approx else
+              '%.0f (extrapolated, linear)' % (pairs_s * a.n / m) if m < a.n else '%.1f' % pairs_s)
+    print(f"| {a.n:,} | {a.dim} | {write_s:.0f} | {knn_s:.1f} | {m:,} | {'IVF' if a.approx else 'exact'} | {len(i)} | "
+          f"{pairs_s:.1f} | {at_all} | {'-' if recall is None else '%.4f' % recall} | {peak_rss_mb():.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..cache.views import l2_rows
 from ..heads.estimators.linear_path import PathLinearHead
-from ..heads.stream.topk import nearest_others, search_backend
+from ..heads.stream.topk import APPROX_ABOVE, ivf_cells, ivf_index, nearest_others, search_backend
 from ..heads.tuning.cv import softmax_of_scores
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,191 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, *, classes: np.ndarray) 
     return LabelIssues(flagged.astype(np.int64), quality, suggested)
 
 
+# Fold partitions whose calibrated out-of-fold probabilities are averaged (the probe's default --cv-repeats).
+RANK_REPEATS = 3
+
+
+@dataclass
+class LabelRanking:
+    """Every row ranked by how likely its label is wrong (issue 33): worst first, flags, and how far to trust them.
+
+    ``order``: positions of rows with a scored label, lowest quality (self-confidence of the
+    given label in calibrated out-of-fold probabilities) first; ``flagged_mask``: cleanlab's
+    ``prune_by_noise_rate`` verdict per row; ``probs``: those probabilities [n, classes] (columns
+    ``classes``); ``head``/``temperature``: the probe's logistic regression refitted on all rows and
+    the temperature that calibrates it (:meth:`probabilities` of other rows); ``C``, ``log_loss``,
+    ``accuracy``, ``ece``: the C chosen by CV and the out-of-fold log-loss, accuracy and expected
+    calibration error.
+    """
+
+    order: np.ndarray
+    quality: np.ndarray
+    suggested: np.ndarray
+    flagged_mask: np.ndarray
+    probs: np.ndarray
+    classes: np.ndarray
+    head: PathLinearHead
+    temperature: float
+    C: float
+    log_loss: float
+    accuracy: float
+    ece: float
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities [len(X), classes] of other rows (the refitted head, the same temperature)."""
+        return _probabilities(self.head.decision_function(X), self.temperature)
+
+
+def _probabilities(d: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities of linear scores [n, 1 (binary) or n, classes] divided by ``temperature``."""
+    d = np.asarray(d, dtype=np.float64).reshape(len(d), -1) / temperature
+    if d.shape[1] == 1:
+        p1 = 1.0 / (1.0 + np.exp(-d[:, 0]))
+        return np.stack([1 - p1, p1], axis=1)
+    return softmax_of_scores(d)
+
+
+def _log_loss(p: np.ndarray, yi: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(yi)), yi], 1e-12, 1.0))))
+
+
+def temperature_of(d: np.ndarray, yi: np.ndarray) -> float:
+    """The temperature T (0.05..20) whose probabilities softmax(d / T) have the least log-loss on labels ``yi``."""
+    from scipy.optimize import minimize_scalar
+
+    if not len(yi):
+        return 1.0
+    res = minimize_scalar(lambda t: _log_loss(_probabilities(d, t), yi), bounds=(0.05, 20.0), method="bounded",
+                          options={"xatol": 1e-3})
+    return float(res.x)
+
+
+def calibrated_oof_probabilities(X: np.ndarray, y: np.ndarray, *, folds: int, seed: int, Cs: Sequence[float],
+                                 max_iter: int = 2000, scoring: str = "accuracy") -> tuple[np.ndarray, PathLinearHead, float]:
+    """(out-of-fold probabilities, the head refitted on all rows, temperature): the probe's logistic regression, calibrated.
+
+    The head, folds and C are the probe's (:class:`PathLinearHead`, C by CV ``scoring``); its
+    out-of-fold scores are then divided by the one temperature that minimises their log-loss.
+    Why (issue 33): the ranking reads the probability of the given label, and the probe's C
+    (chosen for accuracy, which is flat over a wide range of C) gives over- or under-confident
+    probabilities; one temperature fitted out of fold makes them calibrated without changing any
+    row's predicted class.  Rows in no validation fold get the refitted head's scores.
+    """
+    head = PathLinearHead(loss="logistic", Cs=tuple(Cs), folds=folds, seed=seed, scoring=scoring,
+                          max_iter=max_iter, probability=True, patience=4)
+    head.fit(X, y)
+    d = np.asarray(head.oof_decision_, dtype=np.float64)
+    unseen = ~head.oof_seen_
+    if unseen.any():
+        d[unseen] = np.asarray(head.decision_function(X[unseen]), dtype=np.float64).reshape(int(unseen.sum()), -1)
+    yi = np.searchsorted(head.classes_, y)
+    t = temperature_of(d[~unseen], yi[~unseen])
+    return _probabilities(d, t), head, t
+
+
+def expected_calibration_error(probs: np.ndarray, yi: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of the top class (equal-width confidence bins, weighted by rows)."""
+    conf, hit = probs.max(1), (probs.argmax(1) == yi)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def rank_label_issues(X: np.ndarray, y: np.ndarray, *, folds: int, seed: int, Cs: Sequence[float],
+                      max_iter: int = 2000, scoring: str = "accuracy", repeats: int = RANK_REPEATS) -> LabelRanking:
+    """Every row of (X, y) ranked by how likely its label is wrong, from calibrated out-of-fold probabilities.
+
+    The probabilities: :func:`calibrated_oof_probabilities`, averaged over ``repeats`` fold
+    partitions (seeds ``seed``, ``seed + 1``, ...: one partition's luck moves a few rows of the
+    top; measured in ACCURACY.md); the quality of a row: cleanlab's
+    self-confidence (``get_label_quality_scores``, the score Datalab ranks by); the flags:
+    cleanlab's ``find_label_issues(filter_by="prune_by_noise_rate")``.
+    """
+    y = np.asarray(y)
+    runs = [calibrated_oof_probabilities(X, y, folds=folds, seed=seed + r, Cs=Cs, max_iter=max_iter, scoring=scoring)
+            for r in range(max(1, int(repeats)))]
+    probs = np.mean([p for p, _, _ in runs], axis=0)  # each row judged by `repeats` fold models that never saw it
+    _, head, t = runs[0]
+    classes = np.asarray(head.classes_)
+    yi = np.searchsorted(classes, y)
+    li = label_issues(y, probs, classes=classes)
+    mask = np.zeros(len(y), bool)
+    mask[li.flagged] = True
+    order = np.argsort(np.nan_to_num(li.quality, nan=np.inf), kind="stable")
+    return LabelRanking(order=order.astype(np.int64), quality=li.quality, suggested=li.suggested, flagged_mask=mask,
+                        probs=probs, classes=classes, head=head, temperature=t, C=float(head.best_params_["C"]),
+                        log_loss=_log_loss(probs, yi), accuracy=float((probs.argmax(1) == yi).mean()),
+                        ece=expected_calibration_error(probs, yi))
+
+
+# When the label flags are only "for review" (label_trust): the probe's out-of-fold accuracy below MIN_ACCURACY,
+# its expected calibration error above MAX_ECE, or more than MAX_CONFUSABLE of the flags between two classes
+# whose unflagged rows give each other a mean probability of CONFUSABLE or more (ACCURACY.md, issue 33).
+MIN_ACCURACY = 0.8
+MAX_ECE = 0.15
+MAX_CONFUSABLE = 0.5
+CONFUSABLE = 0.1
+
+
+def label_trust(y: np.ndarray, rk: LabelRanking, *, min_accuracy: float = MIN_ACCURACY, max_ece: float = MAX_ECE,
+                max_confusable: float = MAX_CONFUSABLE, confusable: float = CONFUSABLE) -> dict:
+    """How far the flags of a ranking can be trusted (issue 33): noise estimate, confusions, accuracy, calibration.
+
+    * ``noise_rate``: cleanlab's estimate of the share of wrong labels (1 - trace of the joint of
+      given and true labels, ``cleanlab.count.estimate_joint``);
+    * class pairs the probe mixes up anyway: (a, b) where rows labelled a that are not flagged
+      give b a mean probability of at least ``confusable`` (or b's give a);
+      ``flags_confusable_share``: the share of flags whose (given, suggested) is such a pair;
+    * ``reliable``: the out-of-fold accuracy is at least ``min_accuracy``, the expected
+      calibration error at most ``max_ece``, and at most ``max_confusable`` of the flags are such
+      confusions.  Otherwise the flags are rows for review, not likely errors, and ``why`` says which.
+    ``_pairs``: the set of (given, suggested) label pairs counted as confusions (for the CSV).
+    """
+    from cleanlab.count import estimate_joint
+
+    y = np.asarray(y)
+    yi = np.searchsorted(rk.classes, y)
+    k = len(rk.classes)
+    noise = float("nan")
+    if k >= 2 and len(np.unique(yi)) == k:
+        try:
+            noise = float(1.0 - np.trace(estimate_joint(yi, _renormalised(rk.probs))))
+        except (ValueError, ZeroDivisionError, np.linalg.LinAlgError):
+            pass
+    keep = ~rk.flagged_mask
+    M = np.zeros((k, k))
+    for c in range(k):
+        rows = keep & (yi == c)
+        if rows.any():
+            M[c] = rk.probs[rows].mean(0)
+    np.fill_diagonal(M, 0.0)
+    mixed = (M >= confusable) | (M.T >= confusable)
+    pairs = {(int(rk.classes[a]), int(rk.classes[b])) for a, b in zip(*np.nonzero(mixed))}
+    fl = np.flatnonzero(rk.flagged_mask)
+    share = (float(np.mean([(int(y[r]), int(rk.suggested[r])) in pairs for r in fl])) if len(fl) else 0.0)
+    why = []
+    if rk.accuracy < min_accuracy:
+        why.append(f"the probe's out-of-fold accuracy {rk.accuracy:.2f} is below {min_accuracy:.2f}")
+    if rk.ece > max_ece:
+        why.append(f"its calibration error {rk.ece:.2f} is above {max_ece:.2f}")
+    if len(fl) and share > max_confusable:
+        why.append(f"{share:.0%} of the flags are confusions between classes it mixes up anyway")
+    reliable = not why
+    n = int(len(fl))
+    note = ("" if reliable else
+            f"the {n} flagged label(s) are for review, not likely errors: {'; '.join(why)}, so a low score often "
+            "means a hard image rather than a wrong label (estimated label noise "
+            f"{noise:.1%}); look at them, but do not drop them blindly")
+    return {"reliable": reliable, "wording": "likely label errors" if reliable else "for review",
+            "why": "; ".join(why), "note": note, "oof_accuracy": round(rk.accuracy, 4), "ece": round(rk.ece, 4),
+            "log_loss": round(rk.log_loss, 4), "noise_rate": None if not np.isfinite(noise) else round(noise, 4),
+            "flags": n, "flags_confusable": int(round(share * n)), "flags_confusable_share": round(share, 4),
+            "confused_pairs": len({tuple(sorted(p)) for p in pairs}),
+            "thresholds": {"min_accuracy": min_accuracy, "max_ece": max_ece, "max_confusable": max_confusable,
+                           "confusable": confusable}, "_pairs": pairs}
+
+
 def _renormalised(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-12, None)
     return p / p.sum(1, keepdims=True)
@@ -129,15 +314,24 @@ def _rows_of(X) -> tuple[Rows, int]:
 
 
 def similar_pairs(X, *, threshold: float, block: int = DEFAULT_BLOCK, max_pairs: int = 100_000,
-                  backend: str = "torch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  backend: str = "torch", approximate: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i < j) of rows with cosine similarity >= ``threshold``: (i, j, similarity), most similar first.
 
     ``X``: an [n, d] array, or ``(read, n)`` where ``read(a, b)`` returns rows a..b (a cache read
     block by block: memory is two blocks of rows and one block of similarities).  Exact search
     over the upper triangle in [block x block] matrix products.  At most ``max_pairs`` pairs are
     kept (the most similar); a log line says when more were found.
+    ``approximate``: a faiss IVF index (:func:`featx.heads.stream.topk.ivf_index`) instead of the
+    exact search; None: from :data:`~featx.heads.stream.topk.APPROX_ABOVE` rows when faiss is installed.
     """
     read, n = _rows_of(X)
+    if approximate is None:
+        approximate = n >= APPROX_ABOVE and search_backend("auto") == "faiss"
+        if n >= APPROX_ABOVE and not approximate:
+            log.warning("audit: exact all-pairs search of %d rows is quadratic (hours at a million rows); pip install "
+                        "'featx[faiss]' for the approximate index", n)
+    if approximate:
+        return _faiss_pairs(read, n, threshold=threshold, block=block, max_pairs=max_pairs, approximate=True)
     if search_backend(backend, option="--backend") == "faiss":
         return _faiss_pairs(read, n, threshold=threshold, block=block, max_pairs=max_pairs)
     import torch
@@ -165,6 +359,9 @@ def similar_pairs(X, *, threshold: float, block: int = DEFAULT_BLOCK, max_pairs:
 
 def _prune(fi: list, fj: list, fs: list, cap: int) -> int:
     i, j, s = np.concatenate(fi), np.concatenate(fj), np.concatenate(fs)
+    _, first = np.unique(np.stack([i, j], 1), axis=0, return_index=True)  # a pair found from both of its rows: once
+    if len(first) < len(i):
+        i, j, s = i[first], j[first], s[first]
     top = np.argsort(-s, kind="stable")[:cap]
     fi[:], fj[:], fs[:] = [i[top]], [j[top]], [s[top]]
     return len(s) - len(top)
@@ -179,15 +376,28 @@ def _finish_pairs(fi, fj, fs, cap, dropped):
     return fi[0].astype(np.int64), fj[0].astype(np.int64), fs[0].astype(np.float32)
 
 
-def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs: int):
-    """The same pairs through faiss (exact inner-product index, range search per query block).
+def _spread_sample(read: Rows, n: int, rows: int, piece: int = 256) -> np.ndarray:
+    """About ``rows`` normalised rows read in pieces spread evenly over all ``n`` (a cache is stored class by class)."""
+    if n <= rows:
+        return _unit(read(0, n))
+    starts = np.linspace(0, n - piece, max(1, rows // piece)).astype(np.int64)
+    return np.concatenate([_unit(read(int(a), int(a) + piece)) for a in starts])
 
-    The flat index holds every normalised row (n x d floats); the torch path holds two blocks.
+
+def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs: int, approximate: bool = False):
+    """The same pairs through faiss (range search per query block): an exact flat index, or ``approximate`` IVF.
+
+    Either index holds every normalised row (n x d floats); the torch path holds two blocks.
     """
     import faiss
 
     first = read(0, min(n, 1))
-    index = faiss.IndexFlatIP(int(first.shape[1]))
+    if approximate:
+        index = ivf_index(_spread_sample(read, n, 64 * ivf_cells(n)), n)
+        log.info("audit: near duplicates of %d rows by an approximate faiss IVF index (%d cells, %d probed)", n,
+                 index.nlist, index.nprobe)
+    else:
+        index = faiss.IndexFlatIP(int(first.shape[1]))
     for a in range(0, n, block):
         index.add(_unit(read(a, min(n, a + block))))
     fi, fj, fs = [], [], []
@@ -196,9 +406,11 @@ def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs:
         lims, D, nbr = index.range_search(_unit(read(qa, min(n, qa + block))), float(threshold))
         lims = lims.astype(np.int64)
         q = np.repeat(np.arange(len(lims) - 1), np.diff(lims)) + qa
-        keep = nbr > q
-        fi.append(q[keep])
-        fj.append(nbr[keep].astype(np.int64))
+        nbr = nbr.astype(np.int64)
+        # exact: each pair from its first row; approximate: from either row (the other's cells may miss it)
+        keep = nbr != q if approximate else nbr > q
+        fi.append(np.minimum(q, nbr)[keep])
+        fj.append(np.maximum(q, nbr)[keep])
         fs.append(D[keep])
         if sum(len(x) for x in fi) > 2 * max_pairs:
             dropped += _prune(fi, fj, fs, max_pairs)

@@ -283,10 +283,6 @@ class AuditSettings(Settings):
     neighbours: int = option(5, "Nearest training images of the same class that the outlier score averages over.")
     outlier_z: float = option(4.0, "Robust z-score (median, MAD of the class's training rows) of the kNN distance "
                               "from which an image is an outlier.")
-    min_accuracy: float = option(0.8, "Label probe's out-of-fold accuracy below which flags are 'for review'.")
-    max_ece: float = option(0.15, "Label probe's calibration error (ECE) above which flags are 'for review'.")
-    max_confusable: float = option(0.5, "Share of flags between classes the probe mixes up anyway above which ditto.")
-    confusable: float = option(0.1, "Mean probability one class's rows give another: from it the two are mixed up.")
     max_pairs: int = option(10000, "Most duplicate pairs kept (the most similar).")
     block_rows: int = option(4096, "Rows per block of the neighbour search (memory: block_rows^2 floats).")
     backend: Literal[choices.SEARCH_BACKENDS] = option(

@@ -9,6 +9,7 @@ the audit was given, never from outside it (:func:`featx.report.thumbs.make_thum
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..base.io import read_csv
+from ..cache.trust.roots import sign_root
 from .tables import Markup, esc, join, pct, table, tag
 from .thumbs import data_uri, make_thumbnail
 
@@ -78,16 +80,30 @@ def _thumb_grid(title: str, rows: list[dict], note: str, caption, root: str, thu
     return join([tag("h3", title), tag("p", note, class_="note"), Markup(f'<div class="grid">{"".join(cards)}</div>')])
 
 
-def _suspects(run_dir: Path, root: str, thumbs: Path) -> Markup:
-    rows, n = _rows(run_dir / "label_issues.csv", MAX_SUSPECTS)
+def _suspects(run_dir: Path, root: str, thumbs: Path, trust: dict) -> Markup:
+    """The flagged rows of label_issues.csv (it ranks every row since issue 33; older files hold only flags)."""
+    rows, n = _rows(run_dir / "label_issues.csv", None)
+    ranked = len(rows)
+    if rows and "flagged" in rows[0]:
+        rows = [r for r in rows if r.get("flagged") == "1"]
+    n = len(rows)
+    rows = rows[:MAX_SUSPECTS]
+    reliable = trust.get("reliable", True)
+    what = "doubts" if reliable else "flags for review"
     note = ("cleanlab flags no label." if not n else
-            f"{n} image(s) whose given label cleanlab doubts, worst first"
+            f"{n} image(s) whose given label cleanlab {what}, worst first"
             + (f" (first {len(rows)} shown)" if n > len(rows) else "")
-            + ". Training images are judged by out-of-fold probabilities of a logistic regression on the probe's "
-            "folds, evaluation images by the head trained on the training images. All in label_issues.csv.")
+            + ". Training images are judged by out-of-fold probabilities of a logistic regression (the probe's C, "
+            "calibrated by one temperature out of fold) on the probe's folds, evaluation images by the same model trained on the training images. "
+            f"label_issues.csv ranks all {ranked} images (column flagged).")
+    if trust:
+        note += (f" Estimated label noise {trust['noise_rate']:.1%}" if trust.get("noise_rate") is not None else "") + (
+            f"; {trust.get('flags_confusable', 0)} of the flags are confusions between classes the probe mixes up "
+            f"anyway; out-of-fold accuracy {trust.get('oof_accuracy', 0):.1%}, calibration error {trust.get('ece', 0):.3f}.")
     caption = lambda r: (f'given <b class="p">{esc(r["given"])}</b><br>suggested <b class="t">{esc(r["suggested"])}'  # noqa: E731
                          f'</b> ({esc(r["split"])}, quality {esc(r["score"][:5])})')
-    return _thumb_grid("Likely label errors", rows, note, caption, root, thumbs)
+    title = "Likely label errors" if reliable else "Labels for review (the probe is too weak to call them errors)"
+    return _thumb_grid(title, rows, note, caption, root, thumbs)
 
 
 def _outliers(run_dir: Path, root: str, thumbs: Path) -> Markup:
@@ -118,17 +134,34 @@ def _dropped(run_dir: Path) -> Markup:
                        num=(1, 2, 3, 4, 5))])
 
 
+def audit_root(audit: dict, root: str) -> str:
+    """The data root the audit section may read thumbnails from: audit.json's only when signed here, else ``root``.
+
+    ``root``: the cache's root as :func:`featx.cache.trust.roots.trusted_root` gives it ("" when
+    unsigned).  ``featx audit`` signs the root it hashed (``data_root_mac``, the same HMAC with this
+    user's key), so a ``--data-root`` given here is kept, while a stranger's audit.json naming
+    ``/home/victim`` is ignored (issue 31).
+    """
+    claimed, mac = str(audit.get("data_root") or ""), audit.get("data_root_mac")
+    if claimed and isinstance(mac, str) and hmac.compare_digest(mac, sign_root(claimed, str(audit.get("fingerprint", "")))):
+        return claimed
+    if claimed and claimed != root:
+        log.warning("report: audit.json names data root %s, but it was not signed by `featx audit` on this machine for "
+                    "this user, so no image file is read from it", claimed)
+    return str(root or "")
+
+
 def section_audit(run_dir: Path, audit: dict, root: str) -> Markup:
-    """The section (id ``audit``) for a run folder that holds ``audit.json``."""
+    """The section (id ``audit``) for a run folder that holds ``audit.json``; ``root``: the cache's trusted root."""
     counts = audit.get("counts") or {}
-    root = str(audit.get("data_root") or root or "")
+    root = audit_root(audit, root)
     thumbs = run_dir / "thumbs"
     hashing = audit.get("hashing") or {}
-    intro = (f"{audit.get('summary', '').split('; see')[0]}. Features: view {(audit.get('settings') or {}).get('view')}; "
+    intro = (f"{audit.get('summary', '').split('; see')[0]}. Features: view {(audit.get('logreg') or {}).get('view') or (audit.get('settings') or {}).get('view')}; "
              f"near duplicates at cosine >= {(audit.get('settings') or {}).get('near_threshold')}; "
              f"{hashing.get('hashed', 0)} files hashed under {root}"
              + (f", {hashing.get('skipped')} could not be read" if hashing.get("skipped") else "") + ".")
     notes = [tag("p", n, class_="warn") for n in audit.get("notes") or []]
     body = [tag("p", intro, class_="note"), *notes, _dropped(run_dir), _pairs(run_dir, root, thumbs, counts),
-            _suspects(run_dir, root, thumbs), _outliers(run_dir, root, thumbs)]
+            _suspects(run_dir, root, thumbs, audit.get("label_trust") or {}), _outliers(run_dir, root, thumbs)]
     return Markup(f'<section id="audit"><h2>Data audit</h2>{join(body)}</section>')

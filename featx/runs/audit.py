@@ -31,10 +31,13 @@ from ..base.version import __version__
 from ..base.writable import default_run_dir, run_key, staged_dir
 from ..cache.multi import open_single_cache
 from ..cache.store import FeatureCache
-from ..cache.trust.roots import trusted_root
+from ..cache.trust.roots import sign_root, trusted_root
 from ..config.settings import AuditSettings
 from ..data.splits import Split
 from ..heads.tuning.grids import resolve_grids
+from ..heads.tuning.repeated_cv import choose_plain
+from ..heads.tuning.rows import held_dim, load_rows
+from ..heads.tuning.selection import candidates
 from ..report.thumbs import inside_root
 from .publish import publish_run
 
@@ -45,6 +48,11 @@ log = logging.getLogger(__name__)
 # measured 0.93 on neu_steel and 0.86 on medmnist6 (floods of false pairs) against 0.58-0.78 on the photo
 # sets, whose pairs are mostly true copies (ACCURACY.md).  The near pairs are then called unreliable.
 DENSE_MARGIN = 0.09
+
+# Repeats of the paired CV that chooses the view when --view is auto (the probe's default --cv-repeats).
+VIEW_REPEATS = 3
+# label_issues.csv: every row, worst first (issue 33); the first five columns as before.
+LABEL_COLUMNS = ["path", "split", "given", "suggested", "score", "flagged", "rank", "confusable"]
 
 
 @dataclass
@@ -67,6 +75,8 @@ class AuditResult:
     summary: str = ""
     notes: list = field(default_factory=list)
     report_path: str | None = None
+    label_trust: dict = field(default_factory=dict)  # how far the label flags can be trusted (issue 33)
+    data_root_mac: str = ""  # the report reads thumbnails under data_root only when this verifies (issue 31)
     drop: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -97,6 +107,24 @@ def _read(fc: FeatureCache, s: AuditSettings, split: Split) -> _Data:
     return _Data(X, labels, fc.keys(), shown.astype(str), tr, ev, list(fc.classes), desc)
 
 
+def _audit_view(fc: FeatureCache, s: AuditSettings, split: Split) -> tuple[str, str]:
+    """(the view the audit reads, how it was chosen): ``--view`` as given, else the probe's choice for logreg.
+
+    ``auto``: the cache's only view, or among its views the one the probe's repeated paired CV
+    (:func:`featx.heads.tuning.repeated_cv.choose_plain`, logreg's proxy, the probe's default
+    repeats) chooses on these training rows; ``featx probe --audit`` passes the view its head chose.
+    """
+    if s.view != "auto":
+        return s.view, "given"
+    views = list(fc.views)
+    if len(views) == 1:
+        return views[0], "the cache's only view"
+    cands = candidates("auto", "none", views, cache_name=fc.path.name)
+    rows = load_rows(fc, split, max_train_rows=None, dim=held_dim(fc, cands), seed=s.seed)
+    table, chosen, _ = choose_plain(rows, cands, head="logreg", folds=s.folds, repeats=VIEW_REPEATS, seed=s.seed)
+    return table[chosen].view, f"repeated paired CV over {', '.join(views)} (the probe's choice for logreg)"
+
+
 def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -109,29 +137,42 @@ def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 
 def _label_findings(d: _Data, s: AuditSettings, grids: dict | None) -> tuple[list[list], dict, np.ndarray]:
-    """(label_issues.csv rows worst first, logreg info, flagged training rows)."""
+    """(label_issues.csv rows: every row ranked, worst first; logreg and trust info; flagged training rows).
+
+    Training rows are ranked by out-of-fold probabilities over training rows only
+    (:func:`featx.audit.finders.rank_label_issues`, C by out-of-fold log-loss); evaluation rows by
+    the same model refitted on all training rows.  Flags are cleanlab's, per part.
+    """
     resolved = resolve_grids(grids)
-    Cs = resolved["logreg"]["C"]
-    probs_tr, head = finders.out_of_fold_probabilities(
-        d.X[d.tr], d.y[d.tr], folds=s.folds, seed=s.seed, Cs=Cs, max_iter=resolved["max_iter"],
-        scoring=resolved["scoring"])
-    cols = np.asarray(head.classes_)
+    rk = finders.rank_label_issues(d.X[d.tr], d.y[d.tr], folds=s.folds, seed=s.seed, Cs=resolved["logreg"]["C"],
+                                   max_iter=resolved["max_iter"], scoring=resolved["scoring"])
+    trust = finders.label_trust(d.y[d.tr], rk)
     other = np.setdiff1d(np.arange(len(d.y)), d.tr)
-    found = []
-    for rows, probs in ((d.tr, probs_tr), (other, head.predict_proba(d.X[other]) if len(other) else None)):
-        if probs is None:
-            continue
-        li = finders.label_issues(d.y[rows], probs, classes=cols)
-        for p in li.flagged:
-            found.append((li.quality[p], int(rows[p]), int(li.suggested[p])))
-    found.sort()
-    out = [[d.keys[r], d.split[r], d.classes[d.y[r]], d.classes[sug], f"{q:.6f}"] for q, r, sug in found]
-    in_tr = np.zeros(len(d.y), bool)
-    in_tr[d.tr] = True
-    flagged_tr = np.array(sorted(r for _, r, _ in found if in_tr[r]), dtype=np.int64)
-    info = {"C": head.best_params_["C"], "cv_score": head.best_score_, "cv_folds": head.n_splits_,
-            "classes_scored": len(cols)}
-    return out, info, flagged_tr
+    flagged, quality, suggested = np.zeros(len(d.y), bool), np.full(len(d.y), np.nan), np.asarray(d.y).copy()
+    flagged[d.tr], quality[d.tr], suggested[d.tr] = rk.flagged_mask, rk.quality, rk.suggested
+    if len(other):
+        probs = rk.probabilities(d.X[other])
+        li = finders.label_issues(d.y[other], probs, classes=rk.classes)
+        flagged[other[li.flagged]] = True
+        quality[other], suggested[other] = li.quality, li.suggested
+    conf_pairs = trust.pop("_pairs")
+    rows = np.argsort(np.nan_to_num(quality, nan=np.inf), kind="stable")
+    is_tr = np.zeros(len(d.y), bool)
+    is_tr[d.tr] = True
+    ranks = np.zeros(len(d.y), np.int64)  # the rank among the rows of its own part: training rows, evaluation rows
+    for part in (is_tr[rows], ~is_tr[rows]):
+        ranks[rows[part]] = np.arange(1, int(part.sum()) + 1)
+    out = []
+    for r in rows.tolist():
+        rank = int(ranks[r])
+        g, sug = int(d.y[r]), int(suggested[r])
+        q = f"{quality[r]:.6f}" if np.isfinite(quality[r]) else ""
+        out.append([d.keys[r], d.split[r], d.classes[g], d.classes[sug], q, int(flagged[r]), rank,
+                    int(bool(flagged[r]) and (g, sug) in conf_pairs)])
+    flagged_tr = np.flatnonzero(flagged[d.tr])
+    info = {"C": rk.C, "cv_score": rk.head.best_score_, "cv_folds": rk.head.n_splits_, "classes_scored": len(rk.classes),
+            "temperature": round(rk.temperature, 4), "cv_log_loss": round(rk.log_loss, 4), "trust": trust}
+    return out, info, np.sort(d.tr[flagged_tr]).astype(np.int64)
 
 
 def _hashes(d: _Data, root: str) -> tuple[list[str | None], dict]:
@@ -219,10 +260,18 @@ def _timed(seconds: dict, name: str, fn, *args):
     return out
 
 
-def _summary(counts: dict, report: str | None, out: Path) -> str:
-    return (f"{counts['cross_split_pairs']} train/test duplicate pair(s) (evaluation accuracy may be inflated), "
-            f"{counts['label_issues']} likely label error(s), {counts['outliers']} outlier(s); see "
-            f"{report or out / 'audit.json'}")
+def _summary(counts: dict, report: str | None, out: Path, *, eval_name: str = "test", trust: dict | None = None) -> str:
+    """The terminal line: the split names of the data, and the label wording the evidence allows (issue 33)."""
+    trust = trust or {}
+    labels = (f"{counts['label_issues']} likely label error(s)" if trust.get("reliable", True) else
+              f"{counts['label_issues']} label(s) for review (not likely errors: {trust.get('why', 'weak probe')})")
+    return (f"{counts['cross_split_pairs']} train/{eval_name} duplicate pair(s) (evaluation accuracy may be "
+            f"inflated), {labels}, {counts['outliers']} outlier(s); see {report or out / 'audit.json'}")
+
+
+def _eval_name(split_desc: dict) -> str:
+    """The evaluation split as the data names it ("val" stays "val"; a drawn hold-out is "holdout")."""
+    return "holdout" if split_desc.get("kind") == "holdout" else str(split_desc.get("eval_split") or "test")
 
 
 def _check(s: AuditSettings) -> None:
@@ -255,7 +304,8 @@ def audit(cache: FeatureCache | str | os.PathLike | None = None, settings: Audit
         result = audit_into(fc, s, split, dirs=(work, out), grids=grids)
     if s.report or mlflow:
         result.report_path = publish_run(out, cache=fc, report=s.report, mlflow=mlflow)["report"]
-        result.summary = _summary(result.counts, result.report_path, out)
+        result.summary = _summary(result.counts, result.report_path, out, eval_name=_eval_name(result.split),
+                                  trust=result.logreg.get("trust"))
         write_json(out / "audit.json", result.to_dict())
     log.debug("audit: %s", result.summary)  # the CLI prints it
     return result
@@ -268,26 +318,35 @@ def audit_into(fc: FeatureCache, s: AuditSettings, split: Split, *, dirs: tuple[
     # Image files are read only under a root the user gave here (--data-root, or the root `featx embed` signed).
     root = s.data_root or trusted_root(fc.meta, what=f"hashing the images of {fc.path.name}")
     seconds: dict[str, float] = {}
+    view, view_how = _timed(seconds, "view", _audit_view, fc, s, split)
+    s = replace(s, view=view)
     d = _timed(seconds, "read", _read, fc, s, split)
     labels_csv, logreg, flagged_tr = _timed(seconds, "label_issues", _label_findings, d, s, grids)
     hashes, hashing = _timed(seconds, "hash_files", _hashes, d, root)
     dup_csv, dup_counts, leaked = _timed(seconds, "duplicates", _duplicate_findings, d, s, hashes)
     out_csv, notes = _timed(seconds, "outliers", _outlier_findings, d, s)
-    _csv(work / "label_issues.csv", ["path", "split", "given", "suggested", "score"], labels_csv)
+    _csv(work / "label_issues.csv", LABEL_COLUMNS, labels_csv)
     _csv(work / "duplicates.csv", ["path_a", "path_b", "split_a", "split_b", "similarity", "kind"], dup_csv)
     _csv(work / "outliers.csv", ["path", "split", "label", "score", "knn_similarity"], out_csv)
     files = {k: str(out / f"{k}.csv") for k in ("label_issues", "duplicates", "outliers")}
     n_tr_flag = len(flagged_tr)
-    counts = {"rows": len(d.y), "train_rows": len(d.tr), "eval_rows": len(d.ev), "label_issues": len(labels_csv),
-              "label_issues_train": n_tr_flag, "label_issues_eval": len(labels_csv) - n_tr_flag, **dup_counts,
-              "outliers": len(out_csv)}
+    n_flag = sum(r[5] for r in labels_csv)
+    counts = {"rows": len(d.y), "train_rows": len(d.tr), "eval_rows": len(d.ev), "label_issues": n_flag,
+              "label_issues_train": n_tr_flag, "label_issues_eval": n_flag - n_tr_flag, "labels_ranked": len(labels_csv),
+              **dup_counts, "outliers": len(out_csv)}
+    logreg["view"], logreg["view_choice"] = view, view_how
+    trust = logreg["trust"]
+    if not trust["reliable"]:
+        notes.insert(0, trust["note"])
+        log.warning("audit: %s", trust["note"])
     result = AuditResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cache=fc.summary(), fingerprint=fc.fingerprint, settings=s.to_dict(), data_root=str(root),
         identity=fc.identity.to_dict(), split=dict(d.split_desc, n_train=len(d.tr), n_eval=len(d.ev)), counts=counts,
         hashing=hashing, logreg=logreg, seconds=seconds, files=files, notes=notes,
-        drop={"labels": flagged_tr, "leakage": leaked})
-    result.summary = _summary(counts, None, out)
+        drop={"labels": flagged_tr, "leakage": leaked}, label_trust={k: v for k, v in trust.items() if k != "note"},
+        data_root_mac=sign_root(str(root), fc.fingerprint) if root else "")
+    result.summary = _summary(counts, None, out, eval_name=_eval_name(d.split_desc), trust=trust)
     write_json(work / "audit.json", result.to_dict())
     return result
 

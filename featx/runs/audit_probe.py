@@ -74,7 +74,11 @@ def probe_audited(cache: FeatureCache | str | os.PathLike | None, settings: Prob
     split = Split.of_cache(fc, test_size=s.test_size, seed=s.seed)  # one split: the probe's, the audit's, the re-probe's
     result = probe(fc, settings=s, grids=grids, report=False, split=split)
     out = Path(result.out_dir)
-    aud = audit_for_probe(fc, audit_settings or AuditSettings(), out_dir=out, split=split, folds=s.folds, grids=grids)
+    a_s = audit_settings or AuditSettings()
+    if a_s.view == "auto":  # the audit reads the view the probe's head chose (logreg's, else the first head's)
+        heads = result["heads"]
+        a_s = replace(a_s, view=(heads.get("logreg") or next(iter(heads.values())))["view"])
+    aud = audit_for_probe(fc, a_s, out_dir=out, split=split, folds=s.folds, grids=grids)
     result.audit = aud.to_dict()
     if kinds:
         empty = np.zeros(0, np.int64)

@@ -106,3 +106,35 @@ def nearest_others(Q: np.ndarray, q_pos: np.ndarray, blocks, k: int, backend: st
     others = nbr != np.asarray(q_pos)[:, None]
     first = np.argsort(~others, axis=1, kind="stable")[:, :k]  # the others, in their order
     return np.take_along_axis(np.where(others, sim, -np.inf), first, 1)
+
+
+# ---------------------------------------------------------------------------- approximate (faiss IVF)
+
+# Rows from which an all-pairs search (the audit's near duplicates) uses an approximate IVF index when faiss is
+# installed: exact search is quadratic (198 s at 50,000 rows, ~22 h at 1,000,000 on 2 cores; BENCHMARKS.md).
+APPROX_ABOVE = 200_000
+# Cells probed per query; recall of pairs above the near-duplicate threshold vs exact search: ACCURACY.md.
+IVF_NPROBE = 16
+
+
+def ivf_cells(n: int) -> int:
+    """Cells of an IVF index for ``n`` rows: about sqrt(n) (so a query scans ~nprobe * sqrt(n) rows)."""
+    return int(min(16384, max(16, round(np.sqrt(n)))))
+
+
+def ivf_index(sample: np.ndarray, n: int, *, nprobe: int = IVF_NPROBE):
+    """An empty faiss IVF inner-product index (flat cells) for ``n`` normalised rows, cells trained on ``sample``.
+
+    ``sample``: normalised rows spread over the data (at least ~40 per cell); add the rows with
+    ``index.add`` and search with ``range_search`` or ``search``.  Approximate: a row is only
+    compared with the rows of the ``nprobe`` cells nearest to it.
+    """
+    import faiss
+
+    d = int(sample.shape[1])
+    cells = min(ivf_cells(n), max(1, len(sample) // 39))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = min(nprobe, cells)
+    return index
