@@ -46,6 +46,7 @@ def run_isolated(code: str, *, timeout: float = 90, memory: int | None = None, c
 # --------------------------------------------------------------------------- 5. FIFOs outside data folders
 
 
+@pytest.mark.slow
 def test_fifos_wherever_featx_opens_a_file_are_refused_never_opened(tmp_path):
     """A FIFO as a cache, a cache set, a config, the newest *.h5 of a cache folder, a streamed kNN head's cache,
     a saved head, a WebDataset shard, a Parquet table, a manifest: each is one line naming it, none blocks."""
