@@ -5,7 +5,9 @@
 Embeds flowers12 with efficientnet_lite0, probes logreg, exports it (checked against `featx predict` on 64
 evaluation images), then times, on the test split (240 images): `featx predict` (a fresh predict cache, so the
 network runs) and onnxruntime on preprocess.py's arrays at batch 32 (decode + resize included in both).
-Peak memory: ru_maxrss of a child process running each.
+Peak memory: ru_maxrss of a child process running each.  Then (unless --skip-openvino) the same head as
+OpenVINO IR and as NNCF int8 IR (`--quantize int8`, its paired accuracy change included), timed alike in
+OpenVINO's runtime.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "images_per_s": len(paths) / dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+OV_CHILD = ORT_CHILD.replace("import numpy as np, onnxruntime as ort", "import numpy as np, openvino as ov").replace(
+    'sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])',
+    'sess = ov.Core().compile_model(model, "CPU")').replace('sess.run(["probabilities", "label"], {"image": x})', "sess(x)")
+
 PREDICT_CHILD = r"""
 import json, resource, sys, time
 import featx
@@ -55,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flowers12"))
     ap.add_argument("--work", default="/tmp/export_bench")
+    ap.add_argument("--skip-openvino", action="store_true", help="leave out the OpenVINO IR and int8 timings")
     a = ap.parse_args()
     import featx
 
@@ -72,6 +79,14 @@ def main() -> None:
     out = {"images": len(paths), "model_mb": round(res.size_mb, 2), "export_seconds": round(export_s, 1),
            "verified": res.verified_images, "max_abs_diff": res.max_abs_diff,
            "onnxruntime": ort_r, "featx_predict": pred_r}
+    if not a.skip_openvino:  # the IR (float) and its NNCF int8 version, each timed the same way in OpenVINO's runtime
+        head = work / "runs" / "logreg.skops"
+        ir = featx.export_model(head, work / "ir" / "model.xml", fmt="openvino", cache_dir=work / "cache")
+        q = featx.export_model(head, work / "int8" / "model.xml", fmt="openvino", quantize="int8", verify=0,
+                               cache_dir=work / "cache")
+        out["openvino_fp32"] = {"model_mb": round(ir.size_mb, 2), **_child(OV_CHILD, ir.model, str(work / "paths.json"))}
+        out["openvino_int8"] = {"model_mb": round(q.size_mb, 2), **_child(OV_CHILD, q.model, str(work / "paths.json")),
+                                "accuracy": q.int8}
     print(json.dumps(out, indent=2))
 
 
