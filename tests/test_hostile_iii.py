@@ -116,6 +116,7 @@ def test_a_planted_config_folder_or_key_of_another_user_is_not_used(tmp_path, mo
     assert (other / "local.key").read_bytes() == planted
 
 
+@pytest.mark.slow
 def test_a_key_others_may_read_or_a_dangling_link_is_refused_without_a_traceback(tmp_path, monkeypatch, roots,
                                                                                  caplog):
     key = tmp_path / "cfg" / "local.key"
@@ -344,6 +345,7 @@ def test_a_config_file_larger_than_any_config_is_refused_at_once(tmp_path):
     assert len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_export_leaves_out_nan_rows_of_a_damaged_cache_and_says_so(tiny_cache, tmp_path, caplog):
     import pyarrow.parquet as pq  # noqa: F401 - the parquet extra
 
@@ -430,6 +432,7 @@ def test_train_views_beyond_any_use_are_refused_before_any_work(tmp_path):
 # --------------------------------------------------------------------------- a full disk during featx audit
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_audit_is_one_line_and_leaves_nothing(tiny_cache, tmp_path):
     out = tmp_path / "audit"
     with file_size_limit(64):  # the first CSV cannot be written
