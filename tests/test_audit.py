@@ -145,6 +145,8 @@ def test_audit_json_and_summary(audited):
     # tight synthetic classes (mean cosine ~0.9 to the 5 nearest): near pairs are called unreliable
     assert any("unreliable" in n for n in doc["notes"])
     assert doc["label_trust"]["reliable"] and doc["label_trust"]["wording"] == "likely label errors"
+    assert doc["logreg"]["view"] == "final" and doc["logreg"]["view_choice"] == "the cache's only view"
+    assert doc["settings"]["view"] == "auto" and doc["data_root_mac"]
     assert re.match(r"\d+ train/test duplicate pair\(s\) .* \d+ likely label error\(s\), \d+ outlier\(s\); see ",
                     doc["summary"])
 
@@ -303,7 +305,9 @@ def test_audit_section_renders_in_headless_chromium(planted, tmp_path):
     probe_audited(planted["fc"], s)
     report = write_report(tmp_path / "p")
     page = report.read_text()
-    assert page.index('id="audit"') < page.index('id="confusion"') and "What the findings cost" in page
+    # after the summary (heads, confusion: the report's order since issue 34), before the mistakes
+    assert page.index('id="confusion"') < page.index('id="audit"') < page.index('id="mistakes"')
+    assert "What the findings cost" in page
     for width in (1280, 390):
         png = tmp_path / f"audit-{width}.png"
         cmd = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",

@@ -272,8 +272,8 @@ class AuditSettings(Settings):
               "recorded in the cache); files outside it are skipped and counted.", path="dir", file=False)
     out_dir: Optional[str] = option(None, "Where the CSVs, audit.json and report.html go (default: "
                                     "runs/audit-<cache name>-<run key>/).", path="dir", file=False)
-    view: str = option("auto", "Feature view of the audit; auto = the probe's choice for logreg (its repeated "
-                       "paired CV; probe --audit: its head's view).")
+    view: str = option("auto", "Feature view of the audit; auto: labels on the probe's logreg choice (probe --audit: "
+                       "its head's), neighbours on final.")
     test_size: float = option(0.2, "Hold-out fraction when the cache has no val/test split (as the probe's).")
     folds: int = option(5, "Cross-validation folds of the out-of-fold probabilities (the probe's folds).")
     seed: int = option(0, "Seed of the hold-out split and the CV folds (as the probe's).")

@@ -95,16 +95,19 @@ class _Data:
     ev: np.ndarray  # the probe's evaluation rows
     classes: list[str]
     split_desc: dict
+    Xn: np.ndarray  # the neighbour finders' features (duplicates, outliers): the final view unless --view was given
 
 
-def _read(fc: FeatureCache, s: AuditSettings, split: Split) -> _Data:
+def _read(fc: FeatureCache, s: AuditSettings, split: Split, given_view: bool = True) -> _Data:
     labels, splits = fc.labels(), fc.split_array()
     tr, ev, desc = split.train, split.eval, split.desc
     shown = splits.astype(object).copy()
     if desc.get("kind") == "holdout":
         shown[ev] = "holdout"
     X = fc.features(None, view=s.view)
-    return _Data(X, labels, fc.keys(), shown.astype(str), tr, ev, list(fc.classes), desc)
+    # The neighbour finders read the final features, on which --near-threshold is calibrated, unless --view was given.
+    Xn = X if s.view == "final" or given_view or "final" not in fc.views else fc.features(None, view="final")
+    return _Data(X, labels, fc.keys(), shown.astype(str), tr, ev, list(fc.classes), desc, Xn)
 
 
 def _audit_view(fc: FeatureCache, s: AuditSettings, split: Split) -> tuple[str, str]:
@@ -206,13 +209,13 @@ def _cosine(X: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 def _duplicate_findings(d: _Data, s: AuditSettings, hashes: list[str | None]) -> tuple[list[list], dict, np.ndarray]:
     """(duplicates.csv rows: cross-split first, then exact, then most similar; counts; leaked evaluation rows)."""
     pairs: dict[tuple[int, int], tuple[str, float]] = {}
-    i, j, sim = finders.similar_pairs(d.X, threshold=s.near_threshold, block=s.block_rows, max_pairs=s.max_pairs,
+    i, j, sim = finders.similar_pairs(d.Xn, threshold=s.near_threshold, block=s.block_rows, max_pairs=s.max_pairs,
                                       backend=s.backend)
     for a, b, v in zip(i.tolist(), j.tolist(), sim.tolist()):
         pairs[(a, b)] = ("near", v)
     for g in finders.hash_groups(hashes):
         gi, gj = np.triu_indices(len(g), 1)
-        for a, b, v in zip(g[gi].tolist(), g[gj].tolist(), _cosine(d.X, g[gi], g[gj]).tolist()):
+        for a, b, v in zip(g[gi].tolist(), g[gj].tolist(), _cosine(d.Xn, g[gi], g[gj]).tolist()):
             pairs[(min(a, b), max(a, b))] = ("exact", v)
     train = np.zeros(len(d.y), bool)
     train[d.tr] = True
@@ -234,7 +237,7 @@ def _duplicate_findings(d: _Data, s: AuditSettings, hashes: list[str | None]) ->
 
 def _outlier_findings(d: _Data, s: AuditSettings) -> tuple[list[list], list[str]]:
     """(outliers.csv rows, notes): the note when the classes are so tight that near pairs mean little."""
-    sim = finders.nearest_in_class(d.X, d.y, d.tr, k=s.neighbours, block=s.block_rows)
+    sim = finders.nearest_in_class(d.Xn, d.y, d.tr, k=s.neighbours, block=s.block_rows)
     z = finders.outlier_scores(sim, d.y, d.tr)
     flagged = np.flatnonzero(np.nan_to_num(z, nan=-np.inf) >= s.outlier_z)
     flagged = flagged[np.argsort(-z[flagged], kind="stable")]
@@ -312,15 +315,16 @@ def audit(cache: FeatureCache | str | os.PathLike | None = None, settings: Audit
 
 
 def audit_into(fc: FeatureCache, s: AuditSettings, split: Split, *, dirs: tuple[Path, Path],
-               grids: dict | None) -> AuditResult:
+               grids: dict | None, chosen: bool = False) -> AuditResult:
     """Find, write the CSVs and audit.json into ``dirs[0]`` (paths recorded as in ``dirs[1]``); no report."""
     work, out = dirs
     # Image files are read only under a root the user gave here (--data-root, or the root `featx embed` signed).
     root = s.data_root or trusted_root(fc.meta, what=f"hashing the images of {fc.path.name}")
     seconds: dict[str, float] = {}
     view, view_how = _timed(seconds, "view", _audit_view, fc, s, split)
-    s = replace(s, view=view)
-    d = _timed(seconds, "read", _read, fc, s, split)
+    view_how = "the probe's head's choice" if chosen else view_how
+    asked, s = s, replace(s, view=view)
+    d = _timed(seconds, "read", _read, fc, s, split, view_how == "given")
     labels_csv, logreg, flagged_tr = _timed(seconds, "label_issues", _label_findings, d, s, grids)
     hashes, hashing = _timed(seconds, "hash_files", _hashes, d, root)
     dup_csv, dup_counts, leaked = _timed(seconds, "duplicates", _duplicate_findings, d, s, hashes)
@@ -335,13 +339,14 @@ def audit_into(fc: FeatureCache, s: AuditSettings, split: Split, *, dirs: tuple[
               "label_issues_train": n_tr_flag, "label_issues_eval": n_flag - n_tr_flag, "labels_ranked": len(labels_csv),
               **dup_counts, "outliers": len(out_csv)}
     logreg["view"], logreg["view_choice"] = view, view_how
+    logreg["neighbours_view"] = view if d.Xn is d.X else "final"
     trust = logreg["trust"]
     if not trust["reliable"]:
         notes.insert(0, trust["note"])
         log.warning("audit: %s", trust["note"])
     result = AuditResult(
         featx_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        cache=fc.summary(), fingerprint=fc.fingerprint, settings=s.to_dict(), data_root=str(root),
+        cache=fc.summary(), fingerprint=fc.fingerprint, settings=asked.to_dict(), data_root=str(root),
         identity=fc.identity.to_dict(), split=dict(d.split_desc, n_train=len(d.tr), n_eval=len(d.ev)), counts=counts,
         hashing=hashing, logreg=logreg, seconds=seconds, files=files, notes=notes,
         drop={"labels": flagged_tr, "leakage": leaked}, label_trust={k: v for k, v in trust.items() if k != "note"},
@@ -352,7 +357,9 @@ def audit_into(fc: FeatureCache, s: AuditSettings, split: Split, *, dirs: tuple[
 
 
 def audit_for_probe(fc: FeatureCache, settings: AuditSettings, *, out_dir: str | os.PathLike, split: Split,
-                    folds: int, grids: dict | None) -> AuditResult:
-    """The audit of a probe run: the probe's split, folds and seed, files into the probe's (finished) folder."""
+                    folds: int, grids: dict | None, chosen: bool = False) -> AuditResult:
+    """The audit of a probe run: the probe's split, folds and seed, files into the probe's (finished) folder.
+
+    ``chosen``: ``settings.view`` is the view the probe's head chose (not one the user gave)."""
     s = replace(settings, out_dir=str(out_dir), test_size=split.test_size, folds=folds, seed=split.seed, report=False)
-    return audit_into(fc, s, split, dirs=(Path(out_dir), Path(out_dir)), grids=grids)
+    return audit_into(fc, s, split, dirs=(Path(out_dir), Path(out_dir)), grids=grids, chosen=chosen)

@@ -78,7 +78,7 @@ def probe_audited(cache: FeatureCache | str | os.PathLike | None, settings: Prob
     if a_s.view == "auto":  # the audit reads the view the probe's head chose (logreg's, else the first head's)
         heads = result["heads"]
         a_s = replace(a_s, view=(heads.get("logreg") or next(iter(heads.values())))["view"])
-    aud = audit_for_probe(fc, a_s, out_dir=out, split=split, folds=s.folds, grids=grids)
+    aud = audit_for_probe(fc, a_s, out_dir=out, split=split, folds=s.folds, grids=grids, chosen=a_s is not audit_settings)
     result.audit = aud.to_dict()
     if kinds:
         empty = np.zeros(0, np.int64)
