@@ -27,7 +27,7 @@ write 2000 random bytes into a committed chunk (after a kill) or into the finish
 rerun: the rerun must end with the identical cache (damaged rows found by their checksums and
 embedded again) or, when the finished file's structure is hit, with a one-line "damaged" error
 and its fix; exit 0 with other features (silent corruption) or a traceback fails the trial.
-``--disk-full-trials`` run ``featx audit`` (and, with ``--disk-full-commands audit,embed``, ``featx embed``
+``--disk-full-trials`` run ``featx audit`` and ``featx embed`` (``--disk-full-commands``; embed: writing
 of a new cache), each with a new signing key and every file limited to a random size (RLIMIT_FSIZE: a write past it fails, as on a full disk): the run must end with
 exit 0 or a one-line error (no traceback), leave no temporary file and no short signing key, and a rerun with
 space must exit 0 (embed: with the cache identical to the clean run).  The table at the end counts the phase each kill actually landed in, as seen on
@@ -573,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="trials writing 2000 random bytes into a committed chunk or the finished cache")
     ap.add_argument("--disk-full-trials", type=int, default=4,
                     help="trials running a command with every file size-limited (a full disk), then again")
-    ap.add_argument("--disk-full-commands", default="audit",
-                    help="audit and/or embed, comma-separated (embed: HDF5 crashes when a chunk write fails, issue 31)")
+    ap.add_argument("--disk-full-commands", default="audit,embed",
+                    help="audit and/or embed, comma-separated (embed writes chunk files as bytes built in memory)")
     ap.add_argument("--per-class", type=int, default=40, help="train images per class (3 classes, + val)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--discovery-files", type=int, default=100_000, help="0 to skip the discovery timing")

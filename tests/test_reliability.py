@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featx
+import featx.base.io
 from featx.cache.store import FeatureCache
 from featx.data import discover
 
@@ -821,6 +822,7 @@ def _enospc_on(monkeypatch, nth_chunk: int | None = None, final: Path | None = N
         return real(tmp, dest)
 
     monkeypatch.setattr(fcache, "atomic_commit", commit)
+    monkeypatch.setattr(featx.base.io, "atomic_commit", commit)  # chunk files are written as bytes through base.io
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..base.errors import CacheMismatchError, CacheWriteError, FeatxError
 from ..base.files import irregular_kind, read_regular
-from ..base.io import atomic_commit
+from ..base.io import atomic_commit, atomic_write_bytes
 from .keys import BYTES_DTYPE, STR_DTYPE, decode_key, key_array, part_path
 from .trust import integrity
 
@@ -85,26 +86,37 @@ class PartsDir:
         """Commit one chunk atomically; returns its final path."""
         name = f"chunk-{worker}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         final = self.dir / name
-        tmp = self.dir / f".{name}.tmp"
         kept = (
             f"everything committed before is kept in {self.dir}. Free disk space (or fix permissions) and rerun "
             "the same command to resume."
         )
-        with atomic_h5(tmp, final, what=str(final), kept=kept) as f:
-            f.create_dataset("paths", data=key_array(chunk.keys), dtype=BYTES_DTYPE)
-            f.create_dataset("features", data=chunk.features)
-            for pname, arr in chunk.parts.items():
-                f.create_dataset(part_path(pname), data=arr)
-            f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
-            f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
-            fk = [k for k, _, _, _ in chunk.failed]
-            f.create_dataset("failed_paths", data=key_array(fk), dtype=BYTES_DTYPE)
-            f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=STR_DTYPE)
-            f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
-            f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
-            f.attrs["seconds"] = float(chunk.seconds)
-            integrity.write_checksums(f)
+        # Built in memory, then written as bytes through a temporary name: a full disk fails the plain write
+        # (one line, nothing left behind), never HDF5 with a half-written file open (which crashed the process).
+        buf = io.BytesIO()
+        with h5py.File(buf, "w") as f:
+            self._fill_chunk(f, chunk)
+        try:
+            atomic_write_bytes(final, buf.getvalue())
+        except OSError as exc:
+            raise CacheWriteError(f"could not write {final} ({why(exc)}); {kept}") from exc
         return final
+
+    @staticmethod
+    def _fill_chunk(f: h5py.File, chunk: Chunk) -> None:
+        """The chunk's datasets and checksums, written into the open HDF5 file ``f``."""
+        f.create_dataset("paths", data=key_array(chunk.keys), dtype=BYTES_DTYPE)
+        f.create_dataset("features", data=chunk.features)
+        for pname, arr in chunk.parts.items():
+            f.create_dataset(part_path(pname), data=arr)
+        f.create_dataset("mtime_ns", data=np.asarray(chunk.mtime_ns, dtype=np.int64))
+        f.create_dataset("size", data=np.asarray(chunk.size, dtype=np.int64))
+        fk = [k for k, _, _, _ in chunk.failed]
+        f.create_dataset("failed_paths", data=key_array(fk), dtype=BYTES_DTYPE)
+        f.create_dataset("failed_reasons", data=[r for _, r, _, _ in chunk.failed], dtype=STR_DTYPE)
+        f.create_dataset("failed_mtime_ns", data=np.asarray([m for _, _, m, _ in chunk.failed], dtype=np.int64))
+        f.create_dataset("failed_size", data=np.asarray([s for _, _, _, s in chunk.failed], dtype=np.int64))
+        f.attrs["seconds"] = float(chunk.seconds)
+        integrity.write_checksums(f)
 
     def total_seconds(self) -> float:
         """Embedding time of every committed chunk (shards, Ray actors, killed runs included)."""
