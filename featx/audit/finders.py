@@ -393,7 +393,7 @@ def _faiss_pairs(read: Rows, n: int, *, threshold: float, block: int, max_pairs:
 
     first = read(0, min(n, 1))
     if approximate:
-        index = ivf_index(_spread_sample(read, n, 64 * ivf_cells(n)), n)
+        index = ivf_index(_spread_sample(read, n, min(40 * ivf_cells(n), 262_144)), n)
         log.info("audit: near duplicates of %d rows by an approximate faiss IVF index (%d cells, %d probed)", n,
                  index.nlist, index.nprobe)
     else:

@@ -114,12 +114,12 @@ def nearest_others(Q: np.ndarray, q_pos: np.ndarray, blocks, k: int, backend: st
 # installed: exact search is quadratic (198 s at 50,000 rows, ~22 h at 1,000,000 on 2 cores; BENCHMARKS.md).
 APPROX_ABOVE = 200_000
 # Cells probed per query; recall of pairs above the near-duplicate threshold vs exact search: ACCURACY.md.
-IVF_NPROBE = 16
+IVF_NPROBE = 8
 
 
 def ivf_cells(n: int) -> int:
-    """Cells of an IVF index for ``n`` rows: about sqrt(n) (so a query scans ~nprobe * sqrt(n) rows)."""
-    return int(min(16384, max(16, round(np.sqrt(n)))))
+    """Cells of an IVF index for ``n`` rows: about 4 sqrt(n) (a query scans ~nprobe * sqrt(n) / 4 rows)."""
+    return int(min(65536, max(16, round(4 * np.sqrt(n)))))
 
 
 def ivf_index(sample: np.ndarray, n: int, *, nprobe: int = IVF_NPROBE):
