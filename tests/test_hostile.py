@@ -6,7 +6,6 @@ Every hostile file is built here, with h5py, skops' own writer and PIL.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from featx.base.errors import FeatxError
 from featx.cache.store import FeatureCache
 from featx.cli import cli
 
+from conftest import forge_head as _forge
 from conftest import tiny_embed, write_image_folder
 
 SECRET = b"root:x:0:0:SECRET-LINE:/root:/bin/bash\n" * 4
@@ -407,20 +407,6 @@ def head(built):
     return Path(res["heads"]["knn"]["model_path"])
 
 
-def _forge(head: Path, tmp_path: Path, data: bytes | None = None, **fields) -> Path:
-    """A copy of ``head`` (or ``data``) with a sidecar that matches it byte for byte, ``fields`` changed."""
-    import hashlib
-
-    from featx.heads.saved.persist import sidecar_path
-
-    out = tmp_path / "h.skops"
-    out.write_bytes(data if data is not None else head.read_bytes())
-    meta = json.loads(sidecar_path(head).read_text())
-    meta.update(fields, model_file=out.name, sha256=hashlib.sha256(out.read_bytes()).hexdigest())
-    sidecar_path(out).write_text(json.dumps(meta))
-    return out
-
-
 @pytest.mark.slow
 def test_sidecar_cannot_choose_what_predict_builds_or_downloads(built, head, tmp_path, monkeypatch):
     import socket
@@ -463,77 +449,6 @@ def test_sidecar_fields_of_the_wrong_type_are_one_line_errors(built, head, tmp_p
     r = CliRunner().invoke(cli, ["predict", "--head", str(forged), str(fc.path), "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 2 and (f"'{field}'" in r.output or "estimator_classes index" in r.output), r.output
     assert len(r.output.strip().splitlines()) == 1
-
-
-def test_deeply_nested_sidecar_is_a_one_line_error(head, tmp_path):
-    from featx.heads.saved.persist import load_head, sidecar_path
-
-    forged = _forge(head, tmp_path)
-    sidecar_path(forged).write_text("[" * 100000 + "]" * 100000)
-    with pytest.raises(FeatxError, match="unreadable"):
-        load_head(forged)
-
-
-def test_head_that_is_not_a_classifier_is_refused(head, tmp_path):
-    import skops.io as sio
-    from sklearn.preprocessing import StandardScaler
-
-    from featx.heads.saved.persist import load_head
-
-    forged = _forge(head, tmp_path, data=sio.dumps(StandardScaler().fit(np.eye(3))))
-    with pytest.raises(FeatxError, match="not a classifier"):
-        load_head(forged)
-
-
-def test_types_skops_does_not_trust_stay_untrusted():
-    from featx.heads.saved.persist import is_trusted_type
-
-    assert not is_trusted_type("sklearn.metrics._dist_metrics.MahalanobisDistance32")
-    assert not is_trusted_type("sklearn.metrics._dist_metrics.DistanceMetric")
-    assert not is_trusted_type("sklearn.utils._bunch.Bunch")
-
-
-def test_skops_entries_shared_by_many_references_are_counted_each_time(head, tmp_path, monkeypatch):
-    import io
-    import zipfile
-
-    import skops.io as sio
-    from sklearn.linear_model import LogisticRegression
-
-    import featx.heads.saved.persist as persist
-    from featx.heads.saved.persist import load_head
-
-    monkeypatch.setattr(persist, "MAX_UNPACKED_BYTES", 1 << 20)  # 1 GiB in real life
-    est = LogisticRegression().fit(np.eye(4), [0, 1, 0, 1])
-    est.extra_ = [np.full(10, i, np.float64) for i in range(20)]
-    src = zipfile.ZipFile(io.BytesIO(sio.dumps(est)))
-    schema = json.loads(src.read("schema.json"))
-    refs = []
-
-    def repoint(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                refs.append(node["file"])
-                node["file"] = "big.npy"
-            for v in node.values():
-                repoint(v)
-        elif isinstance(node, list):
-            for v in node:
-                repoint(v)
-
-    repoint(schema)
-    assert len(refs) >= 20
-    big = io.BytesIO()
-    np.save(big, np.zeros(600_000 // 8))  # 600 kB: under the limit once, far over it 20+ times
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("schema.json", json.dumps(schema))
-        zf.writestr("big.npy", big.getvalue())
-    data = out.getvalue()
-    assert sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist()) < 1 << 20
-    forged = _forge(head, tmp_path, data=data)
-    with pytest.raises(FeatxError, match="zip bomb"):
-        load_head(forged)
 
 
 # --------------------------------------------------------------------------- 6. config files
@@ -689,8 +604,8 @@ def test_probe_out_dir_that_cannot_be_written_is_a_one_line_error(built, tmp_pat
 
 
 SECURITY_TESTS = {
-    "Caches": ["test_security.py::test_cache_attributes_are_only_read_as_plain_values",
-               "test_security.py::test_cache_module_never_decodes_code",
+    "Caches": ["test_reader.py::test_cache_attributes_are_only_read_as_plain_values",
+               "test_reader.py::test_cache_module_never_decodes_code",
                "test_hostile.py::test_cache_that_reads_other_files_is_refused_naming_the_dataset",
                "test_hostile.py::test_declared_shapes_must_be_backed_by_the_file",
                "test_hostile.py::test_attributes_are_checked_before_they_are_read",
@@ -712,13 +627,13 @@ SECURITY_TESTS = {
                "test_hostile.py::test_caches_without_checksums_open_and_verify_says_so",
                "test_hostile.py::test_nan_features_are_named_and_never_reach_a_head",
                "test_hostile_iii.py::test_export_leaves_out_nan_rows_of_a_damaged_cache_and_says_so"],
-    "Heads saved as skops": ["test_security.py::test_skops_file_naming_a_foreign_type_is_refused_naming_it",
-                             "test_security.py::test_allow_list_follows_types_not_names",
-                             "test_security.py::test_skops_zip_bomb_is_refused_before_unpacking",
-                             "test_hostile.py::test_types_skops_does_not_trust_stay_untrusted",
-                             "test_hostile.py::test_skops_entries_shared_by_many_references_are_counted_each_time",
+    "Heads saved as skops": ["test_persist.py::test_skops_file_naming_a_foreign_type_is_refused_naming_it",
+                             "test_persist.py::test_allow_list_follows_types_not_names",
+                             "test_persist.py::test_skops_zip_bomb_is_refused_before_unpacking",
+                             "test_persist.py::test_types_skops_does_not_trust_stay_untrusted",
+                             "test_skops_guard.py::test_skops_entries_shared_by_many_references_are_counted_each_time",
                              "test_hostile.py::test_sidecar_fields_of_the_wrong_type_are_one_line_errors",
-                             "test_hostile.py::test_head_that_is_not_a_classifier_is_refused"],
+                             "test_skops_guard.py::test_head_that_is_not_a_classifier_is_refused"],
     "A head never chooses a download": ["test_hostile.py::test_sidecar_cannot_choose_what_predict_builds_or_downloads",
                                         "test_hostile.py::test_no_downloads_while_a_heads_backbone_is_built"],
     "Reports": ["test_report_html.py::test_report_has_every_section_and_no_network_or_script",
@@ -748,10 +663,10 @@ SECURITY_TESTS = {
                  "test_hostile.py::test_log_lines_escape_control_characters",
                  "test_hostile_iii.py::test_predict_on_a_folder_with_a_latin1_name_writes_its_csv",
                  "test_hostile_iii.py::test_matplotlib_never_writes_raw_control_characters_of_a_class_name"],
-    "Not safe: joblib heads": ["test_security.py::test_pickle_that_would_run_code_is_never_executed",
-                               "test_security.py::test_joblib_head_needs_trust_and_then_predicts_the_same"],
-    "featx never writes into a data folder": ["test_security.py::test_symlinks_out_of_the_data_folder_are_read_never_written",
-                                              "test_security.py::test_manifest_paths_outside_its_folder_are_logged"],
+    "Not safe: joblib heads": ["test_persist.py::test_pickle_that_would_run_code_is_never_executed",
+                               "test_persist.py::test_joblib_head_needs_trust_and_then_predicts_the_same"],
+    "featx never writes into a data folder": ["test_folders.py::test_symlinks_out_of_the_data_folder_are_read_never_written",
+                                              "test_folders.py::test_manifest_paths_outside_its_folder_are_logged"],
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import featx.runs.probe as probe_mod
 from featx.base.errors import FeatxError
 from featx.base.writable import run_key, staged_dir
 
-from conftest import tiny_embed, write_image_folder
+from conftest import TINY_CPU as TINY
+from conftest import assert_clean_error, run_cli, tiny_embed, write_image_folder
 
 
 def test_staged_dir_replaces_the_whole_folder_or_nothing(tmp_path):
@@ -97,3 +100,11 @@ def test_default_folders_differ_by_data_and_settings(cache, tmp_path, monkeypatc
     f2 = featx.fewshot(cache.path, shots="1,2", seeds=3, head="logreg", plot=False)
     assert Path(f1.json_path).parent != Path(f2.json_path).parent  # the second no longer overwrites the first
     assert Path(f1.json_path).is_file() and Path(f2.json_path).is_file()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.isdir("/sys/kernel")), reason="needs Linux /proc, /sys")
+@pytest.mark.parametrize("where", [["--cache-dir", "/proc/featx-cache"], ["--cache", "/sys/featx-test.h5"]],
+                         ids=["cache-dir-cannot-be-created", "cache-not-writable"])
+def test_unwritable_cache_location_is_a_clear_error(tiny_data: Path, where: list[str]) -> None:
+    # /proc and /sys refuse new files even to root, unlike a chmod-ed folder.
+    assert_clean_error(run_cli("embed", tiny_data, *where, *TINY, "-q"), where[0])
