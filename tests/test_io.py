@@ -50,9 +50,6 @@ def test_an_interrupt_during_the_write_removes_the_temporary(tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(raises=NotADirectoryError, strict=True,
-                   reason="featx bug: atomic_write_bytes' clean-up tmp.unlink(missing_ok=True) raises NotADirectoryError "
-                          "when the parent is a file, hiding the FileWriteError (base/io.py)")
 def test_a_folder_that_cannot_be_written_is_a_file_write_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -97,15 +97,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         tmp.write_bytes(data)
         atomic_commit(tmp, path)
     except OSError as exc:  # a full disk, a quota, a read-only folder: one line naming the file, no temporary left
-        tmp.unlink(missing_ok=True)
+        _unlink_quiet(tmp)  # may fail too (a "folder" that is a file): the write's error is the one to report
         if isinstance(exc, FileWriteError):
             raise
         raise FileWriteError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); free disk space or "
                              "choose a folder you can write, then run the command again") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quiet(tmp)
         raise
     return path
+
+
+def _unlink_quiet(p: Path) -> None:
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 # CSV files featx writes are opened by people in spreadsheets: every text cell goes through

@@ -120,7 +120,7 @@ def plan_folds(y: np.ndarray, folds: int) -> dict:
             "Add images of other classes under train/<class>/"
         )
     smallest = int(counts.min())
-    small_name = classes[int(counts.argmin())]
+    small_name = classes[int(counts.argmin())].item()  # a plain int or str in the message, not np.int64(1)
     if smallest >= folds:
         return {"requested": folds, "used": folds, "stratified": True, "note": ""}
     if smallest >= 2:
