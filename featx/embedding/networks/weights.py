@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...base.errors import FeatxError
+from ...base.files import check_regular
 
 
 def sha256_state(model: nn.Module) -> str:
@@ -24,6 +25,7 @@ def sha256_state(model: nn.Module) -> str:
 
 def load_state_file(path: str) -> dict:
     p = Path(path)
+    check_regular(p, "--weights")  # a FIFO or device would block torch.load for ever
     if not p.is_file():
         raise FeatxError(f"--weights {path!r}: file not found; pass a local state-dict file (.pth/.pt/.safetensors)")
     try:

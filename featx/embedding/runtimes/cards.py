@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...base.errors import FeatxError
+from ...base.files import read_regular
 from ...base.version import __version__
 from ..backbones import create_backbone
 from ..networks.registry import REGISTRY, Backbone, Preprocess
@@ -87,11 +88,11 @@ def load_card(key: str | None, folder: Path | None) -> dict | None:
     if key is None or folder is None:
         return None
     try:
-        card = json.loads((folder / f"backbone-{key}.json").read_text())
+        card = json.loads(read_regular(folder / f"backbone-{key}.json", "backbone card"))
         card["preprocess"] = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in card["preprocess"].items()})
         return card
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, FeatxError):  # a FIFO too: no card, the network is built
         return None
 
 
