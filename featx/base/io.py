@@ -97,20 +97,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         tmp.write_bytes(data)
         atomic_commit(tmp, path)
     except OSError as exc:  # a full disk, a quota, a read-only folder: one line naming the file, no temporary left
-        _unlink_quiet(tmp)  # may fail too (a "folder" that is a file): the write's error is the one to report
+        unlink_quiet(tmp)  # may fail too (a "folder" that is a file): the write's error is the one to report
         if isinstance(exc, FileWriteError):
             raise
         raise FileWriteError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); free disk space or "
                              "choose a folder you can write, then run the command again") from exc
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise
     return path
 
 
-def _unlink_quiet(p: Path) -> None:
+def unlink_quiet(p: str | os.PathLike) -> None:
+    """Remove ``p`` if it is there; a removal that fails (a "folder" that is a file) is not the error to report."""
     try:
-        p.unlink(missing_ok=True)
+        os.unlink(p)
     except OSError:
         pass
 

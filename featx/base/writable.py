@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import FeatxError
+from .io import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(d, name), "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_tree_dir(root)
+    fsync_dir(root)
 
 
 def _recover(target: Path) -> None:
@@ -103,13 +104,5 @@ def staged_dir(target: str | os.PathLike, *, option: str = "--out-dir") -> Itera
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
-    _fsync_tree_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..base.errors import CacheMismatchError, CacheWriteError, FeatxError
 from ..base.files import irregular_kind, read_regular
-from ..base.io import atomic_commit, atomic_write_bytes
+from ..base.io import atomic_commit, atomic_write_bytes, unlink_quiet
 from .keys import BYTES_DTYPE, STR_DTYPE, decode_key, key_array, part_path
 from .trust import integrity
 
@@ -187,13 +187,6 @@ def why(exc: BaseException) -> str:
     if m:
         text = m.group(1)
     return " ".join(text.split())[:300]
-
-
-def unlink_quiet(p: str | os.PathLike) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
 
 
 def settings_diff(found: dict, wanted: dict) -> str:
