@@ -62,7 +62,8 @@ def test_report_never_shows_another_data_sets_fewshot_curve(tmp_path, monkeypatc
     run = load_run(probe.out_dir)
     assert run.fewshot_dir is not None and str(run.fewshot_dir) == os.path.dirname(fs.json_path)
     html = write_report(probe.out_dir).read_text()
-    assert f"From the few-shot run {run.fewshot_dir.name} on cache {cats.path.name}" in html
+    assert f"From the few-shot run {run.fewshot_dir.name} on cache {cats.path.name}: the same data (data " \
+        f"{cats.identity.data[:12]}" in html
     assert f"data <code>{cats.identity.data[:12]}</code>" in html
 
 

@@ -368,8 +368,8 @@ def section_fewshot(fewshot: dict, run_dir: Path, source: Path | None = None) ->
     if source is not None and source != run_dir:
         ident = CacheIdentity.from_record(fewshot)
         cache = Path(str((fewshot.get("source") or {}).get("path") or "?")).name
-        note += (f" From the few-shot run {source.name} on cache {cache}, the same data (identity "
-                 f"{ident.short if ident else '?'}) and embedding settings as this run.")
+        note += (f" From the few-shot run {source.name} on cache {cache}: the same data (data "
+                 f"{ident.data[:12] if ident else '?'}, as in the header) and embedding settings as this run.")
     return _section("fewshot", "Few-shot curve", join([_p(note), _img(png, "few-shot curve"),
                                                        table(["head", "shots per class", "accuracy", "95% CI"], rows, num=(1, 2, 3))]))
 
