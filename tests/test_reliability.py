@@ -43,12 +43,13 @@ from conftest import (
 )
 
 
-def committed_rows(cache: Path) -> int:
-    """Images (embedded or failed) in the committed chunk files of ``cache``'s .parts folder."""
+def committed_rows(cache: Path, *, failed: bool | None = None) -> int:
+    """Images in the committed chunk files of ``cache``'s .parts folder: embedded and failed (None), or only
+    the failed ones (True) or only the embedded ones (False)."""
     n = 0
     for cf in parts_chunks(cache):
         with h5py.File(cf, "r") as f:
-            n += len(f["paths"]) + len(f["failed_paths"])
+            n += (len(f["paths"]) if failed is not True else 0) + (len(f["failed_paths"]) if failed is not False else 0)
     return n
 
 
@@ -75,13 +76,14 @@ def test_sigkill_then_rerun_gives_the_identical_cache(kill_data, tmp_path: Path,
         proc.wait()
         assert not cache.exists(), "killed before the final write: no finished cache"
         assert Path(str(cache) + ".lock").exists() and (Path(str(cache) + ".parts") / "meta.json").exists()
-    committed = committed_rows(cache)
+    committed, committed_ok = committed_rows(cache), committed_rows(cache, failed=False)
     assert committed < len(FeatureCache(clean)) + len(FeatureCache(clean).failed)
     done = subprocess.run(embed_cmd(data, cache, "--json"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)["run"]
-    # Exactly what was committed before the kill is reused; everything else is embedded now.
-    assert run["reused"] == committed
+    # Exactly what was committed before the kill is kept: its images reused, its failures kept as failures (not
+    # counted as reused since issue 32, nor tried again); everything else is embedded now.
+    assert run["reused"] == committed_ok
     assert run["embedded"] + run["failed_new"] == run["total"] - committed
     assert_same_cache(cache, clean)
     no_leftovers(cache)
